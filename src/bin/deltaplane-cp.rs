@@ -1,0 +1,58 @@
+//! `deltaplane-cp`: the control plane binary. Thin: parses settings and runs the library.
+
+use clap::Parser as _;
+use deltaplane::cp::config::{Cli, Command};
+use deltaplane::cp::{self, CpConfig};
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DELTAPLANE_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deltaplane-cp: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = CpConfig::from_args(&args)?;
+            let running = cp::start(cfg).await?;
+            println!("deltaplane-cp: Admin API on http://{}", running.admin_addr);
+            cp::shutdown_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let cfg = CpConfig::from_args(&args)?;
+            std::fs::create_dir_all(&cfg.data_dir)?;
+            let store = deltaplane::store::Store::open(cp::store_options(&cfg))
+                .await
+                .map_err(|e| anyhow::anyhow!("migrating: {e}"))?;
+            let info = store
+                .version_info()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "deltaplane-cp: database migrated (change-log version {}, epoch {})",
+                info.version, info.epoch
+            );
+            store.close().await;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,684 @@
+//! The Admin API: Kong's paths, JSON shapes, errors and pagination, generic over the schema.
+//!
+//! Routing beyond `/` and `/status` is done here from the path segments, because every
+//! collection, nested collection and many-to-one path is derived from `schema/`:
+//! `/{collection}`, `/{collection}/{key}`, `/{parent}/{key}/{children}`,
+//! `/{parent}/{key}/{children}/{child_key}` and `/{child}/{key}/{foreign_field}`.
+
+// Early responses travel as `Err(Response)`; they are built at most once per request.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::writer::Writer;
+use crate::schema::{EntitySchema, FieldType, Registry, form};
+use crate::store::{ListQuery, Op, Scope, Store, StoreError, TagFilter};
+
+/// What the Admin API handlers share.
+pub struct AdminState {
+    pub store: Store,
+    pub writer: Writer,
+    pub node: NodeInfo,
+    pub admin_token: Option<String>,
+    pub body_limit: usize,
+    pub requests: AtomicU64,
+}
+
+/// Static facts about this node, for `GET /`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub hostname: String,
+    pub kong_compat_version: String,
+}
+
+/// The Admin API router. `extra` is merged in (the sync issue's `/rpc` lives there).
+pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/status", get(status))
+        .fallback(dispatch)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone())
+        .merge(extra)
+        .layer(axum::middleware::from_fn_with_state(state, guard))
+}
+
+/// Counts requests and checks the bearer token when one is configured.
+async fn guard(
+    State(state): State<Arc<AdminState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(token) = &state.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            let mut resp = message(StatusCode::UNAUTHORIZED, "Unauthorized");
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn message(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "message": msg }))).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    message(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+}
+
+async fn root(State(state): State<Arc<AdminState>>) -> Response {
+    let backend = match state.store.backend() {
+        crate::store::Backend::Sqlite => "sqlite",
+        crate::store::Backend::Postgres => "postgres",
+    };
+    let registry = state.store.registry();
+    let plugins: Vec<&str> = registry.plugins().map(|p| p.name.as_str()).collect();
+    Json(json!({
+        "tagline": "Welcome to deltaplane",
+        "version": state.node.kong_compat_version,
+        "kong_compat_version": state.node.kong_compat_version,
+        "deltaplane_version": env!("CARGO_PKG_VERSION"),
+        "node_id": state.node.node_id,
+        "hostname": state.node.hostname,
+        "role": "control_plane",
+        "configuration": { "role": "control_plane", "database": backend },
+        "plugins": { "available_on_server": plugins },
+    }))
+    .into_response()
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let info = state.store.version_info().await;
+    let reachable = info.is_ok();
+    let mut body = json!({
+        "database": { "reachable": reachable },
+        "server": { "total_requests": state.requests.load(Ordering::Relaxed) },
+    });
+    if let Ok(info) = info {
+        body["configuration"] = json!({
+            "version": info.version,
+            "oldest_version": info.oldest_version,
+            "epoch": info.epoch,
+            "state_hash": info.state_hash.to_hex(),
+        });
+    }
+    let code = if reachable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Maps a store error to Kong's status code and body; internal causes are logged, not sent.
+pub fn error_response(e: StoreError) -> Response {
+    let kong =
+        |status: StatusCode, code: u32, name: &str, message: String, fields: Option<Value>| {
+            let mut body = json!({ "code": code, "name": name, "message": message });
+            if let Some(f) = fields {
+                body["fields"] = f;
+            }
+            (status, Json(body)).into_response()
+        };
+    match e {
+        StoreError::Schema(fields) => {
+            let msg = fields.message();
+            kong(
+                StatusCode::BAD_REQUEST,
+                2,
+                "schema violation",
+                msg,
+                Some(Value::Object(fields.0)),
+            )
+        }
+        StoreError::Unique(fields) => {
+            let msg = StoreError::Unique(fields.clone()).to_string();
+            kong(
+                StatusCode::CONFLICT,
+                5,
+                "unique constraint violation",
+                msg,
+                Some(Value::Object(fields)),
+            )
+        }
+        StoreError::ForeignKey { message, fields } => kong(
+            StatusCode::BAD_REQUEST,
+            4,
+            "foreign key violation",
+            message,
+            Some(Value::Object(fields)),
+        ),
+        StoreError::PrimaryKey { message, fields } => kong(
+            StatusCode::BAD_REQUEST,
+            3,
+            "primary key violation",
+            message,
+            Some(Value::Object(fields)),
+        ),
+        StoreError::ReferencedByOthers(message) => kong(
+            StatusCode::BAD_REQUEST,
+            19,
+            "referenced by others",
+            message,
+            None,
+        ),
+        StoreError::NotFound => message(StatusCode::NOT_FOUND, "Not found"),
+        StoreError::BadRequest(m) => message(StatusCode::BAD_REQUEST, &m),
+        StoreError::Unavailable(cause) => {
+            tracing::warn!(%cause, "database unavailable");
+            message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database unavailable; the request was not applied",
+            )
+        }
+        StoreError::CommitUnknown(cause) => {
+            tracing::error!(%cause, "commit outcome unknown");
+            message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database connection failed during commit: the write may or may not have been applied; read the entity to find out",
+            )
+        }
+        StoreError::Internal(cause) => {
+            tracing::error!(%cause, "internal error");
+            message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "An unexpected error occurred",
+            )
+        }
+    }
+}
+
+/// The target of a request path, resolved against the schema.
+enum Target {
+    Collection {
+        schema: Arc<EntitySchema>,
+        scope: Option<Scope>,
+    },
+    Entity {
+        schema: Arc<EntitySchema>,
+        key: String,
+        scope: Option<Scope>,
+    },
+    /// `/routes/{r}/service`: the entity a foreign field points at.
+    Foreign {
+        child: Arc<EntitySchema>,
+        child_key: String,
+        field: String,
+        parent: Arc<EntitySchema>,
+    },
+}
+
+fn decode_segment(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The child collection named `nested` under `parent` and the foreign field that links them.
+fn nested_collection(
+    registry: &Registry,
+    parent: &EntitySchema,
+    nested: &str,
+) -> Option<(Arc<EntitySchema>, String)> {
+    registry.entities().find_map(|child| {
+        let named = child.admin_api_nested_name.as_deref() == Some(nested)
+            || child.admin_api_name == nested;
+        if !named {
+            return None;
+        }
+        registry
+            .references_of(&child.name)
+            .find(|fk| fk.parent == parent.name && !fk.is_array)
+            .map(|fk| (child.clone(), fk.field.clone()))
+    })
+}
+
+fn resolve_target(registry: &Registry, segments: &[String]) -> Option<Target> {
+    let schema = registry.by_admin_name(segments.first()?)?.clone();
+    if schema.name == "workspaces" {
+        // Open-source Kong has no workspace paths.
+        return None;
+    }
+    match segments.len() {
+        1 => Some(Target::Collection {
+            schema,
+            scope: None,
+        }),
+        2 => Some(Target::Entity {
+            schema,
+            key: segments[1].clone(),
+            scope: None,
+        }),
+        3 | 4 => {
+            let nested = &segments[2];
+            if let Some((child, field)) = nested_collection(registry, &schema, nested) {
+                let scope = Some(Scope {
+                    parent: schema.name.clone(),
+                    parent_key: segments[1].clone(),
+                    field,
+                });
+                return Some(if segments.len() == 3 {
+                    Target::Collection {
+                        schema: child,
+                        scope,
+                    }
+                } else {
+                    Target::Entity {
+                        schema: child,
+                        key: segments[3].clone(),
+                        scope,
+                    }
+                });
+            }
+            if segments.len() == 3
+                && let Some(f) = schema.field(nested).filter(|f| f.ty == FieldType::Foreign)
+            {
+                let parent = registry.get(f.reference.as_deref()?)?.clone();
+                return Some(Target::Foreign {
+                    child: schema,
+                    child_key: segments[1].clone(),
+                    field: nested.clone(),
+                    parent,
+                });
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+async fn dispatch(State(state): State<Arc<AdminState>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let headers = req.headers().clone();
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(decode_segment)
+        .collect();
+    let registry = state.store.registry().clone();
+    let Some(target) = resolve_target(&registry, &segments) else {
+        return message(StatusCode::NOT_FOUND, "Not found");
+    };
+    let allowed = match (&target, &method) {
+        (Target::Collection { .. }, m) => *m == Method::GET || *m == Method::POST,
+        (_, m) => [Method::GET, Method::PATCH, Method::PUT, Method::DELETE].contains(m),
+    };
+    if !allowed {
+        return method_not_allowed().await;
+    }
+    let body = if method == Method::GET || method == Method::DELETE {
+        None
+    } else {
+        match read_body(req.into_body(), state.body_limit).await {
+            Ok(b) => Some(b),
+            Err(resp) => return resp,
+        }
+    };
+    match handle(&state, target, method, &path, &query, &headers, body).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(e),
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            message(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body is larger than {limit} bytes"),
+            )
+        } else {
+            message(StatusCode::BAD_REQUEST, "could not read the request body")
+        }
+    })
+}
+
+/// Parses a JSON or form body into the entity input.
+fn parse_input(
+    registry: &Registry,
+    schema: &EntitySchema,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Value, Response> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if body.iter().all(u8::is_ascii_whitespace)
+        && (mime.is_empty()
+            || mime == "application/json"
+            || mime == "application/x-www-form-urlencoded")
+    {
+        return Ok(json!({}));
+    }
+    match mime.as_str() {
+        "application/json" | "" => {
+            if mime.is_empty() {
+                return Err(message(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Unsupported Content-Type: a body needs application/json or application/x-www-form-urlencoded",
+                ));
+            }
+            match serde_json::from_slice::<Value>(body) {
+                Ok(v @ Value::Object(_)) => Ok(v),
+                Ok(_) => Err(message(
+                    StatusCode::BAD_REQUEST,
+                    "Cannot parse JSON body: expected a JSON object",
+                )),
+                Err(_) => Err(message(StatusCode::BAD_REQUEST, "Cannot parse JSON body")),
+            }
+        }
+        "application/x-www-form-urlencoded" => match form::parse(body) {
+            Ok(v) => Ok(registry.coerce_form(schema, v)),
+            Err(e) => Err(message(
+                StatusCode::BAD_REQUEST,
+                &format!("Cannot parse form body: {e}"),
+            )),
+        },
+        other => Err(message(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("Unsupported Content-Type: {other}"),
+        )),
+    }
+}
+
+fn parse_size(query: &HashMap<String, String>) -> Result<usize, Response> {
+    let bad = || {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 9, "name": "invalid size", "message": "size must be an integer between 1 and 1000"})),
+        )
+            .into_response()
+    };
+    match query.get("size") {
+        None => Ok(100),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err(bad()),
+        },
+    }
+}
+
+async fn handle(
+    state: &AdminState,
+    target: Target,
+    method: Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Option<Bytes>,
+) -> Result<Response, StoreError> {
+    let store = &state.store;
+    let registry = store.registry().clone();
+    let input = |schema: &EntitySchema| -> Result<Value, Response> {
+        parse_input(
+            &registry,
+            schema,
+            headers,
+            body.as_ref().unwrap_or(&Bytes::new()),
+        )
+    };
+    macro_rules! input_or_return {
+        ($schema:expr) => {
+            match input($schema) {
+                Ok(v) => v,
+                Err(resp) => return Ok(resp),
+            }
+        };
+    }
+    match target {
+        Target::Collection { schema, scope } => {
+            if method == Method::POST {
+                let input = input_or_return!(&schema);
+                let outcome = state
+                    .writer
+                    .write(Op::Create {
+                        entity: schema.name.clone(),
+                        input,
+                        scope,
+                    })
+                    .await?;
+                return Ok((
+                    StatusCode::CREATED,
+                    Json(outcome.entity.unwrap_or(Value::Null)),
+                )
+                    .into_response());
+            }
+            let size = match parse_size(query) {
+                Ok(s) => s,
+                Err(resp) => return Ok(resp),
+            };
+            let tags = match query.get("tags").map(|t| TagFilter::parse(t)) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    return Ok((
+                        StatusCode::BAD_REQUEST,
+                        Json(json!({"code": 11, "name": "invalid options", "message": format!("invalid option (tags: {e})"), "options": {"tags": e}})),
+                    )
+                        .into_response());
+                }
+            };
+            let parent = match &scope {
+                Some(scope) => {
+                    let parent = store
+                        .find(&scope.parent, &scope.parent_key, None)
+                        .await?
+                        .ok_or(StoreError::NotFound)?;
+                    let pid = parent
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    Some((scope.parent.clone(), pid, scope.field.clone()))
+                }
+                None => None,
+            };
+            let q = ListQuery {
+                entity: schema.name.clone(),
+                size,
+                offset: query.get("offset").cloned(),
+                tags: tags.clone(),
+                parent,
+            };
+            let page = match store.list(&q).await {
+                Ok(p) => p,
+                Err(StoreError::BadRequest(m)) => {
+                    return Ok((
+                        StatusCode::BAD_REQUEST,
+                        Json(json!({"code": 7, "name": "invalid offset", "message": m})),
+                    )
+                        .into_response());
+                }
+                Err(e) => return Err(e),
+            };
+            let mut data = page.data;
+            for e in &mut data {
+                decorate(store, &schema, e).await?;
+            }
+            let (next, offset) = match &page.next_offset {
+                Some(o) => {
+                    let mut next = format!("{path}?offset={}", urlencode(o));
+                    if query.contains_key("size") {
+                        next.push_str(&format!("&size={size}"));
+                    }
+                    if let Some(t) = query.get("tags") {
+                        next.push_str(&format!("&tags={}", urlencode(t)));
+                    }
+                    (Value::String(next), Value::String(o.clone()))
+                }
+                None => (Value::Null, Value::Null),
+            };
+            let mut resp = json!({ "data": data, "next": next });
+            if !offset.is_null() {
+                resp["offset"] = offset;
+            }
+            Ok(Json(resp).into_response())
+        }
+        Target::Entity { schema, key, scope } => {
+            entity_op(state, &schema, key, scope, method, || input(&schema)).await
+        }
+        Target::Foreign {
+            child,
+            child_key,
+            field,
+            parent,
+        } => {
+            let child_entity = store
+                .find(&child.name, &child_key, None)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            let Some(pid) = child_entity
+                .get(&field)
+                .and_then(|f| f.get("id"))
+                .and_then(Value::as_str)
+            else {
+                return Err(StoreError::NotFound);
+            };
+            entity_op(state, &parent, pid.to_owned(), None, method, || {
+                input(&parent)
+            })
+            .await
+        }
+    }
+}
+
+async fn entity_op(
+    state: &AdminState,
+    schema: &Arc<EntitySchema>,
+    key: String,
+    scope: Option<Scope>,
+    method: Method,
+    input: impl FnOnce() -> Result<Value, Response>,
+) -> Result<Response, StoreError> {
+    let store = &state.store;
+    let entity = schema.name.clone();
+    let op = match method {
+        Method::GET => {
+            let parent = match &scope {
+                Some(s) => {
+                    let p = store
+                        .find(&s.parent, &s.parent_key, None)
+                        .await?
+                        .ok_or(StoreError::NotFound)?;
+                    Some((
+                        s.field.clone(),
+                        p.get("id")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ))
+                }
+                None => None,
+            };
+            let mut found = store
+                .find(
+                    &entity,
+                    &key,
+                    parent.as_ref().map(|(f, p)| (f.as_str(), p.as_str())),
+                )
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            decorate(store, schema, &mut found).await?;
+            return Ok(Json(found).into_response());
+        }
+        Method::DELETE => Op::Delete { entity, key, scope },
+        Method::PATCH => match input() {
+            Ok(input) => Op::Patch {
+                entity,
+                key,
+                input,
+                scope,
+            },
+            Err(resp) => return Ok(resp),
+        },
+        Method::PUT => match input() {
+            Ok(input) => Op::Put {
+                entity,
+                key,
+                input,
+                scope,
+            },
+            Err(resp) => return Ok(resp),
+        },
+        _ => {
+            return Ok(message(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+            ));
+        }
+    };
+    let is_delete = matches!(op, Op::Delete { .. });
+    let outcome = state.writer.write(op).await?;
+    if is_delete {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok((StatusCode::OK, Json(outcome.entity.unwrap_or(Value::Null))).into_response())
+}
+
+/// Adds transient fields (`certificates.snis`) to an entity read from the store.
+async fn decorate(
+    store: &Store,
+    schema: &EntitySchema,
+    entity: &mut Value,
+) -> Result<(), StoreError> {
+    if schema.transient_fields.is_empty() {
+        return Ok(());
+    }
+    let id = entity
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    for name in &schema.transient_fields {
+        let list = store.transient_list(&schema.name, &id, name).await?;
+        entity[name.as_str()] = list.into_iter().map(Value::String).collect();
+    }
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}

@@ -1,0 +1,269 @@
+//! `deltaplane-cp` settings: flags, `DELTAPLANE_*` environment variables and an optional TOML
+//! file, with precedence flag > environment > file > default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use super::parse_duration;
+use crate::schema::KONG_COMPAT_VERSION;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deltaplane-cp",
+    version,
+    about = "deltaplane control plane: Kong-compatible Admin API and change log"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Admin API (migrating the database first)
+    Serve(ServeArgs),
+    /// Apply database migrations and exit
+    Migrate(ServeArgs),
+}
+
+/// Every flag can also be set as `DELTAPLANE_<FLAG>` (upper case, `-` → `_`; lists
+/// comma-separated) or as a key named like the flag in the `--config` TOML file.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file whose keys are flag names (e.g. `admin-listen = "127.0.0.1:8001"`)
+    #[arg(long, env = "DELTAPLANE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the embedded SQLite database and node files [default: ./deltaplane-cp]
+    #[arg(long, env = "DELTAPLANE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL (postgres://user@host:port/db); SQLite under --data-dir when unset
+    #[arg(long, env = "DELTAPLANE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// How long a request waits for a database connection before failing with 503 [default: 3s]
+    #[arg(long, env = "DELTAPLANE_DATABASE_TIMEOUT")]
+    pub database_timeout: Option<String>,
+    /// SQLite durability: `full` survives power loss, `normal` (WAL) only process crashes [default: full]
+    #[arg(long, env = "DELTAPLANE_SQLITE_SYNCHRONOUS")]
+    pub sqlite_synchronous: Option<String>,
+    /// Admin API listen address [default: 127.0.0.1:8001]
+    #[arg(long, env = "DELTAPLANE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Bearer token required on every Admin API request (required for non-loopback binds)
+    #[arg(long, env = "DELTAPLANE_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Allow a non-loopback Admin API bind without --admin-token [default: false]
+    #[arg(long, env = "DELTAPLANE_ADMIN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_insecure: Option<bool>,
+    /// Largest accepted Admin API request body in bytes [default: 4194304]
+    #[arg(long, env = "DELTAPLANE_ADMIN_BODY_LIMIT")]
+    pub admin_body_limit: Option<usize>,
+    /// Keep change-log versions at least this long (e.g. 24h, 7d) [default: 24h]
+    #[arg(long, env = "DELTAPLANE_CHANGELOG_RETENTION_AGE")]
+    pub changelog_retention_age: Option<String>,
+    /// Keep at least this many change-log versions behind the head [default: 100000]
+    #[arg(long, env = "DELTAPLANE_CHANGELOG_RETENTION_VERSIONS")]
+    pub changelog_retention_versions: Option<i64>,
+    /// How often the change-log purge runs [default: 60s]
+    #[arg(long, env = "DELTAPLANE_CHANGELOG_PURGE_INTERVAL")]
+    pub changelog_purge_interval: Option<String>,
+    /// The Kong version this control plane follows and reports [default: 3.10.0]
+    #[arg(long, env = "DELTAPLANE_KONG_COMPAT_VERSION")]
+    pub kong_compat_version: Option<String>,
+    /// Most Admin API writes committed together in one transaction [default: 256]
+    #[arg(long, env = "DELTAPLANE_MAX_WRITE_BATCH")]
+    pub max_write_batch: Option<usize>,
+}
+
+/// Resolved control-plane settings.
+#[derive(Debug, Clone)]
+pub struct CpConfig {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub database_timeout: Duration,
+    pub sqlite_synchronous_full: bool,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub admin_insecure: bool,
+    pub body_limit: usize,
+    pub changelog_retention_age: Duration,
+    pub changelog_retention_versions: i64,
+    pub purge_interval: Duration,
+    pub kong_compat_version: String,
+    pub max_batch: usize,
+}
+
+impl CpConfig {
+    /// Defaults for everything, data under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> CpConfig {
+        CpConfig {
+            data_dir: data_dir.into(),
+            database_url: None,
+            database_timeout: Duration::from_secs(3),
+            sqlite_synchronous_full: true,
+            admin_listen: "127.0.0.1:8001".parse().expect("valid address"),
+            admin_token: None,
+            admin_insecure: false,
+            body_limit: 4 * 1024 * 1024,
+            changelog_retention_age: Duration::from_secs(24 * 3600),
+            changelog_retention_versions: 100_000,
+            purge_interval: Duration::from_secs(60),
+            kong_compat_version: KONG_COMPAT_VERSION.to_owned(),
+            max_batch: 256,
+        }
+    }
+
+    /// Resolves flags (already merged with the environment by clap) over the TOML file over defaults.
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<CpConfig> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for key in file.keys() {
+            anyhow::ensure!(
+                KNOWN_KEYS.contains(&key.replace('_', "-").as_str()),
+                "unknown key '{key}' in the config file"
+            );
+        }
+        let layer = Layer { file: &file };
+        let mut cfg = CpConfig::new(
+            layer
+                .get(args.data_dir.clone(), "data-dir")?
+                .unwrap_or_else(super::default_data_dir),
+        );
+        cfg.database_url = layer.get(args.database_url.clone(), "database-url")?;
+        if let Some(t) = layer.get(args.database_timeout.clone(), "database-timeout")? {
+            cfg.database_timeout = parse_duration(&t).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(s) = layer.get(args.sqlite_synchronous.clone(), "sqlite-synchronous")? {
+            cfg.sqlite_synchronous_full = match s.to_ascii_lowercase().as_str() {
+                "full" => true,
+                "normal" => false,
+                other => {
+                    anyhow::bail!("--sqlite-synchronous must be full or normal, not '{other}'")
+                }
+            };
+        }
+        if let Some(a) = layer.get(args.admin_listen.clone(), "admin-listen")? {
+            cfg.admin_listen = a
+                .parse()
+                .with_context(|| format!("invalid --admin-listen '{a}'"))?;
+        }
+        cfg.admin_token = layer
+            .get(args.admin_token.clone(), "admin-token")?
+            .filter(|t| !t.is_empty());
+        cfg.admin_insecure = layer
+            .get(args.admin_insecure, "admin-insecure")?
+            .unwrap_or(false);
+        if let Some(n) = layer.get(args.admin_body_limit, "admin-body-limit")? {
+            cfg.body_limit = n;
+        }
+        if let Some(a) = layer.get(
+            args.changelog_retention_age.clone(),
+            "changelog-retention-age",
+        )? {
+            cfg.changelog_retention_age = parse_duration(&a).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(n) = layer.get(
+            args.changelog_retention_versions,
+            "changelog-retention-versions",
+        )? {
+            anyhow::ensure!(
+                n >= 0,
+                "--changelog-retention-versions must not be negative"
+            );
+            cfg.changelog_retention_versions = n;
+        }
+        if let Some(a) = layer.get(
+            args.changelog_purge_interval.clone(),
+            "changelog-purge-interval",
+        )? {
+            cfg.purge_interval = parse_duration(&a).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(v) = layer.get(args.kong_compat_version.clone(), "kong-compat-version")? {
+            cfg.kong_compat_version = v;
+        }
+        if let Some(n) = layer.get(args.max_write_batch, "max-write-batch")? {
+            anyhow::ensure!(n >= 1, "--max-write-batch must be at least 1");
+            cfg.max_batch = n;
+        }
+        Ok(cfg)
+    }
+
+    /// The Admin API may only listen beyond loopback with a token, or when told it is fine.
+    pub fn check_admin_exposure(&self) -> anyhow::Result<()> {
+        if !self.admin_listen.ip().is_loopback()
+            && self.admin_token.is_none()
+            && !self.admin_insecure
+        {
+            anyhow::bail!(
+                "refusing to serve the Admin API on non-loopback address {} without --admin-token \
+                 (or --admin-insecure to accept the risk)",
+                self.admin_listen
+            );
+        }
+        Ok(())
+    }
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "data-dir",
+    "database-url",
+    "database-timeout",
+    "sqlite-synchronous",
+    "admin-listen",
+    "admin-token",
+    "admin-insecure",
+    "admin-body-limit",
+    "changelog-retention-age",
+    "changelog-retention-versions",
+    "changelog-purge-interval",
+    "kong-compat-version",
+    "max-write-batch",
+];
+
+struct Layer<'a> {
+    file: &'a toml::Table,
+}
+
+impl Layer<'_> {
+    /// The flag's value if given, else the file's (keys as flag names, `_` accepted for `-`).
+    fn get<T: FromStr>(&self, flag: Option<T>, key: &str) -> anyhow::Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        if flag.is_some() {
+            return Ok(flag);
+        }
+        let value = self
+            .file
+            .get(key)
+            .or_else(|| self.file.get(&key.replace('-', "_")));
+        let Some(value) = value else { return Ok(None) };
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| i.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        text.parse::<T>()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("config file key '{key}': {e}"))
+    }
+}

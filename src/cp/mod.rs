@@ -1,0 +1,206 @@
+//! The control plane: configuration, the Admin API, the group-commit writer, change-log purge,
+//! and the serve loop with graceful shutdown.
+
+pub mod admin;
+pub mod config;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::store::{Store, StoreOptions};
+
+pub use config::CpConfig;
+
+/// A running control plane. Dropping it does not stop it; call [`RunningCp::shutdown`].
+pub struct RunningCp {
+    pub admin_addr: SocketAddr,
+    pub store: Store,
+    pub node_id: String,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningCp {
+    /// Stops accepting requests, lets in-flight ones finish, and closes the database.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.store.close().await;
+    }
+}
+
+/// Reads the node id kept in `data_dir`, creating it on first start.
+pub fn persistent_node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node_id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if crate::schema::is_uuid(s) {
+            return Ok(s.to_owned());
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+pub fn store_options(cfg: &CpConfig) -> StoreOptions {
+    let mut opts = match &cfg.database_url {
+        Some(url) => StoreOptions::new(url.clone()),
+        None => StoreOptions::sqlite_in(&cfg.data_dir),
+    };
+    opts.sqlite_synchronous_full = cfg.sqlite_synchronous_full;
+    opts.acquire_timeout = cfg.database_timeout;
+    opts
+}
+
+/// Starts a control plane: opens (and migrates) the store, binds the Admin API, spawns the
+/// writer and the purge task.
+pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
+    cfg.check_admin_exposure()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let store = Store::open(store_options(&cfg))
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the database: {e}: {}", detail(&e)))?;
+    let node_id = persistent_node_id(&cfg.data_dir)?;
+    let hostname = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let writer = writer::Writer::spawn(store.clone(), cfg.max_batch);
+    let state = Arc::new(admin::AdminState {
+        store: store.clone(),
+        writer,
+        node: admin::NodeInfo {
+            node_id: node_id.clone(),
+            hostname,
+            kong_compat_version: cfg.kong_compat_version.clone(),
+        },
+        admin_token: cfg.admin_token.clone(),
+        body_limit: cfg.body_limit,
+        requests: AtomicU64::new(0),
+    });
+    let app = admin::router(state, axum::Router::new());
+    let listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding the Admin API on {}", cfg.admin_listen))?;
+    let admin_addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut rx = shutdown_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin API server failed");
+        }
+    });
+    let purge_task = tokio::spawn(purge_loop(store.clone(), cfg.clone(), shutdown_rx.clone()));
+    tracing::info!(%admin_addr, backend = ?store.backend(), %node_id, "control plane started");
+    Ok(RunningCp {
+        admin_addr,
+        store,
+        node_id,
+        shutdown_tx,
+        tasks: vec![admin_task, purge_task],
+    })
+}
+
+fn detail(e: &crate::store::StoreError) -> String {
+    match e {
+        crate::store::StoreError::Unavailable(c) | crate::store::StoreError::Internal(c) => {
+            c.clone()
+        }
+        _ => String::new(),
+    }
+}
+
+/// Purges old change-log versions in small batches, so writers are never blocked for long.
+async fn purge_loop(store: Store, cfg: CpConfig, mut shutdown: watch::Receiver<bool>) {
+    let age = cfg.changelog_retention_age.as_secs() as i64;
+    loop {
+        loop {
+            match store
+                .purge_once(age, cfg.changelog_retention_versions, 1000)
+                .await
+            {
+                Ok(0) => break,
+                Ok(n) => tracing::debug!(purged = n, "purged change-log versions"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "change-log purge failed");
+                    break;
+                }
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.purge_interval) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The default data directory of `deltaplane-cp`.
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from("./deltaplane-cp")
+}
+
+/// Waits for ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Parses `30s`, `15m`, `24h`, `7d`, `500ms` or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration '{s}'"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in '{s}' (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration '{s}'"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

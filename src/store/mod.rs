@@ -1,0 +1,385 @@
+//! The control plane's store: entities, their indexes, and the versioned change log, on SQLite
+//! (embedded default) or PostgreSQL.
+//!
+//! Both backends run the same SQL text (`$n` placeholders work on both); the differences — how a
+//! writer takes the version lock, `pg_notify`, pool options, migrations — are explicit match arms
+//! on [`Pool`]. Writes go through [`Store::write_batch`]: one database transaction, the version
+//! lock taken first, one savepoint and one version per operation.
+
+mod hash;
+mod read;
+mod write;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::SqlSafeStr;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::watch;
+
+use crate::schema::{FieldErrors, Registry};
+
+pub use hash::StateHash;
+pub use read::{Change, ListQuery, Page, TagFilter, VersionInfo};
+pub use write::{Op, Outcome, Scope};
+
+/// A connection pool of either backend.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// Runs the same code against whichever pool (or transaction) `$x` holds.
+macro_rules! on_backend {
+    ($x:expr, $p:ident => $body:expr) => {
+        match $x {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+        }
+    };
+}
+pub(crate) use on_backend;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// How the store opens its database.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// `sqlite://path` or `postgres://...`.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a request waits for a connection before failing with 503.
+    pub acquire_timeout: Duration,
+    /// SQLite only: `synchronous=FULL` (survives power loss) instead of `NORMAL`.
+    pub sqlite_synchronous_full: bool,
+    /// Test hook: called after a write transaction took its versions and before it commits.
+    pub before_commit: Option<Arc<dyn Fn() -> Duration + Send + Sync>>,
+}
+
+impl StoreOptions {
+    pub fn new(url: impl Into<String>) -> StoreOptions {
+        StoreOptions {
+            url: url.into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            sqlite_synchronous_full: true,
+            before_commit: None,
+        }
+    }
+
+    /// The SQLite database file under a data directory.
+    pub fn sqlite_in(data_dir: &std::path::Path) -> StoreOptions {
+        StoreOptions::new(format!(
+            "sqlite://{}",
+            data_dir.join("deltaplane.db").display()
+        ))
+    }
+}
+
+/// Why a store operation failed. The Admin API maps each to Kong's HTTP status and body.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("{}", .0.message())]
+    Schema(FieldErrors),
+    #[error("UNIQUE violation detected on '{}'", kong_pretty(.0))]
+    Unique(serde_json::Map<String, Value>),
+    #[error("{message}")]
+    ForeignKey {
+        message: String,
+        fields: serde_json::Map<String, Value>,
+    },
+    #[error("{0}")]
+    ReferencedByOthers(String),
+    #[error("{message}")]
+    PrimaryKey {
+        message: String,
+        fields: serde_json::Map<String, Value>,
+    },
+    #[error("Not found")]
+    NotFound,
+    #[error("{0}")]
+    BadRequest(String),
+    /// The database could not be reached in time; nothing was written. Holds the cause, for logs.
+    #[error("database unavailable")]
+    Unavailable(String),
+    /// The connection failed during COMMIT: the write may or may not have been applied.
+    #[error("commit outcome unknown")]
+    CommitUnknown(String),
+    /// Anything else; the cause is for logs only, never for clients.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        if is_unavailable(&e) {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<anyhow::Error> for StoreError {
+    fn from(e: anyhow::Error) -> StoreError {
+        StoreError::Internal(format!("{e:#}"))
+    }
+}
+
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            // SQLite busy/locked past the busy timeout; PostgreSQL shutting down or not accepting.
+            let code = db.code().unwrap_or_default();
+            matches!(
+                code.as_ref(),
+                "5" | "6"
+                    | "517"
+                    | "57P01"
+                    | "57P02"
+                    | "57P03"
+                    | "53300"
+                    | "08006"
+                    | "08003"
+                    | "08001"
+            )
+        }
+        _ => false,
+    }
+}
+
+/// Lua-table style rendering used in Kong's messages: `{name="x",port=80}`.
+pub fn kong_pretty(m: &serde_json::Map<String, Value>) -> String {
+    fn one(v: &Value) -> String {
+        match v {
+            Value::Null => "null".into(),
+            Value::String(s) => format!("{s:?}"),
+            Value::Object(m) => kong_pretty(m),
+            Value::Array(a) => format!("{{{}}}", a.iter().map(one).collect::<Vec<_>>().join(",")),
+            other => other.to_string(),
+        }
+    }
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={}", one(v))).collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+/// The control plane's store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    registry: Arc<Registry>,
+    options: StoreOptions,
+    /// Latest version committed through this store (other CPs' commits arrive via `observe`).
+    head_tx: watch::Sender<i64>,
+    default_ws: std::sync::OnceLock<String>,
+}
+
+fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let files: &[(i64, &str, &'static str)] = match backend {
+        Backend::Sqlite => &[(
+            1,
+            "init",
+            include_str!("../../migrations/sqlite/0001_init.sql"),
+        )],
+        Backend::Postgres => &[(
+            1,
+            "init",
+            include_str!("../../migrations/postgres/0001_init.sql"),
+        )],
+    };
+    Migrator::with_migrations(
+        files
+            .iter()
+            .map(|(v, d, sql)| {
+                Migration::new(
+                    *v,
+                    (*d).into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+impl Store {
+    /// Connects, applies pending migrations, and makes sure the change log exists (the default
+    /// workspace is version 1).
+    pub async fn open(options: StoreOptions) -> Result<Store, StoreError> {
+        let store = Store::connect(options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without migrating.
+    pub async fn connect(options: StoreOptions) -> Result<Store, StoreError> {
+        let pool =
+            if options.url.starts_with("postgres://") || options.url.starts_with("postgresql://") {
+                let connect = PgConnectOptions::from_str(&options.url)
+                    .map_err(|e| StoreError::BadRequest(format!("invalid database url: {e}")))?;
+                Pool::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(options.max_connections)
+                        .acquire_timeout(options.acquire_timeout)
+                        .connect_with(connect)
+                        .await?,
+                )
+            } else {
+                let connect = SqliteConnectOptions::from_str(&options.url)
+                    .map_err(|e| StoreError::BadRequest(format!("invalid database url: {e}")))?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(if options.sqlite_synchronous_full {
+                        SqliteSynchronous::Full
+                    } else {
+                        SqliteSynchronous::Normal
+                    })
+                    .foreign_keys(false)
+                    .busy_timeout(options.acquire_timeout);
+                Pool::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(options.max_connections)
+                        .acquire_timeout(options.acquire_timeout)
+                        .connect_with(connect)
+                        .await?,
+                )
+            };
+        let (head_tx, _) = watch::channel(0);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                pool,
+                registry: Registry::builtin().clone(),
+                options,
+                head_tx,
+                default_ws: std::sync::OnceLock::new(),
+            }),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match &self.inner.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// Applies migrations and creates the change log's first version (the default workspace)
+    /// when the database is new. Safe to run concurrently from several control planes.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = migrations(&self.backend());
+        on_backend!(&self.inner.pool, p => migrator.run(p).await.map_err(|e| StoreError::Internal(e.to_string()))?);
+        self.bootstrap().await?;
+        let info = self.version_info().await?;
+        self.inner.head_tx.send_replace(info.version);
+        Ok(())
+    }
+
+    async fn bootstrap(&self) -> Result<(), StoreError> {
+        let epoch = uuid::Uuid::new_v4().to_string();
+        let now = now_secs();
+        on_backend!(&self.inner.pool, p => {
+            sqlx::query("INSERT INTO dp_meta (id, version, epoch, state_hash, created_at) VALUES (1, 0, $1, $2, $3) ON CONFLICT (id) DO NOTHING")
+                .bind(&epoch)
+                .bind(StateHash::ZERO.to_hex())
+                .bind(now)
+                .execute(p)
+                .await?;
+        });
+        let ws = self.default_workspace_id().await?;
+        if ws.is_none() {
+            let outcome = self
+                .write_batch(vec![Op::Create {
+                    entity: "workspaces".into(),
+                    input: serde_json::json!({"name": "default", "config": {}, "meta": {}}),
+                    scope: None,
+                }])
+                .await;
+            if let Some(Err(e)) = outcome.into_iter().next() {
+                // Another control plane created it first: fine.
+                if !matches!(e, StoreError::Unique(_)) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The id of the `default` workspace, cached after the first successful read.
+    pub async fn default_workspace_id(&self) -> Result<Option<String>, StoreError> {
+        if let Some(ws) = self.inner.default_ws.get() {
+            return Ok(Some(ws.clone()));
+        }
+        let id: Option<String> = on_backend!(&self.inner.pool, p => {
+            sqlx::query_scalar("SELECT id FROM dp_keys WHERE type = 'workspaces' AND name = 'name' AND value = $1")
+                .bind("\"default\"")
+                .fetch_optional(p)
+                .await?
+        });
+        if let Some(id) = &id {
+            let _ = self.inner.default_ws.set(id.clone());
+        }
+        Ok(id)
+    }
+
+    pub(crate) async fn ws(&self) -> Result<String, StoreError> {
+        self.default_workspace_id()
+            .await?
+            .ok_or_else(|| StoreError::Internal("default workspace missing".into()))
+    }
+
+    /// A receiver of the latest version known to be committed.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.inner.head_tx.subscribe()
+    }
+
+    /// Records that `version` is committed (seen through another control plane's notification).
+    pub fn observe(&self, version: i64) {
+        self.inner.head_tx.send_if_modified(|v| {
+            if version > *v {
+                *v = version;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub async fn close(&self) {
+        on_backend!(&self.inner.pool, p => p.close().await);
+    }
+}
+
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

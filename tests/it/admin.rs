@@ -1,0 +1,747 @@
+//! Admin API behaviour through HTTP, on both backends.
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::both_backends;
+use crate::harness::{Backend, TestCp, ca_cert, cert_and_key};
+
+async fn cp(backend: Backend) -> Option<TestCp> {
+    TestCp::start(backend).await
+}
+
+both_backends!(node_info_and_status, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let r = cp.get("/").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["version"], "3.10.0");
+    assert_eq!(r.body["role"], "control_plane");
+    assert!(r.body["deltaplane_version"].is_string());
+    assert_eq!(r.body["node_id"].as_str().unwrap().len(), 36);
+    assert!(r.body["hostname"].is_string());
+    let s = cp.get("/status").await;
+    assert_eq!(s.status, StatusCode::OK);
+    assert_eq!(s.body["database"]["reachable"], true);
+    assert_eq!(
+        s.body["configuration"]["version"], 1,
+        "the default workspace is version 1"
+    );
+    cp.shutdown().await;
+});
+
+both_backends!(service_crud_with_kong_shapes, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let svc = cp
+        .create(
+            "/services",
+            json!({"name": "billing", "url": "https://billing.internal:8443/v1", "tags": ["a"]}),
+        )
+        .await;
+    assert_eq!(svc["protocol"], "https");
+    assert_eq!(svc["host"], "billing.internal");
+    assert_eq!(svc["port"], 8443);
+    assert_eq!(svc["path"], "/v1");
+    assert_eq!(svc["retries"], 5);
+    assert_eq!(svc["connect_timeout"], 60000);
+    assert_eq!(svc["enabled"], true);
+    assert!(
+        svc["client_certificate"].is_null(),
+        "unset fields are null, as Kong shows them"
+    );
+    assert!(
+        svc["created_at"].as_i64().unwrap() > 1_600_000_000,
+        "timestamps in seconds"
+    );
+    let id = svc["id"].as_str().unwrap().to_owned();
+
+    // By id and by endpoint key.
+    assert_eq!(cp.get(&format!("/services/{id}")).await.body, svc);
+    assert_eq!(cp.get("/services/billing").await.body["id"], id.as_str());
+
+    let r = cp.patch("/services/billing", json!({"retries": 7})).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["retries"], 7);
+    assert_eq!(r.body["host"], "billing.internal");
+    assert_eq!(r.body["created_at"], svc["created_at"]);
+
+    // PUT replaces: fields not given go back to defaults.
+    let r = cp
+        .put(
+            &format!("/services/{id}"),
+            json!({"name": "billing", "host": "b2.internal"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["retries"], 5);
+    assert_eq!(r.body["protocol"], "http");
+    assert_eq!(r.body["id"], id.as_str());
+
+    // PUT by endpoint key creates.
+    let r = cp
+        .put("/services/other", json!({"host": "o.internal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["name"], "other");
+
+    assert_eq!(
+        cp.delete("/services/other").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        cp.get("/services/other").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // Deleting what is not there is still 204, as in Kong.
+    assert_eq!(
+        cp.delete("/services/other").await.status,
+        StatusCode::NO_CONTENT
+    );
+    cp.shutdown().await;
+});
+
+both_backends!(schema_violations_report_every_field, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let r = cp
+        .post(
+            "/services",
+            json!({"port": "eighty", "protocol": "gopher", "bogus": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["code"], 2);
+    assert_eq!(r.body["name"], "schema violation");
+    let fields = &r.body["fields"];
+    assert_eq!(fields["host"], "required field missing");
+    assert_eq!(fields["port"], "expected an integer");
+    assert!(
+        fields["protocol"]
+            .as_str()
+            .unwrap()
+            .starts_with("expected one of:")
+    );
+    assert_eq!(fields["bogus"], "unknown field");
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("4 schema violations ("),
+        "{}",
+        r.body["message"]
+    );
+
+    let r = cp.post("/routes", json!({"protocols": ["http"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body["fields"]["@entity"].is_array(), "{r:?}");
+
+    // Nothing of a rejected write reached the change log.
+    let v = cp.store().version_info().await.unwrap();
+    assert_eq!(v.version, 1);
+    cp.shutdown().await;
+});
+
+both_backends!(unique_and_foreign_key_violations, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    cp.create("/services", json!({"name": "s1", "host": "a.test"}))
+        .await;
+    let r = cp
+        .post("/services", json!({"name": "s1", "host": "b.test"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.body["code"], 5);
+    assert_eq!(r.body["fields"]["name"], "s1");
+    assert_eq!(
+        r.body["message"],
+        "UNIQUE violation detected on '{name=\"s1\"}'"
+    );
+
+    let missing = uuid::Uuid::new_v4().to_string();
+    let r = cp
+        .post(
+            "/routes",
+            json!({"paths": ["/x"], "service": {"id": missing}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["code"], 4);
+    assert_eq!(r.body["fields"]["service"]["id"], missing.as_str());
+
+    // A service referenced by a route cannot be deleted.
+    cp.create(
+        "/services/s1/routes",
+        json!({"name": "r1", "paths": ["/x"]}),
+    )
+    .await;
+    let r = cp.delete("/services/s1").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    assert_eq!(r.body["code"], 4);
+    assert_eq!(
+        r.body["message"],
+        "an existing 'routes' entity references this 'services' entity"
+    );
+    assert_eq!(cp.get("/services/s1").await.status, StatusCode::OK);
+
+    // A second plugin with the same name and scope is a conflict (cache key).
+    cp.create("/services/s1/plugins", json!({"name": "key-auth"}))
+        .await;
+    let r = cp
+        .post("/services/s1/plugins", json!({"name": "key-auth"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    // Same name on another scope is fine.
+    cp.create("/plugins", json!({"name": "key-auth"})).await;
+    cp.shutdown().await;
+});
+
+both_backends!(nested_collections, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let svc = cp
+        .create("/services", json!({"name": "s", "host": "s.test"}))
+        .await;
+    let route = cp
+        .create("/services/s/routes", json!({"name": "r", "paths": ["/r"]}))
+        .await;
+    assert_eq!(route["service"]["id"], svc["id"]);
+    cp.create("/routes", json!({"name": "other", "paths": ["/o"]}))
+        .await;
+
+    let list = cp.get("/services/s/routes").await;
+    assert_eq!(list.body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(cp.get("/routes/r/service").await.body["id"], svc["id"]);
+    assert_eq!(cp.get("/services/s/routes/r").await.status, StatusCode::OK);
+    assert_eq!(
+        cp.get("/services/s/routes/other").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = cp.patch("/routes/r/service", json!({"retries": 1})).await;
+    assert_eq!(r.body["retries"], 1, "{r:?}");
+
+    cp.create("/routes/r/plugins", json!({"name": "cors"}))
+        .await;
+    assert_eq!(
+        cp.get("/routes/r/plugins").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let consumer = cp.create("/consumers", json!({"username": "alice"})).await;
+    let ka = cp.create("/consumers/alice/key-auth", json!({})).await;
+    assert_eq!(ka["consumer"]["id"], consumer["id"]);
+    assert!(
+        ka["key"].as_str().unwrap().len() >= 32,
+        "a key is generated: {ka}"
+    );
+    let ka2 = cp
+        .create("/consumers/alice/key-auth", json!({"key": "secret-1"}))
+        .await;
+    assert_eq!(cp.get("/key-auths/secret-1").await.body["id"], ka2["id"]);
+    let ba = cp
+        .create(
+            "/consumers/alice/basic-auth",
+            json!({"username": "al", "password": "pw"}),
+        )
+        .await;
+    assert_ne!(
+        ba["password"], "pw",
+        "basic-auth passwords are stored hashed"
+    );
+    let jwt = cp.create("/consumers/alice/jwt", json!({})).await;
+    assert_eq!(jwt["algorithm"], "HS256");
+    assert!(jwt["secret"].is_string());
+    cp.create("/consumers/alice/acls", json!({"group": "admins"}))
+        .await;
+    assert_eq!(
+        cp.get("/consumers/alice/acls/admins").await.status,
+        StatusCode::OK
+    );
+    cp.create(
+        "/consumers/alice/plugins",
+        json!({"name": "rate-limiting", "config": {"minute": 5}}),
+    )
+    .await;
+    for path in [
+        "/consumers/alice/key-auth",
+        "/consumers/alice/basic-auth",
+        "/consumers/alice/jwt",
+        "/consumers/alice/acls",
+        "/consumers/alice/plugins",
+    ] {
+        assert!(
+            !cp.get(path).await.body["data"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{path}"
+        );
+    }
+    for path in ["/key-auths", "/basic-auths", "/jwts", "/acls"] {
+        assert!(
+            !cp.get(path).await.body["data"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{path}"
+        );
+    }
+
+    // Deleting the consumer cascades to its credentials and plugins, in one version.
+    let before = cp.store().version_info().await.unwrap().version;
+    assert_eq!(
+        cp.delete("/consumers/alice").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(cp.store().version_info().await.unwrap().version, before + 1);
+    for path in ["/key-auths", "/basic-auths", "/jwts", "/acls"] {
+        assert!(
+            cp.get(path).await.body["data"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        cp.get("/plugins").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "only the route's plugin is left"
+    );
+
+    let up = cp.create("/upstreams", json!({"name": "up.svc"})).await;
+    assert_eq!(
+        up["healthchecks"]["active"]["healthy"]["interval"], 0,
+        "nested record defaults: {up}"
+    );
+    let t = cp
+        .create("/upstreams/up.svc/targets", json!({"target": "10.0.0.1"}))
+        .await;
+    assert_eq!(t["target"], "10.0.0.1:8000");
+    assert_eq!(t["weight"], 100);
+    assert_eq!(
+        cp.get("/upstreams/up.svc/targets").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    cp.shutdown().await;
+});
+
+both_backends!(certificates_snis_and_ca_certificates, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let (cert, key) = cert_and_key("a.test");
+    let c = cp
+        .create(
+            "/certificates",
+            json!({"cert": cert, "key": key, "snis": ["a.test", "b.test"]}),
+        )
+        .await;
+    assert_eq!(c["snis"], json!(["a.test", "b.test"]));
+    let id = c["id"].as_str().unwrap();
+    assert_eq!(
+        cp.get("/snis").await.body["data"].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(
+        cp.get(&format!("/certificates/{id}/snis")).await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        cp.get(&format!("/certificates/{id}")).await.body["snis"],
+        json!(["a.test", "b.test"])
+    );
+    let r = cp
+        .patch(
+            &format!("/certificates/{id}"),
+            json!({"snis": ["b.test", "c.test"]}),
+        )
+        .await;
+    assert_eq!(r.body["snis"], json!(["b.test", "c.test"]), "{r:?}");
+    assert_eq!(cp.get("/snis/a.test").await.status, StatusCode::NOT_FOUND);
+
+    // A key that does not match its certificate is refused.
+    let (_, other_key) = cert_and_key("x.test");
+    let r = cp
+        .post("/certificates", json!({"cert": cert, "key": other_key}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    assert!(
+        r.body["fields"]["@entity"]
+            .to_string()
+            .contains("does not match"),
+        "{r:?}"
+    );
+    let r = cp
+        .post("/certificates", json!({"cert": "not a cert", "key": key}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Deleting the certificate takes its snis along.
+    assert_eq!(
+        cp.delete(&format!("/certificates/{id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        cp.get("/snis").await.body["data"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    let ca = cp
+        .create("/ca_certificates", json!({"cert": ca_cert("Test CA")}))
+        .await;
+    assert_eq!(ca["cert_digest"].as_str().unwrap().len(), 64);
+    let r = cp
+        .post(
+            "/ca_certificates",
+            json!({"cert": cert_and_key("leaf.test").0}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "a leaf is not a CA: {r:?}"
+    );
+    let svc = cp
+        .create(
+            "/services",
+            json!({"name": "tls", "url": "https://x.test", "ca_certificates": [ca["id"]]}),
+        )
+        .await;
+    assert_eq!(svc["ca_certificates"], json!([ca["id"]]));
+    let r = cp
+        .delete(&format!("/ca_certificates/{}", ca["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "still referenced by a service: {r:?}"
+    );
+    cp.shutdown().await;
+});
+
+both_backends!(form_bodies_follow_kong_conventions, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let r = cp
+        .post_form(
+            "/services",
+            "name=f&host=f.test&port=8080&retries=2&tags[]=x&tags[]=y",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["port"], 8080);
+    assert_eq!(r.body["tags"], json!(["x", "y"]));
+    let r = cp
+        .post_form(
+            "/services/f/routes",
+            "paths=/a&paths=/b&strip_path=false&methods=GET",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["paths"], json!(["/a", "/b"]));
+    assert_eq!(r.body["strip_path"], false);
+    assert_eq!(r.body["methods"], json!(["GET"]));
+    let r = cp
+        .post_form(
+            "/plugins",
+            "name=rate-limiting&config.minute=10&config.policy=local",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["config"]["minute"], 10);
+    let r = cp
+        .post_form("/services", "name=g&host=g.test&port=notanumber")
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["fields"]["port"], "expected an integer");
+    cp.shutdown().await;
+});
+
+both_backends!(transport_errors, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let r = cp
+        .raw(Method::POST, "/services", "application/json", "{\"name\": ")
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["message"], "Cannot parse JSON body");
+    let r = cp
+        .raw(Method::POST, "/services", "text/plain", "name=x")
+        .await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(5 * 1024 * 1024));
+    let r = cp
+        .raw(Method::POST, "/services", "application/json", big)
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(cp.get("/nope").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(cp.get("/nope").await.body["message"], "Not found");
+    assert_eq!(
+        cp.get("/services/not-there").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        cp.request(Method::DELETE, "/services", None).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        cp.request(Method::POST, "/", None).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        cp.get("/services/x/bogus").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        cp.get("/workspaces").await.status,
+        StatusCode::NOT_FOUND,
+        "no workspace paths in open-source Kong"
+    );
+    // No internal detail leaks in errors.
+    let r = cp
+        .post("/services", json!({"name": "é\u{0}", "host": "x.test"}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    let text = r.body.to_string().to_lowercase();
+    assert!(!text.contains("sql") && !text.contains("/tmp"), "{text}");
+    cp.shutdown().await;
+});
+
+both_backends!(pagination_and_tags, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    for i in 0..25 {
+        let tags = if i % 2 == 0 {
+            json!(["even", "all"])
+        } else {
+            json!(["odd", "all"])
+        };
+        cp.create(
+            "/consumers",
+            json!({"username": format!("u{i}"), "tags": tags}),
+        )
+        .await;
+    }
+    let mut seen = Vec::new();
+    let mut path = "/consumers?size=10".to_owned();
+    loop {
+        let r = cp.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        for e in r.body["data"].as_array().unwrap() {
+            seen.push(e["username"].as_str().unwrap().to_owned());
+        }
+        match r.body["next"].as_str() {
+            Some(next) => {
+                assert!(r.body["offset"].is_string());
+                path = next.to_owned();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 25);
+    assert_eq!(
+        cp.get("/consumers?tags=even").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        13
+    );
+    assert_eq!(
+        cp.get("/consumers?tags=even,all").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        13
+    );
+    assert_eq!(
+        cp.get("/consumers?tags=even,odd").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        cp.get("/consumers?tags=even/odd").await.body["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        25
+    );
+    assert_eq!(
+        cp.get("/consumers?size=0").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        cp.get("/consumers?size=1001").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        cp.get("/consumers?offset=garbage!").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        cp.get("/consumers?tags=a,b/c").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    cp.shutdown().await;
+});
+
+both_backends!(pagination_during_concurrent_writes, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let mut stable = Vec::new();
+    for i in 0..60 {
+        let c = cp
+            .create("/consumers", json!({"username": format!("stable{i}")}))
+            .await;
+        stable.push(c["id"].as_str().unwrap().to_owned());
+    }
+    let writer = {
+        let base = cp.base.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for i in 0..60 {
+                let _ = client
+                    .post(format!("{base}/consumers"))
+                    .json(&json!({"username": format!("churn{i}")}))
+                    .send()
+                    .await;
+                let _ = client
+                    .delete(format!("{base}/consumers/churn{}", i / 2))
+                    .send()
+                    .await;
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut path = "/consumers?size=7".to_owned();
+    loop {
+        let r = cp.get(&path).await;
+        for e in r.body["data"].as_array().unwrap() {
+            seen.push(e["id"].as_str().unwrap().to_owned());
+        }
+        tokio::task::yield_now().await;
+        match r.body["next"].as_str() {
+            Some(next) => path = next.to_owned(),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    for id in &stable {
+        assert_eq!(
+            seen.iter().filter(|s| *s == id).count(),
+            1,
+            "every row that existed throughout appears exactly once"
+        );
+    }
+    let mut dedup = seen.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), seen.len(), "no row twice");
+    cp.shutdown().await;
+});
+
+both_backends!(noop_patch_creates_no_version, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    cp.create("/services", json!({"name": "n", "host": "n.test"}))
+        .await;
+    let v1 = cp.store().version_info().await.unwrap().version;
+    let r = cp.patch("/services/n", json!({"host": "n.test"})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(cp.store().version_info().await.unwrap().version, v1);
+    cp.patch("/services/n", json!({"host": "m.test"})).await;
+    assert_eq!(cp.store().version_info().await.unwrap().version, v1 + 1);
+    cp.shutdown().await;
+});
+
+both_backends!(route_rules, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let r = cp
+        .post("/routes", json!({"protocols": ["tcp"], "paths": ["/x"]}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    let r = cp
+        .post(
+            "/routes",
+            json!({"protocols": ["tcp"], "destinations": [{"port": 80}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let r = cp.post("/routes", json!({"paths": ["no-slash"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    let r = cp
+        .post(
+            "/routes",
+            json!({"hosts": ["example.com"], "headers": {"x-v": ["1"]}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["strip_path"], true);
+    assert_eq!(r.body["path_handling"], "v0");
+    assert_eq!(r.body["https_redirect_status_code"], 426);
+    cp.shutdown().await;
+});
+
+#[tokio::test]
+async fn admin_token_guards_every_request() {
+    let db = crate::harness::TestDb::sqlite();
+    let mut cfg = db.cp_config();
+    cfg.admin_token = Some("s3cret".into());
+    let cp = TestCp::start_with(db, cfg).await;
+    assert_eq!(cp.get("/").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(cp.get("/services").await.status, StatusCode::UNAUTHORIZED);
+    let r = cp
+        .client
+        .get(format!("{}/services", cp.base))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = cp
+        .client
+        .get(format!("{}/services", cp.base))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn non_loopback_admin_needs_token_or_insecure() {
+    let db = crate::harness::TestDb::sqlite();
+    let mut cfg = db.cp_config();
+    cfg.admin_listen = "0.0.0.0:0".parse().unwrap();
+    let err = deltaplane::cp::start(cfg.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("--admin-token"), "{err}");
+    cfg.admin_insecure = true;
+    let running = deltaplane::cp::start(cfg)
+        .await
+        .expect("allowed with --admin-insecure");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn unreachable_database_fails_fast_with_503() {
+    // A port nothing listens on: the pool cannot connect, and startup says so quickly.
+    let db = crate::harness::TestDb::sqlite();
+    let mut cfg = db.cp_config();
+    cfg.database_url = Some("postgres://postgres@127.0.0.1:1/none".into());
+    cfg.database_timeout = std::time::Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let err = deltaplane::cp::start(cfg).await.err().expect("no database");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert!(err.to_string().contains("database"), "{err}");
+}

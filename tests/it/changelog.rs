@@ -1,0 +1,303 @@
+//! Change-log invariants: gap-free versions visible in commit order under concurrent writers
+//! (two store instances on one database), state hashes that a reader can reproduce, and the
+//! purge horizon.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deltaplane::store::{Op, StateHash, Store, StoreError};
+use rand::Rng as _;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::harness::TestDb;
+
+type Model = BTreeMap<(String, String), (String, Value)>;
+
+fn model_hash(model: &Model) -> StateHash {
+    let mut h = StateHash::ZERO;
+    for ((ty, id), (ws, e)) in model {
+        h.add(&StateHash::of_entity(ty, ws, id, e));
+    }
+    h
+}
+
+/// Follows the log from `*last`, checking contiguity and the recorded hash of every version.
+async fn tail(store: &Store, model: &mut Model, last: &mut i64) {
+    loop {
+        let mut batch = Vec::new();
+        let res = store
+            .changes_after(*last, 500, |c| {
+                batch.push(c);
+                Ok(())
+            })
+            .await
+            .expect("read changes")
+            .expect("within the horizon");
+        if batch.is_empty() {
+            assert_eq!(res.version, *last, "head without deltas");
+            return;
+        }
+        let mut i = 0;
+        while i < batch.len() {
+            let v = batch[i].version;
+            assert_eq!(v, *last + 1, "versions are gap-free and in order");
+            while i < batch.len() && batch[i].version == v {
+                let c = &batch[i];
+                match &c.entity {
+                    Some(e) => model.insert(
+                        (c.entity_type.clone(), c.id.clone()),
+                        (c.ws_id.clone(), e.clone()),
+                    ),
+                    None => model.remove(&(c.entity_type.clone(), c.id.clone())),
+                };
+                i += 1;
+            }
+            let recorded = store
+                .state_hash_at(v)
+                .await
+                .unwrap()
+                .expect("retained version has a hash");
+            assert_eq!(model_hash(model), recorded, "state hash at version {v}");
+            *last = v;
+        }
+    }
+}
+
+async fn writer(store: Store, n_ops: usize, seed: u64) {
+    let mut names: Vec<String> = Vec::new();
+    for i in 0..n_ops {
+        let op = {
+            let mut rng = rand::rng();
+            let pick = rng.random_range(0..10);
+            if names.is_empty() || pick < 5 {
+                let name = format!("w{seed}-{i}");
+                names.push(name.clone());
+                Op::Create {
+                    entity: "consumers".into(),
+                    input: json!({"username": name, "tags": ["t"]}),
+                    scope: None,
+                }
+            } else if pick < 8 {
+                let name = names[rng.random_range(0..names.len())].clone();
+                Op::Patch {
+                    entity: "consumers".into(),
+                    key: name,
+                    input: json!({"custom_id": format!("c{seed}-{i}")}),
+                    scope: None,
+                }
+            } else {
+                let name = names.swap_remove(rng.random_range(0..names.len()));
+                Op::Delete {
+                    entity: "consumers".into(),
+                    key: name,
+                    scope: None,
+                }
+            }
+        };
+        match store.write(op).await {
+            Ok(_) | Err(StoreError::NotFound) => {}
+            Err(e) => panic!("write failed: {e:?}"),
+        }
+    }
+}
+
+both_backends!(
+    concurrent_writers_gap_free_and_reproducible,
+    |b| async move {
+        let Some(db) = TestDb::new(b).await else {
+            return;
+        };
+        let mut opts = db.store_options();
+        // A random delay after the versions are taken and before COMMIT widens every race window.
+        opts.before_commit = Some(Arc::new(|| {
+            Duration::from_micros(rand::rng().random_range(0..3000))
+        }));
+        let a = Store::open(opts.clone()).await.unwrap();
+        let b2 = Store::open(opts).await.unwrap();
+        let reader = db.store().await;
+
+        let mut tasks = Vec::new();
+        for w in 0..16u64 {
+            let store = if w % 2 == 0 { a.clone() } else { b2.clone() };
+            tasks.push(tokio::spawn(writer(store, 25, w)));
+        }
+        let mut model = Model::new();
+        let mut last = 0;
+        while tasks.iter().any(|t| !t.is_finished()) {
+            tail(&reader, &mut model, &mut last).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        tail(&reader, &mut model, &mut last).await;
+
+        let head = reader.version_info().await.unwrap();
+        assert_eq!(head.version, last);
+        assert_eq!(head.state_hash, model_hash(&model));
+        // The reconstructed model equals the tables.
+        let mut snap = Model::new();
+        let info = reader
+            .snapshot(|c| {
+                snap.insert((c.entity_type, c.id), (c.ws_id, c.entity.unwrap()));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(info.version, last);
+        assert_eq!(snap, model);
+    }
+);
+
+both_backends!(purge_keeps_the_horizon, |b| async move {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let store = db.store().await;
+    for i in 0..30 {
+        store
+            .write(Op::Create {
+                entity: "consumers".into(),
+                input: json!({"username": format!("p{i}")}),
+                scope: None,
+            })
+            .await
+            .unwrap();
+    }
+    let head = store.version_info().await.unwrap().version;
+    assert_eq!(head, 31);
+    // Young versions are never purged, whatever their count.
+    assert_eq!(store.purge_once(3600, 5, 1000).await.unwrap(), 0);
+    // Old enough: keep the last 10 behind the head, in small batches.
+    let mut purged = 0;
+    loop {
+        let n = store.purge_once(-10, 10, 4).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(n <= 4, "small batches");
+        purged += n;
+    }
+    let info = store.version_info().await.unwrap();
+    assert_eq!(purged, 20);
+    assert_eq!(info.oldest_version, head - 10);
+    let behind = store
+        .changes_after(info.oldest_version - 2, 100, |_| Ok(()))
+        .await
+        .unwrap();
+    assert_eq!(behind.unwrap_err().oldest_version, info.oldest_version);
+    let mut n = 0;
+    let ok = store
+        .changes_after(info.oldest_version - 1, 1000, |_| {
+            n += 1;
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .expect("a reader at oldest - 1 is served");
+    assert_eq!(ok.version, head);
+    assert_eq!(n, 11);
+});
+
+both_backends!(version_one_is_the_default_workspace, |b| async move {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let store = db.store().await;
+    // Opening twice (as two CPs would) creates it once.
+    let again = db.store().await;
+    let info = again.version_info().await.unwrap();
+    assert_eq!(info.version, 1);
+    assert_eq!(info.epoch.len(), 36);
+    let mut changes = Vec::new();
+    store
+        .changes_after(0, 10, |c| {
+            changes.push(c);
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].entity_type, "workspaces");
+    assert_eq!(changes[0].entity.as_ref().unwrap()["name"], "default");
+    assert_eq!(changes[0].ws_id, changes[0].id);
+});
+
+both_backends!(deltas_in_dependency_order, |b| async move {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let store = db.store().await;
+    store
+        .write(Op::Create {
+            entity: "consumers".into(),
+            input: json!({"username": "c"}),
+            scope: None,
+        })
+        .await
+        .unwrap();
+    for (name, config) in [("rate-limiting", json!({"minute": 5})), ("cors", json!({}))] {
+        store
+            .write(Op::Create {
+                entity: "plugins".into(),
+                input: json!({"name": name, "config": config}),
+                scope: Some(deltaplane::store::Scope {
+                    parent: "consumers".into(),
+                    parent_key: "c".into(),
+                    field: "consumer".into(),
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    let v = store
+        .write(Op::Delete {
+            entity: "consumers".into(),
+            key: "c".into(),
+            scope: None,
+        })
+        .await
+        .unwrap()
+        .version
+        .unwrap();
+    let mut deltas = Vec::new();
+    store
+        .changes_after(v - 1, 1, |c| {
+            deltas.push(c);
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let types: Vec<&str> = deltas.iter().map(|d| d.entity_type.as_str()).collect();
+    assert_eq!(
+        types,
+        ["plugins", "plugins", "consumers"],
+        "children deleted first"
+    );
+    assert!(deltas.iter().all(|d| d.entity.is_none() && d.version == v));
+
+    let mut snapshot_types = Vec::new();
+    store
+        .snapshot(|c| {
+            snapshot_types.push(c.entity_type);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(snapshot_types[0], "workspaces", "parents first");
+});
+
+#[tokio::test]
+async fn epoch_differs_per_database() {
+    let a = TestDb::sqlite();
+    let b = TestDb::sqlite();
+    let ea = a.store().await.version_info().await.unwrap().epoch;
+    let eb = b.store().await.version_info().await.unwrap().epoch;
+    assert_ne!(ea, eb);
+    // And survives a reopen.
+    assert_eq!(a.store().await.version_info().await.unwrap().epoch, ea);
+}

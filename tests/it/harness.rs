@@ -1,0 +1,293 @@
+//! In-process control planes on port 0 with temporary SQLite files or fresh PostgreSQL
+#![allow(dead_code)]
+//! databases, and a small JSON HTTP client.
+
+use std::io::Write as _;
+use std::sync::Once;
+
+use deltaplane::cp::{self, CpConfig, RunningCp};
+use deltaplane::store::{Store, StoreOptions};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub const PG_ENV: &str = "DELTAPLANE_TEST_PG_URL";
+
+/// A throwaway database: a SQLite file in a temp dir, or a PostgreSQL database dropped on drop.
+pub struct TestDb {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pg: Option<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn note_pg_skipped() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Straight to the process's stderr, past libtest's output capture, so it is always seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** NOTE: the PostgreSQL suite did NOT run: set {PG_ENV}=postgres://postgres@127.0.0.1:5432/test to run it ***\n"
+        );
+    });
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => Some(TestDb::sqlite()),
+            Backend::Postgres => TestDb::postgres().await,
+        }
+    }
+
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("cp.db").display());
+        TestDb { url, dir, pg: None }
+    }
+
+    /// A fresh database on the server named by `DELTAPLANE_TEST_PG_URL`, or `None` when unset.
+    /// Panics when the variable is set and the server is unreachable: CI must not skip.
+    pub async fn postgres() -> Option<TestDb> {
+        let Ok(admin_url) = std::env::var(PG_ENV) else {
+            note_pg_skipped();
+            return None;
+        };
+        let name = format!("deltaplane_test_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!("{PG_ENV} is set but PostgreSQL is unreachable at {admin_url}: {e}")
+        });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
+        pool.close().await;
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or(admin_url.clone());
+        let url = format!("{base}/{name}");
+        Some(TestDb {
+            url,
+            dir: tempfile::tempdir().expect("temp dir"),
+            pg: Some((admin_url, name)),
+        })
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        let mut o = StoreOptions::new(self.url.clone());
+        // Tests favour speed over power-loss durability.
+        o.sqlite_synchronous_full = false;
+        o
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::open(self.store_options()).await.expect("open store")
+    }
+
+    pub fn cp_config(&self) -> CpConfig {
+        let mut cfg = CpConfig::new(self.dir.path().join("cp"));
+        if self.pg.is_some() {
+            cfg.database_url = Some(self.url.clone());
+        }
+        cfg.sqlite_synchronous_full = false;
+        cfg.admin_listen = "127.0.0.1:0".parse().unwrap();
+        cfg
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin_url, name)) = self.pg.take() else {
+            return;
+        };
+        // Drop runs outside async context; use a private runtime on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin_url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&pool)
+                    .await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Runs an async test body once per backend: `both_backends!(name, |backend| async move { .. })`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                ($body)($crate::harness::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                ($body)($crate::harness::Backend::Postgres).await
+            }
+        }
+    };
+}
+
+/// A running control plane plus a client for its Admin API.
+pub struct TestCp {
+    pub cp: Option<RunningCp>,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl std::fmt::Debug for Resp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.body)
+    }
+}
+
+impl TestCp {
+    /// Starts a CP on a fresh database of `backend`; `None` when that backend is not available.
+    pub async fn start(backend: Backend) -> Option<TestCp> {
+        let db = TestDb::new(backend).await?;
+        let cfg = db.cp_config();
+        Some(TestCp::start_with(db, cfg).await)
+    }
+
+    pub async fn start_with(db: TestDb, cfg: CpConfig) -> TestCp {
+        let cp = cp::start(cfg).await.expect("start control plane");
+        let base = format!("http://{}", cp.admin_addr);
+        TestCp {
+            cp: Some(cp),
+            base,
+            client: reqwest::Client::new(),
+            db,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.cp.as_ref().expect("running").store
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        Self::finish(req).await
+    }
+
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Resp {
+        let req = self
+            .client
+            .request(method, format!("{}{}", self.base, path))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        Self::finish(req).await
+    }
+
+    async fn finish(req: reqwest::RequestBuilder) -> Resp {
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Resp {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+    pub async fn put(&self, path: &str, body: Value) -> Resp {
+        self.request(reqwest::Method::PUT, path, Some(body)).await
+    }
+    pub async fn patch(&self, path: &str, body: Value) -> Resp {
+        self.request(reqwest::Method::PATCH, path, Some(body)).await
+    }
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.request(reqwest::Method::DELETE, path, None).await
+    }
+    pub async fn post_form(&self, path: &str, form: &str) -> Resp {
+        self.raw(
+            reqwest::Method::POST,
+            path,
+            "application/x-www-form-urlencoded",
+            form.to_owned(),
+        )
+        .await
+    }
+
+    /// POSTs and asserts 201, returning the entity.
+    pub async fn create(&self, path: &str, body: Value) -> Value {
+        let r = self.post(path, body).await;
+        assert_eq!(r.status, StatusCode::CREATED, "POST {path}: {r:?}");
+        r.body
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(cp) = self.cp.take() {
+            cp.shutdown().await;
+        }
+    }
+}
+
+/// A test certificate and key (self-signed, ECDSA P-256) for `cn`.
+pub fn cert_and_key(cn: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![cn.to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A self-signed CA certificate.
+pub fn ca_cert(cn: &str) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().pem()
+}

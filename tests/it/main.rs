@@ -1,0 +1,10 @@
+//! The integration tests: everything through public interfaces (HTTP, the store's API, the
+//! binaries). `harness` starts control planes in-process on port 0 with temporary databases.
+//!
+//! PostgreSQL tests run when `DELTAPLANE_TEST_PG_URL` is set (CI sets it); each test creates a
+//! fresh database and drops it afterwards.
+
+mod admin;
+mod binaries;
+mod changelog;
+mod harness;
