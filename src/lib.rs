@@ -9,5 +9,7 @@
 //! - [`cp`]: the control plane: Admin API, group-commit writer, configuration, serve loop.
 
 pub mod cp;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod schema;
 pub mod store;

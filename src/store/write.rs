@@ -111,8 +111,9 @@ fn foreign_id(v: Option<&Value>) -> Option<&str> {
 }
 
 impl Txn {
-    async fn exec(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
-        on_tx!(self, c => sqlx::query(sql).execute(&mut **c).await.map(|_| ()))
+    /// Runs one or more parameterless statements in a single round trip.
+    async fn raw(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
+        on_tx!(self, c => sqlx::raw_sql(sql).execute(&mut **c).await.map(|_| ()))
     }
 
     async fn lock_head(&mut self) -> Result<(i64, StateHash), StoreError> {
@@ -461,8 +462,24 @@ impl Store {
         let ws = self.default_workspace_id().await?.unwrap_or_default();
         let now = now_secs();
         let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            tx.exec("SAVEPOINT dp_op").await?;
+        let n_ops = ops.len();
+        // Savepoint bookkeeping rides along in one round trip between operations.
+        if n_ops > 0 {
+            tx.raw("SAVEPOINT dp_op").await?;
+        }
+        for (i, op) in ops.into_iter().enumerate() {
+            let last = i + 1 == n_ops;
+            let (release, rollback) = if last {
+                (
+                    "RELEASE SAVEPOINT dp_op",
+                    "ROLLBACK TO SAVEPOINT dp_op; RELEASE SAVEPOINT dp_op",
+                )
+            } else {
+                (
+                    "RELEASE SAVEPOINT dp_op; SAVEPOINT dp_op",
+                    "ROLLBACK TO SAVEPOINT dp_op; RELEASE SAVEPOINT dp_op; SAVEPOINT dp_op",
+                )
+            };
             let mut ctx = WriteCtx {
                 tx: &mut *tx,
                 registry: self.registry(),
@@ -472,34 +489,30 @@ impl Store {
             };
             let applied = ctx.apply(op).await;
             let deltas = std::mem::take(&mut ctx.deltas);
-            match applied {
+            let applied = match applied {
                 Ok(mut outcome) if !deltas.is_empty() => {
                     let mut new_hash = hash;
                     fold_hash(&mut new_hash, &deltas);
                     let version = head + 1;
-                    let appended = async {
-                        tx.append_version(version, &new_hash, now, &deltas).await?;
-                        tx.exec("RELEASE SAVEPOINT dp_op").await
+                    match tx.append_version(version, &new_hash, now, &deltas).await {
+                        Ok(()) => {
+                            head = version;
+                            hash = new_hash;
+                            outcome.version = Some(version);
+                            Ok(outcome)
+                        }
+                        Err(e) => Err(StoreError::from(e)),
                     }
-                    .await;
-                    if let Err(e) = appended {
-                        tx.exec("ROLLBACK TO SAVEPOINT dp_op").await?;
-                        tx.exec("RELEASE SAVEPOINT dp_op").await?;
-                        results.push(Err(e.into()));
-                        continue;
-                    }
-                    head = version;
-                    hash = new_hash;
-                    outcome.version = Some(version);
-                    results.push(Ok(outcome));
                 }
+                other => other,
+            };
+            match applied {
                 Ok(outcome) => {
-                    tx.exec("RELEASE SAVEPOINT dp_op").await?;
+                    tx.raw(release).await?;
                     results.push(Ok(outcome));
                 }
                 Err(e) => {
-                    tx.exec("ROLLBACK TO SAVEPOINT dp_op").await?;
-                    tx.exec("RELEASE SAVEPOINT dp_op").await?;
+                    tx.raw(rollback).await?;
                     if matches!(e, StoreError::Unavailable(_)) {
                         return Err(e);
                     }

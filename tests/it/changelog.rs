@@ -301,3 +301,57 @@ async fn epoch_differs_per_database() {
     // And survives a reopen.
     assert_eq!(a.store().await.version_info().await.unwrap().epoch, ea);
 }
+
+both_backends!(group_commit_isolates_failing_operations, |b| async move {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let store = db.store().await;
+    let create = |name: &str| Op::Create {
+        entity: "consumers".into(),
+        input: json!({"username": name}),
+        scope: None,
+    };
+    let results = store
+        .write_batch(vec![
+            create("a"),
+            Op::Create {
+                entity: "consumers".into(),
+                input: json!({"bogus": 1}),
+                scope: None,
+            },
+            create("a"), // unique violation against the first op of the same batch
+            Op::Patch {
+                entity: "consumers".into(),
+                key: "a".into(),
+                input: json!({"username": "a"}),
+                scope: None,
+            },
+            create("b"),
+        ])
+        .await;
+    assert_eq!(results[0].as_ref().unwrap().version, Some(2));
+    assert!(matches!(results[1], Err(StoreError::Schema(_))));
+    assert!(matches!(results[2], Err(StoreError::Unique(_))));
+    assert_eq!(
+        results[3].as_ref().unwrap().version,
+        None,
+        "a no-op makes no version"
+    );
+    assert_eq!(
+        results[4].as_ref().unwrap().version,
+        Some(3),
+        "failed ops consume no version"
+    );
+    let mut n = 0;
+    store
+        .changes_after(1, 100, |_| {
+            n += 1;
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(store.version_info().await.unwrap().version, 3);
+});

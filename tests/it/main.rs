@@ -7,4 +7,5 @@
 mod admin;
 mod binaries;
 mod changelog;
+mod fuzz_corpus;
 mod harness;
