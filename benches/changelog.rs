@@ -1,48 +1,15 @@
 //! Change intake (durable versions/s through the group-commit writer, 1 and 8 writers) and
-//! change-log reads (100k-entity snapshot, 10k-version delta range: time and peak heap).
+//! change-log reads (100k-entity snapshot, 10k-version delta range).
 //!
 //! `cargo bench --bench changelog`; PostgreSQL figures when `DELTAPLANE_TEST_PG_URL` is set
 //! (a fresh database is created and dropped). SQLite runs with `synchronous=FULL`, the default.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use deltaplane::cp::writer::Writer;
 use deltaplane::store::{Op, Store, StoreOptions};
 use serde_json::json;
-
-/// Counts live heap bytes and their peak, so reads can report peak memory.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Runs `f` and returns its result with the heap peak above the starting level.
-fn peak_heap<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let out = f();
-    (out, PEAK.load(Ordering::Relaxed).saturating_sub(base))
-}
 
 struct Db {
     label: &'static str,
@@ -198,74 +165,43 @@ fn reads(c: &mut Criterion) {
         group.throughput(Throughput::Elements(100_000));
         group.bench_function(format!("{}/snapshot_100k", db.label), |b| {
             b.iter(|| {
-                let (n, peak) = peak_heap(|| {
-                    rt.block_on(async {
-                        let mut n = 0usize;
-                        let mut bytes = 0usize;
-                        store
-                            .snapshot(|c| {
-                                n += 1;
-                                bytes += c
-                                    .entity
-                                    .map(|e| e.as_object().map_or(0, |m| m.len()))
-                                    .unwrap_or(0);
-                                Ok(())
-                            })
-                            .await
-                            .unwrap();
-                        n
-                    })
+                let n = rt.block_on(async {
+                    let mut n = 0usize;
+                    store
+                        .snapshot(|c| {
+                            n += usize::from(c.entity.is_some());
+                            Ok(())
+                        })
+                        .await
+                        .unwrap();
+                    n
                 });
                 assert!(n >= 100_000);
-                PEAKS
-                    .lock()
-                    .unwrap()
-                    .push((format!("{}/snapshot_100k", db.label), peak));
             })
         });
         group.throughput(Throughput::Elements(10_000));
         group.bench_function(format!("{}/changes_10k_versions", db.label), |b| {
             b.iter(|| {
-                let (n, peak) = peak_heap(|| {
-                    rt.block_on(async {
-                        let mut n = 0usize;
-                        store
-                            .changes_after(head - 10_000, 10_000, |_| {
-                                n += 1;
-                                Ok(())
-                            })
-                            .await
-                            .unwrap()
-                            .unwrap();
-                        n
-                    })
+                let n = rt.block_on(async {
+                    let mut n = 0usize;
+                    store
+                        .changes_after(head - 10_000, 10_000, |_| {
+                            n += 1;
+                            Ok(())
+                        })
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    n
                 });
                 assert_eq!(n, 10_000);
-                PEAKS
-                    .lock()
-                    .unwrap()
-                    .push((format!("{}/changes_10k_versions", db.label), peak));
             })
         });
         rt.block_on(store.close());
         drop_db(&rt, &db);
     }
     group.finish();
-    let peaks = PEAKS.lock().unwrap();
-    let mut by_name: std::collections::BTreeMap<&str, usize> = Default::default();
-    for (name, peak) in peaks.iter() {
-        let e = by_name.entry(name).or_default();
-        *e = (*e).max(*peak);
-    }
-    for (name, peak) in by_name {
-        eprintln!(
-            "peak heap during read/{name}: {:.1} MiB",
-            peak as f64 / (1024.0 * 1024.0)
-        );
-    }
 }
-
-static PEAKS: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
 
 criterion_group!(benches, intake, reads);
 criterion_main!(benches);

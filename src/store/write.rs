@@ -414,9 +414,13 @@ impl Store {
     }
 
     async fn begin_write(&self) -> Result<Txn, StoreError> {
+        // Failing to get a connection and a transaction means nothing was written.
+        let unavailable = |e: sqlx::Error| StoreError::Unavailable(e.to_string());
         Ok(match self.pool() {
-            Pool::Sqlite(p) => Txn::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
-            Pool::Postgres(p) => Txn::Postgres(p.begin().await?),
+            Pool::Sqlite(p) => {
+                Txn::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?)
+            }
+            Pool::Postgres(p) => Txn::Postgres(p.begin().await.map_err(unavailable)?),
         })
     }
 

@@ -745,3 +745,77 @@ async fn unreachable_database_fails_fast_with_503() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert!(err.to_string().contains("database"), "{err}");
 }
+
+/// PostgreSQL stops accepting connections under a running CP: writes fail fast with 503 and
+/// write nothing; once it accepts again the CP recovers by itself and versions stay gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_gives_503_then_recovers() {
+    let Some(db) = crate::harness::TestDb::postgres().await else {
+        return;
+    };
+    let admin_url = std::env::var(crate::harness::PG_ENV).unwrap();
+    let name = db.url.rsplit_once('/').unwrap().1.to_owned();
+    let mut cfg = db.cp_config();
+    cfg.database_timeout = std::time::Duration::from_secs(1);
+    let cp = TestCp::start_with(db, cfg).await;
+    cp.create("/services", json!({"name": "before", "host": "a.test"}))
+        .await;
+
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let r = cp
+        .post("/services", json!({"name": "during", "host": "b.test"}))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
+    assert!(
+        r.body["message"].as_str().unwrap().contains("not applied"),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
+    let r = cp.get("/services").await;
+    assert!(r.status.is_server_error(), "{r:?}");
+
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let mut recovered = None;
+    for _ in 0..50 {
+        let r = cp
+            .post("/services", json!({"name": "after", "host": "c.test"}))
+            .await;
+        if r.status == StatusCode::CREATED {
+            recovered = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered.is_some(), "the CP recovers by itself");
+    assert_eq!(
+        cp.get("/services/during").await.status,
+        StatusCode::NOT_FOUND,
+        "nothing half-written"
+    );
+    let info = cp.store().version_info().await.unwrap();
+    assert_eq!(info.version, 3, "workspace, before, after: no gap");
+    cp.shutdown().await;
+}
