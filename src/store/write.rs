@@ -565,7 +565,7 @@ impl WriteCtx<'_> {
                 scope,
             } => {
                 let schema = self.schema(&entity)?;
-                let input = self.scoped_input(&schema, input, scope.as_ref()).await?;
+                let input = self.scoped_input(input, scope.as_ref()).await?;
                 let prepared = self
                     .registry
                     .prepare(&schema, input, None, Mode::Insert, self.now)
@@ -596,7 +596,7 @@ impl WriteCtx<'_> {
             } => {
                 let schema = self.schema(&entity)?;
                 let existing = self.resolve(&schema, &key, scope.as_ref()).await?;
-                let mut input = self.scoped_input(&schema, input, scope.as_ref()).await?;
+                let mut input = self.scoped_input(input, scope.as_ref()).await?;
                 if let Value::Object(m) = &mut input {
                     if crate::schema::is_uuid(&key)
                         && existing
@@ -638,7 +638,7 @@ impl WriteCtx<'_> {
                     .resolve(&schema, &key, scope.as_ref())
                     .await?
                     .ok_or(StoreError::NotFound)?;
-                let input = self.scoped_input(&schema, input, scope.as_ref()).await?;
+                let input = self.scoped_input(input, scope.as_ref()).await?;
                 let prepared = self
                     .registry
                     .prepare(&schema, input, Some(&existing), Mode::Update, self.now)
@@ -669,7 +669,6 @@ impl WriteCtx<'_> {
     /// Resolves `scope`'s parent and sets the child's foreign field to it.
     async fn scoped_input(
         &mut self,
-        schema: &EntitySchema,
         mut input: Value,
         scope: Option<&Scope>,
     ) -> Result<Value, StoreError> {
@@ -684,7 +683,6 @@ impl WriteCtx<'_> {
                 m.insert(scope.field.clone(), serde_json::json!({ "id": parent_id }));
             }
         }
-        let _ = schema;
         Ok(input)
     }
 
@@ -1046,7 +1044,9 @@ impl WriteCtx<'_> {
                         let mut updated = child.clone();
                         if let Value::Object(m) = &mut updated {
                             m.insert(fk.field.clone(), Value::Null);
-                            m.insert("updated_at".into(), Value::from(self.now));
+                            if child_schema.field("updated_at").is_some() {
+                                m.insert("updated_at".into(), Value::from(self.now));
+                            }
                         }
                         let index = index_of(&child_schema, &updated);
                         self.tx
