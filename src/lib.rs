@@ -7,9 +7,17 @@
 //! - [`store`]: the control plane's database (SQLite or PostgreSQL), entities and the versioned
 //!   change log with its state hash.
 //! - [`cp`]: the control plane: Admin API, group-commit writer, configuration, serve loop.
+//! - [`sync`]: version strings and the delta shape shared by both planes.
+//! - [`wire`]: frame encodings, JSON-RPC messages and the symmetric WebSocket peer.
+//! - [`tls`]: cluster mTLS (`shared` and `pki`).
+//! - [`dp`]: the data plane: redb store, sync client, status listener.
 
 pub mod cp;
+pub mod dp;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod schema;
 pub mod store;
+pub mod sync;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! The data plane: its redb store, the sync client, and the status listener.

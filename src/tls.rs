@@ -1,0 +1,2 @@
+//! Cluster mTLS: certificate generation and rustls configurations for Kong's `shared` and `pki`
+//! modes.
