@@ -1,0 +1,1 @@
+//! The data plane's redb store (being written).
