@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod feed;
 pub mod writer;
 
 use std::net::SocketAddr;

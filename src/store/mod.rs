@@ -6,6 +6,7 @@
 //! on [`Pool`]. Writes go through [`Store::write_batch`]: one database transaction, the version
 //! lock taken first, one savepoint and one version per operation.
 
+mod feed;
 mod hash;
 mod read;
 mod write;
@@ -22,8 +23,9 @@ use tokio::sync::watch;
 
 use crate::schema::{FieldErrors, Registry};
 
+pub use feed::DataPlaneRow;
 pub use hash::StateHash;
-pub use read::{Change, ListQuery, Page, TagFilter, VersionInfo};
+pub use read::{BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, VersionInfo};
 pub use write::{Op, Outcome, Scope};
 
 /// A connection pool of either backend.
@@ -195,16 +197,30 @@ struct Inner {
 fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
     use sqlx::migrate::{Migration, MigrationType, Migrator};
     let files: &[(i64, &str, &'static str)] = match backend {
-        Backend::Sqlite => &[(
-            1,
-            "init",
-            include_str!("../../migrations/sqlite/0001_init.sql"),
-        )],
-        Backend::Postgres => &[(
-            1,
-            "init",
-            include_str!("../../migrations/postgres/0001_init.sql"),
-        )],
+        Backend::Sqlite => &[
+            (
+                1,
+                "init",
+                include_str!("../../migrations/sqlite/0001_init.sql"),
+            ),
+            (
+                2,
+                "data_planes",
+                include_str!("../../migrations/sqlite/0002_data_planes.sql"),
+            ),
+        ],
+        Backend::Postgres => &[
+            (
+                1,
+                "init",
+                include_str!("../../migrations/postgres/0001_init.sql"),
+            ),
+            (
+                2,
+                "data_planes",
+                include_str!("../../migrations/postgres/0002_data_planes.sql"),
+            ),
+        ],
     };
     Migrator::with_migrations(
         files

@@ -83,6 +83,18 @@ impl Change {
     }
 }
 
+/// One delta as stored: the entity is its canonical JSON text, not parsed, so the sync feed
+/// can copy it into a frame without building a tree.
+#[derive(Debug, Clone, Copy)]
+pub struct RawChange<'a> {
+    pub version: i64,
+    pub entity_type: &'a str,
+    pub id: &'a str,
+    pub ws_id: &'a str,
+    /// `None` for a delete.
+    pub entity: Option<&'a str>,
+}
+
 /// The reader is below the change-log horizon: deltas after its version were purged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BehindHorizon {
@@ -356,6 +368,59 @@ impl Store {
                 drop(rows);
                 Ok(VersionInfo { version: upto, ..info })
             }
+        }))
+    }
+
+    /// Like [`Store::changes_after`], with entities as stored text. `f` returns
+    /// `ControlFlow::Break` to stop early (the caller keeps track of where it stopped).
+    /// The returned head is the snapshot's, not where the caller stopped.
+    pub async fn changes_after_raw(
+        &self,
+        after: i64,
+        max_versions: i64,
+        mut f: impl FnMut(RawChange<'_>) -> std::ops::ControlFlow<()> + Send,
+    ) -> Result<Result<VersionInfo, BehindHorizon>, StoreError> {
+        Ok(read_tx!(self.pool(), c => {
+            let info = version_info_in!(c);
+            if after < info.oldest_version - 1 {
+                Err(BehindHorizon { oldest_version: info.oldest_version })
+            } else {
+                let upto = after.saturating_add(max_versions.max(1)).min(info.version);
+                let mut rows = sqlx::query_as::<_, (i64, String, String, String, Option<String>)>(
+                    "SELECT version, type, pk, ws_id, entity FROM dp_changes WHERE version > $1 AND version <= $2 ORDER BY version, seq")
+                    .bind(after)
+                    .bind(upto)
+                    .fetch(&mut *c);
+                while let Some((version, ty, pk, ws_id, entity)) = rows.try_next().await? {
+                    let id = serde_json::from_str::<Value>(&pk).ok().and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)).unwrap_or_default();
+                    let change = RawChange { version, entity_type: &ty, id: &id, ws_id: &ws_id, entity: entity.as_deref() };
+                    if f(change).is_break() {
+                        break;
+                    }
+                }
+                drop(rows);
+                Ok(info)
+            }
+        }))
+    }
+
+    /// Like [`Store::snapshot`], with entities as stored text.
+    pub async fn snapshot_raw(
+        &self,
+        mut f: impl FnMut(RawChange<'_>) + Send,
+    ) -> Result<VersionInfo, StoreError> {
+        let types: Vec<String> = self.registry().entities().map(|s| s.name.clone()).collect();
+        Ok(read_tx!(self.pool(), c => {
+            let info = version_info_in!(c);
+            for ty in &types {
+                let mut rows = sqlx::query_as::<_, (String, String, String)>("SELECT id, ws_id, body FROM dp_entities WHERE type = $1 ORDER BY id")
+                    .bind(ty)
+                    .fetch(&mut *c);
+                while let Some((id, ws_id, body)) = rows.try_next().await? {
+                    f(RawChange { version: info.version, entity_type: ty, id: &id, ws_id: &ws_id, entity: Some(&body) });
+                }
+            }
+            info
         }))
     }
 

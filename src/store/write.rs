@@ -142,7 +142,7 @@ impl Txn {
             .await
             .map(|_| ()))?;
         if let Txn::Postgres(c) = self {
-            sqlx::query("SELECT pg_notify('deltaplane_versions', $1)")
+            sqlx::query("SELECT pg_notify('deltaplane_versions', $1)") // feed::VERSIONS_CHANNEL
                 .bind(version.to_string())
                 .execute(&mut **c)
                 .await?;

@@ -1,0 +1,158 @@
+//! What the sync layer needs from the database besides the change log: the data-plane table
+//! shared by every control plane, and the PostgreSQL listener that learns about versions
+//! committed by other control planes.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+
+use super::{Pool, Store, StoreError, on_backend};
+
+/// The channel every commit notifies with its version (see `write.rs`).
+pub const VERSIONS_CHANNEL: &str = "deltaplane_versions";
+
+/// One data plane as the cluster last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DataPlaneRow {
+    pub node_id: String,
+    pub hostname: String,
+    pub address: String,
+    pub kong_version: String,
+    pub protocol: String,
+    pub version: i64,
+    pub state_hash: Option<String>,
+    /// Node id of the control plane it is connected to; `None` once disconnected.
+    pub connected_to: Option<String>,
+    pub last_seen: i64,
+    pub last_error: Option<String>,
+    /// JSON object of labels.
+    pub labels: String,
+    /// JSON array of the DP's RPC capabilities.
+    pub capabilities: String,
+    pub cert_expiry: Option<i64>,
+}
+
+impl Store {
+    /// Inserts or replaces a data plane's row.
+    pub async fn upsert_data_plane(&self, row: &DataPlaneRow) -> Result<(), StoreError> {
+        on_backend!(self.pool(), p => {
+            sqlx::query(
+                "INSERT INTO dp_data_planes (node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, address = excluded.address, \
+                 kong_version = excluded.kong_version, protocol = excluded.protocol, version = excluded.version, \
+                 state_hash = excluded.state_hash, connected_to = excluded.connected_to, last_seen = excluded.last_seen, \
+                 last_error = excluded.last_error, labels = excluded.labels, capabilities = excluded.capabilities, \
+                 cert_expiry = excluded.cert_expiry")
+                .bind(&row.node_id)
+                .bind(&row.hostname)
+                .bind(&row.address)
+                .bind(&row.kong_version)
+                .bind(&row.protocol)
+                .bind(row.version)
+                .bind(&row.state_hash)
+                .bind(&row.connected_to)
+                .bind(row.last_seen)
+                .bind(&row.last_error)
+                .bind(&row.labels)
+                .bind(&row.capabilities)
+                .bind(row.cert_expiry)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Marks a data plane disconnected from `cp_node`, unless it has meanwhile connected to
+    /// another control plane.
+    pub async fn disconnect_data_plane(
+        &self,
+        node_id: &str,
+        cp_node: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_backend!(self.pool(), p => {
+            sqlx::query("UPDATE dp_data_planes SET connected_to = NULL, last_seen = $3 WHERE node_id = $1 AND connected_to = $2")
+                .bind(node_id)
+                .bind(cp_node)
+                .bind(now)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Every data plane known to the cluster, by node id.
+    pub async fn data_planes(&self) -> Result<Vec<DataPlaneRow>, StoreError> {
+        Ok(on_backend!(self.pool(), p => {
+            sqlx::query_as::<_, DataPlaneRow>("SELECT node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry FROM dp_data_planes ORDER BY node_id")
+                .fetch_all(p)
+                .await?
+        }))
+    }
+
+    /// Keeps [`Store::subscribe`] current with versions committed by other control planes on
+    /// the same PostgreSQL database. NOTIFY is only a hint: after every (re)connect and every
+    /// `poll` the head is re-read from the change log, so a notification lost while the
+    /// listener was away costs latency, never a version. On SQLite this returns at once (one
+    /// control plane per file; commits update the watch directly).
+    pub async fn follow_other_writers(&self, poll: Duration, mut stop: watch::Receiver<bool>) {
+        let Pool::Postgres(pool) = self.pool() else {
+            return;
+        };
+        let pool = pool.clone();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "version listener: connect failed; retrying");
+                    self.reread_head().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            if let Err(e) = listener.listen(VERSIONS_CHANNEL).await {
+                tracing::warn!(error = %e, "version listener: LISTEN failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+            // Anything committed before LISTEN took effect is found here.
+            self.reread_head().await;
+            loop {
+                tokio::select! {
+                    msg = listener.try_recv() => match msg {
+                        Ok(Some(n)) => {
+                            if let Ok(v) = n.payload().parse::<i64>() {
+                                self.observe(v);
+                            }
+                        }
+                        // The connection was lost and re-established: notifications may be gone.
+                        Ok(None) => self.reread_head().await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "version listener failed; reconnecting");
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep(poll) => self.reread_head().await,
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+
+    async fn reread_head(&self) {
+        match self.version_info().await {
+            Ok(info) => self.observe(info.version),
+            Err(e) => tracing::debug!(error = %e, "re-reading the change-log head failed"),
+        }
+    }
+}
