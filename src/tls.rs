@@ -1,2 +1,0 @@
-//! Cluster mTLS: certificate generation and rustls configurations for Kong's `shared` and `pki`
-//! modes.
