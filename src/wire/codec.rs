@@ -54,7 +54,21 @@ pub fn choose(offered: &[String]) -> Option<Encoding> {
 }
 
 /// Compresses one JSON message into one frame payload.
-pub fn encode(encoding: Encoding, json: &[u8]) -> Result<Vec<u8>, CodecError> {
+///
+/// # Panics
+///
+/// If `json` is over 4 GiB, Snappy's input limit (see [`try_encode`]). Messages are bounded
+/// by `max_payload` long before that.
+pub fn encode(encoding: Encoding, json: &[u8]) -> Vec<u8> {
+    match try_encode(encoding, json) {
+        Ok(frame) => frame,
+        Err(err) => panic!("{err}"),
+    }
+}
+
+/// [`encode`], reporting the two ways compression can fail (an input over 4 GiB for
+/// Snappy, no memory for a zstd context) instead of panicking.
+pub fn try_encode(encoding: Encoding, json: &[u8]) -> Result<Vec<u8>, CodecError> {
     match encoding {
         Encoding::SnappyFramed => snap::raw::Encoder::new()
             .compress_vec(json)
@@ -225,10 +239,10 @@ mod tests {
         let json = sample_json();
         for enc in [Encoding::SnappyFramed, Encoding::Zstd] {
             for input in [&b""[..], b"{}", &json] {
-                let frame = encode(enc, input).unwrap();
+                let frame = encode(enc, input);
                 assert_eq!(decode(enc, &frame, input.len()).unwrap(), input, "{enc}");
             }
-            let frame = encode(enc, &json).unwrap();
+            let frame = encode(enc, &json);
             assert!(frame.len() < json.len() / 2, "{enc} compresses");
         }
     }
@@ -237,7 +251,7 @@ mod tests {
     fn snappy_is_the_raw_block_format() {
         // Raw format: varint length header, then a literal. The framing format would start
         // with the stream identifier chunk `ff 06 00 00 sNaPpY`.
-        let frame = encode(Encoding::SnappyFramed, b"hello").unwrap();
+        let frame = encode(Encoding::SnappyFramed, b"hello");
         assert_eq!(frame, b"\x05\x10hello");
         assert_eq!(
             decode(Encoding::SnappyFramed, b"\x05\x10hello", 5).unwrap(),
@@ -249,7 +263,7 @@ mod tests {
     fn exact_cap_is_allowed_one_more_is_not() {
         let json = sample_json();
         for enc in [Encoding::SnappyFramed, Encoding::Zstd] {
-            let frame = encode(enc, &json).unwrap();
+            let frame = encode(enc, &json);
             assert!(decode(enc, &frame, json.len()).is_ok());
             assert!(matches!(
                 decode(enc, &frame, json.len() - 1),
@@ -262,7 +276,7 @@ mod tests {
     fn corrupt_input_is_an_error() {
         let json = sample_json();
         for enc in [Encoding::SnappyFramed, Encoding::Zstd] {
-            let mut frame = encode(enc, &json).unwrap();
+            let mut frame = encode(enc, &json);
             let n = frame.len();
             frame[n / 2..].fill(0xa5);
             assert!(matches!(
@@ -304,7 +318,7 @@ mod tests {
         // 64 MiB of zeros (Snappy's best ratio is ~21:1, so a real 1 GiB would cost 1 GiB
         // to build here; the header check is the same).
         let zeros = vec![0u8; 64 << 20];
-        let frame = encode(Encoding::SnappyFramed, &zeros).unwrap();
+        let frame = encode(Encoding::SnappyFramed, &zeros);
         assert!(frame.len() < 4 << 20);
         assert_eq!(
             decode(Encoding::SnappyFramed, &frame, 16 << 20),

@@ -215,11 +215,13 @@ impl RpcError {
     pub fn internal_error() -> RpcError {
         RpcError::of(RpcError::INTERNAL_ERROR)
     }
-    /// What Kong sends when a callback returns `nil, err`: -32000 with `err` as message.
+    /// What Kong sends when a callback returns `nil, err`: -32000, with `err` as the message
+    /// (set it with [`RpcError::with_message`]).
     pub fn server_error() -> RpcError {
         RpcError::of(RpcError::SERVER_ERROR)
     }
 
+    /// Replaces the default message.
     pub fn with_message(mut self, message: impl Into<String>) -> RpcError {
         self.message = message.into();
         self
@@ -432,6 +434,12 @@ mod tests {
             (RpcError::invalid_params(), -32602, "Invalid params"),
             (RpcError::internal_error(), -32603, "Internal error"),
             (RpcError::server_error(), -32000, "Server error"),
+            (RpcError::of(-32099), -32099, "Server error"),
+            (
+                RpcError::server_error().with_message("boom"),
+                -32000,
+                "boom",
+            ),
         ];
         for (err, code, message) in cases {
             assert_eq!(

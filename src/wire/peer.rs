@@ -1,1 +1,1671 @@
-//! (being written)
+//! The symmetric JSON-RPC peer that runs over a WebSocket after the hello: both planes call
+//! and answer on the same socket (the CP calls `kong.sync.v2.notify_new_version`, the DP calls
+//! `kong.sync.v2.get_delta`), following Kong's `kong/clustering/rpc/socket.lua`.
+//!
+//! One driver task per connection owns both halves of the socket: a reader that decodes
+//! frames, resolves pending calls and spawns inbound requests into a `JoinSet`, and a writer
+//! fed by a bounded queue. When either half ends, the driver aborts the inbound requests,
+//! fails the pending calls, closes the socket and publishes the [`CloseReason`]; no task
+//! outlives the connection.
+//!
+//! Deliberate deviations from Kong:
+//! - A frame that does not decompress, or is not JSON, is answered with -32700 (id omitted)
+//!   and the connection stays up; Kong drops it. A frame that decompresses to more than
+//!   `max_decompressed` bytes is treated like an oversized message: close 1009.
+//! - Inbound requests are bounded (`max_inflight`); beyond that the reader stops reading
+//!   until one finishes, which pushes back on the peer through TCP.
+//!   A handler that waits for a response from the same peer holds its slot meanwhile, so if
+//!   every slot is held that way the responses are not read until the calls time out.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::wire::codec::{self, CodecError, Encoding};
+use crate::wire::jsonrpc::{self, RpcError};
+
+/// Limits and timers of one connection. The defaults are Kong's where Kong has one.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Send a WebSocket ping after this long without receiving any frame (Kong: 30 s).
+    pub ping_interval: Duration,
+    /// Drop the connection after this long without receiving any frame (Kong: 45 s).
+    pub idle_timeout: Duration,
+    /// Default time a call waits for its response, queueing included (Kong: 5 s).
+    pub call_timeout: Duration,
+    /// A frame that cannot be written and flushed within this is a stalled peer: disconnect
+    /// (Kong's socket timeout, 5 s).
+    pub write_timeout: Duration,
+    /// Largest message on the wire (compressed), both ways. Also tungstenite's message and
+    /// frame limits (Kong: `cluster_max_payload`, 16 MiB).
+    pub max_payload: usize,
+    /// Largest message after decompression.
+    pub max_decompressed: usize,
+    /// Largest batch accepted.
+    pub max_batch: usize,
+    /// Inbound requests running at once; beyond that the reader stops reading.
+    pub max_inflight: usize,
+    /// Frames waiting for the writer; senders wait when it is full.
+    pub outbound_queue: usize,
+}
+
+/// Answers the peer's requests.
+pub trait Handler: Send + Sync + 'static {
+    /// The full method names this handler answers. A method is only dispatched if its
+    /// capability is also in our announced capabilities and in the peer's.
+    fn methods(&self) -> &[&'static str];
+
+    /// Runs one request. `params` is always a JSON array (Kong's positional arguments).
+    /// The result of a call should be truthy: a Kong caller treats `null` and `false` as
+    /// failures. An `Err` is sent as-is; use [`RpcError::server_error`] for Kong's
+    /// "callback returned nil, err".
+    fn call(
+        &self,
+        peer: Peer,
+        method: String,
+        params: Value,
+    ) -> BoxFuture<'static, Result<Value, RpcError>>;
+}
+
+/// A cheap, clonable handle on one connection. The connection lives until either side
+/// closes it or it fails, not until the handles are dropped.
+#[derive(Clone)]
+pub struct Peer {
+    inner: Arc<Inner>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// We closed with this code: [`Peer::close`], or the peer broke a rule (1002 protocol,
+    /// 1003 text frame, 1009 too big).
+    Local { code: u16, reason: String },
+    /// The peer sent a close frame.
+    Remote { code: Option<u16>, reason: String },
+    /// Nothing was received for `idle_timeout`.
+    IdleTimeout,
+    /// A frame could not be written within `write_timeout`.
+    WriteStalled,
+    /// The transport failed (reset, end of stream without a close frame, IO error).
+    Transport(String),
+}
+
+/// Why a call or notification failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The peer did not announce the method's capability; nothing was sent.
+    #[error("requested capability does not exist, capability: {0}")]
+    NoCapability(String),
+    /// The peer answered with an error.
+    #[error("peer answered with {0}")]
+    Rpc(RpcError),
+    /// The peer answered `null` or `false`, which Kong treats as a failure.
+    #[error("peer answered with a falsy result: {0}")]
+    FalsyResult(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed: {0}")]
+    Closed(CloseReason),
+    /// The encoded message is over `max_payload`; nothing was sent.
+    #[error("message of {size} bytes exceeds the maximum payload of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// The WebSocket limits for a connection that will run a [`Peer`] with `cfg`; use it on
+/// both sides when upgrading (`accept_async_with_config` / `client_async_with_config`).
+///
+/// tungstenite's default `max_write_buffer_size` is unbounded; this bounds it to one
+/// message beyond the write buffer.
+pub fn ws_config(cfg: &PeerConfig) -> WebSocketConfig {
+    const WRITE_BUFFER: usize = 128 * 1024;
+    // A frame header is at most 14 bytes; leave generous slack above one full message.
+    WebSocketConfig::default()
+        .read_buffer_size(128 * 1024)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + cfg.max_payload + 1024)
+        .max_message_size(Some(cfg.max_payload))
+        .max_frame_size(Some(cfg.max_payload))
+}
+
+/// A close frame with `reason` cut to the 123 bytes a close frame can carry.
+pub fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].to_owned().into(),
+    }
+}
+
+/// Capability names of `methods`, in order, without duplicates.
+pub fn capabilities(methods: &[&str]) -> Vec<String> {
+    let mut res: Vec<String> = Vec::new();
+    for cap in methods.iter().filter_map(|m| jsonrpc::capability(m)) {
+        if !res.iter().any(|c| c == cap) {
+            res.push(cap.to_owned());
+        }
+    }
+    res
+}
+
+// === impl PeerConfig ===
+
+impl Default for PeerConfig {
+    fn default() -> PeerConfig {
+        PeerConfig {
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(45),
+            call_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            max_payload: 16 << 20,
+            // A full sync compresses ~10x; 16 MiB of Snappy is rarely more than this.
+            max_decompressed: 128 << 20,
+            max_batch: jsonrpc::DEFAULT_MAX_BATCH,
+            max_inflight: 32,
+            outbound_queue: 256,
+        }
+    }
+}
+
+// === impl Peer ===
+
+struct Inner {
+    cfg: PeerConfig,
+    encoding: Encoding,
+    our_caps: Vec<String>,
+    peer_caps: Vec<String>,
+    /// Ids of our calls; the hello used id 1 on its own.
+    next_id: AtomicU64,
+    /// Frames for the writer. Bounded: a peer that stops reading stalls the senders, then
+    /// the write timeout ends the connection.
+    outbound: mpsc::Sender<Outbound>,
+    state: Mutex<State>,
+    /// Set once, when the driver has finished tearing the connection down.
+    closed: watch::Sender<Option<CloseReason>>,
+    /// Set by [`Peer::close`]; the reader watches it.
+    close_request: watch::Sender<Option<CloseFrame>>,
+    /// The driver task, so tests can wait for it to end.
+    driver: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct State {
+    pending: HashMap<u64, oneshot::Sender<Result<Box<RawValue>, RpcError>>>,
+    /// Set (before `pending` is emptied) when the connection ends; no call is registered
+    /// after that.
+    ended: Option<CloseReason>,
+}
+
+enum Outbound {
+    Frame(Vec<u8>),
+    Ping,
+    /// Flush tungstenite's queued pong.
+    Flush,
+}
+
+impl Peer {
+    /// Runs the protocol on `ws` (after the hello) in a new task. Must be called inside a
+    /// tokio runtime.
+    pub fn start<S>(
+        ws: WebSocketStream<S>,
+        encoding: Encoding,
+        cfg: PeerConfig,
+        our_caps: Vec<String>,
+        peer_caps: Vec<String>,
+        handler: Arc<dyn Handler>,
+    ) -> Peer
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (outbound, outbound_rx) = mpsc::channel(cfg.outbound_queue.max(1));
+        let peer = Peer {
+            inner: Arc::new(Inner {
+                cfg,
+                encoding,
+                our_caps,
+                peer_caps,
+                next_id: AtomicU64::new(0),
+                outbound,
+                state: Mutex::new(State {
+                    pending: HashMap::new(),
+                    ended: None,
+                }),
+                closed: watch::Sender::new(None),
+                close_request: watch::Sender::new(None),
+                driver: Mutex::new(None),
+            }),
+        };
+        let driver = tokio::spawn(drive(peer.clone(), ws, outbound_rx, handler));
+        *lock(&peer.inner.driver) = Some(driver);
+        peer
+    }
+
+    /// Calls `method` and waits up to `call_timeout` for the result.
+    ///
+    /// The result is the raw JSON text: parse a large result straight into the type you
+    /// need with `serde_json::from_str(res.get())`, or use [`Peer::call_value`].
+    /// `null` and `false` are errors, as in Kong.
+    pub async fn call(&self, method: &str, params: Value) -> Result<Box<RawValue>, CallError> {
+        self.call_with_timeout(method, params, self.inner.cfg.call_timeout)
+            .await
+    }
+
+    /// [`Peer::call`], with the result parsed into a [`Value`].
+    pub async fn call_value(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        let raw = self.call(method, params).await?;
+        serde_json::from_str(raw.get())
+            .map_err(|err| CallError::Rpc(RpcError::internal_error().with_message(err.to_string())))
+    }
+
+    /// [`Peer::call`] with its own timeout (queueing included).
+    pub async fn call_with_timeout(
+        &self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Box<RawValue>, CallError> {
+        self.check_capability(method)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode(&jsonrpc::request(id, method, &params))?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = lock(&self.inner.state);
+            if let Some(reason) = &state.ended {
+                return Err(CallError::Closed(reason.clone()));
+            }
+            state.pending.insert(id, tx);
+        }
+        // Removes the entry however this future ends: answer, timeout or cancellation.
+        let _pending = PendingGuard {
+            inner: &self.inner,
+            id,
+        };
+        let exchange = async {
+            self.inner
+                .outbound
+                .send(Outbound::Frame(frame))
+                .await
+                .map_err(|_| self.closed_error())?;
+            rx.await.map_err(|_| self.closed_error())
+        };
+        let answer = match tokio::time::timeout(timeout, exchange).await {
+            Ok(answer) => answer?,
+            Err(_) => return Err(CallError::Timeout(timeout)),
+        };
+        let raw = answer.map_err(CallError::Rpc)?;
+        if jsonrpc::is_falsy(&raw) {
+            return Err(CallError::FalsyResult(raw.get().to_owned()));
+        }
+        Ok(raw)
+    }
+
+    /// Sends a notification (no id, no answer). Waits for queue space up to `call_timeout`.
+    pub async fn notify(&self, method: &str, params: Value) -> Result<(), CallError> {
+        self.check_capability(method)?;
+        let frame = self.encode(&jsonrpc::notification(method, &params))?;
+        if let Some(reason) = self.is_closed() {
+            return Err(CallError::Closed(reason));
+        }
+        let timeout = self.inner.cfg.call_timeout;
+        match tokio::time::timeout(timeout, self.inner.outbound.send(Outbound::Frame(frame))).await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+
+    /// Asks the driver to close the connection with `code` and `reason` (cut to 123 bytes).
+    /// Returns at once; await [`Peer::closed`] for the end. Only the first request counts.
+    pub fn close(&self, code: u16, reason: &str) {
+        let frame = close_frame(CloseCode::from(code), reason);
+        self.inner.close_request.send_if_modified(|request| {
+            if request.is_none() {
+                *request = Some(frame);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Resolves when the connection has ended and every task of it has been stopped.
+    pub fn closed(&self) -> impl Future<Output = CloseReason> + Send + 'static {
+        let mut closed = self.inner.closed.subscribe();
+        async move {
+            match closed.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone().unwrap_or_else(ended_without_reason),
+                // The sender lives in `Inner`, which `closed` does not keep alive... but
+                // `self` did when this was created; treat a vanished sender as an end.
+                Err(_) => ended_without_reason(),
+            }
+        }
+    }
+
+    /// The reason, if the connection has ended.
+    pub fn is_closed(&self) -> Option<CloseReason> {
+        self.inner.closed.borrow().clone()
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.inner.encoding
+    }
+
+    /// The capabilities the peer announced in the hello.
+    pub fn peer_caps(&self) -> &[String] {
+        &self.inner.peer_caps
+    }
+
+    /// The capabilities we announced in the hello.
+    pub fn our_caps(&self) -> &[String] {
+        &self.inner.our_caps
+    }
+
+    pub fn config(&self) -> &PeerConfig {
+        &self.inner.cfg
+    }
+
+    /// Calls waiting for a response.
+    pub fn pending_calls(&self) -> usize {
+        lock(&self.inner.state).pending.len()
+    }
+
+    fn check_capability(&self, method: &str) -> Result<(), CallError> {
+        let cap = jsonrpc::capability(method).unwrap_or(method);
+        if self.inner.peer_caps.iter().any(|c| c == cap) {
+            Ok(())
+        } else {
+            Err(CallError::NoCapability(cap.to_owned()))
+        }
+    }
+
+    fn encode(&self, json: &[u8]) -> Result<Vec<u8>, CallError> {
+        let frame = codec::try_encode(self.inner.encoding, json)?;
+        let limit = self.inner.cfg.max_payload;
+        if frame.len() > limit {
+            return Err(CallError::TooLarge {
+                size: frame.len(),
+                limit,
+            });
+        }
+        Ok(frame)
+    }
+
+    fn closed_error(&self) -> CallError {
+        let reason = lock(&self.inner.state).ended.clone();
+        CallError::Closed(reason.unwrap_or_else(ended_without_reason))
+    }
+
+    #[cfg(test)]
+    async fn join(&self) {
+        let driver = lock(&self.inner.driver).take();
+        if let Some(driver) = driver {
+            let _ = driver.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("encoding", &self.inner.encoding)
+            .field("peer_caps", &self.inner.peer_caps)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+struct PendingGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.state).pending.remove(&self.id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a map operation that cannot panic halfway.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn ended_without_reason() -> CloseReason {
+    CloseReason::Transport("connection ended".to_owned())
+}
+
+// === impl CloseReason ===
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Local { code, reason } => write!(f, "closed by us ({code}: {reason})"),
+            CloseReason::Remote {
+                code: Some(code),
+                reason,
+            } => write!(f, "closed by peer ({code}: {reason})"),
+            CloseReason::Remote { code: None, .. } => f.write_str("closed by peer"),
+            CloseReason::IdleTimeout => f.write_str("nothing received within the idle timeout"),
+            CloseReason::WriteStalled => f.write_str("peer stopped reading (write timed out)"),
+            CloseReason::Transport(err) => write!(f, "transport error: {err}"),
+        }
+    }
+}
+
+// === the driver ===
+
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+type Stream<S> = SplitStream<WebSocketStream<S>>;
+
+/// How the read or write half ended, and what to tell the peer.
+struct Ending {
+    reason: CloseReason,
+    /// A close frame to send, then wait for the peer's reply.
+    send_close: Option<CloseFrame>,
+}
+
+impl Ending {
+    fn close(code: CloseCode, reason: &str) -> Ending {
+        Ending {
+            reason: CloseReason::Local {
+                code: code.into(),
+                reason: reason.to_owned(),
+            },
+            send_close: Some(close_frame(code, reason)),
+        }
+    }
+
+    fn silent(reason: CloseReason) -> Ending {
+        Ending {
+            reason,
+            send_close: None,
+        }
+    }
+}
+
+async fn drive<S>(
+    peer: Peer,
+    ws: WebSocketStream<S>,
+    mut outbound: mpsc::Receiver<Outbound>,
+    handler: Arc<dyn Handler>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut stream) = ws.split();
+    let mut inflight = JoinSet::new();
+    let ending = {
+        let reader = Reader {
+            peer: &peer,
+            handler: &handler,
+            inflight: &mut inflight,
+            close_request: peer.inner.close_request.subscribe(),
+        }
+        .run(&mut stream);
+        let writer = write_loop(&mut sink, &mut outbound, peer.inner.cfg.write_timeout);
+        tokio::select! {
+            ending = reader => ending,
+            ending = writer => ending,
+        }
+    };
+    tracing::debug!(reason = %ending.reason, "connection ending");
+
+    inflight.shutdown().await;
+    {
+        let mut state = lock(&peer.inner.state);
+        state.ended = Some(ending.reason.clone());
+        // Dropping the senders wakes every waiting caller with `Closed`.
+        state.pending.clear();
+    }
+    outbound.close();
+
+    let write_timeout = peer.inner.cfg.write_timeout;
+    match (&ending.reason, ending.send_close) {
+        (_, Some(frame)) => {
+            // Our close: send it, then read until the peer's reply ends the stream.
+            let _ = tokio::time::timeout(write_timeout, async {
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    while let Some(Ok(_)) = stream.next().await {}
+                }
+            })
+            .await;
+        }
+        (CloseReason::Remote { .. }, None) => {
+            // tungstenite queued the reply to the peer's close; flush it.
+            let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+        }
+        _ => {}
+    }
+    drop((sink, stream));
+    peer.inner.closed.send_replace(Some(ending.reason));
+}
+
+async fn write_loop<S>(
+    sink: &mut Sink<S>,
+    outbound: &mut mpsc::Receiver<Outbound>,
+    write_timeout: Duration,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // `Inner` holds a sender for as long as the driver runs, so `recv` never ends.
+    while let Some(out) = outbound.recv().await {
+        let res = match out {
+            Outbound::Frame(frame) => {
+                tokio::time::timeout(write_timeout, sink.send(Message::binary(frame))).await
+            }
+            Outbound::Ping => {
+                tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default())))
+                    .await
+            }
+            Outbound::Flush => tokio::time::timeout(write_timeout, sink.flush()).await,
+        };
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Ending::silent(CloseReason::Transport(err.to_string())),
+            Err(_) => return Ending::silent(CloseReason::WriteStalled),
+        }
+    }
+    std::future::pending().await
+}
+
+struct Reader<'a> {
+    peer: &'a Peer,
+    handler: &'a Arc<dyn Handler>,
+    inflight: &'a mut JoinSet<()>,
+    close_request: watch::Receiver<Option<CloseFrame>>,
+}
+
+impl Reader<'_> {
+    async fn run<S>(mut self, stream: &mut Stream<S>) -> Ending
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let cfg = &self.peer.inner.cfg;
+        let mut last_received = Instant::now();
+        let mut last_ping = last_received;
+        loop {
+            let idle_at = last_received + cfg.idle_timeout;
+            let ping_at = last_received.max(last_ping) + cfg.ping_interval;
+            tokio::select! {
+                biased;
+                Ok(()) = self.close_request.changed() => return self.requested_close(),
+                item = stream.next() => {
+                    last_received = Instant::now();
+                    let message = match item {
+                        Some(Ok(message)) => message,
+                        Some(Err(err)) => return read_error(err),
+                        None => {
+                            return Ending::silent(CloseReason::Transport(
+                                "connection ended without a close frame".to_owned(),
+                            ));
+                        }
+                    };
+                    match message {
+                        Message::Binary(frame) => {
+                            if let Some(ending) = self.on_frame(&frame).await {
+                                return ending;
+                            }
+                        }
+                        Message::Text(_) => {
+                            return Ending::close(CloseCode::Unsupported, "text frames are not supported");
+                        }
+                        Message::Ping(_) => {
+                            // tungstenite queued the pong; make sure it goes out even if
+                            // nothing else is written. A full queue means the writer is busy
+                            // and will flush anyway.
+                            let _ = self.peer.inner.outbound.try_send(Outbound::Flush);
+                        }
+                        Message::Close(frame) => {
+                            return Ending::silent(CloseReason::Remote {
+                                code: frame.as_ref().map(|f| f.code.into()),
+                                reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                            });
+                        }
+                        Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+                Some(_) = self.inflight.join_next() => {}
+                _ = tokio::time::sleep_until(ping_at) => {
+                    last_ping = Instant::now();
+                    let _ = self.peer.inner.outbound.try_send(Outbound::Ping);
+                }
+                _ = tokio::time::sleep_until(idle_at) => {
+                    return Ending {
+                        reason: CloseReason::IdleTimeout,
+                        send_close: Some(close_frame(CloseCode::Away, "idle timeout")),
+                    };
+                }
+            }
+        }
+    }
+
+    fn requested_close(&self) -> Ending {
+        let frame = self
+            .close_request
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| close_frame(CloseCode::Normal, ""));
+        Ending {
+            reason: CloseReason::Local {
+                code: frame.code.into(),
+                reason: frame.reason.to_string(),
+            },
+            send_close: Some(frame),
+        }
+    }
+
+    /// Handles one binary frame; `Some` ends the connection.
+    async fn on_frame(&mut self, frame: &[u8]) -> Option<Ending> {
+        let inner = &self.peer.inner;
+        let json = match codec::decode(inner.encoding, frame, inner.cfg.max_decompressed) {
+            Ok(json) => json,
+            Err(err @ CodecError::TooLarge { .. }) => {
+                tracing::warn!(cause = %err, "closing connection");
+                return Some(Ending::close(
+                    CloseCode::Size,
+                    "decompressed message too big",
+                ));
+            }
+            Err(err) => {
+                tracing::debug!(cause = %err, "undecodable frame");
+                self.send(jsonrpc::error(None, &RpcError::parse_error()))
+                    .await;
+                return None;
+            }
+        };
+        let incoming = match jsonrpc::parse(&json, inner.cfg.max_batch) {
+            Ok(incoming) => incoming,
+            Err(err) => {
+                tracing::debug!(code = err.code, message = %err.message, "rejected frame");
+                self.send(jsonrpc::error(None, &err)).await;
+                return None;
+            }
+        };
+        let work = match incoming {
+            jsonrpc::Incoming::Single(message) => match self.take(message)? {
+                Work::Request(request) => Job::Single(request),
+                Work::Error(id, err) => {
+                    self.send(jsonrpc::error(id.as_ref(), &err)).await;
+                    return None;
+                }
+            },
+            jsonrpc::Incoming::Batch(messages) => {
+                let work: Vec<Work> = messages
+                    .into_iter()
+                    .filter_map(|message| self.take(message))
+                    .collect();
+                if work.is_empty() {
+                    return None;
+                }
+                Job::Batch(work)
+            }
+        };
+        // Backpressure: with every slot taken, stop reading until one frees up.
+        while self.inflight.len() >= inner.cfg.max_inflight {
+            tokio::select! {
+                biased;
+                Ok(()) = self.close_request.changed() => return Some(self.requested_close()),
+                _ = self.inflight.join_next() => {}
+            }
+        }
+        let peer = self.peer.clone();
+        let handler = Arc::clone(self.handler);
+        self.inflight.spawn(async move {
+            let json = match work {
+                Job::Single(request) => answer(&peer, &handler, request).await,
+                Job::Batch(work) => {
+                    let mut parts = Vec::new();
+                    // Kong runs batch elements one after the other, in order.
+                    for item in work {
+                        let part = match item {
+                            Work::Request(request) => answer(&peer, &handler, request).await,
+                            Work::Error(id, err) => Some(jsonrpc::error(id.as_ref(), &err)),
+                        };
+                        parts.extend(part);
+                    }
+                    (!parts.is_empty()).then(|| jsonrpc::batch(&parts))
+                }
+            };
+            if let Some(json) = json {
+                send_answer(&peer, json).await;
+            }
+        });
+        None
+    }
+
+    /// Resolves responses and logs error reports right away; returns what needs an answer.
+    fn take(&self, message: jsonrpc::Message) -> Option<Work> {
+        match message {
+            jsonrpc::Message::Request(request) => Some(Work::Request(request)),
+            jsonrpc::Message::Invalid { id, error } => Some(Work::Error(id, error)),
+            jsonrpc::Message::Response(response) => {
+                let waiting = response
+                    .id
+                    .as_u64()
+                    .and_then(|id| lock(&self.peer.inner.state).pending.remove(&id));
+                match waiting {
+                    Some(tx) => {
+                        // The caller may have given up in the meantime; that is fine.
+                        let _ = tx.send(response.result);
+                    }
+                    None => {
+                        tracing::debug!(id = %response.id, "no interest for RPC response id");
+                    }
+                }
+                None
+            }
+            jsonrpc::Message::ErrorReport(err) => {
+                tracing::warn!(code = err.code, message = %err.message, "peer reported an RPC failure");
+                None
+            }
+        }
+    }
+
+    /// Queues an answer produced by the reader itself.
+    async fn send(&self, json: Vec<u8>) {
+        send_answer(self.peer, json).await;
+    }
+}
+
+enum Work {
+    Request(jsonrpc::Request),
+    Error(Option<Value>, RpcError),
+}
+
+enum Job {
+    Single(jsonrpc::Request),
+    Batch(Vec<Work>),
+}
+
+fn read_error(err: tungstenite::Error) -> Ending {
+    match err {
+        tungstenite::Error::Capacity(err) => {
+            tracing::warn!(cause = %err, "closing connection");
+            Ending::close(CloseCode::Size, "message too big")
+        }
+        tungstenite::Error::Protocol(err) => Ending::close(CloseCode::Protocol, &err.to_string()),
+        tungstenite::Error::Utf8(_) => Ending::close(CloseCode::Invalid, "invalid UTF-8"),
+        err => Ending::silent(CloseReason::Transport(err.to_string())),
+    }
+}
+
+/// Runs one request; the serialised response, or `None` for a notification.
+async fn answer(
+    peer: &Peer,
+    handler: &Arc<dyn Handler>,
+    request: jsonrpc::Request,
+) -> Option<Vec<u8>> {
+    let jsonrpc::Request { id, method, params } = request;
+    let res = if !dispatchable(peer, handler.as_ref(), &method) {
+        if id.is_none() {
+            tracing::info!(%method, "unable to find RPC notify call");
+        }
+        Err(RpcError::method_not_found())
+    } else if !params.is_array() {
+        Err(RpcError::invalid_params().with_message("params must be an array"))
+    } else {
+        AssertUnwindSafe(handler.call(peer.clone(), method.clone(), params))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!(%method, "RPC handler panicked");
+                Err(RpcError::internal_error())
+            })
+    };
+    match (id, res) {
+        (Some(id), Ok(value)) => {
+            if matches!(value, Value::Null | Value::Bool(false)) {
+                tracing::warn!(%method, "falsy result: a Kong caller treats it as an error");
+            }
+            Some(jsonrpc::result(&id, &value))
+        }
+        (Some(id), Err(err)) => Some(jsonrpc::error(Some(&id), &err)),
+        // A notification never gets a response, even on error.
+        (None, Err(err)) if err.code != RpcError::METHOD_NOT_FOUND => {
+            tracing::info!(%method, code = err.code, message = %err.message, "RPC notification failed");
+            None
+        }
+        (None, _) => None,
+    }
+}
+
+fn dispatchable(peer: &Peer, handler: &dyn Handler, method: &str) -> bool {
+    let Some(cap) = jsonrpc::capability(method) else {
+        return false;
+    };
+    handler.methods().contains(&method)
+        && peer.inner.our_caps.iter().any(|c| c == cap)
+        && peer.inner.peer_caps.iter().any(|c| c == cap)
+}
+
+/// Encodes and queues an answer. One over `max_payload` is replaced by -32603 for the
+/// single request it answers (or one id-less error for a batch).
+async fn send_answer(peer: &Peer, json: Vec<u8>) {
+    let frame = match peer.encode(&json) {
+        Ok(frame) => frame,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot send RPC answer");
+            let id = single_id(&json);
+            let error = RpcError::internal_error().with_message(err.to_string());
+            match peer.encode(&jsonrpc::error(id.as_ref(), &error)) {
+                Ok(frame) => frame,
+                Err(_) => return,
+            }
+        }
+    };
+    // Fails only when the connection is ending.
+    let _ = peer.inner.outbound.send(Outbound::Frame(frame)).await;
+}
+
+/// The `id` of a single serialised response (not of a batch).
+fn single_id(json: &[u8]) -> Option<Value> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<Value>,
+    }
+    serde_json::from_slice::<IdOnly>(json).ok()?.id
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use serde_json::json;
+    use tokio::io::DuplexStream;
+    use tokio::sync::Notify;
+    use tokio_tungstenite::{accept_async_with_config, client_async_with_config};
+
+    use super::*;
+
+    pub(crate) type Ws = WebSocketStream<DuplexStream>;
+
+    /// A connected (client, server) pair over an in-memory pipe, both using `ws_config(cfg)`.
+    pub(crate) async fn ws_pair(cfg: &PeerConfig) -> (Ws, Ws) {
+        ws_pair_with(cfg, cfg, 256 * 1024).await
+    }
+
+    async fn ws_pair_with(client: &PeerConfig, server: &PeerConfig, pipe: usize) -> (Ws, Ws) {
+        let (a, b) = tokio::io::duplex(pipe);
+        let (client, server) = tokio::join!(
+            client_async_with_config("ws://localhost/v2/outlet", a, Some(ws_config(client))),
+            accept_async_with_config(b, Some(ws_config(server))),
+        );
+        (client.unwrap().0, server.unwrap())
+    }
+
+    type HandlerFn =
+        dyn Fn(Peer, String, Value) -> BoxFuture<'static, Result<Value, RpcError>> + Send + Sync;
+
+    struct FnHandler {
+        methods: Vec<&'static str>,
+        f: Box<HandlerFn>,
+    }
+
+    impl Handler for FnHandler {
+        fn methods(&self) -> &[&'static str] {
+            &self.methods
+        }
+        fn call(
+            &self,
+            peer: Peer,
+            method: String,
+            params: Value,
+        ) -> BoxFuture<'static, Result<Value, RpcError>> {
+            (self.f)(peer, method, params)
+        }
+    }
+
+    fn handler(
+        methods: &[&'static str],
+        f: impl Fn(Peer, String, Value) -> BoxFuture<'static, Result<Value, RpcError>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Arc<dyn Handler> {
+        Arc::new(FnHandler {
+            methods: methods.to_vec(),
+            f: Box::new(f),
+        })
+    }
+
+    /// Answers `test.v1.echo` with its params, `test.v1.null` with null, `test.v1.fail`
+    /// with -32000, never answers `test.v1.hang`, and panics on `test.v1.panic`.
+    fn echo_handler() -> Arc<dyn Handler> {
+        handler(
+            &[
+                "test.v1.echo",
+                "test.v1.null",
+                "test.v1.fail",
+                "test.v1.panic",
+                "test.v1.hang",
+            ],
+            |_, method, params| {
+                async move {
+                    match method.as_str() {
+                        "test.v1.echo" => Ok(params),
+                        "test.v1.null" => Ok(Value::Null),
+                        "test.v1.fail" => Err(RpcError::server_error().with_message("it failed")),
+                        "test.v1.hang" => futures::future::pending().await,
+                        _ => panic!("handler panic"),
+                    }
+                }
+                .boxed()
+            },
+        )
+    }
+
+    fn caps(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn fast_cfg() -> PeerConfig {
+        PeerConfig {
+            ping_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(20),
+            call_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(2),
+            ..PeerConfig::default()
+        }
+    }
+
+    /// Two peers, client side first, both with capability `test.v1`.
+    async fn peer_pair(
+        cfg: PeerConfig,
+        encoding: Encoding,
+        client_handler: Arc<dyn Handler>,
+        server_handler: Arc<dyn Handler>,
+    ) -> (Peer, Peer) {
+        let (c, s) = ws_pair(&cfg).await;
+        let our = caps(&["test.v1"]);
+        let client = Peer::start(
+            c,
+            encoding,
+            cfg.clone(),
+            our.clone(),
+            our.clone(),
+            client_handler,
+        );
+        let server = Peer::start(s, encoding, cfg, our.clone(), our, server_handler);
+        (client, server)
+    }
+
+    /// A peer on the server side, and the raw client socket to drive it by hand.
+    async fn peer_and_raw(cfg: PeerConfig, handler: Arc<dyn Handler>) -> (Peer, Ws) {
+        let (raw, s) = ws_pair_with(&PeerConfig::default(), &cfg, 256 * 1024).await;
+        let peer = Peer::start(
+            s,
+            Encoding::SnappyFramed,
+            cfg,
+            caps(&["test.v1", "ours.v1"]),
+            caps(&["test.v1", "theirs.v1"]),
+            handler,
+        );
+        (peer, raw)
+    }
+
+    async fn raw_send(raw: &mut Ws, json: &str) {
+        let frame = codec::encode(Encoding::SnappyFramed, json.as_bytes());
+        raw.send(Message::binary(frame)).await.unwrap();
+    }
+
+    /// The next data frame from the peer, decoded; pings are skipped.
+    async fn raw_recv(raw: &mut Ws) -> Value {
+        loop {
+            match raw.next().await {
+                Some(Ok(Message::Binary(frame))) => {
+                    let json = codec::decode(Encoding::SnappyFramed, &frame, 1 << 30).unwrap();
+                    return serde_json::from_slice(&json).unwrap();
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn raw_exchange(raw: &mut Ws, json: &str) -> Value {
+        raw_send(raw, json).await;
+        raw_recv(raw).await
+    }
+
+    /// Asserts nothing was answered for what was sent before: the next answer is the
+    /// sentinel's.
+    async fn assert_next_is_sentinel(raw: &mut Ws) {
+        let answer = raw_exchange(
+            raw,
+            r#"{"jsonrpc":"2.0","method":"test.v1.echo","id":"sentinel","params":[1]}"#,
+        )
+        .await;
+        assert_eq!(
+            answer,
+            json!({"jsonrpc": "2.0", "id": "sentinel", "result": [1]})
+        );
+    }
+
+    async fn raw_close_code(raw: &mut Ws) -> Option<u16> {
+        loop {
+            match raw.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_both_ways_concurrently_with_out_of_order_answers() {
+        let release = Arc::new(Notify::new());
+        let release2 = Arc::clone(&release);
+        let server_handler = handler(
+            &["test.v1.echo", "test.v1.wait"],
+            move |_, method, params| {
+                let release = Arc::clone(&release2);
+                async move {
+                    if method == "test.v1.wait" {
+                        release.notified().await;
+                    }
+                    Ok(params)
+                }
+                .boxed()
+            },
+        );
+        for encoding in [Encoding::SnappyFramed, Encoding::Zstd] {
+            let (client, server) = peer_pair(
+                fast_cfg(),
+                encoding,
+                echo_handler(),
+                Arc::clone(&server_handler),
+            )
+            .await;
+            // A call that blocks in the server's handler...
+            let slow = tokio::spawn({
+                let client = client.clone();
+                async move { client.call("test.v1.wait", json!(["slow"])).await }
+            });
+            // ...does not hold up 20 calls in each direction.
+            let to_server = (0..20).map(|i| {
+                let client = client.clone();
+                async move { client.call("test.v1.echo", json!([i])).await }
+            });
+            let to_client = (0..20).map(|i| {
+                let server = server.clone();
+                async move { server.call_value("test.v1.echo", json!([i, "x"])).await }
+            });
+            let (a, b) = tokio::join!(
+                futures::future::join_all(to_server),
+                futures::future::join_all(to_client)
+            );
+            for (i, res) in a.into_iter().enumerate() {
+                assert_eq!(res.unwrap().get(), format!("[{i}]"));
+            }
+            for (i, res) in b.into_iter().enumerate() {
+                assert_eq!(res.unwrap(), json!([i, "x"]));
+            }
+            assert!(!slow.is_finished());
+            assert_eq!(client.pending_calls(), 1);
+            release.notify_one();
+            assert_eq!(slow.await.unwrap().unwrap().get(), r#"["slow"]"#);
+            assert_eq!(client.pending_calls(), 0);
+            assert_eq!(client.encoding(), encoding);
+        }
+    }
+
+    /// The DP's `notify_new_version` handler calls `get_delta` back on the CP before it
+    /// answers, on the same socket.
+    #[tokio::test]
+    async fn nested_call_inside_a_handler() {
+        let deltas_served = Arc::new(AtomicUsize::new(0));
+        let served = Arc::clone(&deltas_served);
+        let cp_handler = handler(&["kong.sync.v2.get_delta"], move |_, _, params| {
+            served.fetch_add(1, Ordering::SeqCst);
+            async move {
+                assert_eq!(
+                    params[0]["default"]["version"],
+                    "v02_0000000000000000000000000007"
+                );
+                Ok(json!({"default": {"deltas": [], "full_sync": true}}))
+            }
+            .boxed()
+        });
+        let dp_handler = handler(&["kong.sync.v2.notify_new_version"], |cp, _, _| {
+            async move {
+                let params = json!([{"default": {"version": "v02_0000000000000000000000000007"}}]);
+                let delta = cp
+                    .call("kong.sync.v2.get_delta", params)
+                    .await
+                    .map_err(|err| RpcError::server_error().with_message(err.to_string()))?;
+                let delta: Value = serde_json::from_str(delta.get()).unwrap();
+                Ok(Value::Bool(delta["default"]["full_sync"] == true))
+            }
+            .boxed()
+        });
+        let cfg = fast_cfg();
+        let (d, c) = ws_pair(&cfg).await;
+        let sync = caps(&["kong.sync.v2"]);
+        let dp = Peer::start(
+            d,
+            Encoding::SnappyFramed,
+            cfg.clone(),
+            sync.clone(),
+            sync.clone(),
+            dp_handler,
+        );
+        let cp = Peer::start(
+            c,
+            Encoding::SnappyFramed,
+            cfg,
+            sync.clone(),
+            sync,
+            cp_handler,
+        );
+        let params = json!([{"default": {"new_version": "v02_000000000000000000000000000a"}}]);
+        let res = cp
+            .call("kong.sync.v2.notify_new_version", params)
+            .await
+            .unwrap();
+        assert_eq!(res.get(), "true");
+        assert_eq!(deltas_served.load(Ordering::SeqCst), 1);
+        assert_eq!((cp.pending_calls(), dp.pending_calls()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn caller_side_errors() {
+        let (client, server) =
+            peer_pair(fast_cfg(), Encoding::Zstd, echo_handler(), echo_handler()).await;
+        assert!(matches!(
+            client.call("test.v1.null", json!([])).await,
+            Err(CallError::FalsyResult(r)) if r == "null"
+        ));
+        assert!(matches!(
+            client.call("test.v1.echo", json!(false)).await,
+            Err(CallError::Rpc(e)) if e.code == -32602
+        ));
+        assert!(matches!(
+            client.call("test.v1.fail", json!([])).await,
+            Err(CallError::Rpc(e)) if e == RpcError::new(-32000, "it failed")
+        ));
+        assert!(matches!(
+            client.call("test.v1.panic", json!([])).await,
+            Err(CallError::Rpc(e)) if e == RpcError::internal_error()
+        ));
+        assert!(matches!(
+            client.call("test.v1.missing", json!([])).await,
+            Err(CallError::Rpc(e)) if e == RpcError::method_not_found()
+        ));
+        // Not announced by the peer: fails locally.
+        assert!(matches!(
+            client.call("kong.sync.v2.get_delta", json!([])).await,
+            Err(CallError::NoCapability(c)) if c == "kong.sync.v2"
+        ));
+        assert!(matches!(
+            client.notify("other.v9.x", json!([])).await,
+            Err(CallError::NoCapability(c)) if c == "other.v9"
+        ));
+        // The caller gives up: nothing stays pending.
+        let res = client
+            .call_with_timeout("test.v1.hang", json!([1]), Duration::from_millis(20))
+            .await;
+        assert!(
+            matches!(res, Err(CallError::Timeout(t)) if t == Duration::from_millis(20)),
+            "{res:?}"
+        );
+        assert_eq!(client.pending_calls(), 0);
+        // Too large to send.
+        let big = serde_json::to_value(
+            (0..200_000)
+                .map(|i| i * 7919 % 1_000_003)
+                .collect::<Vec<u64>>(),
+        )
+        .unwrap();
+        let small = PeerConfig {
+            max_payload: 64 * 1024,
+            ..fast_cfg()
+        };
+        let (tiny, _other) = peer_pair(
+            small,
+            Encoding::SnappyFramed,
+            echo_handler(),
+            echo_handler(),
+        )
+        .await;
+        assert!(matches!(
+            tiny.call("test.v1.echo", json!([big])).await,
+            Err(CallError::TooLarge { limit: 65536, .. })
+        ));
+        drop(server);
+    }
+
+    #[tokio::test]
+    async fn no_capability_sends_nothing() {
+        let (peer, mut raw) = peer_and_raw(fast_cfg(), echo_handler()).await;
+        assert!(matches!(
+            peer.call("ours.v1.x", json!([])).await,
+            Err(CallError::NoCapability(_))
+        ));
+        assert!(matches!(
+            peer.notify("ours.v1.x", json!([])).await,
+            Err(CallError::NoCapability(_))
+        ));
+        peer.notify("theirs.v1.ping", json!([1])).await.unwrap();
+        // The first frame the raw side sees is the notification; no id was used up.
+        assert_eq!(
+            raw_recv(&mut raw).await,
+            json!({"jsonrpc": "2.0", "method": "theirs.v1.ping", "params": [1]})
+        );
+        let call = tokio::spawn({
+            let peer = peer.clone();
+            async move { peer.call("theirs.v1.ask", json!([])).await }
+        });
+        let request = raw_recv(&mut raw).await;
+        assert_eq!(request["id"], 0);
+        raw_send(&mut raw, r#"{"jsonrpc":"2.0","id":0,"result":{"ok":1}}"#).await;
+        assert_eq!(call.await.unwrap().unwrap().get(), r#"{"ok":1}"#);
+    }
+
+    #[tokio::test]
+    async fn inbound_error_codes() {
+        let (peer, mut raw) = peer_and_raw(fast_cfg(), echo_handler()).await;
+        let cases: &[(&str, Value)] = &[
+            (
+                r#"{"jsonrpc":"2.0","method":"test.v1.nope","id":1,"params":[]}"#,
+                json!({"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"Method not found"}}),
+            ),
+            (
+                // Capability announced by the peer but not by us.
+                r#"{"jsonrpc":"2.0","method":"theirs.v1.echo","id":2,"params":[]}"#,
+                json!({"jsonrpc":"2.0","id":2,"error":{"code":-32601,"message":"Method not found"}}),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"test.v1.echo","id":3,"params":{"a":1}}"#,
+                json!({"jsonrpc":"2.0","id":3,"error":{"code":-32602,"message":"params must be an array"}}),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"test.v1.fail","id":4,"params":[]}"#,
+                json!({"jsonrpc":"2.0","id":4,"error":{"code":-32000,"message":"it failed"}}),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"test.v1.panic","id":5,"params":[]}"#,
+                json!({"jsonrpc":"2.0","id":5,"error":{"code":-32603,"message":"Internal error"}}),
+            ),
+            (
+                r#"{"jsonrpc":"1.0","method":"test.v1.echo","id":6,"params":[]}"#,
+                json!({"jsonrpc":"2.0","id":6,"error":{"code":-32600,"message":"jsonrpc must be \"2.0\""}}),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"test.v1.echo","params":[]"#,
+                json!({"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"}}),
+            ),
+            (
+                "[]",
+                json!({"jsonrpc":"2.0","error":{"code":-32600,"message":"empty batch array"}}),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"test.v1.echo","id":7,"params":[{"a":[1,2]}]}"#,
+                json!({"jsonrpc":"2.0","id":7,"result":[{"a":[1,2]}]}),
+            ),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(
+                &raw_exchange(&mut raw, request).await,
+                expected,
+                "{request}"
+            );
+        }
+        // A frame that is not valid Snappy: -32700, and the connection stays up.
+        raw.send(Message::binary(b"\x0a\xffjunk".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            raw_recv(&mut raw).await,
+            json!({"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"}})
+        );
+        // Over-cap batch.
+        let batch = format!(
+            "[{}]",
+            vec![r#"{"jsonrpc":"2.0","method":"test.v1.echo"}"#; 101].join(",")
+        );
+        assert_eq!(
+            raw_exchange(&mut raw, &batch).await["error"]["code"],
+            -32600
+        );
+        assert!(peer.is_closed().is_none());
+        assert_next_is_sentinel(&mut raw).await;
+    }
+
+    #[tokio::test]
+    async fn silent_inputs_get_no_answer() {
+        let (peer, mut raw) = peer_and_raw(fast_cfg(), echo_handler()).await;
+        for frame in [
+            // Notifications, including failing and unknown ones.
+            r#"{"jsonrpc":"2.0","method":"test.v1.echo","params":[1]}"#,
+            r#"{"jsonrpc":"2.0","method":"test.v1.fail","params":[]}"#,
+            r#"{"jsonrpc":"2.0","method":"test.v1.nope","params":[]}"#,
+            r#"{"jsonrpc":"2.0","method":"test.v1.echo","params":"bad"}"#,
+            // A response nobody waits for.
+            r#"{"jsonrpc":"2.0","id":999,"result":true}"#,
+            // An id-less error report.
+            r#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"your fault"}}"#,
+            // A batch of notifications only.
+            r#"[{"jsonrpc":"2.0","method":"test.v1.echo","params":[]},{"jsonrpc":"2.0","method":"test.v1.nope"}]"#,
+        ] {
+            raw_send(&mut raw, frame).await;
+        }
+        assert_next_is_sentinel(&mut raw).await;
+        assert!(peer.is_closed().is_none());
+    }
+
+    #[tokio::test]
+    async fn batches_run_in_order_and_answer_in_one_frame() {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&order);
+        let h = handler(
+            &["test.v1.echo", "test.v1.fail"],
+            move |_, method, params| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    // Yield so that concurrent execution would interleave.
+                    tokio::task::yield_now().await;
+                    lock(&seen).push(params[0].clone());
+                    if method == "test.v1.fail" {
+                        return Err(RpcError::server_error());
+                    }
+                    Ok(params)
+                }
+                .boxed()
+            },
+        );
+        let (_peer, mut raw) = peer_and_raw(fast_cfg(), h).await;
+        let batch = r#"[
+            {"jsonrpc":"2.0","method":"test.v1.echo","id":1,"params":[1]},
+            {"jsonrpc":"2.0","method":"test.v1.echo","params":[2]},
+            5,
+            {"jsonrpc":"2.0","method":"test.v1.fail","id":"f","params":[3]},
+            {"jsonrpc":"2.0","id":12345,"result":true},
+            {"jsonrpc":"2.0","method":"test.v1.echo","id":4,"params":[4]}
+        ]"#;
+        assert_eq!(
+            raw_exchange(&mut raw, batch).await,
+            json!([
+                {"jsonrpc":"2.0","id":1,"result":[1]},
+                {"jsonrpc":"2.0","error":{"code":-32600,"message":"not a valid object"}},
+                {"jsonrpc":"2.0","id":"f","error":{"code":-32000,"message":"Server error"}},
+                {"jsonrpc":"2.0","id":4,"result":[4]},
+            ])
+        );
+        assert_eq!(*lock(&order), [json!(1), json!(2), json!(3), json!(4)]);
+    }
+
+    #[tokio::test]
+    async fn text_frame_closes_1003() {
+        let (peer, mut raw) = peer_and_raw(fast_cfg(), echo_handler()).await;
+        raw.send(Message::text("{}")).await.unwrap();
+        assert_eq!(raw_close_code(&mut raw).await, Some(1003));
+        assert!(matches!(
+            peer.closed().await,
+            CloseReason::Local { code: 1003, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn oversized_message_closes_1009() {
+        let cfg = PeerConfig {
+            max_payload: 64 * 1024,
+            ..fast_cfg()
+        };
+        let (peer, mut raw) = peer_and_raw(cfg, echo_handler()).await;
+        // Incompressible enough that the frame itself is over 64 KiB.
+        let big: String = (0..100_000u64)
+            .map(|i| format!("{:x}", i * 2_654_435_761 % 65_521))
+            .collect();
+        let json =
+            format!(r#"{{"jsonrpc":"2.0","method":"test.v1.echo","id":1,"params":["{big}"]}}"#);
+        let frame = codec::encode(Encoding::SnappyFramed, json.as_bytes());
+        assert!(frame.len() > 64 * 1024);
+        // The peer may close as soon as it has seen the frame header.
+        let _ = raw.send(Message::binary(frame)).await;
+        assert_eq!(raw_close_code(&mut raw).await, Some(1009));
+        assert!(matches!(
+            peer.closed().await,
+            CloseReason::Local { code: 1009, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn decompression_bomb_closes_1009() {
+        let cfg = PeerConfig {
+            max_decompressed: 1 << 20,
+            ..fast_cfg()
+        };
+        let (peer, mut raw) = peer_and_raw(cfg, echo_handler()).await;
+        let zeros = format!(
+            r#"{{"jsonrpc":"2.0","method":"test.v1.echo","params":["{}"]}}"#,
+            "0".repeat(2 << 20)
+        );
+        let frame = codec::encode(Encoding::SnappyFramed, zeros.as_bytes());
+        assert!(frame.len() < 200 * 1024);
+        raw.send(Message::binary(frame)).await.unwrap();
+        assert_eq!(raw_close_code(&mut raw).await, Some(1009));
+        assert!(matches!(
+            peer.closed().await,
+            CloseReason::Local { code: 1009, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn pings_when_idle_and_answers_pings() {
+        let cfg = PeerConfig {
+            ping_interval: Duration::from_millis(30),
+            ..fast_cfg()
+        };
+        let (peer, mut raw) = peer_and_raw(cfg, echo_handler()).await;
+        match raw.next().await {
+            Some(Ok(Message::Ping(payload))) => assert!(payload.is_empty()),
+            other => panic!("expected a ping, got {other:?}"),
+        }
+        raw.send(Message::Ping(b"hi".to_vec().into()))
+            .await
+            .unwrap();
+        loop {
+            match raw.next().await {
+                Some(Ok(Message::Pong(payload))) => {
+                    assert_eq!(&payload[..], b"hi");
+                    break;
+                }
+                // More idle pings may arrive meanwhile.
+                Some(Ok(Message::Ping(_))) => continue,
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+        assert!(peer.is_closed().is_none());
+    }
+
+    #[tokio::test]
+    async fn idle_connection_is_dropped_but_pongs_keep_it_alive() {
+        let cfg = PeerConfig {
+            ping_interval: Duration::from_millis(20),
+            idle_timeout: Duration::from_millis(100),
+            ..fast_cfg()
+        };
+        // A peer that reads (and so answers pings) stays up past the idle timeout.
+        let (alive, mut raw) = peer_and_raw(cfg.clone(), echo_handler()).await;
+        let reader = tokio::spawn(async move { while let Some(Ok(_)) = raw.next().await {} });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(alive.is_closed().is_none());
+        alive.close(1000, "done");
+        assert!(matches!(
+            alive.closed().await,
+            CloseReason::Local { code: 1000, .. }
+        ));
+        reader.await.unwrap();
+
+        // A peer that never reads never answers the pings.
+        let (peer, _raw) = peer_and_raw(cfg, echo_handler()).await;
+        let started = Instant::now();
+        assert_eq!(peer.closed().await, CloseReason::IdleTimeout);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn stalled_reader_disconnects_the_writer() {
+        let cfg = PeerConfig {
+            write_timeout: Duration::from_millis(100),
+            outbound_queue: 4,
+            ..fast_cfg()
+        };
+        // A 16 KiB pipe that the raw side never drains.
+        let (raw, s) = ws_pair_with(&PeerConfig::default(), &cfg, 16 * 1024).await;
+        let peer = Peer::start(
+            s,
+            Encoding::SnappyFramed,
+            cfg,
+            caps(&["test.v1"]),
+            caps(&["test.v1"]),
+            echo_handler(),
+        );
+        let chunk: String = (0..50_000u64)
+            .map(|i| format!("{:x}", i * 2_654_435_761 % 65_521))
+            .collect();
+        let started = Instant::now();
+        let mut sent = 0;
+        // Notifications succeed while they fit in the queue, then wait, then fail.
+        let err = loop {
+            match peer.notify("test.v1.echo", json!([chunk])).await {
+                Ok(()) => sent += 1,
+                Err(err) => break err,
+            }
+        };
+        assert!(
+            matches!(err, CallError::Closed(CloseReason::WriteStalled)),
+            "{err}"
+        );
+        assert!(sent <= 6, "the queue is bounded: {sent}");
+        assert_eq!(peer.closed().await, CloseReason::WriteStalled);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(raw);
+    }
+
+    #[tokio::test]
+    async fn pending_calls_fail_when_the_connection_ends() {
+        let never = handler(&["test.v1.hang"], |_, _, _| {
+            futures::future::pending().boxed()
+        });
+        let (client, server) =
+            peer_pair(fast_cfg(), Encoding::SnappyFramed, echo_handler(), never).await;
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { client.call("test.v1.hang", json!([])).await }
+        });
+        while client.pending_calls() == 0 {
+            tokio::task::yield_now().await;
+        }
+        server.close(4000, "bye");
+        let err = call.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, CallError::Closed(CloseReason::Remote { code: Some(4000), reason }) if reason == "bye"),
+            "{err}"
+        );
+        assert!(matches!(
+            client.call("test.v1.echo", json!([])).await,
+            Err(CallError::Closed(_))
+        ));
+        assert!(matches!(
+            server.closed().await,
+            CloseReason::Local { code: 4000, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_task_outlives_the_connection() {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let baseline = metrics.num_alive_tasks();
+        let started = Arc::new(Notify::new());
+        let started2 = Arc::clone(&started);
+        let hang = handler(
+            &["test.v1.hang", "test.v1.echo"],
+            move |_, method, params| {
+                let started = Arc::clone(&started2);
+                async move {
+                    if method == "test.v1.hang" {
+                        started.notify_one();
+                        futures::future::pending::<()>().await;
+                    }
+                    Ok(params)
+                }
+                .boxed()
+            },
+        );
+        let (client, server) = peer_pair(fast_cfg(), Encoding::Zstd, echo_handler(), hang).await;
+        client.call("test.v1.echo", json!([1])).await.unwrap();
+        server.call("test.v1.echo", json!([2])).await.unwrap();
+        // Two handlers stuck forever on the server side.
+        let mut callers = Vec::new();
+        for _ in 0..2 {
+            let client = client.clone();
+            callers.push(tokio::spawn(async move {
+                client
+                    .call_with_timeout("test.v1.hang", json!([]), Duration::from_secs(60))
+                    .await
+            }));
+            started.notified().await;
+        }
+        // 2 drivers + 2 stuck handlers + 2 spawned callers.
+        assert_eq!(metrics.num_alive_tasks(), baseline + 6);
+        client.close(1000, "");
+        assert!(matches!(
+            client.closed().await,
+            CloseReason::Local { code: 1000, .. }
+        ));
+        assert!(matches!(
+            server.closed().await,
+            CloseReason::Remote {
+                code: Some(1000),
+                ..
+            }
+        ));
+        client.join().await;
+        server.join().await;
+        for caller in callers {
+            assert!(matches!(caller.await.unwrap(), Err(CallError::Closed(_))));
+        }
+        assert_eq!(metrics.num_alive_tasks(), baseline);
+    }
+
+    #[test]
+    fn ws_config_bounds_everything() {
+        let cfg = PeerConfig::default();
+        let ws = ws_config(&cfg);
+        assert_eq!(ws.max_message_size, Some(16 << 20));
+        assert_eq!(ws.max_frame_size, Some(16 << 20));
+        assert!(ws.max_write_buffer_size > ws.write_buffer_size + cfg.max_payload);
+        assert!(ws.max_write_buffer_size < 2 * cfg.max_payload);
+    }
+
+    #[test]
+    fn close_reasons_are_cut_at_a_char_boundary() {
+        let frame = close_frame(CloseCode::Protocol, &"é".repeat(100));
+        assert_eq!(frame.reason.len(), 122);
+        assert_eq!(capabilities(&["a.b.c", "a.b.d", "x.y"]), ["a.b", "x"]);
+    }
+}
