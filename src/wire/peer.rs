@@ -357,8 +357,8 @@ impl Peer {
         async move {
             match closed.wait_for(Option::is_some).await {
                 Ok(reason) => reason.clone().unwrap_or_else(ended_without_reason),
-                // The sender lives in `Inner`, which `closed` does not keep alive... but
-                // `self` did when this was created; treat a vanished sender as an end.
+                // The driver publishes a reason before it ends, so the sender can only be
+                // gone with a reason already set; this arm is for completeness.
                 Err(_) => ended_without_reason(),
             }
         }
