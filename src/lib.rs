@@ -16,6 +16,7 @@ pub mod cp;
 pub mod dp;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod rpc;
 pub mod schema;
 pub mod store;
 pub mod sync;

@@ -67,7 +67,10 @@ impl Delta {
         m.insert("type".into(), Value::String(self.entity_type.clone()));
         m.insert("pk".into(), serde_json::json!({ "id": self.id }));
         m.insert("ws_id".into(), Value::String(self.ws_id.clone()));
-        m.insert("version".into(), Value::String(version_string(self.version)));
+        m.insert(
+            "version".into(),
+            Value::String(version_string(self.version)),
+        );
         m.insert("entity".into(), self.entity.clone().unwrap_or(Value::Null));
         Value::Object(m)
     }

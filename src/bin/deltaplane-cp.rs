@@ -1,7 +1,7 @@
 //! `deltaplane-cp`: the control plane binary. Thin: parses settings and runs the library.
 
 use clap::Parser as _;
-use deltaplane::cp::config::{Cli, Command};
+use deltaplane::cp::config::{CertsCommand, Cli, Command};
 use deltaplane::cp::{self, CpConfig};
 
 fn main() -> std::process::ExitCode {
@@ -54,5 +54,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
+        Command::Certs(CertsCommand::Generate { out }) => {
+            std::fs::create_dir_all(&out)?;
+            let (crt, key) = deltaplane::tls::generate_shared_cert(&out)?;
+            println!(
+                "deltaplane-cp: wrote {} and {}",
+                crt.display(),
+                key.display()
+            );
+            Ok(())
+        }
+        Command::Status(args) => cp::status::print(&args).await,
     }
 }

@@ -29,6 +29,38 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply database migrations and exit
     Migrate(ServeArgs),
+    /// Cluster certificates
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Show the control plane's sync version and its data planes (calls /rpc)
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write a shared-mode cluster certificate (CN and SAN `kong_clustering`) and its key
+    Generate {
+        /// Directory for cluster.crt and cluster.key
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    /// The operator JSON-RPC endpoint
+    #[arg(
+        long,
+        env = "DELTAPLANE_RPC",
+        default_value = "http://127.0.0.1:8001/rpc"
+    )]
+    pub rpc: String,
+    /// Bearer token for the Admin API listener
+    #[arg(long, env = "DELTAPLANE_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Print JSON instead of a summary
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Every flag can also be set as `DELTAPLANE_<FLAG>` (upper case, `-` → `_`; lists
@@ -77,6 +109,40 @@ pub struct ServeArgs {
     /// Most Admin API writes committed together in one transaction [default: 256]
     #[arg(long, env = "DELTAPLANE_MAX_WRITE_BATCH")]
     pub max_write_batch: Option<usize>,
+    /// Cluster listener for data planes, TLS only [default: 127.0.0.1:8005]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<String>,
+    /// Cluster certificate (file, PEM or base64 PEM) [default: <data-dir>/cluster.crt, generated]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_CERT")]
+    pub cluster_cert: Option<String>,
+    /// Cluster certificate key [default: <data-dir>/cluster.key, generated]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_CERT_KEY")]
+    pub cluster_cert_key: Option<String>,
+    /// `shared` (one certificate, digest pinned) or `pki` (CA-issued) [default: shared]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_MTLS")]
+    pub cluster_mtls: Option<String>,
+    /// CA that issues data-plane certificates (pki mode)
+    #[arg(long, env = "DELTAPLANE_CLUSTER_CA_CERT")]
+    pub cluster_ca_cert: Option<String>,
+    /// Common names / SANs allowed for data-plane certificates (pki mode; comma-separated)
+    #[arg(
+        long,
+        env = "DELTAPLANE_CLUSTER_ALLOWED_COMMON_NAMES",
+        value_delimiter = ','
+    )]
+    pub cluster_allowed_common_names: Option<Vec<String>>,
+    /// Largest cluster message in bytes, compressed (Kong's cluster_max_payload) [default: 16777216]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_MAX_PAYLOAD")]
+    pub cluster_max_payload: Option<usize>,
+    /// Ping an idle cluster connection after this long [default: 30s]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_PING_INTERVAL")]
+    pub cluster_ping_interval: Option<String>,
+    /// Drop a cluster connection silent for this long [default: 45s]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_IDLE_TIMEOUT")]
+    pub cluster_idle_timeout: Option<String>,
+    /// Disconnect a data plane whose socket accepts no data for this long [default: 5s]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_WRITE_TIMEOUT")]
+    pub cluster_write_timeout: Option<String>,
 }
 
 /// Resolved control-plane settings.
@@ -95,6 +161,47 @@ pub struct CpConfig {
     pub purge_interval: Duration,
     pub kong_compat_version: String,
     pub max_batch: usize,
+    pub cluster_listen: SocketAddr,
+    pub cluster: ClusterSettings,
+    /// `None`: use (or generate) `cluster.crt` / `cluster.key` in the data dir.
+    pub cluster_cert: Option<(String, String)>,
+    /// `shared` or `pki`.
+    pub cluster_mtls: String,
+    pub cluster_ca_cert: Option<String>,
+    pub cluster_allowed_common_names: Vec<String>,
+}
+
+/// Cluster-link settings shared by both planes.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub max_payload: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    /// How long a call waits for its response.
+    pub call_timeout: Duration,
+    /// How long the TLS + WebSocket + hello handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            max_payload: 16 * 1024 * 1024,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(45),
+            write_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The decompressed-size cap that goes with `max_payload`.
+    pub fn max_decompressed(&self) -> usize {
+        self.max_payload.saturating_mul(16)
+    }
 }
 
 impl CpConfig {
@@ -114,26 +221,18 @@ impl CpConfig {
             purge_interval: Duration::from_secs(60),
             kong_compat_version: KONG_COMPAT_VERSION.to_owned(),
             max_batch: 256,
+            cluster_listen: "127.0.0.1:8005".parse().expect("valid address"),
+            cluster: ClusterSettings::default(),
+            cluster_cert: None,
+            cluster_mtls: "shared".into(),
+            cluster_ca_cert: None,
+            cluster_allowed_common_names: Vec::new(),
         }
     }
 
     /// Resolves flags (already merged with the environment by clap) over the TOML file over defaults.
     pub fn from_args(args: &ServeArgs) -> anyhow::Result<CpConfig> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                text.parse::<toml::Table>()
-                    .with_context(|| format!("parsing {}", path.display()))?
-            }
-            None => toml::Table::new(),
-        };
-        for key in file.keys() {
-            anyhow::ensure!(
-                KNOWN_KEYS.contains(&key.replace('_', "-").as_str()),
-                "unknown key '{key}' in the config file"
-            );
-        }
+        let file = Layer::read_file(args.config.as_deref(), KNOWN_KEYS)?;
         let layer = Layer { file: &file };
         let mut cfg = CpConfig::new(
             layer
@@ -196,6 +295,47 @@ impl CpConfig {
             anyhow::ensure!(n >= 1, "--max-write-batch must be at least 1");
             cfg.max_batch = n;
         }
+        if let Some(a) = layer.get(args.cluster_listen.clone(), "cluster-listen")? {
+            cfg.cluster_listen = a
+                .parse()
+                .with_context(|| format!("invalid --cluster-listen '{a}'"))?;
+        }
+        let cert = layer.get(args.cluster_cert.clone(), "cluster-cert")?;
+        let key = layer.get(args.cluster_cert_key.clone(), "cluster-cert-key")?;
+        cfg.cluster_cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => anyhow::bail!("--cluster-cert and --cluster-cert-key go together"),
+        };
+        if let Some(m) = layer.get(args.cluster_mtls.clone(), "cluster-mtls")? {
+            anyhow::ensure!(
+                m == "shared" || m == "pki",
+                "--cluster-mtls must be shared or pki, not '{m}'"
+            );
+            cfg.cluster_mtls = m;
+        }
+        cfg.cluster_ca_cert = layer.get(args.cluster_ca_cert.clone(), "cluster-ca-cert")?;
+        if let Some(names) = layer.get(
+            args.cluster_allowed_common_names
+                .clone()
+                .map(|v| v.join(",")),
+            "cluster-allowed-common-names",
+        )? {
+            cfg.cluster_allowed_common_names = split_list(&names);
+        }
+        cluster_layer(
+            &layer,
+            &mut cfg.cluster,
+            args.cluster_max_payload,
+            [
+                args.cluster_ping_interval.clone(),
+                args.cluster_idle_timeout.clone(),
+                args.cluster_write_timeout.clone(),
+            ],
+        )?;
+        if cfg.cluster_mtls == "pki" && cfg.cluster_ca_cert.is_none() {
+            anyhow::bail!("--cluster-mtls pki needs --cluster-ca-cert");
+        }
         Ok(cfg)
     }
 
@@ -229,15 +369,88 @@ const KNOWN_KEYS: &[&str] = &[
     "changelog-purge-interval",
     "kong-compat-version",
     "max-write-batch",
+    "cluster-listen",
+    "cluster-cert",
+    "cluster-cert-key",
+    "cluster-mtls",
+    "cluster-ca-cert",
+    "cluster-allowed-common-names",
+    "cluster-max-payload",
+    "cluster-ping-interval",
+    "cluster-idle-timeout",
+    "cluster-write-timeout",
 ];
 
-struct Layer<'a> {
-    file: &'a toml::Table,
+/// A comma-separated list, trimmed, empty items dropped.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Applies the cluster-link flags (payload, then ping / idle / write timers).
+pub(crate) fn cluster_layer(
+    layer: &Layer<'_>,
+    c: &mut ClusterSettings,
+    max_payload: Option<usize>,
+    timers: [Option<String>; 3],
+) -> anyhow::Result<()> {
+    if let Some(n) = layer.get(max_payload, "cluster-max-payload")? {
+        anyhow::ensure!(
+            n >= 4096,
+            "--cluster-max-payload must be at least 4096 bytes"
+        );
+        c.max_payload = n;
+    }
+    let [ping, idle, write] = timers;
+    for (value, key, slot) in [
+        (ping, "cluster-ping-interval", &mut c.ping_interval),
+        (idle, "cluster-idle-timeout", &mut c.idle_timeout),
+        (write, "cluster-write-timeout", &mut c.write_timeout),
+    ] {
+        if let Some(v) = layer.get(value, key)? {
+            *slot = parse_duration(&v).map_err(anyhow::Error::msg)?;
+        }
+    }
+    anyhow::ensure!(
+        c.idle_timeout > c.ping_interval,
+        "--cluster-idle-timeout must be longer than --cluster-ping-interval"
+    );
+    Ok(())
+}
+
+pub(crate) struct Layer<'a> {
+    pub(crate) file: &'a toml::Table,
 }
 
 impl Layer<'_> {
+    /// Reads a TOML file of flag names; unknown keys are errors.
+    pub(crate) fn read_file(
+        path: Option<&std::path::Path>,
+        known: &[&str],
+    ) -> anyhow::Result<toml::Table> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for key in file.keys() {
+            anyhow::ensure!(
+                known.contains(&key.replace('_', "-").as_str()),
+                "unknown key '{key}' in the config file"
+            );
+        }
+        Ok(file)
+    }
+
     /// The flag's value if given, else the file's (keys as flag names, `_` accepted for `-`).
-    fn get<T: FromStr>(&self, flag: Option<T>, key: &str) -> anyhow::Result<Option<T>>
+    pub(crate) fn get<T: FromStr>(&self, flag: Option<T>, key: &str) -> anyhow::Result<Option<T>>
     where
         T::Err: std::fmt::Display,
     {

@@ -228,10 +228,10 @@ impl Feed {
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<(String, Decision), FeedError> {
-        if let Some(after) = dp_version.filter(|v| *v > 0) {
-            if let Some(answer) = self.incremental(after, asker, fits).await? {
-                return Ok(answer);
-            }
+        if let Some(after) = dp_version.filter(|v| *v > 0)
+            && let Some(answer) = self.incremental(after, asker, fits).await?
+        {
+            return Ok(answer);
         }
         self.full(asker, fits).await
     }
@@ -352,10 +352,11 @@ impl Feed {
     async fn current_snapshot(&self) -> Result<Arc<Serialized>, FeedError> {
         let mut cached = self.snapshot.lock().await;
         let head = self.store.version_info().await?;
-        if let Some(s) = cached.as_ref() {
-            if s.version == head.version && s.epoch == head.epoch {
-                return Ok(s.clone());
-            }
+        if let Some(s) = cached
+            .as_ref()
+            .filter(|s| s.version == head.version && s.epoch == head.epoch)
+        {
+            return Ok(s.clone());
         }
         *cached = None; // free the old one before building the next
         let mut out = Serialized::new(0, String::new(), true);

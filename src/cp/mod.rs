@@ -2,8 +2,10 @@
 //! and the serve loop with graceful shutdown.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod feed;
+pub mod status;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -23,10 +25,15 @@ pub use config::CpConfig;
 /// A running control plane. Dropping it does not stop it; call [`RunningCp::shutdown`].
 pub struct RunningCp {
     pub admin_addr: SocketAddr,
+    pub cluster_addr: SocketAddr,
     pub store: Store,
     pub node_id: String,
+    pub cluster: Arc<cluster::ClusterCtx>,
+    /// The cluster certificate and key files (generated in the data dir when not configured).
+    pub cluster_cert_files: Option<(PathBuf, PathBuf)>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    _rpc: jsonrpsee::server::ServerHandle,
 }
 
 impl RunningCp {
@@ -90,7 +97,19 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         body_limit: cfg.body_limit,
         requests: AtomicU64::new(0),
     });
-    let app = admin::router(state, axum::Router::new());
+    let (tls, cluster_cert_files) = cluster_tls(&cfg)?;
+    let cluster = cluster::ClusterCtx::new(
+        store.clone(),
+        node_id.clone(),
+        cfg.kong_compat_version.clone(),
+        cfg.cluster.clone(),
+    );
+    let (rpc_router, rpc_handle) = crate::rpc::router(rpc_module(cluster.clone())?);
+    let app = admin::router(state, rpc_router);
+    let cluster_listener = tokio::net::TcpListener::bind(cfg.cluster_listen)
+        .await
+        .with_context(|| format!("binding the cluster listener on {}", cfg.cluster_listen))?;
+    let cluster_addr = cluster_listener.local_addr()?;
     let listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding the Admin API on {}", cfg.admin_listen))?;
@@ -107,14 +126,108 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         }
     });
     let purge_task = tokio::spawn(purge_loop(store.clone(), cfg.clone(), shutdown_rx.clone()));
-    tracing::info!(%admin_addr, backend = ?store.backend(), %node_id, "control plane started");
+    let cluster_task = tokio::spawn(cluster::serve(
+        cluster_listener,
+        tls,
+        cluster.clone(),
+        shutdown_rx.clone(),
+    ));
+    let follow_store = store.clone();
+    let follow_stop = shutdown_rx.clone();
+    let follow_task = tokio::spawn(async move {
+        follow_store
+            .follow_other_writers(Duration::from_secs(5), follow_stop)
+            .await
+    });
+    tracing::info!(%admin_addr, %cluster_addr, backend = ?store.backend(), %node_id, "control plane started");
     Ok(RunningCp {
         admin_addr,
+        cluster_addr,
         store,
         node_id,
+        cluster,
+        cluster_cert_files,
         shutdown_tx,
-        tasks: vec![admin_task, purge_task],
+        tasks: vec![admin_task, purge_task, cluster_task, follow_task],
+        _rpc: rpc_handle,
     })
+}
+
+/// The cluster TLS material: configured, or the dev certificate in the data dir (generated on
+/// first start).
+fn cluster_tls(
+    cfg: &CpConfig,
+) -> anyhow::Result<(crate::tls::ClusterTls, Option<(PathBuf, PathBuf)>)> {
+    let (cert, key, files) = match &cfg.cluster_cert {
+        Some((c, k)) => (c.clone(), k.clone(), None),
+        None => {
+            let (crt, key, created) = crate::tls::ensure_dev_cert(&cfg.data_dir)?;
+            if created {
+                tracing::info!(cert = %crt.display(), key = %key.display(), "generated a shared-mode cluster certificate; give data planes the same pair");
+            }
+            (
+                crt.display().to_string(),
+                key.display().to_string(),
+                Some((crt, key)),
+            )
+        }
+    };
+    let tls = crate::tls::ClusterTls::load(&crate::tls::TlsSettings {
+        mode: cfg.cluster_mtls.parse()?,
+        cert,
+        key,
+        ca_cert: cfg.cluster_ca_cert.clone(),
+        server_name: None,
+        allowed_common_names: cfg.cluster_allowed_common_names.clone(),
+    })
+    .context("loading the cluster certificate")?;
+    Ok((tls, files))
+}
+
+/// The control plane's operator JSON-RPC methods.
+fn rpc_module(
+    cluster: Arc<cluster::ClusterCtx>,
+) -> anyhow::Result<jsonrpsee::RpcModule<cluster::ClusterCtx>> {
+    use crate::rpc::server_error;
+    let mut module = jsonrpsee::RpcModule::from_arc(cluster);
+    module.register_async_method("deltaplane.sync_version", |params, ctx, _| async move {
+        let at = params
+            .parse::<Vec<serde_json::Value>>()
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .or_else(|| params.parse::<serde_json::Value>().ok())
+            .and_then(|v| v.get("at").and_then(serde_json::Value::as_i64));
+        let info = ctx.store.version_info().await.map_err(server_error)?;
+        let mut out = status::sync_version_json(&info);
+        if let Some(at) = at {
+            let hash = ctx.store.state_hash_at(at).await.map_err(server_error)?;
+            let Some(hash) = hash else {
+                return Err(server_error(format!(
+                    "version {at} is not retained (oldest is {}, head is {})",
+                    info.oldest_version, info.version
+                )));
+            };
+            out["at"] = at.into();
+            out["state_hash_at"] = hash.to_hex().into();
+        }
+        Ok::<_, crate::rpc::ErrorObjectOwned>(out)
+    })?;
+    module.register_async_method("deltaplane.data_planes", |_params, ctx, _| async move {
+        ctx.data_planes().await.map_err(server_error)
+    })?;
+    crate::rpc::register_watch(
+        &mut module,
+        |ctx: &cluster::ClusterCtx| ctx.store.subscribe(),
+        |ctx: Arc<cluster::ClusterCtx>, v| async move {
+            let hash = ctx.store.state_hash_at(v).await.ok().flatten()?;
+            Some(serde_json::json!({
+                "version": v,
+                "version_string": crate::sync::version_string(v),
+                "state_hash": hash.to_hex(),
+            }))
+        },
+    )?;
+    Ok(module)
 }
 
 fn detail(e: &crate::store::StoreError) -> String {

@@ -1,3 +1,181 @@
 //! The data plane: its redb store, the sync client, and the status listener.
+//!
+//! [`start`] opens the store (serving the stored configuration at once, CP or not), binds the
+//! status listener, and spawns the sync client that follows the control plane(s).
 
+pub mod client;
+pub mod config;
+pub mod status;
 pub mod store;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::DpConfig;
+use store::{DpStore, DpStoreOptions};
+
+/// The link to the control plane, as the status listener shows it.
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// `host:port` of the control plane currently connected, if any.
+    pub connected_to: Option<String>,
+    /// The latest version the control plane announced (notify or get_delta answer).
+    pub cp_version_seen: i64,
+    pub last_error: Option<String>,
+    /// Unix seconds of the last successful sync exchange.
+    pub last_sync_at: Option<i64>,
+    /// The control plane's change-log epoch, from its hello.
+    pub cp_epoch: Option<String>,
+    /// Applies since start, by kind.
+    pub full_syncs: u64,
+    pub incremental_syncs: u64,
+}
+
+/// State shared by the sync client and the status listener.
+pub struct DpShared {
+    pub store: DpStore,
+    pub node_id: String,
+    pub hostname: String,
+    link: Mutex<LinkStatus>,
+    applied: watch::Sender<i64>,
+}
+
+impl DpShared {
+    pub fn new(store: DpStore, node_id: String, hostname: String) -> DpShared {
+        let (applied, _) = watch::channel(store.state().version);
+        DpShared {
+            store,
+            node_id,
+            hostname,
+            link: Mutex::new(LinkStatus::default()),
+            applied,
+        }
+    }
+
+    pub fn link(&self) -> LinkStatus {
+        self.link.lock().expect("link lock").clone()
+    }
+
+    pub fn update_link(&self, f: impl FnOnce(&mut LinkStatus)) {
+        f(&mut self.link.lock().expect("link lock"));
+    }
+
+    /// Versions durably applied, for `deltaplane.watch_version`.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
+    }
+
+    pub(crate) fn applied(&self, version: i64) {
+        self.applied.send_replace(version);
+    }
+
+    /// `deltaplane.sync_version` on the data plane.
+    pub fn sync_version(&self) -> Value {
+        let s = self.store.state();
+        let link = self.link();
+        let connected = link.connected_to.is_some();
+        serde_json::json!({
+            "version": s.version,
+            "version_string": crate::sync::version_string(s.version),
+            "epoch": s.epoch,
+            "state_hash": s.state_hash.to_hex(),
+            "cp_version_seen": link.cp_version_seen,
+            "connected": connected,
+            "in_sync": connected && s.version > 0 && s.version == link.cp_version_seen,
+            "protocol": "v2",
+            "last_error": link.last_error,
+        })
+    }
+
+    /// `GET /status`.
+    pub fn status_json(&self) -> Value {
+        let s = self.store.state();
+        let link = self.link();
+        let mut v = self.sync_version();
+        let m = v.as_object_mut().expect("an object");
+        m.insert("role".into(), "data_plane".into());
+        m.insert("node_id".into(), self.node_id.clone().into());
+        m.insert("hostname".into(), self.hostname.clone().into());
+        m.insert("entities".into(), s.n_entities.into());
+        m.insert("control_plane".into(), link.connected_to.into());
+        m.insert("last_sync_at".into(), link.last_sync_at.into());
+        m.insert("full_syncs".into(), link.full_syncs.into());
+        m.insert("incremental_syncs".into(), link.incremental_syncs.into());
+        v
+    }
+}
+
+/// A running data plane. Call [`RunningDp::shutdown`] to stop it.
+pub struct RunningDp {
+    pub status_addr: SocketAddr,
+    pub shared: Arc<DpShared>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    _rpc: jsonrpsee::server::ServerHandle,
+}
+
+impl RunningDp {
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store, binds the status listener, and starts following the control plane.
+pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let node_id = crate::cp::persistent_node_id(&cfg.data_dir)?;
+    let hostname = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let store = open_store(&cfg.data_dir, cfg.durable)?;
+    let state = store.state();
+    tracing::info!(
+        version = state.version,
+        entities = state.n_entities,
+        %node_id,
+        "data plane store opened"
+    );
+    let shared = Arc::new(DpShared::new(store, node_id, hostname));
+    let tls = client::tls_for(&cfg)?;
+    let (app, rpc_handle) = status::router(shared.clone())?;
+    let listener = tokio::net::TcpListener::bind(cfg.status_listen)
+        .await
+        .with_context(|| format!("binding the status listener on {}", cfg.status_listen))?;
+    let status_addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut rx = shutdown_rx.clone();
+    let status_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "status listener failed");
+        }
+    });
+    let client_task = tokio::spawn(client::run(cfg, tls, shared.clone(), shutdown_rx));
+    Ok(RunningDp {
+        status_addr,
+        shared,
+        shutdown_tx,
+        tasks: vec![status_task, client_task],
+        _rpc: rpc_handle,
+    })
+}
+
+fn open_store(data_dir: &Path, durable: bool) -> anyhow::Result<DpStore> {
+    let path = data_dir.join("config.redb");
+    let mut opts = DpStoreOptions::recommended();
+    opts.durable = durable;
+    DpStore::open(&path, crate::schema::Registry::builtin().clone(), opts)
+        .with_context(|| format!("opening {}", path.display()))
+}

@@ -393,7 +393,8 @@ impl Store {
     }
 }
 
-pub(crate) fn now_secs() -> i64 {
+/// Unix time in seconds.
+pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

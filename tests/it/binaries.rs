@@ -19,6 +19,7 @@ async fn cp_binary_serves_and_stops_on_sigterm() {
         .args(["serve", "--data-dir"])
         .arg(dir.path())
         .env("DELTAPLANE_ADMIN_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DELTAPLANE_CLUSTER_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -4,6 +4,10 @@
 
 use std::io::Write as _;
 use std::sync::Once;
+use std::time::Duration;
+
+use deltaplane::cp::config::ClusterSettings;
+use deltaplane::dp::{DpConfig, DpShared, RunningDp};
 
 use deltaplane::cp::{self, CpConfig, RunningCp};
 use deltaplane::store::{Store, StoreOptions};
@@ -96,6 +100,8 @@ impl TestDb {
         }
         cfg.sqlite_synchronous_full = false;
         cfg.admin_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.cluster_listen = "127.0.0.1:0".parse().unwrap();
+        short_timers(&mut cfg.cluster);
         cfg
     }
 }
@@ -267,6 +273,142 @@ impl TestCp {
         if let Some(cp) = self.cp.take() {
             cp.shutdown().await;
         }
+    }
+}
+
+/// Timers short enough for tests, long enough for a loaded 2-core machine.
+pub fn short_timers(c: &mut ClusterSettings) {
+    c.ping_interval = Duration::from_secs(2);
+    c.idle_timeout = Duration::from_secs(6);
+    c.write_timeout = Duration::from_secs(3);
+    c.call_timeout = Duration::from_secs(10);
+    c.handshake_timeout = Duration::from_secs(5);
+}
+
+impl TestCp {
+    pub fn running(&self) -> &RunningCp {
+        self.cp.as_ref().expect("running")
+    }
+
+    /// The cluster address and the shared certificate files data planes need.
+    pub fn cluster_target(&self) -> (String, String, String) {
+        let cp = self.running();
+        let (crt, key) = cp.cluster_cert_files.clone().expect("dev certificate");
+        (
+            cp.cluster_addr.to_string(),
+            crt.display().to_string(),
+            key.display().to_string(),
+        )
+    }
+
+    /// A data-plane configuration pointing at this control plane, data under `dir`.
+    pub fn dp_config(&self, dir: &std::path::Path) -> DpConfig {
+        let (addr, crt, key) = self.cluster_target();
+        let mut cfg = DpConfig::new(dir, addr, crt, key);
+        cfg.status_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.durable = false;
+        cfg.reconnect_min = Duration::from_millis(50);
+        cfg.reconnect_max = Duration::from_millis(500);
+        cfg.invalid_backoff = Duration::from_millis(300);
+        short_timers(&mut cfg.cluster);
+        cfg
+    }
+
+    /// Starts a data plane in a fresh temp dir.
+    pub async fn start_dp(&self) -> TestDp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = self.dp_config(dir.path());
+        TestDp::start(cfg, dir).await
+    }
+
+    /// The control plane's (version, state hash).
+    pub async fn head(&self) -> (i64, String) {
+        let info = self.store().version_info().await.expect("version info");
+        (info.version, info.state_hash.to_hex())
+    }
+}
+
+/// A data plane running in-process.
+pub struct TestDp {
+    pub dp: Option<RunningDp>,
+    /// (version, state hash) when last stopped.
+    stopped_at: (i64, String),
+    pub cfg: DpConfig,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDp {
+    pub async fn start(cfg: DpConfig, dir: tempfile::TempDir) -> TestDp {
+        let dp = deltaplane::dp::start(cfg.clone())
+            .await
+            .expect("start data plane");
+        TestDp {
+            dp: Some(dp),
+            stopped_at: (0, String::new()),
+            cfg,
+            dir,
+        }
+    }
+
+    pub fn shared(&self) -> &std::sync::Arc<DpShared> {
+        &self.dp.as_ref().expect("running").shared
+    }
+
+    /// (version, state hash) as stored (as of the stop while stopped).
+    pub fn state(&self) -> (i64, String) {
+        match &self.dp {
+            Some(dp) => {
+                let s = dp.shared.store.state();
+                (s.version, s.state_hash.to_hex())
+            }
+            None => self.stopped_at.clone(),
+        }
+    }
+
+    /// Waits until the data plane has applied at least `version`; panics after `secs`.
+    pub async fn wait_version(&self, version: i64, secs: u64) {
+        let mut rx = self.shared().subscribe();
+        let r =
+            tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|v| *v >= version)).await;
+        assert!(
+            r.is_ok(),
+            "data plane stuck at {:?}, wanted version {version}; status {}",
+            self.state(),
+            self.shared().status_json()
+        );
+    }
+
+    /// Waits until the data plane equals the control plane's head: same version, same hash.
+    pub async fn converge(&self, cp: &TestCp, secs: u64) {
+        let (v, hash) = cp.head().await;
+        self.wait_version(v, secs).await;
+        assert_eq!(
+            self.state(),
+            (v, hash.clone()),
+            "data plane diverged from the control plane"
+        );
+        let recomputed = self.shared().store.compute_state_hash().unwrap().to_hex();
+        assert_eq!(
+            recomputed, hash,
+            "stored entities do not hash to the recorded state hash"
+        );
+    }
+
+    pub async fn stop(&mut self) {
+        self.stopped_at = self.state();
+        if let Some(dp) = self.dp.take() {
+            dp.shutdown().await;
+        }
+    }
+
+    /// Stops and starts again on the same data dir.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.dp = Some(
+            deltaplane::dp::start(self.cfg.clone())
+                .await
+                .expect("restart data plane"),
+        );
     }
 }
 

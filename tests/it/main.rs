@@ -9,3 +9,4 @@ mod binaries;
 mod changelog;
 mod fuzz_corpus;
 mod harness;
+mod sync;

@@ -1,0 +1,552 @@
+//! The control plane's cluster listener: TLS (mTLS) → WebSocket `/v2/outlet` with subprotocol
+//! `kong.meta.v1` → `kong.meta.v1.hello` → a symmetric JSON-RPC peer per data plane.
+//!
+//! Per data plane there is one notifier task: it waits on the change-log head (a `watch`: one
+//! latest-version slot and a dirty flag, so no wake-up is lost and bursts coalesce) and calls
+//! `kong.sync.v2.notify_new_version` when the head is past what the data plane reported. Each
+//! data plane has its own task, so a slow one never delays the others.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::config::ClusterSettings;
+use super::feed::{Asker, Feed, FeedError};
+use crate::store::{DataPlaneRow, Store};
+use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, parse_version, version_string};
+use crate::tls::ClusterTls;
+use crate::wire::codec::{self, Encoding};
+use crate::wire::hello::{self, Hello, HelloResult};
+use crate::wire::jsonrpc::RpcError;
+use crate::wire::peer::{Handler, Peer, PeerConfig};
+
+/// The subprotocol of `/v2/outlet`.
+pub const SUBPROTOCOL: &str = "kong.meta.v1";
+
+/// Methods the control plane serves.
+const CP_METHODS: &[&str] = &[
+    "kong.sync.v2.get_delta",
+    "kong.sync.v2.notify_validation_error",
+    "deltaplane.sync.v1.get_page",
+];
+
+/// What the cluster listener shares across connections.
+pub struct ClusterCtx {
+    pub store: Store,
+    pub feed: Feed,
+    pub node_id: String,
+    pub kong_compat_version: String,
+    pub settings: ClusterSettings,
+    conns: Mutex<HashMap<u64, Arc<DpConn>>>,
+    next_conn: AtomicU64,
+}
+
+/// One connected data plane.
+pub struct DpConn {
+    pub node_id: String,
+    pub hostname: String,
+    pub address: SocketAddr,
+    pub kong_version: String,
+    pub labels: Value,
+    pub capabilities: Vec<String>,
+    pub cert_expiry: Option<i64>,
+    status: Mutex<DpStatus>,
+    /// The version the DP last reported (its get_delta `version`).
+    reported: watch::Sender<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct DpStatus {
+    version: i64,
+    last_error: Option<String>,
+}
+
+impl ClusterCtx {
+    pub fn new(
+        store: Store,
+        node_id: String,
+        kong_compat_version: String,
+        settings: ClusterSettings,
+    ) -> Arc<ClusterCtx> {
+        let feed = Feed::new(
+            store.clone(),
+            super::feed::FeedLimits {
+                // Leave room for the JSON-RPC envelope; JSON compresses, so an uncompressed
+                // answer this size always fits a frame once encoded.
+                frame_bytes: settings.max_payload.saturating_sub(1024).max(1024),
+                max_decompressed: settings.max_decompressed(),
+                max_versions: 10_000,
+            },
+        );
+        Arc::new(ClusterCtx {
+            store,
+            feed,
+            node_id,
+            kong_compat_version,
+            settings,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+        })
+    }
+
+    /// Data planes connected to this control plane right now.
+    pub fn connected(&self) -> Vec<Arc<DpConn>> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn peer_config(&self) -> PeerConfig {
+        let s = &self.settings;
+        PeerConfig {
+            ping_interval: s.ping_interval,
+            idle_timeout: s.idle_timeout,
+            call_timeout: s.call_timeout,
+            write_timeout: s.write_timeout,
+            max_payload: s.max_payload,
+            max_decompressed: s.max_decompressed(),
+            ..PeerConfig::default()
+        }
+    }
+
+    fn row(&self, conn: &DpConn, connected: bool) -> DataPlaneRow {
+        let st = conn.status.lock().expect("status lock").clone();
+        DataPlaneRow {
+            node_id: conn.node_id.clone(),
+            hostname: conn.hostname.clone(),
+            address: conn.address.ip().to_string(),
+            kong_version: conn.kong_version.clone(),
+            protocol: "v2".into(),
+            version: st.version,
+            state_hash: None,
+            connected_to: connected.then(|| self.node_id.clone()),
+            last_seen: crate::store::now_secs(),
+            last_error: st.last_error,
+            labels: conn.labels.to_string(),
+            capabilities: Value::from(conn.capabilities.clone()).to_string(),
+            cert_expiry: conn.cert_expiry,
+        }
+    }
+
+    /// Every data plane known to the cluster, this control plane's live view first.
+    pub async fn data_planes(&self) -> Result<Vec<Value>, crate::store::StoreError> {
+        let mut rows: HashMap<String, DataPlaneRow> = self
+            .store
+            .data_planes()
+            .await?
+            .into_iter()
+            .map(|r| (r.node_id.clone(), r))
+            .collect();
+        for c in self.connected() {
+            rows.insert(c.node_id.clone(), self.row(&c, true));
+        }
+        let mut out: Vec<Value> = rows
+            .into_values()
+            .map(|r| {
+                serde_json::json!({
+                    "node_id": r.node_id,
+                    "hostname": r.hostname,
+                    "address": r.address,
+                    "kong_version": r.kong_version,
+                    "protocol": r.protocol,
+                    "version": r.version,
+                    "version_string": version_string(r.version),
+                    "state_hash": r.state_hash,
+                    "connected_to": r.connected_to,
+                    "last_seen": r.last_seen,
+                    "last_error": r.last_error,
+                    "labels": serde_json::from_str::<Value>(&r.labels).unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
+        Ok(out)
+    }
+}
+
+/// Accepts cluster connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: ClusterTls,
+    ctx: Arc<ClusterCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "cluster accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let tls = tls.clone();
+                let ctx = ctx.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = connection(tcp, addr, tls, ctx, stop).await {
+                        tracing::info!(peer = %addr, error = %e, "cluster connection ended");
+                    }
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Connections close themselves on shutdown (1001); give them a moment, then abort.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tasks.shutdown().await;
+    }
+}
+
+/// Closes the connection when the task that owns it ends, however it ends (a connection
+/// outlives its `Peer` handles otherwise).
+struct CloseOnDrop(Peer);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(1001, "control plane closing the connection");
+    }
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's upgrade callback returns a whole response
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    tls: ClusterTls,
+    ctx: Arc<ClusterCtx>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let timeout = ctx.settings.handshake_timeout;
+    let (tls, identity) = tokio::time::timeout(timeout, tls.accept(tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
+        .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
+    let identity = Some(identity);
+    let ws_config = crate::wire::peer::ws_config(&ctx.peer_config());
+    let callback =
+        |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+         mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+            check_upgrade(req, &mut resp)?;
+            Ok(resp)
+        };
+    let mut ws = tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(ws_config)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
+    .map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}"))?;
+
+    let epoch = ctx
+        .store
+        .version_info()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the change log: {e}"))?
+        .epoch;
+    let our_caps = vec![
+        CAP_KONG_SYNC_V2.to_owned(),
+        CAP_DELTAPLANE_SYNC_V1.to_owned(),
+    ];
+    let caps_for_hello = our_caps.clone();
+    let cp_node = ctx.node_id.clone();
+    let (hello, encoding) = hello::server_handshake(&mut ws, timeout, move |h: &Hello| {
+        let enc = codec::choose(&h.rpc_frame_encodings)
+            .ok_or_else(|| "unknown encodings: no common frame encoding".to_owned())?;
+        let mut extra = serde_json::Map::new();
+        extra.insert("epoch".into(), Value::String(epoch));
+        extra.insert("node_id".into(), Value::String(cp_node));
+        Ok(HelloResult {
+            rpc_capabilities: caps_for_hello,
+            rpc_frame_encoding: enc.name().to_owned(),
+            extra,
+        })
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("hello failed: {e}"))?;
+
+    let conn = Arc::new(DpConn {
+        node_id: hello.kong_node_id.clone(),
+        hostname: hello.kong_hostname.clone(),
+        address: addr,
+        kong_version: hello.kong_version.clone(),
+        labels: labels_of(&hello.kong_conf),
+        capabilities: hello.rpc_capabilities.clone(),
+        cert_expiry: identity.as_ref().map(|i| i.not_after),
+        status: Mutex::new(DpStatus::default()),
+        reported: watch::channel(-1).0,
+    });
+    let handler = Arc::new(CpHandler {
+        ctx: ctx.clone(),
+        conn: conn.clone(),
+        encoding,
+    });
+    let peer = Peer::start(
+        ws,
+        encoding,
+        ctx.peer_config(),
+        our_caps,
+        hello.rpc_capabilities.clone(),
+        handler,
+    );
+    let _closer = CloseOnDrop(peer.clone());
+    let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    ctx.conns
+        .lock()
+        .expect("conns lock")
+        .insert(id, conn.clone());
+    tracing::info!(
+        node_id = %conn.node_id,
+        hostname = %conn.hostname,
+        peer = %addr,
+        kong_version = %conn.kong_version,
+        encoding = encoding.name(),
+        caps = ?conn.capabilities,
+        "data plane connected"
+    );
+    record(&ctx, &conn, true).await;
+
+    let notifier = tokio::spawn(notify_loop(ctx.clone(), conn.clone(), peer.clone()));
+    let reason = tokio::select! {
+        r = peer.closed() => format!("{r:?}"),
+        _ = stop.wait_for(|s| *s) => {
+            peer.close(1001, "control plane shutting down");
+            "shutdown".to_owned()
+        }
+    };
+    notifier.abort();
+    ctx.conns.lock().expect("conns lock").remove(&id);
+    if let Err(e) = ctx
+        .store
+        .disconnect_data_plane(&conn.node_id, &ctx.node_id, crate::store::now_secs())
+        .await
+    {
+        tracing::debug!(error = %e, "recording a disconnect failed");
+    }
+    tracing::info!(node_id = %conn.node_id, peer = %addr, %reason, "data plane disconnected");
+    Ok(())
+}
+
+/// Refuses upgrades to anything but `/v2/outlet` with subprotocol `kong.meta.v1`.
+#[allow(clippy::result_large_err)]
+fn check_upgrade(
+    req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+    resp: &mut tokio_tungstenite::tungstenite::handshake::server::Response,
+) -> Result<(), tokio_tungstenite::tungstenite::handshake::server::ErrorResponse> {
+    use tokio_tungstenite::tungstenite::http;
+    let reject = |status: http::StatusCode, msg: &str| {
+        let mut r = http::Response::new(Some(msg.to_owned()));
+        *r.status_mut() = status;
+        r
+    };
+    if req.uri().path() != "/v2/outlet" {
+        return Err(reject(http::StatusCode::NOT_FOUND, "not found"));
+    }
+    let offered = req
+        .headers()
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if !offered {
+        return Err(reject(
+            http::StatusCode::BAD_REQUEST,
+            "unknown RPC protocol: Sec-WebSocket-Protocol must include kong.meta.v1",
+        ));
+    }
+    resp.headers_mut().insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(SUBPROTOCOL),
+    );
+    Ok(())
+}
+
+/// `kong_conf.cluster_dp_labels` (`["key:value", ...]`) as an object.
+fn labels_of(conf: &Value) -> Value {
+    let mut m = serde_json::Map::new();
+    if let Some(items) = conf.get("cluster_dp_labels").and_then(Value::as_array) {
+        for item in items.iter().filter_map(Value::as_str) {
+            if let Some((k, v)) = item.split_once(':') {
+                m.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+async fn record(ctx: &ClusterCtx, conn: &DpConn, connected: bool) {
+    if let Err(e) = ctx.store.upsert_data_plane(&ctx.row(conn, connected)).await {
+        tracing::debug!(error = %e, node_id = %conn.node_id, "recording data-plane status failed");
+    }
+}
+
+/// Calls `notify_new_version` whenever the head moves past what the data plane reported.
+async fn notify_loop(ctx: Arc<ClusterCtx>, conn: Arc<DpConn>, peer: Peer) {
+    if !conn.capabilities.iter().any(|c| c == CAP_KONG_SYNC_V2) {
+        return;
+    }
+    let mut head = ctx.store.subscribe();
+    let mut reported = conn.reported.subscribe();
+    // Wait for the data plane's first get_delta: it pulls on connect anyway.
+    if reported.wait_for(|v| *v >= 0).await.is_err() {
+        return;
+    }
+    let mut last_status_write = std::time::Instant::now();
+    loop {
+        let h = *head.borrow_and_update();
+        let r = *reported.borrow_and_update();
+        if h > r {
+            let params = serde_json::json!([{ "default": { "new_version": version_string(h) } }]);
+            match peer.call("kong.sync.v2.notify_new_version", params).await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(node_id = %conn.node_id, error = %e, "notify_new_version failed");
+                }
+            }
+            // Wait for the DP to report progress (or for a newer head) before notifying again.
+            tokio::select! {
+                c = head.changed() => if c.is_err() { return },
+                c = reported.changed() => if c.is_err() { return },
+                _ = tokio::time::sleep(ctx.settings.ping_interval) => {}
+            }
+        } else {
+            if last_status_write.elapsed() > Duration::from_secs(1) {
+                record(&ctx, &conn, true).await;
+                last_status_write = std::time::Instant::now();
+            }
+            tokio::select! {
+                c = head.changed() => if c.is_err() { return },
+                c = reported.changed() => if c.is_err() { return },
+            }
+        }
+    }
+}
+
+struct CpHandler {
+    ctx: Arc<ClusterCtx>,
+    conn: Arc<DpConn>,
+    encoding: Encoding,
+}
+
+impl Handler for CpHandler {
+    fn methods(&self) -> &[&'static str] {
+        CP_METHODS
+    }
+
+    fn call(
+        &self,
+        peer: Peer,
+        method: String,
+        params: Value,
+    ) -> BoxFuture<'static, Result<Value, RpcError>> {
+        let ctx = self.ctx.clone();
+        let conn = self.conn.clone();
+        let encoding = self.encoding;
+        Box::pin(async move {
+            match method.as_str() {
+                "kong.sync.v2.get_delta" => get_delta(&ctx, &conn, &peer, encoding, params).await,
+                "kong.sync.v2.notify_validation_error" => {
+                    let p = first_param(&params)?;
+                    let msg = p
+                        .get("error")
+                        .and_then(|e| e.get("message"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("validation error")
+                        .to_owned();
+                    tracing::warn!(node_id = %conn.node_id, version = ?p.get("version"), error = %msg, "data plane rejected deltas");
+                    conn.status.lock().expect("status lock").last_error = Some(msg);
+                    record(&ctx, &conn, true).await;
+                    Ok(Value::Bool(true))
+                }
+                "deltaplane.sync.v1.get_page" => {
+                    let p = first_param(&params)?;
+                    let id = p.get("id").and_then(Value::as_str).ok_or_else(|| {
+                        RpcError::invalid_params().with_message("'id' must be a string")
+                    })?;
+                    let page = p.get("page").and_then(Value::as_u64).ok_or_else(|| {
+                        RpcError::invalid_params().with_message("'page' must be a number")
+                    })?;
+                    let text = ctx
+                        .feed
+                        .page(id, page as usize)
+                        .map_err(|e| RpcError::server_error().with_message(e.to_string()))?;
+                    raw_value(text)
+                }
+                _ => Err(RpcError::method_not_found()),
+            }
+        })
+    }
+}
+
+fn first_param(params: &Value) -> Result<&Value, RpcError> {
+    params
+        .get(0)
+        .filter(|p| p.is_object())
+        .ok_or_else(|| RpcError::invalid_params().with_message("params must be [ { ... } ]"))
+}
+
+fn raw_value(text: String) -> Result<Value, RpcError> {
+    serde_json::from_str(&text).map_err(|e| RpcError::internal_error().with_message(e.to_string()))
+}
+
+async fn get_delta(
+    ctx: &ClusterCtx,
+    conn: &DpConn,
+    peer: &Peer,
+    encoding: Encoding,
+    params: Value,
+) -> Result<Value, RpcError> {
+    let p = first_param(&params)?;
+    let ns = p.get("default").ok_or_else(|| {
+        RpcError::server_error().with_message("default namespace does not exist inside params")
+    })?;
+    let version = ns
+        .get("version")
+        .and_then(Value::as_str)
+        .and_then(parse_version);
+    if let Some(v) = version {
+        conn.status.lock().expect("status lock").version = v;
+        conn.reported.send_replace(v);
+    } else {
+        conn.reported.send_replace(0);
+    }
+    let asker = Asker {
+        paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
+    };
+    let max = ctx.settings.max_payload;
+    let fits = move |bytes: &[u8]| codec::encode(encoding, bytes).len() + 64 <= max;
+    match ctx.feed.get_delta(version, asker, &fits).await {
+        Ok((text, decision)) => {
+            tracing::debug!(node_id = %conn.node_id, ?decision, bytes = text.len(), "get_delta");
+            raw_value(text)
+        }
+        Err(FeedError::Store(e)) => {
+            tracing::warn!(error = %e, "get_delta: database unavailable");
+            Err(RpcError::server_error().with_message(format!("database unavailable: {e}")))
+        }
+        Err(e) => {
+            tracing::error!(node_id = %conn.node_id, error = %e, "get_delta refused");
+            Err(RpcError::server_error().with_message(e.to_string()))
+        }
+    }
+}

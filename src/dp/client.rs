@@ -1,0 +1,749 @@
+//! The data plane's sync client: connect (TLS → WebSocket → hello) to one of the configured
+//! control planes, then pull `kong.sync.v2.get_delta` on connect, on every
+//! `notify_new_version`, and on a slow safety poll; apply each answer in one redb transaction.
+//!
+//! Answers are parsed as a stream: the deltas array is never held as a `Value` tree, only one
+//! delta at a time, so a full sync needs little more memory than its decoded bytes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use super::store::{ApplyError, ApplyKind, DpStore};
+use super::{DpConfig, DpShared};
+use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, parse_version, version_string};
+use crate::tls::{ClusterTls, TlsSettings};
+use crate::wire::codec::Encoding;
+use crate::wire::hello::{self, Hello};
+use crate::wire::jsonrpc::RpcError;
+use crate::wire::peer::{Handler, Peer, PeerConfig};
+
+const DP_METHODS: &[&str] = &["kong.sync.v2.notify_new_version"];
+
+/// The TLS material from the data plane's settings.
+pub fn tls_for(cfg: &DpConfig) -> anyhow::Result<ClusterTls> {
+    ClusterTls::load(&TlsSettings {
+        mode: cfg.cluster_mtls.parse()?,
+        cert: cfg.cluster_cert.clone(),
+        key: cfg.cluster_cert_key.clone(),
+        ca_cert: cfg.cluster_ca_cert.clone(),
+        server_name: cfg.cluster_server_name.clone(),
+        allowed_common_names: Vec::new(),
+    })
+    .context("loading the cluster certificate")
+}
+
+pub(crate) fn peer_config(cfg: &DpConfig) -> PeerConfig {
+    let s = &cfg.cluster;
+    PeerConfig {
+        ping_interval: s.ping_interval,
+        idle_timeout: s.idle_timeout,
+        call_timeout: s.call_timeout,
+        write_timeout: s.write_timeout,
+        max_payload: s.max_payload,
+        max_decompressed: s.max_decompressed(),
+        ..PeerConfig::default()
+    }
+}
+
+/// Follows the control plane(s) until `stop`.
+pub async fn run(
+    cfg: DpConfig,
+    tls: ClusterTls,
+    shared: Arc<DpShared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut attempt: u32 = 0;
+    let mut index = 0usize;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let cp = cfg.control_planes[index % cfg.control_planes.len()].clone();
+        let started = std::time::Instant::now();
+        match session(&cfg, &tls, &shared, &cp, stop.clone()).await {
+            Ok(End::Stopped) => {
+                shared.update_link(|l| l.connected_to = None);
+                return;
+            }
+            Ok(End::Closed(reason)) => {
+                tracing::info!(control_plane = %cp, %reason, "disconnected from the control plane");
+            }
+            Err(e) => {
+                tracing::warn!(control_plane = %cp, error = %format!("{e:#}"), "control plane connection failed");
+            }
+        }
+        shared.update_link(|l| l.connected_to = None);
+        // A session that lasted a while was healthy: start the back-off over.
+        if started.elapsed() > cfg.reconnect_max {
+            attempt = 0;
+        }
+        index += 1;
+        let delay = backoff(cfg.reconnect_min, cfg.reconnect_max, attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Jittered exponential back-off: uniform in [d/2, d] with d = min · 2^attempt, capped at max.
+fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let d = min
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(max)
+        .max(Duration::from_millis(1));
+    let lo = d / 2;
+    lo + (d - lo).mul_f64(rand::random::<f64>())
+}
+
+enum End {
+    Stopped,
+    Closed(String),
+}
+
+async fn session(
+    cfg: &DpConfig,
+    tls: &ClusterTls,
+    shared: &Arc<DpShared>,
+    cp: &str,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<End> {
+    let timeout = cfg.cluster.handshake_timeout;
+    let (host, _port) = cp.rsplit_once(':').context("host:port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(cp))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect timed out"))?
+        .with_context(|| format!("connecting to {cp}"))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+    let stream = tokio::time::timeout(timeout, connector.connect(tls.server_name_for(host), tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
+        .context("TLS handshake")?;
+    let pcfg = peer_config(cfg);
+    let request = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut r = format!("wss://{cp}/v2/outlet").into_client_request()?;
+        r.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
+                crate::cp::cluster::SUBPROTOCOL,
+            ),
+        );
+        r
+    };
+    let (mut ws, resp) = tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::client_async_with_config(
+            request,
+            stream,
+            Some(crate::wire::peer::ws_config(&pcfg)),
+        ),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
+    .context("WebSocket handshake")?;
+    let proto = resp
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok());
+    anyhow::ensure!(
+        proto == Some(crate::cp::cluster::SUBPROTOCOL),
+        "the control plane did not accept subprotocol kong.meta.v1"
+    );
+    let our_caps = vec![
+        CAP_KONG_SYNC_V2.to_owned(),
+        CAP_DELTAPLANE_SYNC_V1.to_owned(),
+    ];
+    let hello_msg = Hello {
+        rpc_capabilities: our_caps.clone(),
+        rpc_frame_encodings: vec![
+            Encoding::Zstd.name().to_owned(),
+            Encoding::SnappyFramed.name().to_owned(),
+        ],
+        kong_version: cfg.kong_compat_version.clone(),
+        kong_hostname: shared.hostname.clone(),
+        kong_node_id: shared.node_id.clone(),
+        kong_conf: serde_json::json!({
+            "role": "data_plane",
+            "cluster_dp_labels": cfg.labels,
+            "cluster_max_payload": cfg.cluster.max_payload,
+        }),
+    };
+    let result = hello::client_handshake(&mut ws, &hello_msg, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
+    let encoding = Encoding::from_name(&result.rpc_frame_encoding)
+        .context("the control plane chose an unknown encoding")?;
+    let cp_epoch = result
+        .extra
+        .get("epoch")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let cp_caps = result.rpc_capabilities.clone();
+    let (notified_tx, mut notified) = watch::channel(0i64);
+    let handler = Arc::new(DpHandler {
+        shared: shared.clone(),
+        notified: notified_tx,
+    });
+    let peer = Peer::start(ws, encoding, pcfg, our_caps, cp_caps.clone(), handler);
+    shared.update_link(|l| {
+        l.connected_to = Some(cp.to_owned());
+        l.cp_epoch = cp_epoch.clone();
+    });
+    tracing::info!(control_plane = %cp, encoding = encoding.name(), caps = ?cp_caps, epoch = ?cp_epoch, "connected to the control plane");
+    if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) {
+        tracing::warn!(control_plane = %cp, "the control plane does not offer kong.sync.v2; waiting");
+        return Ok(tokio::select! {
+            r = peer.closed() => End::Closed(format!("{r:?}")),
+            _ = stopped(&mut stop) => { close_and_wait(&peer).await; End::Stopped }
+        });
+    }
+    let syncer = Syncer {
+        cfg,
+        shared: shared.clone(),
+        peer: peer.clone(),
+        cp_epoch,
+        paging: cp_caps.iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
+    };
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut poll = tokio::time::interval(cfg.sync_poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.tick().await;
+    let mut want = true;
+    loop {
+        if want && retry_at.is_none_or(|t| tokio::time::Instant::now() >= t) {
+            want = false;
+            match syncer.sync().await {
+                Ok(()) => retry_at = None,
+                Err(SyncError::Rejected(msg)) => {
+                    tracing::warn!(control_plane = %cp, error = %msg, backoff = ?cfg.invalid_backoff, "deltas rejected; staying on the last good version");
+                    retry_at = Some(tokio::time::Instant::now() + cfg.invalid_backoff);
+                }
+                Err(SyncError::Link(msg)) => {
+                    tracing::info!(control_plane = %cp, error = %msg, "sync failed; will retry");
+                    retry_at = Some(tokio::time::Instant::now() + cfg.reconnect_min);
+                    want = true;
+                }
+            }
+        }
+        let wake = retry_at
+            .filter(|_| want)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(24 * 3600));
+        tokio::select! {
+            c = notified.changed() => {
+                if c.is_err() { return Ok(End::Closed("handler gone".into())) }
+                let v = *notified.borrow_and_update();
+                if v > shared.store.state().version { want = true; }
+            }
+            _ = poll.tick() => want = true,
+            _ = tokio::time::sleep_until(wake) => {}
+            r = peer.closed() => return Ok(End::Closed(format!("{r:?}"))),
+            _ = stopped(&mut stop) => {
+                close_and_wait(&peer).await;
+                return Ok(End::Stopped);
+            }
+        }
+        if retry_at.is_some() && !want {
+            // A rejected batch: ask again once the back-off has passed.
+            want = true;
+        }
+    }
+}
+
+/// Resolves once `stop` is true (without holding the watch guard across awaits).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Closes the connection and waits (briefly) until its tasks are gone, so nothing holds the
+/// store after shutdown.
+async fn close_and_wait(peer: &Peer) {
+    peer.close(1001, "data plane shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer.closed()).await;
+}
+
+struct DpHandler {
+    shared: Arc<DpShared>,
+    notified: watch::Sender<i64>,
+}
+
+impl Handler for DpHandler {
+    fn methods(&self) -> &[&'static str] {
+        DP_METHODS
+    }
+
+    fn call(
+        &self,
+        _peer: Peer,
+        method: String,
+        params: Value,
+    ) -> BoxFuture<'static, Result<Value, RpcError>> {
+        let shared = self.shared.clone();
+        let notified = self.notified.clone();
+        Box::pin(async move {
+            if method != "kong.sync.v2.notify_new_version" {
+                return Err(RpcError::method_not_found());
+            }
+            let ns = params
+                .get(0)
+                .and_then(|p| p.get("default"))
+                .ok_or_else(|| {
+                    RpcError::server_error()
+                        .with_message("default namespace does not exist inside params")
+                })?;
+            let v = ns
+                .get("new_version")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    RpcError::server_error().with_message("'new_version' key does not exist")
+                })?;
+            let v = parse_version(v).ok_or_else(|| {
+                RpcError::server_error()
+                    .with_message(format!("'new_version' is not a version: {v}"))
+            })?;
+            shared.update_link(|l| l.cp_version_seen = l.cp_version_seen.max(v));
+            notified.send_if_modified(|cur| {
+                let newer = v > *cur;
+                if newer {
+                    *cur = v;
+                }
+                newer
+            });
+            Ok(Value::Bool(true))
+        })
+    }
+}
+
+enum SyncError {
+    /// The control plane sent something this data plane will not apply.
+    Rejected(String),
+    /// The exchange failed (timeout, disconnect, CP error); nothing was applied.
+    Link(String),
+}
+
+struct Syncer<'a> {
+    cfg: &'a DpConfig,
+    shared: Arc<DpShared>,
+    peer: Peer,
+    cp_epoch: Option<String>,
+    paging: bool,
+}
+
+/// The answer's fields other than the deltas.
+#[derive(Debug, Default, Deserialize)]
+struct Header {
+    #[serde(default)]
+    full_sync: Option<bool>,
+    /// Kong's legacy name for `full_sync`.
+    #[serde(default)]
+    wipe: Option<bool>,
+    #[serde(default)]
+    latest_version: Option<String>,
+    #[serde(default)]
+    deltaplane_transfer: Option<TransferRef>,
+    #[serde(default)]
+    deltas: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TransferRef {
+    id: String,
+    pages: usize,
+}
+
+#[derive(Deserialize)]
+struct Outer<'a> {
+    #[serde(borrow)]
+    default: Option<&'a RawValue>,
+}
+
+impl Syncer<'_> {
+    /// Pulls until the data plane is at the control plane's head (an empty answer), applying
+    /// each answer in one transaction.
+    async fn sync(&self) -> Result<(), SyncError> {
+        // Bounded: an answer carries at most max_versions, so a long catch-up takes a few rounds.
+        for _ in 0..10_000 {
+            let state = self.shared.store.state();
+            let epoch_ok = match (&state.epoch, &self.cp_epoch) {
+                (Some(ours), Some(theirs)) => ours == theirs,
+                _ => true,
+            };
+            if !epoch_ok {
+                tracing::info!(ours = ?state.epoch, theirs = ?self.cp_epoch, "the control plane's change log is a different one (new epoch): full sync");
+            }
+            let asked = if epoch_ok { state.version } else { 0 };
+            let params = serde_json::json!([{ "default": { "version": version_string(asked) } }]);
+            let text = self
+                .peer
+                .call("kong.sync.v2.get_delta", params)
+                .await
+                .map_err(|e| SyncError::Link(format!("get_delta: {e}")))?;
+            let applied = self.apply_answer(text, asked).await?;
+            match applied {
+                None => {
+                    self.shared.update_link(|l| {
+                        l.last_sync_at = Some(crate::store::now_secs());
+                        l.cp_version_seen = l.cp_version_seen.max(state.version);
+                    });
+                    return Ok(());
+                }
+                Some((v, full)) => {
+                    self.shared.update_link(|l| {
+                        if full {
+                            l.full_syncs += 1;
+                        } else {
+                            l.incremental_syncs += 1;
+                        }
+                        l.last_sync_at = Some(crate::store::now_secs());
+                        l.last_error = None;
+                        l.cp_version_seen = l.cp_version_seen.max(v);
+                    });
+                    // Watchers see the version only once the status reflects it.
+                    self.shared.applied(v);
+                    // Tell the control plane where we are (Kong's status notification).
+                    let status =
+                        serde_json::json!([{ "default": { "version": version_string(v) } }]);
+                    let _ = self.peer.notify("kong.sync.v2.get_delta", status).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one get_delta answer: `Ok(Some((version, full_sync)))`, or `Ok(None)` when
+    /// there was nothing to apply (up to date).
+    async fn apply_answer(
+        &self,
+        text: Box<RawValue>,
+        asked: i64,
+    ) -> Result<Option<(i64, bool)>, SyncError> {
+        let header = {
+            let outer: Outer<'_> = serde_json::from_str(text.get())
+                .map_err(|e| SyncError::Rejected(format!("get_delta answer: {e}")))?;
+            let ns = outer.default.ok_or_else(|| {
+                SyncError::Rejected("default namespace does not exist in the answer".into())
+            })?;
+            let h: Header = serde_json::from_str(ns.get())
+                .map_err(|e| SyncError::Rejected(format!("get_delta answer: {e}")))?;
+            h
+        };
+        if header.deltas.is_none() && header.deltaplane_transfer.is_none() {
+            return Err(SyncError::Rejected(
+                "sync get_delta error: deltas is null".into(),
+            ));
+        }
+        let full = header.full_sync.or(header.wipe).unwrap_or(false);
+        let latest = match &header.latest_version {
+            Some(s) => Some(parse_version(s).ok_or_else(|| {
+                SyncError::Rejected(format!("latest_version is not a version: {s}"))
+            })?),
+            None => None,
+        };
+        if let Some(l) = latest {
+            self.shared
+                .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
+        }
+        if let Some(t) = &header.deltaplane_transfer {
+            if !self.paging {
+                return Err(SyncError::Rejected("unexpected paged transfer".into()));
+            }
+            let kind = match (full, latest) {
+                (true, Some(version)) => ApplyKind::Full {
+                    version,
+                    epoch: self.cp_epoch.clone(),
+                },
+                (false, latest) => ApplyKind::Incremental {
+                    expect_from: asked,
+                    latest,
+                },
+                (true, None) => {
+                    return Err(SyncError::Rejected(
+                        "paged full sync without latest_version".into(),
+                    ));
+                }
+            };
+            return self.paged(t, kind).await.map(|v| Some((v, full)));
+        }
+        let store = self.shared.store.clone();
+        let epoch = self.cp_epoch.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            apply_stream(&store, text.get(), |first| {
+                if full {
+                    Some(ApplyKind::Full {
+                        version: latest.or(first)?,
+                        epoch,
+                    })
+                } else {
+                    Some(ApplyKind::Incremental {
+                        expect_from: asked,
+                        latest,
+                    })
+                }
+            })
+        })
+        .await
+        .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        match outcome {
+            Ok(v) => Ok(v.map(|v| (v, full))),
+            Err(e) => Err(self.reject(e, latest).await),
+        }
+    }
+
+    async fn paged(&self, t: &TransferRef, kind: ApplyKind) -> Result<i64, SyncError> {
+        let store = self.shared.store.clone();
+        let id = t.id.clone();
+        let k = kind.clone();
+        blocking(move || store.stage_begin(&id, k).map_err(|e| e.to_string()))
+            .await
+            .map_err(SyncError::Link)?;
+        tracing::info!(transfer = %t.id, pages = t.pages, ?kind, "paged transfer started");
+        for page in 0..t.pages {
+            let text = self
+                .peer
+                .call(
+                    "deltaplane.sync.v1.get_page",
+                    serde_json::json!([{ "id": t.id, "page": page }]),
+                )
+                .await
+                .map_err(|e| SyncError::Link(format!("get_page {page}: {e}")));
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => {
+                    self.discard(&t.id).await;
+                    return Err(e);
+                }
+            };
+            let store = self.shared.store.clone();
+            let id = t.id.clone();
+            let staged = blocking(move || {
+                let mut deltas = Vec::new();
+                for_each_delta(text.get(), |v| {
+                    deltas.push(Delta::from_wire(v).map_err(|e| e.to_string())?);
+                    Ok(())
+                })?;
+                store
+                    .stage_page(&id, page as u64, &deltas)
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            if let Err(e) = staged {
+                self.discard(&t.id).await;
+                return Err(SyncError::Rejected(format!("page {page}: {e}")));
+            }
+        }
+        let store = self.shared.store.clone();
+        let id = t.id.clone();
+        let committed = tokio::task::spawn_blocking(move || store.stage_commit(&id))
+            .await
+            .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        match committed {
+            Ok(a) => Ok(a.version),
+            Err(e) => {
+                self.discard(&t.id).await;
+                let latest = match kind {
+                    ApplyKind::Full { version, .. } => Some(version),
+                    ApplyKind::Incremental { latest, .. } => latest,
+                };
+                Err(self.reject(e, latest).await)
+            }
+        }
+    }
+
+    async fn discard(&self, id: &str) {
+        let store = self.shared.store.clone();
+        let id = id.to_owned();
+        let _ = blocking(move || store.stage_discard(&id).map_err(|e| e.to_string())).await;
+    }
+
+    /// Reports a rejected batch to the control plane and turns it into a `SyncError`.
+    async fn reject(&self, e: ApplyError, latest: Option<i64>) -> SyncError {
+        let message = e.to_string();
+        self.shared
+            .update_link(|l| l.last_error = Some(message.clone()));
+        if let ApplyError::Invalid {
+            message,
+            fields,
+            flattened,
+        } = &e
+        {
+            let err_t = serde_json::json!({
+                "code": 21,
+                "name": "sync deltas parse failure",
+                "source": "deltaplane.dp.store",
+                "message": message,
+                "fields": fields,
+                "flattened_errors": flattened,
+            });
+            let version = latest
+                .map(version_string)
+                .unwrap_or_else(|| "v02_deltas_have_no_latest_version_field".into());
+            let _ = self
+                .peer
+                .notify(
+                    "kong.sync.v2.notify_validation_error",
+                    serde_json::json!([{ "version": version, "error": err_t }]),
+                )
+                .await;
+        }
+        let _ = self.cfg;
+        SyncError::Rejected(message)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("task: {e}"))?
+}
+
+/// Streams the deltas of a get_delta answer (`{"default":{…}}`) into one store transaction.
+/// `kind` is given the first delta's version (for Kong control planes that send no
+/// `latest_version`). `Ok(None)` when there was nothing to apply.
+pub fn apply_stream(
+    store: &DpStore,
+    answer: &str,
+    kind: impl FnOnce(Option<i64>) -> Option<ApplyKind>,
+) -> Result<Option<i64>, ApplyError> {
+    let invalid = |message: String| ApplyError::Invalid {
+        message,
+        fields: Value::Object(Default::default()),
+        flattened: Vec::new(),
+    };
+    let outer: Outer<'_> = serde_json::from_str(answer).map_err(|e| invalid(e.to_string()))?;
+    let ns = outer
+        .default
+        .ok_or_else(|| invalid("default namespace does not exist".into()))?;
+    let mut kind = Some(kind);
+    let mut apply = None;
+    let mut failure: Option<ApplyError> = None;
+    let parsed = for_each_delta(ns.get(), |v| {
+        let d = Delta::from_wire(v).map_err(|e| {
+            failure = Some(invalid(format!("sync deltas is invalid: {e}")));
+            String::new()
+        })?;
+        if apply.is_none() {
+            let k = (kind.take().expect("kind used once"))(Some(d.version)).ok_or_else(|| {
+                failure = Some(invalid("no version to apply".into()));
+                String::new()
+            })?;
+            apply = Some(store.begin(k).map_err(|e| {
+                failure = Some(e);
+                String::new()
+            })?);
+        }
+        apply.as_mut().expect("begun").delta(d).map_err(|e| {
+            failure = Some(e);
+            String::new()
+        })
+    });
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    parsed.map_err(invalid)?;
+    let apply = match apply {
+        Some(a) => a,
+        None => match kind.take().and_then(|k| k(None)) {
+            // A full sync of nothing still replaces the configuration.
+            Some(k @ ApplyKind::Full { .. }) => store.begin(k)?,
+            _ => return Ok(None),
+        },
+    };
+    Ok(Some(apply.commit()?.version))
+}
+
+/// Calls `f` with each element of the `deltas` field of `ns_json` (an object), one at a time.
+/// Kong's empty `{}` counts as no deltas.
+pub fn for_each_delta(
+    ns_json: &str,
+    f: impl FnMut(Value) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_str(ns_json);
+    NsSeed { f }
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())
+}
+
+struct NsSeed<F> {
+    f: F,
+}
+
+impl<'de, F: FnMut(Value) -> Result<(), String>> DeserializeSeed<'de> for NsSeed<F> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, F: FnMut(Value) -> Result<(), String>> Visitor<'de> for NsSeed<F> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object with a deltas array")
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "deltas" {
+                map.next_value_seed(DeltasSeed { f: &mut self.f })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct DeltasSeed<'f, F> {
+    f: &'f mut F,
+}
+
+impl<'de, F: FnMut(Value) -> Result<(), String>> DeserializeSeed<'de> for DeltasSeed<'_, F> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(Value) -> Result<(), String>> Visitor<'de> for DeltasSeed<'_, F> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of deltas (or Kong's {} for none)")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<Value>()? {
+            (self.f)(v).map_err(serde::de::Error::custom)?;
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Lua's cjson encodes an empty table as {}.
+        if map.next_key::<IgnoredAny>()?.is_some() {
+            return Err(serde::de::Error::custom("deltas must be an array"));
+        }
+        Ok(())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Err(E::custom("sync get_delta error: deltas is null"))
+    }
+}
+
+impl fmt::Debug for Syncer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Syncer")
+            .field("paging", &self.paging)
+            .finish()
+    }
+}

@@ -1,0 +1,264 @@
+//! `deltaplane-dp` settings: flags, `DELTAPLANE_DP_*` environment variables and an optional TOML
+//! file, with precedence flag > environment > file > default (as for the control plane).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::cp::config::{ClusterSettings, Layer, cluster_layer, split_list};
+use crate::cp::parse_duration;
+use crate::schema::KONG_COMPAT_VERSION;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deltaplane-dp",
+    version,
+    about = "deltaplane data plane: follows a control plane's change log into a local redb store"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Connect to the control plane(s), sync, and serve the status listener
+    Run(Box<RunArgs>),
+    /// Show the data plane's sync version (calls /rpc on the status listener)
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    /// The data plane's operator JSON-RPC endpoint
+    #[arg(
+        long,
+        env = "DELTAPLANE_DP_RPC",
+        default_value = "http://127.0.0.1:8100/rpc"
+    )]
+    pub rpc: String,
+    /// Print JSON instead of a summary
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Every flag can also be set as `DELTAPLANE_DP_<FLAG>` or as a key named like the flag in the
+/// `--config` TOML file.
+#[derive(Debug, Args, Default, Clone)]
+pub struct RunArgs {
+    /// TOML file whose keys are flag names
+    #[arg(long, env = "DELTAPLANE_DP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Control plane cluster address(es), host:port; repeat or comma-separate for failover
+    /// [default: 127.0.0.1:8005]
+    #[arg(
+        long,
+        env = "DELTAPLANE_DP_CLUSTER_CONTROL_PLANE",
+        value_delimiter = ','
+    )]
+    pub cluster_control_plane: Option<Vec<String>>,
+    /// Directory for the redb store and the node id [default: ./deltaplane-dp]
+    #[arg(long, env = "DELTAPLANE_DP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Status listener (GET /status, /status/ready, /rpc) [default: 127.0.0.1:8100]
+    #[arg(long, env = "DELTAPLANE_DP_STATUS_LISTEN")]
+    pub status_listen: Option<String>,
+    /// The Kong version announced to the control plane [default: 3.10.0]
+    #[arg(long, env = "DELTAPLANE_DP_KONG_COMPAT_VERSION")]
+    pub kong_compat_version: Option<String>,
+    /// Labels, `key:value` comma-separated
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_DP_LABELS", value_delimiter = ',')]
+    pub cluster_dp_labels: Option<Vec<String>>,
+    /// Cluster certificate (file, PEM or base64 PEM) [default: ./deltaplane-cp/cluster.crt]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_CERT")]
+    pub cluster_cert: Option<String>,
+    /// Cluster certificate key [default: ./deltaplane-cp/cluster.key]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_CERT_KEY")]
+    pub cluster_cert_key: Option<String>,
+    /// `shared` or `pki` [default: shared]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_MTLS")]
+    pub cluster_mtls: Option<String>,
+    /// CA that issued the control plane's certificate (pki mode)
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_CA_CERT")]
+    pub cluster_ca_cert: Option<String>,
+    /// Name the control plane's certificate must carry (pki mode) [default: the host]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_SERVER_NAME")]
+    pub cluster_server_name: Option<String>,
+    /// Largest cluster message in bytes, compressed [default: 16777216]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_MAX_PAYLOAD")]
+    pub cluster_max_payload: Option<usize>,
+    /// Ping an idle connection after this long [default: 30s]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_PING_INTERVAL")]
+    pub cluster_ping_interval: Option<String>,
+    /// Drop a connection silent for this long [default: 45s]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_IDLE_TIMEOUT")]
+    pub cluster_idle_timeout: Option<String>,
+    /// Drop a connection whose writes stall this long [default: 5s]
+    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_WRITE_TIMEOUT")]
+    pub cluster_write_timeout: Option<String>,
+    /// Safety poll: ask the control plane for changes this often even without a notification
+    /// [default: 30s]
+    #[arg(long, env = "DELTAPLANE_DP_SYNC_POLL_INTERVAL")]
+    pub sync_poll_interval: Option<String>,
+    /// Commit every applied version durably (fsync) [default: true]
+    #[arg(long, env = "DELTAPLANE_DP_DURABLE", num_args = 0..=1, default_missing_value = "true")]
+    pub durable: Option<bool>,
+}
+
+/// Resolved data-plane settings.
+#[derive(Debug, Clone)]
+pub struct DpConfig {
+    pub control_planes: Vec<String>,
+    pub data_dir: PathBuf,
+    pub status_listen: SocketAddr,
+    pub kong_compat_version: String,
+    pub labels: Vec<String>,
+    pub cluster_cert: String,
+    pub cluster_cert_key: String,
+    /// `shared` or `pki`.
+    pub cluster_mtls: String,
+    pub cluster_ca_cert: Option<String>,
+    pub cluster_server_name: Option<String>,
+    pub cluster: ClusterSettings,
+    pub sync_poll_interval: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Back-off after a rejected (invalid) batch before asking again.
+    pub invalid_backoff: Duration,
+    pub durable: bool,
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "cluster-control-plane",
+    "data-dir",
+    "status-listen",
+    "kong-compat-version",
+    "cluster-dp-labels",
+    "cluster-cert",
+    "cluster-cert-key",
+    "cluster-mtls",
+    "cluster-ca-cert",
+    "cluster-server-name",
+    "cluster-max-payload",
+    "cluster-ping-interval",
+    "cluster-idle-timeout",
+    "cluster-write-timeout",
+    "sync-poll-interval",
+    "durable",
+];
+
+impl DpConfig {
+    /// Defaults for everything, data under `data_dir`, certificate files given.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        control_plane: impl Into<String>,
+        cert: impl Into<String>,
+        key: impl Into<String>,
+    ) -> DpConfig {
+        DpConfig {
+            control_planes: vec![control_plane.into()],
+            data_dir: data_dir.into(),
+            status_listen: "127.0.0.1:8100".parse().expect("valid address"),
+            kong_compat_version: KONG_COMPAT_VERSION.to_owned(),
+            labels: Vec::new(),
+            cluster_cert: cert.into(),
+            cluster_cert_key: key.into(),
+            cluster_mtls: "shared".into(),
+            cluster_ca_cert: None,
+            cluster_server_name: None,
+            cluster: ClusterSettings::default(),
+            sync_poll_interval: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            invalid_backoff: Duration::from_secs(5),
+            durable: true,
+        }
+    }
+
+    pub fn from_args(args: &RunArgs) -> anyhow::Result<DpConfig> {
+        let file = Layer::read_file(args.config.as_deref(), KNOWN_KEYS)?;
+        let layer = Layer { file: &file };
+        let cps = layer
+            .get(
+                args.cluster_control_plane.clone().map(|v| v.join(",")),
+                "cluster-control-plane",
+            )?
+            .map(|s| split_list(&s))
+            .unwrap_or_else(|| vec!["127.0.0.1:8005".into()]);
+        anyhow::ensure!(!cps.is_empty(), "--cluster-control-plane is empty");
+        for cp in &cps {
+            anyhow::ensure!(
+                cp.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                "--cluster-control-plane '{cp}' is not host:port"
+            );
+        }
+        let data_dir = layer
+            .get(args.data_dir.clone(), "data-dir")?
+            .unwrap_or_else(|| PathBuf::from("deltaplane-dp"));
+        let cert = layer
+            .get(args.cluster_cert.clone(), "cluster-cert")?
+            .unwrap_or_else(|| "deltaplane-cp/cluster.crt".into());
+        let key = layer
+            .get(args.cluster_cert_key.clone(), "cluster-cert-key")?
+            .unwrap_or_else(|| "deltaplane-cp/cluster.key".into());
+        let mut cfg = DpConfig::new(data_dir, cps[0].clone(), cert, key);
+        cfg.control_planes = cps;
+        if let Some(a) = layer.get(args.status_listen.clone(), "status-listen")? {
+            cfg.status_listen = a
+                .parse()
+                .with_context(|| format!("invalid --status-listen '{a}'"))?;
+        }
+        if let Some(v) = layer.get(args.kong_compat_version.clone(), "kong-compat-version")? {
+            cfg.kong_compat_version = v;
+        }
+        if let Some(l) = layer.get(
+            args.cluster_dp_labels.clone().map(|v| v.join(",")),
+            "cluster-dp-labels",
+        )? {
+            cfg.labels = split_list(&l);
+            for label in &cfg.labels {
+                anyhow::ensure!(
+                    label
+                        .split_once(':')
+                        .is_some_and(|(k, v)| !k.is_empty() && !v.is_empty()),
+                    "--cluster-dp-labels: '{label}' is not key:value"
+                );
+            }
+        }
+        if let Some(m) = layer.get(args.cluster_mtls.clone(), "cluster-mtls")? {
+            anyhow::ensure!(
+                m == "shared" || m == "pki",
+                "--cluster-mtls must be shared or pki, not '{m}'"
+            );
+            cfg.cluster_mtls = m;
+        }
+        cfg.cluster_ca_cert = layer.get(args.cluster_ca_cert.clone(), "cluster-ca-cert")?;
+        cfg.cluster_server_name =
+            layer.get(args.cluster_server_name.clone(), "cluster-server-name")?;
+        if cfg.cluster_mtls == "pki" && cfg.cluster_ca_cert.is_none() {
+            anyhow::bail!("--cluster-mtls pki needs --cluster-ca-cert");
+        }
+        cluster_layer(
+            &layer,
+            &mut cfg.cluster,
+            args.cluster_max_payload,
+            [
+                args.cluster_ping_interval.clone(),
+                args.cluster_idle_timeout.clone(),
+                args.cluster_write_timeout.clone(),
+            ],
+        )?;
+        if let Some(p) = layer.get(args.sync_poll_interval.clone(), "sync-poll-interval")? {
+            cfg.sync_poll_interval = parse_duration(&p).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(d) = layer.get(args.durable, "durable")? {
+            cfg.durable = d;
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,312 @@
+//! Sync v2 end to end: a control plane and data planes in-process, over mTLS WebSockets.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::harness::{TestCp, TestDp};
+
+/// Writes a service with `n` routes and a plugin, returns the service id.
+async fn service_with_routes(cp: &TestCp, name: &str, n: usize) -> String {
+    let svc = cp
+        .create(
+            "/services",
+            json!({"name": name, "url": "http://example.com:8080/api"}),
+        )
+        .await;
+    let id = svc["id"].as_str().unwrap().to_owned();
+    for i in 0..n {
+        cp.create(
+            &format!("/services/{id}/routes"),
+            json!({"name": format!("{name}-r{i}"), "paths": [format!("/{name}/{i}")]}),
+        )
+        .await;
+    }
+    cp.create(
+        &format!("/services/{id}/plugins"),
+        json!({"name": "key-auth"}),
+    )
+    .await;
+    id
+}
+
+both_backends!(
+    create_update_delete_and_cascade_propagate,
+    |backend| async move {
+        let Some(cp) = TestCp::start(backend).await else {
+            return;
+        };
+        let dp = cp.start_dp().await;
+        dp.converge(&cp, 20).await;
+
+        let svc = service_with_routes(&cp, "orders", 3).await;
+        dp.converge(&cp, 20).await;
+        assert_eq!(dp.shared().store.list("routes").unwrap().len(), 3);
+
+        let r = cp
+            .patch(&format!("/services/{svc}"), json!({"retries": 9}))
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        dp.converge(&cp, 20).await;
+        let stored = dp
+            .shared()
+            .store
+            .list("services")
+            .unwrap()
+            .into_iter()
+            .find(|s| s["id"] == svc.as_str())
+            .unwrap();
+        assert_eq!(stored["retries"], 9);
+
+        // A consumer with a credential: deleting it cascades.
+        let c = cp.create("/consumers", json!({"username": "alice"})).await;
+        cp.create(
+            &format!("/consumers/{}/key-auth", c["id"].as_str().unwrap()),
+            json!({"key": "secret-1"}),
+        )
+        .await;
+        dp.converge(&cp, 20).await;
+        assert_eq!(
+            dp.shared().store.list("keyauth_credentials").unwrap().len(),
+            1
+        );
+        let r = cp.delete("/consumers/alice").await;
+        assert_eq!(r.status, 204, "{r:?}");
+        dp.converge(&cp, 20).await;
+        assert!(
+            dp.shared()
+                .store
+                .list("keyauth_credentials")
+                .unwrap()
+                .is_empty()
+        );
+
+        // Routes first (services refuse deletion while referenced), then the service, which
+        // cascades to its plugins.
+        for route in dp.shared().store.list("routes").unwrap() {
+            let r = cp
+                .delete(&format!("/routes/{}", route["id"].as_str().unwrap()))
+                .await;
+            assert_eq!(r.status, 204, "{r:?}");
+        }
+        let r = cp.delete(&format!("/services/{svc}")).await;
+        assert_eq!(r.status, 204, "{r:?}");
+        dp.converge(&cp, 20).await;
+        assert!(dp.shared().store.list("routes").unwrap().is_empty());
+        assert!(dp.shared().store.list("plugins").unwrap().is_empty());
+        assert!(dp.shared().store.list("services").unwrap().is_empty());
+        cp.shutdown().await;
+    }
+);
+
+both_backends!(offline_dp_catches_up_incrementally, |backend| async move {
+    let Some(cp) = TestCp::start(backend).await else {
+        return;
+    };
+    let mut dp = cp.start_dp().await;
+    dp.converge(&cp, 20).await;
+    dp.stop().await;
+    let before = dp.state().0;
+
+    // 1,000 changes while the data plane is away.
+    let svc = cp
+        .create("/services", json!({"name": "s", "host": "h"}))
+        .await;
+    let sid = svc["id"].as_str().unwrap().to_owned();
+    for i in 0..999 {
+        let r = cp
+            .patch(&format!("/services/{sid}"), json!({"retries": i % 30}))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let (head, _) = cp.head().await;
+    assert_eq!(head, before + 1000);
+
+    dp.restart().await;
+    // It resumes from its stored version (never below it).
+    assert!(dp.state().0 >= before);
+    dp.converge(&cp, 30).await;
+    // Incremental catch-up, not a full sync.
+    let st = dp.shared().status_json();
+    assert_eq!(st["version"], head);
+    assert_eq!(st["full_syncs"], 0, "{st}");
+    assert!(st["incremental_syncs"].as_u64().unwrap() >= 1, "{st}");
+    cp.shutdown().await;
+});
+
+both_backends!(
+    restarted_dp_resumes_and_cp_restart_reconnects,
+    |backend| async move {
+        let Some(mut cp) = TestCp::start(backend).await else {
+            return;
+        };
+        let mut dp = cp.start_dp().await;
+        service_with_routes(&cp, "a", 2).await;
+        dp.converge(&cp, 20).await;
+        dp.restart().await;
+        service_with_routes(&cp, "b", 2).await;
+        dp.converge(&cp, 20).await;
+
+        // Restart the control plane on the same database, same addresses.
+        let running = cp.cp.take().unwrap();
+        let cluster_addr = running.cluster_addr;
+        let admin_addr = running.admin_addr;
+        running.shutdown().await;
+        let mut cfg = cp.db.cp_config();
+        cfg.cluster_listen = cluster_addr;
+        cfg.admin_listen = admin_addr;
+        cp.cp = Some(deltaplane::cp::start(cfg).await.expect("restart cp"));
+        service_with_routes(&cp, "c", 2).await;
+        dp.converge(&cp, 30).await;
+        let link = dp.shared().link();
+        assert!(link.connected_to.is_some());
+        cp.shutdown().await;
+    }
+);
+
+both_backends!(several_dps_converge_and_are_listed, |backend| async move {
+    let Some(cp) = TestCp::start(backend).await else {
+        return;
+    };
+    let mut dps = Vec::new();
+    for _ in 0..3 {
+        dps.push(cp.start_dp().await);
+    }
+    for i in 0..5 {
+        service_with_routes(&cp, &format!("svc{i}"), 2).await;
+    }
+    for dp in &dps {
+        dp.converge(&cp, 30).await;
+    }
+    // The operator RPC lists them.
+    let planes = rpc(&cp, "deltaplane.data_planes", None).await;
+    let planes = planes.as_array().unwrap();
+    assert_eq!(planes.len(), 3, "{planes:?}");
+    for p in planes {
+        assert_eq!(p["protocol"], "v2");
+        assert!(p["connected_to"].is_string());
+    }
+    let v = rpc(&cp, "deltaplane.sync_version", None).await;
+    let (head, hash) = cp.head().await;
+    assert_eq!(v["version"], head);
+    assert_eq!(v["state_hash"], hash);
+    for dp in &dps {
+        let dv: Value = deltaplane::rpc::call(
+            &format!("http://{}/rpc", dp.dp.as_ref().unwrap().status_addr),
+            None,
+            "deltaplane.sync_version",
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(dv["version"], head);
+        assert_eq!(dv["state_hash"], hash);
+        assert_eq!(dv["connected"], true);
+        assert_eq!(dv["in_sync"], true);
+    }
+    cp.shutdown().await;
+});
+
+both_backends!(new_epoch_forces_full_sync, |backend| async move {
+    let Some(cp) = TestCp::start(backend).await else {
+        return;
+    };
+    let mut dp = cp.start_dp().await;
+    for i in 0..3 {
+        service_with_routes(&cp, &format!("old{i}"), 1).await;
+    }
+    dp.converge(&cp, 20).await;
+    let old_epoch = dp.shared().store.state().epoch.clone();
+    dp.stop().await;
+    cp.shutdown().await;
+
+    // A new database: a new change log with a new epoch and lower versions.
+    let Some(cp2) = TestCp::start(backend).await else {
+        return;
+    };
+    service_with_routes(&cp2, "fresh", 1).await;
+    let (addr, crt, key) = cp2.cluster_target();
+    dp.cfg.control_planes = vec![addr];
+    dp.cfg.cluster_cert = crt;
+    dp.cfg.cluster_cert_key = key;
+    dp.restart().await;
+    let (v2, hash2) = cp2.head().await;
+    // Lower version than before: wait on the hash, not on the version number.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while dp.state() != (v2, hash2.clone()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no full sync to the new epoch: {:?} vs {:?}",
+            dp.state(),
+            (v2, &hash2)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(dp.shared().store.state().epoch, old_epoch);
+    assert_eq!(dp.shared().store.list("services").unwrap().len(), 1);
+    cp2.shutdown().await;
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_serves_status_and_readiness() {
+    let cp = TestCp::start(crate::harness::Backend::Sqlite)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cp.dp_config(dir.path());
+    // Point at nothing first: not ready, not connected.
+    cfg.control_planes = vec!["127.0.0.1:1".into()];
+    let mut dp = TestDp::start(cfg.clone(), dir).await;
+    let base = format!("http://{}", dp.dp.as_ref().unwrap().status_addr);
+    let r = reqwest::get(format!("{base}/status/ready")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let st: Value = reqwest::get(format!("{base}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["connected"], false);
+    assert_eq!(st["version"], 0);
+    assert_eq!(st["version_string"], "00000000000000000000000000000000");
+
+    // Now the real control plane.
+    dp.stop().await;
+    dp.cfg = cp.dp_config(dp.dir.path());
+    dp.restart().await;
+    dp.converge(&cp, 20).await;
+    let base = format!("http://{}", dp.dp.as_ref().unwrap().status_addr);
+    let r = reqwest::get(format!("{base}/status/ready")).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The control plane goes away: still ready (serving the stored config), not connected.
+    cp.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st: Value = reqwest::get(format!("{base}/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if st["connected"] == false {
+            assert_eq!(st["in_sync"], false);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still connected: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::get(format!("{base}/status/ready")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    dp.stop().await;
+}
+
+pub async fn rpc(cp: &TestCp, method: &str, params: Option<Value>) -> Value {
+    deltaplane::rpc::call(&format!("{}/rpc", cp.base), None, method, params)
+        .await
+        .unwrap()
+}
