@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -25,7 +26,7 @@ use crate::tls::ClusterTls;
 use crate::wire::codec::{self, Encoding};
 use crate::wire::hello::{self, Hello, HelloResult};
 use crate::wire::jsonrpc::RpcError;
-use crate::wire::peer::{Handler, Peer, PeerConfig};
+use crate::wire::peer::{Handler, Peer, PeerConfig, Reply};
 
 /// The subprotocol of `/v2/outlet`.
 pub const SUBPROTOCOL: &str = "kong.meta.v1";
@@ -459,12 +460,31 @@ impl Handler for CpHandler {
         method: String,
         params: Value,
     ) -> BoxFuture<'static, Result<Value, RpcError>> {
+        let fut = self.call_reply(peer, method, params, false);
+        Box::pin(async move {
+            match fut.await? {
+                Reply::Value(v) => Ok(v),
+                Reply::Raw(r) => serde_json::from_str(r.get())
+                    .map_err(|e| RpcError::internal_error().with_message(e.to_string())),
+            }
+        })
+    }
+
+    fn call_reply(
+        &self,
+        peer: Peer,
+        method: String,
+        params: Value,
+        notification: bool,
+    ) -> BoxFuture<'static, Result<Reply, RpcError>> {
         let ctx = self.ctx.clone();
         let conn = self.conn.clone();
         let encoding = self.encoding;
         Box::pin(async move {
             match method.as_str() {
-                "kong.sync.v2.get_delta" => get_delta(&ctx, &conn, &peer, encoding, params).await,
+                "kong.sync.v2.get_delta" => {
+                    get_delta(&ctx, &conn, &peer, encoding, params, notification).await
+                }
                 "kong.sync.v2.notify_validation_error" => {
                     let p = first_param(&params)?;
                     let msg = p
@@ -476,7 +496,7 @@ impl Handler for CpHandler {
                     tracing::warn!(node_id = %conn.node_id, version = ?p.get("version"), error = %msg, "data plane rejected deltas");
                     conn.status.lock().expect("status lock").last_error = Some(msg);
                     record(&ctx, &conn, true).await;
-                    Ok(Value::Bool(true))
+                    Ok(Reply::Value(Value::Bool(true)))
                 }
                 "deltaplane.sync.v1.get_page" => {
                     let p = first_param(&params)?;
@@ -505,8 +525,10 @@ fn first_param(params: &Value) -> Result<&Value, RpcError> {
         .ok_or_else(|| RpcError::invalid_params().with_message("params must be [ { ... } ]"))
 }
 
-fn raw_value(text: String) -> Result<Value, RpcError> {
-    serde_json::from_str(&text).map_err(|e| RpcError::internal_error().with_message(e.to_string()))
+fn raw_value(text: String) -> Result<Reply, RpcError> {
+    RawValue::from_string(text)
+        .map(Reply::Raw)
+        .map_err(|e| RpcError::internal_error().with_message(e.to_string()))
 }
 
 async fn get_delta(
@@ -515,7 +537,8 @@ async fn get_delta(
     peer: &Peer,
     encoding: Encoding,
     params: Value,
-) -> Result<Value, RpcError> {
+    notification: bool,
+) -> Result<Reply, RpcError> {
     let p = first_param(&params)?;
     let ns = p.get("default").ok_or_else(|| {
         RpcError::server_error().with_message("default namespace does not exist inside params")
@@ -529,6 +552,11 @@ async fn get_delta(
         conn.reported.send_replace(v);
     } else {
         conn.reported.send_replace(0);
+    }
+    if notification {
+        // A status report (Kong sends get_delta as a notification after applying): record
+        // it, build nothing — the answer would be thrown away.
+        return Ok(Reply::Value(Value::Bool(true)));
     }
     let asker = Asker {
         paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),

@@ -474,7 +474,9 @@ impl Syncer<'_> {
                     ));
                 }
             };
-            return self.paged(t, kind).await.map(|v| Some((v, full)));
+            let v = self.paged(t, kind).await?;
+            self.shared.update_link(|l| l.paged_transfers += 1);
+            return Ok(Some((v, full)));
         }
         let store = self.shared.store.clone();
         let epoch = self.cp_epoch.clone();

@@ -35,6 +35,8 @@ pub struct LinkStatus {
     /// Applies since start, by kind.
     pub full_syncs: u64,
     pub incremental_syncs: u64,
+    /// Applies that arrived as paged transfers (larger than one frame).
+    pub paged_transfers: u64,
 }
 
 /// State shared by the sync client and the status listener.
@@ -107,6 +109,7 @@ impl DpShared {
         m.insert("last_sync_at".into(), link.last_sync_at.into());
         m.insert("full_syncs".into(), link.full_syncs.into());
         m.insert("incremental_syncs".into(), link.incremental_syncs.into());
+        m.insert("paged_transfers".into(), link.paged_transfers.into());
         v
     }
 }

@@ -82,6 +82,39 @@ pub trait Handler: Send + Sync + 'static {
         method: String,
         params: Value,
     ) -> BoxFuture<'static, Result<Value, RpcError>>;
+
+    /// Like [`Handler::call`], for handlers that answer with pre-serialised JSON (a large
+    /// answer is then never built as a `Value` tree) or that do less for a notification
+    /// (`notification`: the request has no id and its answer is discarded). The peer always
+    /// calls this; the default forwards to `call`.
+    fn call_reply(
+        &self,
+        peer: Peer,
+        method: String,
+        params: Value,
+        notification: bool,
+    ) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        let _ = notification;
+        let fut = self.call(peer, method, params);
+        Box::pin(async move { fut.await.map(Reply::Value) })
+    }
+}
+
+/// A handler's successful answer.
+#[derive(Debug)]
+pub enum Reply {
+    Value(Value),
+    /// Already serialised JSON, sent as is.
+    Raw(Box<RawValue>),
+}
+
+impl Reply {
+    fn is_falsy(&self) -> bool {
+        match self {
+            Reply::Value(v) => matches!(v, Value::Null | Value::Bool(false)),
+            Reply::Raw(r) => jsonrpc::is_falsy(r),
+        }
+    }
 }
 
 /// A cheap, clonable handle on one connection. The connection lives until either side
@@ -827,7 +860,7 @@ async fn answer(
     } else if !params.is_array() {
         Err(RpcError::invalid_params().with_message("params must be an array"))
     } else {
-        AssertUnwindSafe(handler.call(peer.clone(), method.clone(), params))
+        AssertUnwindSafe(handler.call_reply(peer.clone(), method.clone(), params, id.is_none()))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -836,11 +869,14 @@ async fn answer(
             })
     };
     match (id, res) {
-        (Some(id), Ok(value)) => {
-            if matches!(value, Value::Null | Value::Bool(false)) {
+        (Some(id), Ok(reply)) => {
+            if reply.is_falsy() {
                 tracing::warn!(%method, "falsy result: a Kong caller treats it as an error");
             }
-            Some(jsonrpc::result(&id, &value))
+            Some(match &reply {
+                Reply::Value(value) => jsonrpc::result(&id, value),
+                Reply::Raw(raw) => jsonrpc::result_raw(&id, raw),
+            })
         }
         (Some(id), Err(err)) => Some(jsonrpc::error(Some(&id), &err)),
         // A notification never gets a response, even on error.

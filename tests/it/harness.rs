@@ -20,7 +20,7 @@ pub const PG_ENV: &str = "DELTAPLANE_TEST_PG_URL";
 pub struct TestDb {
     pub url: String,
     pub dir: tempfile::TempDir,
-    pg: Option<(String, String)>,
+    pub pg: Option<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

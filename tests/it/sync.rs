@@ -310,3 +310,285 @@ pub async fn rpc(cp: &TestCp, method: &str, params: Option<Value>) -> Value {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_larger_than_a_frame_are_paged() {
+    let db = crate::harness::TestDb::sqlite();
+    let mut cfg = db.cp_config();
+    cfg.cluster.max_payload = 4096;
+    let cp = TestCp::start_with(db, cfg).await;
+    // 40 services with incompressible tags: the snapshot is several frames even compressed.
+    for i in 0..40 {
+        let tags: Vec<String> = (0..4)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        cp.create(
+            "/services",
+            json!({"name": format!("paged-{i}"), "host": format!("h{i}.example.com"), "tags": tags}),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut dcfg = cp.dp_config(dir.path());
+    dcfg.cluster.max_payload = 4096;
+    let mut dp = TestDp::start(dcfg, dir).await;
+    dp.converge(&cp, 30).await;
+    let st = dp.shared().status_json();
+    assert_eq!(st["full_syncs"], 1, "{st}");
+    assert_eq!(st["paged_transfers"], 1, "{st}");
+    assert_eq!(dp.shared().store.list("services").unwrap().len(), 40);
+
+    // One version larger than a frame: a consumer with many credentials, deleted (cascade).
+    dp.stop().await;
+    let c = cp.create("/consumers", json!({"username": "many"})).await;
+    let cid = c["id"].as_str().unwrap().to_owned();
+    for _ in 0..200 {
+        cp.create(
+            &format!("/consumers/{cid}/key-auth"),
+            json!({"key": uuid::Uuid::new_v4().to_string()}),
+        )
+        .await;
+    }
+    dp.restart().await;
+    dp.converge(&cp, 30).await;
+    let r = cp.delete(&format!("/consumers/{cid}")).await;
+    assert_eq!(r.status, 204);
+    dp.converge(&cp, 30).await;
+    assert!(
+        dp.shared()
+            .store
+            .list("keyauth_credentials")
+            .unwrap()
+            .is_empty()
+    );
+    let st = dp.shared().status_json();
+    assert_eq!(st["full_syncs"], 0, "incremental, paged: {st}");
+    assert_eq!(st["paged_transfers"], 1, "{st}");
+    cp.shutdown().await;
+}
+
+both_backends!(dp_below_the_horizon_full_syncs, |backend| async move {
+    let Some(db) = crate::harness::TestDb::new(backend).await else {
+        return;
+    };
+    let mut cfg = db.cp_config();
+    cfg.changelog_retention_age = Duration::ZERO;
+    cfg.changelog_retention_versions = 5;
+    cfg.purge_interval = Duration::from_millis(100);
+    let cp = TestCp::start_with(db, cfg).await;
+    let mut dp = cp.start_dp().await;
+    dp.converge(&cp, 20).await;
+    dp.stop().await;
+    let (before, _) = dp.state();
+    let svc = cp
+        .create("/services", json!({"name": "h", "host": "h"}))
+        .await;
+    for i in 0..30 {
+        cp.patch(
+            &format!("/services/{}", svc["id"].as_str().unwrap()),
+            json!({"retries": i}),
+        )
+        .await;
+    }
+    // Wait for the purge to pass the data plane's version.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = cp.store().version_info().await.unwrap();
+        if info.oldest_version > before + 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "purge did not run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dp.restart().await;
+    dp.converge(&cp, 20).await;
+    let st = dp.shared().status_json();
+    assert_eq!(st["full_syncs"], 1, "{st}");
+    cp.shutdown().await;
+});
+
+both_backends!(
+    invalid_deltas_are_rejected_reported_and_retried,
+    |backend| async move {
+        let Some(cp) = TestCp::start(backend).await else {
+            return;
+        };
+        let mut dp = cp.start_dp().await;
+        dp.converge(&cp, 20).await;
+        dp.stop().await;
+        let (good, good_hash) = dp.state();
+        let svc = cp
+            .create("/services", json!({"name": "t", "host": "t"}))
+            .await;
+        let (bad_version, _) = cp.head().await;
+        // Corrupt the change log behind the CP's back: a port that is not a number.
+        let mut broken = svc.clone();
+        broken["port"] = json!("not-a-port");
+        let pool = cp.store().pool().clone();
+        let set = |body: String| {
+            let pool = pool.clone();
+            async move {
+                let sql = "UPDATE dp_changes SET entity = $1 WHERE version = $2";
+                match &pool {
+                    deltaplane::store::Pool::Sqlite(p) => {
+                        sqlx::query(sql)
+                            .bind(body)
+                            .bind(bad_version)
+                            .execute(p)
+                            .await
+                            .unwrap();
+                    }
+                    deltaplane::store::Pool::Postgres(p) => {
+                        sqlx::query(sql)
+                            .bind(body)
+                            .bind(bad_version)
+                            .execute(p)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        };
+        set(broken.to_string()).await;
+        dp.restart().await;
+        // The DP stays on its last good version and says why.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let st = loop {
+            let st = dp.shared().status_json();
+            if st["last_error"].is_string() {
+                break st;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no error shown: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(st["last_error"].as_str().unwrap().contains("port"), "{st}");
+        assert_eq!(dp.state(), (good, good_hash));
+        // The CP recorded the DP's error.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let planes = rpc(&cp, "deltaplane.data_planes", None).await;
+            if planes[0]["last_error"].is_string() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{planes}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Repair the log: after its back-off the DP applies it.
+        set(svc.to_string()).await;
+        dp.converge(&cp, 20).await;
+        assert_eq!(dp.shared().status_json()["last_error"], Value::Null);
+        cp.shutdown().await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_version_pushes_new_versions() {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let cp = TestCp::start(crate::harness::Backend::Sqlite)
+        .await
+        .unwrap();
+    let dp = cp.start_dp().await;
+    dp.converge(&cp, 20).await;
+    let dp_rpc = dp.dp.as_ref().unwrap().status_addr;
+    let cp_rpc = cp.running().admin_addr;
+    let mut subs = Vec::new();
+    for addr in [cp_rpc, dp_rpc] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/rpc"), tcp)
+            .await
+            .unwrap();
+        ws.send(Message::text(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "deltaplane.watch_version", "params": []})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+        subs.push(ws);
+    }
+    cp.create("/services", json!({"name": "watched", "host": "w"}))
+        .await;
+    let (head, hash) = cp.head().await;
+    for ws in &mut subs {
+        // The subscription answer, then notifications until the head shows up.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .expect("a notification in time")
+                .unwrap()
+                .unwrap();
+            let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+            if v["method"] == "deltaplane.version" {
+                let r = &v["params"]["result"];
+                if r["version"] == head {
+                    assert_eq!(r["state_hash"], hash);
+                    assert_eq!(r["version_string"], deltaplane::sync::version_string(head));
+                    break;
+                }
+            }
+        }
+    }
+    cp.shutdown().await;
+}
+
+/// Two control planes share one PostgreSQL database; writers on both; DPs on both converge to
+/// the same version and state hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cps_on_postgres_every_dp_converges() {
+    let Some(db) = crate::harness::TestDb::postgres().await else {
+        return;
+    };
+    let cfg_a = db.cp_config();
+    let mut cfg_b = db.cp_config();
+    cfg_b.data_dir = db.dir.path().join("cp-b");
+    let url = db.url.clone();
+    let cp_a = TestCp::start_with(db, cfg_a).await;
+    let db_b = crate::harness::TestDb {
+        url,
+        dir: tempfile::tempdir().unwrap(),
+        pg: None,
+    };
+    let cp_b = TestCp::start_with(db_b, cfg_b).await;
+    let dps_a = [cp_a.start_dp().await, cp_a.start_dp().await];
+    let dps_b = [cp_b.start_dp().await, cp_b.start_dp().await];
+
+    let write = |cp: &TestCp, prefix: &'static str| {
+        let base = cp.base.clone();
+        let client = cp.client.clone();
+        async move {
+            for i in 0..40 {
+                let r = client
+                    .post(format!("{base}/services"))
+                    .json(&json!({"name": format!("{prefix}-{i}"), "host": "x.test"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        }
+    };
+    tokio::join!(
+        write(&cp_a, "a"),
+        write(&cp_b, "b"),
+        write(&cp_a, "a2"),
+        write(&cp_b, "b2")
+    );
+    let (head, hash) = cp_a.head().await;
+    assert_eq!(cp_b.head().await, (head, hash.clone()));
+    for dp in dps_a.iter().chain(dps_b.iter()) {
+        dp.converge(&cp_a, 30).await;
+        assert_eq!(dp.state(), (head, hash.clone()));
+        assert_eq!(dp.shared().store.list("services").unwrap().len(), 160);
+    }
+    // Every CP lists all four data planes (the table is shared).
+    for cp in [&cp_a, &cp_b] {
+        let planes = rpc(cp, "deltaplane.data_planes", None).await;
+        assert_eq!(planes.as_array().unwrap().len(), 4, "{planes}");
+    }
+    cp_b.shutdown().await;
+    cp_a.shutdown().await;
+}
