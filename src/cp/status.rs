@@ -41,7 +41,7 @@ pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
             (false, false) => "behind",
         };
         println!(
-            "  {}  {:<20} {:<8} v{:<8} {:<12} {}{}",
+            "  {}  {:<20} {:<4} version {:<8} {:<12} {}{}",
             p["node_id"].as_str().unwrap_or("?"),
             p["hostname"].as_str().unwrap_or("?"),
             p["protocol"].as_str().unwrap_or("?"),
