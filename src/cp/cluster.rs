@@ -66,6 +66,8 @@ pub struct DpConn {
 #[derive(Debug, Clone, Default)]
 struct DpStatus {
     version: i64,
+    /// The state hash the DP reported with `version` (deltaplane DPs only).
+    state_hash: Option<String>,
     last_error: Option<String>,
 }
 
@@ -129,7 +131,7 @@ impl ClusterCtx {
             kong_version: conn.kong_version.clone(),
             protocol: "v2".into(),
             version: st.version,
-            state_hash: None,
+            state_hash: st.state_hash.clone(),
             connected_to: connected.then(|| self.node_id.clone()),
             last_seen: crate::store::now_secs(),
             last_error: st.last_error,
@@ -548,7 +550,14 @@ async fn get_delta(
         .and_then(Value::as_str)
         .and_then(parse_version);
     if let Some(v) = version {
-        conn.status.lock().expect("status lock").version = v;
+        let mut st = conn.status.lock().expect("status lock");
+        st.version = v;
+        st.state_hash = ns
+            .get("state_hash")
+            .and_then(Value::as_str)
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned);
+        drop(st);
         conn.reported.send_replace(v);
     } else {
         conn.reported.send_replace(0);

@@ -228,12 +228,27 @@ impl Feed {
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<(String, Decision), FeedError> {
-        if let Some(after) = dp_version.filter(|v| *v > 0)
-            && let Some(answer) = self.incremental(after, asker, fits).await?
-        {
-            return Ok(answer);
+        let mut head = 0;
+        let (text, decision) = match dp_version.filter(|v| *v > 0) {
+            Some(after) => match self.incremental(after, asker, fits, &mut head).await? {
+                Some(answer) => answer,
+                None => self.full(asker, fits, &mut head).await?,
+            },
+            None => self.full(asker, fits, &mut head).await?,
+        };
+        if !asker.paging {
+            return Ok((text, decision));
         }
-        self.full(asker, fits).await
+        // Our data planes also learn the head, so after a cut answer they ask again at once
+        // and after a complete one they do not ask again in vain.
+        const PREFIX: &str = "{\"default\":{";
+        debug_assert!(text.starts_with(PREFIX));
+        let text = format!(
+            "{PREFIX}\"deltaplane_head\":\"{}\",{}",
+            version_string(head),
+            &text[PREFIX.len()..]
+        );
+        Ok((text, decision))
     }
 
     /// `None` when a full sync is needed (below the horizon, or ahead of the change log).
@@ -242,6 +257,7 @@ impl Feed {
         after: i64,
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
+        head_out: &mut i64,
     ) -> Result<Option<(String, Decision)>, FeedError> {
         use std::ops::ControlFlow;
         let budget = self.limits.frame_bytes;
@@ -272,6 +288,7 @@ impl Feed {
             Ok(info) => info,
             Err(_behind) => return Ok(None),
         };
+        *head_out = info.version;
         if after > info.version {
             // The data plane is ahead of this change log (a restored database): full sync.
             return Ok(None);
@@ -324,8 +341,10 @@ impl Feed {
         &self,
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
+        head: &mut i64,
     ) -> Result<(String, Decision), FeedError> {
         let snap = self.current_snapshot().await?;
+        *head = snap.version;
         let body = snap.slice(0, snap.len());
         let size = body.len() + 160;
         if size <= self.limits.max_decompressed {

@@ -212,6 +212,7 @@ async fn session(
     }
     let syncer = Syncer {
         cfg,
+        stop: stop.clone(),
         shared: shared.clone(),
         peer: peer.clone(),
         cp_epoch,
@@ -335,6 +336,8 @@ enum SyncError {
 
 struct Syncer<'a> {
     cfg: &'a DpConfig,
+    /// Checked between answers, so a long catch-up does not delay shutdown.
+    stop: watch::Receiver<bool>,
     shared: Arc<DpShared>,
     peer: Peer,
     cp_epoch: Option<String>,
@@ -353,6 +356,9 @@ struct Header {
     latest_version: Option<String>,
     #[serde(default)]
     deltaplane_transfer: Option<TransferRef>,
+    /// The control plane's head when it answered (deltaplane control planes only).
+    #[serde(default)]
+    deltaplane_head: Option<String>,
     #[serde(default)]
     deltas: Option<IgnoredAny>,
 }
@@ -375,6 +381,9 @@ impl Syncer<'_> {
     async fn sync(&self) -> Result<(), SyncError> {
         // Bounded: an answer carries at most max_versions, so a long catch-up takes a few rounds.
         for _ in 0..10_000 {
+            if *self.stop.borrow() {
+                return Ok(());
+            }
             let state = self.shared.store.state();
             let epoch_ok = match (&state.epoch, &self.cp_epoch) {
                 (Some(ours), Some(theirs)) => ours == theirs,
@@ -413,9 +422,18 @@ impl Syncer<'_> {
                     // Watchers see the version only once the status reflects it.
                     self.shared.applied(v);
                     // Tell the control plane where we are (Kong's status notification).
-                    let status =
-                        serde_json::json!([{ "default": { "version": version_string(v) } }]);
+                    let mut ns = serde_json::json!({ "version": version_string(v) });
+                    if self.paging {
+                        // deltaplane control planes record the state hash too.
+                        ns["state_hash"] = self.shared.store.state().state_hash.to_hex().into();
+                    }
+                    let status = serde_json::json!([{ "default": ns }]);
                     let _ = self.peer.notify("kong.sync.v2.get_delta", status).await;
+                    // A deltaplane CP said where its head is: stop once there. (A Kong CP
+                    // does not; ask again until an answer is empty.)
+                    if self.paging && v >= self.shared.link().cp_version_seen {
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -451,7 +469,8 @@ impl Syncer<'_> {
             })?),
             None => None,
         };
-        if let Some(l) = latest {
+        let head = header.deltaplane_head.as_deref().and_then(parse_version);
+        if let Some(l) = latest.max(head) {
             self.shared
                 .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
         }

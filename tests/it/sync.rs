@@ -179,16 +179,28 @@ both_backends!(several_dps_converge_and_are_listed, |backend| async move {
     for dp in &dps {
         dp.converge(&cp, 30).await;
     }
-    // The operator RPC lists them.
-    let planes = rpc(&cp, "deltaplane.data_planes", None).await;
-    let planes = planes.as_array().unwrap();
-    assert_eq!(planes.len(), 3, "{planes:?}");
-    for p in planes {
-        assert_eq!(p["protocol"], "v2");
-        assert!(p["connected_to"].is_string());
+    // The operator RPC lists them, with the version and state hash each one reported.
+    let (head, hash) = cp.head().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let planes = rpc(&cp, "deltaplane.data_planes", None).await;
+        let planes = planes.as_array().unwrap().clone();
+        assert_eq!(planes.len(), 3, "{planes:?}");
+        if planes
+            .iter()
+            .all(|p| p["version"] == head && p["state_hash"] == hash.as_str())
+        {
+            for p in &planes {
+                assert_eq!(p["protocol"], "v2");
+                assert!(p["connected_to"].is_string());
+                assert_eq!(p["kong_version"], "3.10.0");
+            }
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{planes:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let v = rpc(&cp, "deltaplane.sync_version", None).await;
-    let (head, hash) = cp.head().await;
     assert_eq!(v["version"], head);
     assert_eq!(v["state_hash"], hash);
     for dp in &dps {
@@ -591,4 +603,43 @@ async fn two_cps_on_postgres_every_dp_converges() {
     }
     cp_b.shutdown().await;
     cp_a.shutdown().await;
+}
+
+/// A data plane killed in the middle of a catch-up that takes many answers resumes where its
+/// last committed answer left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_restarted_mid_catch_up_resumes() {
+    let db = crate::harness::TestDb::sqlite();
+    let mut cfg = db.cp_config();
+    cfg.cluster.max_payload = 4096; // a few versions per answer
+    let cp = TestCp::start_with(db, cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut dcfg = cp.dp_config(dir.path());
+    dcfg.cluster.max_payload = 4096;
+    let mut dp = TestDp::start(dcfg, dir).await;
+    dp.converge(&cp, 20).await;
+    dp.stop().await;
+    let (start, _) = dp.state();
+    for i in 0..300 {
+        cp.create(
+            "/consumers",
+            json!({"username": format!("user-{i}-{}", uuid::Uuid::new_v4())}),
+        )
+        .await;
+    }
+    dp.restart().await;
+    // Stop it once it is partway.
+    dp.wait_version(start + 1, 20).await;
+    dp.stop().await;
+    let (mid, _) = dp.state();
+    let (head, _) = cp.head().await;
+    assert!(
+        mid > start && mid < head,
+        "not mid-stream: {start} < {mid} < {head}"
+    );
+    dp.restart().await;
+    assert!(dp.state().0 >= mid, "went backwards");
+    dp.converge(&cp, 30).await;
+    assert_eq!(dp.shared().status_json()["full_syncs"], 0);
+    cp.shutdown().await;
 }
