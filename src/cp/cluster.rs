@@ -185,8 +185,10 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let mut expiry = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
+            _ = expiry.tick() => ctx.feed.expire_idle(Duration::from_secs(30)),
             accepted = listener.accept() => {
                 let (tcp, addr) = match accepted {
                     Ok(a) => a,

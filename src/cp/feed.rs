@@ -187,9 +187,16 @@ pub struct Feed {
     store: Store,
     limits: FeedLimits,
     /// The latest full snapshot, shared by every data plane that needs a full sync at it.
-    snapshot: tokio::sync::Mutex<Option<Arc<Serialized>>>,
+    /// The latest snapshot built and when it was last used; [`Feed::expire_idle`] drops it
+    /// so an idle CP does not keep a copy of the whole configuration.
+    snapshot: tokio::sync::Mutex<Option<(Arc<Serialized>, Instant)>>,
+    /// Full answers being built at once; each holds a copy of the configuration.
+    full_permits: tokio::sync::Semaphore,
     transfers: Mutex<HashMap<String, Transfer>>,
 }
+
+/// Full-sync answers built concurrently (bounds the CP's memory when many fresh DPs arrive).
+const FULL_ANSWERS_AT_ONCE: usize = 2;
 
 /// How long an idle paged transfer is kept.
 const TRANSFER_TTL: Duration = Duration::from_secs(120);
@@ -211,6 +218,7 @@ impl Feed {
             store,
             limits,
             snapshot: tokio::sync::Mutex::new(None),
+            full_permits: tokio::sync::Semaphore::new(FULL_ANSWERS_AT_ONCE),
             transfers: Mutex::new(HashMap::new()),
         }
     }
@@ -343,6 +351,11 @@ impl Feed {
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
         head: &mut i64,
     ) -> Result<(String, Decision), FeedError> {
+        let _permit = self
+            .full_permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let snap = self.current_snapshot().await?;
         *head = snap.version;
         let body = snap.slice(0, snap.len());
@@ -371,10 +384,11 @@ impl Feed {
     async fn current_snapshot(&self) -> Result<Arc<Serialized>, FeedError> {
         let mut cached = self.snapshot.lock().await;
         let head = self.store.version_info().await?;
-        if let Some(s) = cached
-            .as_ref()
-            .filter(|s| s.version == head.version && s.epoch == head.epoch)
+        if let Some((s, used)) = cached
+            .as_mut()
+            .filter(|(s, _)| s.version == head.version && s.epoch == head.epoch)
         {
+            *used = Instant::now();
             return Ok(s.clone());
         }
         *cached = None; // free the old one before building the next
@@ -383,8 +397,21 @@ impl Feed {
         out.version = info.version;
         out.epoch = info.epoch;
         let snap = Arc::new(out);
-        *cached = Some(snap.clone());
+        *cached = Some((snap.clone(), Instant::now()));
         Ok(snap)
+    }
+
+    /// Drops the cached snapshot and transfers not used for `idle`.
+    pub fn expire_idle(&self, idle: Duration) {
+        if let Ok(mut cached) = self.snapshot.try_lock()
+            && cached
+                .as_ref()
+                .is_some_and(|(_, used)| used.elapsed() > idle)
+        {
+            *cached = None;
+        }
+        let mut transfers = self.transfers.lock().expect("transfers lock");
+        transfers.retain(|_, t| t.last_used.elapsed() < TRANSFER_TTL);
     }
 
     fn start_transfer(&self, data: Arc<Serialized>) -> (String, Decision) {
