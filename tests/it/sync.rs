@@ -643,3 +643,22 @@ async fn dp_restarted_mid_catch_up_resumes() {
     assert_eq!(dp.shared().status_json()["full_syncs"], 0);
     cp.shutdown().await;
 }
+
+/// With several control planes configured, a dead first one does not stop the data plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_fails_over_to_the_next_control_plane() {
+    let cp = TestCp::start(crate::harness::Backend::Sqlite).await.unwrap();
+    service_with_routes(&cp, "fo", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cp.dp_config(dir.path());
+    let real = cfg.control_planes[0].clone();
+    // Nothing listens on the first address.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    cfg.control_planes = vec![dead_addr, real.clone()];
+    let dp = TestDp::start(cfg, dir).await;
+    dp.converge(&cp, 20).await;
+    assert_eq!(dp.shared().link().connected_to, Some(real));
+    cp.shutdown().await;
+}
