@@ -219,6 +219,7 @@ async fn session(
         paging: cp_caps.iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
     };
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut rejections: u32 = 0;
     let mut poll = tokio::time::interval(cfg.sync_poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
@@ -227,10 +228,18 @@ async fn session(
         if want && retry_at.is_none_or(|t| tokio::time::Instant::now() >= t) {
             want = false;
             match syncer.sync().await {
-                Ok(()) => retry_at = None,
+                Ok(()) => {
+                    retry_at = None;
+                    rejections = 0;
+                }
                 Err(SyncError::Rejected(msg)) => {
-                    tracing::warn!(control_plane = %cp, error = %msg, backoff = ?cfg.invalid_backoff, "deltas rejected; staying on the last good version");
-                    retry_at = Some(tokio::time::Instant::now() + cfg.invalid_backoff);
+                    // Doubles per consecutive rejection, up to 64x: a bad batch is never
+                    // refetched in a tight loop, and a fixed one is picked up eventually.
+                    let backoff = cfg.invalid_backoff * (1u32 << rejections.min(6));
+                    rejections += 1;
+                    tracing::warn!(control_plane = %cp, error = %msg, ?backoff, "deltas rejected; staying on the last good version");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    want = true;
                 }
                 Err(SyncError::Link(msg)) => {
                     tracing::info!(control_plane = %cp, error = %msg, "sync failed; will retry");
@@ -255,10 +264,6 @@ async fn session(
                 close_and_wait(&peer).await;
                 return Ok(End::Stopped);
             }
-        }
-        if retry_at.is_some() && !want {
-            // A rejected batch: ask again once the back-off has passed.
-            want = true;
         }
     }
 }
