@@ -1,0 +1,1274 @@
+//! End-to-end load harness: the real `deltaplane-cp` / `deltaplane-dp` release binaries as
+//! processes (temp dirs, free ports, durable on both ends, mTLS with the CP's generated shared
+//! certificate), driven from outside.
+//!
+//! ```sh
+//! cargo build --release --bins --examples
+//! cargo run --release --example loadtest -- latency --dps 1,10,100 --writes 200 --runs 3
+//! cargo run --release --example loadtest -- latency --dps 1,10 --pg postgres://postgres@127.0.0.1:5432/test
+//! cargo run --release --example loadtest -- fullsync --entities 100000
+//! cargo run --release --example loadtest -- deltasize --entities 100000
+//! ```
+//!
+//! * `latency`: Admin API write → `deltaplane.version` notification (sent by a DP only after the
+//!   version is durably applied) on every DP, one write at a time.
+//! * `fullsync`: a CP database pre-filled through the library with ~1 KB services; time from a
+//!   fresh DP process start to its `/status` version equal to the CP head, and peak RSS.
+//! * `deltasize`: one PATCH on the same config, then the harness itself is a DP and measures the
+//!   compressed `get_delta` answer for `head - 1` on the wire, per frame encoding.
+//!
+//! Every child process is killed when the harness exits (also on error or panic).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+use deltaplane::store::{Op, Store, StoreOptions};
+use deltaplane::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::wire::codec::{self, Encoding};
+use deltaplane::wire::hello::{self, Hello};
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+#[command(
+    about = "End-to-end load harness: runs target/release/deltaplane-cp and deltaplane-dp as \
+             processes (durable, mTLS) and measures propagation latency, full-sync time and \
+             peak RSS, and delta size on the wire. Build first: cargo build --release --bins"
+)]
+struct Cli {
+    /// Directory holding deltaplane-cp and deltaplane-dp [default: <target>/release]
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Sequential Admin writes; write → durably applied on each of N DPs (watch_version).
+    Latency {
+        /// Numbers of DP processes, comma-separated; several values are run interleaved
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        dps: Vec<usize>,
+        /// Measured writes per run
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        /// Runs per configuration (interleaved across configurations)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// PostgreSQL server URL; a fresh database `loadtest_<random>` is created per run and
+        /// dropped afterwards. SQLite (synchronous=FULL) when unset
+        #[arg(long)]
+        pg: Option<String>,
+        /// Unmeasured writes before the measured ones (same pacing)
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Pause after every DP applied a write, before the next write
+        #[arg(long, default_value_t = 10)]
+        gap_ms: u64,
+        /// How many services the writes rotate over
+        #[arg(long, default_value_t = 4)]
+        services: usize,
+        /// Give up when a write has not reached every DP in this time
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
+    /// Pre-filled CP (~1 KB services); fresh DP process start → in sync; peak RSS.
+    Fullsync {
+        #[arg(long, default_value_t = 100_000)]
+        entities: usize,
+        /// PostgreSQL server URL (a fresh database is created and dropped); SQLite when unset
+        #[arg(long)]
+        pg: Option<String>,
+    },
+    /// Pre-filled CP, one PATCH; get_delta(head - 1) answer size on the wire per encoding.
+    Deltasize {
+        #[arg(long, default_value_t = 100_000)]
+        entities: usize,
+        /// PostgreSQL server URL (a fresh database is created and dropped); SQLite when unset
+        #[arg(long)]
+        pg: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bins = Bins::locate(cli.bin_dir.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!("load average at start: {}", loadavg());
+    let res = rt.block_on(async {
+        match cli.scenario {
+            Scenario::Latency {
+                dps,
+                writes,
+                runs,
+                pg,
+                warmup,
+                gap_ms,
+                services,
+                timeout_secs,
+            } => {
+                let opts = LatencyOpts {
+                    writes,
+                    warmup,
+                    gap: Duration::from_millis(gap_ms),
+                    services: services.max(1),
+                    timeout: Duration::from_secs(timeout_secs),
+                };
+                latency(&bins, &dps, runs, pg.as_deref(), &opts).await
+            }
+            Scenario::Fullsync { entities, pg } => fullsync(&bins, entities, pg.as_deref()).await,
+            Scenario::Deltasize { entities, pg } => deltasize(&bins, entities, pg.as_deref()).await,
+        }
+    });
+    println!("load average at end: {}", loadavg());
+    rt.shutdown_timeout(Duration::from_secs(2));
+    res
+}
+
+// === processes ===
+
+struct Bins {
+    cp: PathBuf,
+    dp: PathBuf,
+}
+
+impl Bins {
+    fn locate(dir: Option<&Path>) -> anyhow::Result<Bins> {
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => {
+                // <target>/<profile>/examples/loadtest → <target>/release
+                let exe = std::env::current_exe()?;
+                match exe.ancestors().nth(3) {
+                    Some(target) if target.join("release").is_dir() => target.join("release"),
+                    _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release"),
+                }
+            }
+        };
+        let bins = Bins {
+            cp: dir.join("deltaplane-cp"),
+            dp: dir.join("deltaplane-dp"),
+        };
+        for b in [&bins.cp, &bins.dp] {
+            if !b.is_file() {
+                bail!(
+                    "{} is missing: build the release binaries first with \
+                     `cargo build --release --bins` (or pass --bin-dir)",
+                    b.display()
+                );
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// Child processes, killed (SIGKILL) and reaped on drop: on success, error and panic alike.
+#[derive(Default)]
+struct Procs {
+    children: Vec<(String, Child, PathBuf)>,
+}
+
+impl Procs {
+    /// Spawns `cmd` with stdout discarded and stderr to `log`; returns its pid.
+    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<u32> {
+        // Defaults only: no DELTAPLANE_* setting from the caller's environment leaks in.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("DELTAPLANE_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log)?)
+            .spawn()
+            .with_context(|| format!("spawning {name}"))?;
+        let pid = child.id();
+        self.children
+            .push((name.to_owned(), child, log.to_path_buf()));
+        Ok(pid)
+    }
+
+    /// Fails if any child has exited, with the tail of its log.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, child, log) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                let text = std::fs::read_to_string(&*log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!("{name} exited ({status}); log tail:\n{}", tail.join("\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.children {
+            let _ = child.kill();
+        }
+        for (_, child, _) in &mut self.children {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Free loopback ports: all bound at once (so they are distinct), then released.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unavailable ({e})"))
+}
+
+/// Peak resident set size (`VmHWM`) of a process, in KiB.
+fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM line")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?)
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+// === PostgreSQL scratch databases ===
+
+/// A fresh database on the server at `--pg`, dropped on drop (also on error or panic).
+struct PgDb {
+    server_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    async fn create(server_url: &str) -> anyhow::Result<PgDb> {
+        use sqlx::Connection as _;
+        let name = format!("loadtest_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::PgConnection::connect(server_url)
+            .await
+            .with_context(|| format!("connecting to {server_url}"))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .context("CREATE DATABASE")?;
+        conn.close().await?;
+        let url = with_database(server_url, &name)?;
+        Ok(PgDb {
+            server_url: server_url.to_owned(),
+            name,
+            url,
+        })
+    }
+}
+
+/// `postgres://u@h:p/olddb?x` → `postgres://u@h:p/<name>?x`.
+fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (scheme, rest) = url.split_once("://").context("a postgres:// URL")?;
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    Ok(format!("{scheme}://{authority}/{name}{query}"))
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let server = self.server_url.clone();
+        let name = self.name.clone();
+        // A separate thread with its own runtime: Drop may run inside the main runtime.
+        let res = std::thread::spawn(move || -> anyhow::Result<()> {
+            use sqlx::Connection as _;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&server).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                conn.close().await?;
+                Ok(())
+            })
+        })
+        .join();
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop database {}: {e:#}", self.name),
+            Err(_) => eprintln!("could not drop database {}: panic", self.name),
+        }
+    }
+}
+
+// === a cluster of processes ===
+
+struct Cp {
+    pid: u32,
+    admin: String,
+    cluster: SocketAddr,
+    dir: PathBuf,
+}
+
+struct Dp {
+    pid: u32,
+    status: SocketAddr,
+}
+
+/// One scenario's world. Field order matters: processes die before the directory and the
+/// database go away.
+struct World {
+    procs: Procs,
+    http: reqwest::Client,
+    pg: Option<PgDb>,
+    tmp: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(pg_server: Option<&str>) -> anyhow::Result<World> {
+        let pg = match pg_server {
+            Some(url) => Some(PgDb::create(url).await?),
+            None => None,
+        };
+        Ok(World {
+            procs: Procs::default(),
+            http: reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(256)
+                .build()?,
+            pg,
+            tmp: tempfile::Builder::new().prefix("loadtest-").tempdir()?,
+        })
+    }
+
+    fn cp_dir(&self) -> PathBuf {
+        self.tmp.path().join("cp")
+    }
+
+    /// The store options the CP will use (`cp::store_options` with the defaults).
+    fn store_options(&self) -> StoreOptions {
+        match &self.pg {
+            Some(db) => StoreOptions::new(db.url.clone()),
+            None => StoreOptions::sqlite_in(&self.cp_dir()),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        if self.pg.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    }
+
+    async fn start_cp(&mut self, bins: &Bins) -> anyhow::Result<Cp> {
+        let dir = self.cp_dir();
+        std::fs::create_dir_all(&dir)?;
+        let ports = free_ports(2)?;
+        let admin = format!("127.0.0.1:{}", ports[0]);
+        let cluster: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse()?;
+        let mut cmd = Command::new(&bins.cp);
+        cmd.args(["serve", "--data-dir"])
+            .arg(&dir)
+            .args(["--admin-listen", &admin])
+            .args(["--cluster-listen", &cluster.to_string()]);
+        match &self.pg {
+            Some(db) => {
+                cmd.args(["--database-url", &db.url]);
+            }
+            None => {
+                cmd.args(["--sqlite-synchronous", "full"]);
+            }
+        }
+        let pid = self
+            .procs
+            .spawn("cp", cmd, &self.tmp.path().join("cp.log"))?;
+        let cp = Cp {
+            pid,
+            admin: format!("http://{admin}"),
+            cluster,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.procs.check_alive()?;
+            let ready = cp.dir.join("cluster.crt").exists()
+                && cp.dir.join("cluster.key").exists()
+                && matches!(
+                    self.http.get(format!("{}/status", cp.admin)).send().await,
+                    Ok(r) if r.status().is_success()
+                );
+            if ready {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "the CP did not start in 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(cp)
+    }
+
+    fn spawn_dps(&mut self, bins: &Bins, cp: &Cp, n: usize) -> anyhow::Result<Vec<Dp>> {
+        let ports = free_ports(n)?;
+        let mut dps = Vec::with_capacity(n);
+        for (i, port) in ports.into_iter().enumerate() {
+            let dir = self.tmp.path().join(format!("dp-{i}"));
+            let status: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            let mut cmd = Command::new(&bins.dp);
+            cmd.args(["run", "--data-dir"])
+                .arg(&dir)
+                .args(["--cluster-control-plane", &cp.cluster.to_string()])
+                .arg("--cluster-cert")
+                .arg(cp.dir.join("cluster.crt"))
+                .arg("--cluster-cert-key")
+                .arg(cp.dir.join("cluster.key"))
+                .args(["--status-listen", &status.to_string()])
+                .args(["--durable", "true"]);
+            let pid = self.procs.spawn(
+                &format!("dp-{i}"),
+                cmd,
+                &self.tmp.path().join(format!("dp-{i}.log")),
+            )?;
+            dps.push(Dp { pid, status });
+        }
+        Ok(dps)
+    }
+
+    async fn cp_head(&self, cp: &Cp) -> anyhow::Result<(i64, String)> {
+        let v: Value = self
+            .http
+            .get(format!("{}/status", cp.admin))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let c = &v["configuration"];
+        Ok((
+            c["version"].as_i64().context("CP /status version")?,
+            c["state_hash"].as_str().unwrap_or_default().to_owned(),
+        ))
+    }
+
+    async fn dp_status(&self, dp: &Dp) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("http://{}/status", dp.status))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Waits until every DP reports the CP head, in sync, with the CP's state hash.
+    async fn wait_in_sync(&mut self, cp: &Cp, dps: &[Dp], secs: u64) -> anyhow::Result<i64> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut pending: Vec<usize> = (0..dps.len()).collect();
+        loop {
+            self.procs.check_alive()?;
+            let (head, hash) = self.cp_head(cp).await?;
+            let mut still = Vec::new();
+            for &i in &pending {
+                let ok = match self.dp_status(&dps[i]).await {
+                    Ok(s) => {
+                        s["version"].as_i64() == Some(head)
+                            && s["in_sync"] == true
+                            && s["state_hash"] == hash.as_str()
+                    }
+                    Err(_) => false,
+                };
+                if !ok {
+                    still.push(i);
+                }
+            }
+            if still.is_empty() {
+                return Ok(head);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} of {} DPs not in sync with version {head} after {secs} s (first: dp-{})",
+                still.len(),
+                dps.len(),
+                still[0]
+            );
+            pending = still;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+// === statistics ===
+
+#[derive(Clone, Copy, Default)]
+struct Stat {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    n: usize,
+}
+
+/// Nearest-rank percentiles, in milliseconds.
+fn stat(samples: &[Duration]) -> Stat {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let rank = |q: f64| {
+        if ms.is_empty() {
+            return f64::NAN;
+        }
+        let k = ((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len());
+        ms[k - 1]
+    };
+    Stat {
+        p50: rank(0.50),
+        p99: rank(0.99),
+        max: rank(1.0),
+        n: ms.len(),
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn fmt3(s: &Stat) -> String {
+    format!("{:.2} / {:.2} / {:.2}", s.p50, s.p99, s.max)
+}
+
+// === scenario: latency ===
+
+struct LatencyOpts {
+    writes: usize,
+    warmup: usize,
+    gap: Duration,
+    services: usize,
+    timeout: Duration,
+}
+
+struct CellResult {
+    all: Stat,
+    last: Stat,
+    admin: Stat,
+    load_start: String,
+    load_end: String,
+    worst: Vec<(Duration, usize, usize)>,
+}
+
+enum Event {
+    Subscribed,
+    Version(usize, i64, Instant),
+    Closed(usize, String),
+}
+
+async fn latency(
+    bins: &Bins,
+    dps: &[usize],
+    runs: usize,
+    pg: Option<&str>,
+    opts: &LatencyOpts,
+) -> anyhow::Result<()> {
+    ensure!(
+        !dps.is_empty() && dps.iter().all(|&n| n > 0),
+        "--dps: N ≥ 1"
+    );
+    ensure!(runs >= 1 && opts.writes >= 1, "--runs and --writes ≥ 1");
+    if runs < 3 {
+        eprintln!("note: fewer than 3 runs; the medians are not meaningful");
+    }
+    let backend = if pg.is_some() { "postgres" } else { "sqlite" };
+    println!(
+        "latency: backend {backend}, DPs {dps:?}, {} writes per run (+{} warm-up), {runs} runs \
+         interleaved, gap {:?}, {} services",
+        opts.writes, opts.warmup, opts.gap, opts.services
+    );
+    let mut results: BTreeMap<usize, Vec<CellResult>> = BTreeMap::new();
+    for run in 1..=runs {
+        for &n in dps {
+            let r = latency_cell(bins, n, run, pg, opts)
+                .await
+                .with_context(|| format!("run {run}, {n} DPs"))?;
+            println!(
+                "run {run} N={n:>3}: write→each DP {} ms | write→last DP {} ms | admin {} ms \
+                 (p50/p99/max; load {} → {})",
+                fmt3(&r.all),
+                fmt3(&r.last),
+                fmt3(&r.admin),
+                r.load_start,
+                r.load_end
+            );
+            let worst: Vec<String> = r
+                .worst
+                .iter()
+                .map(|(d, w, dp)| format!("{:.1} ms (write {w}, dp-{dp})", d.as_secs_f64() * 1e3))
+                .collect();
+            println!("    slowest samples: {}", worst.join(", "));
+            results.entry(n).or_default().push(r);
+        }
+    }
+    println!();
+    println!(
+        "### write → durably applied, {backend}, {} writes per run, mTLS, durable both ends \
+         (ms; p50 / p99 / max)",
+        opts.writes
+    );
+    println!();
+    println!(
+        "| DPs | run | samples (each) | write→each DP p50 | p99 | max | write→last DP p50 | p99 \
+         | max | admin write p50 | p99 | max |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (n, rs) in &results {
+        for (i, r) in rs.iter().enumerate() {
+            println!(
+                "| {n} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} \
+                 | {:.2} |",
+                i + 1,
+                r.all.n,
+                r.all.p50,
+                r.all.p99,
+                r.all.max,
+                r.last.p50,
+                r.last.p99,
+                r.last.max,
+                r.admin.p50,
+                r.admin.p99,
+                r.admin.max
+            );
+        }
+        let med = |f: &dyn Fn(&CellResult) -> f64| median(rs.iter().map(f).collect());
+        println!(
+            "| {n} | **median** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** | \
+             **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
+            med(&|r| r.all.p50),
+            med(&|r| r.all.p99),
+            med(&|r| r.all.max),
+            med(&|r| r.last.p50),
+            med(&|r| r.last.p99),
+            med(&|r| r.last.max),
+            med(&|r| r.admin.p50),
+            med(&|r| r.admin.p99),
+            med(&|r| r.admin.max),
+        );
+    }
+    println!();
+    Ok(())
+}
+
+async fn latency_cell(
+    bins: &Bins,
+    n: usize,
+    run: usize,
+    pg: Option<&str>,
+    opts: &LatencyOpts,
+) -> anyhow::Result<CellResult> {
+    let load_start = loadavg();
+    let mut world = World::new(pg).await?;
+    let cp = world.start_cp(bins).await?;
+    let mut ids = Vec::new();
+    for s in 0..opts.services {
+        let r = world
+            .http
+            .post(format!("{}/services", cp.admin))
+            .json(&json!({"name": format!("lt-svc-{s}"), "host": format!("svc-{s}.test")}))
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "creating a service: {}", r.status());
+        let v: Value = r.json().await?;
+        ids.push(v["id"].as_str().context("service id")?.to_owned());
+    }
+    let dps = world.spawn_dps(bins, &cp, n)?;
+    world.wait_in_sync(&cp, &dps, 120 + n as u64).await?;
+
+    // One watch_version subscription per DP.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let mut watchers = Vec::with_capacity(n);
+    for (i, dp) in dps.iter().enumerate() {
+        let tcp = tokio::net::TcpStream::connect(dp.status).await?;
+        tcp.set_nodelay(true)?;
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/rpc", dp.status), tcp)
+            .await
+            .with_context(|| format!("WebSocket to dp-{i}"))?;
+        ws.send(Message::text(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "deltaplane.watch_version", "params": []})
+                .to_string(),
+        ))
+        .await?;
+        let tx = tx.clone();
+        watchers.push(tokio::spawn(async move {
+            loop {
+                let msg = ws.next().await;
+                let at = Instant::now();
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(c))) => {
+                        let _ = tx.send(Event::Closed(i, format!("closed: {c:?}")));
+                        return;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        let _ = tx.send(Event::Closed(i, e.to_string()));
+                        return;
+                    }
+                    None => {
+                        let _ = tx.send(Event::Closed(i, "end of stream".into()));
+                        return;
+                    }
+                };
+                let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
+                    continue;
+                };
+                if v["method"] == "deltaplane.version" {
+                    if let Some(ver) = v["params"]["result"]["version"].as_i64() {
+                        let _ = tx.send(Event::Version(i, ver, at));
+                    }
+                } else if v["id"] == 1 {
+                    let ev = if v.get("error").is_some() {
+                        Event::Closed(i, format!("subscription refused: {v}"))
+                    } else {
+                        Event::Subscribed
+                    };
+                    let _ = tx.send(ev);
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let _abort = AbortOnDrop(watchers);
+    let mut subscribed = 0;
+    let mut latest = vec![i64::MIN; n];
+    while subscribed < n {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Some(Event::Subscribed)) => subscribed += 1,
+            Ok(Some(Event::Version(i, v, _))) => latest[i] = latest[i].max(v),
+            Ok(Some(Event::Closed(i, why))) => bail!("dp-{i} watch: {why}"),
+            Ok(None) | Err(_) => bail!("only {subscribed} of {n} subscriptions confirmed"),
+        }
+    }
+
+    let mut head = world.cp_head(&cp).await?.0;
+    let mut counter = 0u64;
+    let mut all = Vec::with_capacity(opts.writes * n);
+    let mut last = Vec::with_capacity(opts.writes);
+    let mut admin = Vec::with_capacity(opts.writes);
+    let mut worst: Vec<(Duration, usize, usize)> = Vec::new();
+    let mut head_start = head;
+    for w in 0..opts.warmup + opts.writes {
+        let measured = w >= opts.warmup;
+        if w == opts.warmup {
+            head_start = world.cp_head(&cp).await?.0;
+            ensure!(
+                head_start == head,
+                "head {head_start} after the warm-up, expected {head}"
+            );
+        }
+        counter += 1;
+        let expected = head + 1;
+        let id = &ids[w % ids.len()];
+        let body = json!({"path": format!("/loadtest/run-{run}/write-{counter}")});
+        let t0 = Instant::now();
+        let r = world
+            .http
+            .patch(format!("{}/services/{id}", cp.admin))
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status();
+        let _ = r.bytes().await?;
+        let t_admin = t0.elapsed();
+        ensure!(status == 200, "PATCH answered {status}");
+        let mut arrived: Vec<Option<Duration>> = vec![None; n];
+        let mut left = n;
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        while left > 0 {
+            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => bail!("all watchers gone"),
+                Err(_) => {
+                    let missing: Vec<usize> = (0..n).filter(|&i| arrived[i].is_none()).collect();
+                    world.procs.check_alive()?;
+                    bail!(
+                        "write {w} (version {expected}): {} DPs did not report it within {:?} \
+                         (e.g. dp-{} at {})",
+                        missing.len(),
+                        opts.timeout,
+                        missing[0],
+                        latest[missing[0]]
+                    );
+                }
+            };
+            match ev {
+                Event::Version(i, v, at) => {
+                    latest[i] = latest[i].max(v);
+                    ensure!(
+                        v <= expected,
+                        "dp-{i} reported version {v} while write {w} should be {expected}: \
+                         another writer?"
+                    );
+                    if v == expected && arrived[i].is_none() {
+                        arrived[i] = Some(at.saturating_duration_since(t0));
+                        left -= 1;
+                    }
+                }
+                Event::Closed(i, why) => bail!("dp-{i} watch: {why}"),
+                Event::Subscribed => {}
+            }
+        }
+        head = expected;
+        if measured {
+            let arrived: Vec<Duration> = arrived.into_iter().map(Option::unwrap).collect();
+            let max = *arrived.iter().max().expect("n ≥ 1");
+            for (i, d) in arrived.iter().enumerate() {
+                worst.push((*d, w - opts.warmup, i));
+            }
+            worst.sort_by_key(|w| std::cmp::Reverse(w.0));
+            worst.truncate(3);
+            all.extend(arrived);
+            last.push(max);
+            admin.push(t_admin);
+        }
+        tokio::time::sleep(opts.gap).await;
+    }
+    let (head_end, hash_end) = world.cp_head(&cp).await?;
+    ensure!(
+        head_end - head_start == opts.writes as i64,
+        "the CP head moved by {} versions for {} writes",
+        head_end - head_start,
+        opts.writes
+    );
+    // Correctness gate: every DP holds exactly the CP's configuration.
+    for (i, dp) in dps.iter().enumerate() {
+        let s = world.dp_status(dp).await?;
+        ensure!(
+            s["version"].as_i64() == Some(head_end) && s["state_hash"] == hash_end.as_str(),
+            "dp-{i} ends at {} / {}, the CP at {head_end} / {hash_end}",
+            s["version"],
+            s["state_hash"]
+        );
+    }
+    world.procs.check_alive()?;
+    drop(world);
+    Ok(CellResult {
+        all: stat(&all),
+        last: stat(&last),
+        admin: stat(&admin),
+        load_start,
+        load_end: loadavg(),
+        worst,
+    })
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+// === pre-filled configuration ===
+
+struct Fill {
+    entities: usize,
+    json_bytes: usize,
+    secs: f64,
+    /// One service's name, for the PATCH in `deltasize`.
+    sample_name: String,
+}
+
+/// A ~1 KB service (as stored, with defaults, id and timestamps). The padding is
+/// pseudo-random `[a-z0-9]` (seeded by `i`), so frames do not compress unrealistically well.
+fn big_service(i: usize) -> Value {
+    let mut state = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut pad = |salt: u64, n: usize| -> String {
+        state ^= salt;
+        (0..n)
+            .map(|_| {
+                // xorshift64*
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let x = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 58;
+                b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize] as char
+            })
+            .collect()
+    };
+    json!({
+        "name": format!("loadtest-service-{i:07}-{}", pad(1, 140)),
+        "host": format!("svc-{i:07}.{}.{}.cluster.internal", pad(2, 60), pad(3, 60)),
+        "path": format!("/api/v1/tenant-{i:07}/{}/{}/resources", pad(4, 90), pad(5, 90)),
+        "port": 8443,
+        "protocol": "https",
+        "tags": (0..8).map(|t| format!("team-{t}-loadtest-tag-{:07}", i % 1000)).collect::<Vec<_>>(),
+    })
+}
+
+async fn fill(world: &World, entities: usize) -> anyhow::Result<Fill> {
+    println!(
+        "filling the {} database with {entities} services through Store::write_batch ...",
+        world.backend()
+    );
+    std::fs::create_dir_all(world.cp_dir())?;
+    let t = Instant::now();
+    let store = Store::open(world.store_options())
+        .await
+        .map_err(|e| anyhow::anyhow!("Store::open: {e:?}"))?;
+    let mut json_bytes = 0usize;
+    let mut done = 0usize;
+    while done < entities {
+        let k = (entities - done).min(1000);
+        let ops = (done..done + k)
+            .map(|i| Op::Create {
+                entity: "services".into(),
+                input: big_service(i),
+                scope: None,
+            })
+            .collect();
+        for (j, r) in store.write_batch(ops).await.into_iter().enumerate() {
+            let out = r.map_err(|e| anyhow::anyhow!("service {}: {e:?}", done + j))?;
+            let entity = out.entity.context("a created entity")?;
+            json_bytes += serde_json::to_string(&entity)?.len();
+        }
+        done += k;
+    }
+    store.close().await;
+    let secs = t.elapsed().as_secs_f64();
+    let name = big_service(entities / 2)["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    println!(
+        "filled {entities} services in {secs:.1} s: average JSON {:.0} bytes, total {} ({} bytes)",
+        json_bytes as f64 / entities.max(1) as f64,
+        mib(json_bytes as f64),
+        json_bytes
+    );
+    Ok(Fill {
+        entities,
+        json_bytes,
+        secs,
+        sample_name: name,
+    })
+}
+
+// === scenario: fullsync ===
+
+async fn fullsync(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Result<()> {
+    ensure!(entities >= 1, "--entities ≥ 1");
+    let mut world = World::new(pg).await?;
+    let filled = fill(&world, entities).await?;
+    let cp = world.start_cp(bins).await?;
+    let (head, _) = world.cp_head(&cp).await?;
+    let cp_hwm_before = vm_hwm_kib(cp.pid)?;
+    let load_before = loadavg();
+    let t0 = Instant::now();
+    let dp = world.spawn_dps(bins, &cp, 1)?.remove(0);
+    let mut polls = 0u64;
+    let took = loop {
+        world.procs.check_alive()?;
+        polls += 1;
+        if let Ok(s) = world.dp_status(&dp).await
+            && s["version"].as_i64() == Some(head)
+        {
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the DP did not reach version {head} in 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let dp_hwm = vm_hwm_kib(dp.pid)?;
+    let cp_hwm = vm_hwm_kib(cp.pid)?;
+    let s = world.dp_status(&dp).await?;
+    let (_, hash) = world.cp_head(&cp).await?;
+    ensure!(
+        s["state_hash"] == hash.as_str(),
+        "the DP's state hash {} differs from the CP's {hash}",
+        s["state_hash"]
+    );
+    let load_after = loadavg();
+    let json = filled.json_bytes as f64;
+    let dp_bytes = dp_hwm as f64 * 1024.0;
+    println!();
+    println!(
+        "### full sync, {}, {} services (~1 KB each), fresh DP process, durable, mTLS",
+        world.backend(),
+        filled.entities
+    );
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| config JSON (services, as stored) | {} ({} bytes) |",
+        mib(json),
+        filled.json_bytes
+    );
+    println!(
+        "| average service JSON | {:.0} bytes |",
+        json / filled.entities as f64
+    );
+    println!(
+        "| fill time (library, not part of the sync) | {:.1} s |",
+        filled.secs
+    );
+    println!("| CP head version | {head} |");
+    println!(
+        "| DP process start → /status version = head | **{:.2} s** ({polls} polls, 10 ms apart) |",
+        took.as_secs_f64()
+    );
+    println!("| DP peak RSS (VmHWM) after sync | **{}** |", mib(dp_bytes));
+    println!("| DP VmHWM / config JSON | **{:.2}** |", dp_bytes / json);
+    println!(
+        "| CP VmHWM (before DP start → after sync) | {} → {} |",
+        mib(cp_hwm_before as f64 * 1024.0),
+        mib(cp_hwm as f64 * 1024.0)
+    );
+    println!(
+        "| DP status after | full_syncs {}, incremental_syncs {}, paged_transfers {}, entities {} |",
+        s["full_syncs"], s["incremental_syncs"], s["paged_transfers"], s["entities"]
+    );
+    println!("| load average before DP start → after sync | {load_before} → {load_after} |");
+    println!();
+    Ok(())
+}
+
+// === scenario: deltasize ===
+
+async fn deltasize(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Result<()> {
+    ensure!(entities >= 1, "--entities ≥ 1");
+    let mut world = World::new(pg).await?;
+    let filled = fill(&world, entities).await?;
+    let cp = world.start_cp(bins).await?;
+    let (before, _) = world.cp_head(&cp).await?;
+    let r = world
+        .http
+        .patch(format!("{}/services/{}", cp.admin, filled.sample_name))
+        .json(&json!({"retries": 7}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "PATCH answered {}", r.status());
+    let entity: Value = r.json().await?;
+    let entity_json = serde_json::to_string(&entity)?.len();
+    let entity_id = entity["id"].as_str().context("id")?.to_owned();
+    let (head, _) = world.cp_head(&cp).await?;
+    ensure!(head == before + 1, "head {head}, expected {}", before + 1);
+
+    let tls = ClusterTls::load(&TlsSettings {
+        mode: MtlsMode::Shared,
+        cert: cp.dir.join("cluster.crt").display().to_string(),
+        key: cp.dir.join("cluster.key").display().to_string(),
+        ca_cert: None,
+        server_name: None,
+        allowed_common_names: Vec::new(),
+    })?;
+    let mut rows = Vec::new();
+    for enc in [Encoding::SnappyFramed, Encoding::Zstd] {
+        let m = get_delta_once(&tls, cp.cluster, enc, head - 1).await?;
+        let answer: Value = serde_json::from_slice(&m.json)?;
+        let d = &answer["result"]["default"];
+        let deltas = d["deltas"].as_array().context("result.default.deltas")?;
+        ensure!(
+            deltas.len() == 1 && deltas[0]["entity"]["id"] == entity_id.as_str(),
+            "{enc}: expected one delta for service {entity_id}, got {} deltas",
+            deltas.len()
+        );
+        ensure!(
+            d["full_sync"] == false,
+            "{enc}: the answer is a full sync: {}",
+            d["full_sync"]
+        );
+        let delta_entity = serde_json::to_string(&deltas[0]["entity"])?.len();
+        rows.push((enc, m, delta_entity));
+    }
+    println!();
+    println!(
+        "### get_delta(head − 1) after one PATCH, {}, {} services in the config ({})",
+        world.backend(),
+        filled.entities,
+        mib(filled.json_bytes as f64)
+    );
+    println!();
+    println!(
+        "changed entity JSON: {entity_json} bytes (PATCH answer, compact); target: frame ≤ entity \
+         JSON + 256 = {} bytes",
+        entity_json + 256
+    );
+    println!();
+    println!(
+        "| encoding | WS payload (compressed) | WS frame incl. header | decompressed answer | \
+         entity in delta | frame − entity JSON | ≤ entity + 256? | config / frame |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (enc, m, delta_entity) in &rows {
+        let frame = m.payload + ws_header_len(m.payload);
+        println!(
+            "| {} | {} B | {} B | {} B | {} B | {:+} B | {} | {:.0}× |",
+            enc,
+            m.payload,
+            frame,
+            m.json.len(),
+            delta_entity,
+            frame as i64 - entity_json as i64,
+            if frame <= entity_json + 256 {
+                "yes"
+            } else {
+                "NO"
+            },
+            filled.json_bytes as f64 / frame as f64
+        );
+    }
+    println!();
+    println!(
+        "(TLS adds its record overhead, ~22 B per record with TLS 1.3 AES-GCM/ChaCha, on top of \
+         the frame.)"
+    );
+    Ok(())
+}
+
+struct Measured {
+    /// Bytes of the binary WebSocket message (the compressed frame payload).
+    payload: usize,
+    /// The decompressed JSON-RPC response.
+    json: Vec<u8>,
+}
+
+/// WebSocket header of an unmasked server → client frame of `payload` bytes.
+fn ws_header_len(payload: usize) -> usize {
+    match payload {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+/// Connects as a DP offering only `enc`, calls `kong.sync.v2.get_delta` for `version`, and
+/// returns the raw size of the answer's frame.
+async fn get_delta_once(
+    tls: &ClusterTls,
+    cluster: SocketAddr,
+    enc: Encoding,
+    version: i64,
+) -> anyhow::Result<Measured> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let tcp = tokio::net::TcpStream::connect(cluster).await?;
+    tcp.set_nodelay(true)?;
+    let stream = tls.connect(tcp, "127.0.0.1").await?;
+    let mut request = format!("wss://{cluster}/v2/outlet").into_client_request()?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        hello::SUBPROTOCOL.parse().expect("a header value"),
+    );
+    let (mut ws, resp) = tokio_tungstenite::client_async_with_config(request, stream, None).await?;
+    ensure!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
+            == Some(hello::SUBPROTOCOL),
+        "subprotocol {} not accepted",
+        hello::SUBPROTOCOL
+    );
+    let result = hello::client_handshake(
+        &mut ws,
+        &Hello {
+            rpc_capabilities: vec!["kong.sync.v2".into(), "deltaplane.sync.v1".into()],
+            rpc_frame_encodings: vec![enc.name().into()],
+            kong_version: "3.10.0".into(),
+            kong_hostname: "loadtest".into(),
+            kong_node_id: uuid::Uuid::new_v4().to_string(),
+            kong_conf: json!({"role": "data_plane"}),
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
+    ensure!(
+        result.encoding() == Some(enc),
+        "the CP chose {} although only {enc} was offered",
+        result.rpc_frame_encoding
+    );
+    const ID: u64 = 2;
+    let call = json!({
+        "jsonrpc": "2.0",
+        "method": "kong.sync.v2.get_delta",
+        "params": [{"default": {"version": deltaplane::sync::version_string(version)}}],
+        "id": ID,
+    });
+    ws.send(Message::binary(codec::encode(
+        enc,
+        call.to_string().as_bytes(),
+    )))
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .context("no get_delta answer in 30 s")?
+            .context("connection closed")??;
+        let Message::Binary(frame) = msg else {
+            if let Message::Close(c) = msg {
+                bail!("the CP closed the connection: {c:?}");
+            }
+            continue;
+        };
+        let json = codec::decode(enc, &frame, 256 << 20)?;
+        let v: Value = serde_json::from_slice(&json)?;
+        if v["id"] == ID && v.get("method").is_none() {
+            if let Some(err) = v.get("error") {
+                bail!("get_delta error: {err}");
+            }
+            let _ = ws.close(None).await;
+            return Ok(Measured {
+                payload: frame.len(),
+                json,
+            });
+        }
+        // A call from the CP (notify_new_version): answer it like a DP would.
+        if v.get("method").is_some() && !v["id"].is_null() {
+            let reply = json!({"jsonrpc": "2.0", "id": v["id"], "result": true});
+            ws.send(Message::binary(codec::encode(
+                enc,
+                reply.to_string().as_bytes(),
+            )))
+            .await?;
+        }
+    }
+}
