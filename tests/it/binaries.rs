@@ -275,7 +275,11 @@ fn certs_generate_writes_a_loadable_pair() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tls = deltaplane::tls::ClusterTls::load(&deltaplane::tls::TlsSettings {
         mode: deltaplane::tls::MtlsMode::Shared,
         cert: dir.path().join("cluster.crt").display().to_string(),
@@ -285,7 +289,10 @@ fn certs_generate_writes_a_loadable_pair() {
         allowed_common_names: Vec::new(),
     })
     .unwrap();
-    assert_eq!(tls.identity().common_name.as_deref(), Some("kong_clustering"));
+    assert_eq!(
+        tls.identity().common_name.as_deref(),
+        Some("kong_clustering")
+    );
     // A second run refuses to overwrite.
     let out = Command::new(env!("CARGO_BIN_EXE_deltaplane-cp"))
         .args(["certs", "generate", "--out"])
