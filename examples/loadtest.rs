@@ -47,6 +47,9 @@ struct Cli {
     /// Directory holding deltaplane-cp and deltaplane-dp [default: <target>/release]
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
+    /// Keep each run's temp dir (process logs, databases) and print its path
+    #[arg(long, global = true)]
+    keep: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -102,6 +105,7 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bins = Bins::locate(cli.bin_dir.as_deref())?;
+    KEEP.store(cli.keep, std::sync::atomic::Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -137,6 +141,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 // === processes ===
+
+/// `--keep`: leave temp dirs behind.
+static KEEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 struct Bins {
     cp: PathBuf,
@@ -360,6 +367,14 @@ impl World {
             Some(url) => Some(PgDb::create(url).await?),
             None => None,
         };
+        let keep = KEEP.load(std::sync::atomic::Ordering::Relaxed);
+        let tmp = tempfile::Builder::new()
+            .prefix("loadtest-")
+            .disable_cleanup(keep)
+            .tempdir()?;
+        if keep {
+            println!("    (--keep) logs and data in {}", tmp.path().display());
+        }
         Ok(World {
             procs: Procs::default(),
             http: reqwest::Client::builder()
@@ -367,7 +382,7 @@ impl World {
                 .pool_max_idle_per_host(256)
                 .build()?,
             pg,
-            tmp: tempfile::Builder::new().prefix("loadtest-").tempdir()?,
+            tmp,
         })
     }
 
