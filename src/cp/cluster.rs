@@ -61,6 +61,8 @@ pub struct DpConn {
     status: Mutex<DpStatus>,
     /// The version the DP last reported (its get_delta `version`).
     reported: watch::Sender<i64>,
+    /// The status changed since the flusher last wrote it.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -185,6 +187,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let flusher = tokio::spawn(flush_status(ctx.clone(), shutdown.clone()));
     let mut expiry = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -221,6 +224,7 @@ pub async fn serve(
     {
         tasks.shutdown().await;
     }
+    let _ = flusher.await;
 }
 
 /// Closes the connection when the task that owns it ends, however it ends (a connection
@@ -299,6 +303,7 @@ async fn connection(
         cert_expiry: identity.as_ref().map(|i| i.not_after),
         status: Mutex::new(DpStatus::default()),
         reported: watch::channel(-1).0,
+        dirty: std::sync::atomic::AtomicBool::new(true),
     });
     let handler = Arc::new(CpHandler {
         ctx: ctx.clone(),
@@ -399,6 +404,37 @@ fn labels_of(conf: &Value) -> Value {
     Value::Object(m)
 }
 
+/// Writes the status rows of connected data planes that changed (and, every `refresh`, of all
+/// of them, so `last_seen` stays fresh) in one transaction per tick — never on the notify
+/// path, where a slow status write would delay a DP's notification.
+pub async fn flush_status(ctx: Arc<ClusterCtx>, mut stop: watch::Receiver<bool>) {
+    let tick = Duration::from_secs(1);
+    let refresh = Duration::from_secs(10);
+    let mut last_refresh = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.changed() => return,
+        }
+        let all = last_refresh.elapsed() >= refresh;
+        if all {
+            last_refresh = std::time::Instant::now();
+        }
+        let rows: Vec<DataPlaneRow> = ctx
+            .connected()
+            .into_iter()
+            .filter(|c| c.dirty.swap(false, Ordering::Relaxed) || all)
+            .map(|c| ctx.row(&c, true))
+            .collect();
+        if let Err(e) = ctx.store.upsert_data_planes(&rows).await {
+            tracing::debug!(error = %e, rows = rows.len(), "writing data-plane status failed; will retry");
+            for c in ctx.connected() {
+                c.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 async fn record(ctx: &ClusterCtx, conn: &DpConn, connected: bool) {
     if let Err(e) = ctx.store.upsert_data_plane(&ctx.row(conn, connected)).await {
         tracing::debug!(error = %e, node_id = %conn.node_id, "recording data-plane status failed");
@@ -416,7 +452,6 @@ async fn notify_loop(ctx: Arc<ClusterCtx>, conn: Arc<DpConn>, peer: Peer) {
     if reported.wait_for(|v| *v >= 0).await.is_err() {
         return;
     }
-    let mut last_status_write = std::time::Instant::now();
     loop {
         let h = *head.borrow_and_update();
         let r = *reported.borrow_and_update();
@@ -435,10 +470,6 @@ async fn notify_loop(ctx: Arc<ClusterCtx>, conn: Arc<DpConn>, peer: Peer) {
                 _ = tokio::time::sleep(ctx.settings.ping_interval) => {}
             }
         } else {
-            if last_status_write.elapsed() > Duration::from_secs(1) {
-                record(&ctx, &conn, true).await;
-                last_status_write = std::time::Instant::now();
-            }
             tokio::select! {
                 c = head.changed() => if c.is_err() { return },
                 c = reported.changed() => if c.is_err() { return },
@@ -499,7 +530,7 @@ impl Handler for CpHandler {
                         .to_owned();
                     tracing::warn!(node_id = %conn.node_id, version = ?p.get("version"), error = %msg, "data plane rejected deltas");
                     conn.status.lock().expect("status lock").last_error = Some(msg);
-                    record(&ctx, &conn, true).await;
+                    conn.dirty.store(true, Ordering::Relaxed);
                     Ok(Reply::Value(Value::Bool(true)))
                 }
                 "deltaplane.sync.v1.get_page" => {
@@ -560,6 +591,7 @@ async fn get_delta(
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
             .map(str::to_owned);
         drop(st);
+        conn.dirty.store(true, Ordering::Relaxed);
         conn.reported.send_replace(v);
     } else {
         conn.reported.send_replace(0);
@@ -571,6 +603,7 @@ async fn get_delta(
     }
     let asker = Asker {
         paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
+        encoding: encoding.name(),
     };
     let max = ctx.settings.max_payload;
     let fits = move |bytes: &[u8]| codec::encode(encoding, bytes).len() + 64 <= max;

@@ -148,10 +148,12 @@ pub struct FeedLimits {
 }
 
 /// What kind of peer asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Asker {
     /// The peer announced `deltaplane.sync.v1` and can fetch pages.
     pub paging: bool,
+    /// The peer's frame encoding (whether an answer fits one frame depends on it).
+    pub encoding: &'static str,
 }
 
 /// Why the feed could not answer.
@@ -165,6 +167,9 @@ pub enum FeedError {
          (cluster_max_payload) carries, and the data plane cannot fetch it in pages"
     )]
     TooLarge { version: i64, bytes: usize },
+    /// A shared read failed (the message of the underlying error).
+    #[error("{0}")]
+    Shared(String),
     #[error("unknown or expired transfer {0}")]
     UnknownTransfer(String),
     #[error("transfer {id} has {pages} pages; page {page} does not exist")]
@@ -193,7 +198,12 @@ pub struct Feed {
     /// Full answers being built at once; each holds a copy of the configuration.
     full_permits: tokio::sync::Semaphore,
     transfers: Mutex<HashMap<String, Transfer>>,
+    /// Incremental reads in flight, by (after, asker): data planes at the same version asking
+    /// at the same time (every DP after a notification) share one database read.
+    inflight: Mutex<HashMap<(i64, Asker), Arc<Shared>>>,
 }
+
+type Shared = tokio::sync::OnceCell<Result<(Option<(String, Decision)>, i64), String>>;
 
 /// Full-sync answers built concurrently (bounds the CP's memory when many fresh DPs arrive).
 const FULL_ANSWERS_AT_ONCE: usize = 2;
@@ -220,6 +230,7 @@ impl Feed {
             snapshot: tokio::sync::Mutex::new(None),
             full_permits: tokio::sync::Semaphore::new(FULL_ANSWERS_AT_ONCE),
             transfers: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -238,7 +249,10 @@ impl Feed {
     ) -> Result<(String, Decision), FeedError> {
         let mut head = 0;
         let (text, decision) = match dp_version.filter(|v| *v > 0) {
-            Some(after) => match self.incremental(after, asker, fits, &mut head).await? {
+            Some(after) => match self
+                .incremental_shared(after, asker, fits, &mut head)
+                .await?
+            {
                 Some(answer) => answer,
                 None => self.full(asker, fits, &mut head).await?,
             },
@@ -257,6 +271,45 @@ impl Feed {
             &text[PREFIX.len()..]
         );
         Ok((text, decision))
+    }
+
+    /// [`Feed::incremental`], with concurrent identical requests sharing one read. A request
+    /// that arrives while a read is running gets that read's answer, which may miss a version
+    /// committed meanwhile; its data plane is notified of that version and asks again.
+    async fn incremental_shared(
+        &self,
+        after: i64,
+        asker: Asker,
+        fits: &(dyn Fn(&[u8]) -> bool + Sync),
+        head_out: &mut i64,
+    ) -> Result<Option<(String, Decision)>, FeedError> {
+        let key = (after, asker);
+        let cell = self
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .entry(key)
+            .or_default()
+            .clone();
+        let result = cell
+            .get_or_init(|| async {
+                let mut head = 0;
+                self.incremental(after, asker, fits, &mut head)
+                    .await
+                    .map(|answer| (answer, head))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&key);
+            }
+        }
+        let (answer, head) = result.map_err(FeedError::Shared)?;
+        *head_out = head;
+        Ok(answer)
     }
 
     /// `None` when a full sync is needed (below the horizon, or ahead of the change log).

@@ -37,7 +37,17 @@ pub struct DataPlaneRow {
 impl Store {
     /// Inserts or replaces a data plane's row.
     pub async fn upsert_data_plane(&self, row: &DataPlaneRow) -> Result<(), StoreError> {
+        self.upsert_data_planes(std::slice::from_ref(row)).await
+    }
+
+    /// Inserts or replaces data-plane rows, all in one transaction (one fsync).
+    pub async fn upsert_data_planes(&self, rows: &[DataPlaneRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         on_backend!(self.pool(), p => {
+            let mut tx = p.begin().await?;
+            for row in rows {
             sqlx::query(
                 "INSERT INTO dp_data_planes (node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
@@ -59,8 +69,10 @@ impl Store {
                 .bind(&row.labels)
                 .bind(&row.capabilities)
                 .bind(row.cert_expiry)
-                .execute(p)
+                .execute(&mut *tx)
                 .await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }
