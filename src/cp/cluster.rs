@@ -47,6 +47,9 @@ pub struct ClusterCtx {
     pub settings: ClusterSettings,
     conns: Mutex<HashMap<u64, Arc<DpConn>>>,
     next_conn: AtomicU64,
+    /// Plugins the configuration uses, at a version (computed only for DPs that announce a
+    /// plugin list).
+    plugins_in_use: tokio::sync::Mutex<Option<(i64, Arc<std::collections::BTreeSet<String>>)>>,
 }
 
 /// One connected data plane.
@@ -58,6 +61,11 @@ pub struct DpConn {
     pub labels: Value,
     pub capabilities: Vec<String>,
     pub cert_expiry: Option<i64>,
+    /// The plugins the DP can run (name → version), from `kong_conf.plugins` in its hello;
+    /// `None` when it did not say (then it runs every plugin this CP knows).
+    pub plugins: Option<HashMap<String, Option<String>>>,
+    /// The DP follows an older Kong line: fields it does not know are removed before sending.
+    pub older: bool,
     status: Mutex<DpStatus>,
     /// The version the DP last reported (its get_delta `version`).
     reported: watch::Sender<i64>,
@@ -71,6 +79,8 @@ struct DpStatus {
     /// The state hash the DP reported with `version` (deltaplane DPs only).
     state_hash: Option<String>,
     last_error: Option<String>,
+    /// Kong's sync_status.
+    sync_status: &'static str,
 }
 
 impl ClusterCtx {
@@ -98,6 +108,7 @@ impl ClusterCtx {
             settings,
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            plugins_in_use: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -140,12 +151,16 @@ impl ClusterCtx {
             labels: conn.labels.to_string(),
             capabilities: Value::from(conn.capabilities.clone()).to_string(),
             cert_expiry: conn.cert_expiry,
+            sync_status: st.sync_status.to_owned(),
+            config_hash: Some(version_string(st.version)),
+            updated_at: crate::store::now_secs(),
         }
     }
 
-    /// Every data plane known to the cluster, this control plane's live view first.
-    pub async fn data_planes(&self) -> Result<Vec<Value>, crate::store::StoreError> {
-        let mut rows: HashMap<String, DataPlaneRow> = self
+    /// Every data plane known to the cluster (rows from the shared table, overlaid with this
+    /// control plane's live view of its own connections), by node id.
+    pub async fn data_plane_rows(&self) -> Result<Vec<DataPlaneRow>, crate::store::StoreError> {
+        let mut rows: std::collections::BTreeMap<String, DataPlaneRow> = self
             .store
             .data_planes()
             .await?
@@ -155,9 +170,96 @@ impl ClusterCtx {
         for c in self.connected() {
             rows.insert(c.node_id.clone(), self.row(&c, true));
         }
-        let mut out: Vec<Value> = rows
-            .into_values()
+        Ok(rows.into_values().collect())
+    }
+
+    /// Kong's plugin compatibility check for a DP that announced its plugins: the
+    /// configuration must use only plugins it has, at a major version it runs and a minor not
+    /// above its own. Records the DP's `sync_status` either way.
+    async fn check_plugins(&self, conn: &DpConn) -> Result<(), String> {
+        let Some(dp_plugins) = &conn.plugins else {
+            return Ok(());
+        };
+        let used = {
+            let mut cache = self.plugins_in_use.lock().await;
+            let head = *self.store.subscribe().borrow();
+            match cache.as_ref().filter(|(v, _)| *v == head) {
+                Some((_, used)) => used.clone(),
+                None => {
+                    let (v, used) = self
+                        .store
+                        .plugins_in_use()
+                        .await
+                        .map_err(|e| format!("database unavailable: {e}"))?;
+                    let used = Arc::new(used);
+                    *cache = Some((v, used.clone()));
+                    used
+                }
+            }
+        };
+        let missing: Vec<&str> = used
+            .iter()
+            .filter(|p| !dp_plugins.contains_key(*p))
+            .map(String::as_str)
+            .collect();
+        let verdict = if !missing.is_empty() {
+            Err((
+                "plugin_set_incompatible",
+                format!(
+                    "plugin_set_incompatible: the configuration uses plugins this data plane does not have: {}",
+                    missing.join(", ")
+                ),
+            ))
+        } else {
+            let cp = &self.kong_compat_version;
+            let newer: Vec<String> = used
+                .iter()
+                .filter_map(|p| {
+                    let v = dp_plugins.get(p)?.as_deref()?;
+                    plugin_version_incompatible(cp, v).then(|| format!("{p} {v}"))
+                })
+                .collect();
+            if newer.is_empty() {
+                Ok(())
+            } else {
+                Err((
+                    "plugin_version_incompatible",
+                    format!(
+                        "plugin_version_incompatible: the data plane runs plugins of another major or a newer minor version than the control plane ({cp}): {}",
+                        newer.join(", ")
+                    ),
+                ))
+            }
+        };
+        let mut st = conn.status.lock().expect("status lock");
+        let result = match verdict {
+            Ok(()) => {
+                if st.sync_status != "normal" {
+                    st.sync_status = "normal";
+                    st.last_error = None;
+                }
+                Ok(())
+            }
+            Err((status, message)) => {
+                st.sync_status = status;
+                st.last_error = Some(message.clone());
+                Err(message)
+            }
+        };
+        conn.dirty.store(true, Ordering::Relaxed);
+        result
+    }
+
+    /// `deltaplane.data_planes`.
+    pub async fn data_planes(&self) -> Result<Vec<Value>, crate::store::StoreError> {
+        let head = self.store.version_info().await?.version;
+        let now = crate::store::now_secs();
+        Ok(self
+            .data_plane_rows()
+            .await?
+            .into_iter()
             .map(|r| {
+                let health = health(&r, head, now);
                 serde_json::json!({
                     "node_id": r.node_id,
                     "hostname": r.hostname,
@@ -167,15 +269,37 @@ impl ClusterCtx {
                     "version": r.version,
                     "version_string": version_string(r.version),
                     "state_hash": r.state_hash,
-                    "connected_to": r.connected_to,
+                    "connected_to": r.connected_to.filter(|_| health != "disconnected"),
                     "last_seen": r.last_seen,
                     "last_error": r.last_error,
+                    "sync_status": r.sync_status,
+                    "health": health,
                     "labels": serde_json::from_str::<Value>(&r.labels).unwrap_or(Value::Null),
                 })
             })
-            .collect();
-        out.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
-        Ok(out)
+            .collect())
+    }
+}
+
+/// How long a row may go without a refresh before its connection is considered gone (the
+/// flusher refreshes connected rows every 10 s; a control plane that crashed cannot say its
+/// data planes disconnected).
+pub const STALE_AFTER_SECS: i64 = 60;
+
+/// One word for a data plane's state: `disconnected`, `incompatible` (withheld by a
+/// compatibility check), `failing` (its last apply failed), `behind` (below the head) or
+/// `in_sync`.
+pub fn health(r: &DataPlaneRow, head: i64, now: i64) -> &'static str {
+    if r.connected_to.is_none() || now - r.last_seen > STALE_AFTER_SECS {
+        "disconnected"
+    } else if r.sync_status.ends_with("_incompatible") {
+        "incompatible"
+    } else if r.last_error.is_some() {
+        "failing"
+    } else if r.version < head {
+        "behind"
+    } else {
+        "in_sync"
     }
 }
 
@@ -278,7 +402,14 @@ async fn connection(
     ];
     let caps_for_hello = our_caps.clone();
     let cp_node = ctx.node_id.clone();
-    let (hello, encoding) = hello::server_handshake(&mut ws, timeout, move |h: &Hello| {
+    let cp_version = ctx.kong_compat_version.clone();
+    let refused: Arc<Mutex<Option<(Hello, String)>>> = Arc::default();
+    let refused_slot = refused.clone();
+    let handshake = hello::server_handshake(&mut ws, timeout, move |h: &Hello| {
+        if let Err(reason) = kong_version_compatible(&cp_version, &h.kong_version) {
+            *refused_slot.lock().expect("refused lock") = Some((h.clone(), reason.clone()));
+            return Err(format!("kong_version_incompatible: {reason}"));
+        }
         let enc = codec::choose(&h.rpc_frame_encodings)
             .ok_or_else(|| "unknown encodings: no common frame encoding".to_owned())?;
         let mut extra = serde_json::Map::new();
@@ -290,8 +421,39 @@ async fn connection(
             extra,
         })
     })
-    .await
-    .map_err(|e| anyhow::anyhow!("hello failed: {e}"))?;
+    .await;
+    let (hello, encoding) = match handshake {
+        Ok(ok) => ok,
+        Err(e) => {
+            let refused = refused.lock().expect("refused lock").take();
+            if let Some((h, reason)) = refused {
+                // Kong records the refusal, then closes: the fleet view shows why.
+                tracing::warn!(node_id = %h.kong_node_id, kong_version = %h.kong_version, %reason, "data plane refused: kong_version_incompatible");
+                let row = DataPlaneRow {
+                    node_id: h.kong_node_id.clone(),
+                    hostname: h.kong_hostname.clone(),
+                    address: addr.ip().to_string(),
+                    kong_version: h.kong_version.clone(),
+                    protocol: "v2".into(),
+                    version: 0,
+                    state_hash: None,
+                    connected_to: None,
+                    last_seen: crate::store::now_secs(),
+                    last_error: Some(format!("kong_version_incompatible: {reason}")),
+                    labels: labels_of(&h.kong_conf).to_string(),
+                    capabilities: Value::from(h.rpc_capabilities.clone()).to_string(),
+                    cert_expiry: identity.as_ref().map(|i| i.not_after),
+                    sync_status: "kong_version_incompatible".into(),
+                    config_hash: None,
+                    updated_at: crate::store::now_secs(),
+                };
+                if let Err(e) = ctx.store.upsert_data_plane(&row).await {
+                    tracing::debug!(error = %e, "recording a refused data plane failed");
+                }
+            }
+            return Err(anyhow::anyhow!("hello failed: {e}"));
+        }
+    };
 
     let conn = Arc::new(DpConn {
         node_id: hello.kong_node_id.clone(),
@@ -301,7 +463,13 @@ async fn connection(
         labels: labels_of(&hello.kong_conf),
         capabilities: hello.rpc_capabilities.clone(),
         cert_expiry: identity.as_ref().map(|i| i.not_after),
-        status: Mutex::new(DpStatus::default()),
+        plugins: plugins_of(&hello.kong_conf),
+        older: crate::schema::version_cmp(&hello.kong_version, &ctx.kong_compat_version)
+            == std::cmp::Ordering::Less,
+        status: Mutex::new(DpStatus {
+            sync_status: "normal",
+            ..DpStatus::default()
+        }),
         reported: watch::channel(-1).0,
         dirty: std::sync::atomic::AtomicBool::new(true),
     });
@@ -389,6 +557,64 @@ fn check_upgrade(
         http::HeaderValue::from_static(SUBPROTOCOL),
     );
     Ok(())
+}
+
+/// Kong's rule: a data plane of another major version, or of a newer minor, cannot follow this
+/// control plane; an older minor can (fields it does not know are removed).
+pub fn kong_version_compatible(cp: &str, dp: &str) -> Result<(), String> {
+    let parts = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.split('.');
+        let major = it.next()?.parse().ok()?;
+        let minor = it.next()?.parse().ok()?;
+        Some((major, minor))
+    };
+    let (Some((cmaj, cmin)), Some((dmaj, dmin))) = (parts(cp), parts(dp)) else {
+        return Err(format!(
+            "cannot compare data plane version '{dp}' with '{cp}'"
+        ));
+    };
+    if cmaj != dmaj {
+        return Err(format!(
+            "data plane version {dp} has a different major version than the control plane ({cp})"
+        ));
+    }
+    if dmin > cmin {
+        return Err(format!(
+            "data plane version {dp} is newer than the control plane ({cp})"
+        ));
+    }
+    Ok(())
+}
+
+/// Kong's rule for a configured plugin's versions: another major, or a DP minor above the
+/// CP's, is incompatible.
+fn plugin_version_incompatible(cp: &str, dp: &str) -> bool {
+    let parts = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.split('.');
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    match (parts(cp), parts(dp)) {
+        (Some((cmaj, cmin)), Some((dmaj, dmin))) => cmaj != dmaj || dmin > cmin,
+        _ => false,
+    }
+}
+
+/// `kong_conf.plugins`: names, or `{name, version}` objects; `None` when absent.
+fn plugins_of(conf: &Value) -> Option<HashMap<String, Option<String>>> {
+    let items = conf.get("plugins")?.as_array()?;
+    Some(
+        items
+            .iter()
+            .filter_map(|p| match p {
+                Value::String(name) => Some((name.clone(), None)),
+                Value::Object(o) => Some((
+                    o.get("name")?.as_str()?.to_owned(),
+                    o.get("version").and_then(Value::as_str).map(str::to_owned),
+                )),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 /// `kong_conf.cluster_dp_labels` (`["key:value", ...]`) as an object.
@@ -545,12 +771,48 @@ impl Handler for CpHandler {
                         .feed
                         .page(id, page as usize)
                         .map_err(|e| RpcError::server_error().with_message(e.to_string()))?;
+                    if conn.older {
+                        return raw_value(downgrade(&ctx, &conn, &text, &["deltas"])?);
+                    }
                     raw_value(text)
                 }
                 _ => Err(RpcError::method_not_found()),
             }
         })
     }
+}
+
+/// Removes from the deltas at `path` of an answer the fields an older data plane does not know
+/// (Kong does this only on v1, and pushes older DPs to v1).
+fn downgrade(
+    ctx: &ClusterCtx,
+    conn: &DpConn,
+    text: &str,
+    path: &[&str],
+) -> Result<String, RpcError> {
+    let mut answer: Value = serde_json::from_str(text)
+        .map_err(|e| RpcError::internal_error().with_message(e.to_string()))?;
+    let mut deltas = &mut answer;
+    for key in path {
+        deltas = &mut deltas[*key];
+    }
+    let registry = ctx.store.registry();
+    let mut removed = std::collections::BTreeSet::new();
+    if let Some(items) = deltas.as_array_mut() {
+        for d in items {
+            let ty = d["type"].as_str().unwrap_or_default().to_owned();
+            if let Some(entity) = d.get_mut("entity").filter(|e| e.is_object()) {
+                for f in registry.strip_newer_fields(&ty, entity, &conn.kong_version) {
+                    removed.insert(format!("{ty}.{f}"));
+                }
+            }
+        }
+    }
+    if !removed.is_empty() {
+        tracing::info!(node_id = %conn.node_id, kong_version = %conn.kong_version, fields = ?removed, "removed fields the data plane does not know");
+    }
+    serde_json::to_string(&answer)
+        .map_err(|e| RpcError::internal_error().with_message(e.to_string()))
 }
 
 fn first_param(params: &Value) -> Result<&Value, RpcError> {
@@ -584,6 +846,10 @@ async fn get_delta(
         .and_then(parse_version);
     if let Some(v) = version {
         let mut st = conn.status.lock().expect("status lock");
+        if v > st.version {
+            // Progress: whatever failed before has been overcome.
+            st.last_error = None;
+        }
         st.version = v;
         st.state_hash = ns
             .get("state_hash")
@@ -601,6 +867,12 @@ async fn get_delta(
         // it, build nothing — the answer would be thrown away.
         return Ok(Reply::Value(Value::Bool(true)));
     }
+    if let Err(message) = ctx.check_plugins(conn).await {
+        // Withhold the configuration rather than send what the DP cannot run; it is sent
+        // once the configuration or the DP changes.
+        tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld");
+        return Err(RpcError::server_error().with_message(message));
+    }
     let asker = Asker {
         paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
         encoding: encoding.name(),
@@ -610,6 +882,9 @@ async fn get_delta(
     match ctx.feed.get_delta(version, asker, &fits).await {
         Ok((text, decision)) => {
             tracing::debug!(node_id = %conn.node_id, ?decision, bytes = text.len(), "get_delta");
+            if conn.older {
+                return raw_value(downgrade(ctx, conn, &text, &["default", "deltas"])?);
+            }
             raw_value(text)
         }
         Err(FeedError::Store(e)) => {

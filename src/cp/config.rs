@@ -143,6 +143,9 @@ pub struct ServeArgs {
     /// Disconnect a data plane whose socket accepts no data for this long [default: 5s]
     #[arg(long, env = "DELTAPLANE_CLUSTER_WRITE_TIMEOUT")]
     pub cluster_write_timeout: Option<String>,
+    /// Forget a data plane not seen for this long (at least 60s) [default: 14d]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_DATA_PLANE_PURGE_DELAY")]
+    pub cluster_data_plane_purge_delay: Option<String>,
 }
 
 /// Resolved control-plane settings.
@@ -169,6 +172,9 @@ pub struct CpConfig {
     pub cluster_mtls: String,
     pub cluster_ca_cert: Option<String>,
     pub cluster_allowed_common_names: Vec<String>,
+    /// Data-plane status rows expire after this long without news (Kong's
+    /// `cluster_data_plane_purge_delay`).
+    pub data_plane_purge_delay: Duration,
 }
 
 /// Cluster-link settings shared by both planes.
@@ -227,6 +233,7 @@ impl CpConfig {
             cluster_mtls: "shared".into(),
             cluster_ca_cert: None,
             cluster_allowed_common_names: Vec::new(),
+            data_plane_purge_delay: Duration::from_secs(14 * 86400),
         }
     }
 
@@ -333,6 +340,17 @@ impl CpConfig {
                 args.cluster_write_timeout.clone(),
             ],
         )?;
+        if let Some(d) = layer.get(
+            args.cluster_data_plane_purge_delay.clone(),
+            "cluster-data-plane-purge-delay",
+        )? {
+            let d = parse_duration(&d).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                d >= Duration::from_secs(60),
+                "--cluster-data-plane-purge-delay must be at least 60s"
+            );
+            cfg.data_plane_purge_delay = d;
+        }
         if cfg.cluster_mtls == "pki" && cfg.cluster_ca_cert.is_none() {
             anyhow::bail!("--cluster-mtls pki needs --cluster-ca-cert");
         }
@@ -379,6 +397,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cluster-ping-interval",
     "cluster-idle-timeout",
     "cluster-write-timeout",
+    "cluster-data-plane-purge-delay",
 ];
 
 /// A comma-separated list, trimmed, empty items dropped.

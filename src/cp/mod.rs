@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod clustering;
 pub mod config;
 pub mod feed;
 pub mod status;
@@ -105,7 +106,13 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         cfg.cluster.clone(),
     );
     let (rpc_router, rpc_handle) = crate::rpc::router(rpc_module(cluster.clone())?);
-    let app = admin::router(state, rpc_router);
+    let app = admin::router(
+        state,
+        rpc_router.merge(clustering::router(
+            cluster.clone(),
+            cfg.data_plane_purge_delay,
+        )),
+    );
     let cluster_listener = tokio::net::TcpListener::bind(cfg.cluster_listen)
         .await
         .with_context(|| format!("binding the cluster listener on {}", cfg.cluster_listen))?;
@@ -258,6 +265,15 @@ async fn purge_loop(store: Store, cfg: CpConfig, mut shutdown: watch::Receiver<b
             if *shutdown.borrow() {
                 return;
             }
+        }
+        let before = crate::store::now_secs() - cfg.data_plane_purge_delay.as_secs() as i64;
+        match store.purge_data_planes(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                purged = n,
+                "forgot data planes not seen within the purge delay"
+            ),
+            Err(e) => tracing::warn!(error = %e, "data-plane purge failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(cfg.purge_interval) => {}

@@ -103,6 +103,11 @@ pub struct RunArgs {
     /// [default: 30s]
     #[arg(long, env = "DELTAPLANE_DP_SYNC_POLL_INTERVAL")]
     pub sync_poll_interval: Option<String>,
+    /// Plugins this data plane runs (Kong's `plugins`), comma-separated `name` or
+    /// `name:version`; announced so the control plane withholds configurations using others
+    /// [default: every plugin deltaplane knows]
+    #[arg(long, env = "DELTAPLANE_DP_PLUGINS", value_delimiter = ',')]
+    pub plugins: Option<Vec<String>>,
     /// Commit every applied version durably (fsync) [default: true]
     #[arg(long, env = "DELTAPLANE_DP_DURABLE", num_args = 0..=1, default_missing_value = "true")]
     pub durable: Option<bool>,
@@ -130,6 +135,8 @@ pub struct DpConfig {
     /// Back-off after a rejected (invalid) batch before asking again.
     pub invalid_backoff: Duration,
     pub durable: bool,
+    /// `None`: not announced (the CP assumes every plugin it knows).
+    pub plugins: Option<Vec<String>>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -149,6 +156,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cluster-write-timeout",
     "sync-poll-interval",
     "durable",
+    "plugins",
 ];
 
 impl DpConfig {
@@ -176,6 +184,7 @@ impl DpConfig {
             reconnect_max: Duration::from_secs(30),
             invalid_backoff: Duration::from_secs(5),
             durable: true,
+            plugins: None,
         }
     }
 
@@ -221,14 +230,7 @@ impl DpConfig {
             "cluster-dp-labels",
         )? {
             cfg.labels = split_list(&l);
-            for label in &cfg.labels {
-                anyhow::ensure!(
-                    label
-                        .split_once(':')
-                        .is_some_and(|(k, v)| !k.is_empty() && !v.is_empty()),
-                    "--cluster-dp-labels: '{label}' is not key:value"
-                );
-            }
+            check_labels(&cfg.labels)?;
         }
         if let Some(m) = layer.get(args.cluster_mtls.clone(), "cluster-mtls")? {
             anyhow::ensure!(
@@ -259,6 +261,66 @@ impl DpConfig {
         if let Some(d) = layer.get(args.durable, "durable")? {
             cfg.durable = d;
         }
+        if let Some(p) = layer.get(args.plugins.clone().map(|v| v.join(",")), "plugins")? {
+            cfg.plugins = Some(split_list(&p));
+        }
         Ok(cfg)
+    }
+}
+
+/// Kong's rules for `cluster_dp_labels`: at most 10 `key:value` pairs, key and value 1–63
+/// characters of letters, digits and `_.-`, unique keys, and no key in Kong's reserved
+/// prefixes.
+pub fn check_labels(labels: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        labels.len() <= 10,
+        "--cluster-dp-labels: at most 10 labels, got {}",
+        labels.len()
+    );
+    let ok_chars = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    };
+    let mut seen = std::collections::HashSet::new();
+    for label in labels {
+        let Some((k, v)) = label.split_once(':') else {
+            anyhow::bail!("--cluster-dp-labels: '{label}' is not key:value");
+        };
+        anyhow::ensure!(
+            (1..=63).contains(&k.len()) && (1..=63).contains(&v.len()),
+            "--cluster-dp-labels: '{label}': key and value must be 1 to 63 characters"
+        );
+        anyhow::ensure!(
+            ok_chars(k) && ok_chars(v),
+            "--cluster-dp-labels: '{label}': only letters, digits, '_', '.' and '-' are allowed"
+        );
+        for reserved in ["kong", "konnect", "insomnia", "mesh", "kic"] {
+            anyhow::ensure!(
+                !k.to_ascii_lowercase().starts_with(reserved),
+                "--cluster-dp-labels: '{label}': keys starting with '{reserved}' are reserved"
+            );
+        }
+        anyhow::ensure!(seen.insert(k), "--cluster-dp-labels: key '{k}' given twice");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_follow_kong_rules() {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_labels(&l(&["region:eu-west-1", "tier:gold"])).is_ok());
+        assert!(check_labels(&l(&["nokey"])).is_err());
+        assert!(check_labels(&l(&["kong_x:1"])).is_err());
+        assert!(check_labels(&l(&["KICfoo:1"])).is_err());
+        assert!(check_labels(&l(&[":v"])).is_err());
+        assert!(check_labels(&l(&["k:v w"])).is_err());
+        assert!(check_labels(&l(&[&format!("k:{}", "v".repeat(64))])).is_err());
+        assert!(check_labels(&l(&["a:1", "a:2"])).is_err());
+        let eleven: Vec<String> = (0..11).map(|i| format!("k{i}:v")).collect();
+        assert!(check_labels(&eleven).is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! and shorthands in `checks.rs`, which the schema files refer to by name.
 
 mod checks;
+mod compat;
 pub mod form;
 mod validate;
 

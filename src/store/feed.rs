@@ -32,7 +32,15 @@ pub struct DataPlaneRow {
     /// JSON array of the DP's RPC capabilities.
     pub capabilities: String,
     pub cert_expiry: Option<i64>,
+    /// Kong's `sync_status`: unknown, normal, kong_version_incompatible,
+    /// plugin_set_incompatible, plugin_version_incompatible.
+    pub sync_status: String,
+    /// What Kong shows as `config_hash`: the v1 md5 or the v2 version string.
+    pub config_hash: Option<String>,
+    pub updated_at: i64,
 }
+
+const COLUMNS: &str = "node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry, sync_status, config_hash, updated_at";
 
 impl Store {
     /// Inserts or replaces a data plane's row.
@@ -49,13 +57,14 @@ impl Store {
             let mut tx = p.begin().await?;
             for row in rows {
             sqlx::query(
-                "INSERT INTO dp_data_planes (node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                "INSERT INTO dp_data_planes (node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry, sync_status, config_hash, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
                  ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, address = excluded.address, \
                  kong_version = excluded.kong_version, protocol = excluded.protocol, version = excluded.version, \
                  state_hash = excluded.state_hash, connected_to = excluded.connected_to, last_seen = excluded.last_seen, \
                  last_error = excluded.last_error, labels = excluded.labels, capabilities = excluded.capabilities, \
-                 cert_expiry = excluded.cert_expiry")
+                 cert_expiry = excluded.cert_expiry, sync_status = excluded.sync_status, \
+                 config_hash = excluded.config_hash, updated_at = excluded.updated_at")
                 .bind(&row.node_id)
                 .bind(&row.hostname)
                 .bind(&row.address)
@@ -69,6 +78,9 @@ impl Store {
                 .bind(&row.labels)
                 .bind(&row.capabilities)
                 .bind(row.cert_expiry)
+                .bind(&row.sync_status)
+                .bind(&row.config_hash)
+                .bind(row.updated_at)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -99,9 +111,66 @@ impl Store {
     /// Every data plane known to the cluster, by node id.
     pub async fn data_planes(&self) -> Result<Vec<DataPlaneRow>, StoreError> {
         Ok(on_backend!(self.pool(), p => {
-            sqlx::query_as::<_, DataPlaneRow>("SELECT node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry FROM dp_data_planes ORDER BY node_id")
+            sqlx::query_as::<_, DataPlaneRow>(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM dp_data_planes ORDER BY node_id")))
                 .fetch_all(p)
                 .await?
+        }))
+    }
+
+    /// One page of data planes ordered by node id, after `after` (keyset pagination).
+    pub async fn data_planes_page(
+        &self,
+        after: Option<&str>,
+        size: i64,
+    ) -> Result<Vec<DataPlaneRow>, StoreError> {
+        Ok(on_backend!(self.pool(), p => {
+            sqlx::query_as::<_, DataPlaneRow>(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM dp_data_planes WHERE node_id > $1 ORDER BY node_id LIMIT $2")))
+                .bind(after.unwrap_or(""))
+                .bind(size)
+                .fetch_all(p)
+                .await?
+        }))
+    }
+
+    /// The names of the plugins the current configuration uses, and the version it is at.
+    pub async fn plugins_in_use(
+        &self,
+    ) -> Result<(i64, std::collections::BTreeSet<String>), StoreError> {
+        let (version, names): (i64, Vec<Option<String>>) = match self.pool() {
+            Pool::Sqlite(p) => {
+                let mut c = p.begin().await?;
+                let v: i64 = sqlx::query_scalar("SELECT version FROM dp_meta WHERE id = 1")
+                    .fetch_one(&mut *c)
+                    .await?;
+                let n = sqlx::query_scalar("SELECT DISTINCT json_extract(body, '$.name') FROM dp_entities WHERE type = 'plugins'")
+                    .fetch_all(&mut *c).await?;
+                c.commit().await?;
+                (v, n)
+            }
+            Pool::Postgres(p) => {
+                let mut c = p
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?;
+                let v: i64 = sqlx::query_scalar("SELECT version FROM dp_meta WHERE id = 1")
+                    .fetch_one(&mut *c)
+                    .await?;
+                let n = sqlx::query_scalar("SELECT DISTINCT (body::jsonb)->>'name' FROM dp_entities WHERE type = 'plugins'")
+                    .fetch_all(&mut *c).await?;
+                c.commit().await?;
+                (v, n)
+            }
+        };
+        Ok((version, names.into_iter().flatten().collect()))
+    }
+
+    /// Deletes rows of data planes not seen since `before` (unix seconds). Returns how many.
+    pub async fn purge_data_planes(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(on_backend!(self.pool(), p => {
+            sqlx::query("DELETE FROM dp_data_planes WHERE last_seen < $1")
+                .bind(before)
+                .execute(p)
+                .await?
+                .rows_affected()
         }))
     }
 

@@ -208,6 +208,11 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
                 "data_planes",
                 include_str!("../../migrations/sqlite/0002_data_planes.sql"),
             ),
+            (
+                3,
+                "data_plane_status",
+                include_str!("../../migrations/sqlite/0003_data_plane_status.sql"),
+            ),
         ],
         Backend::Postgres => &[
             (
@@ -219,6 +224,11 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
                 2,
                 "data_planes",
                 include_str!("../../migrations/postgres/0002_data_planes.sql"),
+            ),
+            (
+                3,
+                "data_plane_status",
+                include_str!("../../migrations/postgres/0003_data_plane_status.sql"),
             ),
         ],
     };
