@@ -5,8 +5,11 @@
 //! fresh database and drops it afterwards.
 
 mod admin;
+mod bad_input;
 mod binaries;
 mod changelog;
 mod fuzz_corpus;
 mod harness;
+mod interop;
+mod rawpeer;
 mod sync;
