@@ -35,11 +35,7 @@ pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
     println!("data planes: {}", planes.len());
     for p in &planes {
         let v = p["version"].as_i64().unwrap_or(0);
-        let state = match (p["connected_to"].is_null(), v == head) {
-            (true, _) => "disconnected",
-            (false, true) => "in sync",
-            (false, false) => "behind",
-        };
+        let state = p["health"].as_str().unwrap_or("unknown").replace('_', " ");
         println!(
             "  {}  {:<20} {:<4} version {:<8} {:<12} {}{}",
             p["node_id"].as_str().unwrap_or("?"),
@@ -48,9 +44,10 @@ pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
             v,
             state,
             p["address"].as_str().unwrap_or(""),
-            match p["last_error"].as_str() {
-                Some(e) => format!("  last error: {e}"),
-                None => String::new(),
+            match (p["sync_status"].as_str(), p["last_error"].as_str()) {
+                (Some(s), Some(e)) if s != "normal" => format!("  {s}: {e}"),
+                (_, Some(e)) => format!("  last error: {e}"),
+                _ => String::new(),
             }
         );
     }
