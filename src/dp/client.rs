@@ -17,7 +17,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use super::store::{ApplyError, ApplyKind, DpStore};
+use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared};
 use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, parse_version, version_string};
 use crate::tls::{ClusterTls, TlsSettings};
@@ -78,7 +78,9 @@ pub async fn run(
                 tracing::info!(control_plane = %cp, %reason, "disconnected from the control plane");
             }
             Err(e) => {
-                tracing::warn!(control_plane = %cp, error = %format!("{e:#}"), "control plane connection failed");
+                let e = format!("{e:#}");
+                tracing::warn!(control_plane = %cp, error = %e, "control plane connection failed");
+                shared.update_link(|l| l.last_error = Some(format!("{cp}: {e}")));
             }
         }
         shared.update_link(|l| l.connected_to = None);
@@ -535,45 +537,73 @@ impl Syncer<'_> {
             .await
             .map_err(SyncError::Link)?;
         tracing::info!(transfer = %t.id, pages = t.pages, ?kind, "paged transfer started");
-        for page in 0..t.pages {
-            let text = self
-                .peer
-                .call(
-                    "deltaplane.sync.v1.get_page",
-                    serde_json::json!([{ "id": t.id, "page": page }]),
+        let started = std::time::Instant::now();
+        // Page n is staged (raw, not parsed) while page n + 1 is fetched.
+        let mut staging: Option<(usize, tokio::task::JoinHandle<Result<(), String>>)> = None;
+        for page in 0..=t.pages {
+            let text = if page < t.pages {
+                Some(
+                    self.peer
+                        .call(
+                            "deltaplane.sync.v1.get_page",
+                            serde_json::json!([{ "id": t.id, "page": page }]),
+                        )
+                        .await
+                        .map_err(|e| SyncError::Link(format!("get_page {page}: {e}"))),
                 )
-                .await
-                .map_err(|e| SyncError::Link(format!("get_page {page}: {e}")));
+            } else {
+                None
+            };
+            if let Some((staged_no, task)) = staging.take() {
+                let staged = task.await.unwrap_or_else(|e| Err(format!("task: {e}")));
+                if let Err(e) = staged {
+                    self.discard(&t.id).await;
+                    return Err(SyncError::Rejected(format!("page {staged_no}: {e}")));
+                }
+            }
             let text = match text {
-                Ok(t) => t,
-                Err(e) => {
+                None => break,
+                Some(Ok(text)) => text,
+                Some(Err(e)) => {
                     self.discard(&t.id).await;
                     return Err(e);
                 }
             };
             let store = self.shared.store.clone();
             let id = t.id.clone();
-            let staged = blocking(move || {
-                let mut deltas = Vec::new();
-                for_each_delta(text.get(), |v| {
-                    deltas.push(Delta::from_wire(v).map_err(|e| e.to_string())?);
-                    Ok(())
-                })?;
-                store
-                    .stage_page(&id, page as u64, &deltas)
-                    .map_err(|e| e.to_string())
-            })
-            .await;
-            if let Err(e) = staged {
-                self.discard(&t.id).await;
-                return Err(SyncError::Rejected(format!("page {page}: {e}")));
-            }
+            staging = Some((
+                page,
+                tokio::task::spawn_blocking(move || {
+                    store
+                        .stage_page_bytes(&id, page as u64, text.get().as_bytes())
+                        .map_err(|e| e.to_string())
+                }),
+            ));
         }
+        let fetched = started.elapsed();
         let store = self.shared.store.clone();
         let id = t.id.clone();
-        let committed = tokio::task::spawn_blocking(move || store.stage_commit(&id))
-            .await
-            .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        let committed = tokio::task::spawn_blocking(move || {
+            store.stage_commit_with(&id, |page_no, bytes, sink| {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|e| invalid(format!("page {page_no}: {e}")))?;
+                feed_deltas(text, sink).map_err(|e| match e {
+                    ApplyError::Invalid {
+                        message,
+                        fields,
+                        flattened,
+                    } if flattened.is_empty() => ApplyError::Invalid {
+                        message: format!("page {page_no}: {message}"),
+                        fields,
+                        flattened,
+                    },
+                    e => e,
+                })
+            })
+        })
+        .await
+        .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        tracing::info!(transfer = %t.id, ?fetched, total = ?started.elapsed(), ok = committed.is_ok(), "paged transfer ended");
         match committed {
             Ok(a) => Ok(a.version),
             Err(e) => {
@@ -636,59 +666,77 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("task: {e}"))?
 }
 
-/// Streams the deltas of a get_delta answer (`{"default":{…}}`) into one store transaction.
+/// Streams the deltas of a get_delta answer (`{"default":{…}}`) into one store transaction,
+/// parsed and validated on a second thread while this one writes ([`Apply::feed`]).
 /// `kind` is given the first delta's version (for Kong control planes that send no
 /// `latest_version`). `Ok(None)` when there was nothing to apply.
+///
+/// [`Apply::feed`]: super::store::Apply::feed
 pub fn apply_stream(
     store: &DpStore,
     answer: &str,
     kind: impl FnOnce(Option<i64>) -> Option<ApplyKind>,
 ) -> Result<Option<i64>, ApplyError> {
-    let invalid = |message: String| ApplyError::Invalid {
-        message,
-        fields: Value::Object(Default::default()),
-        flattened: Vec::new(),
-    };
     let outer: Outer<'_> = serde_json::from_str(answer).map_err(|e| invalid(e.to_string()))?;
     let ns = outer
         .default
-        .ok_or_else(|| invalid("default namespace does not exist".into()))?;
-    let mut kind = Some(kind);
-    let mut apply = None;
-    let mut failure: Option<ApplyError> = None;
-    let parsed = for_each_delta(ns.get(), |v| {
-        let d = Delta::from_wire(v).map_err(|e| {
-            failure = Some(invalid(format!("sync deltas is invalid: {e}")));
-            String::new()
-        })?;
-        if apply.is_none() {
-            let k = (kind.take().expect("kind used once"))(Some(d.version)).ok_or_else(|| {
-                failure = Some(invalid("no version to apply".into()));
-                String::new()
-            })?;
-            apply = Some(store.begin(k).map_err(|e| {
+        .ok_or_else(|| invalid("default namespace does not exist".into()))?
+        .get();
+    // The first delta only (parsing stops there): the kind may depend on its version.
+    let mut first = None;
+    let peeked = for_each_delta(ns, |v| {
+        first = Some(v);
+        Err(String::new())
+    });
+    let first = match first {
+        Some(v) => Some(
+            Delta::from_wire(v)
+                .map_err(|e| invalid(format!("sync deltas is invalid: {e}")))?
+                .version,
+        ),
+        None => {
+            peeked.map_err(invalid)?;
+            None
+        }
+    };
+    let Some(first) = first else {
+        return match kind(None) {
+            // A full sync of nothing still replaces the configuration.
+            Some(k @ ApplyKind::Full { .. }) => Ok(Some(store.begin(k)?.commit()?.version)),
+            _ => Ok(None),
+        };
+    };
+    let k = kind(Some(first)).ok_or_else(|| invalid("no version to apply".into()))?;
+    let mut apply = store.begin(k)?;
+    apply.feed(|sink| feed_deltas(ns, sink))?;
+    Ok(Some(apply.commit()?.version))
+}
+
+/// A rejection that names no entity.
+fn invalid(message: String) -> ApplyError {
+    ApplyError::Invalid {
+        message,
+        fields: Value::Object(Default::default()),
+        flattened: Vec::new(),
+    }
+}
+
+/// Feeds the deltas of `ns_json` (an object with a `deltas` array) to `sink`, one at a time.
+fn feed_deltas(ns_json: &str, sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
+    let mut failure = None;
+    let parsed = for_each_delta(ns_json, |v| {
+        Delta::from_wire(v)
+            .map_err(|e| invalid(format!("sync deltas is invalid: {e}")))
+            .and_then(&mut *sink)
+            .map_err(|e| {
                 failure = Some(e);
                 String::new()
-            })?);
-        }
-        apply.as_mut().expect("begun").delta(d).map_err(|e| {
-            failure = Some(e);
-            String::new()
-        })
+            })
     });
-    if let Some(f) = failure {
-        return Err(f);
+    match failure {
+        Some(f) => Err(f),
+        None => parsed.map_err(invalid),
     }
-    parsed.map_err(invalid)?;
-    let apply = match apply {
-        Some(a) => a,
-        None => match kind.take().and_then(|k| k(None)) {
-            // A full sync of nothing still replaces the configuration.
-            Some(k @ ApplyKind::Full { .. }) => store.begin(k)?,
-            _ => return Ok(None),
-        },
-    };
-    Ok(Some(apply.commit()?.version))
 }
 
 /// Calls `f` with each element of the `deltas` field of `ns_json` (an object), one at a time.

@@ -155,21 +155,32 @@ pub struct DpStore {
 pub struct Apply<'a> {
     store: &'a DpStore,
     txn: WriteTransaction,
-    kind: ApplyKind,
-    /// The version stored when the transaction began.
-    stored_version: i64,
     epoch: Option<String>,
-    last_version: Option<i64>,
+    /// Version rules, validation and error collection: everything that needs no table.
+    check: Checker,
     /// Validated deltas not yet written; written with the tables opened once per chunk.
     pending: Vec<Pending>,
     pending_bytes: usize,
     work: Work,
-    errors: Errors,
-    version_error: Option<VersionError>,
-    n_deltas: u64,
     /// A staged transfer whose rows go in the same transaction.
     clear_transfer: Option<String>,
 }
+
+/// The part of an apply that reads no table: it turns deltas into [`Pending`] writes (or
+/// collected errors), so it can run on another thread than the one writing.
+struct Checker {
+    registry: Arc<Registry>,
+    kind: ApplyKind,
+    /// The version stored when the transaction began.
+    stored_version: i64,
+    last_version: Option<i64>,
+    errors: Errors,
+    version_error: Option<VersionError>,
+    n_deltas: u64,
+}
+
+/// What a caller's page decoder feeds deltas into (see [`DpStore::stage_commit`]).
+pub type DeltaSink<'s> = dyn FnMut(Delta) -> Result<(), ApplyError> + 's;
 
 // === tables and encodings ===
 
@@ -190,6 +201,11 @@ const CACHE_KEY: &str = "@cache_key";
 /// Deltas buffered before the tables are opened and they are written.
 const CHUNK_DELTAS: usize = 512;
 const CHUNK_BYTES: usize = 4 << 20;
+/// Chunks validated ahead of the writer by [`Apply::feed`].
+const CHUNKS_AHEAD: usize = 2;
+/// Staged page bytes are stored in rows of at most this size (a little under a power of two,
+/// so redb's page for one row is not twice the row).
+const STAGE_ROW_BYTES: usize = (1 << 20) - (16 << 10);
 /// At most this many entities are reported in one validation error.
 const MAX_REPORTED: usize = 100;
 
@@ -205,8 +221,17 @@ struct Pending {
     schema: Arc<EntitySchema>,
     id: String,
     ws: String,
-    /// The entity and its canonical JSON; `None` for a delete.
-    upsert: Option<(Value, Vec<u8>)>,
+    /// `None` for a delete.
+    upsert: Option<Upsert>,
+}
+
+/// A validated entity, ready to write: everything derived from its value is computed before
+/// the writer sees it.
+struct Upsert {
+    /// Canonical JSON, as stored and hashed.
+    body: Vec<u8>,
+    hash: StateHash,
+    index: Indexed,
 }
 
 /// Bookkeeping of an apply, checked at commit.
@@ -364,16 +389,19 @@ impl DpStore {
         Ok(Apply {
             store: self,
             txn,
-            kind,
-            stored_version: stored.version,
             epoch,
-            last_version: None,
+            check: Checker {
+                registry: Arc::clone(&self.inner.registry),
+                kind,
+                stored_version: stored.version,
+                last_version: None,
+                errors: Errors::default(),
+                version_error: None,
+                n_deltas: 0,
+            },
             pending: Vec::with_capacity(CHUNK_DELTAS),
             pending_bytes: 0,
             work,
-            errors: Errors::default(),
-            version_error: None,
-            n_deltas: 0,
             clear_transfer: None,
         })
     }
@@ -515,6 +543,8 @@ impl DpStore {
             let (key, value) = row?;
             let (ty, id) = key.value();
             let (ws, body) = value.value();
+            // From the parsed value, not the stored bytes: this verifies that what the apply
+            // stored (and hashed from its bytes) is canonical.
             hash.add(&StateHash::of_entity(ty, ws, id, &parse_body(body)?));
         }
         Ok(hash)
@@ -523,10 +553,11 @@ impl DpStore {
     // --- paged transfers ---
 
     /// Starts (or restarts) a paged transfer: a snapshot or a version too large for one frame.
-    /// Pages are staged durably, each in its own transaction, while the current configuration
-    /// stays readable and [`DpStore::state`] unchanged. Staging does not survive a reopen.
+    /// Pages are staged as opaque bytes, each in its own transaction, while the current
+    /// configuration stays readable and [`DpStore::state`] unchanged. Staging does not survive
+    /// a reopen, so its transactions skip the fsync; only [`DpStore::stage_commit`]'s is durable.
     pub fn stage_begin(&self, transfer_id: &str, kind: ApplyKind) -> Result<(), DpStoreError> {
-        let txn = self.write_txn()?;
+        let txn = self.staging_txn()?;
         {
             let mut staged = txn.open_table(STAGED)?;
             clear_staged(&mut staged, transfer_id)?;
@@ -537,14 +568,46 @@ impl DpStore {
         Ok(())
     }
 
-    /// Stages page `page_no` (pages count from 0). Staging a page again replaces it.
+    /// Stages page `page_no` (pages count from 0) of deltas, for [`DpStore::stage_commit`].
+    /// Staging a page again replaces it; a page of no deltas is not staged (it is missing).
     pub fn stage_page(
         &self,
         transfer_id: &str,
         page_no: u64,
         deltas: &[Delta],
     ) -> Result<(), DpStoreError> {
-        let txn = self.write_txn()?;
+        if deltas.is_empty() {
+            return self.stage_rows(transfer_id, page_no, None);
+        }
+        // JSON lines of wire deltas, read back one at a time by `decode_delta_lines`.
+        let mut bytes = Vec::new();
+        for d in deltas {
+            serde_json::to_writer(&mut bytes, &d.to_wire()).expect("a JSON value serialises");
+            bytes.push(b'\n');
+        }
+        self.stage_rows(transfer_id, page_no, Some(&bytes))
+    }
+
+    /// Stages page `page_no` (pages count from 0): `bytes` as the caller got them, not looked
+    /// at here; [`DpStore::stage_commit_with`] hands them back to the caller's decoder. Staging
+    /// a page again replaces it.
+    pub fn stage_page_bytes(
+        &self,
+        transfer_id: &str,
+        page_no: u64,
+        bytes: &[u8],
+    ) -> Result<(), DpStoreError> {
+        self.stage_rows(transfer_id, page_no, Some(bytes))
+    }
+
+    /// Replaces the rows of one staged page; `None` leaves it unstaged.
+    fn stage_rows(
+        &self,
+        transfer_id: &str,
+        page_no: u64,
+        bytes: Option<&[u8]>,
+    ) -> Result<(), DpStoreError> {
+        let txn = self.staging_txn()?;
         {
             if txn.open_table(TRANSFERS)?.get(transfer_id)?.is_none() {
                 return Err(DpStoreError::UnknownTransfer(transfer_id.to_owned()));
@@ -554,20 +617,40 @@ impl DpStore {
                 (transfer_id, page_no, 0)..=(transfer_id, page_no, u64::MAX),
                 |_, _| false,
             )?;
-            for (idx, d) in deltas.iter().enumerate() {
-                let bytes = serde_json::to_vec(&d.to_wire()).unwrap_or_default();
-                staged.insert((transfer_id, page_no, idx as u64), bytes.as_slice())?;
+            if let Some(bytes) = bytes {
+                // An empty page still gets a row, so it counts as staged.
+                let mut rows = bytes.chunks(STAGE_ROW_BYTES);
+                let first = rows.next().unwrap_or_default();
+                staged.insert((transfer_id, page_no, 0), first)?;
+                for (idx, row) in rows.enumerate() {
+                    staged.insert((transfer_id, page_no, idx as u64 + 1), row)?;
+                }
             }
         }
         txn.commit()?;
         Ok(())
     }
 
+    /// Commits a transfer staged with [`DpStore::stage_page`]: [`DpStore::stage_commit_with`]
+    /// with the matching decoder.
+    pub fn stage_commit(&self, transfer_id: &str) -> Result<Applied, ApplyError> {
+        self.stage_commit_with(transfer_id, |page_no, bytes, sink| {
+            decode_delta_lines(transfer_id, page_no, bytes, sink)
+        })
+    }
+
     /// Applies every staged page, in page order, as one apply (one write transaction), and
     /// removes the staging in that same transaction. Pages must be contiguous from 0. A rejected
     /// transfer is discarded.
-    pub fn stage_commit(&self, transfer_id: &str) -> Result<Applied, ApplyError> {
-        let res = self.stage_commit_inner(transfer_id);
+    ///
+    /// `decode(page_no, bytes, sink)` turns one staged page back into deltas and feeds them to
+    /// `sink` one at a time; its errors (and the sink's, which it must pass on) reject the
+    /// transfer. It runs on a second thread, with validation, while this one writes.
+    pub fn stage_commit_with<D>(&self, transfer_id: &str, decode: D) -> Result<Applied, ApplyError>
+    where
+        D: FnMut(u64, &[u8], &mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
+    {
+        let res = self.stage_commit_inner(transfer_id, decode);
         if matches!(
             res,
             Err(ApplyError::Invalid { .. } | ApplyError::Version(_) | ApplyError::Staging { .. })
@@ -579,7 +662,7 @@ impl DpStore {
 
     /// Forgets a transfer and its staged pages.
     pub fn stage_discard(&self, transfer_id: &str) -> Result<(), DpStoreError> {
-        let txn = self.write_txn()?;
+        let txn = self.staging_txn()?;
         {
             clear_staged(&mut txn.open_table(STAGED)?, transfer_id)?;
             txn.open_table(TRANSFERS)?.remove(transfer_id)?;
@@ -588,7 +671,10 @@ impl DpStore {
         Ok(())
     }
 
-    fn stage_commit_inner(&self, transfer_id: &str) -> Result<Applied, ApplyError> {
+    fn stage_commit_inner<D>(&self, transfer_id: &str, mut decode: D) -> Result<Applied, ApplyError>
+    where
+        D: FnMut(u64, &[u8], &mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
+    {
         let staging_err = |reason: String| ApplyError::Staging {
             transfer_id: transfer_id.to_owned(),
             reason,
@@ -602,34 +688,45 @@ impl DpStore {
             };
             decode_kind(raw.value()).ok_or_else(|| staging_err("corrupt transfer kind".into()))?
         };
+        let staged = rtx.open_table(STAGED)?;
         let mut apply = self.begin(kind)?;
         apply.clear_transfer = Some(transfer_id.to_owned());
-        let staged = rtx.open_table(STAGED)?;
-        let mut prev_page: Option<u64> = None;
-        for row in staged.range((transfer_id, 0, 0)..=(transfer_id, u64::MAX, u64::MAX))? {
-            let (key, value) = row?;
-            let (_, page_no, _) = key.value();
-            let next = prev_page.map_or(0, |p| p + 1);
-            if page_no != next && Some(page_no) != prev_page {
-                return Err(staging_err(format!(
-                    "page {page_no} staged but page {next} missing"
-                )));
+        apply.feed(|sink| {
+            // One page at a time: its rows are joined, decoded, and dropped.
+            let mut page: Vec<u8> = Vec::new();
+            let mut current: Option<u64> = None;
+            for row in staged.range((transfer_id, 0, 0)..=(transfer_id, u64::MAX, u64::MAX))? {
+                let (key, value) = row?;
+                let (_, page_no, _) = key.value();
+                if Some(page_no) != current {
+                    if let Some(done) = current {
+                        decode(done, &page, sink)?;
+                        page.clear();
+                    }
+                    let next = current.map_or(0, |p| p + 1);
+                    if page_no != next {
+                        return Err(staging_err(format!(
+                            "page {page_no} staged but page {next} missing"
+                        )));
+                    }
+                    current = Some(page_no);
+                }
+                page.extend_from_slice(value.value());
             }
-            prev_page = Some(page_no);
-            let delta = serde_json::from_slice::<Value>(value.value())
-                .ok()
-                .and_then(|v| Delta::from_wire(v).ok())
-                .ok_or_else(|| staging_err(format!("corrupt staged delta on page {page_no}")))?;
-            apply.delta(delta)?;
-        }
+            if let Some(done) = current {
+                decode(done, &page, sink)?;
+            }
+            Ok(())
+        })?;
         apply.commit()
     }
 
-    fn write_txn(&self) -> Result<WriteTransaction, DpStoreError> {
+    /// A write transaction for staging: durable only when the store is, and even then without
+    /// an fsync of its own (staging is discarded on open; the durable commit that ends a
+    /// transfer persists what it needs).
+    fn staging_txn(&self) -> Result<WriteTransaction, DpStoreError> {
         let mut txn = self.inner.db.begin_write()?;
-        if !self.inner.durable {
-            txn.set_durability(Durability::None)?;
-        }
+        txn.set_durability(Durability::None)?;
         Ok(txn)
     }
 
@@ -649,82 +746,83 @@ impl Apply<'_> {
     /// transaction. Version errors end the apply at once; validation errors are collected (all
     /// of them, Kong-style) and reported by [`Apply::commit`].
     pub fn delta(&mut self, d: Delta) -> Result<(), ApplyError> {
-        if let Some(e) = &self.version_error {
-            return Err(e.clone().into());
-        }
-        if let Err(e) = self.check_version(d.version) {
-            self.version_error = Some(e.clone());
-            return Err(e.into());
-        }
-        self.n_deltas += 1;
-        let Some(schema) = self.store.inner.registry.get(&d.entity_type).cloned() else {
-            self.errors.push(
-                &d.entity_type,
-                &d.id,
-                None,
-                json!({"@entity": [format!("unknown entity type: {}", d.entity_type)]}),
-            );
-            return Ok(());
-        };
-        if d.ws_id.is_empty() {
-            self.errors.push(
-                &d.entity_type,
-                &d.id,
-                None,
-                json!({"@entity": ["workspace id not found"]}),
-            );
-            return Ok(());
-        }
-        let upsert = match d.entity {
-            None => None,
-            Some(entity) => {
-                if let Err(tree) = check_entity(&self.store.inner.registry, &schema, &d.id, &entity)
-                {
-                    let name = entity
-                        .get(schema.endpoint_key.as_deref().unwrap_or("name"))
-                        .and_then(Value::as_str);
-                    self.errors.push(&d.entity_type, &d.id, name, tree);
-                    return Ok(());
-                }
-                if !self.errors.is_empty() {
-                    // The batch is rejected anyway: validate the rest, write nothing more.
-                    return Ok(());
-                }
-                let body = serde_json::to_vec(&entity).unwrap_or_default();
-                self.pending_bytes += body.len();
-                Some((entity, body))
+        if let Some(p) = self.check.check(d)? {
+            self.pending_bytes += p.size();
+            self.pending.push(p);
+            if self.pending.len() >= CHUNK_DELTAS || self.pending_bytes >= CHUNK_BYTES {
+                self.flush()?;
             }
-        };
-        if !self.errors.is_empty() {
-            return Ok(());
-        }
-        self.pending.push(Pending {
-            schema,
-            id: d.id,
-            ws: d.ws_id,
-            upsert,
-        });
-        if self.pending.len() >= CHUNK_DELTAS || self.pending_bytes >= CHUNK_BYTES {
-            self.flush()?;
         }
         Ok(())
+    }
+
+    /// [`Apply::delta`] for every delta `produce` feeds to its sink, with decoding and
+    /// validation on a second thread while this one writes what is already validated (at most
+    /// [`CHUNKS_AHEAD`] chunks ahead). `produce` must pass on the sink's errors. The first
+    /// error (the writer's before the producer's) is returned; the apply is then to be dropped.
+    pub fn feed<P>(&mut self, produce: P) -> Result<(), ApplyError>
+    where
+        P: FnOnce(&mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
+    {
+        self.flush()?;
+        let check = &mut self.check;
+        let (txn, work) = (&self.txn, &mut self.work);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Pending>>(CHUNKS_AHEAD);
+        std::thread::scope(|scope| {
+            let producer = scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(CHUNK_DELTAS);
+                let mut bytes = 0;
+                let res = produce(&mut |d| {
+                    let Some(p) = check.check(d)? else {
+                        return Ok(());
+                    };
+                    bytes += p.size();
+                    chunk.push(p);
+                    if chunk.len() >= CHUNK_DELTAS || bytes >= CHUNK_BYTES {
+                        bytes = 0;
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_DELTAS));
+                        // The writer failed and said why; this only stops the producer.
+                        tx.send(full).map_err(|_| {
+                            ApplyError::Storage(DpStoreError::Corrupt("writer stopped".into()))
+                        })?;
+                    }
+                    Ok(())
+                });
+                if res.is_ok() && !chunk.is_empty() {
+                    let _ = tx.send(chunk);
+                }
+                res
+            });
+            let mut written = Ok(());
+            for chunk in rx.iter() {
+                written = write_pending(txn, work, chunk);
+                if written.is_err() {
+                    break;
+                }
+            }
+            drop(rx);
+            let produced = producer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            written.and(produced)
+        })
     }
 
     /// Checks foreign references and unique keys against the final state, writes version, epoch
     /// and state hash, and commits. On any error nothing is written.
     pub fn commit(mut self) -> Result<Applied, ApplyError> {
-        if let Some(e) = self.version_error.take() {
+        if let Some(e) = self.check.version_error.take() {
             return Err(e.into());
         }
-        let version = match (&self.kind, self.last_version) {
+        let version = match (&self.check.kind, self.check.last_version) {
             (ApplyKind::Full { version, .. }, _) => *version,
             (ApplyKind::Incremental { .. }, Some(last)) => last,
-            (ApplyKind::Incremental { .. }, None) => self.stored_version,
+            (ApplyKind::Incremental { .. }, None) => self.check.stored_version,
         };
         if let ApplyKind::Incremental {
             latest: Some(latest),
             ..
-        } = self.kind
+        } = self.check.kind
             && latest != version
         {
             return Err(VersionError::NotLatest {
@@ -733,16 +831,16 @@ impl Apply<'_> {
             }
             .into());
         }
-        if self.errors.is_empty() {
+        if self.check.errors.is_empty() {
             self.flush()?;
         }
-        if self.errors.is_empty() {
+        if self.check.errors.is_empty() {
             self.check_final_state()?;
         }
-        if !self.errors.is_empty() {
-            return Err(std::mem::take(&mut self.errors).into_error());
+        if !self.check.errors.is_empty() {
+            return Err(std::mem::take(&mut self.check.errors).into_error());
         }
-        if self.n_deltas == 0 && matches!(self.kind, ApplyKind::Incremental { .. }) {
+        if self.check.n_deltas == 0 && matches!(self.check.kind, ApplyKind::Incremental { .. }) {
             return Ok(Applied {
                 version,
                 state_hash: self.work.hash,
@@ -766,7 +864,7 @@ impl Apply<'_> {
             }
         }
         let store = self.store;
-        let n_deltas = self.n_deltas;
+        let n_deltas = self.check.n_deltas;
         self.txn.commit().map_err(DpStoreError::from)?;
         let applied = Applied {
             version,
@@ -778,52 +876,10 @@ impl Apply<'_> {
         Ok(applied)
     }
 
-    fn check_version(&mut self, v: i64) -> Result<(), VersionError> {
-        match (&self.kind, self.last_version) {
-            (ApplyKind::Full { version, .. }, _) => {
-                if v != *version {
-                    return Err(VersionError::FullSyncMismatch {
-                        expected: *version,
-                        got: v,
-                    });
-                }
-            }
-            (ApplyKind::Incremental { .. }, None) => {
-                if v != self.stored_version + 1 {
-                    return Err(VersionError::Gap {
-                        after: self.stored_version,
-                        got: v,
-                    });
-                }
-            }
-            (ApplyKind::Incremental { .. }, Some(last)) => {
-                if v != last && v != last + 1 {
-                    return Err(VersionError::Gap {
-                        after: last,
-                        got: v,
-                    });
-                }
-            }
-        }
-        self.last_version = Some(v);
-        Ok(())
-    }
-
     /// Writes the queued deltas, with the tables opened once.
     fn flush(&mut self) -> Result<(), ApplyError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut tables = Tables {
-            entities: self.txn.open_table(ENTITIES)?,
-            keys: self.txn.open_table(KEYS)?,
-            refs: self.txn.open_table(REFS)?,
-        };
-        for p in self.pending.drain(..) {
-            tables.write(&mut self.work, p)?;
-        }
         self.pending_bytes = 0;
-        Ok(())
+        write_pending(&self.txn, &mut self.work, std::mem::take(&mut self.pending))
     }
 
     /// The checks that need the final state of the batch.
@@ -852,7 +908,7 @@ impl Apply<'_> {
             }
             if reported.insert((child_ty.clone(), child_id.clone(), field.clone())) {
                 let shown = json!({ "id": parent_id });
-                self.errors.push(
+                self.check.errors.push(
                     child_ty,
                     child_id,
                     None,
@@ -872,7 +928,7 @@ impl Apply<'_> {
                 let (key, _) = row?;
                 let (p, pid, child_ty, field, child_id) = key.value();
                 if (p, pid) == (ty.as_str(), id.as_str()) {
-                    self.errors.push(
+                    self.check.errors.push(
                         ty,
                         id,
                         None,
@@ -907,7 +963,7 @@ impl Apply<'_> {
                     } else {
                         format!("{field} = {value}")
                     };
-                    self.errors.push(
+                    self.check.errors.push(
                         ty,
                         new_id,
                         None,
@@ -928,6 +984,128 @@ impl Apply<'_> {
         }
         Ok(())
     }
+}
+
+// === impl Checker ===
+
+impl Checker {
+    /// The delta as a write, `None` when it is not to be written (it is invalid, or the
+    /// batch is rejected anyway). Version errors end the apply.
+    fn check(&mut self, d: Delta) -> Result<Option<Pending>, ApplyError> {
+        if let Some(e) = &self.version_error {
+            return Err(e.clone().into());
+        }
+        if let Err(e) = self.check_version(d.version) {
+            self.version_error = Some(e.clone());
+            return Err(e.into());
+        }
+        self.n_deltas += 1;
+        let Some(schema) = self.registry.get(&d.entity_type).cloned() else {
+            self.errors.push(
+                &d.entity_type,
+                &d.id,
+                None,
+                json!({"@entity": [format!("unknown entity type: {}", d.entity_type)]}),
+            );
+            return Ok(None);
+        };
+        if d.ws_id.is_empty() {
+            self.errors.push(
+                &d.entity_type,
+                &d.id,
+                None,
+                json!({"@entity": ["workspace id not found"]}),
+            );
+            return Ok(None);
+        }
+        let upsert = match d.entity {
+            None => None,
+            Some(entity) => {
+                if let Err(tree) = check_entity(&self.registry, &schema, &d.id, &entity) {
+                    let name = entity
+                        .get(schema.endpoint_key.as_deref().unwrap_or("name"))
+                        .and_then(Value::as_str);
+                    self.errors.push(&d.entity_type, &d.id, name, tree);
+                    return Ok(None);
+                }
+                if !self.errors.is_empty() {
+                    // The batch is rejected anyway: validate the rest, write nothing more.
+                    return Ok(None);
+                }
+                let body = serde_json::to_vec(&entity).unwrap_or_default();
+                let hash = StateHash::of_entity_bytes(&schema.name, &d.ws_id, &d.id, &body);
+                let index = index_of(&schema, &entity);
+                Some(Upsert { body, hash, index })
+            }
+        };
+        if !self.errors.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Pending {
+            schema,
+            id: d.id,
+            ws: d.ws_id,
+            upsert,
+        }))
+    }
+
+    fn check_version(&mut self, v: i64) -> Result<(), VersionError> {
+        match (&self.kind, self.last_version) {
+            (ApplyKind::Full { version, .. }, _) => {
+                if v != *version {
+                    return Err(VersionError::FullSyncMismatch {
+                        expected: *version,
+                        got: v,
+                    });
+                }
+            }
+            (ApplyKind::Incremental { .. }, None) => {
+                if v != self.stored_version + 1 {
+                    return Err(VersionError::Gap {
+                        after: self.stored_version,
+                        got: v,
+                    });
+                }
+            }
+            (ApplyKind::Incremental { .. }, Some(last)) => {
+                if v != last && v != last + 1 {
+                    return Err(VersionError::Gap {
+                        after: last,
+                        got: v,
+                    });
+                }
+            }
+        }
+        self.last_version = Some(v);
+        Ok(())
+    }
+}
+
+impl Pending {
+    /// Bytes it holds, roughly.
+    fn size(&self) -> usize {
+        self.upsert.as_ref().map_or(64, |u| u.body.len() + 64)
+    }
+}
+
+/// Writes validated deltas, with the tables opened once.
+fn write_pending(
+    txn: &WriteTransaction,
+    work: &mut Work,
+    pending: Vec<Pending>,
+) -> Result<(), ApplyError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut tables = Tables {
+        entities: txn.open_table(ENTITIES)?,
+        keys: txn.open_table(KEYS)?,
+        refs: txn.open_table(REFS)?,
+    };
+    for p in pending {
+        tables.write(work, p)?;
+    }
+    Ok(())
 }
 
 /// The write-side tables of one chunk.
@@ -967,18 +1145,19 @@ impl Tables<'_> {
                     None
                 }
             }
-            Some((_, ref body)) => self
+            Some(ref u) => self
                 .entities
-                .insert((ty, id), (p.ws.as_str(), body.as_slice()))?
+                .insert((ty, id), (p.ws.as_str(), u.body.as_slice()))?
                 .map(|row| {
                     let (ws, body) = row.value();
                     (ws.to_owned(), body.to_vec())
                 }),
         };
         if let Some((old_ws, old_body)) = old {
-            let old_entity = parse_body(&old_body)?;
+            // Stored bodies are canonical: written below from `Upsert::body`.
             work.hash
-                .sub(&StateHash::of_entity(ty, &old_ws, id, &old_entity));
+                .sub(&StateHash::of_entity_bytes(ty, &old_ws, id, &old_body));
+            let old_entity = parse_body(&old_body)?;
             work.n_entities = work.n_entities.saturating_sub(1);
             let old_index = index_of(&p.schema, &old_entity);
             let kws = key_ws(&p.schema, &old_ws);
@@ -1002,12 +1181,11 @@ impl Tables<'_> {
                 work.deleted.push((ty.to_owned(), id.to_owned()));
             }
         }
-        let Some((entity, _)) = &p.upsert else {
+        let Some(Upsert { hash, index, .. }) = &p.upsert else {
             return Ok(());
         };
-        work.hash.add(&StateHash::of_entity(ty, &p.ws, id, entity));
+        work.hash.add(hash);
         work.n_entities += 1;
-        let index = index_of(&p.schema, entity);
         let kws = key_ws(&p.schema, &p.ws);
         for (field, value) in &index.keys {
             let key = (ty, kws, field.as_str(), value.as_str());
@@ -1305,6 +1483,27 @@ fn write_meta(
         None => {
             meta.remove(META_EPOCH)?;
         }
+    }
+    Ok(())
+}
+
+/// Feeds the deltas of a [`DpStore::stage_page`] page to `sink`, one at a time. Bytes that
+/// are not such a page are a staging error; the sink's errors are passed on as they are.
+fn decode_delta_lines(
+    transfer_id: &str,
+    page_no: u64,
+    bytes: &[u8],
+    sink: &mut DeltaSink<'_>,
+) -> Result<(), ApplyError> {
+    for v in serde_json::Deserializer::from_slice(bytes).into_iter::<Value>() {
+        let d = v
+            .map_err(|e| e.to_string())
+            .and_then(|v| Delta::from_wire(v).map_err(|e| e.to_string()))
+            .map_err(|e| ApplyError::Staging {
+                transfer_id: transfer_id.to_owned(),
+                reason: format!("corrupt staged delta on page {page_no}: {e}"),
+            })?;
+        sink(d)?;
     }
     Ok(())
 }
@@ -1988,6 +2187,24 @@ mod tests {
         env.assert_synced().await;
     }
 
+    /// A staged page as these tests encode it: a JSON array of wire deltas.
+    fn page_bytes(deltas: &[Delta]) -> Vec<u8> {
+        serde_json::to_vec(&deltas.iter().map(Delta::to_wire).collect::<Vec<_>>()).unwrap()
+    }
+
+    /// Decodes [`page_bytes`] pages; the store hands back exactly what was staged.
+    fn decode_page(page_no: u64, bytes: &[u8], sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
+        let deltas: Vec<Value> =
+            serde_json::from_slice(bytes).map_err(|e| ApplyError::Staging {
+                transfer_id: String::new(),
+                reason: format!("page {page_no}: {e}"),
+            })?;
+        for d in deltas {
+            sink(Delta::from_wire(d).unwrap())?;
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn staged_pages_commit_as_one_apply() {
         let mut env = Env::new().await;
@@ -2074,6 +2291,72 @@ mod tests {
         env.dp.stage_page("t4", 0, &changes).unwrap();
         env.dp.stage_commit("t4").unwrap();
         env.assert_synced_to(&info2);
+    }
+
+    /// Staged bytes are opaque: pages of any size (several rows each) come back to the decoder
+    /// byte for byte and in page order; a decoder error after deltas were written rejects the
+    /// whole transfer, discards it, and changes nothing.
+    #[tokio::test]
+    async fn staged_bytes_come_back_whole_and_errors_change_nothing() {
+        let env = Env::new().await;
+        populate(&env).await;
+        let info = {
+            env.full_sync().await;
+            env.cp.version_info().await.unwrap()
+        };
+        env.create("services", json!({"name": "s9", "host": "nine.example"}))
+            .await;
+        let (deltas, info2) = env.snapshot().await;
+        let opaque = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        };
+        let pages: Vec<Vec<u8>> = vec![
+            page_bytes(&deltas),
+            opaque(STAGE_ROW_BYTES, 1),
+            Vec::new(),
+            opaque(2 * STAGE_ROW_BYTES + 12_345, 2),
+            opaque(1, 3),
+        ];
+        env.dp
+            .stage_begin(
+                "big",
+                ApplyKind::Full {
+                    version: info2.version,
+                    epoch: Some(info2.epoch.clone()),
+                },
+            )
+            .unwrap();
+        // Staged out of order; a page staged again is replaced, rows of the longer one too.
+        for (no, page) in pages.iter().enumerate().rev() {
+            env.dp
+                .stage_page_bytes("big", no as u64, &opaque(3 * STAGE_ROW_BYTES, 9))
+                .unwrap();
+            env.dp.stage_page_bytes("big", no as u64, page).unwrap();
+        }
+        let mut seen = Vec::new();
+        let res = env.dp.stage_commit_with("big", |page_no, bytes, sink| {
+            seen.push(page_no);
+            if page_no == 0 {
+                return decode_page(page_no, bytes, sink);
+            }
+            assert_eq!(bytes, pages[page_no as usize].as_slice(), "page {page_no}");
+            if page_no as usize + 1 == pages.len() {
+                return Err(ApplyError::Invalid {
+                    message: "the last page is bad".into(),
+                    fields: json!({}),
+                    flattened: Vec::new(),
+                });
+            }
+            Ok(())
+        });
+        assert!(matches!(res, Err(ApplyError::Invalid { .. })), "{res:?}");
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
+        env.assert_synced_to(&info);
+        assert_eq!(env.dp.list("services").unwrap().len(), 2);
+        assert!(matches!(
+            env.dp.stage_page_bytes("big", 0, b"[]"),
+            Err(DpStoreError::UnknownTransfer(_))
+        ));
     }
 
     /// The CP's database was replaced: a full sync to a lower version with another epoch.
