@@ -1,10 +1,26 @@
 //! Fuzz target bodies, shared by `fuzz/` (cargo-fuzz) and the test suite, which replays the
 //! checked-in corpus on stable Rust. Each function panics only when an invariant breaks.
+//!
+//! Structured inputs are decoded by hand from the bytes (no `arbitrary`), so the main crate
+//! needs no extra dependency and a corpus file means the same thing to both.
 
-use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::dp::client::{apply_stream, for_each_delta};
+use crate::dp::store::{ApplyError, ApplyKind, DpStore, DpStoreError, DpStoreOptions};
 use crate::schema::{Mode, Registry, form};
 use crate::store::StateHash;
+use crate::sync::Delta;
+use crate::wire::codec::{self, CodecError, Encoding};
+use crate::wire::hello::{HELLO_METHOD, Hello, HelloResult};
+use crate::wire::jsonrpc::{self, Incoming, Message, RpcError};
 
 /// Arbitrary bytes as an Admin API body for some entity type: parsing and validation never
 /// panic, and every rejection is a schema violation with a non-empty, printable error tree.
@@ -119,5 +135,1350 @@ fn reversed_keys(v: &Value) -> String {
             a.iter().map(reversed_keys).collect::<Vec<_>>().join(",")
         ),
         other => other.to_string(),
+    }
+}
+
+// === delta_apply ===
+
+/// Sequences of delta batches applied to the real redb DP store and to a plain in-memory
+/// reference model that decides acceptance by the documented rules ([`ApplyKind`],
+/// [`crate::dp::store::VersionError`], schema validity known per generated body, foreign keys
+/// and unique keys in the final state). After every operation the store equals the model:
+/// entities (with workspaces), version, epoch, entity count, state hash (the model's is summed
+/// with [`StateHash::of_entity`]), the recomputed hash, the unique-key and foreign-key indexes.
+/// A rejected operation leaves all of it untouched, with the error class the model expects;
+/// the version only grows, except through a full sync (documented to allow a lower version).
+///
+/// Input format (missing bytes read as 0), up to [`MAX_OPS`] operations, each `op` byte then:
+///
+/// - `op % 8` in 0..=2: incremental batch through `begin`/`delta`/`commit`: `params`, `count`,
+///   then `count % 9` deltas of 4 bytes (see [`Gen`]); 3: the same as a `get_delta` answer
+///   through the DP client's `apply_stream` (deltas go through their wire form);
+/// - 4: full sync: `params`, `count`, `count % 13` deltas (direct, or wire when `params` bit 7);
+/// - 5: `stage_begin`: `params` (transfer 0 or 1, full or incremental, versions, staged as
+///   deltas with `stage_page` or as page bytes with `stage_page_bytes` when bit 5);
+/// - 6: `stage_page`: `params` (transfer 0..=2, page 0..=3), `count`, `count % 7` deltas;
+/// - 7: `params` even: `stage_commit` of transfer `params / 2 % 3`; odd: close and reopen.
+///
+/// Byte-staged pages hold a page's JSON text, decoded at commit as the DP client does.
+pub fn delta_apply(data: &[u8]) {
+    let mut input = Bytes(data);
+    let dir = TempStore::new();
+    let mut store = Some(open_store(&dir.path));
+    let mut model = Model::default();
+    let mut cursors: BTreeMap<u8, i64> = BTreeMap::new();
+    for _ in 0..MAX_OPS {
+        let Some(op) = input.next() else { break };
+        let dp = store.as_ref().expect("open");
+        let before = model.version;
+        let (outcome, what, full) = match op % 8 {
+            0..=3 => {
+                let wire = op % 8 == 3;
+                let p = input.byte();
+                let expect_from =
+                    (model.version + [0, 0, 0, 0, 0, 0, -1, 1][p as usize & 7]).max(0);
+                let n = input.byte() % 9;
+                let deltas = gen_deltas(&mut input, model.version, n, None);
+                let last = deltas.last().map_or(model.version, |g| g.version);
+                let latest = match (p >> 3) & 3 {
+                    0 | 1 => None,
+                    2 => Some(last),
+                    _ => Some(if p & 0x80 != 0 { last + 1 } else { last - 1 }),
+                };
+                let kind = ApplyKind::Incremental {
+                    expect_from,
+                    latest,
+                };
+                let lens = if wire { Lens::Wire } else { Lens::Direct };
+                let expected = model.run(&kind, &deltas, lens);
+                let got = if wire {
+                    run_wire(dp, &kind, &deltas)
+                } else {
+                    run_direct(dp, &kind, &deltas)
+                };
+                (
+                    compare(expected, got, &mut model),
+                    format!("incremental ({lens:?}) {kind:?} {deltas:?}"),
+                    false,
+                )
+            }
+            4 => {
+                let p = input.byte();
+                let version = (model.version + [1, 2, 0, -1, 5, 1, 1, 1][p as usize & 7]).max(0);
+                let epoch = [None, Some("e1"), Some("e2"), Some("e1")][(p as usize >> 3) & 3]
+                    .map(str::to_owned);
+                let n = input.byte() % 13;
+                let deltas = gen_deltas(&mut input, version, n, Some(version));
+                let kind = ApplyKind::Full { version, epoch };
+                let wire = p & 0x80 != 0;
+                let lens = if wire { Lens::Wire } else { Lens::Direct };
+                let expected = model.run(&kind, &deltas, lens);
+                let got = if wire {
+                    run_wire(dp, &kind, &deltas)
+                } else {
+                    run_direct(dp, &kind, &deltas)
+                };
+                (
+                    compare(expected, got, &mut model),
+                    format!("full sync ({lens:?}) {kind:?} {deltas:?}"),
+                    true,
+                )
+            }
+            5 => {
+                let p = input.byte();
+                let tid = p & 1;
+                let kind = if p & 2 != 0 {
+                    ApplyKind::Full {
+                        version: (model.version + [1, 0, 2, -1][(p as usize >> 2) & 3]).max(0),
+                        epoch: [None, Some("e1")][(p as usize >> 4) & 1].map(str::to_owned),
+                    }
+                } else {
+                    let expect_from = (model.version + [0, 0, 1, -1][(p as usize >> 2) & 3]).max(0);
+                    ApplyKind::Incremental {
+                        expect_from,
+                        latest: [None, Some(expect_from + 1)][(p as usize >> 4) & 1],
+                    }
+                };
+                cursors.insert(
+                    tid,
+                    match kind {
+                        ApplyKind::Full { version, .. } => version,
+                        ApplyKind::Incremental { expect_from, .. } => expect_from,
+                    },
+                );
+                dp.stage_begin(transfer_name(tid), kind.clone())
+                    .unwrap_or_else(|e| panic!("stage_begin {tid}: {e}"));
+                let bytes_mode = p & 0x20 != 0;
+                let what = format!("stage_begin {tid} {kind:?} bytes={bytes_mode}");
+                model.transfers.insert(
+                    tid,
+                    Transfer {
+                        kind,
+                        bytes_mode,
+                        pages: BTreeMap::new(),
+                    },
+                );
+                (Outcome::Unchanged, what, false)
+            }
+            6 => {
+                let p = input.byte();
+                let tid = p % 3;
+                let page = u64::from(p >> 2) % 4;
+                let n = input.byte() % 7;
+                let full = match model.transfers.get(&tid) {
+                    Some(Transfer {
+                        kind: ApplyKind::Full { version, .. },
+                        ..
+                    }) => Some(*version),
+                    _ => None,
+                };
+                let cursor = cursors.get(&tid).copied().unwrap_or(model.version);
+                let deltas = gen_deltas(&mut input, cursor, n, full);
+                if let Some(last) = deltas.last() {
+                    cursors.insert(tid, last.version);
+                }
+                let bytes_mode = model.transfers.get(&tid).is_some_and(|t| t.bytes_mode);
+                let got = if bytes_mode {
+                    dp.stage_page_bytes(transfer_name(tid), page, &page_bytes(&deltas))
+                } else {
+                    dp.stage_page(transfer_name(tid), page, &to_deltas(&deltas))
+                };
+                let what = format!("stage_page {tid} page {page} {deltas:?}");
+                match model.transfers.get_mut(&tid) {
+                    Some(t) => {
+                        got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                        // Staged as deltas, a page of none is not staged (it is missing).
+                        if deltas.is_empty() && !t.bytes_mode {
+                            t.pages.remove(&page);
+                        } else {
+                            t.pages.insert(page, deltas);
+                        }
+                    }
+                    None => assert!(
+                        matches!(got, Err(DpStoreError::UnknownTransfer(_))),
+                        "{what}: expected an unknown transfer, got {got:?}"
+                    ),
+                }
+                (Outcome::Unchanged, what, false)
+            }
+            _ => {
+                let p = input.byte();
+                if p & 1 == 0 {
+                    let tid = p / 2 % 3;
+                    let bytes_mode = model.transfers.get(&tid).is_some_and(|t| t.bytes_mode);
+                    let got = if bytes_mode {
+                        dp.stage_commit_with(transfer_name(tid), decode_page)
+                    } else {
+                        dp.stage_commit(transfer_name(tid))
+                    };
+                    let (expected, full) = match model.transfers.remove(&tid) {
+                        None => (Err(Reject::UnknownTransfer), false),
+                        Some(t) => {
+                            let full = matches!(t.kind, ApplyKind::Full { .. });
+                            (model.run_staged(&t), full)
+                        }
+                    };
+                    let got = got.map(|a| Some((a.version, a.state_hash, a.n_entities)));
+                    (
+                        compare(expected, got, &mut model),
+                        format!("stage_commit {tid}"),
+                        full,
+                    )
+                } else {
+                    drop(store.take());
+                    store = Some(open_store(&dir.path));
+                    // Staging does not survive a reopen.
+                    model.transfers.clear();
+                    (Outcome::Unchanged, "reopen".to_owned(), false)
+                }
+            }
+        };
+        let dp = store.as_ref().expect("open");
+        if let Outcome::Mismatch(msg) = &outcome {
+            panic!("{what}: {msg}");
+        }
+        if !full {
+            assert!(model.version >= before, "{what}: the version went down");
+        }
+        check_store(dp, &model, &what);
+    }
+}
+
+/// At most this many operations per input.
+const MAX_OPS: usize = 24;
+
+fn transfer_name(tid: u8) -> &'static str {
+    ["t0", "t1", "t2"][tid as usize % 3]
+}
+
+/// Reads input bytes; past the end every byte is 0.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn next(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+    fn byte(&mut self) -> u8 {
+        self.next().unwrap_or(0)
+    }
+}
+
+/// A temporary store file, removed on drop.
+struct TempStore {
+    path: PathBuf,
+}
+
+impl TempStore {
+    fn new() -> TempStore {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = base.join(format!(
+            "deltaplane-fuzz-{}-{}.redb",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        TempStore { path }
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn open_store(path: &std::path::Path) -> DpStore {
+    DpStore::open(
+        path,
+        Arc::clone(Registry::builtin()),
+        DpStoreOptions {
+            cache_size: 1 << 20,
+            durable: false,
+        },
+    )
+    .expect("open the DP store")
+}
+
+// --- the universe ---
+
+/// The entity types of the universe, parents before children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ty {
+    Service,
+    Route,
+    Consumer,
+    KeyAuth,
+    Plugin,
+}
+
+const TYPES: [Ty; 5] = [
+    Ty::Service,
+    Ty::Route,
+    Ty::Consumer,
+    Ty::KeyAuth,
+    Ty::Plugin,
+];
+
+/// The two workspaces; the second is rare.
+const WS: [&str; 2] = [
+    "0a0a0a0a-0000-4000-8000-00000000ffff",
+    "0b0b0b0b-0000-4000-8000-00000000ffff",
+];
+
+const SERVICE_NAMES: [Option<&str>; 4] = [Some("s-a"), Some("s-b"), Some("s-c"), None];
+const ROUTE_NAMES: [Option<&str>; 4] = [Some("r-a"), Some("r-b"), Some("r-c"), None];
+const USERNAMES: [Option<&str>; 4] = [Some("alice"), Some("bob"), Some("carol"), None];
+const KEYS: [&str; 4] = ["k1", "k2", "k3", "k1"];
+const INSTANCE_NAMES: [Option<&str>; 4] = [None, Some("pi-a"), Some("pi-b"), None];
+const PLUGIN_NAMES: [&str; 2] = ["key-auth", "cors"];
+
+impl Ty {
+    fn name(self) -> &'static str {
+        match self {
+            Ty::Service => "services",
+            Ty::Route => "routes",
+            Ty::Consumer => "consumers",
+            Ty::KeyAuth => "keyauth_credentials",
+            Ty::Plugin => "plugins",
+        }
+    }
+
+    fn n_ids(self) -> usize {
+        match self {
+            Ty::Service => 4,
+            Ty::Route => 6,
+            Ty::Consumer | Ty::KeyAuth | Ty::Plugin => 3,
+        }
+    }
+
+    fn id(self, idx: usize) -> String {
+        format!(
+            "{:08x}-0000-4000-8000-{:012x}",
+            self as usize + 1,
+            idx % self.n_ids()
+        )
+    }
+
+    fn ids(self) -> impl Iterator<Item = String> {
+        (0..self.n_ids()).map(move |i| self.id(i))
+    }
+
+    /// Foreign keys: `(field, parent type)`.
+    fn foreign(self) -> &'static [(&'static str, Ty)] {
+        match self {
+            Ty::Service | Ty::Consumer => &[],
+            Ty::Route => &[("service", Ty::Service)],
+            Ty::KeyAuth => &[("consumer", Ty::Consumer)],
+            Ty::Plugin => &[
+                ("service", Ty::Service),
+                ("route", Ty::Route),
+                ("consumer", Ty::Consumer),
+            ],
+        }
+    }
+
+    /// Unique fields and the cache key (`@cache_key`, a JSON array of values, foreign keys as
+    /// their ids), as the schemas declare them.
+    fn unique_keys(self, e: &Value) -> Vec<(&'static str, Value)> {
+        let mut keys = Vec::new();
+        let fields: &[&str] = match self {
+            Ty::Service | Ty::Route => &["name"],
+            Ty::Consumer => &["username", "custom_id"],
+            Ty::KeyAuth => &["key"],
+            Ty::Plugin => &["instance_name"],
+        };
+        for f in fields {
+            if let Some(v) = e.get(f).filter(|v| !v.is_null()) {
+                keys.push((*f, v.clone()));
+            }
+        }
+        let fk = |f: &str| e.get(f).and_then(|v| v.get("id")).cloned();
+        match self {
+            Ty::KeyAuth => keys.push(("@cache_key", json!([e["key"]]))),
+            Ty::Plugin => keys.push((
+                "@cache_key",
+                json!([e["name"], fk("route"), fk("service"), fk("consumer")]),
+            )),
+            _ => {}
+        }
+        keys
+    }
+
+    /// Every unique value the generator can produce, to look up absent keys too.
+    fn all_unique_values(self) -> Vec<(&'static str, Value)> {
+        let mut out = Vec::new();
+        match self {
+            Ty::Service => out.extend(SERVICE_NAMES.iter().flatten().map(|n| ("name", json!(n)))),
+            Ty::Route => out.extend(ROUTE_NAMES.iter().flatten().map(|n| ("name", json!(n)))),
+            Ty::Consumer => {
+                out.extend(USERNAMES.iter().flatten().map(|n| ("username", json!(n))));
+                out.extend((0..4).map(|rev| ("custom_id", json!(format!("cid-{rev}")))));
+            }
+            Ty::KeyAuth => {
+                for k in &KEYS[..3] {
+                    out.push(("key", json!(k)));
+                    out.push(("@cache_key", json!([k])));
+                }
+            }
+            Ty::Plugin => {
+                out.extend(
+                    INSTANCE_NAMES
+                        .iter()
+                        .flatten()
+                        .map(|n| ("instance_name", json!(n))),
+                );
+                for name in PLUGIN_NAMES {
+                    for s in Ty::Service.ids() {
+                        out.push(("@cache_key", json!([name, null, s, null])));
+                    }
+                    for r in Ty::Route.ids() {
+                        out.push(("@cache_key", json!([name, r, null, null])));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A valid stored-form body (what the CP's store writes, see the unit test) of entity `id_idx`
+/// of `ty`. `name` picks the unique names, `rev` varies the rest, `parent` the foreign keys.
+fn valid_body(ty: Ty, id_idx: usize, name: usize, rev: usize, parent: usize) -> Value {
+    let id = ty.id(id_idx);
+    let opt = |v: Option<&str>| v.map_or(Value::Null, |s| json!(s));
+    match ty {
+        Ty::Service => json!({
+            "ca_certificates": null, "client_certificate": null, "connect_timeout": 60000,
+            "created_at": 1_700_000_000, "enabled": true, "host": "svc.example", "id": id,
+            "name": opt(SERVICE_NAMES[name % 4]), "path": null, "port": 80 + rev % 4,
+            "protocol": "http", "read_timeout": 60000, "retries": 5, "tags": null,
+            "tls_verify": null, "tls_verify_depth": null, "updated_at": 1_700_000_000,
+            "write_timeout": 60000
+        }),
+        Ty::Route => json!({
+            "created_at": 1_700_000_000, "destinations": null, "headers": null, "hosts": null,
+            "https_redirect_status_code": 426, "id": id, "methods": null,
+            "name": opt(ROUTE_NAMES[name % 4]), "path_handling": "v0",
+            "paths": [format!("/p{}", rev % 4)], "preserve_host": false,
+            "protocols": ["http", "https"], "regex_priority": 0, "request_buffering": true,
+            "response_buffering": true, "service": {"id": Ty::Service.id(parent)},
+            "snis": null, "sources": null, "strip_path": true, "tags": null,
+            "updated_at": 1_700_000_000
+        }),
+        Ty::Consumer => {
+            let username = USERNAMES[name % 4];
+            let custom_id = username.is_none().then(|| format!("cid-{}", rev % 4));
+            json!({
+                "created_at": 1_700_000_000, "custom_id": custom_id, "id": id, "tags": null,
+                "updated_at": 1_700_000_000, "username": opt(username)
+            })
+        }
+        Ty::KeyAuth => json!({
+            "consumer": {"id": Ty::Consumer.id(parent)}, "created_at": 1_700_000_000, "id": id,
+            "key": KEYS[name % 4],
+            "tags": if rev.is_multiple_of(4) { Value::Null } else { json!([format!("t{}", rev % 4)]) }
+        }),
+        Ty::Plugin => {
+            let (route, service) = if parent & 0x40 != 0 {
+                (json!({"id": Ty::Route.id(parent)}), Value::Null)
+            } else {
+                (Value::Null, json!({"id": Ty::Service.id(parent)}))
+            };
+            let plugin = PLUGIN_NAMES[rev % 2];
+            let config = if plugin == "key-auth" {
+                json!({
+                    "anonymous": null, "hide_credentials": false, "key_in_body": false,
+                    "key_in_header": true, "key_in_query": true, "key_names": ["apikey"],
+                    "realm": null, "run_on_preflight": true
+                })
+            } else {
+                json!({
+                    "allow_origin_absent": true, "credentials": false, "exposed_headers": null,
+                    "headers": null, "max_age": null,
+                    "methods": ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS",
+                                "TRACE", "CONNECT"],
+                    "origins": null, "preflight_continue": false, "private_network": false
+                })
+            };
+            json!({
+                "config": config, "consumer": null, "created_at": 1_700_000_000,
+                "enabled": true, "id": id, "instance_name": opt(INSTANCE_NAMES[name % 4]),
+                "name": plugin, "ordering": null, "protocols": ["grpc", "grpcs", "http", "https"],
+                "route": route, "service": service, "tags": null, "updated_at": 1_700_000_000
+            })
+        }
+    }
+}
+
+/// A body its schema rejects: the valid body with one field broken.
+fn schema_invalid_body(ty: Ty, id_idx: usize, name: usize, rev: usize, parent: usize) -> Value {
+    let mut e = valid_body(ty, id_idx, name, rev, parent);
+    match ty {
+        Ty::Service => e["port"] = json!("eighty"),
+        Ty::Route => e["protocols"] = json!([]),
+        Ty::Consumer => {
+            e["username"] = Value::Null;
+            e["custom_id"] = Value::Null;
+        }
+        Ty::KeyAuth => e["consumer"] = Value::Null,
+        Ty::Plugin => e["config"]["no_such_field"] = json!(1),
+    }
+    e
+}
+
+/// How a generated delta is broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The body fails its schema.
+    Schema,
+    /// The delta's id is another entity's; the body is valid for its own id.
+    IdMismatch,
+    EmptyWs,
+    UnknownType,
+    /// The entity is a JSON array.
+    NotObject,
+    /// The id (delta and body) is not a UUID.
+    BadId,
+}
+
+/// One generated delta, 4 input bytes: `a` type (`a % 5`) and action (`a >> 3 & 3`: 0, 1
+/// upsert, 2 delete, 3 a fault `a >> 5 % 6`); `b` id (`b % n`), name (`b >> 3 & 3`), rev
+/// (`b >> 6`); `c` foreign keys (`c`), workspace (the second when `c >= 0xe0`); `d` the version
+/// step (`d & 7`: mostly +1 for the first delta, +0/+1 after, sometimes a gap or a step back;
+/// a full sync's deltas carry its version unless `d & 7 == 7`).
+#[derive(Clone)]
+struct Gen {
+    ty: Ty,
+    /// The delta's id.
+    id: String,
+    ws: String,
+    version: i64,
+    entity: Option<Value>,
+    fault: Fault,
+}
+
+impl std::fmt::Debug for Gen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.entity {
+            None => "delete".to_owned(),
+            Some(e) => format!(
+                "upsert name={} {}",
+                e.get("name")
+                    .or_else(|| e.get("username"))
+                    .or_else(|| e.get("key"))
+                    .unwrap_or(&Value::Null),
+                e.get("instance_name").unwrap_or(&Value::Null)
+            ),
+        };
+        write!(
+            f,
+            "{{v{} {} {} ws{} {what} {:?}}}",
+            self.version,
+            self.ty.name(),
+            self.id,
+            if self.ws == WS[0] { 0 } else { 1 },
+            self.fault
+        )
+    }
+}
+
+fn gen_deltas(input: &mut Bytes<'_>, start: i64, n: u8, full: Option<i64>) -> Vec<Gen> {
+    let mut out: Vec<Gen> = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (a, b, c, d) = (input.byte(), input.byte(), input.byte(), input.byte());
+        let ty = TYPES[a as usize % 5];
+        let (id_idx, name, rev, parent) = (
+            b as usize % ty.n_ids(),
+            (b as usize >> 3) & 3,
+            b as usize >> 6,
+            c as usize,
+        );
+        let step = (d & 7) as usize;
+        let version = match (full, out.last()) {
+            (Some(v), _) => v + i64::from(step == 7),
+            (None, None) => start + [1, 1, 1, 1, 1, 1, 2, 0][step],
+            (None, Some(prev)) => prev.version + [0, 0, 0, 1, 1, 1, 2, -1][step],
+        }
+        .max(0);
+        let mut g = Gen {
+            ty,
+            id: ty.id(id_idx),
+            ws: WS[usize::from(c >= 0xe0)].to_owned(),
+            version,
+            entity: Some(valid_body(ty, id_idx, name, rev, parent)),
+            fault: Fault::None,
+        };
+        match (a >> 3) & 3 {
+            0 | 1 => {}
+            2 => g.entity = None,
+            _ => {
+                g.fault = [
+                    Fault::Schema,
+                    Fault::IdMismatch,
+                    Fault::EmptyWs,
+                    Fault::UnknownType,
+                    Fault::NotObject,
+                    Fault::BadId,
+                ][(a as usize >> 5) % 6];
+                match g.fault {
+                    Fault::Schema => {
+                        g.entity = Some(schema_invalid_body(ty, id_idx, name, rev, parent));
+                    }
+                    Fault::IdMismatch => g.id = ty.id(id_idx + 1),
+                    Fault::EmptyWs => g.ws.clear(),
+                    Fault::NotObject => g.entity = Some(json!(["not", "an", "object"])),
+                    Fault::BadId => {
+                        g.id = format!("not-a-uuid-{id_idx}");
+                        if let Some(e) = &mut g.entity {
+                            e["id"] = json!(g.id);
+                        }
+                    }
+                    Fault::None | Fault::UnknownType => {}
+                }
+            }
+        }
+        out.push(g);
+    }
+    out
+}
+
+fn to_delta(g: &Gen) -> Delta {
+    Delta {
+        entity_type: if g.fault == Fault::UnknownType {
+            "gizmos".to_owned()
+        } else {
+            g.ty.name().to_owned()
+        },
+        id: g.id.clone(),
+        ws_id: g.ws.clone(),
+        version: g.version,
+        entity: g.entity.clone(),
+    }
+}
+
+fn to_deltas(gs: &[Gen]) -> Vec<Delta> {
+    gs.iter().map(to_delta).collect()
+}
+
+/// A staged page as the DP client stages it: the page's JSON text with a `deltas` array.
+fn page_bytes(gs: &[Gen]) -> Vec<u8> {
+    let wire: Vec<Value> = to_deltas(gs).iter().map(Delta::to_wire).collect();
+    json!({"deltas": wire}).to_string().into_bytes()
+}
+
+/// The page decoder `stage_commit` calls back, as the DP client's: wire deltas to the sink,
+/// an unreadable delta rejects the transfer as invalid.
+fn decode_page(
+    page_no: u64,
+    bytes: &[u8],
+    sink: &mut crate::dp::store::DeltaSink<'_>,
+) -> Result<(), ApplyError> {
+    let invalid = |message: String| ApplyError::Invalid {
+        message,
+        fields: Value::Object(Default::default()),
+        flattened: Vec::new(),
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("page {page_no}: {e}")))?;
+    let mut failure = None;
+    let parsed = for_each_delta(text, |v| {
+        Delta::from_wire(v)
+            .map_err(|e| invalid(format!("sync deltas is invalid: {e}")))
+            .and_then(&mut *sink)
+            .map_err(|e| {
+                failure = Some(e);
+                String::new()
+            })
+    });
+    match failure {
+        Some(f) => Err(f),
+        None => parsed.map_err(invalid),
+    }
+}
+
+// --- running on the store ---
+
+/// A committed apply's (version, state hash, entity count), or why it was refused.
+type Got = Result<Option<(i64, StateHash, u64)>, ApplyError>;
+
+fn run_direct(dp: &DpStore, kind: &ApplyKind, deltas: &[Gen]) -> Got {
+    let mut apply = dp.begin(kind.clone())?;
+    for g in deltas {
+        apply.delta(to_delta(g))?;
+    }
+    let a = apply.commit()?;
+    Ok(Some((a.version, a.state_hash, a.n_entities)))
+}
+
+/// As the DP client applies a `get_delta` answer: the deltas' wire form, streamed.
+fn run_wire(dp: &DpStore, kind: &ApplyKind, deltas: &[Gen]) -> Got {
+    let wire: Vec<Value> = to_deltas(deltas).iter().map(Delta::to_wire).collect();
+    let answer = json!({"default": {"deltas": wire}}).to_string();
+    match apply_stream(dp, &answer, |_| Some(kind.clone()))? {
+        None => Ok(None),
+        Some(version) => {
+            let s = dp.state();
+            assert_eq!(
+                s.version, version,
+                "apply_stream reports the stored version"
+            );
+            Ok(Some((s.version, s.state_hash, s.n_entities)))
+        }
+    }
+}
+
+// --- the reference model ---
+
+/// Why the model refuses an operation (the store's error must be of the same class).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reject {
+    /// `ApplyError::Version`: conflict, gap, full-sync mismatch, not the latest.
+    Version,
+    /// `ApplyError::Invalid`: a bad delta, a dangling foreign key, a duplicate unique key.
+    Invalid,
+    /// `ApplyError::Staging`: a missing page, an unreadable staged delta.
+    Staging,
+    UnknownTransfer,
+}
+
+/// How the deltas reach the store: as built, through their wire form (`apply_stream`, or
+/// byte-staged pages), or staged as deltas (wire form, stored and read back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lens {
+    Direct,
+    Wire,
+    /// `stage_page` / `stage_commit`.
+    Staged,
+    /// `stage_page_bytes` / `stage_commit_with` and the client's page decoder.
+    StagedBytes,
+}
+
+/// The model's verdict: the new state, or unchanged (an empty incremental), or a refusal.
+#[derive(Debug)]
+enum Verdict {
+    Commit(Model),
+    NoChange,
+}
+
+type Entities = BTreeMap<(Ty, String), (String, Value)>;
+
+#[derive(Debug, Clone, Default)]
+struct Model {
+    entities: Entities,
+    version: i64,
+    epoch: Option<String>,
+    transfers: BTreeMap<u8, Transfer>,
+}
+
+/// A transfer in progress.
+#[derive(Debug, Clone)]
+struct Transfer {
+    kind: ApplyKind,
+    /// Staged with `stage_page_bytes` (committed with `stage_commit_with`), else as deltas.
+    bytes_mode: bool,
+    pages: BTreeMap<u64, Vec<Gen>>,
+}
+
+impl Model {
+    fn hash(&self) -> StateHash {
+        let mut h = StateHash::ZERO;
+        for ((ty, id), (ws, e)) in &self.entities {
+            h.add(&StateHash::of_entity(ty.name(), ws, id, e));
+        }
+        h
+    }
+
+    /// The documented contract of one apply, evaluated in stream order.
+    fn run(&self, kind: &ApplyKind, deltas: &[Gen], lens: Lens) -> Result<Verdict, Reject> {
+        let begin = || match kind {
+            ApplyKind::Incremental { expect_from, .. } if *expect_from != self.version => {
+                Err(Reject::Version)
+            }
+            _ => Ok(()),
+        };
+        let incremental = matches!(kind, ApplyKind::Incremental { .. });
+        match lens {
+            // `apply_stream` begins at the first delta; with none, an incremental is a no-op.
+            Lens::Wire if deltas.is_empty() && incremental => return Ok(Verdict::NoChange),
+            Lens::Wire => {}
+            Lens::Direct | Lens::Staged | Lens::StagedBytes => begin()?,
+        }
+        let mut next = self.clone();
+        if !incremental {
+            next.entities.clear();
+        }
+        let mut last: Option<i64> = None;
+        let mut invalid = false;
+        for (i, g) in deltas.iter().enumerate() {
+            // What the store receives after the lens.
+            let (id, fault) = match (lens, g.fault) {
+                (Lens::Wire | Lens::StagedBytes, Fault::NotObject) => {
+                    return Err(Reject::Invalid);
+                }
+                (Lens::Staged, Fault::NotObject) => return Err(Reject::Staging),
+                // Read back from the wire form, the key comes from the entity.
+                (Lens::Wire | Lens::Staged | Lens::StagedBytes, Fault::IdMismatch) => {
+                    let e = g.entity.as_ref().expect("an upsert");
+                    (e["id"].as_str().expect("an id").to_owned(), Fault::None)
+                }
+                (_, f) => (g.id.clone(), f),
+            };
+            if lens == Lens::Wire && i == 0 {
+                begin()?;
+            }
+            let ok = match (kind, last) {
+                (ApplyKind::Full { version, .. }, _) => g.version == *version,
+                (ApplyKind::Incremental { .. }, None) => g.version == self.version + 1,
+                (ApplyKind::Incremental { .. }, Some(l)) => g.version == l || g.version == l + 1,
+            };
+            if !ok {
+                return Err(Reject::Version);
+            }
+            last = Some(g.version);
+            if fault != Fault::None {
+                invalid = true;
+            }
+            if invalid {
+                continue;
+            }
+            let key = (g.ty, id);
+            match &g.entity {
+                Some(e) => {
+                    next.entities.insert(key, (g.ws.clone(), e.clone()));
+                }
+                // A delete in another workspace finds nothing.
+                None => {
+                    if next.entities.get(&key).is_some_and(|(ws, _)| *ws == g.ws) {
+                        next.entities.remove(&key);
+                    }
+                }
+            }
+        }
+        let version = match kind {
+            ApplyKind::Full { version, .. } => *version,
+            ApplyKind::Incremental { .. } => last.unwrap_or(self.version),
+        };
+        if let ApplyKind::Incremental {
+            latest: Some(latest),
+            ..
+        } = kind
+            && *latest != version
+        {
+            return Err(Reject::Version);
+        }
+        if invalid || !consistent(&next.entities) {
+            return Err(Reject::Invalid);
+        }
+        if incremental && deltas.is_empty() {
+            return Ok(Verdict::NoChange);
+        }
+        next.version = version;
+        if let ApplyKind::Full { epoch, .. } = kind {
+            next.epoch = epoch.clone();
+        }
+        Ok(Verdict::Commit(next))
+    }
+
+    /// A staged transfer: pages must be 0, 1, 2, …; the deltas are read in page order, a
+    /// missing page noticed when the page after it is reached.
+    fn run_staged(&self, t: &Transfer) -> Result<Verdict, Reject> {
+        let kind = &t.kind;
+        let lens = if t.bytes_mode {
+            Lens::StagedBytes
+        } else {
+            Lens::Staged
+        };
+        let mut deltas = Vec::new();
+        let mut gap = false;
+        for (expected, (&page, ds)) in t.pages.iter().enumerate() {
+            if page != expected as u64 {
+                gap = true;
+                break;
+            }
+            deltas.extend(ds.iter().cloned());
+        }
+        let verdict = self.run(kind, &deltas, lens);
+        match verdict {
+            // An error in the pages before the gap is reported first.
+            Err(e) if gap && would_stream_fail_before_end(self, kind, &deltas) => Err(e),
+            _ if gap => Err(Reject::Staging),
+            v => v,
+        }
+    }
+}
+
+/// Whether a stream of `deltas` fails before its last delta is consumed (version errors and
+/// unreadable staged deltas stop the stream; validation errors do not).
+fn would_stream_fail_before_end(model: &Model, kind: &ApplyKind, deltas: &[Gen]) -> bool {
+    if let ApplyKind::Incremental { expect_from, .. } = kind
+        && *expect_from != model.version
+    {
+        return true;
+    }
+    let mut last: Option<i64> = None;
+    for g in deltas {
+        if g.fault == Fault::NotObject {
+            return true;
+        }
+        let ok = match (kind, last) {
+            (ApplyKind::Full { version, .. }, _) => g.version == *version,
+            (ApplyKind::Incremental { .. }, None) => g.version == model.version + 1,
+            (ApplyKind::Incremental { .. }, Some(l)) => g.version == l || g.version == l + 1,
+        };
+        if !ok {
+            return true;
+        }
+        last = Some(g.version);
+    }
+    false
+}
+
+/// Foreign keys resolve (to an entity of the parent type, in any workspace: foreign keys carry
+/// only the id) and unique keys are unique per workspace.
+fn consistent(entities: &Entities) -> bool {
+    let mut seen = BTreeSet::new();
+    for ((ty, _), (ws, e)) in entities {
+        for (field, parent) in ty.foreign() {
+            if let Some(pid) = e
+                .get(field)
+                .and_then(|v| v.get("id"))
+                .and_then(Value::as_str)
+                && !entities.contains_key(&(*parent, pid.to_owned()))
+            {
+                return false;
+            }
+        }
+        for (field, value) in ty.unique_keys(e) {
+            if !seen.insert((*ty, ws.clone(), field, value.to_string())) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+enum Outcome {
+    Unchanged,
+    Changed,
+    Mismatch(String),
+}
+
+/// Compares the store's answer to the model's verdict; on agreement the model moves on.
+fn compare(expected: Result<Verdict, Reject>, got: Got, model: &mut Model) -> Outcome {
+    match (expected, got) {
+        (Ok(Verdict::NoChange), Ok(None)) => Outcome::Unchanged,
+        (Ok(Verdict::NoChange), Ok(Some((v, h, n)))) => {
+            if (v, h, n) == (model.version, model.hash(), model.entities.len() as u64) {
+                Outcome::Unchanged
+            } else {
+                Outcome::Mismatch(format!("expected no change, the store reports {v} {h} {n}"))
+            }
+        }
+        (Ok(Verdict::Commit(next)), Ok(Some((v, h, n)))) => {
+            let want = (next.version, next.hash(), next.entities.len() as u64);
+            if (v, h, n) != want {
+                return Outcome::Mismatch(format!(
+                    "committed {v} {h} {n} entities, the model has {want:?}"
+                ));
+            }
+            let transfers = std::mem::take(&mut model.transfers);
+            *model = next;
+            model.transfers = transfers;
+            Outcome::Changed
+        }
+        (Ok(Verdict::Commit(next)), Ok(None)) => Outcome::Mismatch(format!(
+            "the store applied nothing, the model commits version {}",
+            next.version
+        )),
+        (Ok(_), Err(e)) => {
+            Outcome::Mismatch(format!("the model accepts, the store refuses: {e:?}"))
+        }
+        (Err(r), Ok(x)) => Outcome::Mismatch(format!(
+            "the model refuses ({r:?}), the store accepts: {x:?}"
+        )),
+        (Err(r), Err(e)) => {
+            let class = match &e {
+                ApplyError::Version(_) => Some(Reject::Version),
+                ApplyError::Invalid { .. } => Some(Reject::Invalid),
+                ApplyError::Staging { .. } => Some(Reject::Staging),
+                ApplyError::Storage(DpStoreError::UnknownTransfer(_)) => {
+                    Some(Reject::UnknownTransfer)
+                }
+                _ => None,
+            };
+            if class == Some(r) {
+                Outcome::Unchanged
+            } else {
+                Outcome::Mismatch(format!(
+                    "the model refuses with {r:?}, the store with {e:?}"
+                ))
+            }
+        }
+    }
+}
+
+/// The store equals the model: state, recomputed hash, entities, unique keys, foreign keys.
+fn check_store(dp: &DpStore, model: &Model, what: &str) {
+    let state = dp.state();
+    assert_eq!(state.version, model.version, "{what}: version");
+    assert_eq!(state.epoch, model.epoch, "{what}: epoch");
+    assert_eq!(
+        state.n_entities,
+        model.entities.len() as u64,
+        "{what}: entity count"
+    );
+    assert_eq!(state.state_hash, model.hash(), "{what}: state hash");
+    assert_eq!(
+        dp.compute_state_hash().expect("recompute"),
+        state.state_hash,
+        "{what}: recomputed state hash"
+    );
+    for ty in TYPES {
+        let mut stored = Vec::new();
+        dp.for_each(ty.name(), &mut |ws, id, e| {
+            stored.push((id.to_owned(), ws.to_owned(), e));
+            true
+        })
+        .expect("for_each");
+        let want: Vec<(String, String, Value)> = model
+            .entities
+            .range((ty, String::new())..)
+            .take_while(|((t, _), _)| *t == ty)
+            .map(|((_, id), (ws, e))| (id.clone(), ws.clone(), e.clone()))
+            .collect();
+        assert_eq!(stored, want, "{what}: {} entities", ty.name());
+        // Unique keys: every value the generator can produce, held or not.
+        for ws in WS {
+            for (field, value) in ty.all_unique_values() {
+                let holder = model
+                    .entities
+                    .iter()
+                    .find(|((t, _), (w, e))| {
+                        *t == ty
+                            && w == ws
+                            && ty
+                                .unique_keys(e)
+                                .iter()
+                                .any(|(f, v)| *f == field && *v == value)
+                    })
+                    .map(|((_, id), _)| id.clone());
+                let found = dp
+                    .find_by_key(ty.name(), ws, field, &value)
+                    .unwrap_or_else(|e| {
+                        panic!("{what}: find_by_key {} {field}={value}: {e}", ty.name())
+                    })
+                    .map(|e| e["id"].as_str().unwrap_or_default().to_owned());
+                assert_eq!(
+                    found,
+                    holder,
+                    "{what}: {} {field}={value} in ws {ws}",
+                    ty.name()
+                );
+            }
+        }
+        // Foreign keys: children of every possible parent.
+        for (field, parent) in ty.foreign() {
+            for pid in parent.ids() {
+                let mut found: Vec<String> = dp
+                    .children(ty.name(), field, &pid)
+                    .expect("children")
+                    .iter()
+                    .map(|e| e["id"].as_str().unwrap_or_default().to_owned())
+                    .collect();
+                found.sort();
+                let want: Vec<String> = model
+                    .entities
+                    .iter()
+                    .filter(|((t, _), (_, e))| {
+                        *t == ty && e.get(field).and_then(|v| v.get("id")) == Some(&json!(pid))
+                    })
+                    .map(|((_, id), _)| id.clone())
+                    .collect();
+                assert_eq!(
+                    found,
+                    want,
+                    "{what}: {}.{field} children of {pid}",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+// === wire_frame ===
+
+/// Arbitrary bytes through each frame decoder and the JSON-RPC parser, as the peer runs them:
+/// nothing panics, a decoded frame never exceeds the decompressed-size cap (bombs are refused
+/// by `TooLarge` before allocating), decoding inverts encoding, every error we would send back
+/// parses as the error it is, responses keep their ids, hello messages and `get_delta` answers
+/// read back as they were written.
+///
+/// Byte 0: `% 4` picks plain JSON (the hello and JSON-RPC), snappy, zstd, or all three;
+/// `>> 2 % 3` picks the cap (64 B, 4 KiB, 1 MiB).
+pub fn wire_frame(data: &[u8]) {
+    let Some((&selector, frame)) = data.split_first() else {
+        return;
+    };
+    let cap = [64, 4 << 10, 1 << 20][(selector >> 2) as usize % 3];
+    match selector % 4 {
+        0 => plain(frame),
+        1 => decoded(Encoding::SnappyFramed, frame, cap),
+        2 => decoded(Encoding::Zstd, frame, cap),
+        _ => {
+            plain(frame);
+            decoded(Encoding::SnappyFramed, frame, cap);
+            decoded(Encoding::Zstd, frame, cap);
+        }
+    }
+}
+
+fn plain(frame: &[u8]) {
+    hello(frame);
+    rpc(frame);
+}
+
+fn decoded(encoding: Encoding, frame: &[u8], cap: usize) {
+    match codec::decode(encoding, frame, cap) {
+        Ok(json) => {
+            assert!(
+                json.len() <= cap,
+                "{encoding}: {} bytes over the cap {cap}",
+                json.len()
+            );
+            let again = codec::decode(encoding, &codec::encode(encoding, &json), cap)
+                .unwrap_or_else(|e| panic!("{encoding}: our own frame of {json:?}: {e}"));
+            assert_eq!(again, json, "{encoding}: decode(encode(x)) == x");
+            plain(&json);
+        }
+        Err(CodecError::TooLarge { size, limit }) => {
+            assert_eq!(limit, cap, "{encoding}: the limit is the cap");
+            assert!(
+                size > cap as u64,
+                "{encoding}: TooLarge of {size} under the cap {cap}"
+            );
+        }
+        Err(CodecError::Corrupt { encoding: name, .. }) => assert_eq!(name, encoding.name()),
+        Err(e) => panic!("{encoding}: decoding fails with {e}"),
+    }
+}
+
+/// The hello as the CP reads it (`hello::parse_hello`, private: the same steps here) and the
+/// DP reads the answer.
+fn hello(frame: &[u8]) {
+    let Ok(Incoming::Single(message)) = jsonrpc::parse(frame, 1) else {
+        return;
+    };
+    match message {
+        Message::Request(request) if request.method == HELLO_METHOD && request.id.is_some() => {
+            let Some(info) = request.params.as_array().and_then(|p| p.first()) else {
+                return;
+            };
+            if let Ok(h) = Hello::deserialize(info) {
+                let _ = codec::choose(&h.rpc_frame_encodings);
+                let text = serde_json::to_vec(&h).expect("a Hello serialises");
+                let back: Hello = serde_json::from_slice(&text).expect("a Hello reads back");
+                assert_eq!(back, h, "hello round trip");
+            }
+        }
+        Message::Response(response) => {
+            if let Ok(raw) = &response.result
+                && let Ok(r) = serde_json::from_str::<HelloResult>(raw.get())
+            {
+                let _ = r.encoding();
+                let text = serde_json::to_vec(&r).expect("a HelloResult serialises");
+                let back: HelloResult =
+                    serde_json::from_slice(&text).expect("a HelloResult reads back");
+                assert_eq!(back, r, "hello result round trip");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One decoded frame as the peer dispatches it.
+fn rpc(frame: &[u8]) {
+    match jsonrpc::parse(frame, jsonrpc::DEFAULT_MAX_BATCH) {
+        Err(e) => {
+            assert!(
+                [RpcError::PARSE_ERROR, RpcError::INVALID_REQUEST].contains(&e.code),
+                "frame-level error {e:?}"
+            );
+            assert_reply_reads_back(None, &e);
+        }
+        Ok(Incoming::Single(m)) => message(m),
+        Ok(Incoming::Batch(ms)) => {
+            assert!(!ms.is_empty() && ms.len() <= jsonrpc::DEFAULT_MAX_BATCH);
+            ms.into_iter().for_each(message);
+        }
+    }
+}
+
+fn message(m: Message) {
+    match m {
+        Message::Request(request) => {
+            let _ = jsonrpc::capability(&request.method);
+            if let Some(id) = request.id.filter(|id| !id.is_null()) {
+                let reply = jsonrpc::result(&id, &Value::Null);
+                match jsonrpc::parse(&reply, 1) {
+                    Ok(Incoming::Single(Message::Response(r))) => {
+                        assert_eq!(r.id, id, "a reply keeps the request's id");
+                        assert!(r.result.as_ref().is_ok_and(|raw| jsonrpc::is_falsy(raw)));
+                    }
+                    other => panic!("our reply to {id} reads as {other:?}"),
+                }
+            }
+        }
+        Message::Response(response) => match &response.result {
+            Ok(raw) => {
+                response
+                    .to_value()
+                    .unwrap_or_else(|e| panic!("a parsed result is JSON: {e:?}"));
+                get_delta_answer(raw);
+            }
+            Err(e) => assert_reply_reads_back(Some(&response.id), e),
+        },
+        Message::ErrorReport(_) => {}
+        Message::Invalid { id, error } => {
+            assert_eq!(error.code, RpcError::INVALID_REQUEST);
+            assert_reply_reads_back(id.as_ref(), &error);
+        }
+    }
+}
+
+/// `jsonrpc::error(id, e)` parses back as `e`: addressed to `id` when it is a usable id,
+/// else as an id-less error report.
+fn assert_reply_reads_back(id: Option<&Value>, e: &RpcError) {
+    let reply = jsonrpc::error(id, e);
+    let back = match jsonrpc::parse(&reply, 1) {
+        Ok(Incoming::Single(Message::Response(r))) => {
+            assert_eq!(Some(&r.id), id, "the error reply keeps its id");
+            r.result.expect_err("an error reply")
+        }
+        Ok(Incoming::Single(Message::ErrorReport(back))) => {
+            assert!(id.is_none_or(Value::is_null), "error report for id {id:?}");
+            back
+        }
+        other => panic!("our error reply {e:?} reads as {other:?}"),
+    };
+    assert_eq!((back.code, &back.message), (e.code, &e.message));
+}
+
+/// A `get_delta` answer as the DP reads it: each delta that reads, reads back the same from
+/// its wire form.
+fn get_delta_answer(raw: &RawValue) {
+    #[derive(Deserialize)]
+    struct Outer<'a> {
+        #[serde(borrow)]
+        default: Option<&'a RawValue>,
+    }
+    let Ok(Outer { default: Some(ns) }) = serde_json::from_str::<Outer<'_>>(raw.get()) else {
+        return;
+    };
+    let _ = for_each_delta(ns.get(), |v| {
+        if let Ok(d) = Delta::from_wire(v)
+            && d.version > 0
+        {
+            assert_eq!(
+                Delta::from_wire(d.to_wire()).as_ref(),
+                Ok(&d),
+                "delta wire round trip"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The universe's bodies are what the CP stores: `prepare` leaves them unchanged. The
+    /// broken ones fail their schema.
+    #[test]
+    fn universe_bodies_are_stored_forms() {
+        let registry = Registry::builtin();
+        for ty in TYPES {
+            let schema = registry.get(ty.name()).expect("a builtin type");
+            for id_idx in 0..ty.n_ids() {
+                for name in 0..4 {
+                    for rev in 0..4 {
+                        for parent in [0, 1, 2, 3, 4, 5, 0x40, 0x45] {
+                            let body = valid_body(ty, id_idx, name, rev, parent);
+                            let p = registry
+                                .prepare(schema, body.clone(), None, Mode::Insert, 1_700_000_000)
+                                .unwrap_or_else(|e| panic!("{body}: {}", e.message()));
+                            assert_eq!(p.entity, body, "{} stored form", ty.name());
+                            let bad = schema_invalid_body(ty, id_idx, name, rev, parent);
+                            assert!(
+                                registry
+                                    .prepare(schema, bad.clone(), None, Mode::Insert, 0)
+                                    .is_err(),
+                                "{bad} is invalid"
+                            );
+                        }
+                    }
+                }
+            }
+            let mut bad_id = valid_body(ty, 0, 0, 0, 0);
+            bad_id["id"] = json!("not-a-uuid-0");
+            assert!(
+                registry
+                    .prepare(schema, bad_id, None, Mode::Insert, 0)
+                    .is_err()
+            );
+        }
+    }
+
+    /// The checker is not vacuous: a store that diverges from the model fails it.
+    #[test]
+    fn check_store_detects_divergence() {
+        let dir = TempStore::new();
+        let dp = open_store(&dir.path);
+        let model = Model::default();
+        check_store(&dp, &model, "empty");
+        let g = Gen {
+            ty: Ty::Consumer,
+            id: Ty::Consumer.id(0),
+            ws: WS[0].to_owned(),
+            version: 1,
+            entity: Some(valid_body(Ty::Consumer, 0, 0, 0, 0)),
+            fault: Fault::None,
+        };
+        let kind = ApplyKind::Incremental {
+            expect_from: 0,
+            latest: None,
+        };
+        run_direct(&dp, &kind, std::slice::from_ref(&g)).expect("applies");
+        let diverged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_store(&dp, &model, "diverged")
+        }));
+        assert!(diverged.is_err(), "a diverged store is caught");
+        let Ok(Verdict::Commit(next)) = model.run(&kind, &[g], Lens::Direct) else {
+            panic!("the model accepts a valid consumer");
+        };
+        check_store(&dp, &next, "in step");
+    }
+
+    /// Hand-written scenarios: a cascade, a gap, a duplicate name, a paged full sync.
+    #[test]
+    fn delta_apply_scenarios() {
+        // consumer + credential, then delete both (cascade), then a gap.
+        delta_apply(&[
+            0, 0, 2, 2, 0, 0, 0, 3, 0, 0,
+            0, // incremental: consumer 0, keyauth 0 → consumer 0
+            0, 0, 2, 3, 16, 0, 0, 0, 16, 0, 0, 3, // delete keyauth 0, consumer 0 at v2
+            0, 0, 1, 2, 0, 0, 6, // a gap: v+2
+        ]);
+        // Two services with one name in a batch: rejected.
+        delta_apply(&[0, 0, 2, 0, 0, 0, 0, 0, 1, 0, 0]);
+        // Paged full sync: begin, pages 0 and 1, commit.
+        delta_apply(&[5, 2, 6, 0, 1, 0, 0, 0, 0, 6, 4, 1, 2, 0, 0, 0, 7, 0]);
     }
 }

@@ -8,14 +8,17 @@ fn replay(target: &str, f: fn(&[u8])) {
         .join("fuzz/corpus")
         .join(target);
     let mut n = 0;
+    let mut failed = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
-        let result = std::panic::catch_unwind(|| f(&data));
-        assert!(result.is_ok(), "{target}: {} panicked", path.display());
+        if std::panic::catch_unwind(|| f(&data)).is_err() {
+            failed.push(path.display().to_string());
+        }
         n += 1;
     }
     assert!(n > 0, "{target}: empty corpus");
+    assert!(failed.is_empty(), "{target}: panicked on {failed:#?}");
 }
 
 #[test]
@@ -26,4 +29,116 @@ fn admin_entity_corpus() {
 #[test]
 fn state_hash_corpus() {
     replay("state_hash", deltaplane::fuzzing::state_hash);
+}
+
+#[test]
+fn delta_apply_corpus() {
+    replay("delta_apply", deltaplane::fuzzing::delta_apply);
+}
+
+#[test]
+fn wire_frame_corpus() {
+    replay("wire_frame", deltaplane::fuzzing::wire_frame);
+}
+
+// --- bugs the fuzzers found (inputs in `fuzz/regressions/<target>/`) ---
+
+mod found {
+    use std::sync::Arc;
+
+    use deltaplane::dp::store::{ApplyKind, DpStore, DpStoreOptions};
+    use deltaplane::schema::Registry;
+    use deltaplane::sync::Delta;
+    use serde_json::{Value, json};
+
+    fn open(dir: &tempfile::TempDir) -> DpStore {
+        let opts = DpStoreOptions {
+            cache_size: 1 << 20,
+            durable: false,
+        };
+        DpStore::open(
+            &dir.path().join("dp.redb"),
+            Arc::clone(Registry::builtin()),
+            opts,
+        )
+        .unwrap()
+    }
+
+    fn service(n: u8, name: &str) -> Value {
+        json!({
+            "ca_certificates": null, "client_certificate": null, "connect_timeout": 60000,
+            "created_at": 1_700_000_000, "enabled": true, "host": "svc.example",
+            "id": format!("00000001-0000-4000-8000-00000000000{n}"), "name": name, "path": null,
+            "port": 80, "protocol": "http", "read_timeout": 60000, "retries": 5, "tags": null,
+            "tls_verify": null, "tls_verify_depth": null, "updated_at": 1_700_000_000,
+            "write_timeout": 60000
+        })
+    }
+
+    fn upsert(version: i64, entity: Value) -> Delta {
+        Delta {
+            entity_type: "services".into(),
+            id: entity["id"].as_str().unwrap().into(),
+            ws_id: "0a0a0a0a-0000-4000-8000-00000000ffff".into(),
+            version,
+            entity: Some(entity),
+        }
+    }
+
+    fn replay(name: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/delta_apply")
+            .join(name);
+        deltaplane::fuzzing::delta_apply(&std::fs::read(path).unwrap());
+    }
+
+    /// `dp::store` accepts a batch that leaves two services named `s-a` in one workspace:
+    /// A holds `s-a`; in one batch B takes `s-a` (a collision B/A is recorded, the key row
+    /// points at B), B renames itself to `s-b` (B owns the row, so it is removed), C takes
+    /// `s-a` (no row, no collision). At commit the B/A collision resolves to A and C's
+    /// duplicate goes unseen; the key row then points at A.
+    #[test]
+    #[ignore = "bug in dp::store: a unique key handed on by a transient holder is not rechecked"]
+    fn dp_store_unique_key_handed_to_a_third_entity() {
+        let dir = tempfile::tempdir().unwrap();
+        let dp = open(&dir);
+        let inc = |expect_from| ApplyKind::Incremental {
+            expect_from,
+            latest: None,
+        };
+        dp.apply(inc(0), [upsert(1, service(0, "s-a"))]).unwrap();
+        let res = dp.apply(
+            inc(1),
+            [
+                upsert(2, service(1, "s-a")),
+                upsert(2, service(1, "s-b")),
+                upsert(2, service(2, "s-a")),
+            ],
+        );
+        assert!(
+            res.is_err(),
+            "two services named s-a were accepted: {res:?}"
+        );
+        replay("unique-key-handed-to-a-third-entity");
+    }
+
+    /// `DpStore::stage_commit` of an incremental transfer with no deltas returns `Ok` but
+    /// leaves the transfer staged (`Apply::commit` returns early for an empty incremental,
+    /// before it clears `clear_transfer`, and the transaction is dropped): pages can still be
+    /// staged into it and it can be committed again.
+    #[test]
+    #[ignore = "bug in dp::store: an empty incremental transfer is not cleared on commit"]
+    fn dp_store_empty_incremental_transfer_stays_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let dp = open(&dir);
+        let kind = ApplyKind::Incremental {
+            expect_from: 0,
+            latest: None,
+        };
+        dp.stage_begin("t", kind).unwrap();
+        dp.stage_commit("t").unwrap();
+        let again = dp.stage_page("t", 0, &[upsert(1, service(0, "s-a"))]);
+        assert!(again.is_err(), "the committed transfer is still staged");
+        replay("empty-incremental-transfer-stays-staged");
+    }
 }
