@@ -316,7 +316,7 @@ async fn closed_within(
 async fn idle_handshakes_are_dropped_after_the_timeout() {
     let db = TestDb::sqlite();
     let mut cfg = db.cp_config();
-    let timeout = Duration::from_millis(500);
+    let timeout = Duration::from_millis(800);
     cfg.cluster.handshake_timeout = timeout;
     let cp = TestCp::start_with(db, cfg).await;
     let addr = cp.running().cluster_addr;
@@ -328,9 +328,19 @@ async fn idle_handshakes_are_dropped_after_the_timeout() {
         closed_within(tcp, bound).await
     });
     let cp_ref = &cp;
+    // On a loaded machine some TLS handshakes of the wave outlast the timeout themselves;
+    // the server drops those too (at the timeout), so they count as closed, but most must
+    // have completed TLS for the "no upgrade" case to be tested.
     let tls_only = (0..25).map(|_| async move {
-        let tls = tls_to(cp_ref).await;
-        closed_within(tls, bound).await
+        let (addr, crt, key) = cp_ref.cluster_target();
+        let tls = crate::rawpeer::shared_tls(&crt, &key);
+        let tcp = TcpStream::connect(&addr).await.unwrap();
+        match tokio::time::timeout(bound, tls.connect(tcp, "127.0.0.1")).await {
+            Ok(Ok(stream)) => closed_within(stream, bound).await.map(|()| true),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Ok(Err(e)) => Err(format!("TLS: {e}")),
+            Err(_) => Err("TLS handshake neither finished nor dropped".into()),
+        }
     });
     let no_hello = (0..5).map(|_| async move {
         let mut dp = RawPeer::connect(cp_ref).await;
@@ -342,11 +352,17 @@ async fn idle_handshakes_are_dropped_after_the_timeout() {
         futures::future::join_all(no_hello),
     );
     let elapsed = started.elapsed();
-    for (kind, results) in [("TCP only", tcp_only), ("TLS only", tls_only)] {
-        for r in results {
-            assert_eq!(r, Ok(()), "{kind} connection not closed within {bound:?}");
+    for r in tcp_only {
+        assert_eq!(r, Ok(()), "TCP-only connection not closed within {bound:?}");
+    }
+    let mut n_tls = 0;
+    for r in tls_only {
+        match r {
+            Ok(completed) => n_tls += usize::from(completed),
+            Err(e) => panic!("TLS-only connection not closed within {bound:?}: {e}"),
         }
     }
+    assert!(n_tls >= 12, "only {n_tls} of 25 completed TLS");
     for code in no_hello {
         assert_eq!(
             code,

@@ -493,7 +493,15 @@ async fn golden_exchange_our_dp_against_a_kong_cp() {
             );
         }
     }
-    dp.stop().await;
+    // A clean goodbye: 1001; the fake control plane answers it and drops the connection,
+    // as the server side of a WebSocket does.
+    let goodbye = async move {
+        let code = kong.expect_close().await;
+        drop(kong);
+        code
+    };
+    let (_, code) = tokio::join!(dp.stop(), goodbye);
+    assert_eq!(code, Some(1001));
 }
 
 /// A Kong-only data plane (kong.sync.v2, Snappy) cannot fetch pages: when the configuration
