@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::config::ClusterSettings;
-use super::feed::{Asker, Feed, FeedError};
+use super::feed::{Asker, Decision, Feed, FeedError};
 use crate::store::{DataPlaneRow, Store};
 use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, parse_version, version_string};
 use crate::tls::ClusterTls;
@@ -882,6 +882,22 @@ async fn get_delta(
     match ctx.feed.get_delta(version, asker, &fits).await {
         Ok((text, decision)) => {
             tracing::debug!(node_id = %conn.node_id, ?decision, bytes = text.len(), "get_delta");
+            // The DP will be at this version once it applies the answer: no need to notify it
+            // of that version (it reports where it really is after applying).
+            let promised = match decision {
+                Decision::UpToDate => None,
+                Decision::Incremental { to, .. } => Some(to),
+                Decision::Full { version } | Decision::Paged { version, .. } => Some(version),
+            };
+            if let Some(p) = promised {
+                conn.reported.send_if_modified(|r| {
+                    let newer = p > *r;
+                    if newer {
+                        *r = p;
+                    }
+                    newer
+                });
+            }
             if conn.older {
                 return raw_value(downgrade(ctx, conn, &text, &["default", "deltas"])?);
             }
