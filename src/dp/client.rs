@@ -177,11 +177,25 @@ async fn session(
         kong_version: cfg.kong_compat_version.clone(),
         kong_hostname: shared.hostname.clone(),
         kong_node_id: shared.node_id.clone(),
-        kong_conf: serde_json::json!({
-            "role": "data_plane",
-            "cluster_dp_labels": cfg.labels,
-            "cluster_max_payload": cfg.cluster.max_payload,
-        }),
+        kong_conf: {
+            let mut conf = serde_json::json!({
+                "role": "data_plane",
+                "cluster_dp_labels": cfg.labels,
+                "cluster_max_payload": cfg.cluster.max_payload,
+            });
+            if let Some(plugins) = &cfg.plugins {
+                conf["plugins"] = plugins
+                    .iter()
+                    .map(|p| match p.split_once(':') {
+                        Some((name, version)) => {
+                            serde_json::json!({"name": name, "version": version})
+                        }
+                        None => Value::String(p.clone()),
+                    })
+                    .collect();
+            }
+            conf
+        },
     };
     let result = hello::client_handshake(&mut ws, &hello_msg, timeout)
         .await

@@ -647,7 +647,9 @@ async fn dp_restarted_mid_catch_up_resumes() {
 /// With several control planes configured, a dead first one does not stop the data plane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_fails_over_to_the_next_control_plane() {
-    let cp = TestCp::start(crate::harness::Backend::Sqlite).await.unwrap();
+    let cp = TestCp::start(crate::harness::Backend::Sqlite)
+        .await
+        .unwrap();
     service_with_routes(&cp, "fo", 1).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = cp.dp_config(dir.path());
