@@ -15,6 +15,8 @@
 pub mod cp;
 pub mod dp;
 #[doc(hidden)]
+pub mod failpoint;
+#[doc(hidden)]
 pub mod fuzzing;
 pub mod rpc;
 pub mod schema;

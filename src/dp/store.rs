@@ -628,6 +628,7 @@ impl DpStore {
             }
         }
         txn.commit()?;
+        crate::failpoint::hit("dp.stage.page");
         Ok(())
     }
 
@@ -865,7 +866,9 @@ impl Apply<'_> {
         }
         let store = self.store;
         let n_deltas = self.check.n_deltas;
+        crate::failpoint::hit("dp.apply.commit");
         self.txn.commit().map_err(DpStoreError::from)?;
+        crate::failpoint::hit("dp.apply.committed");
         let applied = Applied {
             version,
             state_hash: state.state_hash,
@@ -1104,6 +1107,7 @@ fn write_pending(
     };
     for p in pending {
         tables.write(work, p)?;
+        crate::failpoint::hit("dp.apply.write");
     }
     Ok(())
 }

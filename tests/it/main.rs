@@ -8,6 +8,8 @@ mod admin;
 mod bad_input;
 mod binaries;
 mod changelog;
+mod crash;
+mod fleet;
 mod fuzz_corpus;
 mod harness;
 mod interop;
