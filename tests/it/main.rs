@@ -9,6 +9,8 @@ mod bad_input;
 mod binaries;
 mod changelog;
 mod faults;
+mod crash;
+mod fleet;
 mod fuzz_corpus;
 mod harness;
 mod interop;
