@@ -11,6 +11,7 @@
 //! - [`wire`]: frame encodings, JSON-RPC messages and the symmetric WebSocket peer.
 //! - [`tls`]: cluster mTLS (`shared` and `pki`).
 //! - [`dp`]: the data plane: redb store, sync client, status listener.
+//! - [`v1`]: Kong's sync v1 (full-config push): config hash, `config_table` export.
 
 pub mod cp;
 pub mod dp;
@@ -23,4 +24,5 @@ pub mod schema;
 pub mod store;
 pub mod sync;
 pub mod tls;
+pub mod v1;
 pub mod wire;
