@@ -608,3 +608,122 @@ async fn dp_that_stops_reading_is_disconnected() {
     drop(stuck);
     cp.shutdown().await;
 }
+
+/// 1,000 clients that never finish their handshake, in waves of 100 (under the open-file
+/// limit): every one is closed by the server, and afterwards the control plane holds no extra
+/// connection or task (no leak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_stalled_handshakes_leak_nothing() {
+    let db = TestDb::sqlite();
+    let mut cfg = db.cp_config();
+    let timeout = Duration::from_millis(300);
+    cfg.cluster.handshake_timeout = timeout;
+    let cp = TestCp::start_with(db, cfg).await;
+    let addr = cp.running().cluster_addr;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // Settle, then take the baseline.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = metrics.num_alive_tasks();
+    let bound = timeout + Duration::from_secs(5);
+    let (_, crt, key) = cp.cluster_target();
+    let tls = crate::rawpeer::shared_tls(&crt, &key);
+    for wave in 0..10 {
+        let clients = (0..100).map(|i| {
+            let tls = tls.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                if (wave + i) % 2 == 0 {
+                    // Never starts TLS.
+                    closed_within(tcp, bound).await
+                } else {
+                    // Completes TLS (when the machine is fast enough), never upgrades.
+                    match tokio::time::timeout(bound, tls.connect(tcp, "127.0.0.1")).await {
+                        Ok(Ok(stream)) => closed_within(stream, bound).await,
+                        Ok(Err(_)) => Ok(()),
+                        Err(_) => Err("TLS handshake neither finished nor dropped".into()),
+                    }
+                }
+            }
+        });
+        for r in futures::future::join_all(clients).await {
+            assert_eq!(
+                r,
+                Ok(()),
+                "wave {wave}: a connection was not closed within {bound:?}"
+            );
+        }
+    }
+    assert!(cp.running().cluster.connected().is_empty());
+    // Connection tasks end with their connections.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive = metrics.num_alive_tasks();
+        if alive <= baseline + 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{alive} tasks alive after 1,000 stalled handshakes, baseline {baseline}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And it still serves.
+    let dp = cp.start_dp().await;
+    cp.create("/services", json!({"name": "after", "host": "h"}))
+        .await;
+    dp.converge(&cp, 10).await;
+    cp.shutdown().await;
+}
+
+/// Admin API edge cases: unicode names, control characters, ids that are not UUIDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_names_and_ids_edge_cases() {
+    let cp = TestCp::start(crate::harness::Backend::Sqlite)
+        .await
+        .unwrap();
+    // Unicode letters are names (Kong's utf8_name); spaces and control characters are not.
+    let r = cp
+        .post(
+            "/services",
+            json!({"name": "ñandú-服务_1.~", "host": "u.test"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = cp
+        .get("/services/%C3%B1and%C3%BA-%E6%9C%8D%E5%8A%A1_1.~")
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    for bad in ["a b", "tab\there", "nul\u{0}", "new\nline", ""] {
+        let r = cp
+            .post("/services", json!({"name": bad, "host": "u.test"}))
+            .await;
+        assert_eq!(r.status, 400, "{bad:?}: {r:?}");
+        assert_eq!(r.body["name"], "schema violation", "{bad:?}: {r:?}");
+        assert!(r.body["fields"]["name"].is_string(), "{bad:?}: {r:?}");
+    }
+    // An id must be a UUID.
+    let r = cp
+        .post("/services", json!({"id": "not-a-uuid", "host": "u.test"}))
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body["fields"]["id"].is_string(), "{r:?}");
+    // Wrong types and invalid UTF-8 bodies.
+    let r = cp
+        .post("/services", json!({"host": 42, "retries": "many"}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body["fields"]["host"].is_string() && r.body["fields"]["retries"].is_string());
+    let r = cp
+        .raw(
+            reqwest::Method::POST,
+            "/services",
+            "application/json",
+            vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    // Nothing of these reached the change log.
+    let (head, _) = cp.head().await;
+    assert_eq!(head, 2, "only the workspace and the one valid service");
+    cp.shutdown().await;
+}
