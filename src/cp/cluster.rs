@@ -1,5 +1,6 @@
 //! The control plane's cluster listener: TLS (mTLS) → WebSocket `/v2/outlet` with subprotocol
 //! `kong.meta.v1` → `kong.meta.v1.hello` → a symmetric JSON-RPC peer per data plane.
+//! `/v1/outlet` (Kong's full-config push) is handed to `cp::v1`.
 //!
 //! Per data plane there is one notifier task: it waits on the change-log head (a `watch`: one
 //! latest-version slot and a dirty flag, so no wake-up is lost and bursts coalesce) and calls
@@ -50,10 +51,14 @@ pub struct ClusterCtx {
     /// Plugins the configuration uses, at a version (computed only for DPs that announce a
     /// plugin list).
     plugins_in_use: tokio::sync::Mutex<Option<(i64, Arc<std::collections::BTreeSet<String>>)>>,
+    /// Sync v1 (`/v1/outlet`): the shared per-version payload and the push loop's state.
+    pub v1: super::v1::V1Hub,
 }
 
 /// One connected data plane.
 pub struct DpConn {
+    /// `v2` (`/v2/outlet`) or `v1` (`/v1/outlet`).
+    pub protocol: &'static str,
     pub node_id: String,
     pub hostname: String,
     pub address: SocketAddr,
@@ -81,6 +86,8 @@ struct DpStatus {
     last_error: Option<String>,
     /// Kong's sync_status.
     sync_status: &'static str,
+    /// The hash a v1 data plane pinged (v2: the version string is the config hash).
+    config_hash: Option<String>,
 }
 
 impl ClusterCtx {
@@ -109,7 +116,27 @@ impl ClusterCtx {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             plugins_in_use: tokio::sync::Mutex::new(None),
+            v1: super::v1::V1Hub::default(),
         })
+    }
+
+    /// Adds a connected data plane to [`ClusterCtx::connected`]; returns its key.
+    pub(crate) fn register(&self, conn: Arc<DpConn>) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().expect("conns lock").insert(id, conn);
+        id
+    }
+
+    /// Removes a connection and records the disconnect.
+    pub(crate) async fn unregister(&self, id: u64, conn: &DpConn) {
+        self.conns.lock().expect("conns lock").remove(&id);
+        if let Err(e) = self
+            .store
+            .disconnect_data_plane(&conn.node_id, &self.node_id, crate::store::now_secs())
+            .await
+        {
+            tracing::debug!(error = %e, "recording a disconnect failed");
+        }
     }
 
     /// Data planes connected to this control plane right now.
@@ -142,7 +169,7 @@ impl ClusterCtx {
             hostname: conn.hostname.clone(),
             address: conn.address.ip().to_string(),
             kong_version: conn.kong_version.clone(),
-            protocol: "v2".into(),
+            protocol: conn.protocol.into(),
             version: st.version,
             state_hash: st.state_hash.clone(),
             connected_to: connected.then(|| self.node_id.clone()),
@@ -152,7 +179,7 @@ impl ClusterCtx {
             capabilities: Value::from(conn.capabilities.clone()).to_string(),
             cert_expiry: conn.cert_expiry,
             sync_status: st.sync_status.to_owned(),
-            config_hash: Some(version_string(st.version)),
+            config_hash: st.config_hash.or_else(|| Some(version_string(st.version))),
             updated_at: crate::store::now_secs(),
         }
     }
@@ -176,7 +203,7 @@ impl ClusterCtx {
     /// Kong's plugin compatibility check for a DP that announced its plugins: the
     /// configuration must use only plugins it has, at a major version it runs and a minor not
     /// above its own. Records the DP's `sync_status` either way.
-    async fn check_plugins(&self, conn: &DpConn) -> Result<(), String> {
+    pub(crate) async fn check_plugins(&self, conn: &DpConn) -> Result<(), String> {
         let Some(dp_plugins) = &conn.plugins else {
             return Ok(());
         };
@@ -281,6 +308,102 @@ impl ClusterCtx {
     }
 }
 
+impl DpConn {
+    /// A data plane that just connected, `sync_status` normal, nothing reported yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        protocol: &'static str,
+        node_id: String,
+        hostname: String,
+        address: SocketAddr,
+        kong_version: String,
+        labels: Value,
+        capabilities: Vec<String>,
+        cert_expiry: Option<i64>,
+        plugins: Option<HashMap<String, Option<String>>>,
+        cp_version: &str,
+    ) -> DpConn {
+        DpConn {
+            protocol,
+            older: crate::schema::version_cmp(&kong_version, cp_version)
+                == std::cmp::Ordering::Less,
+            node_id,
+            hostname,
+            address,
+            kong_version,
+            labels,
+            capabilities,
+            cert_expiry,
+            plugins,
+            status: Mutex::new(DpStatus {
+                sync_status: "normal",
+                ..DpStatus::default()
+            }),
+            reported: watch::channel(-1).0,
+            dirty: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// A v1 ping: the data plane holds `hash`, the configuration of `version` when the control
+    /// plane knows which version it sent with that hash. Written by the flusher.
+    pub(crate) fn report_v1(&self, hash: &str, version: Option<i64>) {
+        let mut st = self.status.lock().expect("status lock");
+        if let Some(v) = version {
+            if v > st.version {
+                st.last_error = None;
+            }
+            st.version = v;
+        }
+        st.config_hash = Some(hash.to_owned());
+        drop(st);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Records why the data plane's configuration could not be sent.
+    pub(crate) fn set_error(&self, message: String) {
+        self.status.lock().expect("status lock").last_error = Some(message);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The row of a data plane refused for its Kong version (Kong records it, then closes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn record_refused(
+    ctx: &ClusterCtx,
+    protocol: &str,
+    node_id: &str,
+    hostname: &str,
+    address: SocketAddr,
+    kong_version: &str,
+    labels: &Value,
+    capabilities: &[String],
+    cert_expiry: Option<i64>,
+    reason: &str,
+) {
+    tracing::warn!(%node_id, %kong_version, %reason, protocol, "data plane refused: kong_version_incompatible");
+    let row = DataPlaneRow {
+        node_id: node_id.to_owned(),
+        hostname: hostname.to_owned(),
+        address: address.ip().to_string(),
+        kong_version: kong_version.to_owned(),
+        protocol: protocol.into(),
+        version: 0,
+        state_hash: None,
+        connected_to: None,
+        last_seen: crate::store::now_secs(),
+        last_error: Some(format!("kong_version_incompatible: {reason}")),
+        labels: labels.to_string(),
+        capabilities: Value::from(capabilities.to_vec()).to_string(),
+        cert_expiry,
+        sync_status: "kong_version_incompatible".into(),
+        config_hash: None,
+        updated_at: crate::store::now_secs(),
+    };
+    if let Err(e) = ctx.store.upsert_data_plane(&row).await {
+        tracing::debug!(error = %e, "recording a refused data plane failed");
+    }
+}
+
 /// How long a row may go without a refresh before its connection is considered gone (the
 /// flusher refreshes connected rows every 10 s; a control plane that crashed cannot say its
 /// data planes disconnected).
@@ -312,6 +435,7 @@ pub async fn serve(
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     let flusher = tokio::spawn(flush_status(ctx.clone(), shutdown.clone()));
+    let pusher = tokio::spawn(super::v1::push_loop(ctx.clone(), shutdown.clone()));
     let mut expiry = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -349,6 +473,7 @@ pub async fn serve(
         tasks.shutdown().await;
     }
     let _ = flusher.await;
+    let _ = pusher.await;
 }
 
 /// Closes the connection when the task that owns it ends, however it ends (a connection
@@ -376,10 +501,13 @@ async fn connection(
         .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
     let identity = Some(identity);
     let ws_config = crate::wire::peer::ws_config(&ctx.peer_config());
+    let route: Mutex<Option<Route>> = Mutex::new(None);
+    let settings = &ctx.settings;
     let callback =
         |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
          mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-            check_upgrade(req, &mut resp)?;
+            let r = check_upgrade(req, &mut resp, settings)?;
+            *route.lock().expect("route lock") = Some(r);
             Ok(resp)
         };
     let mut ws = tokio::time::timeout(
@@ -389,6 +517,10 @@ async fn connection(
     .await
     .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
     .map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}"))?;
+    if let Some(Route::V1(query)) = route.into_inner().expect("route lock") {
+        let cert_expiry = identity.as_ref().map(|i| i.not_after);
+        return super::v1::serve(ws, addr, cert_expiry, query, ctx, stop).await;
+    }
 
     let epoch = ctx
         .store
@@ -396,10 +528,16 @@ async fn connection(
         .await
         .map_err(|e| anyhow::anyhow!("reading the change log: {e}"))?
         .epoch;
-    let our_caps = vec![
-        CAP_KONG_SYNC_V2.to_owned(),
-        CAP_DELTAPLANE_SYNC_V1.to_owned(),
-    ];
+    // With sync v2 off the hello offers nothing (Kong's cluster_rpc_sync = off): data planes
+    // fall back to v1.
+    let our_caps = if ctx.settings.sync_v2 {
+        vec![
+            CAP_KONG_SYNC_V2.to_owned(),
+            CAP_DELTAPLANE_SYNC_V1.to_owned(),
+        ]
+    } else {
+        Vec::new()
+    };
     let caps_for_hello = our_caps.clone();
     let cp_node = ctx.node_id.clone();
     let cp_version = ctx.kong_compat_version.clone();
@@ -427,52 +565,36 @@ async fn connection(
         Err(e) => {
             let refused = refused.lock().expect("refused lock").take();
             if let Some((h, reason)) = refused {
-                // Kong records the refusal, then closes: the fleet view shows why.
-                tracing::warn!(node_id = %h.kong_node_id, kong_version = %h.kong_version, %reason, "data plane refused: kong_version_incompatible");
-                let row = DataPlaneRow {
-                    node_id: h.kong_node_id.clone(),
-                    hostname: h.kong_hostname.clone(),
-                    address: addr.ip().to_string(),
-                    kong_version: h.kong_version.clone(),
-                    protocol: "v2".into(),
-                    version: 0,
-                    state_hash: None,
-                    connected_to: None,
-                    last_seen: crate::store::now_secs(),
-                    last_error: Some(format!("kong_version_incompatible: {reason}")),
-                    labels: labels_of(&h.kong_conf).to_string(),
-                    capabilities: Value::from(h.rpc_capabilities.clone()).to_string(),
-                    cert_expiry: identity.as_ref().map(|i| i.not_after),
-                    sync_status: "kong_version_incompatible".into(),
-                    config_hash: None,
-                    updated_at: crate::store::now_secs(),
-                };
-                if let Err(e) = ctx.store.upsert_data_plane(&row).await {
-                    tracing::debug!(error = %e, "recording a refused data plane failed");
-                }
+                record_refused(
+                    &ctx,
+                    "v2",
+                    &h.kong_node_id,
+                    &h.kong_hostname,
+                    addr,
+                    &h.kong_version,
+                    &labels_of(&h.kong_conf),
+                    &h.rpc_capabilities,
+                    identity.as_ref().map(|i| i.not_after),
+                    &reason,
+                )
+                .await;
             }
             return Err(anyhow::anyhow!("hello failed: {e}"));
         }
     };
 
-    let conn = Arc::new(DpConn {
-        node_id: hello.kong_node_id.clone(),
-        hostname: hello.kong_hostname.clone(),
-        address: addr,
-        kong_version: hello.kong_version.clone(),
-        labels: labels_of(&hello.kong_conf),
-        capabilities: hello.rpc_capabilities.clone(),
-        cert_expiry: identity.as_ref().map(|i| i.not_after),
-        plugins: plugins_of(&hello.kong_conf),
-        older: crate::schema::version_cmp(&hello.kong_version, &ctx.kong_compat_version)
-            == std::cmp::Ordering::Less,
-        status: Mutex::new(DpStatus {
-            sync_status: "normal",
-            ..DpStatus::default()
-        }),
-        reported: watch::channel(-1).0,
-        dirty: std::sync::atomic::AtomicBool::new(true),
-    });
+    let conn = Arc::new(DpConn::new(
+        "v2",
+        hello.kong_node_id.clone(),
+        hello.kong_hostname.clone(),
+        addr,
+        hello.kong_version.clone(),
+        labels_of(&hello.kong_conf),
+        hello.rpc_capabilities.clone(),
+        identity.as_ref().map(|i| i.not_after),
+        plugins_of(&hello.kong_conf),
+        &ctx.kong_compat_version,
+    ));
     let handler = Arc::new(CpHandler {
         ctx: ctx.clone(),
         conn: conn.clone(),
@@ -487,11 +609,7 @@ async fn connection(
         handler,
     );
     let _closer = CloseOnDrop(peer.clone());
-    let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-    ctx.conns
-        .lock()
-        .expect("conns lock")
-        .insert(id, conn.clone());
+    let id = ctx.register(conn.clone());
     tracing::info!(
         node_id = %conn.node_id,
         hostname = %conn.hostname,
@@ -512,31 +630,40 @@ async fn connection(
         }
     };
     notifier.abort();
-    ctx.conns.lock().expect("conns lock").remove(&id);
-    if let Err(e) = ctx
-        .store
-        .disconnect_data_plane(&conn.node_id, &ctx.node_id, crate::store::now_secs())
-        .await
-    {
-        tracing::debug!(error = %e, "recording a disconnect failed");
-    }
+    ctx.unregister(id, &conn).await;
     tracing::info!(node_id = %conn.node_id, peer = %addr, %reason, "data plane disconnected");
     Ok(())
 }
 
-/// Refuses upgrades to anything but `/v2/outlet` with subprotocol `kong.meta.v1`.
+/// Where an upgrade goes.
+enum Route {
+    /// `/v2/outlet`: hello, then JSON-RPC.
+    V2,
+    /// `/v1/outlet` with its query arguments.
+    V1(super::v1::V1Query),
+}
+
+/// Accepts `/v2/outlet` with subprotocol `kong.meta.v1` (unless `--cluster-rpc` is off, as a
+/// Kong CP with `cluster_rpc = off` has no such location) and `/v1/outlet` with its required
+/// query arguments (400 without them); refuses anything else.
 #[allow(clippy::result_large_err)]
 fn check_upgrade(
     req: &tokio_tungstenite::tungstenite::handshake::server::Request,
     resp: &mut tokio_tungstenite::tungstenite::handshake::server::Response,
-) -> Result<(), tokio_tungstenite::tungstenite::handshake::server::ErrorResponse> {
+    settings: &ClusterSettings,
+) -> Result<Route, tokio_tungstenite::tungstenite::handshake::server::ErrorResponse> {
     use tokio_tungstenite::tungstenite::http;
     let reject = |status: http::StatusCode, msg: &str| {
         let mut r = http::Response::new(Some(msg.to_owned()));
         *r.status_mut() = status;
         r
     };
-    if req.uri().path() != "/v2/outlet" {
+    if req.uri().path() == crate::v1::PATH {
+        return super::v1::V1Query::parse(req.uri().query())
+            .map(Route::V1)
+            .map_err(|msg| reject(http::StatusCode::BAD_REQUEST, &msg));
+    }
+    if req.uri().path() != "/v2/outlet" || !settings.rpc {
         return Err(reject(http::StatusCode::NOT_FOUND, "not found"));
     }
     let offered = req
@@ -556,7 +683,7 @@ fn check_upgrade(
         http::header::SEC_WEBSOCKET_PROTOCOL,
         http::HeaderValue::from_static(SUBPROTOCOL),
     );
-    Ok(())
+    Ok(Route::V2)
 }
 
 /// Kong's rule: a data plane of another major version, or of a newer minor, cannot follow this
@@ -600,7 +727,7 @@ fn plugin_version_incompatible(cp: &str, dp: &str) -> bool {
 }
 
 /// `kong_conf.plugins`: names, or `{name, version}` objects; `None` when absent.
-fn plugins_of(conf: &Value) -> Option<HashMap<String, Option<String>>> {
+pub(crate) fn plugins_of(conf: &Value) -> Option<HashMap<String, Option<String>>> {
     let items = conf.get("plugins")?.as_array()?;
     Some(
         items
@@ -661,7 +788,7 @@ pub async fn flush_status(ctx: Arc<ClusterCtx>, mut stop: watch::Receiver<bool>)
     }
 }
 
-async fn record(ctx: &ClusterCtx, conn: &DpConn, connected: bool) {
+pub(crate) async fn record(ctx: &ClusterCtx, conn: &DpConn, connected: bool) {
     if let Err(e) = ctx.store.upsert_data_plane(&ctx.row(conn, connected)).await {
         tracing::debug!(error = %e, node_id = %conn.node_id, "recording data-plane status failed");
     }

@@ -143,6 +143,15 @@ pub struct ServeArgs {
     /// Disconnect a data plane whose socket accepts no data for this long [default: 5s]
     #[arg(long, env = "DELTAPLANE_CLUSTER_WRITE_TIMEOUT")]
     pub cluster_write_timeout: Option<String>,
+    /// Offer sync v2 in the hello (Kong's cluster_rpc_sync); off, data planes use v1 [default: true]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_SYNC_V2", num_args = 0..=1, default_missing_value = "true")]
+    pub cluster_sync_v2: Option<bool>,
+    /// Serve /v2/outlet at all (Kong's cluster_rpc); off, only /v1/outlet [default: true]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_RPC", num_args = 0..=1, default_missing_value = "true")]
+    pub cluster_rpc: Option<bool>,
+    /// Sync v1: push the first change at once, then at most one push per this interval [default: 1s]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_PUSH_INTERVAL")]
+    pub cluster_push_interval: Option<String>,
     /// Forget a data plane not seen for this long (at least 60s) [default: 14d]
     #[arg(long, env = "DELTAPLANE_CLUSTER_DATA_PLANE_PURGE_DELAY")]
     pub cluster_data_plane_purge_delay: Option<String>,
@@ -188,6 +197,12 @@ pub struct ClusterSettings {
     pub call_timeout: Duration,
     /// How long the TLS + WebSocket + hello handshake may take.
     pub handshake_timeout: Duration,
+    /// CP only: serve `/v2/outlet` (Kong's `cluster_rpc`).
+    pub rpc: bool,
+    /// CP only: offer `kong.sync.v2` in the hello (Kong's `cluster_rpc_sync`).
+    pub sync_v2: bool,
+    /// CP only: sync v1 pushes the first change at once, later ones at most once per this.
+    pub push_interval: Duration,
 }
 
 impl Default for ClusterSettings {
@@ -199,6 +214,9 @@ impl Default for ClusterSettings {
             write_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            rpc: true,
+            sync_v2: true,
+            push_interval: Duration::from_secs(1),
         }
     }
 }
@@ -340,6 +358,15 @@ impl CpConfig {
                 args.cluster_write_timeout.clone(),
             ],
         )?;
+        if let Some(b) = layer.get(args.cluster_sync_v2, "cluster-sync-v2")? {
+            cfg.cluster.sync_v2 = b;
+        }
+        if let Some(b) = layer.get(args.cluster_rpc, "cluster-rpc")? {
+            cfg.cluster.rpc = b;
+        }
+        if let Some(d) = layer.get(args.cluster_push_interval.clone(), "cluster-push-interval")? {
+            cfg.cluster.push_interval = parse_duration(&d).map_err(anyhow::Error::msg)?;
+        }
         if let Some(d) = layer.get(
             args.cluster_data_plane_purge_delay.clone(),
             "cluster-data-plane-purge-delay",
@@ -398,6 +425,9 @@ const KNOWN_KEYS: &[&str] = &[
     "cluster-idle-timeout",
     "cluster-write-timeout",
     "cluster-data-plane-purge-delay",
+    "cluster-sync-v2",
+    "cluster-rpc",
+    "cluster-push-interval",
 ];
 
 /// A comma-separated list, trimmed, empty items dropped.

@@ -7,6 +7,7 @@ pub mod clustering;
 pub mod config;
 pub mod feed;
 pub mod status;
+pub mod v1;
 pub mod writer;
 
 use std::net::SocketAddr;

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
-use super::{DpConfig, DpShared};
+use super::{DpConfig, DpShared, SyncMode};
 use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, parse_version, version_string};
 use crate::tls::{ClusterTls, TlsSettings};
 use crate::wire::codec::Encoding;
@@ -69,12 +69,26 @@ pub async fn run(
         }
         let cp = cfg.control_planes[index % cfg.control_planes.len()].clone();
         let started = std::time::Instant::now();
-        match session(&cfg, &tls, &shared, &cp, stop.clone()).await {
+        let outcome = match cfg.sync {
+            SyncMode::V1 => v1_session(&cfg, &tls, &shared, &cp, stop.clone()).await,
+            mode => match session(&cfg, &tls, &shared, &cp, stop.clone()).await {
+                Ok(End::NoSyncV2(why)) => {
+                    tracing::info!(control_plane = %cp, reason = %why, "falling back to sync v1");
+                    v1_session(&cfg, &tls, &shared, &cp, stop.clone()).await
+                }
+                Err(e) if mode == SyncMode::Auto && e.downcast_ref::<V2Refused>().is_some() => {
+                    tracing::info!(control_plane = %cp, reason = %e, "falling back to sync v1");
+                    v1_session(&cfg, &tls, &shared, &cp, stop.clone()).await
+                }
+                other => other,
+            },
+        };
+        match outcome {
             Ok(End::Stopped) => {
                 shared.update_link(|l| l.connected_to = None);
                 return;
             }
-            Ok(End::Closed(reason)) => {
+            Ok(End::Closed(reason) | End::NoSyncV2(reason)) => {
                 tracing::info!(control_plane = %cp, %reason, "disconnected from the control plane");
             }
             Err(e) => {
@@ -111,6 +125,30 @@ fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
 enum End {
     Stopped,
     Closed(String),
+    /// `--sync auto` and the control plane's hello lacks `kong.sync.v2`: use v1.
+    NoSyncV2(String),
+}
+
+/// `/v2/outlet` is absent or refused the upgrade: with `--sync auto`, a reason to use v1
+/// (Kong's DP retries v2 forever instead).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct V2Refused(String);
+
+/// A sync v1 session (`dp::v1`), ending like a v2 one.
+async fn v1_session(
+    cfg: &DpConfig,
+    tls: &ClusterTls,
+    shared: &Arc<DpShared>,
+    cp: &str,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<End> {
+    Ok(
+        match super::v1::session(cfg, tls, shared, cp, stop).await? {
+            super::v1::V1End::Stopped => End::Stopped,
+            super::v1::V1End::Closed(reason) => End::Closed(reason),
+        },
+    )
 }
 
 async fn session(
@@ -155,15 +193,22 @@ async fn session(
     )
     .await
     .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
-    .context("WebSocket handshake")?;
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(r) => anyhow::Error::new(V2Refused(format!(
+            "/v2/outlet refused the upgrade: HTTP {}",
+            r.status()
+        ))),
+        e => anyhow::Error::new(e).context("WebSocket handshake"),
+    })?;
     let proto = resp
         .headers()
         .get("Sec-WebSocket-Protocol")
         .and_then(|v| v.to_str().ok());
-    anyhow::ensure!(
-        proto == Some(crate::cp::cluster::SUBPROTOCOL),
-        "the control plane did not accept subprotocol kong.meta.v1"
-    );
+    if proto != Some(crate::cp::cluster::SUBPROTOCOL) {
+        return Err(
+            V2Refused("the control plane did not accept subprotocol kong.meta.v1".into()).into(),
+        );
+    }
     let our_caps = vec![
         CAP_KONG_SYNC_V2.to_owned(),
         CAP_DELTAPLANE_SYNC_V1.to_owned(),
@@ -219,6 +264,12 @@ async fn session(
         l.cp_epoch = cp_epoch.clone();
     });
     tracing::info!(control_plane = %cp, encoding = encoding.name(), caps = ?cp_caps, epoch = ?cp_epoch, "connected to the control plane");
+    if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) && cfg.sync == SyncMode::Auto {
+        close_and_wait(&peer).await;
+        return Ok(End::NoSyncV2(
+            "the control plane's hello does not offer kong.sync.v2".into(),
+        ));
+    }
     if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) {
         tracing::warn!(control_plane = %cp, "the control plane does not offer kong.sync.v2; waiting");
         return Ok(tokio::select! {
@@ -226,6 +277,7 @@ async fn session(
             _ = stopped(&mut stop) => { close_and_wait(&peer).await; End::Stopped }
         });
     }
+    shared.update_link(|l| l.protocol = Some("v2"));
     let syncer = Syncer {
         cfg,
         stop: stop.clone(),

@@ -108,6 +108,10 @@ pub struct RunArgs {
     /// [default: every plugin deltaplane knows]
     #[arg(long, env = "DELTAPLANE_DP_PLUGINS", value_delimiter = ',')]
     pub plugins: Option<Vec<String>>,
+    /// Sync protocol: `auto` (v2 when the control plane offers it, else v1), `v2` or `v1`
+    /// [default: auto]
+    #[arg(long, env = "DELTAPLANE_DP_SYNC")]
+    pub sync: Option<SyncMode>,
     /// Commit every applied version durably (fsync) [default: true]
     #[arg(long, env = "DELTAPLANE_DP_DURABLE", num_args = 0..=1, default_missing_value = "true")]
     pub durable: Option<bool>,
@@ -137,6 +141,33 @@ pub struct DpConfig {
     pub durable: bool,
     /// `None`: not announced (the CP assumes every plugin it knows).
     pub plugins: Option<Vec<String>>,
+    /// Which sync protocol to speak.
+    pub sync: SyncMode,
+}
+
+/// `--sync`: which protocol the data plane speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Sync v2 when the control plane offers it; v1 (`/v1/outlet`) when its hello lacks
+    /// `kong.sync.v2` or `/v2/outlet` refuses the upgrade. Re-checked on every reconnect.
+    #[default]
+    Auto,
+    /// Only sync v2 (as Kong's DP: wait while the control plane does not offer it).
+    V2,
+    /// Only sync v1.
+    V1,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SyncMode, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(SyncMode::Auto),
+            "v2" => Ok(SyncMode::V2),
+            "v1" => Ok(SyncMode::V1),
+            other => Err(format!("--sync must be auto, v2 or v1, not '{other}'")),
+        }
+    }
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -157,6 +188,7 @@ const KNOWN_KEYS: &[&str] = &[
     "sync-poll-interval",
     "durable",
     "plugins",
+    "sync",
 ];
 
 impl DpConfig {
@@ -185,6 +217,7 @@ impl DpConfig {
             invalid_backoff: Duration::from_secs(5),
             durable: true,
             plugins: None,
+            sync: SyncMode::Auto,
         }
     }
 
@@ -263,6 +296,9 @@ impl DpConfig {
         }
         if let Some(p) = layer.get(args.plugins.clone().map(|v| v.join(",")), "plugins")? {
             cfg.plugins = Some(split_list(&p));
+        }
+        if let Some(m) = layer.get(args.sync, "sync")? {
+            cfg.sync = m;
         }
         Ok(cfg)
     }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod status;
 pub mod store;
+pub mod v1;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::DpConfig;
+pub use config::{DpConfig, SyncMode};
 use store::{DpStore, DpStoreOptions};
 
 /// The link to the control plane, as the status listener shows it.
@@ -37,6 +38,10 @@ pub struct LinkStatus {
     pub incremental_syncs: u64,
     /// Applies that arrived as paged transfers (larger than one frame).
     pub paged_transfers: u64,
+    /// The protocol of the current (or last) session: `v2` or `v1`; `None` before any.
+    pub protocol: Option<&'static str>,
+    /// Sync v1: pushes received whose hash equalled the stored one (nothing applied).
+    pub v1_skipped: u64,
 }
 
 /// State shared by the sync client and the status listener.
@@ -90,7 +95,7 @@ impl DpShared {
             "cp_version_seen": link.cp_version_seen,
             "connected": connected,
             "in_sync": connected && s.version > 0 && s.version == link.cp_version_seen,
-            "protocol": "v2",
+            "protocol": link.protocol.unwrap_or("v2"),
             "last_error": link.last_error,
         })
     }
@@ -110,6 +115,7 @@ impl DpShared {
         m.insert("full_syncs".into(), link.full_syncs.into());
         m.insert("incremental_syncs".into(), link.incremental_syncs.into());
         m.insert("paged_transfers".into(), link.paged_transfers.into());
+        m.insert("v1_skipped".into(), link.v1_skipped.into());
         v
     }
 }

@@ -263,14 +263,16 @@ async fn text_frame_after_hello_closes_1003() {
     cp.shutdown().await;
 }
 
-/// Only `/v2/outlet` with subprotocol `kong.meta.v1` is upgraded.
+/// Only `/v2/outlet` with subprotocol `kong.meta.v1` is upgraded (and `/v1/outlet` with its
+/// query arguments: see `v1.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_refused_for_wrong_subprotocol_or_path() {
     let cp = TestCp::start(Backend::Sqlite).await.unwrap();
     let cases = [
         ("/v2/outlet", Some("kong.meta.v2"), 400),
         ("/v2/outlet", None, 400),
-        ("/v1/outlet", Some("kong.meta.v1"), 404),
+        // Sync v1 without its required query arguments.
+        ("/v1/outlet", Some("kong.meta.v1"), 400),
         ("/", Some("kong.meta.v1"), 404),
     ];
     for (path, protocol, status) in cases {

@@ -18,3 +18,4 @@ mod pgcluster;
 mod proxy;
 mod rawpeer;
 mod sync;
+mod v1;
