@@ -243,8 +243,11 @@ struct Work {
     refs_written: Vec<[String; 5]>,
     /// Entities deleted: `(type, id)`.
     deleted: Vec<(String, String)>,
-    /// Key rows taken over from another entity: `(type, ws, field, value, new id, old id)`.
-    collisions: Vec<[String; 6]>,
+    /// Keys contested in this batch — taken over from another entity at some point — with
+    /// every entity that held or took them since: `(type, ws, field, value)` → ids. At commit
+    /// exactly one of them may still hold the value (a hand-over through a transient holder
+    /// is rechecked too).
+    contested: std::collections::BTreeMap<[String; 4], std::collections::BTreeSet<String>>,
 }
 
 /// Index rows of one entity.
@@ -841,7 +844,11 @@ impl Apply<'_> {
         if !self.check.errors.is_empty() {
             return Err(std::mem::take(&mut self.check.errors).into_error());
         }
-        if self.check.n_deltas == 0 && matches!(self.check.kind, ApplyKind::Incremental { .. }) {
+        if self.check.n_deltas == 0
+            && matches!(self.check.kind, ApplyKind::Incremental { .. })
+            && self.clear_transfer.is_none()
+        {
+            // Nothing to write (an empty transfer still has to be cleared, below).
             return Ok(Applied {
                 version,
                 state_hash: self.work.hash,
@@ -942,7 +949,7 @@ impl Apply<'_> {
                 }
             }
         }
-        for [ty, ws, field, value, new_id, old_id] in &self.work.collisions {
+        for ([ty, ws, field, value], candidates) in &self.work.contested {
             let key = (ty.as_str(), ws.as_str(), field.as_str(), value.as_str());
             let Some(schema) = registry.get(ty) else {
                 continue;
@@ -959,29 +966,33 @@ impl Apply<'_> {
                         .iter()
                         .any(|(f, v)| f == field && v == value))
             };
-            match (holds(new_id)?, holds(old_id)?) {
-                (true, true) => {
+            let mut holders = Vec::new();
+            for id in candidates {
+                if holds(id)? {
+                    holders.push(id.as_str());
+                }
+            }
+            match holders.as_slice() {
+                [] => {
+                    keys.remove(key)?;
+                }
+                [holder] => {
+                    keys.insert(key, *holder)?;
+                }
+                [first, rest @ ..] => {
                     let shown = if field == CACHE_KEY {
                         format!("cache key {value}")
                     } else {
                         format!("{field} = {value}")
                     };
-                    self.check.errors.push(
-                        ty,
-                        new_id,
-                        None,
-                        json!({"@entity": [format!("UNIQUE violation: {shown} already belongs to {old_id}")]}),
-                    );
-                }
-                // The collision was transient: make the row point at the holder.
-                (true, false) => {
-                    keys.insert(key, new_id.as_str())?;
-                }
-                (false, true) => {
-                    keys.insert(key, old_id.as_str())?;
-                }
-                (false, false) => {
-                    keys.remove(key)?;
+                    for other in rest {
+                        self.check.errors.push(
+                            ty,
+                            other,
+                            None,
+                            json!({"@entity": [format!("UNIQUE violation: {shown} already belongs to {first}")]}),
+                        );
+                    }
                 }
             }
         }
@@ -1193,17 +1204,16 @@ impl Tables<'_> {
         let kws = key_ws(&p.schema, &p.ws);
         for (field, value) in &index.keys {
             let key = (ty, kws, field.as_str(), value.as_str());
-            if let Some(other) = self.keys.insert(key, id)?
-                && other.value() != id
-            {
-                work.collisions.push([
-                    ty.to_owned(),
-                    kws.to_owned(),
-                    field.clone(),
-                    value.clone(),
-                    id.to_owned(),
-                    other.value().to_owned(),
-                ]);
+            let displaced = self
+                .keys
+                .insert(key, id)?
+                .map(|other| other.value().to_owned())
+                .filter(|other| other != id);
+            let k = [ty.to_owned(), kws.to_owned(), field.clone(), value.clone()];
+            if displaced.is_some() || work.contested.contains_key(&k) {
+                let holders = work.contested.entry(k).or_default();
+                holders.insert(id.to_owned());
+                holders.extend(displaced);
             }
         }
         for (field, parent_ty, parent_id) in &index.refs {

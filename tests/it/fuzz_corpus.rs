@@ -98,7 +98,6 @@ mod found {
     /// `s-a` (no row, no collision). At commit the B/A collision resolves to A and C's
     /// duplicate goes unseen; the key row then points at A.
     #[test]
-    #[ignore = "bug in dp::store: a unique key handed on by a transient holder is not rechecked"]
     fn dp_store_unique_key_handed_to_a_third_entity() {
         let dir = tempfile::tempdir().unwrap();
         let dp = open(&dir);
@@ -127,7 +126,6 @@ mod found {
     /// before it clears `clear_transfer`, and the transaction is dropped): pages can still be
     /// staged into it and it can be committed again.
     #[test]
-    #[ignore = "bug in dp::store: an empty incremental transfer is not cleared on commit"]
     fn dp_store_empty_incremental_transfer_stays_staged() {
         let dir = tempfile::tempdir().unwrap();
         let dp = open(&dir);
