@@ -140,3 +140,29 @@ mod found {
         replay("empty-incremental-transfer-stays-staged");
     }
 }
+
+/// `state_hash` (fuzzer crash, `fuzz/regressions/state_hash/float-does-not-round-trip`):
+/// serde_json parses long floats with best-effort precision (its `float_roundtrip` feature is
+/// off), so `parse(to_string(parse(text)))` can differ from `parse(text)`. The state hash is
+/// over the serialised entity: a CP that hashes the entity it parsed and a DP that hashes what
+/// it parsed from the CP's text can disagree on the same configuration.
+#[test]
+#[ignore = "bug: serde_json without float_roundtrip; the state hash of a float entity changes"]
+fn state_hash_float_does_not_round_trip() {
+    let text =
+        "999955555555555555555555555555555555555555555555555555555555555555555555555555555555559";
+    let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+    let again: serde_json::Value = serde_json::from_str(&parsed.to_string()).unwrap();
+    let hash = |v: &serde_json::Value| {
+        deltaplane::store::StateHash::of_entity(
+            "services",
+            "ws",
+            "id",
+            &serde_json::json!({"n": v}),
+        )
+    };
+    assert_eq!(hash(&parsed), hash(&again), "{parsed} re-read as {again}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/state_hash/float-does-not-round-trip");
+    deltaplane::fuzzing::state_hash(&std::fs::read(path).unwrap());
+}
