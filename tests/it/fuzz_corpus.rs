@@ -142,12 +142,11 @@ mod found {
 }
 
 /// `state_hash` (fuzzer crash, `fuzz/regressions/state_hash/float-does-not-round-trip`):
-/// serde_json parses long floats with best-effort precision (its `float_roundtrip` feature is
-/// off), so `parse(to_string(parse(text)))` can differ from `parse(text)`. The state hash is
+/// serde_json parsed long floats with best-effort precision (its `float_roundtrip` feature was
+/// off, now on), so `parse(to_string(parse(text)))` can differ from `parse(text)`. The state hash is
 /// over the serialised entity: a CP that hashes the entity it parsed and a DP that hashes what
 /// it parsed from the CP's text can disagree on the same configuration.
 #[test]
-#[ignore = "bug: serde_json without float_roundtrip; the state hash of a float entity changes"]
 fn state_hash_float_does_not_round_trip() {
     let text =
         "999955555555555555555555555555555555555555555555555555555555555555555555555555555555559";
