@@ -8,6 +8,7 @@
 //! cargo run --release --example loadtest -- latency --dps 1,10 --pg postgres://postgres@127.0.0.1:5432/test
 //! cargo run --release --example loadtest -- fullsync --entities 100000
 //! cargo run --release --example loadtest -- deltasize --entities 100000
+//! cargo run --release --example loadtest -- v1push --entities 100000
 //! ```
 //!
 //! * `latency`: Admin API write → `deltaplane.version` notification (sent by a DP only after the
@@ -16,6 +17,9 @@
 //!   fresh DP process start to its `/status` version equal to the CP head, and peak RSS.
 //! * `deltasize`: one PATCH on the same config, then the harness itself is a DP and measures the
 //!   compressed `get_delta` answer for `head - 1` on the wire, per frame encoding.
+//! * `v1push`: the same config over sync v1 (`/v1/outlet`): the CP's export + gzip (once per
+//!   version, shared), the push on the wire, the DP's apply (in-process, durable redb), and,
+//!   after one PATCH, the v1 re-push next to the v2 `get_delta` answer.
 //!
 //! Every child process is killed when the harness exits (also on error or panic).
 
@@ -100,6 +104,15 @@ enum Scenario {
         #[arg(long)]
         pg: Option<String>,
     },
+    /// Pre-filled CP over sync v1: export + gzip, push size, DP apply; then one PATCH: the v1
+    /// re-push next to the v2 get_delta answer.
+    V1push {
+        #[arg(long, default_value_t = 100_000)]
+        entities: usize,
+        /// PostgreSQL server URL (a fresh database is created and dropped); SQLite when unset
+        #[arg(long)]
+        pg: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,6 +146,7 @@ fn main() -> anyhow::Result<()> {
             }
             Scenario::Fullsync { entities, pg } => fullsync(&bins, entities, pg.as_deref()).await,
             Scenario::Deltasize { entities, pg } => deltasize(&bins, entities, pg.as_deref()).await,
+            Scenario::V1push { entities, pg } => v1push(&bins, entities, pg.as_deref()).await,
         }
     });
     println!("load average at end: {}", loadavg());
@@ -359,6 +373,8 @@ struct World {
     http: reqwest::Client,
     pg: Option<PgDb>,
     tmp: tempfile::TempDir,
+    /// Extra `deltaplane-cp serve` arguments for a scenario.
+    cp_args: Vec<String>,
 }
 
 impl World {
@@ -383,6 +399,7 @@ impl World {
                 .build()?,
             pg,
             tmp,
+            cp_args: Vec::new(),
         })
     }
 
@@ -416,7 +433,8 @@ impl World {
         cmd.args(["serve", "--data-dir"])
             .arg(&dir)
             .args(["--admin-listen", &admin])
-            .args(["--cluster-listen", &cluster.to_string()]);
+            .args(["--cluster-listen", &cluster.to_string()])
+            .args(&self.cp_args);
         match &self.pg {
             Some(db) => {
                 cmd.args(["--database-url", &db.url]);
@@ -1176,6 +1194,222 @@ async fn deltasize(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Re
         "(TLS adds its record overhead, ~22 B per record with TLS 1.3 AES-GCM/ChaCha, on top of \
          the frame.)"
     );
+    Ok(())
+}
+
+// === scenario: v1push ===
+
+/// A raw `/v1/outlet` client: connected, `basic_info` sent.
+async fn v1_connect(
+    tls: &ClusterTls,
+    cluster: SocketAddr,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+> {
+    let tcp = tokio::net::TcpStream::connect(cluster).await?;
+    tcp.set_nodelay(true)?;
+    let stream = tls.connect(tcp, "127.0.0.1").await?;
+    let url = format!(
+        "wss://{cluster}/v1/outlet?node_id={}&node_hostname=loadtest&node_version=3.10.0",
+        uuid::Uuid::new_v4()
+    );
+    let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30));
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(cfg)).await?;
+    let info = json!({"type": "basic_info", "plugins": [], "labels": {}});
+    ws.send(Message::Binary(serde_json::to_vec(&info)?.into()))
+        .await?;
+    Ok(ws)
+}
+
+/// The next binary frame (a push), within `secs`.
+async fn v1_next(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    >,
+    secs: u64,
+) -> anyhow::Result<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => bail!("no push in {secs} s"),
+            Ok(Some(Ok(Message::Binary(b)))) => return Ok(b.to_vec()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => bail!("connection ended: {other:?}"),
+        }
+    }
+}
+
+async fn v1push(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Result<()> {
+    ensure!(entities >= 1, "--entities ≥ 1");
+    let mut world = World::new(pg).await?;
+    // A 100k-entity push is larger than Kong's 16 MiB cluster_max_payload (a Kong CP fails
+    // the same way); the raw clients here do not ping, so the CP must not drop them.
+    world.cp_args = [
+        "--cluster-max-payload",
+        "1073741824",
+        "--cluster-idle-timeout",
+        "600s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let filled = fill(&world, entities).await?;
+    let cp = world.start_cp(bins).await?;
+    let (head, cp_hash) = world.cp_head(&cp).await?;
+    let tls = ClusterTls::load(&TlsSettings {
+        mode: MtlsMode::Shared,
+        cert: cp.dir.join("cluster.crt").display().to_string(),
+        key: cp.dir.join("cluster.key").display().to_string(),
+        ca_cert: None,
+        server_name: None,
+        allowed_common_names: Vec::new(),
+    })?;
+    // First v1 client: nothing cached, so this is export + gzip + send.
+    let t = Instant::now();
+    let mut ws = v1_connect(&tls, cp.cluster).await?;
+    let first = v1_next(&mut ws, 600).await?;
+    let first_push = t.elapsed();
+    // Second client: the same bytes from the cache.
+    let t = Instant::now();
+    let mut ws2 = v1_connect(&tls, cp.cluster).await?;
+    let second = v1_next(&mut ws2, 600).await?;
+    let cached_push = t.elapsed();
+    ensure!(
+        first == second,
+        "two DPs got different bytes for one version"
+    );
+    let raw = deltaplane::v1::gunzip(&first, 1 << 31).map_err(anyhow::Error::msg)?;
+    let msg: Value = serde_json::from_slice(&raw)?;
+    ensure!(
+        msg["deltaplane_version"] == head,
+        "pushed {}",
+        msg["deltaplane_version"]
+    );
+    let config_hash = msg["config_hash"]
+        .as_str()
+        .context("config_hash")?
+        .to_owned();
+    drop(msg);
+    let export_log = std::fs::read_to_string(world.tmp.path().join("cp.log"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("sync v1: exported"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| "(no export line in cp.log)".into());
+
+    // The DP's apply: gunzip, parse, unflatten, one durable redb transaction.
+    let dp_dir = world.tmp.path().join("v1-dp");
+    std::fs::create_dir_all(&dp_dir)?;
+    let store = deltaplane::dp::store::DpStore::open(
+        &dp_dir.join("config.redb"),
+        deltaplane::schema::Registry::builtin().clone(),
+        deltaplane::dp::store::DpStoreOptions::recommended(),
+    )?;
+    let t = Instant::now();
+    let outcome = deltaplane::dp::v1::apply_message(&store, &dp_dir, &first, 1 << 31)
+        .map_err(anyhow::Error::msg)?;
+    let apply = t.elapsed();
+    ensure!(
+        matches!(outcome, deltaplane::dp::v1::Outcome::Applied { .. }),
+        "{outcome:?}"
+    );
+    ensure!(
+        store.state().state_hash.to_hex() == cp_hash,
+        "the v1 DP's state hash differs from the CP's"
+    );
+    let t = Instant::now();
+    let again = deltaplane::dp::v1::apply_message(&store, &dp_dir, &first, 1 << 31)
+        .map_err(anyhow::Error::msg)?;
+    let skip = t.elapsed();
+    ensure!(
+        matches!(again, deltaplane::dp::v1::Outcome::Same),
+        "{again:?}"
+    );
+
+    // One PATCH: the v1 re-push versus the v2 get_delta answer.
+    let t = Instant::now();
+    let r = world
+        .http
+        .patch(format!("{}/services/{}", cp.admin, filled.sample_name))
+        .json(&json!({"retries": 7}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "PATCH answered {}", r.status());
+    let entity_json = r.text().await?.len();
+    let repush = v1_next(&mut ws, 600).await?;
+    let repush_time = t.elapsed();
+    let t = Instant::now();
+    deltaplane::dp::v1::apply_message(&store, &dp_dir, &repush, 1 << 31)
+        .map_err(anyhow::Error::msg)?;
+    let reapply = t.elapsed();
+    let mut v2 = Vec::new();
+    for enc in [Encoding::SnappyFramed, Encoding::Zstd] {
+        let m = get_delta_once(&tls, cp.cluster, enc, head).await?;
+        v2.push((enc, m));
+    }
+    drop((ws, ws2));
+
+    println!();
+    println!(
+        "### sync v1 push, {}, {} services in the config ({} as stored JSON)",
+        world.backend(),
+        filled.entities,
+        mib(filled.json_bytes as f64)
+    );
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| config_table JSON (decompressed message) | {} ({} bytes) |",
+        mib(raw.len() as f64),
+        raw.len()
+    );
+    println!(
+        "| push on the wire (gzip, one binary frame) | **{}** ({} bytes, {:.1}× smaller) |",
+        mib(first.len() as f64),
+        first.len(),
+        raw.len() as f64 / first.len() as f64
+    );
+    println!(
+        "| first v1 DP: connect → push received (snapshot + export + md5 + gzip + send) | **{:.2} s** |",
+        first_push.as_secs_f64()
+    );
+    println!(
+        "| second v1 DP: connect → same bytes (shared, no export) | **{:.3} s** |",
+        cached_push.as_secs_f64()
+    );
+    println!("| CP export log | `{}` |", export_log.trim());
+    println!(
+        "| DP apply (gunzip + parse + unflatten + validate + one durable redb txn) | **{:.2} s** |",
+        apply.as_secs_f64()
+    );
+    println!(
+        "| DP same-hash push (gunzip + parse + compare, nothing applied) | {:.2} s |",
+        skip.as_secs_f64()
+    );
+    println!("| config hash | {config_hash} |");
+    println!();
+    println!("### one PATCH on that config: v1 re-push vs v2 get_delta(head)");
+    println!();
+    println!("| | bytes on the wire | time |");
+    println!("|---|---|---|");
+    println!("| changed entity JSON (PATCH answer) | {entity_json} B | |");
+    println!(
+        "| v1 re-push (whole config, gzip) | {} B ({}) | PATCH → push received {:.2} s; DP apply {:.2} s |",
+        repush.len(),
+        mib(repush.len() as f64),
+        repush_time.as_secs_f64(),
+        reapply.as_secs_f64()
+    );
+    for (enc, m) in &v2 {
+        println!(
+            "| v2 get_delta, {enc} | {} B | one delta |",
+            m.payload + ws_header_len(m.payload)
+        );
+    }
+    println!();
     Ok(())
 }
 

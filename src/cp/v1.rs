@@ -399,14 +399,19 @@ where
     let mut sent_version: Option<(i64, String)> = None;
     // The configuration as of now, then every newer one the push loop publishes.
     let head = *ctx.store.subscribe().borrow();
-    let mut pending = match ctx.v1.ensure(ctx, head).await {
+    let ensured = match ctx.v1.ensure(ctx, head).await {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(error = %e, "sync v1: export failed");
             None
         }
     };
-    latest.borrow_and_update();
+    // The push loop may have published a newer one meanwhile: send whichever is newer.
+    let published = latest.borrow_and_update().clone();
+    let mut pending = match (ensured, published) {
+        (Some(a), Some(b)) => Some(if b.version > a.version { b } else { a }),
+        (a, b) => a.or(b),
+    };
     let idle = tokio::time::sleep(s.idle_timeout);
     tokio::pin!(idle);
     loop {
