@@ -723,12 +723,19 @@ impl Reader<'_> {
                 ));
             }
             Err(err) => {
+                // A second hello (plain JSON, as the first one was) breaks the protocol.
+                if is_hello(frame) {
+                    return Some(Ending::close(CloseCode::Protocol, "hello already done"));
+                }
                 tracing::debug!(cause = %err, "undecodable frame");
                 self.send(jsonrpc::error(None, &RpcError::parse_error()))
                     .await;
                 return None;
             }
         };
+        if is_hello(&json) {
+            return Some(Ending::close(CloseCode::Protocol, "hello already done"));
+        }
         let incoming = match jsonrpc::parse(&json, inner.cfg.max_batch) {
             Ok(incoming) => incoming,
             Err(err) => {
@@ -843,6 +850,20 @@ fn read_error(err: tungstenite::Error) -> Ending {
         tungstenite::Error::Utf8(_) => Ending::close(CloseCode::Invalid, "invalid UTF-8"),
         err => Ending::silent(CloseReason::Transport(err.to_string())),
     }
+}
+
+/// Whether `json` is a `kong.meta.v1.hello` request (only ever valid as the first frame).
+fn is_hello(json: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        method: Option<&'a str>,
+    }
+    // Cheap pre-check before parsing.
+    json.windows(crate::wire::hello::HELLO_METHOD.len())
+        .any(|w| w == crate::wire::hello::HELLO_METHOD.as_bytes())
+        && serde_json::from_slice::<Probe<'_>>(json)
+            .is_ok_and(|p| p.method == Some(crate::wire::hello::HELLO_METHOD))
 }
 
 /// Runs one request; the serialised response, or `None` for a notification.
