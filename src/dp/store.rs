@@ -247,7 +247,9 @@ struct Work {
     /// every entity that held or took them since: `(type, ws, field, value)` → ids. At commit
     /// exactly one of them may still hold the value (a hand-over through a transient holder
     /// is rechecked too).
-    contested: std::collections::BTreeMap<[String; 4], std::collections::BTreeSet<String>>,
+    /// In order of appearance: the holder from before the batch comes first and keeps the
+    /// value when several still hold it.
+    contested: std::collections::BTreeMap<[String; 4], Vec<String>>,
 }
 
 /// Index rows of one entity.
@@ -1212,8 +1214,11 @@ impl Tables<'_> {
             let k = [ty.to_owned(), kws.to_owned(), field.clone(), value.clone()];
             if displaced.is_some() || work.contested.contains_key(&k) {
                 let holders = work.contested.entry(k).or_default();
-                holders.insert(id.to_owned());
-                holders.extend(displaced);
+                for h in displaced.into_iter().chain(std::iter::once(id.to_owned())) {
+                    if !holders.contains(&h) {
+                        holders.push(h);
+                    }
+                }
             }
         }
         for (field, parent_ty, parent_id) in &index.refs {
