@@ -99,9 +99,10 @@ async fn data_planes_are_listed_in_kongs_shape() {
     cp.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_expire_after_the_purge_delay() {
-    let db = crate::harness::TestDb::sqlite();
+crate::both_backends!(rows_expire_after_the_purge_delay, |backend| async move {
+    let Some(db) = crate::harness::TestDb::new(backend).await else {
+        return;
+    };
     let mut cfg = db.cp_config();
     cfg.data_plane_purge_delay = Duration::from_secs(60);
     cfg.purge_interval = Duration::from_millis(100);
@@ -115,16 +116,18 @@ async fn rows_expire_after_the_purge_delay() {
     })
     .await;
     // Age the row past the purge delay.
-    let deltaplane::store::Pool::Sqlite(pool) = cp.store().pool() else {
-        unreachable!()
-    };
-    sqlx::query("UPDATE dp_data_planes SET last_seen = last_seen - 3600")
-        .execute(pool)
-        .await
-        .unwrap();
+    let sql = "UPDATE dp_data_planes SET last_seen = last_seen - 3600";
+    match cp.store().pool() {
+        deltaplane::store::Pool::Sqlite(p) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+        deltaplane::store::Pool::Postgres(p) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+    }
     rows_until(&cp, "purged", |rows| rows.is_empty()).await;
     cp.shutdown().await;
-}
+});
 
 /// Another major, or a newer minor, is refused and recorded; an older minor is accepted and
 /// gets configurations without the fields it does not know.
