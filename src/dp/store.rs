@@ -31,7 +31,8 @@ use redb::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::schema::{EntitySchema, FieldErrors, FieldType, Registry};
+use crate::schema::index::{CACHE_KEY, EntityIndex, canonical};
+use crate::schema::{EntitySchema, FieldErrors, Registry};
 use crate::store::StateHash;
 use crate::sync::Delta;
 
@@ -197,7 +198,6 @@ const META_HASH: &str = "state_hash";
 const META_COUNT: &str = "n_entities";
 
 /// The name of the cache-key index row, as on the CP.
-const CACHE_KEY: &str = "@cache_key";
 /// Deltas buffered before the tables are opened and they are written.
 const CHUNK_DELTAS: usize = 512;
 const CHUNK_BYTES: usize = 4 << 20;
@@ -231,7 +231,7 @@ struct Upsert {
     /// Canonical JSON, as stored and hashed.
     body: Vec<u8>,
     hash: StateHash,
-    index: Indexed,
+    index: EntityIndex,
 }
 
 /// Bookkeeping of an apply, checked at commit.
@@ -250,14 +250,6 @@ struct Work {
     /// In order of appearance: the holder from before the batch comes first and keeps the
     /// value when several still hold it.
     contested: std::collections::BTreeMap<[String; 4], Vec<String>>,
-}
-
-/// Index rows of one entity.
-struct Indexed {
-    /// `(field, canonical value)`.
-    keys: Vec<(String, String)>,
-    /// `(field, parent type, parent id)`.
-    refs: Vec<(String, String, String)>,
 }
 
 /// Validation errors collected Kong-style.
@@ -963,7 +955,8 @@ impl Apply<'_> {
                 let (row_ws, body) = row.value();
                 let entity = parse_body(body)?;
                 Ok(key_ws(schema, row_ws) == ws
-                    && index_of(schema, &entity)
+                    && schema
+                        .index_of(&entity)
                         .keys
                         .iter()
                         .any(|(f, v)| f == field && v == value))
@@ -1050,7 +1043,7 @@ impl Checker {
                 }
                 let body = serde_json::to_vec(&entity).unwrap_or_default();
                 let hash = StateHash::of_entity_bytes(&schema.name, &d.ws_id, &d.id, &body);
-                let index = index_of(&schema, &entity);
+                let index = schema.index_of(&entity);
                 Some(Upsert { body, hash, index })
             }
         };
@@ -1176,7 +1169,7 @@ impl Tables<'_> {
                 .sub(&StateHash::of_entity_bytes(ty, &old_ws, id, &old_body));
             let old_entity = parse_body(&old_body)?;
             work.n_entities = work.n_entities.saturating_sub(1);
-            let old_index = index_of(&p.schema, &old_entity);
+            let old_index = p.schema.index_of(&old_entity);
             let kws = key_ws(&p.schema, &old_ws);
             for (field, value) in &old_index.keys {
                 let key = (ty, kws, field.as_str(), value.as_str());
@@ -1373,71 +1366,6 @@ fn validate_entity(
     registry
         .prepare(schema, entity.clone(), None, crate::schema::Mode::Insert, 0)
         .map(|_| ())
-}
-
-/// Index rows of an entity, as the CP derives them (`store::write::index_of`).
-fn index_of(schema: &EntitySchema, entity: &Value) -> Indexed {
-    let mut keys = Vec::new();
-    for field in schema.unique_fields() {
-        if let Some(v) = entity.get(&field.name).filter(|v| !v.is_null()) {
-            keys.push((field.name.clone(), canonical(v)));
-        }
-    }
-    if let Some(cache_key) = &schema.cache_key {
-        keys.push((CACHE_KEY.into(), cache_key_value(schema, cache_key, entity)));
-    }
-    let mut refs = Vec::new();
-    for field in &schema.fields {
-        match field.ty {
-            FieldType::Foreign => {
-                if let (Some(id), Some(parent)) =
-                    (foreign_id(entity.get(&field.name)), &field.reference)
-                {
-                    refs.push((field.name.clone(), parent.clone(), id.to_owned()));
-                }
-            }
-            FieldType::Array | FieldType::Set => {
-                if let (Some(parent), Some(Value::Array(items))) = (
-                    field.elements.as_ref().and_then(|e| e.reference.as_ref()),
-                    entity.get(&field.name),
-                ) {
-                    let mut seen = HashSet::new();
-                    for id in items.iter().filter_map(Value::as_str) {
-                        if seen.insert(id) {
-                            refs.push((field.name.clone(), parent.clone(), id.to_owned()));
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Indexed { keys, refs }
-}
-
-/// The cache key as the CP writes it: a JSON array of the fields, foreign keys as their ids.
-fn cache_key_value(schema: &EntitySchema, cache_key: &[String], entity: &Value) -> String {
-    let parts: Vec<Value> = cache_key
-        .iter()
-        .map(|f| {
-            let v = entity.get(f).cloned().unwrap_or(Value::Null);
-            match schema.field(f).map(|x| x.ty) {
-                Some(FieldType::Foreign) => {
-                    foreign_id(Some(&v)).map(Value::from).unwrap_or(Value::Null)
-                }
-                _ => v,
-            }
-        })
-        .collect();
-    canonical(&Value::Array(parts))
-}
-
-fn foreign_id(v: Option<&Value>) -> Option<&str> {
-    v.and_then(|f| f.get("id")).and_then(Value::as_str)
-}
-
-fn canonical(v: &Value) -> String {
-    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// The workspace part of a key row: unique keys of non-workspaceable types are global.

@@ -7,6 +7,7 @@
 mod checks;
 mod compat;
 pub mod form;
+pub mod index;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};

@@ -12,7 +12,9 @@
 use serde_json::{Map, Value};
 
 use super::{Pool, StateHash, Store, StoreError, now_secs};
-use crate::schema::{EntitySchema, FieldType, Mode, OnDelete, Registry};
+pub(super) use crate::schema::index::canonical;
+use crate::schema::index::{CACHE_KEY, EntityIndex, foreign_id, tags_of};
+use crate::schema::{EntitySchema, Mode, OnDelete, Registry};
 
 /// One Admin API write.
 #[derive(Debug, Clone)]
@@ -87,6 +89,16 @@ struct Indexed {
     tags: Vec<String>,
 }
 
+/// Index rows of an entity: unique and cache keys, foreign references (`schema::index`), tags.
+fn index_of(schema: &EntitySchema, entity: &Value) -> Indexed {
+    let EntityIndex { keys, refs } = schema.index_of(entity);
+    Indexed {
+        keys,
+        refs,
+        tags: tags_of(entity),
+    }
+}
+
 /// A recorded change, before it is appended to the log.
 struct Delta {
     ty: String,
@@ -98,16 +110,8 @@ struct Delta {
     entity: Option<Value>,
 }
 
-pub(super) fn canonical(v: &Value) -> String {
-    serde_json::to_string(v).expect("a JSON value serialises")
-}
-
 fn id_of(v: &Value) -> Option<&str> {
     v.get("id").and_then(Value::as_str)
-}
-
-fn foreign_id(v: Option<&Value>) -> Option<&str> {
-    v.and_then(|f| f.get("id")).and_then(Value::as_str)
 }
 
 impl Txn {
@@ -303,76 +307,6 @@ fn values_sql(prefix: &str, cols: usize, rows: usize) -> String {
         sql.push(')');
     }
     sql
-}
-
-/// Index rows of an entity: unique and cache keys, foreign references, tags.
-fn index_of(schema: &EntitySchema, entity: &Value) -> Indexed {
-    let mut keys = Vec::new();
-    for field in schema.unique_fields() {
-        if let Some(v) = entity.get(&field.name).filter(|v| !v.is_null()) {
-            keys.push((field.name.clone(), canonical(v)));
-        }
-    }
-    if let Some(cache_key) = &schema.cache_key {
-        keys.push((
-            "@cache_key".into(),
-            cache_key_value(schema, cache_key, entity),
-        ));
-    }
-    let mut refs = Vec::new();
-    for field in &schema.fields {
-        match field.ty {
-            FieldType::Foreign => {
-                if let (Some(id), Some(parent)) =
-                    (foreign_id(entity.get(&field.name)), &field.reference)
-                {
-                    refs.push((field.name.clone(), parent.clone(), id.to_owned()));
-                }
-            }
-            FieldType::Array | FieldType::Set => {
-                if let (Some(parent), Some(Value::Array(items))) = (
-                    field.elements.as_ref().and_then(|e| e.reference.as_ref()),
-                    entity.get(&field.name),
-                ) {
-                    let mut seen = std::collections::BTreeSet::new();
-                    for id in items.iter().filter_map(Value::as_str) {
-                        if seen.insert(id) {
-                            refs.push((field.name.clone(), parent.clone(), id.to_owned()));
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut tags: Vec<String> = entity
-        .get("tags")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    tags.sort();
-    tags.dedup();
-    Indexed { keys, refs, tags }
-}
-
-fn cache_key_value(schema: &EntitySchema, cache_key: &[String], entity: &Value) -> String {
-    let parts: Vec<Value> = cache_key
-        .iter()
-        .map(|f| {
-            let v = entity.get(f).cloned().unwrap_or(Value::Null);
-            match schema.field(f).map(|x| x.ty) {
-                Some(FieldType::Foreign) => {
-                    foreign_id(Some(&v)).map(Value::from).unwrap_or(Value::Null)
-                }
-                _ => v,
-            }
-        })
-        .collect();
-    canonical(&Value::Array(parts))
 }
 
 /// The state of one transaction while it applies operations.
@@ -745,9 +679,9 @@ impl WriteCtx<'_> {
                 let mut probe = Map::new();
                 probe.insert(ek.clone(), Value::String(key.to_owned()));
                 probe.insert(field.clone(), serde_json::json!({ "id": pid }));
-                let ck = cache_key_value(schema, cache_key, &Value::Object(probe));
+                let ck = schema.cache_key_value(cache_key, &Value::Object(probe));
                 self.tx
-                    .find_key(&schema.name, &self.ws, "@cache_key", &ck)
+                    .find_key(&schema.name, &self.ws, CACHE_KEY, &ck)
                     .await?
             } else {
                 None
@@ -825,7 +759,7 @@ impl WriteCtx<'_> {
                 continue;
             }
             let mut fields = Map::new();
-            if name == "@cache_key" {
+            if name == CACHE_KEY {
                 for f in schema.cache_key.iter().flatten() {
                     fields.insert(f.clone(), entity.get(f).cloned().unwrap_or(Value::Null));
                 }
