@@ -307,7 +307,10 @@ pub fn delta_apply(data: &[u8]) {
                     let tid = p / 2 % 3;
                     let bytes_mode = model.transfers.get(&tid).is_some_and(|t| t.bytes_mode);
                     let got = if bytes_mode {
-                        dp.stage_commit_with(transfer_name(tid), decode_page)
+                        dp.stage_commit_with(
+                            transfer_name(tid),
+                            crate::dp::client::decode_staged_page,
+                        )
                     } else {
                         dp.stage_commit(transfer_name(tid))
                     };
@@ -772,35 +775,6 @@ fn to_deltas(gs: &[Gen]) -> Vec<Delta> {
 fn page_bytes(gs: &[Gen]) -> Vec<u8> {
     let wire: Vec<Value> = to_deltas(gs).iter().map(Delta::to_wire).collect();
     json!({"deltas": wire}).to_string().into_bytes()
-}
-
-/// The page decoder `stage_commit` calls back, as the DP client's: wire deltas to the sink,
-/// an unreadable delta rejects the transfer as invalid.
-fn decode_page(
-    page_no: u64,
-    bytes: &[u8],
-    sink: &mut crate::dp::store::DeltaSink<'_>,
-) -> Result<(), ApplyError> {
-    let invalid = |message: String| ApplyError::Invalid {
-        message,
-        fields: Value::Object(Default::default()),
-        flattened: Vec::new(),
-    };
-    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("page {page_no}: {e}")))?;
-    let mut failure = None;
-    let parsed = for_each_delta(text, |v| {
-        Delta::from_wire(v)
-            .map_err(|e| invalid(format!("sync deltas is invalid: {e}")))
-            .and_then(&mut *sink)
-            .map_err(|e| {
-                failure = Some(e);
-                String::new()
-            })
-    });
-    match failure {
-        Some(f) => Err(f),
-        None => parsed.map_err(invalid),
-    }
 }
 
 // --- running on the store ---

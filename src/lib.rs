@@ -13,6 +13,7 @@
 //! - [`dp`]: the data plane: redb store, sync client, status listener.
 //! - [`v1`]: Kong's sync v1 (full-config push): config hash, `config_table` export.
 
+pub mod cli;
 pub mod cp;
 pub mod dp;
 #[doc(hidden)]

@@ -5,25 +5,8 @@ use deltaplane::cp::config::{CertsCommand, Cli, Command};
 use deltaplane::cp::{self, CpConfig};
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DELTAPLANE_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("deltaplane-cp: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    deltaplane::cli::main("deltaplane-cp", "info,sqlx=warn", run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

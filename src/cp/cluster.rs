@@ -27,7 +27,7 @@ use crate::tls::ClusterTls;
 use crate::wire::codec::{self, Encoding};
 use crate::wire::hello::{self, Hello, HelloResult};
 use crate::wire::jsonrpc::RpcError;
-use crate::wire::peer::{Handler, Peer, PeerConfig, Reply};
+use crate::wire::peer::{Handler, Peer, Reply};
 
 /// The subprotocol of `/v2/outlet`.
 pub const SUBPROTOCOL: &str = "kong.meta.v1";
@@ -147,19 +147,6 @@ impl ClusterCtx {
             .values()
             .cloned()
             .collect()
-    }
-
-    fn peer_config(&self) -> PeerConfig {
-        let s = &self.settings;
-        PeerConfig {
-            ping_interval: s.ping_interval,
-            idle_timeout: s.idle_timeout,
-            call_timeout: s.call_timeout,
-            write_timeout: s.write_timeout,
-            max_payload: s.max_payload,
-            max_decompressed: s.max_decompressed(),
-            ..PeerConfig::default()
-        }
     }
 
     fn row(&self, conn: &DpConn, connected: bool) -> DataPlaneRow {
@@ -500,7 +487,7 @@ async fn connection(
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
         .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
     let identity = Some(identity);
-    let ws_config = crate::wire::peer::ws_config(&ctx.peer_config());
+    let ws_config = crate::wire::peer::ws_config(&ctx.settings.peer_config());
     let route: Mutex<Option<Route>> = Mutex::new(None);
     let settings = &ctx.settings;
     let callback =
@@ -603,7 +590,7 @@ async fn connection(
     let peer = Peer::start(
         ws,
         encoding,
-        ctx.peer_config(),
+        ctx.settings.peer_config(),
         our_caps,
         hello.rpc_capabilities.clone(),
         handler,
@@ -843,22 +830,6 @@ impl Handler for CpHandler {
     }
 
     fn call(
-        &self,
-        peer: Peer,
-        method: String,
-        params: Value,
-    ) -> BoxFuture<'static, Result<Value, RpcError>> {
-        let fut = self.call_reply(peer, method, params, false);
-        Box::pin(async move {
-            match fut.await? {
-                Reply::Value(v) => Ok(v),
-                Reply::Raw(r) => serde_json::from_str(r.get())
-                    .map_err(|e| RpcError::internal_error().with_message(e.to_string())),
-            }
-        })
-    }
-
-    fn call_reply(
         &self,
         peer: Peer,
         method: String,

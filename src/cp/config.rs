@@ -222,6 +222,19 @@ impl Default for ClusterSettings {
 }
 
 impl ClusterSettings {
+    /// The per-connection limits and timers of a [`crate::wire::peer::Peer`] on this link.
+    pub fn peer_config(&self) -> crate::wire::peer::PeerConfig {
+        crate::wire::peer::PeerConfig {
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            call_timeout: self.call_timeout,
+            write_timeout: self.write_timeout,
+            max_payload: self.max_payload,
+            max_decompressed: self.max_decompressed(),
+            ..crate::wire::peer::PeerConfig::default()
+        }
+    }
+
     /// The decompressed-size cap that goes with `max_payload`.
     pub fn max_decompressed(&self) -> usize {
         self.max_payload.saturating_mul(16)

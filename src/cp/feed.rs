@@ -234,10 +234,6 @@ impl Feed {
         }
     }
 
-    pub fn limits(&self) -> FeedLimits {
-        self.limits
-    }
-
     /// The `get_delta` result for a data plane at `dp_version` (`None`: not a valid version).
     /// `fits` says whether an uncompressed answer larger than `frame_bytes` still fits one frame
     /// once encoded for this peer.
@@ -446,7 +442,13 @@ impl Feed {
         }
         *cached = None; // free the old one before building the next
         let mut out = Serialized::new(0, String::new(), true);
-        let info = self.store.snapshot_raw(|c| out.push(&c)).await?;
+        let info = self
+            .store
+            .snapshot_raw(|c| {
+                out.push(&c);
+                std::ops::ControlFlow::Continue(())
+            })
+            .await?;
         out.version = info.version;
         out.epoch = info.epoch;
         let snap = Arc::new(out);

@@ -24,7 +24,7 @@ use crate::tls::{ClusterTls, TlsSettings};
 use crate::wire::codec::Encoding;
 use crate::wire::hello::{self, Hello};
 use crate::wire::jsonrpc::RpcError;
-use crate::wire::peer::{Handler, Peer, PeerConfig};
+use crate::wire::peer::{Handler, Peer, Reply};
 
 const DP_METHODS: &[&str] = &["kong.sync.v2.notify_new_version"];
 
@@ -39,19 +39,6 @@ pub fn tls_for(cfg: &DpConfig) -> anyhow::Result<ClusterTls> {
         allowed_common_names: Vec::new(),
     })
     .context("loading the cluster certificate")
-}
-
-pub(crate) fn peer_config(cfg: &DpConfig) -> PeerConfig {
-    let s = &cfg.cluster;
-    PeerConfig {
-        ping_interval: s.ping_interval,
-        idle_timeout: s.idle_timeout,
-        call_timeout: s.call_timeout,
-        write_timeout: s.write_timeout,
-        max_payload: s.max_payload,
-        max_decompressed: s.max_decompressed(),
-        ..PeerConfig::default()
-    }
 }
 
 /// Follows the control plane(s) until `stop`.
@@ -151,14 +138,12 @@ async fn v1_session(
     )
 }
 
-async fn session(
-    cfg: &DpConfig,
+/// TCP then TLS to `cp` (`host:port`), each step bounded by `timeout`.
+pub(crate) async fn connect_tls(
     tls: &ClusterTls,
-    shared: &Arc<DpShared>,
     cp: &str,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<End> {
-    let timeout = cfg.cluster.handshake_timeout;
+    timeout: Duration,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let (host, _port) = cp.rsplit_once(':').context("host:port")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(cp))
@@ -167,11 +152,22 @@ async fn session(
         .with_context(|| format!("connecting to {cp}"))?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
-    let stream = tokio::time::timeout(timeout, connector.connect(tls.server_name_for(host), tcp))
+    tokio::time::timeout(timeout, connector.connect(tls.server_name_for(host), tcp))
         .await
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
-        .context("TLS handshake")?;
-    let pcfg = peer_config(cfg);
+        .context("TLS handshake")
+}
+
+async fn session(
+    cfg: &DpConfig,
+    tls: &ClusterTls,
+    shared: &Arc<DpShared>,
+    cp: &str,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<End> {
+    let timeout = cfg.cluster.handshake_timeout;
+    let stream = connect_tls(tls, cp, timeout).await?;
+    let pcfg = cfg.cluster.peer_config();
     let request = {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
         let mut r = format!("wss://{cp}/v2/outlet").into_client_request()?;
@@ -363,7 +359,8 @@ impl Handler for DpHandler {
         _peer: Peer,
         method: String,
         params: Value,
-    ) -> BoxFuture<'static, Result<Value, RpcError>> {
+        _notification: bool,
+    ) -> BoxFuture<'static, Result<Reply, RpcError>> {
         let shared = self.shared.clone();
         let notified = self.notified.clone();
         Box::pin(async move {
@@ -395,7 +392,7 @@ impl Handler for DpHandler {
                 }
                 newer
             });
-            Ok(Value::Bool(true))
+            Ok(Value::Bool(true).into())
         })
     }
 }
@@ -649,26 +646,10 @@ impl Syncer<'_> {
         let fetched = started.elapsed();
         let store = self.shared.store.clone();
         let id = t.id.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            store.stage_commit_with(&id, |page_no, bytes, sink| {
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|e| invalid(format!("page {page_no}: {e}")))?;
-                feed_deltas(text, sink).map_err(|e| match e {
-                    ApplyError::Invalid {
-                        message,
-                        fields,
-                        flattened,
-                    } if flattened.is_empty() => ApplyError::Invalid {
-                        message: format!("page {page_no}: {message}"),
-                        fields,
-                        flattened,
-                    },
-                    e => e,
-                })
-            })
-        })
-        .await
-        .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        let committed =
+            tokio::task::spawn_blocking(move || store.stage_commit_with(&id, decode_staged_page))
+                .await
+                .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
         tracing::info!(transfer = %t.id, ?fetched, total = ?started.elapsed(), ok = committed.is_ok(), "paged transfer ended");
         match committed {
             Ok(a) => Ok(a.version),
@@ -785,6 +766,28 @@ fn invalid(message: String) -> ApplyError {
         fields: Value::Object(Default::default()),
         flattened: Vec::new(),
     }
+}
+
+/// The decoder [`DpStore::stage_commit_with`] calls back for each page staged by `paged`: the
+/// page's JSON text (`{"deltas": [...]}`), its deltas fed to the apply one at a time.
+pub(crate) fn decode_staged_page(
+    page_no: u64,
+    bytes: &[u8],
+    sink: &mut DeltaSink<'_>,
+) -> Result<(), ApplyError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("page {page_no}: {e}")))?;
+    feed_deltas(text, sink).map_err(|e| match e {
+        ApplyError::Invalid {
+            message,
+            fields,
+            flattened,
+        } if flattened.is_empty() => ApplyError::Invalid {
+            message: format!("page {page_no}: {message}"),
+            fields,
+            flattened,
+        },
+        e => e,
+    })
 }
 
 /// Feeds the deltas of `ns_json` (an object with a `deltas` array) to `sink`, one at a time.

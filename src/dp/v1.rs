@@ -218,25 +218,14 @@ pub async fn session(
 ) -> anyhow::Result<V1End> {
     let s = &cfg.cluster;
     let timeout = s.handshake_timeout;
-    let (host, _port) = cp.rsplit_once(':').context("host:port")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(cp))
-        .await
-        .map_err(|_| anyhow::anyhow!("connect timed out"))?
-        .with_context(|| format!("connecting to {cp}"))?;
-    let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
-    let stream = tokio::time::timeout(timeout, connector.connect(tls.server_name_for(host), tcp))
-        .await
-        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
-        .context("TLS handshake")?;
+    let stream = super::client::connect_tls(tls, cp, timeout).await?;
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("node_id", &shared.node_id)
         .append_pair("node_hostname", &shared.hostname)
         .append_pair("node_version", &cfg.kong_compat_version)
         .finish();
     let url = format!("wss://{cp}{}?{query}", crate::v1::PATH);
-    let pcfg = super::client::peer_config(cfg);
+    let pcfg = cfg.cluster.peer_config();
     let (mut ws, _resp) = tokio::time::timeout(
         timeout,
         tokio_tungstenite::client_async_with_config(

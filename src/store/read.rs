@@ -1,6 +1,8 @@
 //! Reads: entities and pages for the Admin API, the change log and snapshots for sync, and the
 //! background purge that keeps the change log bounded.
 
+use std::ops::ControlFlow;
+
 use base64::Engine as _;
 use futures::TryStreamExt as _;
 use serde_json::Value;
@@ -93,6 +95,22 @@ pub struct RawChange<'a> {
     pub ws_id: &'a str,
     /// `None` for a delete.
     pub entity: Option<&'a str>,
+}
+
+impl RawChange<'_> {
+    /// The change with its entity parsed.
+    pub fn parsed(&self) -> Result<Change, StoreError> {
+        Ok(Change {
+            version: self.version,
+            entity_type: self.entity_type.to_owned(),
+            id: self.id.to_owned(),
+            ws_id: self.ws_id.to_owned(),
+            entity: self
+                .entity
+                .map(|e| parse_body(self.entity_type, e))
+                .transpose()?,
+        })
+    }
 }
 
 /// The reader is below the change-log horizon: deltas after its version were purged.
@@ -342,32 +360,30 @@ impl Store {
 
     /// Streams the deltas of versions after `after`, in version order, at most `max_versions`
     /// whole versions, to `f`. The horizon check and the read share one snapshot.
-    /// Returns the head at that snapshot, or `Err(BehindHorizon)` when history was purged.
+    /// Returns the head at that snapshot (its `version` capped at the last version read), or
+    /// `Err(BehindHorizon)` when history was purged. An error from `f` ends the read.
     pub async fn changes_after(
         &self,
         after: i64,
         max_versions: i64,
         mut f: impl FnMut(Change) -> Result<(), StoreError> + Send,
     ) -> Result<Result<VersionInfo, BehindHorizon>, StoreError> {
-        Ok(read_tx!(self.pool(), c => {
-            let info = version_info_in!(c);
-            if after < info.oldest_version - 1 {
-                Err(BehindHorizon { oldest_version: info.oldest_version })
-            } else {
-                let upto = after.saturating_add(max_versions.max(1)).min(info.version);
-                let mut rows = sqlx::query_as::<_, (i64, String, String, String, Option<String>)>(
-                    "SELECT version, type, pk, ws_id, entity FROM dp_changes WHERE version > $1 AND version <= $2 ORDER BY version, seq")
-                    .bind(after)
-                    .bind(upto)
-                    .fetch(&mut *c);
-                while let Some((version, ty, pk, ws_id, entity)) = rows.try_next().await? {
-                    let id = serde_json::from_str::<Value>(&pk).ok().and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)).unwrap_or_default();
-                    let entity = entity.map(|e| parse_body(&ty, &e)).transpose()?;
-                    f(Change { version, entity_type: ty, id, ws_id, entity })?;
+        let mut failed = None;
+        let head = self
+            .changes_after_raw(after, max_versions, |c| match c.parsed().and_then(&mut f) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
                 }
-                drop(rows);
-                Ok(VersionInfo { version: upto, ..info })
-            }
+            })
+            .await?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(head.map(|info| VersionInfo {
+            version: after.saturating_add(max_versions.max(1)).min(info.version),
+            ..info
         }))
     }
 
@@ -378,7 +394,7 @@ impl Store {
         &self,
         after: i64,
         max_versions: i64,
-        mut f: impl FnMut(RawChange<'_>) -> std::ops::ControlFlow<()> + Send,
+        mut f: impl FnMut(RawChange<'_>) -> ControlFlow<()> + Send,
     ) -> Result<Result<VersionInfo, BehindHorizon>, StoreError> {
         Ok(read_tx!(self.pool(), c => {
             let info = version_info_in!(c);
@@ -404,20 +420,23 @@ impl Store {
         }))
     }
 
-    /// Like [`Store::snapshot`], with entities as stored text.
+    /// Like [`Store::snapshot`], with entities as stored text. `f` returns
+    /// `ControlFlow::Break` to stop early.
     pub async fn snapshot_raw(
         &self,
-        mut f: impl FnMut(RawChange<'_>) + Send,
+        mut f: impl FnMut(RawChange<'_>) -> ControlFlow<()> + Send,
     ) -> Result<VersionInfo, StoreError> {
         let types: Vec<String> = self.registry().entities().map(|s| s.name.clone()).collect();
         Ok(read_tx!(self.pool(), c => {
             let info = version_info_in!(c);
-            for ty in &types {
+            'types: for ty in &types {
                 let mut rows = sqlx::query_as::<_, (String, String, String)>("SELECT id, ws_id, body FROM dp_entities WHERE type = $1 ORDER BY id")
                     .bind(ty)
                     .fetch(&mut *c);
                 while let Some((id, ws_id, body)) = rows.try_next().await? {
-                    f(RawChange { version: info.version, entity_type: ty, id: &id, ws_id: &ws_id, entity: Some(&body) });
+                    if f(RawChange { version: info.version, entity_type: ty, id: &id, ws_id: &ws_id, entity: Some(&body) }).is_break() {
+                        break 'types;
+                    }
                 }
             }
             info
@@ -425,25 +444,26 @@ impl Store {
     }
 
     /// Streams the whole current configuration in dependency order (parents first) to `f`,
-    /// and returns the version it is the state of. One snapshot.
+    /// and returns the version it is the state of. One snapshot. An error from `f` ends the
+    /// read.
     pub async fn snapshot(
         &self,
         mut f: impl FnMut(Change) -> Result<(), StoreError> + Send,
     ) -> Result<VersionInfo, StoreError> {
-        let types: Vec<String> = self.registry().entities().map(|s| s.name.clone()).collect();
-        Ok(read_tx!(self.pool(), c => {
-            let info = version_info_in!(c);
-            for ty in &types {
-                let mut rows = sqlx::query_as::<_, (String, String, String)>("SELECT id, ws_id, body FROM dp_entities WHERE type = $1 ORDER BY id")
-                    .bind(ty)
-                    .fetch(&mut *c);
-                while let Some((id, ws_id, body)) = rows.try_next().await? {
-                    let entity = parse_body(ty, &body)?;
-                    f(Change { version: info.version, entity_type: ty.clone(), id, ws_id, entity: Some(entity) })?;
+        let mut failed = None;
+        let info = self
+            .snapshot_raw(|c| match c.parsed().and_then(&mut f) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
                 }
-            }
-            info
-        }))
+            })
+            .await?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(info),
+        }
     }
 
     /// Deletes at most `batch` of the oldest versions that are both older than `max_age_secs`

@@ -73,31 +73,18 @@ pub trait Handler: Send + Sync + 'static {
     fn methods(&self) -> &[&'static str];
 
     /// Runs one request. `params` is always a JSON array (Kong's positional arguments).
-    /// The result of a call should be truthy: a Kong caller treats `null` and `false` as
-    /// failures. An `Err` is sent as-is; use [`RpcError::server_error`] for Kong's
+    /// `notification`: the request has no id and its answer is discarded, so a handler may do
+    /// less. The result of a call should be truthy: a Kong caller treats `null` and `false` as
+    /// failures. [`Reply::Raw`] sends pre-serialised JSON (a large answer is then never built
+    /// as a `Value` tree). An `Err` is sent as-is; use [`RpcError::server_error`] for Kong's
     /// "callback returned nil, err".
     fn call(
         &self,
         peer: Peer,
         method: String,
         params: Value,
-    ) -> BoxFuture<'static, Result<Value, RpcError>>;
-
-    /// Like [`Handler::call`], for handlers that answer with pre-serialised JSON (a large
-    /// answer is then never built as a `Value` tree) or that do less for a notification
-    /// (`notification`: the request has no id and its answer is discarded). The peer always
-    /// calls this; the default forwards to `call`.
-    fn call_reply(
-        &self,
-        peer: Peer,
-        method: String,
-        params: Value,
         notification: bool,
-    ) -> BoxFuture<'static, Result<Reply, RpcError>> {
-        let _ = notification;
-        let fut = self.call(peer, method, params);
-        Box::pin(async move { fut.await.map(Reply::Value) })
-    }
+    ) -> BoxFuture<'static, Result<Reply, RpcError>>;
 }
 
 /// A handler's successful answer.
@@ -106,6 +93,12 @@ pub enum Reply {
     Value(Value),
     /// Already serialised JSON, sent as is.
     Raw(Box<RawValue>),
+}
+
+impl From<Value> for Reply {
+    fn from(v: Value) -> Reply {
+        Reply::Value(v)
+    }
 }
 
 impl Reply {
@@ -191,17 +184,6 @@ pub fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
         code,
         reason: reason[..end].to_owned().into(),
     }
-}
-
-/// Capability names of `methods`, in order, without duplicates.
-pub fn capabilities(methods: &[&str]) -> Vec<String> {
-    let mut res: Vec<String> = Vec::new();
-    for cap in methods.iter().filter_map(|m| jsonrpc::capability(m)) {
-        if !res.iter().any(|c| c == cap) {
-            res.push(cap.to_owned());
-        }
-    }
-    res
 }
 
 // === impl PeerConfig ===
@@ -409,15 +391,6 @@ impl Peer {
     /// The capabilities the peer announced in the hello.
     pub fn peer_caps(&self) -> &[String] {
         &self.inner.peer_caps
-    }
-
-    /// The capabilities we announced in the hello.
-    pub fn our_caps(&self) -> &[String] {
-        &self.inner.our_caps
-    }
-
-    pub fn config(&self) -> &PeerConfig {
-        &self.inner.cfg
     }
 
     /// Calls waiting for a response.
@@ -881,7 +854,7 @@ async fn answer(
     } else if !params.is_array() {
         Err(RpcError::invalid_params().with_message("params must be an array"))
     } else {
-        AssertUnwindSafe(handler.call_reply(peer.clone(), method.clone(), params, id.is_none()))
+        AssertUnwindSafe(handler.call(peer.clone(), method.clone(), params, id.is_none()))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -990,8 +963,10 @@ pub(crate) mod tests {
             peer: Peer,
             method: String,
             params: Value,
-        ) -> BoxFuture<'static, Result<Value, RpcError>> {
-            (self.f)(peer, method, params)
+            _notification: bool,
+        ) -> BoxFuture<'static, Result<Reply, RpcError>> {
+            let fut = (self.f)(peer, method, params);
+            Box::pin(async move { fut.await.map(Reply::Value) })
         }
     }
 
@@ -1723,6 +1698,5 @@ pub(crate) mod tests {
     fn close_reasons_are_cut_at_a_char_boundary() {
         let frame = close_frame(CloseCode::Protocol, &"é".repeat(100));
         assert_eq!(frame.reason.len(), 122);
-        assert_eq!(capabilities(&["a.b.c", "a.b.d", "x.y"]), ["a.b", "x"]);
     }
 }
