@@ -588,7 +588,15 @@ async fn dp_that_stops_reading_is_disconnected() {
             .map(|c| c.node_id.clone())
             .collect::<Vec<_>>()
     };
-    assert_eq!(connected(&cp).len(), 2);
+    // The control plane answers the hello before it registers the connection.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connected(&cp).len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the raw peer never showed as connected"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Ask for the full configuration over and over (~15 MiB of answers), reading nothing.
     for id in 0..60 {
         stuck.send(&get_delta(Some(id), EMPTY_VERSION)).await;
