@@ -208,8 +208,8 @@ async fn bad_first_frames_close_with_protocol_error() {
     cp.shutdown().await;
 }
 
-/// A second hello is not a new handshake: plain, it is not valid Snappy (-32700); encoded,
-/// `kong.meta.v1.hello` is no method of the session (-32601).
+/// A second hello, plain or encoded like every frame after the first, is a protocol error:
+/// the control plane closes with 1002.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_hello_is_not_accepted() {
     let cp = TestCp::start(Backend::Sqlite).await.unwrap();
