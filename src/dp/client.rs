@@ -463,7 +463,13 @@ impl Syncer<'_> {
                 tracing::info!(ours = ?state.epoch, theirs = ?self.cp_epoch, "the control plane's change log is a different one (new epoch): full sync");
             }
             let asked = if epoch_ok { state.version } else { 0 };
-            let params = serde_json::json!([{ "default": { "version": version_string(asked) } }]);
+            let mut ns = serde_json::json!({ "version": version_string(asked) });
+            if self.paging && asked > 0 {
+                // A deltaplane control plane records where we are from this request already:
+                // a data plane that comes back up to date sends nothing else.
+                ns["state_hash"] = state.state_hash.to_hex().into();
+            }
+            let params = serde_json::json!([{ "default": ns }]);
             let text = self
                 .peer
                 .call("kong.sync.v2.get_delta", params)

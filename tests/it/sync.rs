@@ -161,6 +161,34 @@ both_backends!(
         dp.converge(&cp, 30).await;
         let link = dp.shared().link();
         assert!(link.connected_to.is_some());
+
+        // A data plane that comes back already up to date is listed with its state hash too
+        // (it has nothing to apply, so only its get_delta request says where it is).
+        dp.restart().await;
+        let (head, hash) = cp.head().await;
+        let listed = || async {
+            let planes = rpc(&cp, "deltaplane.data_planes", None).await;
+            let p = planes[0].clone();
+            p["connected_to"].is_string()
+                && p["version"] == head
+                && p["state_hash"] == hash.as_str()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while dp.shared().link().connected_to.is_none() || !listed().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the restarted data plane is not listed at {head} with {hash}: {:#}",
+                rpc(&cp, "deltaplane.data_planes", None).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // And it stays so once the control plane has written its status (every second).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            listed().await,
+            "{:#}",
+            rpc(&cp, "deltaplane.data_planes", None).await
+        );
         cp.shutdown().await;
     }
 );
