@@ -1,9 +1,9 @@
 //! Test-only crash points, so crash-consistency tests can kill a process *inside* an
 //! operation (by progress, not by wall-clock luck).
 //!
-//! `DELTAPLANE_FAILPOINT=<name>:<n>` makes the process abort (`SIGABRT`, no unwinding, no
-//! destructors — as abrupt as `kill -9` for the files it has open) the `n`-th time the named
-//! point is reached. Unset, a point costs one atomic load. Points:
+//! `DELTAPLANE_FAILPOINT=<name>:<n>` makes the process send itself `SIGKILL` the `n`-th time
+//! the named point is reached: no unwinding, no destructors, no flush, no other thread runs
+//! on. Unset, a point costs one atomic load. Points:
 //!
 //! - `dp.apply.write`: a delta written into an open redb write transaction (not committed);
 //! - `dp.apply.commit`: an apply about to commit;
@@ -34,14 +34,22 @@ fn configured() -> Option<&'static Point> {
         .as_ref()
 }
 
-/// Marks that `name` was reached; aborts the process when its configured count is reached.
+/// Marks that `name` was reached; kills the process when its configured count is reached.
 #[inline]
 pub fn hit(name: &str) {
     if let Some(p) = configured()
         && p.name == name
         && p.seen.fetch_add(1, Ordering::Relaxed) + 1 == p.at
     {
-        eprintln!("deltaplane: failpoint {name}:{} reached, aborting", p.at);
+        eprintln!(
+            "deltaplane: failpoint {name}:{} reached, killing the process",
+            p.at
+        );
+        // SAFETY: raise(3) has no memory-safety preconditions. SIGKILL cannot be caught, so
+        // the process ends here; abort() is the fallback should it somehow return.
+        unsafe {
+            libc::raise(libc::SIGKILL);
+        }
         std::process::abort();
     }
 }
