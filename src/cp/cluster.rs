@@ -76,6 +76,9 @@ pub struct DpConn {
     reported: watch::Sender<i64>,
     /// The status changed since the flusher last wrote it.
     dirty: std::sync::atomic::AtomicBool,
+    /// One get_delta answer at a time per DP, from building it until it is written: a DP
+    /// that pipelines requests and reads nothing holds one answer, not one per request.
+    answer_slot: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -328,6 +331,7 @@ impl DpConn {
             }),
             reported: watch::channel(-1).0,
             dirty: std::sync::atomic::AtomicBool::new(true),
+            answer_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -865,14 +869,23 @@ impl Handler for CpHandler {
                     let page = p.get("page").and_then(Value::as_u64).ok_or_else(|| {
                         RpcError::invalid_params().with_message("'page' must be a number")
                     })?;
+                    // Pages are as large as answers: the same one-at-a-time slot.
+                    let slot = conn
+                        .answer_slot
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the answer slot is never closed");
                     let text = ctx
                         .feed
                         .page(id, page as usize)
                         .map_err(|e| RpcError::server_error().with_message(e.to_string()))?;
-                    if conn.older {
-                        return raw_value(downgrade(&ctx, &conn, &text, &["deltas"])?);
-                    }
-                    raw_value(text)
+                    let reply = if conn.older {
+                        raw_value(downgrade(&ctx, &conn, &text, &["deltas"])?)
+                    } else {
+                        raw_value(text)
+                    };
+                    reply.map(|r| Reply::Held(Box::new(r), Box::new(slot)))
                 }
                 _ => Err(RpcError::method_not_found()),
             }
@@ -975,6 +988,15 @@ async fn get_delta(
         paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
         encoding: encoding.name(),
     };
+    let slot = conn
+        .answer_slot
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the answer slot is never closed");
+    let held = move |reply: Result<Reply, RpcError>| {
+        reply.map(|r| Reply::Held(Box::new(r), Box::new(slot)))
+    };
     let max = ctx.settings.max_payload;
     let fits = move |bytes: &[u8]| codec::encode(encoding, bytes).len() + 64 <= max;
     match ctx.feed.get_delta(version, asker, &fits).await {
@@ -997,9 +1019,14 @@ async fn get_delta(
                 });
             }
             if conn.older {
-                return raw_value(downgrade(ctx, conn, &text, &["default", "deltas"])?);
+                return held(raw_value(downgrade(
+                    ctx,
+                    conn,
+                    &text,
+                    &["default", "deltas"],
+                )?));
             }
-            raw_value(text)
+            held(raw_value(text))
         }
         Err(FeedError::Store(e)) => {
             tracing::warn!(error = %e, "get_delta: database unavailable");

@@ -16,6 +16,9 @@
 //!   until one finishes, which pushes back on the peer through TCP.
 //!   A handler that waits for a response from the same peer holds its slot meanwhile, so if
 //!   every slot is held that way the responses are not read until the calls time out.
+//! - A handler may answer [`Reply::Held`]: the guard lives until the frame is written, so a
+//!   one-permit guard bounds large answers per connection to one built and unsent. In a
+//!   batch, elements stop running (-32603) once the answers pass `max_payload`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -88,11 +91,27 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// A handler's successful answer.
-#[derive(Debug)]
 pub enum Reply {
     Value(Value),
     /// Already serialised JSON, sent as is.
     Raw(Box<RawValue>),
+    /// An answer and something to hold until it has been written to the socket (or dropped
+    /// with the connection): a permit that bounds how many large answers one connection can
+    /// have built and unsent. In a batch the guard is released once the element is answered.
+    Held(Box<Reply>, Guard),
+}
+
+/// What a [`Reply::Held`] holds; dropped when the answer is written.
+pub type Guard = Box<dyn std::any::Any + Send>;
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Value(v) => f.debug_tuple("Value").field(v).finish(),
+            Reply::Raw(r) => f.debug_tuple("Raw").field(r).finish(),
+            Reply::Held(r, _) => f.debug_tuple("Held").field(r).finish(),
+        }
+    }
 }
 
 impl From<Value> for Reply {
@@ -106,6 +125,23 @@ impl Reply {
         match self {
             Reply::Value(v) => matches!(v, Value::Null | Value::Bool(false)),
             Reply::Raw(r) => jsonrpc::is_falsy(r),
+            Reply::Held(r, _) => r.is_falsy(),
+        }
+    }
+
+    /// The response to request `id`, and the guard to hold until it is written.
+    fn into_response(self, id: &Value) -> (Vec<u8>, Option<Guard>) {
+        match self {
+            Reply::Value(value) => (jsonrpc::result(id, &value), None),
+            Reply::Raw(raw) => (jsonrpc::result_raw(id, &raw), None),
+            Reply::Held(reply, guard) => {
+                let (json, inner) = reply.into_response(id);
+                let guard = match inner {
+                    Some(inner) => Box::new((inner, guard)) as Guard,
+                    None => guard,
+                };
+                (json, Some(guard))
+            }
         }
     }
 }
@@ -234,7 +270,8 @@ struct State {
 }
 
 enum Outbound {
-    Frame(Vec<u8>),
+    /// A frame, and what to hold until it is written.
+    Frame(Vec<u8>, Option<Guard>),
     Ping,
     /// Flush tungstenite's queued pong.
     Flush,
@@ -320,7 +357,7 @@ impl Peer {
         let exchange = async {
             self.inner
                 .outbound
-                .send(Outbound::Frame(frame))
+                .send(Outbound::Frame(frame, None))
                 .await
                 .map_err(|_| self.closed_error())?;
             rx.await.map_err(|_| self.closed_error())
@@ -344,7 +381,11 @@ impl Peer {
             return Err(CallError::Closed(reason));
         }
         let timeout = self.inner.cfg.call_timeout;
-        match tokio::time::timeout(timeout, self.inner.outbound.send(Outbound::Frame(frame))).await
+        match tokio::time::timeout(
+            timeout,
+            self.inner.outbound.send(Outbound::Frame(frame, None)),
+        )
+        .await
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.closed_error()),
@@ -579,7 +620,8 @@ where
     // `Inner` holds a sender for as long as the driver runs, so `recv` never ends.
     while let Some(out) = outbound.recv().await {
         let res = match out {
-            Outbound::Frame(frame) => {
+            Outbound::Frame(frame, _guard) => {
+                // `_guard` is released once the frame is written (flushed to the socket).
                 tokio::time::timeout(write_timeout, sink.send(Message::binary(frame))).await
             }
             Outbound::Ping => {
@@ -747,24 +789,39 @@ impl Reader<'_> {
         let peer = self.peer.clone();
         let handler = Arc::clone(self.handler);
         self.inflight.spawn(async move {
-            let json = match work {
-                Job::Single(request) => answer(&peer, &handler, request).await,
+            let (json, guard) = match work {
+                Job::Single(request) => match answer(&peer, &handler, request).await {
+                    Some((json, guard)) => (json, guard),
+                    None => return,
+                },
                 Job::Batch(work) => {
                     let mut parts = Vec::new();
+                    let mut size = 0;
                     // Kong runs batch elements one after the other, in order.
                     for item in work {
                         let part = match item {
-                            Work::Request(request) => answer(&peer, &handler, request).await,
+                            // Past one frame's worth of answers the batch cannot be sent:
+                            // stop building (memory), answer the rest with an error.
+                            Work::Request(request) if size > peer.inner.cfg.max_payload => request
+                                .id
+                                .map(|id| jsonrpc::error(Some(&id), &batch_too_large())),
+                            // Each element's guard goes as soon as it is answered: a later
+                            // element may need the same permit.
+                            Work::Request(request) => {
+                                answer(&peer, &handler, request).await.map(|(json, _)| json)
+                            }
                             Work::Error(id, err) => Some(jsonrpc::error(id.as_ref(), &err)),
                         };
+                        size += part.as_ref().map_or(0, Vec::len);
                         parts.extend(part);
                     }
-                    (!parts.is_empty()).then(|| jsonrpc::batch(&parts))
+                    if parts.is_empty() {
+                        return;
+                    }
+                    (jsonrpc::batch(&parts), None)
                 }
             };
-            if let Some(json) = json {
-                send_answer(&peer, json).await;
-            }
+            send_answer(&peer, json, guard).await;
         });
         None
     }
@@ -799,7 +856,7 @@ impl Reader<'_> {
 
     /// Queues an answer produced by the reader itself.
     async fn send(&self, json: Vec<u8>) {
-        send_answer(self.peer, json).await;
+        send_answer(self.peer, json, None).await;
     }
 }
 
@@ -839,12 +896,17 @@ fn is_hello(json: &[u8]) -> bool {
             .is_ok_and(|p| p.method == Some(crate::wire::hello::HELLO_METHOD))
 }
 
-/// Runs one request; the serialised response, or `None` for a notification.
+fn batch_too_large() -> RpcError {
+    RpcError::internal_error()
+        .with_message("the batch's answers exceed the frame limit; element not run")
+}
+
+/// Runs one request; the serialised response and its guard, or `None` for a notification.
 async fn answer(
     peer: &Peer,
     handler: &Arc<dyn Handler>,
     request: jsonrpc::Request,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, Option<Guard>)> {
     let jsonrpc::Request { id, method, params } = request;
     let res = if !dispatchable(peer, handler.as_ref(), &method) {
         if id.is_none() {
@@ -867,12 +929,9 @@ async fn answer(
             if reply.is_falsy() {
                 tracing::warn!(%method, "falsy result: a Kong caller treats it as an error");
             }
-            Some(match &reply {
-                Reply::Value(value) => jsonrpc::result(&id, value),
-                Reply::Raw(raw) => jsonrpc::result_raw(&id, raw),
-            })
+            Some(reply.into_response(&id))
         }
-        (Some(id), Err(err)) => Some(jsonrpc::error(Some(&id), &err)),
+        (Some(id), Err(err)) => Some((jsonrpc::error(Some(&id), &err), None)),
         // A notification never gets a response, even on error.
         (None, Err(err)) if err.code != RpcError::METHOD_NOT_FOUND => {
             tracing::info!(%method, code = err.code, message = %err.message, "RPC notification failed");
@@ -893,7 +952,7 @@ fn dispatchable(peer: &Peer, handler: &dyn Handler, method: &str) -> bool {
 
 /// Encodes and queues an answer. One over `max_payload` is replaced by -32603 for the
 /// single request it answers (or one id-less error for a batch).
-async fn send_answer(peer: &Peer, json: Vec<u8>) {
+async fn send_answer(peer: &Peer, json: Vec<u8>, guard: Option<Guard>) {
     let frame = match peer.encode(&json) {
         Ok(frame) => frame,
         Err(err) => {
@@ -906,8 +965,13 @@ async fn send_answer(peer: &Peer, json: Vec<u8>) {
             }
         }
     };
+    drop(json);
     // Fails only when the connection is ending.
-    let _ = peer.inner.outbound.send(Outbound::Frame(frame)).await;
+    let _ = peer
+        .inner
+        .outbound
+        .send(Outbound::Frame(frame, guard))
+        .await;
 }
 
 /// The `id` of a single serialised response (not of a batch).
@@ -1596,6 +1660,128 @@ pub(crate) mod tests {
         assert_eq!(peer.closed().await, CloseReason::WriteStalled);
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(raw);
+    }
+
+    /// Answers `test.v1.big` with ~200 KB held by a one-permit slot, counting the answers
+    /// built and how many guards are alive at once.
+    struct HeldHandler {
+        slot: Arc<tokio::sync::Semaphore>,
+        built: Arc<std::sync::atomic::AtomicUsize>,
+        live: Arc<std::sync::atomic::AtomicUsize>,
+        max_live: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    struct LiveGuard {
+        live: Arc<std::sync::atomic::AtomicUsize>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+
+    impl Drop for LiveGuard {
+        fn drop(&mut self) {
+            self.live.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Handler for HeldHandler {
+        fn methods(&self) -> &[&'static str] {
+            &["test.v1.big"]
+        }
+        fn call(
+            &self,
+            _peer: Peer,
+            _method: String,
+            params: Value,
+            _notification: bool,
+        ) -> BoxFuture<'static, Result<Reply, RpcError>> {
+            let (slot, built, live, max_live) = (
+                self.slot.clone(),
+                self.built.clone(),
+                self.live.clone(),
+                self.max_live.clone(),
+            );
+            Box::pin(async move {
+                let permit = slot.acquire_owned().await.unwrap();
+                built.fetch_add(1, Ordering::SeqCst);
+                let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                max_live.fetch_max(now, Ordering::SeqCst);
+                let body: String = (0..40_000u64)
+                    .map(|i| format!("{:x}", i * 2_654_435_761 % 65_521))
+                    .collect();
+                let value = json!({"n": params[0], "body": body});
+                Ok(Reply::Held(
+                    Box::new(Reply::Value(value)),
+                    Box::new(LiveGuard {
+                        live,
+                        _permit: permit,
+                    }),
+                ))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn held_answers_are_built_one_at_a_time_for_a_slow_reader() {
+        let built = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let max_live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let handler = Arc::new(HeldHandler {
+            slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            built: built.clone(),
+            live: live.clone(),
+            max_live: max_live.clone(),
+        });
+        // A 16 KiB pipe: one ~200 KB answer fills it until the raw side reads.
+        let (mut raw, s) = ws_pair_with(&PeerConfig::default(), &fast_cfg(), 16 * 1024).await;
+        let _peer = Peer::start(
+            s,
+            Encoding::SnappyFramed,
+            fast_cfg(),
+            caps(&["test.v1"]),
+            caps(&["test.v1"]),
+            handler,
+        );
+        for n in 0..20 {
+            raw_send(
+                &mut raw,
+                &format!(r#"{{"jsonrpc":"2.0","method":"test.v1.big","id":{n},"params":[{n}]}}"#),
+            )
+            .await;
+        }
+        // A batch asking twice: each element releases the slot once answered (no deadlock).
+        raw_send(
+            &mut raw,
+            r#"[{"jsonrpc":"2.0","method":"test.v1.big","id":"a","params":["a"]},
+                {"jsonrpc":"2.0","method":"test.v1.big","id":"b","params":["b"]}]"#,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The first answer is stuck in the full pipe; the next waits for the slot.
+        assert_eq!(
+            built.load(Ordering::SeqCst),
+            1,
+            "answers were built while the first was unsent"
+        );
+        let mut seen = Vec::new();
+        for _ in 0..21 {
+            let answer = raw_recv(&mut raw).await;
+            match answer.as_array() {
+                Some(batch) => {
+                    let ids: Vec<_> = batch.iter().map(|a| a["id"].clone()).collect();
+                    assert_eq!(ids, [json!("a"), json!("b")]);
+                }
+                None => seen.push(answer["result"]["n"].as_u64().unwrap()),
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..20).collect::<Vec<_>>());
+        assert_eq!(max_live.load(Ordering::SeqCst), 1);
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while live.load(Ordering::SeqCst) != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every guard is released once its answer is written");
     }
 
     #[tokio::test]

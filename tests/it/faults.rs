@@ -613,7 +613,7 @@ type StuckWs =
 
 const STUCK_HOST: &str = "stuck-peer";
 /// Full syncs each stuck peer asks for.
-const STUCK_CALLS: u64 = 1;
+const STUCK_CALLS: u64 = 8;
 
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
@@ -621,8 +621,8 @@ fn alive_tasks() -> usize {
         .num_alive_tasks()
 }
 
-/// 100 raw data planes complete TLS + WebSocket + hello, ask for a full sync of 3,000 entities
-/// and never read again. The control plane disconnects every one of them on write stall (its
+/// 100 raw data planes complete TLS + WebSocket + hello, ask 8 times (pipelined) for a full
+/// sync of 3,000 entities and never read again. The control plane disconnects every one of them on write stall (its
 /// idle timeout is far longer), its memory stays bounded, its task count returns to the
 /// baseline, and a real data plane on the same control plane keeps converging throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -714,7 +714,7 @@ async fn stuck_data_planes_are_dropped_and_memory_stays_bounded() {
     mon.check(&cp).await;
 
     report!(
-        "100 stuck DPs (3,000-entity full sync each, never read): opened in {opened_in:?}; at most {max_stuck} connected at once; all dropped {all_dropped:?} after the last wave; real DP converged {conv:?} after 50 more writes"
+        "100 stuck DPs ({STUCK_CALLS} pipelined 3,000-entity full syncs each, never read): opened in {opened_in:?}; at most {max_stuck} connected at once; all dropped {all_dropped:?} after the last wave; real DP converged {conv:?} after 50 more writes"
     );
     report!(
         "memory: RSS {rss0} KiB before, {rss_peak_sample} KiB with all 100 opened, {rss1} KiB after they were dropped, {rss2} KiB after the clients closed; VmHWM {hwm0} -> {hwm1} KiB (+{} KiB)",
