@@ -235,6 +235,7 @@ pub async fn session(
     shared.update_link(|l| {
         l.connected_to = Some(cp.to_owned());
         l.protocol = Some("v1");
+        l.connects += 1;
     });
     tracing::info!(control_plane = %cp, "connected to the control plane (sync v1)");
 
