@@ -296,15 +296,16 @@ async fn plugin_set_compatibility_withholds_the_config() {
 
     // Remove the plugin: the CP announces the new version, the first DP asks at once, gets
     // the configuration, clears its error and is normal again.
+    let asked = dp.shared().link().sync_requests;
+    let waited = tokio::time::Instant::now();
     let r = cp
         .delete(&format!("/plugins/{}", rl["id"].as_str().unwrap()))
         .await;
     assert_eq!(r.status, 204);
-    let asked = dp.shared().link().sync_requests;
-    let waited = tokio::time::Instant::now();
     dp.converge(&cp, 20).await;
+    // Asking only when the back-off ran out would take at least 16 back-offs.
     assert!(
-        waited.elapsed() < backoff * 8,
+        waited.elapsed() < backoff * 12,
         "converged only after {:?}: the new version did not cut the back-off short",
         waited.elapsed()
     );
