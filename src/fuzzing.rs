@@ -18,6 +18,7 @@ use crate::dp::store::{ApplyError, ApplyKind, DpStore, DpStoreError, DpStoreOpti
 use crate::schema::{Mode, Registry, form};
 use crate::store::StateHash;
 use crate::sync::Delta;
+use crate::v1;
 use crate::wire::codec::{self, CodecError, Encoding};
 use crate::wire::hello::{HELLO_METHOD, Hello, HelloResult};
 use crate::wire::jsonrpc::{self, Incoming, Message, RpcError};
@@ -1192,23 +1193,26 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
 /// nothing panics, a decoded frame never exceeds the decompressed-size cap (bombs are refused
 /// by `TooLarge` before allocating), decoding inverts encoding, every error we would send back
 /// parses as the error it is, responses keep their ids, hello messages and `get_delta` answers
-/// read back as they were written.
+/// read back as they were written. The gzip lane is a sync v1 message as the v1 data plane
+/// reads it (`v1::gunzip` under the cap, `v1::read_message`, `v1::export::deltas`).
 ///
-/// Byte 0: `% 4` picks plain JSON (the hello and JSON-RPC), snappy, zstd, or all three;
-/// `>> 2 % 3` picks the cap (64 B, 4 KiB, 1 MiB).
+/// Byte 0: `% 5` picks plain JSON (the hello and JSON-RPC), snappy, zstd, gzip, or all four;
+/// `/ 5 % 3` picks the cap (64 B, 4 KiB, 1 MiB).
 pub fn wire_frame(data: &[u8]) {
     let Some((&selector, frame)) = data.split_first() else {
         return;
     };
-    let cap = [64, 4 << 10, 1 << 20][(selector >> 2) as usize % 3];
-    match selector % 4 {
+    let cap = [64, 4 << 10, 1 << 20][(selector / 5) as usize % 3];
+    match selector % 5 {
         0 => plain(frame),
         1 => decoded(Encoding::SnappyFramed, frame, cap),
         2 => decoded(Encoding::Zstd, frame, cap),
+        3 => gunzipped(frame, cap),
         _ => {
             plain(frame);
             decoded(Encoding::SnappyFramed, frame, cap);
             decoded(Encoding::Zstd, frame, cap);
+            gunzipped(frame, cap);
         }
     }
 }
@@ -1240,6 +1244,84 @@ fn decoded(encoding: Encoding, frame: &[u8], cap: usize) {
         }
         Err(CodecError::Corrupt { encoding: name, .. }) => assert_eq!(name, encoding.name()),
         Err(e) => panic!("{encoding}: decoding fails with {e}"),
+    }
+}
+
+/// A sync v1 message (`/v1/outlet`, gzip) as the data plane reads it: never more than the cap
+/// (a bomb is refused while inflating), gunzip(gzip(x)) = x, then the reconfigure message.
+///
+/// gzip's CRC-32 makes nearly every mutation of a compressed message fail before the reader,
+/// so the frame (within the cap) also goes to the reader as if it were the inflated message.
+fn gunzipped(frame: &[u8], cap: usize) {
+    if frame.len() <= cap {
+        v1_message(frame);
+    }
+    match v1::gunzip(frame, cap) {
+        Ok(raw) => {
+            assert!(
+                raw.len() <= cap,
+                "gzip: {} bytes over the cap {cap}",
+                raw.len()
+            );
+            let again = v1::gunzip(&v1::gzip(&raw).expect("gzip in memory"), cap)
+                .unwrap_or_else(|e| panic!("gzip: our own message of {raw:?}: {e}"));
+            assert_eq!(again, raw, "gzip: gunzip(gzip(x)) == x");
+            v1_message(&raw);
+        }
+        Err(e) => assert!(
+            e.starts_with("gzip: ")
+                || e == format!("the message inflates to more than {cap} bytes"),
+            "gzip: unexpected error {e:?}"
+        ),
+    }
+}
+
+/// An inflated v1 message as `dp::v1::apply_message` reads it before touching the store: a
+/// reconfigure has a 32-character hash, and its `config_table` becomes deltas of known types,
+/// parents first, each entity an object keyed by the delta's id with its `ws_id` moved out,
+/// reading back the same from the v2 wire form.
+fn v1_message(raw: &[u8]) {
+    let Ok(v1::Received::Reconfigure(msg)) = v1::read_message(raw) else {
+        return;
+    };
+    assert_eq!(msg.config_hash.len(), 32, "config_hash length");
+    let Some(Value::Object(table)) = msg.config_table else {
+        return;
+    };
+    let registry = Registry::builtin();
+    let version = msg.version.unwrap_or(1);
+    let Ok(deltas) = v1::export::deltas(registry, table, version) else {
+        return;
+    };
+    let order: Vec<&str> = registry.entities().map(|s| s.name.as_str()).collect();
+    let mut last = 0;
+    for d in deltas {
+        let at = order
+            .iter()
+            .position(|t| *t == d.entity_type)
+            .unwrap_or_else(|| panic!("v1: a delta of unknown type {}", d.entity_type));
+        assert!(at >= last, "v1: {} after a child type", d.entity_type);
+        last = at;
+        assert_eq!(d.version, version, "v1: the message's version");
+        let schema = registry.get(&d.entity_type).expect("a known type");
+        let entity = d
+            .entity
+            .as_ref()
+            .and_then(Value::as_object)
+            .expect("an entity");
+        assert_eq!(
+            entity.get(&schema.primary_key).and_then(Value::as_str),
+            Some(d.id.as_str()),
+            "v1: the delta's id is the entity's"
+        );
+        assert!(!entity.contains_key("ws_id"), "v1: ws_id moved out");
+        if d.version > 0 {
+            assert_eq!(
+                Delta::from_wire(d.to_wire()).as_ref(),
+                Ok(&d),
+                "v1 delta wire round trip"
+            );
+        }
     }
 }
 

@@ -10,6 +10,25 @@ pub const CAP_KONG_SYNC_V2: &str = "kong.sync.v2";
 /// Our extensions (paged transfers), only ever called on a peer that announced them.
 pub const CAP_DELTAPLANE_SYNC_V1: &str = "deltaplane.sync.v1";
 
+/// The data plane's `sync_status` when the configuration uses a plugin it lacks; the control
+/// plane then withholds the configuration.
+pub const PLUGIN_SET_INCOMPATIBLE: &str = "plugin_set_incompatible";
+/// The data plane's `sync_status` when it runs a plugin of another major or a newer minor
+/// version than the control plane; the control plane then withholds the configuration.
+pub const PLUGIN_VERSION_INCOMPATIBLE: &str = "plugin_version_incompatible";
+
+/// Whether a `get_delta` error message is the control plane withholding the configuration
+/// (the message starts with the data plane's `sync_status`) rather than failing.
+pub fn is_withheld(message: &str) -> bool {
+    [PLUGIN_SET_INCOMPATIBLE, PLUGIN_VERSION_INCOMPATIBLE]
+        .iter()
+        .any(|status| {
+            message
+                .strip_prefix(status)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
+}
+
 /// The version string of "no configuration": 32 zeros (Kong's `DECLARATIVE_EMPTY_CONFIG_HASH`).
 pub const EMPTY_VERSION: &str = "00000000000000000000000000000000";
 
@@ -124,6 +143,18 @@ impl Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn withheld_messages_are_told_apart() {
+        assert!(is_withheld(
+            "plugin_set_incompatible: uses plugins: rate-limiting"
+        ));
+        assert!(is_withheld(
+            "plugin_version_incompatible: the data plane runs x 3.11.0"
+        ));
+        assert!(!is_withheld("plugin_set_incompatible"));
+        assert!(!is_withheld("database unavailable: timed out"));
+    }
 
     #[test]
     fn version_strings_round_trip() {

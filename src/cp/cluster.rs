@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use super::config::ClusterSettings;
 use super::feed::{Asker, Decision, Feed, FeedError};
 use crate::store::{DataPlaneRow, Store};
-use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, parse_version, version_string};
+use crate::sync::{
+    CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, PLUGIN_SET_INCOMPATIBLE, PLUGIN_VERSION_INCOMPATIBLE,
+    parse_version, version_string,
+};
 use crate::tls::ClusterTls;
 use crate::wire::codec::{self, Encoding};
 use crate::wire::hello::{self, Hello, HelloResult};
@@ -221,9 +224,9 @@ impl ClusterCtx {
             .collect();
         let verdict = if !missing.is_empty() {
             Err((
-                "plugin_set_incompatible",
+                PLUGIN_SET_INCOMPATIBLE,
                 format!(
-                    "plugin_set_incompatible: the configuration uses plugins this data plane does not have: {}",
+                    "{PLUGIN_SET_INCOMPATIBLE}: the configuration uses plugins this data plane does not have: {}",
                     missing.join(", ")
                 ),
             ))
@@ -240,9 +243,9 @@ impl ClusterCtx {
                 Ok(())
             } else {
                 Err((
-                    "plugin_version_incompatible",
+                    PLUGIN_VERSION_INCOMPATIBLE,
                     format!(
-                        "plugin_version_incompatible: the data plane runs plugins of another major or a newer minor version than the control plane ({cp}): {}",
+                        "{PLUGIN_VERSION_INCOMPATIBLE}: the data plane runs plugins of another major or a newer minor version than the control plane ({cp}): {}",
                         newer.join(", ")
                     ),
                 ))
@@ -980,7 +983,8 @@ async fn get_delta(
     }
     if let Err(message) = ctx.check_plugins(conn).await {
         // Withhold the configuration rather than send what the DP cannot run; it is sent
-        // once the configuration or the DP changes.
+        // once the configuration or the DP changes (the notifier announces every new head,
+        // and a deltaplane DP asks again on it: `sync::is_withheld`).
         tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld");
         return Err(RpcError::server_error().with_message(message));
     }

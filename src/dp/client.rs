@@ -2,6 +2,11 @@
 //! control planes, then pull `kong.sync.v2.get_delta` on connect, on every
 //! `notify_new_version`, and on a slow safety poll; apply each answer in one redb transaction.
 //!
+//! A rejected answer, or a configuration the control plane withholds (the data plane's
+//! plugins), is asked for again only after a doubling back-off, on the same connection; a
+//! withheld one also as soon as the control plane announces a new version. Either shows as
+//! `last_error` until a configuration is applied.
+//!
 //! Answers are parsed as a stream: the deltas array is never held as a `Value` tree, only one
 //! delta at a time, so a full sync needs little more memory than its decoded bytes.
 
@@ -19,12 +24,14 @@ use tokio::sync::watch;
 
 use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared, SyncMode};
-use crate::sync::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, parse_version, version_string};
+use crate::sync::{
+    CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, is_withheld, parse_version, version_string,
+};
 use crate::tls::{ClusterTls, TlsSettings};
 use crate::wire::codec::Encoding;
 use crate::wire::hello::{self, Hello};
 use crate::wire::jsonrpc::RpcError;
-use crate::wire::peer::{Handler, Peer, Reply};
+use crate::wire::peer::{CallError, Handler, Peer, Reply};
 
 const DP_METHODS: &[&str] = &["kong.sync.v2.notify_new_version"];
 
@@ -258,6 +265,7 @@ async fn session(
     shared.update_link(|l| {
         l.connected_to = Some(cp.to_owned());
         l.cp_epoch = cp_epoch.clone();
+        l.connects += 1;
     });
     tracing::info!(control_plane = %cp, encoding = encoding.name(), caps = ?cp_caps, epoch = ?cp_epoch, "connected to the control plane");
     if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) && cfg.sync == SyncMode::Auto {
@@ -284,6 +292,8 @@ async fn session(
     };
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut rejections: u32 = 0;
+    // The control plane's message while it withholds the configuration.
+    let mut withheld: Option<String> = None;
     let mut poll = tokio::time::interval(cfg.sync_poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
@@ -295,6 +305,14 @@ async fn session(
                 Ok(()) => {
                     retry_at = None;
                     rejections = 0;
+                    if let Some(msg) = withheld.take() {
+                        // Sent (an apply already cleared it) or up to date: no longer withheld.
+                        shared.update_link(|l| {
+                            if l.last_error.as_ref() == Some(&msg) {
+                                l.last_error = None;
+                            }
+                        });
+                    }
                 }
                 Err(SyncError::Rejected(msg)) => {
                     // Doubles per consecutive rejection, up to 64x: a bad batch is never
@@ -302,6 +320,21 @@ async fn session(
                     let backoff = cfg.invalid_backoff * (1u32 << rejections.min(6));
                     rejections += 1;
                     tracing::warn!(control_plane = %cp, error = %msg, ?backoff, "deltas rejected; staying on the last good version");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    want = true;
+                    withheld = None;
+                }
+                Err(SyncError::Withheld(msg)) => {
+                    // The link is fine: keep it. The control plane announces every new
+                    // version, which is when asking again can succeed (see the notification
+                    // below); the same doubling back-off only guards against missing one.
+                    let backoff = cfg.invalid_backoff * (1u32 << rejections.min(6));
+                    rejections += 1;
+                    if withheld.as_ref() != Some(&msg) {
+                        tracing::warn!(control_plane = %cp, error = %msg, "the control plane withholds the configuration; staying on the last good version");
+                    }
+                    shared.update_link(|l| l.last_error = Some(msg.clone()));
+                    withheld = Some(msg);
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     want = true;
                 }
@@ -319,7 +352,13 @@ async fn session(
             c = notified.changed() => {
                 if c.is_err() { return Ok(End::Closed("handler gone".into())) }
                 let v = *notified.borrow_and_update();
-                if v > shared.store.state().version { want = true; }
+                if v > shared.store.state().version {
+                    want = true;
+                    if withheld.is_some() {
+                        // A new configuration may be one the control plane sends: ask now.
+                        retry_at = None;
+                    }
+                }
             }
             _ = poll.tick() => want = true,
             _ = tokio::time::sleep_until(wake) => {}
@@ -400,6 +439,9 @@ impl Handler for DpHandler {
 enum SyncError {
     /// The control plane sent something this data plane will not apply.
     Rejected(String),
+    /// The control plane withholds the configuration from this data plane (its plugins):
+    /// its message.
+    Withheld(String),
     /// The exchange failed (timeout, disconnect, CP error); nothing was applied.
     Link(String),
 }
@@ -470,11 +512,19 @@ impl Syncer<'_> {
                 ns["state_hash"] = state.state_hash.to_hex().into();
             }
             let params = serde_json::json!([{ "default": ns }]);
+            self.shared.update_link(|l| l.sync_requests += 1);
             let text = self
                 .peer
                 .call("kong.sync.v2.get_delta", params)
                 .await
-                .map_err(|e| SyncError::Link(format!("get_delta: {e}")))?;
+                .map_err(|e| match e {
+                    CallError::Rpc(e)
+                        if e.code == RpcError::SERVER_ERROR && is_withheld(&e.message) =>
+                    {
+                        SyncError::Withheld(e.message)
+                    }
+                    e => SyncError::Link(format!("get_delta: {e}")),
+                })?;
             let applied = self.apply_answer(text, asked).await?;
             match applied {
                 None => {

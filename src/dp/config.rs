@@ -136,7 +136,8 @@ pub struct DpConfig {
     /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// Back-off after a rejected (invalid) batch before asking again.
+    /// Back-off after a rejected (invalid) batch, or a configuration the control plane
+    /// withholds, before asking again; doubles per consecutive failure, up to 64x.
     pub invalid_backoff: Duration,
     pub durable: bool,
     /// `None`: not announced (the CP assumes every plugin it knows).

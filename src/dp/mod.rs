@@ -42,6 +42,10 @@ pub struct LinkStatus {
     pub protocol: Option<&'static str>,
     /// Sync v1: pushes received whose hash equalled the stored one (nothing applied).
     pub v1_skipped: u64,
+    /// Sessions since start that completed the hello (v2) or sent `basic_info` (v1).
+    pub connects: u64,
+    /// `get_delta` requests since start (answers awaited, not status reports).
+    pub sync_requests: u64,
 }
 
 /// State shared by the sync client and the status listener.
@@ -116,6 +120,8 @@ impl DpShared {
         m.insert("incremental_syncs".into(), link.incremental_syncs.into());
         m.insert("paged_transfers".into(), link.paged_transfers.into());
         m.insert("v1_skipped".into(), link.v1_skipped.into());
+        m.insert("connects".into(), link.connects.into());
+        m.insert("sync_requests".into(), link.sync_requests.into());
         v
     }
 }

@@ -30,6 +30,7 @@ use super::store::{ApplyKind, DpStore};
 use super::{DpConfig, DpShared};
 use crate::tls::ClusterTls;
 use crate::v1::hash::EMPTY_HASH;
+use crate::v1::{Received, Reconfigure};
 
 /// How a v1 session ended.
 pub enum V1End {
@@ -88,26 +89,17 @@ pub fn apply_message(
     max_decompressed: usize,
 ) -> Result<Outcome, String> {
     let raw = crate::v1::gunzip(gz, max_decompressed)?;
-    let msg: Value = serde_json::from_slice(&raw).map_err(|e| format!("reconfigure: {e}"))?;
+    let msg = match crate::v1::read_message(&raw)? {
+        Received::Other(ty) => return Ok(Outcome::Ignored(format!("message type {ty}"))),
+        Received::Reconfigure(msg) => msg,
+    };
     drop(raw);
-    let Value::Object(mut msg) = msg else {
-        return Err("reconfigure: not an object".into());
-    };
-    if msg.get("type").and_then(Value::as_str) != Some(crate::v1::RECONFIGURE) {
-        return Ok(Outcome::Ignored(format!(
-            "message type {:?}",
-            msg.get("type")
-        )));
-    }
-    let cp_hash = match msg.get("config_hash") {
-        Some(Value::String(h)) if h.len() == 32 => h.clone(),
-        _ => return Err("reconfigure: config_hash must be a 32-character string".into()),
-    };
-    let version = msg.get("deltaplane_version").and_then(Value::as_i64);
-    let epoch = msg
-        .get("deltaplane_epoch")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let Reconfigure {
+        config_hash: cp_hash,
+        version,
+        epoch,
+        config_table,
+    } = msg;
     let state = store.state();
     let known = load_hash(data_dir, store);
     // Kong's rule: the same hash is the same configuration. From a deltaplane control plane the
@@ -133,11 +125,10 @@ pub fn apply_message(
             state.version
         )));
     }
-    let table = match msg.remove("config_table") {
+    let table = match config_table {
         Some(Value::Object(t)) => t,
         _ => return Err("reconfigure: config_table must be an object".into()),
     };
-    drop(msg);
     let version = version.unwrap_or(state.version + 1);
     let deltas = crate::v1::export::deltas(store.registry(), table, version)?;
     let only_workspaces = deltas.iter().all(|d| d.entity_type == "workspaces");
@@ -244,6 +235,7 @@ pub async fn session(
     shared.update_link(|l| {
         l.connected_to = Some(cp.to_owned());
         l.protocol = Some("v1");
+        l.connects += 1;
     });
     tracing::info!(control_plane = %cp, "connected to the control plane (sync v1)");
 

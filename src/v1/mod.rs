@@ -60,6 +60,53 @@ pub fn gunzip(bytes: &[u8], max: usize) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// A data plane's reading of an inflated message (see [`read_message`]).
+#[derive(Debug)]
+pub enum Received {
+    /// Not a reconfigure message: the description of its `type`, for the log.
+    Other(String),
+    Reconfigure(Reconfigure),
+}
+
+/// The fields of a reconfigure message a data plane acts on.
+#[derive(Debug)]
+pub struct Reconfigure {
+    /// Kong's `config_hash`: 32 characters.
+    pub config_hash: String,
+    /// `deltaplane_version` / `deltaplane_epoch` (deltaplane control planes only).
+    pub version: Option<i64>,
+    pub epoch: Option<String>,
+    /// `config_table` as sent, unchecked: a data plane that already holds this hash never
+    /// reads it ([`export::deltas`] does).
+    pub config_table: Option<serde_json::Value>,
+}
+
+/// Reads an inflated v1 message: JSON, an object, and for a `reconfigure` a 32-character
+/// `config_hash`.
+pub fn read_message(raw: &[u8]) -> Result<Received, String> {
+    use serde_json::Value;
+    let msg: Value = serde_json::from_slice(raw).map_err(|e| format!("reconfigure: {e}"))?;
+    let Value::Object(mut msg) = msg else {
+        return Err("reconfigure: not an object".into());
+    };
+    if msg.get("type").and_then(Value::as_str) != Some(RECONFIGURE) {
+        return Ok(Received::Other(format!("{:?}", msg.get("type"))));
+    }
+    let config_hash = match msg.get("config_hash") {
+        Some(Value::String(h)) if h.len() == 32 => h.clone(),
+        _ => return Err("reconfigure: config_hash must be a 32-character string".into()),
+    };
+    Ok(Received::Reconfigure(Reconfigure {
+        config_hash,
+        version: msg.get("deltaplane_version").and_then(Value::as_i64),
+        epoch: msg
+            .get("deltaplane_epoch")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        config_table: msg.remove("config_table"),
+    }))
+}
+
 /// Compresses `bytes` with gzip.
 pub fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut gz = flate2::write::GzEncoder::new(

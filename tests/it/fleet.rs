@@ -181,8 +181,34 @@ async fn kong_version_compatibility() {
     cp.shutdown().await;
 }
 
+/// The data plane's own `GET /status`.
+async fn dp_status(dp: &TestDp) -> Value {
+    let addr = dp.dp.as_ref().expect("running").status_addr;
+    reqwest::get(format!("http://{addr}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls the data plane's `GET /status` until `f` accepts it.
+async fn dp_status_until(dp: &TestDp, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = dp_status(dp).await;
+        if f(&st) {
+            return st;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A DP that announces its plugins gets no configuration using others; it gets it once the
-/// configuration no longer does.
+/// configuration no longer does. While withheld, the DP shows the CP's reason as its
+/// `last_error`, keeps its one connection and asks again only after a doubling back-off; the
+/// CP's notification of the fixed configuration makes it ask at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_set_compatibility_withholds_the_config() {
     let cp = TestCp::start(Backend::Sqlite).await.unwrap();
@@ -199,6 +225,7 @@ async fn plugin_set_compatibility_withholds_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = cp.dp_config(dir.path());
     cfg.plugins = Some(vec!["key-auth".into(), "cors".into()]);
+    let backoff = cfg.invalid_backoff;
     let dp = TestDp::start(cfg, dir).await;
     let id = dp.shared().node_id.clone();
     rows_until(&cp, "plugin_set_incompatible", |rows| {
@@ -211,6 +238,33 @@ async fn plugin_set_compatibility_withholds_the_config() {
     .await;
     assert_eq!(dp.state().0, 0, "withheld");
 
+    // The DP says why it has no configuration.
+    let st = dp_status_until(&dp, "the withheld error on the DP", |st| {
+        st["last_error"].as_str().is_some_and(|e| {
+            e.starts_with("plugin_set_incompatible:") && e.contains("rate-limiting")
+        })
+    })
+    .await;
+    assert_eq!(st["connected"], true, "{st}");
+    assert_eq!(st["in_sync"], false, "{st}");
+
+    // It keeps the connection and does not ask in a loop: over 2 s, at most 4 more get_delta
+    // requests with a 300 ms back-off doubling from the first (one may be a notification's).
+    let before = dp.shared().link();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = dp.shared().link();
+    assert_eq!(
+        (before.connects, after.connects),
+        (1, 1),
+        "reconnected while withheld"
+    );
+    assert!(
+        after.sync_requests - before.sync_requests <= 4,
+        "{} get_delta requests in 2 s while withheld",
+        after.sync_requests - before.sync_requests
+    );
+    assert_eq!(dp_status(&dp).await["connects"], 1);
+
     // A newer plugin version on the DP is refused too.
     let dir2 = tempfile::tempdir().unwrap();
     let mut cfg2 = cp.dp_config(dir2.path());
@@ -222,13 +276,44 @@ async fn plugin_set_compatibility_withholds_the_config() {
             .any(|r| r["id"] == id2.as_str() && r["sync_status"] == "plugin_version_incompatible")
     })
     .await;
+    dp_status_until(&dp2, "the version error on the DP", |st| {
+        st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("plugin_version_incompatible:"))
+    })
+    .await;
 
-    // Remove the plugin: the first DP gets the configuration and is normal again.
+    // Let the first DP's back-off grow past what convergence may take: after the 5th request
+    // the next one is 16 back-offs (4.8 s) away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dp.shared().link().sync_requests < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the DP stopped asking"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Remove the plugin: the CP announces the new version, the first DP asks at once, gets
+    // the configuration, clears its error and is normal again.
+    let asked = dp.shared().link().sync_requests;
+    let waited = tokio::time::Instant::now();
     let r = cp
         .delete(&format!("/plugins/{}", rl["id"].as_str().unwrap()))
         .await;
     assert_eq!(r.status, 204);
     dp.converge(&cp, 20).await;
+    // Asking only when the back-off ran out would take at least 16 back-offs.
+    assert!(
+        waited.elapsed() < backoff * 12,
+        "converged only after {:?}: the new version did not cut the back-off short",
+        waited.elapsed()
+    );
+    assert!(dp.shared().link().sync_requests > asked);
+    let st = dp_status(&dp).await;
+    assert_eq!(st["last_error"], Value::Null, "{st}");
+    assert_eq!(st["in_sync"], true, "{st}");
+    assert_eq!(st["connects"], 1, "{st}");
     rows_until(&cp, "normal again", |rows| {
         rows.iter().any(|r| {
             r["id"] == id.as_str() && r["sync_status"] == "normal" && r["health"] == "in_sync"

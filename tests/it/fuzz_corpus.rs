@@ -41,6 +41,64 @@ fn wire_frame_corpus() {
     replay("wire_frame", deltaplane::fuzzing::wire_frame);
 }
 
+/// The gzip (sync v1) seeds of `wire_frame` do what their names say, so the replay above runs
+/// the reconfigure reader and the config-table conversion, and the cap on inflating.
+#[test]
+fn wire_frame_gzip_seeds_reach_their_paths() {
+    use deltaplane::v1::{self, Received};
+    let read = |name: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/wire_frame")
+            .join(name);
+        let data = std::fs::read(path).unwrap();
+        // Byte 0: lane 3 (gzip) or 4 (all), and the cap.
+        assert!(matches!(data[0] % 5, 3 | 4), "{name}: not a gzip lane");
+        let cap = [64, 4 << 10, 1 << 20][(data[0] / 5) as usize % 3];
+        (data[1..].to_vec(), cap)
+    };
+    let seed = |name: &str| {
+        let (frame, cap) = read(name);
+        (v1::gunzip(&frame, cap), cap)
+    };
+    let inflated = |name: &str| match name {
+        // The lane also hands the frame itself to the reader.
+        "v1-reconfigure-inflated" => Ok(read(name).0),
+        _ => seed(name).0,
+    };
+    // (seed, entities: workspace, service, route, plugin)
+    for (name, n) in [
+        ("gzip-reconfigure", 4),
+        ("gzip-reconfigure-kong", 4),
+        ("v1-reconfigure-inflated", 3),
+    ] {
+        let raw = inflated(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let Ok(Received::Reconfigure(msg)) = v1::read_message(&raw) else {
+            panic!("{name}: not a reconfigure message");
+        };
+        let Some(serde_json::Value::Object(table)) = msg.config_table else {
+            panic!("{name}: no config_table");
+        };
+        let deltas = v1::export::deltas(deltaplane::schema::Registry::builtin(), table, 3)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(deltas.len(), n, "{name}: {deltas:?}");
+    }
+    let raw = seed("gzip-not-reconfigure").0.unwrap();
+    assert!(matches!(v1::read_message(&raw), Ok(Received::Other(_))));
+    for name in [
+        "gzip-reconfigure-over-small-cap",
+        "gzip-bomb-4k",
+        "gzip-bomb-1m",
+    ] {
+        let (r, cap) = seed(name);
+        assert_eq!(
+            r.unwrap_err(),
+            format!("the message inflates to more than {cap} bytes"),
+            "{name}"
+        );
+    }
+    assert!(seed("gzip-truncated").0.unwrap_err().starts_with("gzip: "));
+}
+
 // --- bugs the fuzzers found (inputs in `fuzz/regressions/<target>/`) ---
 
 mod found {
