@@ -511,6 +511,17 @@ both_backends!(transport_errors, |b| async move {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.body["message"], "Cannot parse JSON body");
+    // JSON, but not an object.
+    for body in ["[]", "\"x\"", "5", "null"] {
+        let r = cp
+            .raw(Method::POST, "/services", "application/json", body)
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(
+            r.body["message"], "Cannot parse JSON body: expected a JSON object",
+            "{body}"
+        );
+    }
     let r = cp
         .raw(Method::POST, "/services", "text/plain", "name=x")
         .await;
@@ -749,6 +760,36 @@ async fn admin_token_guards_every_request() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // The operator JSON-RPC on the same listener is guarded too.
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "deltaplane.sync_version"});
+    let rpc = format!("{}/rpc", cp.base);
+    let r = cp.client.post(&rpc).json(&call).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = cp
+        .client
+        .post(&rpc)
+        .bearer_auth("s3cret")
+        .json(&call)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        answer["result"]["version"].as_i64().unwrap() >= 1,
+        "{answer}"
+    );
+    // And `deltaplane-cp status` passes the token.
+    assert!(
+        deltaplane::rpc::call(&rpc, Some("s3cret"), "deltaplane.sync_version", None)
+            .await
+            .is_ok()
+    );
+    assert!(
+        deltaplane::rpc::call(&rpc, None, "deltaplane.sync_version", None)
+            .await
+            .is_err()
+    );
     cp.shutdown().await;
 }
 

@@ -227,6 +227,43 @@ async fn second_hello_is_not_accepted() {
     cp.shutdown().await;
 }
 
+/// A hello the control plane refuses (another major version) is answered with Kong's -32000
+/// error naming the reason, then the connection is closed with 1002; and a `get_delta` whose
+/// version is not a version string is answered with a full sync, as from no version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_hello_closes_1002_and_unparseable_versions_full_sync() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    cp.create("/services", json!({"name": "s", "host": "h"}))
+        .await;
+    let mut dp = RawPeer::connect(&cp).await;
+    let mut hello: Value = serde_json::from_slice(&hello_frame(KONG_CAPS, KONG_ENCODINGS)).unwrap();
+    hello["params"][0]["kong_version"] = json!("4.0.0");
+    dp.send_raw(serde_json::to_vec(&hello).unwrap()).await;
+    let answer: Value = serde_json::from_slice(&dp.next_binary().await).unwrap();
+    assert_eq!(answer["error"]["code"], -32000, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("kong_version_incompatible")),
+        "{answer}"
+    );
+    assert_eq!(dp.expect_close().await, Some(1002));
+
+    let mut dp = RawPeer::after_hello(&cp, KONG_CAPS, KONG_ENCODINGS).await;
+    for version in ["not-a-version", "v02_zz", ""] {
+        let answer = dp.call(&get_delta(Some(7), version)).await;
+        let result = &answer["result"]["default"];
+        assert_eq!(result["full_sync"], true, "{version}: {answer}");
+        assert!(
+            result["deltas"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["type"] == "services")),
+            "{version}: {answer}"
+        );
+    }
+    cp.shutdown().await;
+}
+
 /// A frame over `max_payload`, or one whose Snappy header claims more than the decompressed
 /// cap, closes that connection with 1009; another data plane keeps syncing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
