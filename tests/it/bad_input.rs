@@ -518,20 +518,35 @@ impl Ca {
 
     /// (cert PEM, key PEM) for `name`, for a server or a client.
     fn issue(&self, name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
+        self.issue_valid(name, usage, None)
+    }
+
+    /// Issues a certificate, valid `(from, until)` when given.
+    fn issue_valid(
+        &self,
+        name: &str,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+        validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+    ) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
         params.extended_key_usages = vec![usage];
+        if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        }
         let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
 }
 
-/// Pki mode: a data plane certificate from another CA (or none) is refused and never
-/// listed; one issued by the cluster CA connects and converges.
+/// Pki mode: a data plane certificate from another CA (or none, or one from the cluster CA
+/// that expired or is not yet valid) is refused and never listed; one issued by the cluster
+/// CA connects and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pki_mode_refuses_other_cas_and_accepts_issued_certificates() {
     use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
@@ -548,7 +563,17 @@ async fn pki_mode_refuses_other_cas_and_accepts_issued_certificates() {
 
     let foreign = other_ca.issue("dp-foreign", ClientAuth);
     let self_signed = cert_and_key("dp-self-signed");
+    let expired = ca.issue_valid("dp-expired", ClientAuth, Some(((2020, 1, 1), (2021, 1, 1))));
+    let not_yet = ca.issue_valid("dp-not-yet", ClientAuth, Some(((2099, 1, 1), (2100, 1, 1))));
     for (name, client) in [
+        (
+            "an expired certificate from the cluster CA",
+            any_server_client(Some((&expired.0, &expired.1))),
+        ),
+        (
+            "a not-yet-valid certificate from the cluster CA",
+            any_server_client(Some((&not_yet.0, &not_yet.1))),
+        ),
         ("no certificate", any_server_client(None)),
         (
             "a certificate from another CA",
