@@ -575,12 +575,9 @@ async fn the_v1_endpoint_accepts_only_what_kong_does() {
         r.config_hash.as_deref() == Some(hash.as_str()) && r.protocol == "v1"
     })
     .await;
-    // A text frame ends the connection.
+    // A text frame ends the connection (1003, unsupported data).
     peer.send_message(Message::Text("hello".into())).await;
-    assert!(
-        ends(&mut peer).await,
-        "a text frame must end the connection"
-    );
+    assert_eq!(close_code(&mut peer).await, Some(1003), "a text frame");
     // So does a ping that is not 32 bytes.
     let mut peer = connect().await;
     let _ = peer.next_binary().await;
@@ -588,23 +585,36 @@ async fn the_v1_endpoint_accepts_only_what_kong_does() {
         .send(Message::Ping(Bytes::from_static(b"short")))
         .await
         .unwrap();
-    assert!(
-        ends(&mut peer).await,
-        "an invalid hash must end the connection"
-    );
+    assert_eq!(close_code(&mut peer).await, Some(1008), "an invalid hash");
+    // A first frame that is not a basic_info ends it too, before any push (1008).
+    for first in [&b"not json"[..], br#"{"type": "ping"}"#, br#"[1, 2]"#] {
+        let tls = rawpeer::tls_to(&cp).await;
+        let path = format!("/v1/outlet?node_id={node}&node_hostname=raw&node_version=3.10.0");
+        let mut peer = RawPeer::new(rawpeer::upgrade(tls, &path, None).await.unwrap());
+        peer.send_message(Message::Binary(Bytes::copy_from_slice(first)))
+            .await;
+        assert_eq!(
+            close_code(&mut peer).await,
+            Some(1008),
+            "first frame {:?}",
+            String::from_utf8_lossy(first)
+        );
+    }
     cp.shutdown().await;
 }
 
 /// True when the connection closes (close frame or end) within the wait.
-async fn ends(peer: &mut RawPeer) -> bool {
+/// Waits for the control plane to end the connection; its close code (`None`: no code).
+async fn close_code(peer: &mut RawPeer) -> Option<u16> {
     tokio::time::timeout(rawpeer::WAIT, async {
         loop {
             match peer.ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                None | Some(Err(_)) => return None,
                 Some(Ok(_)) => continue,
             }
         }
     })
     .await
-    .unwrap_or(false)
+    .expect("the control plane must end the connection")
 }
