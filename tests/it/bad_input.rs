@@ -493,6 +493,9 @@ async fn shared_mode_refuses_other_certificates() {
 }
 
 /// A certificate authority for pki-mode tests.
+/// A date: (year, month, day).
+type Ymd = (i32, u8, u8);
+
 struct Ca {
     params: rcgen::CertificateParams,
     key: rcgen::KeyPair,
@@ -521,12 +524,12 @@ impl Ca {
         self.issue_valid(name, usage, None)
     }
 
-    /// Issues a certificate, valid `(from, until)` when given.
+    /// Issues a certificate, valid `(from, until)` (year, month, day) when given.
     fn issue_valid(
         &self,
         name: &str,
         usage: rcgen::ExtendedKeyUsagePurpose,
-        validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+        validity: Option<(Ymd, Ymd)>,
     ) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
