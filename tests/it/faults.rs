@@ -273,7 +273,11 @@ async fn stalls_then_recovery() {
     dp.converge(&cp, 20).await;
     let mon = Monitor::start(&dp);
 
-    for (name, up, down) in [("down", false, true), ("both", true, true)] {
+    for (name, up, down) in [
+        ("down", false, true),
+        ("up", true, false),
+        ("both", true, true),
+    ] {
         let (before, _) = dp.state();
         let accepted = proxy.accepted();
         proxy.set(|f| {
