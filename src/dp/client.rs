@@ -294,6 +294,9 @@ async fn session(
     let mut rejections: u32 = 0;
     // The control plane's message while it withholds the configuration.
     let mut withheld: Option<String> = None;
+    // The status error shown while the control plane answers with errors, and how many in a row.
+    let mut failed: Option<String> = None;
+    let mut failures: u32 = 0;
     let mut poll = tokio::time::interval(cfg.sync_poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
@@ -305,6 +308,14 @@ async fn session(
                 Ok(()) => {
                     retry_at = None;
                     rejections = 0;
+                    failures = 0;
+                    if let Some(msg) = failed.take() {
+                        shared.update_link(|l| {
+                            if l.last_error.as_ref() == Some(&msg) {
+                                l.last_error = None;
+                            }
+                        });
+                    }
                     if let Some(msg) = withheld.take() {
                         // Sent (an apply already cleared it) or up to date: no longer withheld.
                         shared.update_link(|l| {
@@ -338,6 +349,23 @@ async fn session(
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     want = true;
                 }
+                Err(SyncError::Failed(msg)) => {
+                    // Doubles from reconnect_min up to reconnect_max: a control plane whose
+                    // database is down is not asked in a tight loop; the link stays up.
+                    let backoff = cfg
+                        .reconnect_min
+                        .saturating_mul(1u32 << failures.min(16))
+                        .min(cfg.reconnect_max);
+                    failures += 1;
+                    let shown = format!("control plane error: {msg}");
+                    if failed.as_ref() != Some(&shown) {
+                        tracing::warn!(control_plane = %cp, error = %msg, ?backoff, "the control plane answered with an error; staying on the last good version");
+                    }
+                    shared.update_link(|l| l.last_error = Some(shown.clone()));
+                    failed = Some(shown);
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    want = true;
+                }
                 Err(SyncError::Link(msg)) => {
                     tracing::info!(control_plane = %cp, error = %msg, "sync failed; will retry");
                     retry_at = Some(tokio::time::Instant::now() + cfg.reconnect_min);
@@ -354,8 +382,9 @@ async fn session(
                 let v = *notified.borrow_and_update();
                 if v > shared.store.state().version {
                     want = true;
-                    if withheld.is_some() {
-                        // A new configuration may be one the control plane sends: ask now.
+                    if withheld.is_some() || failed.is_some() {
+                        // A new configuration may be one the control plane sends (and a
+                        // commit means its database works again): ask now.
                         retry_at = None;
                     }
                 }
@@ -442,7 +471,10 @@ enum SyncError {
     /// The control plane withholds the configuration from this data plane (its plugins):
     /// its message.
     Withheld(String),
-    /// The exchange failed (timeout, disconnect, CP error); nothing was applied.
+    /// The control plane answered with an error (its database is down, say): the link
+    /// works, the answer did not. Shown in the status; retried with a back-off.
+    Failed(String),
+    /// The exchange failed (timeout, disconnect); nothing was applied.
     Link(String),
 }
 
@@ -523,6 +555,7 @@ impl Syncer<'_> {
                     {
                         SyncError::Withheld(e.message)
                     }
+                    CallError::Rpc(e) => SyncError::Failed(format!("get_delta: {e}")),
                     e => SyncError::Link(format!("get_delta: {e}")),
                 })?;
             let applied = self.apply_answer(text, asked).await?;
@@ -668,7 +701,10 @@ impl Syncer<'_> {
                             serde_json::json!([{ "id": t.id, "page": page }]),
                         )
                         .await
-                        .map_err(|e| SyncError::Link(format!("get_page {page}: {e}"))),
+                        .map_err(|e| match e {
+                            CallError::Rpc(e) => SyncError::Failed(format!("get_page {page}: {e}")),
+                            e => SyncError::Link(format!("get_page {page}: {e}")),
+                        }),
                 )
             } else {
                 None

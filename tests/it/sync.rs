@@ -692,3 +692,83 @@ async fn dp_fails_over_to_the_next_control_plane() {
     assert_eq!(dp.shared().link().connected_to, Some(real));
     cp.shutdown().await;
 }
+
+/// Runs `sql` on the control plane's database.
+async fn cp_sql(cp: &TestCp, sql: &'static str) {
+    match cp.store().pool() {
+        deltaplane::store::Pool::Sqlite(p) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+        deltaplane::store::Pool::Postgres(p) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+    }
+}
+
+// A control plane that answers get_delta with an error (its change log is unreadable): the
+// data plane keeps the link, shows the error, asks again with a doubling back-off (not in a
+// tight loop), and recovers at once when a commit is announced.
+both_backends!(
+    control_plane_errors_are_shown_and_backed_off,
+    |backend| async move {
+        let Some(cp) = TestCp::start(backend).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = cp.dp_config(dir.path());
+        cfg.sync_poll_interval = Duration::from_millis(100);
+        cfg.reconnect_min = Duration::from_millis(100);
+        cfg.reconnect_max = Duration::from_secs(10);
+        let dp = TestDp::start(cfg, dir).await;
+        cp.create("/services", json!({"name": "before", "host": "h"}))
+            .await;
+        dp.converge(&cp, 20).await;
+
+        // Break the reads get_delta needs (the tables are renamed back below).
+        cp_sql(&cp, "ALTER TABLE dp_versions RENAME TO dp_versions_away").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = dp.shared().status_json();
+            if st["last_error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("control plane error"))
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no error shown: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let link = dp.shared().link();
+        let (connects, requests) = (link.connects, link.sync_requests);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let link = dp.shared().link();
+        assert!(link.connected_to.is_some(), "the link was dropped");
+        assert_eq!(link.connects, connects, "the data plane reconnected");
+        // 100, 200, 400, 800 ms apart: at most 5 in 2 s (polling every 100 ms would ask 20
+        // times). The next attempt is 1.6 s after the fourth, about 3.1 s in.
+        let asked = link.sync_requests - requests;
+        assert!(
+            asked <= 5,
+            "asked {asked} times in 2 s while the control plane failed"
+        );
+        assert!(link.last_error.is_some());
+
+        // Repaired; a commit is announced and the data plane asks at once, not when its
+        // back-off ends (about a second from now).
+        cp_sql(&cp, "ALTER TABLE dp_versions_away RENAME TO dp_versions").await;
+        let started = tokio::time::Instant::now();
+        cp.create("/services", json!({"name": "after", "host": "h"}))
+            .await;
+        dp.converge(&cp, 20).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "converged only after {:?} (the back-off, not the announcement)",
+            started.elapsed()
+        );
+        assert_eq!(dp.shared().status_json()["last_error"], Value::Null);
+        cp.shutdown().await;
+    }
+);
