@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::config::ClusterSettings;
 use super::feed::{Asker, Decision, Feed, FeedError};
@@ -302,6 +302,16 @@ impl ClusterCtx {
 }
 
 impl DpConn {
+    /// Waits for this DP's one slot for a large answer (get_delta, get_page); hold the permit
+    /// until the answer is written ([`Reply::Held`]).
+    async fn large_answer_slot(&self) -> OwnedSemaphorePermit {
+        self.answer_slot
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the answer slot is never closed")
+    }
+
     /// A data plane that just connected, `sync_status` normal, nothing reported yet.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -873,12 +883,7 @@ impl Handler for CpHandler {
                         RpcError::invalid_params().with_message("'page' must be a number")
                     })?;
                     // Pages are as large as answers: the same one-at-a-time slot.
-                    let slot = conn
-                        .answer_slot
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("the answer slot is never closed");
+                    let slot = conn.large_answer_slot().await;
                     let text = ctx
                         .feed
                         .page(id, page as usize)
@@ -888,7 +893,7 @@ impl Handler for CpHandler {
                     } else {
                         raw_value(text)
                     };
-                    reply.map(|r| Reply::Held(Box::new(r), Box::new(slot)))
+                    held(reply, slot)
                 }
                 _ => Err(RpcError::method_not_found()),
             }
@@ -934,6 +939,11 @@ fn first_param(params: &Value) -> Result<&Value, RpcError> {
         .get(0)
         .filter(|p| p.is_object())
         .ok_or_else(|| RpcError::invalid_params().with_message("params must be [ { ... } ]"))
+}
+
+/// A large answer held with its slot until written (see [`DpConn::large_answer_slot`]).
+fn held(reply: Result<Reply, RpcError>, slot: OwnedSemaphorePermit) -> Result<Reply, RpcError> {
+    reply.map(|r| Reply::Held(Box::new(r), Box::new(slot)))
 }
 
 fn raw_value(text: String) -> Result<Reply, RpcError> {
@@ -992,15 +1002,8 @@ async fn get_delta(
         paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
         encoding: encoding.name(),
     };
-    let slot = conn
-        .answer_slot
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the answer slot is never closed");
-    let held = move |reply: Result<Reply, RpcError>| {
-        reply.map(|r| Reply::Held(Box::new(r), Box::new(slot)))
-    };
+    let slot = conn.large_answer_slot().await;
+    let held = move |reply: Result<Reply, RpcError>| held(reply, slot);
     let max = ctx.settings.max_payload;
     let fits = move |bytes: &[u8]| codec::encode(encoding, bytes).len() + 64 <= max;
     match ctx.feed.get_delta(version, asker, &fits).await {
