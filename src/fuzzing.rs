@@ -190,15 +190,9 @@ pub fn delta_apply(data: &[u8]) {
                     expect_from,
                     latest,
                 };
-                let lens = if wire { Lens::Wire } else { Lens::Direct };
-                let expected = model.run(&kind, &deltas, lens);
-                let got = if wire {
-                    run_wire(dp, &kind, &deltas)
-                } else {
-                    run_direct(dp, &kind, &deltas)
-                };
+                let (outcome, lens) = run_both(dp, &mut model, &kind, &deltas, wire);
                 (
-                    compare(expected, got, &mut model),
+                    outcome,
                     format!("incremental ({lens:?}) {kind:?} {deltas:?}"),
                     false,
                 )
@@ -212,15 +206,9 @@ pub fn delta_apply(data: &[u8]) {
                 let deltas = gen_deltas(&mut input, version, n, Some(version));
                 let kind = ApplyKind::Full { version, epoch };
                 let wire = p & 0x80 != 0;
-                let lens = if wire { Lens::Wire } else { Lens::Direct };
-                let expected = model.run(&kind, &deltas, lens);
-                let got = if wire {
-                    run_wire(dp, &kind, &deltas)
-                } else {
-                    run_direct(dp, &kind, &deltas)
-                };
+                let (outcome, lens) = run_both(dp, &mut model, &kind, &deltas, wire);
                 (
-                    compare(expected, got, &mut model),
+                    outcome,
                     format!("full sync ({lens:?}) {kind:?} {deltas:?}"),
                     true,
                 )
@@ -782,6 +770,25 @@ fn page_bytes(gs: &[Gen]) -> Vec<u8> {
 
 /// A committed apply's (version, state hash, entity count), or why it was refused.
 type Got = Result<Option<(i64, StateHash, u64)>, ApplyError>;
+
+/// Applies `deltas` to the model and to the store (directly, or through the wire form when
+/// `wire`) and compares the two.
+fn run_both(
+    dp: &DpStore,
+    model: &mut Model,
+    kind: &ApplyKind,
+    deltas: &[Gen],
+    wire: bool,
+) -> (Outcome, Lens) {
+    let lens = if wire { Lens::Wire } else { Lens::Direct };
+    let expected = model.run(kind, deltas, lens);
+    let got = if wire {
+        run_wire(dp, kind, deltas)
+    } else {
+        run_direct(dp, kind, deltas)
+    };
+    (compare(expected, got, model), lens)
+}
 
 fn run_direct(dp: &DpStore, kind: &ApplyKind, deltas: &[Gen]) -> Got {
     let mut apply = dp.begin(kind.clone())?;

@@ -292,10 +292,11 @@ async fn session(
     };
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut rejections: u32 = 0;
-    // The control plane's message while it withholds the configuration.
-    let mut withheld: Option<String> = None;
-    // The status error shown while the control plane answers with errors, and how many in a row.
-    let mut failed: Option<String> = None;
+    // The `last_error` shown while the control plane withholds the configuration or answers
+    // with errors; cleared by the next successful sync, and a newer announced version is
+    // worth asking for at once.
+    let mut cp_refusal: Option<String> = None;
+    // Consecutive error answers.
     let mut failures: u32 = 0;
     let mut poll = tokio::time::interval(cfg.sync_poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -309,15 +310,8 @@ async fn session(
                     retry_at = None;
                     rejections = 0;
                     failures = 0;
-                    if let Some(msg) = failed.take() {
-                        shared.update_link(|l| {
-                            if l.last_error.as_ref() == Some(&msg) {
-                                l.last_error = None;
-                            }
-                        });
-                    }
-                    if let Some(msg) = withheld.take() {
-                        // Sent (an apply already cleared it) or up to date: no longer withheld.
+                    if let Some(msg) = cp_refusal.take() {
+                        // Sent (an apply already cleared it) or up to date: over.
                         shared.update_link(|l| {
                             if l.last_error.as_ref() == Some(&msg) {
                                 l.last_error = None;
@@ -333,7 +327,7 @@ async fn session(
                     tracing::warn!(control_plane = %cp, error = %msg, ?backoff, "deltas rejected; staying on the last good version");
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     want = true;
-                    withheld = None;
+                    cp_refusal = None;
                 }
                 Err(SyncError::Withheld(msg)) => {
                     // The link is fine: keep it. The control plane announces every new
@@ -341,11 +335,11 @@ async fn session(
                     // below); the same doubling back-off only guards against missing one.
                     let backoff = cfg.invalid_backoff * (1u32 << rejections.min(6));
                     rejections += 1;
-                    if withheld.as_ref() != Some(&msg) {
+                    if cp_refusal.as_ref() != Some(&msg) {
                         tracing::warn!(control_plane = %cp, error = %msg, "the control plane withholds the configuration; staying on the last good version");
                     }
                     shared.update_link(|l| l.last_error = Some(msg.clone()));
-                    withheld = Some(msg);
+                    cp_refusal = Some(msg);
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     want = true;
                 }
@@ -358,11 +352,11 @@ async fn session(
                         .min(cfg.reconnect_max);
                     failures += 1;
                     let shown = format!("control plane error: {msg}");
-                    if failed.as_ref() != Some(&shown) {
+                    if cp_refusal.as_ref() != Some(&shown) {
                         tracing::warn!(control_plane = %cp, error = %msg, ?backoff, "the control plane answered with an error; staying on the last good version");
                     }
                     shared.update_link(|l| l.last_error = Some(shown.clone()));
-                    failed = Some(shown);
+                    cp_refusal = Some(shown);
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     want = true;
                 }
@@ -382,7 +376,7 @@ async fn session(
                 let v = *notified.borrow_and_update();
                 if v > shared.store.state().version {
                     want = true;
-                    if withheld.is_some() || failed.is_some() {
+                    if cp_refusal.is_some() {
                         // A new configuration may be one the control plane sends (and a
                         // commit means its database works again): ask now.
                         retry_at = None;

@@ -18,7 +18,7 @@
 //!   every slot is held that way the responses are not read until the calls time out.
 //! - A handler may answer [`Reply::Held`]: the guard lives until the frame is written, so a
 //!   one-permit guard bounds large answers per connection to one built and unsent. In a
-//!   batch, elements stop running (-32603) once the answers pass `max_payload`.
+//!   batch, elements stop running (-32603) once the answers pass `max_decompressed`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -800,11 +800,14 @@ impl Reader<'_> {
                     // Kong runs batch elements one after the other, in order.
                     for item in work {
                         let part = match item {
-                            // Past one frame's worth of answers the batch cannot be sent:
-                            // stop building (memory), answer the rest with an error.
-                            Work::Request(request) if size > peer.inner.cfg.max_payload => request
-                                .id
-                                .map(|id| jsonrpc::error(Some(&id), &batch_too_large())),
+                            // Past what a receiver may decompress (`max_decompressed`) the
+                            // batch cannot be delivered however well it compresses: stop
+                            // building (memory), answer the rest with an error.
+                            Work::Request(request) if size > peer.inner.cfg.max_decompressed => {
+                                request
+                                    .id
+                                    .map(|id| jsonrpc::error(Some(&id), &batch_too_large()))
+                            }
                             // Each element's guard goes as soon as it is answered: a later
                             // element may need the same permit.
                             Work::Request(request) => {
@@ -898,7 +901,7 @@ fn is_hello(json: &[u8]) -> bool {
 
 fn batch_too_large() -> RpcError {
     RpcError::internal_error()
-        .with_message("the batch's answers exceed the frame limit; element not run")
+        .with_message("the batch's answers exceed what the peer may decompress; element not run")
 }
 
 /// Runs one request; the serialised response and its guard, or `None` for a notification.
@@ -1782,6 +1785,42 @@ pub(crate) mod tests {
         })
         .await
         .expect("every guard is released once its answer is written");
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_running_once_its_answers_pass_the_decompressed_cap() {
+        // Each `test.v1.big` answer is ~200 KB; a receiver takes at most 300 KiB decompressed.
+        let cfg = PeerConfig {
+            max_payload: 4 << 20,
+            max_decompressed: 300 * 1024,
+            ..fast_cfg()
+        };
+        let built = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let handler = Arc::new(HeldHandler {
+            slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            built: built.clone(),
+            live: Arc::default(),
+            max_live: Arc::default(),
+        });
+        let (_peer, mut raw) = peer_and_raw(cfg, handler).await;
+        let batch: Vec<Value> = (0..4)
+            .map(|i| json!({"jsonrpc": "2.0", "method": "test.v1.big", "id": i, "params": [i]}))
+            .collect();
+        raw_send(&mut raw, &Value::Array(batch).to_string()).await;
+        let answer = raw_recv(&mut raw).await;
+        let answers = answer.as_array().expect("one batch answer");
+        let ids: Vec<_> = answers.iter().map(|a| a["id"].clone()).collect();
+        assert_eq!(ids, [json!(0), json!(1), json!(2), json!(3)]);
+        // 200 KB after the first, 400 KB after the second: the last two are not run.
+        assert!(answers[0].get("result").is_some() && answers[1].get("result").is_some());
+        for a in &answers[2..] {
+            assert_eq!(a["error"]["code"], -32603, "{a}");
+        }
+        assert_eq!(
+            built.load(Ordering::SeqCst),
+            2,
+            "elements past the cap were run"
+        );
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::harness::{Backend, TestCp, TestDb, TestDp, cert_and_key, short_timers};
+use crate::harness::{Backend, Ca, TestCp, TestDb, TestDp, cert_and_key, short_timers};
 use crate::rawpeer::{
     KONG_CAPS, KONG_ENCODINGS, RawPeer, WAIT, any_server_client, get_delta, hello_frame, tls_to,
     try_connect_with, upgrade,
@@ -493,60 +493,6 @@ async fn shared_mode_refuses_other_certificates() {
 }
 
 /// A certificate authority for pki-mode tests.
-/// A date: (year, month, day).
-type Ymd = (i32, u8, u8);
-
-struct Ca {
-    params: rcgen::CertificateParams,
-    key: rcgen::KeyPair,
-    pem: String,
-}
-
-impl Ca {
-    fn new(cn: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca { params, key, pem }
-    }
-
-    /// (cert PEM, key PEM) for `name`, for a server or a client.
-    fn issue(&self, name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
-        self.issue_valid(name, usage, None)
-    }
-
-    /// Issues a certificate, valid `(from, until)` (year, month, day) when given.
-    fn issue_valid(
-        &self,
-        name: &str,
-        usage: rcgen::ExtendedKeyUsagePurpose,
-        validity: Option<(Ymd, Ymd)>,
-    ) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
-            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
-            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
-        }
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// Pki mode: a data plane certificate from another CA (or none, or one from the cluster CA
 /// that expired or is not yet valid) is refused and never listed; one issued by the cluster
 /// CA connects and converges.

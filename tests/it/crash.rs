@@ -15,7 +15,7 @@ use deltaplane::store::{Op, StateHash};
 use serde_json::json;
 
 use crate::both_backends;
-use crate::harness::{TestCp, TestDb};
+use crate::harness::{TestCp, TestDb, free_port};
 
 /// Services in the crash loop's configuration for most of the loop.
 const BASE: usize = 3_000;
@@ -307,14 +307,6 @@ async fn dp_killed_inside_applies_recovers() {
         "too few kills landed inside applies: {fired}/{iterations}"
     );
     cp.shutdown().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // SIGKILL the control plane under Admin API write load, restart it: every acknowledged write

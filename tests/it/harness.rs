@@ -277,6 +277,15 @@ impl TestCp {
 }
 
 /// Timers short enough for tests, long enough for a loaded 2-core machine.
+/// A TCP port that was free a moment ago (for processes that need a fixed address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn short_timers(c: &mut ClusterSettings) {
     c.ping_interval = Duration::from_secs(2);
     c.idle_timeout = Duration::from_secs(6);
@@ -425,11 +434,60 @@ pub fn cert_and_key(cn: &str) -> (String, String) {
 
 /// A self-signed CA certificate.
 pub fn ca_cert(cn: &str) -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.self_signed(&key).unwrap().pem()
+    Ca::new(cn).pem
+}
+
+/// A date: (year, month, day).
+pub type Ymd = (i32, u8, u8);
+
+/// A self-signed certificate authority that issues leaf certificates (pki mode).
+pub struct Ca {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(cn: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { params, key, pem }
+    }
+
+    /// (cert PEM, key PEM) for `name`, for a server or a client.
+    pub fn issue(&self, name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
+        self.issue_valid(name, usage, None)
+    }
+
+    /// Issues a certificate, valid `(from, until)` (year, month, day) when given.
+    pub fn issue_valid(
+        &self,
+        name: &str,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+        validity: Option<(Ymd, Ymd)>,
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        }
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }

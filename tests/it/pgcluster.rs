@@ -61,11 +61,7 @@ impl PgCluster {
                     .output()
                     .expect("chown"),
             );
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = crate::harness::free_port();
             let cluster = PgCluster {
                 url: format!("postgres://postgres@127.0.0.1:{port}/cp"),
                 dir,
