@@ -283,7 +283,6 @@ async fn session(
     }
     shared.update_link(|l| l.protocol = Some("v2"));
     let syncer = Syncer {
-        cfg,
         stop: stop.clone(),
         shared: shared.clone(),
         peer: peer.clone(),
@@ -472,8 +471,7 @@ enum SyncError {
     Link(String),
 }
 
-struct Syncer<'a> {
-    cfg: &'a DpConfig,
+struct Syncer {
     /// Checked between answers, so a long catch-up does not delay shutdown.
     stop: watch::Receiver<bool>,
     shared: Arc<DpShared>,
@@ -513,7 +511,7 @@ struct Outer<'a> {
     default: Option<&'a RawValue>,
 }
 
-impl Syncer<'_> {
+impl Syncer {
     /// Pulls until the data plane is at the control plane's head (an empty answer), applying
     /// each answer in one transaction.
     async fn sync(&self) -> Result<(), SyncError> {
@@ -786,7 +784,6 @@ impl Syncer<'_> {
                 )
                 .await;
         }
-        let _ = self.cfg;
         SyncError::Rejected(message)
     }
 }
@@ -969,7 +966,7 @@ impl<'de, F: FnMut(Value) -> Result<(), String>> Visitor<'de> for DeltasSeed<'_,
     }
 }
 
-impl fmt::Debug for Syncer<'_> {
+impl fmt::Debug for Syncer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Syncer")
             .field("paging", &self.paging)
