@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use deltaplane::cp::store::{Op, Store, StoreOptions};
 use deltaplane::cp::writer::Writer;
-use deltaplane::store::{Op, Store, StoreOptions};
 use serde_json::json;
 
 struct Db {

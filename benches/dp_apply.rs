@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use deltaplane::dp::store::{ApplyKind, DpStore, DpStoreOptions};
+use deltaplane::proto::Delta;
 use deltaplane::schema::{Mode, Registry};
-use deltaplane::sync::Delta;
 use serde_json::{Value, json};
 
 const WS: &str = "0c5d5a1e-0000-4000-8000-000000000000";

@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use deltaplane::sync::version_string;
-use deltaplane::wire::codec::{self, Encoding};
-use deltaplane::wire::jsonrpc;
+use deltaplane::proto::codec::{self, Encoding};
+use deltaplane::proto::jsonrpc;
+use deltaplane::proto::version_string;
 use serde_json::{Value, json};
 
 /// A deterministic pseudo-random hex string, so ids do not compress away.

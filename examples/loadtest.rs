@@ -32,10 +32,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
-use deltaplane::store::{Op, Store, StoreOptions};
-use deltaplane::tls::{ClusterTls, MtlsMode, TlsSettings};
-use deltaplane::wire::codec::{self, Encoding};
-use deltaplane::wire::hello::{self, Hello};
+use deltaplane::cp::store::{Op, Store, StoreOptions};
+use deltaplane::net::hello;
+use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::proto::codec::{self, Encoding};
+use deltaplane::proto::hello::Hello;
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -1280,7 +1281,7 @@ async fn v1push(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Resul
         first == second,
         "two DPs got different bytes for one version"
     );
-    let raw = deltaplane::v1::gunzip(&first, 1 << 31).map_err(anyhow::Error::msg)?;
+    let raw = deltaplane::proto::v1::gunzip(&first, 1 << 31).map_err(anyhow::Error::msg)?;
     let msg: Value = serde_json::from_slice(&raw)?;
     ensure!(
         msg["deltaplane_version"] == head,
@@ -1444,16 +1445,18 @@ async fn get_delta_once(
     let mut request = format!("wss://{cluster}/v2/outlet").into_client_request()?;
     request.headers_mut().insert(
         "Sec-WebSocket-Protocol",
-        hello::SUBPROTOCOL.parse().expect("a header value"),
+        deltaplane::proto::hello::SUBPROTOCOL
+            .parse()
+            .expect("a header value"),
     );
     let (mut ws, resp) = tokio_tungstenite::client_async_with_config(request, stream, None).await?;
     ensure!(
         resp.headers()
             .get("Sec-WebSocket-Protocol")
             .and_then(|v| v.to_str().ok())
-            == Some(hello::SUBPROTOCOL),
+            == Some(deltaplane::proto::hello::SUBPROTOCOL),
         "subprotocol {} not accepted",
-        hello::SUBPROTOCOL
+        deltaplane::proto::hello::SUBPROTOCOL
     );
     let result = hello::client_handshake(
         &mut ws,
@@ -1478,7 +1481,7 @@ async fn get_delta_once(
     let call = json!({
         "jsonrpc": "2.0",
         "method": "kong.sync.v2.get_delta",
-        "params": [{"default": {"version": deltaplane::sync::version_string(version)}}],
+        "params": [{"default": {"version": deltaplane::proto::version_string(version)}}],
         "id": ID,
     });
     ws.send(Message::binary(codec::encode(

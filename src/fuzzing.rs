@@ -15,13 +15,13 @@ use serde_json::{Value, json};
 
 use crate::dp::client::{apply_stream, for_each_delta};
 use crate::dp::store::{ApplyError, ApplyKind, DpStore, DpStoreError, DpStoreOptions};
+use crate::proto::Delta;
+use crate::proto::StateHash;
+use crate::proto::codec::{self, CodecError, Encoding};
+use crate::proto::hello::{HELLO_METHOD, Hello, HelloResult};
+use crate::proto::jsonrpc::{self, Incoming, Message, RpcError};
+use crate::proto::v1;
 use crate::schema::{Mode, Registry, form};
-use crate::store::StateHash;
-use crate::sync::Delta;
-use crate::v1;
-use crate::wire::codec::{self, CodecError, Encoding};
-use crate::wire::hello::{HELLO_METHOD, Hello, HelloResult};
-use crate::wire::jsonrpc::{self, Incoming, Message, RpcError};
 
 /// Arbitrary bytes as an Admin API body for some entity type: parsing and validation never
 /// panic, and every rejection is a schema violation with a non-empty, printable error tree.

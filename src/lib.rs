@@ -3,27 +3,29 @@
 //!
 //! # Layout
 //!
+//! Two planes as siblings over shared, plane-neutral layers (ARCHITECTURE.md draws it):
+//!
 //! - [`schema`]: entity descriptions (`schema/*.json`) and the generic validation engine.
-//! - [`store`]: the control plane's database (SQLite or PostgreSQL), entities and the versioned
-//!   change log with its state hash.
-//! - [`cp`]: the control plane: Admin API, group-commit writer, configuration, serve loop.
-//! - [`sync`]: version strings and the delta shape shared by both planes.
-//! - [`wire`]: frame encodings, JSON-RPC messages and the symmetric WebSocket peer.
-//! - [`tls`]: cluster mTLS (`shared` and `pki`).
-//! - [`dp`]: the data plane: redb store, sync client, status listener.
-//! - [`v1`]: Kong's sync v1 (full-config push): config hash, `config_table` export.
+//! - [`proto`]: the cluster protocol with no I/O: versions, deltas, the state hash, frame
+//!   codecs, JSON-RPC, the hello, typed sync v2 messages, sync v1 messages and hash.
+//! - [`net`]: the runtime pieces of a cluster link: mTLS, the hello exchange, the symmetric
+//!   JSON-RPC peer, and the operator JSON-RPC endpoint.
+//! - [`settings`] and [`node`]: flags both binaries accept; node id, clock, shutdown signal.
+//! - [`cp`] (feature `cp`): the control plane: its SQL store, Admin API, cluster listener.
+//! - [`dp`] (feature `dp`): the data plane: its redb store, sync link, status listener.
 
 pub mod cli;
+#[cfg(feature = "cp")]
 pub mod cp;
+#[cfg(feature = "dp")]
 pub mod dp;
 #[doc(hidden)]
 pub mod failpoint;
 #[doc(hidden)]
+#[cfg(all(feature = "cp", feature = "dp", any(test, feature = "fuzzing")))]
 pub mod fuzzing;
-pub mod rpc;
+pub mod net;
+pub mod node;
+pub mod proto;
 pub mod schema;
-pub mod store;
-pub mod sync;
-pub mod tls;
-pub mod v1;
-pub mod wire;
+pub mod settings;

@@ -15,7 +15,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = CpConfig::from_args(&args)?;
             let running = cp::start(cfg).await?;
             println!("deltaplane-cp: Admin API on http://{}", running.admin_addr);
-            cp::shutdown_signal().await;
+            deltaplane::node::shutdown_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await;
             Ok(())
@@ -23,7 +23,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             let cfg = CpConfig::from_args(&args)?;
             std::fs::create_dir_all(&cfg.data_dir)?;
-            let store = deltaplane::store::Store::open(cp::store_options(&cfg))
+            let store = deltaplane::cp::store::Store::open(cp::store_options(&cfg))
                 .await
                 .map_err(|e| anyhow::anyhow!("migrating: {e}"))?;
             let info = store
@@ -39,7 +39,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Certs(CertsCommand::Generate { out }) => {
             std::fs::create_dir_all(&out)?;
-            let (crt, key) = deltaplane::tls::generate_shared_cert(&out)?;
+            let (crt, key) = deltaplane::net::tls::generate_shared_cert(&out)?;
             println!(
                 "deltaplane-cp: wrote {} and {}",
                 crt.display(),

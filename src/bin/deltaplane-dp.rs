@@ -19,7 +19,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 running.status_addr,
                 running.shared.store.state().version
             );
-            deltaplane::cp::shutdown_signal().await;
+            deltaplane::node::shutdown_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await;
             Ok(())

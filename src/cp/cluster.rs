@@ -19,21 +19,22 @@ use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
-use super::config::ClusterSettings;
-use super::feed::{Asker, Decision, Feed, FeedError};
-use crate::store::{DataPlaneRow, Store};
-use crate::sync::{
+use super::answers::{Asker, Decision, Feed, FeedError};
+use crate::cp::store::{DataPlaneRow, Store};
+use crate::net::hello;
+use crate::net::peer::{Handler, Peer, Reply};
+use crate::net::tls::ClusterTls;
+use crate::proto::codec::{self, Encoding};
+use crate::proto::hello::{Hello, HelloResult};
+use crate::proto::jsonrpc::RpcError;
+use crate::proto::{
     CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, PLUGIN_SET_INCOMPATIBLE, PLUGIN_VERSION_INCOMPATIBLE,
     parse_version, version_string,
 };
-use crate::tls::ClusterTls;
-use crate::wire::codec::{self, Encoding};
-use crate::wire::hello::{self, Hello, HelloResult};
-use crate::wire::jsonrpc::RpcError;
-use crate::wire::peer::{Handler, Peer, Reply};
+use crate::settings::ClusterSettings;
 
 /// The subprotocol of `/v2/outlet`.
-pub const SUBPROTOCOL: &str = "kong.meta.v1";
+pub use crate::proto::hello::SUBPROTOCOL;
 
 /// Methods the control plane serves.
 const CP_METHODS: &[&str] = &[
@@ -105,7 +106,7 @@ impl ClusterCtx {
     ) -> Arc<ClusterCtx> {
         let feed = Feed::new(
             store.clone(),
-            super::feed::FeedLimits {
+            super::answers::FeedLimits {
                 // Leave room for the JSON-RPC envelope; JSON compresses, so an uncompressed
                 // answer this size always fits a frame once encoded.
                 frame_bytes: settings.max_payload.saturating_sub(1024).max(1024),
@@ -138,7 +139,7 @@ impl ClusterCtx {
         self.conns.lock().expect("conns lock").remove(&id);
         if let Err(e) = self
             .store
-            .disconnect_data_plane(&conn.node_id, &self.node_id, crate::store::now_secs())
+            .disconnect_data_plane(&conn.node_id, &self.node_id, crate::node::now_secs())
             .await
         {
             tracing::debug!(error = %e, "recording a disconnect failed");
@@ -166,20 +167,20 @@ impl ClusterCtx {
             version: st.version,
             state_hash: st.state_hash.clone(),
             connected_to: connected.then(|| self.node_id.clone()),
-            last_seen: crate::store::now_secs(),
+            last_seen: crate::node::now_secs(),
             last_error: st.last_error,
             labels: conn.labels.to_string(),
             capabilities: Value::from(conn.capabilities.clone()).to_string(),
             cert_expiry: conn.cert_expiry,
             sync_status: st.sync_status.to_owned(),
             config_hash: st.config_hash.or_else(|| Some(version_string(st.version))),
-            updated_at: crate::store::now_secs(),
+            updated_at: crate::node::now_secs(),
         }
     }
 
     /// Every data plane known to the cluster (rows from the shared table, overlaid with this
     /// control plane's live view of its own connections), by node id.
-    pub async fn data_plane_rows(&self) -> Result<Vec<DataPlaneRow>, crate::store::StoreError> {
+    pub async fn data_plane_rows(&self) -> Result<Vec<DataPlaneRow>, crate::cp::store::StoreError> {
         let mut rows: std::collections::BTreeMap<String, DataPlaneRow> = self
             .store
             .data_planes()
@@ -271,9 +272,9 @@ impl ClusterCtx {
     }
 
     /// `deltaplane.data_planes`.
-    pub async fn data_planes(&self) -> Result<Vec<Value>, crate::store::StoreError> {
+    pub async fn data_planes(&self) -> Result<Vec<Value>, crate::cp::store::StoreError> {
         let head = self.store.version_info().await?.version;
-        let now = crate::store::now_secs();
+        let now = crate::node::now_secs();
         Ok(self
             .data_plane_rows()
             .await?
@@ -394,14 +395,14 @@ pub(crate) async fn record_refused(
         version: 0,
         state_hash: None,
         connected_to: None,
-        last_seen: crate::store::now_secs(),
+        last_seen: crate::node::now_secs(),
         last_error: Some(format!("kong_version_incompatible: {reason}")),
         labels: labels.to_string(),
         capabilities: Value::from(capabilities.to_vec()).to_string(),
         cert_expiry,
         sync_status: "kong_version_incompatible".into(),
         config_hash: None,
-        updated_at: crate::store::now_secs(),
+        updated_at: crate::node::now_secs(),
     };
     if let Err(e) = ctx.store.upsert_data_plane(&row).await {
         tracing::debug!(error = %e, "recording a refused data plane failed");
@@ -504,7 +505,7 @@ async fn connection(
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
         .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
     let identity = Some(identity);
-    let ws_config = crate::wire::peer::ws_config(&ctx.settings.peer_config());
+    let ws_config = crate::net::peer::ws_config(&ctx.settings.peer_config());
     let route: Mutex<Option<Route>> = Mutex::new(None);
     let settings = &ctx.settings;
     let callback =
@@ -662,7 +663,7 @@ fn check_upgrade(
         *r.status_mut() = status;
         r
     };
-    if req.uri().path() == crate::v1::PATH {
+    if req.uri().path() == crate::proto::v1::PATH {
         return super::v1::V1Query::parse(req.uri().query())
             .map(Route::V1)
             .map_err(|msg| reject(http::StatusCode::BAD_REQUEST, &msg));

@@ -2,16 +2,16 @@
 //! and the serve loop with graceful shutdown.
 
 pub mod admin;
+pub mod answers;
 pub mod cluster;
-pub mod clustering;
 pub mod config;
-pub mod feed;
 pub mod status;
+pub mod store;
 pub mod v1;
 pub mod writer;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::store::{Store, StoreOptions};
+use crate::cp::store::{Store, StoreOptions};
 
 pub use config::CpConfig;
 
@@ -49,20 +49,6 @@ impl RunningCp {
     }
 }
 
-/// Reads the node id kept in `data_dir`, creating it on first start.
-pub fn persistent_node_id(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join("node_id");
-    if let Ok(s) = std::fs::read_to_string(&path) {
-        let s = s.trim();
-        if crate::schema::is_uuid(s) {
-            return Ok(s.to_owned());
-        }
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
-    Ok(id)
-}
-
 pub fn store_options(cfg: &CpConfig) -> StoreOptions {
     let mut opts = match &cfg.database_url {
         Some(url) => StoreOptions::new(url.clone()),
@@ -82,7 +68,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
     let store = Store::open(store_options(&cfg))
         .await
         .map_err(|e| anyhow::anyhow!("opening the database: {e}: {}", detail(&e)))?;
-    let node_id = persistent_node_id(&cfg.data_dir)?;
+    let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
     let hostname = hostname::get()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
@@ -106,10 +92,10 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         cfg.kong_compat_version.clone(),
         cfg.cluster.clone(),
     );
-    let (rpc_router, rpc_handle) = crate::rpc::router(rpc_module(cluster.clone())?);
+    let (rpc_router, rpc_handle) = crate::net::operator::router(rpc_module(cluster.clone())?);
     let app = admin::router(
         state,
-        rpc_router.merge(clustering::router(
+        rpc_router.merge(admin::clustering::router(
             cluster.clone(),
             cfg.data_plane_purge_delay,
         )),
@@ -165,11 +151,11 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
 /// first start).
 fn cluster_tls(
     cfg: &CpConfig,
-) -> anyhow::Result<(crate::tls::ClusterTls, Option<(PathBuf, PathBuf)>)> {
+) -> anyhow::Result<(crate::net::tls::ClusterTls, Option<(PathBuf, PathBuf)>)> {
     let (cert, key, files) = match &cfg.cluster_cert {
         Some((c, k)) => (c.clone(), k.clone(), None),
         None => {
-            let (crt, key, created) = crate::tls::ensure_dev_cert(&cfg.data_dir)?;
+            let (crt, key, created) = crate::net::tls::ensure_dev_cert(&cfg.data_dir)?;
             if created {
                 tracing::info!(cert = %crt.display(), key = %key.display(), "generated a shared-mode cluster certificate; give data planes the same pair");
             }
@@ -180,7 +166,7 @@ fn cluster_tls(
             )
         }
     };
-    let tls = crate::tls::ClusterTls::load(&crate::tls::TlsSettings {
+    let tls = crate::net::tls::ClusterTls::load(&crate::net::tls::TlsSettings {
         mode: cfg.cluster_mtls.parse()?,
         cert,
         key,
@@ -196,7 +182,7 @@ fn cluster_tls(
 fn rpc_module(
     cluster: Arc<cluster::ClusterCtx>,
 ) -> anyhow::Result<jsonrpsee::RpcModule<cluster::ClusterCtx>> {
-    use crate::rpc::server_error;
+    use crate::net::operator::server_error;
     let mut module = jsonrpsee::RpcModule::from_arc(cluster);
     module.register_async_method("deltaplane.sync_version", |params, ctx, _| async move {
         let at = params
@@ -218,19 +204,19 @@ fn rpc_module(
             out["at"] = at.into();
             out["state_hash_at"] = hash.to_hex().into();
         }
-        Ok::<_, crate::rpc::ErrorObjectOwned>(out)
+        Ok::<_, crate::net::operator::ErrorObjectOwned>(out)
     })?;
     module.register_async_method("deltaplane.data_planes", |_params, ctx, _| async move {
         ctx.data_planes().await.map_err(server_error)
     })?;
-    crate::rpc::register_watch(
+    crate::net::operator::register_watch(
         &mut module,
         |ctx: &cluster::ClusterCtx| ctx.store.subscribe(),
         |ctx: Arc<cluster::ClusterCtx>, v| async move {
             let hash = ctx.store.state_hash_at(v).await.ok().flatten()?;
             Some(serde_json::json!({
                 "version": v,
-                "version_string": crate::sync::version_string(v),
+                "version_string": crate::proto::version_string(v),
                 "state_hash": hash.to_hex(),
             }))
         },
@@ -238,11 +224,10 @@ fn rpc_module(
     Ok(module)
 }
 
-fn detail(e: &crate::store::StoreError) -> String {
+fn detail(e: &crate::cp::store::StoreError) -> String {
     match e {
-        crate::store::StoreError::Unavailable(c) | crate::store::StoreError::Internal(c) => {
-            c.clone()
-        }
+        crate::cp::store::StoreError::Unavailable(c)
+        | crate::cp::store::StoreError::Internal(c) => c.clone(),
         _ => String::new(),
     }
 }
@@ -267,7 +252,7 @@ async fn purge_loop(store: Store, cfg: CpConfig, mut shutdown: watch::Receiver<b
                 return;
             }
         }
-        let before = crate::store::now_secs() - cfg.data_plane_purge_delay.as_secs() as i64;
+        let before = crate::node::now_secs() - cfg.data_plane_purge_delay.as_secs() as i64;
         match store.purge_data_planes(before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -286,52 +271,4 @@ async fn purge_loop(store: Store, cfg: CpConfig, mut shutdown: watch::Receiver<b
 /// The default data directory of `deltaplane-cp`.
 pub fn default_data_dir() -> PathBuf {
     PathBuf::from("./deltaplane-cp")
-}
-
-/// Waits for ctrl-c or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-}
-
-/// Parses `30s`, `15m`, `24h`, `7d`, `500ms` or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration '{s}'"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in '{s}' (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration '{s}'"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }

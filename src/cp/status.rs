@@ -3,12 +3,12 @@
 use serde_json::Value;
 
 use super::config::StatusArgs;
-use crate::rpc;
+use crate::net::operator;
 
 pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
     let token = args.admin_token.as_deref();
-    let version = rpc::call(&args.rpc, token, "deltaplane.sync_version", None).await?;
-    let planes = rpc::call(&args.rpc, token, "deltaplane.data_planes", None).await?;
+    let version = operator::call(&args.rpc, token, "deltaplane.sync_version", None).await?;
+    let planes = operator::call(&args.rpc, token, "deltaplane.data_planes", None).await?;
     if args.json {
         println!(
             "{}",
@@ -55,10 +55,10 @@ pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
 }
 
 /// `deltaplane.sync_version` on the control plane.
-pub(crate) fn sync_version_json(info: &crate::store::VersionInfo) -> Value {
+pub(crate) fn sync_version_json(info: &crate::cp::store::VersionInfo) -> Value {
     serde_json::json!({
         "version": info.version,
-        "version_string": crate::sync::version_string(info.version),
+        "version_string": crate::proto::version_string(info.version),
         "oldest_version": info.oldest_version,
         "epoch": info.epoch,
         "state_hash": info.state_hash.to_hex(),

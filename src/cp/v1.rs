@@ -27,9 +27,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use super::cluster::{ClusterCtx, DpConn, kong_version_compatible, record, record_refused};
-use crate::store::StoreError;
-use crate::v1::export::ExportBuilder;
-use crate::v1::hash::EMPTY_HASH;
+use crate::cp::store::StoreError;
+use crate::proto::v1::export::ExportBuilder;
+use crate::proto::v1::hash::EMPTY_HASH;
 
 /// `/v1/outlet?node_id=..&node_hostname=..&node_version=..`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +155,7 @@ impl V1Hub {
         let max = ctx.settings.max_decompressed().max(p.raw_len);
         let dp = dp_version.to_owned();
         let out = tokio::task::spawn_blocking(move || -> anyhow::Result<Bytes> {
-            let raw = crate::v1::gunzip(&bytes, max).map_err(anyhow::Error::msg)?;
+            let raw = crate::proto::v1::gunzip(&bytes, max).map_err(anyhow::Error::msg)?;
             let mut msg: Value = serde_json::from_slice(&raw)?;
             let mut removed = std::collections::BTreeSet::new();
             if let Some(Value::Object(table)) = msg.get_mut("config_table") {
@@ -170,7 +170,7 @@ impl V1Hub {
             if !removed.is_empty() {
                 tracing::info!(kong_version = %dp, fields = ?removed, "removed fields the data plane does not know");
             }
-            Ok(Bytes::from(crate::v1::gzip(&serde_json::to_vec(&msg)?)?))
+            Ok(Bytes::from(crate::proto::v1::gzip(&serde_json::to_vec(&msg)?)?))
         })
         .await
         .context("downgrade task")??;
@@ -207,7 +207,7 @@ async fn export(ctx: &ClusterCtx) -> Result<Payload, StoreError> {
         .unwrap_or_default();
     let payload = tokio::task::spawn_blocking(move || {
         let export = builder.finish();
-        let bytes = crate::v1::reconfigure_gzip(&export, timestamp, info.version, &epoch)
+        let bytes = crate::proto::v1::reconfigure_gzip(&export, timestamp, info.version, &epoch)
             .expect("writing to memory does not fail");
         Payload {
             version: info.version,
@@ -372,7 +372,7 @@ where
     };
     let info: Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("basic_info is not JSON: {e}"))?;
-    if info.get("type").and_then(Value::as_str) != Some(crate::v1::BASIC_INFO) {
+    if info.get("type").and_then(Value::as_str) != Some(crate::proto::v1::BASIC_INFO) {
         return Err("the first message must be basic_info".into());
     }
     if !info.get("plugins").is_some_and(Value::is_array) {
@@ -545,7 +545,7 @@ async fn close<S>(ws: &mut WebSocketStream<S>, code: CloseCode, reason: &str, ti
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let frame = crate::wire::peer::close_frame(code, reason);
+    let frame = crate::net::peer::close_frame(code, reason);
     let _ = tokio::time::timeout(timeout, ws.close(Some(frame))).await;
 }
 

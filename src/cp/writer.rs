@@ -7,7 +7,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Op, Outcome, Store, StoreError};
+use crate::cp::store::{Op, Outcome, Store, StoreError};
 
 type Job = (Op, oneshot::Sender<Result<Outcome, StoreError>>);
 

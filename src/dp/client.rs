@@ -24,14 +24,15 @@ use tokio::sync::watch;
 
 use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared, SyncMode};
-use crate::sync::{
+use crate::net::hello;
+use crate::net::peer::{CallError, Handler, Peer, Reply};
+use crate::net::tls::{ClusterTls, TlsSettings};
+use crate::proto::codec::Encoding;
+use crate::proto::hello::Hello;
+use crate::proto::jsonrpc::RpcError;
+use crate::proto::{
     CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, is_withheld, parse_version, version_string,
 };
-use crate::tls::{ClusterTls, TlsSettings};
-use crate::wire::codec::Encoding;
-use crate::wire::hello::{self, Hello};
-use crate::wire::jsonrpc::RpcError;
-use crate::wire::peer::{CallError, Handler, Peer, Reply};
 
 const DP_METHODS: &[&str] = &["kong.sync.v2.notify_new_version"];
 
@@ -181,7 +182,7 @@ async fn session(
         r.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
-                crate::cp::cluster::SUBPROTOCOL,
+                crate::proto::hello::SUBPROTOCOL,
             ),
         );
         r
@@ -191,7 +192,7 @@ async fn session(
         tokio_tungstenite::client_async_with_config(
             request,
             stream,
-            Some(crate::wire::peer::ws_config(&pcfg)),
+            Some(crate::net::peer::ws_config(&pcfg)),
         ),
     )
     .await
@@ -207,7 +208,7 @@ async fn session(
         .headers()
         .get("Sec-WebSocket-Protocol")
         .and_then(|v| v.to_str().ok());
-    if proto != Some(crate::cp::cluster::SUBPROTOCOL) {
+    if proto != Some(crate::proto::hello::SUBPROTOCOL) {
         return Err(
             V2Refused("the control plane did not accept subprotocol kong.meta.v1".into()).into(),
         );
@@ -554,7 +555,7 @@ impl Syncer {
             match applied {
                 None => {
                     self.shared.update_link(|l| {
-                        l.last_sync_at = Some(crate::store::now_secs());
+                        l.last_sync_at = Some(crate::node::now_secs());
                         l.cp_version_seen = l.cp_version_seen.max(state.version);
                     });
                     return Ok(());
@@ -566,7 +567,7 @@ impl Syncer {
                         } else {
                             l.incremental_syncs += 1;
                         }
-                        l.last_sync_at = Some(crate::store::now_secs());
+                        l.last_sync_at = Some(crate::node::now_secs());
                         l.last_error = None;
                         l.cp_version_seen = l.cp_version_seen.max(v);
                     });

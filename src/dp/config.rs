@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::cp::config::{ClusterSettings, Layer, cluster_layer, split_list};
-use crate::cp::parse_duration;
 use crate::schema::KONG_COMPAT_VERSION;
+use crate::settings::parse_duration;
+use crate::settings::{ClusterSettings, Layer, cluster_layer, split_list};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -93,7 +93,7 @@ impl DpShared {
         let connected = link.connected_to.is_some();
         serde_json::json!({
             "version": s.version,
-            "version_string": crate::sync::version_string(s.version),
+            "version_string": crate::proto::version_string(s.version),
             "epoch": s.epoch,
             "state_hash": s.state_hash.to_hex(),
             "cp_version_seen": link.cp_version_seen,
@@ -148,7 +148,7 @@ impl RunningDp {
 pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let node_id = crate::cp::persistent_node_id(&cfg.data_dir)?;
+    let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
     let hostname = hostname::get()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::DpShared;
 use super::config::StatusArgs;
-use crate::rpc;
+use crate::net::operator;
 
 /// The status listener's routes.
 pub fn router(
@@ -21,21 +21,21 @@ pub fn router(
 ) -> anyhow::Result<(axum::Router, jsonrpsee::server::ServerHandle)> {
     let mut module = RpcModule::from_arc(shared.clone());
     module.register_method("deltaplane.sync_version", |_params, dp: &DpShared, _| {
-        Ok::<_, rpc::ErrorObjectOwned>(dp.sync_version())
+        Ok::<_, operator::ErrorObjectOwned>(dp.sync_version())
     })?;
-    rpc::register_watch(
+    operator::register_watch(
         &mut module,
         |dp: &DpShared| dp.subscribe(),
         |dp: Arc<DpShared>, _v| async move {
             let s = dp.store.state();
             Some(serde_json::json!({
                 "version": s.version,
-                "version_string": crate::sync::version_string(s.version),
+                "version_string": crate::proto::version_string(s.version),
                 "state_hash": s.state_hash.to_hex(),
             }))
         },
     )?;
-    let (rpc_router, handle) = rpc::router(module);
+    let (rpc_router, handle) = operator::router(module);
     let app = axum::Router::new()
         .route("/status", get(status))
         .route("/status/ready", get(ready))
@@ -65,7 +65,7 @@ async fn ready(State(dp): State<Arc<DpShared>>) -> impl IntoResponse {
 
 /// `deltaplane-dp status`.
 pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
-    let v = rpc::call(&args.rpc, None, "deltaplane.sync_version", None).await?;
+    let v = operator::call(&args.rpc, None, "deltaplane.sync_version", None).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

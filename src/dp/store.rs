@@ -31,10 +31,10 @@ use redb::{
 };
 use serde_json::{Map, Value, json};
 
+use crate::proto::Delta;
+use crate::proto::StateHash;
 use crate::schema::index::{CACHE_KEY, EntityIndex, canonical};
 use crate::schema::{EntitySchema, FieldErrors, Registry};
-use crate::store::StateHash;
-use crate::sync::Delta;
 
 /// How a [`DpStore`] opens its file.
 #[derive(Debug, Clone)]
@@ -1501,7 +1501,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::{Change, Op, Store, StoreOptions, VersionInfo};
+    use crate::cp::store::{Change, Op, Store, StoreOptions, VersionInfo};
 
     /// A CP store on a temporary SQLite file and a DP store beside it.
     struct Env {

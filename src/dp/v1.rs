@@ -28,9 +28,9 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use super::store::{ApplyKind, DpStore};
 use super::{DpConfig, DpShared};
-use crate::tls::ClusterTls;
-use crate::v1::hash::EMPTY_HASH;
-use crate::v1::{Received, Reconfigure};
+use crate::net::tls::ClusterTls;
+use crate::proto::v1::hash::EMPTY_HASH;
+use crate::proto::v1::{Received, Reconfigure};
 
 /// How a v1 session ended.
 pub enum V1End {
@@ -88,8 +88,8 @@ pub fn apply_message(
     gz: &[u8],
     max_decompressed: usize,
 ) -> Result<Outcome, String> {
-    let raw = crate::v1::gunzip(gz, max_decompressed)?;
-    let msg = match crate::v1::read_message(&raw)? {
+    let raw = crate::proto::v1::gunzip(gz, max_decompressed)?;
+    let msg = match crate::proto::v1::read_message(&raw)? {
         Received::Other(ty) => return Ok(Outcome::Ignored(format!("message type {ty}"))),
         Received::Reconfigure(msg) => msg,
     };
@@ -130,7 +130,7 @@ pub fn apply_message(
         _ => return Err("reconfigure: config_table must be an object".into()),
     };
     let version = version.unwrap_or(state.version + 1);
-    let deltas = crate::v1::export::deltas(store.registry(), table, version)?;
+    let deltas = crate::proto::v1::export::deltas(store.registry(), table, version)?;
     let only_workspaces = deltas.iter().all(|d| d.entity_type == "workspaces");
     let applied = store
         .apply(
@@ -186,7 +186,7 @@ fn basic_info(cfg: &DpConfig, shared: &DpShared) -> Value {
         .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
         .collect();
     serde_json::json!({
-        "type": crate::v1::BASIC_INFO,
+        "type": crate::proto::v1::BASIC_INFO,
         "plugins": plugins
             .into_iter()
             .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
@@ -215,14 +215,14 @@ pub async fn session(
         .append_pair("node_hostname", &shared.hostname)
         .append_pair("node_version", &cfg.kong_compat_version)
         .finish();
-    let url = format!("wss://{cp}{}?{query}", crate::v1::PATH);
+    let url = format!("wss://{cp}{}?{query}", crate::proto::v1::PATH);
     let pcfg = cfg.cluster.peer_config();
     let (mut ws, _resp) = tokio::time::timeout(
         timeout,
         tokio_tungstenite::client_async_with_config(
             url.as_str(),
             stream,
-            Some(crate::wire::peer::ws_config(&pcfg)),
+            Some(crate::net::peer::ws_config(&pcfg)),
         ),
     )
     .await
@@ -299,7 +299,7 @@ pub async fn session(
             }
             _ = &mut idle => break V1End::Closed(format!("silent for {:?}", s.idle_timeout)),
             _ = stopped(&mut stop) => {
-                let frame = crate::wire::peer::close_frame(
+                let frame = crate::net::peer::close_frame(
                     tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
                     "data plane shutting down",
                 );
@@ -333,7 +333,7 @@ fn handle_outcome(
             tracing::info!(control_plane = %cp, version = h.version, hash = %h.cp_hash, entities = n_entities, "sync v1: configuration applied");
             shared.update_link(|l| {
                 l.full_syncs += 1;
-                l.last_sync_at = Some(crate::store::now_secs());
+                l.last_sync_at = Some(crate::node::now_secs());
                 l.last_error = None;
                 l.cp_version_seen = l.cp_version_seen.max(h.version);
                 if h.epoch.is_some() {
@@ -349,7 +349,7 @@ fn handle_outcome(
             let v = shared.store.state().version;
             shared.update_link(|l| {
                 l.v1_skipped += 1;
-                l.last_sync_at = Some(crate::store::now_secs());
+                l.last_sync_at = Some(crate::node::now_secs());
                 l.cp_version_seen = l.cp_version_seen.max(v);
             });
             true

@@ -781,12 +781,12 @@ async fn admin_token_guards_every_request() {
     );
     // And `deltaplane-cp status` passes the token.
     assert!(
-        deltaplane::rpc::call(&rpc, Some("s3cret"), "deltaplane.sync_version", None)
+        deltaplane::net::operator::call(&rpc, Some("s3cret"), "deltaplane.sync_version", None)
             .await
             .is_ok()
     );
     assert!(
-        deltaplane::rpc::call(&rpc, None, "deltaplane.sync_version", None)
+        deltaplane::net::operator::call(&rpc, None, "deltaplane.sync_version", None)
             .await
             .is_err()
     );

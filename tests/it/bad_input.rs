@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use deltaplane::sync::{EMPTY_VERSION, version_string};
+use deltaplane::proto::{EMPTY_VERSION, version_string};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
@@ -193,7 +193,7 @@ async fn bad_first_frames_close_with_protocol_error() {
         .await;
     assert_eq!(dp.expect_close().await, Some(1002));
     assert!(
-        deltaplane::rpc::call(
+        deltaplane::net::operator::call(
             &format!("{}/rpc", cp.base),
             None,
             "deltaplane.data_planes",
@@ -422,7 +422,7 @@ async fn idle_handshakes_are_dropped_after_the_timeout() {
 }
 
 async fn data_planes(cp: &TestCp) -> Vec<Value> {
-    deltaplane::rpc::call(
+    deltaplane::net::operator::call(
         &format!("{}/rpc", cp.base),
         None,
         "deltaplane.data_planes",

@@ -274,8 +274,8 @@ fn certs_generate_writes_a_loadable_pair() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tls = deltaplane::tls::ClusterTls::load(&deltaplane::tls::TlsSettings {
-        mode: deltaplane::tls::MtlsMode::Shared,
+    let tls = deltaplane::net::tls::ClusterTls::load(&deltaplane::net::tls::TlsSettings {
+        mode: deltaplane::net::tls::MtlsMode::Shared,
         cert: dir.path().join("cluster.crt").display().to_string(),
         key: dir.path().join("cluster.key").display().to_string(),
         ca_cert: None,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltaplane::store::{Op, StateHash, Store, StoreError};
+use deltaplane::cp::store::{Op, StateHash, Store, StoreError};
 use rand::Rng as _;
 use serde_json::{Value, json};
 
@@ -248,7 +248,7 @@ both_backends!(deltas_in_dependency_order, |b| async move {
             .write(Op::Create {
                 entity: "plugins".into(),
                 input: json!({"name": name, "config": config}),
-                scope: Some(deltaplane::store::Scope {
+                scope: Some(deltaplane::cp::store::Scope {
                     parent: "consumers".into(),
                     parent_key: "c".into(),
                     field: "consumer".into(),

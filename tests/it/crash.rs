@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use deltaplane::cp::store::{Op, StateHash};
 use deltaplane::dp::store::{DpStore, DpStoreOptions};
 use deltaplane::schema::Registry;
-use deltaplane::store::{Op, StateHash};
 use serde_json::json;
 
 use crate::both_backends;
@@ -446,9 +446,9 @@ async fn cp_killed_under_write_load(db: TestDb) {
     }
     let options = match &database_url {
         Some(_) => db.store_options(),
-        None => deltaplane::store::StoreOptions::sqlite_in(&data),
+        None => deltaplane::cp::store::StoreOptions::sqlite_in(&data),
     };
-    let store = deltaplane::store::Store::open(options).await.unwrap();
+    let store = deltaplane::cp::store::Store::open(options).await.unwrap();
     let info = store.version_info().await.unwrap();
     // The change log is gap-free and every service in it was written whole: acknowledged, or
     // cut off by a kill, with the body that was sent.

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deltaplane::cp::config::ClusterSettings;
+use deltaplane::cp::store::Op;
 use deltaplane::dp::DpConfig;
-use deltaplane::store::Op;
+use deltaplane::settings::ClusterSettings;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -554,7 +554,7 @@ fn memory_kib() -> (u64, u64) {
 /// upgrade, the hello (`kong.sync.v2`, snappy), then `STUCK_CALLS` `get_delta` calls from
 /// version 0.
 /// Nothing is ever read after the hello.
-async fn stuck_peer(cp: &TestCp, tls: &deltaplane::tls::ClusterTls) -> StuckWs {
+async fn stuck_peer(cp: &TestCp, tls: &deltaplane::net::tls::ClusterTls) -> StuckWs {
     use futures::SinkExt as _;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -584,7 +584,7 @@ async fn stuck_peer(cp: &TestCp, tls: &deltaplane::tls::ClusterTls) -> StuckWs {
     .await
     .expect("upgrade in time")
     .expect("upgrade");
-    let hello = deltaplane::wire::hello::Hello {
+    let hello = deltaplane::proto::hello::Hello {
         rpc_capabilities: vec!["kong.sync.v2".into()],
         rpc_frame_encodings: vec!["x-snappy-framed".into()],
         kong_version: "3.10.0".into(),
@@ -592,18 +592,18 @@ async fn stuck_peer(cp: &TestCp, tls: &deltaplane::tls::ClusterTls) -> StuckWs {
         kong_node_id: uuid::Uuid::new_v4().to_string(),
         kong_conf: json!({"role": "data_plane"}),
     };
-    let answer = deltaplane::wire::hello::client_handshake(&mut ws, &hello, wait)
+    let answer = deltaplane::net::hello::client_handshake(&mut ws, &hello, wait)
         .await
         .expect("hello");
-    let enc = deltaplane::wire::codec::Encoding::from_name(&answer.rpc_frame_encoding).unwrap();
+    let enc = deltaplane::proto::codec::Encoding::from_name(&answer.rpc_frame_encoding).unwrap();
     for id in 2..2 + STUCK_CALLS {
         let call = json!({
             "jsonrpc": "2.0",
             "id": id,
             "method": "kong.sync.v2.get_delta",
-            "params": [{"default": {"version": deltaplane::sync::version_string(0)}}],
+            "params": [{"default": {"version": deltaplane::proto::version_string(0)}}],
         });
-        let frame = deltaplane::wire::codec::encode(enc, call.to_string().as_bytes());
+        let frame = deltaplane::proto::codec::encode(enc, call.to_string().as_bytes());
         tokio::time::timeout(wait, ws.send(Message::binary(frame)))
             .await
             .expect("send in time")
@@ -663,8 +663,8 @@ async fn stuck_data_planes_are_dropped_and_memory_stays_bounded() {
     let (rss0, hwm0) = memory_kib();
 
     let (_, crt, key) = cp.cluster_target();
-    let tls = deltaplane::tls::ClusterTls::load(&deltaplane::tls::TlsSettings {
-        mode: deltaplane::tls::MtlsMode::Shared,
+    let tls = deltaplane::net::tls::ClusterTls::load(&deltaplane::net::tls::TlsSettings {
+        mode: deltaplane::net::tls::MtlsMode::Shared,
         cert: crt,
         key,
         ca_cert: None,
@@ -754,7 +754,7 @@ async fn stuck_data_planes_are_dropped_and_memory_stays_bounded() {
 
 async fn exec(cp: &TestCp, sql: &str, a: i64, b: i64) {
     match cp.store().pool() {
-        deltaplane::store::Pool::Sqlite(p) => {
+        deltaplane::cp::store::Pool::Sqlite(p) => {
             sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
                 .bind(a)
                 .bind(b)
@@ -762,7 +762,7 @@ async fn exec(cp: &TestCp, sql: &str, a: i64, b: i64) {
                 .await
                 .unwrap();
         }
-        deltaplane::store::Pool::Postgres(p) => {
+        deltaplane::cp::store::Pool::Postgres(p) => {
             sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
                 .bind(a)
                 .bind(b)
@@ -777,8 +777,8 @@ async fn exec(cp: &TestCp, sql: &str, a: i64, b: i64) {
 async fn retained(cp: &TestCp) -> (i64, i64, i64) {
     let sql = "SELECT COUNT(*), MIN(version), MAX(version) FROM dp_versions";
     match cp.store().pool() {
-        deltaplane::store::Pool::Sqlite(p) => sqlx::query_as(sql).fetch_one(p).await.unwrap(),
-        deltaplane::store::Pool::Postgres(p) => sqlx::query_as(sql).fetch_one(p).await.unwrap(),
+        deltaplane::cp::store::Pool::Sqlite(p) => sqlx::query_as(sql).fetch_one(p).await.unwrap(),
+        deltaplane::cp::store::Pool::Postgres(p) => sqlx::query_as(sql).fetch_one(p).await.unwrap(),
     }
 }
 
@@ -816,7 +816,7 @@ async fn clock_skew_does_not_decide() {
         let at = match v % 3 {
             0 => future,
             1 => 1,
-            _ => deltaplane::store::now_secs(),
+            _ => deltaplane::node::now_secs(),
         };
         exec(
             &cp,

@@ -45,7 +45,7 @@ async fn data_planes_are_listed_in_kongs_shape() {
     assert_eq!(me["sync_protocol"], "v2");
     assert_eq!(
         me["config_hash"],
-        deltaplane::sync::version_string(head).as_str()
+        deltaplane::proto::version_string(head).as_str()
     );
     assert_eq!(me["labels"], json!({"region": "eu-west-1", "tier": "gold"}));
     assert!(
@@ -118,10 +118,10 @@ crate::both_backends!(rows_expire_after_the_purge_delay, |backend| async move {
     // Age the row past the purge delay.
     let sql = "UPDATE dp_data_planes SET last_seen = last_seen - 3600";
     match cp.store().pool() {
-        deltaplane::store::Pool::Sqlite(p) => {
+        deltaplane::cp::store::Pool::Sqlite(p) => {
             sqlx::query(sql).execute(p).await.unwrap();
         }
-        deltaplane::store::Pool::Postgres(p) => {
+        deltaplane::cp::store::Pool::Postgres(p) => {
             sqlx::query(sql).execute(p).await.unwrap();
         }
     }

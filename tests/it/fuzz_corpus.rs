@@ -45,7 +45,7 @@ fn wire_frame_corpus() {
 /// the reconfigure reader and the config-table conversion, and the cap on inflating.
 #[test]
 fn wire_frame_gzip_seeds_reach_their_paths() {
-    use deltaplane::v1::{self, Received};
+    use deltaplane::proto::v1::{self, Received};
     let read = |name: &str| {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fuzz/corpus/wire_frame")
@@ -105,8 +105,8 @@ mod found {
     use std::sync::Arc;
 
     use deltaplane::dp::store::{ApplyKind, DpStore, DpStoreOptions};
+    use deltaplane::proto::Delta;
     use deltaplane::schema::Registry;
-    use deltaplane::sync::Delta;
     use serde_json::{Value, json};
 
     fn open(dir: &tempfile::TempDir) -> DpStore {
@@ -211,7 +211,7 @@ fn state_hash_float_does_not_round_trip() {
     let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
     let again: serde_json::Value = serde_json::from_str(&parsed.to_string()).unwrap();
     let hash = |v: &serde_json::Value| {
-        deltaplane::store::StateHash::of_entity(
+        deltaplane::cp::store::StateHash::of_entity(
             "services",
             "ws",
             "id",

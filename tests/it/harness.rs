@@ -6,11 +6,11 @@ use std::io::Write as _;
 use std::sync::Once;
 use std::time::Duration;
 
-use deltaplane::cp::config::ClusterSettings;
 use deltaplane::dp::{DpConfig, DpShared, RunningDp};
+use deltaplane::settings::ClusterSettings;
 
+use deltaplane::cp::store::{Store, StoreOptions};
 use deltaplane::cp::{self, CpConfig, RunningCp};
-use deltaplane::store::{Store, StoreOptions};
 use reqwest::StatusCode;
 use serde_json::Value;
 

@@ -5,9 +5,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use deltaplane::sync::{EMPTY_VERSION, version_string};
-use deltaplane::tls::{ClusterTls, MtlsMode, TlsSettings};
-use deltaplane::wire::codec::Encoding;
+use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::proto::codec::Encoding;
+use deltaplane::proto::{EMPTY_VERSION, version_string};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -222,7 +222,7 @@ struct FakeKongCp {
 impl FakeKongCp {
     async fn start() -> FakeKongCp {
         let dir = tempfile::tempdir().unwrap();
-        let (crt, key) = deltaplane::tls::generate_shared_cert(dir.path()).unwrap();
+        let (crt, key) = deltaplane::net::tls::generate_shared_cert(dir.path()).unwrap();
         let (crt, key) = (crt.display().to_string(), key.display().to_string());
         let tls = ClusterTls::load(&TlsSettings {
             mode: MtlsMode::Shared,
@@ -344,7 +344,7 @@ async fn golden_exchange_our_dp_against_a_kong_cp() {
         .await
         .unwrap();
     cp.shutdown().await;
-    let kong_delta = |c: &deltaplane::store::Change, version: &str| {
+    let kong_delta = |c: &deltaplane::cp::store::Change, version: &str| {
         let mut entity = c.entity.clone().unwrap();
         entity.as_object_mut().unwrap().remove("ws_id");
         json!({"type": c.entity_type, "entity": entity, "version": version, "ws_id": c.ws_id})
@@ -477,7 +477,7 @@ async fn golden_exchange_our_dp_against_a_kong_cp() {
     assert_eq!(st["connected"], true, "{st}");
     assert_eq!(st["in_sync"], true, "{st}");
     let rpc = format!("http://{}/rpc", dp.dp.as_ref().unwrap().status_addr);
-    let sv = deltaplane::rpc::call(&rpc, None, "deltaplane.sync_version", None)
+    let sv = deltaplane::net::operator::call(&rpc, None, "deltaplane.sync_version", None)
         .await
         .unwrap();
     assert_eq!(sv["version"], 10, "{sv}");

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltaplane::tls::{ClusterTls, MtlsMode, TlsSettings};
-use deltaplane::wire::codec::{self, Encoding};
+use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::proto::codec::{self, Encoding};
 use futures::{SinkExt, StreamExt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject as _;

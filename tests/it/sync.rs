@@ -232,7 +232,7 @@ both_backends!(several_dps_converge_and_are_listed, |backend| async move {
     assert_eq!(v["version"], head);
     assert_eq!(v["state_hash"], hash);
     for dp in &dps {
-        let dv: Value = deltaplane::rpc::call(
+        let dv: Value = deltaplane::net::operator::call(
             &format!("http://{}/rpc", dp.dp.as_ref().unwrap().status_addr),
             None,
             "deltaplane.sync_version",
@@ -346,7 +346,7 @@ async fn dp_serves_status_and_readiness() {
 }
 
 pub async fn rpc(cp: &TestCp, method: &str, params: Option<Value>) -> Value {
-    deltaplane::rpc::call(&format!("{}/rpc", cp.base), None, method, params)
+    deltaplane::net::operator::call(&format!("{}/rpc", cp.base), None, method, params)
         .await
         .unwrap()
 }
@@ -470,7 +470,7 @@ both_backends!(
             async move {
                 let sql = "UPDATE dp_changes SET entity = $1 WHERE version = $2";
                 match &pool {
-                    deltaplane::store::Pool::Sqlite(p) => {
+                    deltaplane::cp::store::Pool::Sqlite(p) => {
                         sqlx::query(sql)
                             .bind(body)
                             .bind(bad_version)
@@ -478,7 +478,7 @@ both_backends!(
                             .await
                             .unwrap();
                     }
-                    deltaplane::store::Pool::Postgres(p) => {
+                    deltaplane::cp::store::Pool::Postgres(p) => {
                         sqlx::query(sql)
                             .bind(body)
                             .bind(bad_version)
@@ -566,7 +566,7 @@ async fn watch_version_pushes_new_versions() {
                 let r = &v["params"]["result"];
                 if r["version"] == head {
                     assert_eq!(r["state_hash"], hash);
-                    assert_eq!(r["version_string"], deltaplane::sync::version_string(head));
+                    assert_eq!(r["version_string"], deltaplane::proto::version_string(head));
                     break;
                 }
             }
@@ -696,10 +696,10 @@ async fn dp_fails_over_to_the_next_control_plane() {
 /// Runs `sql` on the control plane's database.
 async fn cp_sql(cp: &TestCp, sql: &'static str) {
     match cp.store().pool() {
-        deltaplane::store::Pool::Sqlite(p) => {
+        deltaplane::cp::store::Pool::Sqlite(p) => {
             sqlx::query(sql).execute(p).await.unwrap();
         }
-        deltaplane::store::Pool::Postgres(p) => {
+        deltaplane::cp::store::Pool::Postgres(p) => {
             sqlx::query(sql).execute(p).await.unwrap();
         }
     }

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use deltaplane::cp::store::DataPlaneRow;
 use deltaplane::dp::SyncMode;
-use deltaplane::store::DataPlaneRow;
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -220,12 +220,12 @@ async fn identical_hash_pushes_are_skipped() {
     // A Kong-shaped message (no deltaplane fields) with the stored hash is skipped too; one
     // with another hash is applied.
     let payload = cp.running().cluster.v1.latest().unwrap();
-    let raw = deltaplane::v1::gunzip(&payload.bytes, 1 << 30).unwrap();
+    let raw = deltaplane::proto::v1::gunzip(&payload.bytes, 1 << 30).unwrap();
     let mut msg: Value = serde_json::from_slice(&raw).unwrap();
     let m = msg.as_object_mut().unwrap();
     m.remove("deltaplane_version");
     m.remove("deltaplane_epoch");
-    let gz = deltaplane::v1::gzip(&serde_json::to_vec(&msg).unwrap()).unwrap();
+    let gz = deltaplane::proto::v1::gzip(&serde_json::to_vec(&msg).unwrap()).unwrap();
     let store = dp.shared().store.clone();
     let dir = dp.cfg.data_dir.clone();
     let same = deltaplane::dp::v1::apply_message(&store, &dir, &gz, 1 << 30).unwrap();
@@ -234,7 +234,7 @@ async fn identical_hash_pushes_are_skipped() {
         "{same:?}"
     );
     msg["config_hash"] = json!("0123456789abcdef0123456789abcdef");
-    let gz = deltaplane::v1::gzip(&serde_json::to_vec(&msg).unwrap()).unwrap();
+    let gz = deltaplane::proto::v1::gzip(&serde_json::to_vec(&msg).unwrap()).unwrap();
     let before = store.state().version;
     let applied = deltaplane::dp::v1::apply_message(&store, &dir, &gz, 1 << 30).unwrap();
     assert!(
@@ -549,7 +549,7 @@ async fn the_v1_endpoint_accepts_only_what_kong_does() {
     // The initial push: gzip JSON.
     let gz = peer.next_binary().await;
     let msg: Value =
-        serde_json::from_slice(&deltaplane::v1::gunzip(&gz, 1 << 30).unwrap()).unwrap();
+        serde_json::from_slice(&deltaplane::proto::v1::gunzip(&gz, 1 << 30).unwrap()).unwrap();
     assert_eq!(msg["type"], "reconfigure");
     assert_eq!(msg["config_table"]["_format_version"], "3.0");
     let hash = msg["config_hash"].as_str().unwrap().to_owned();

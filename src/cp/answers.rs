@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::store::{RawChange, Store, StoreError, VersionInfo};
-use crate::sync::version_string;
+use crate::cp::store::{RawChange, Store, StoreError, VersionInfo};
+use crate::proto::version_string;
 
 /// Deltas serialised back to back (comma-separated, no brackets), with where each one starts.
 #[derive(Debug)]

@@ -8,7 +8,8 @@ use futures::TryStreamExt as _;
 use serde_json::Value;
 
 use super::write::canonical;
-use super::{Pool, StateHash, Store, StoreError, now_secs, on_backend};
+use super::{Pool, StateHash, Store, StoreError, on_backend};
+use crate::node::now_secs;
 
 /// `?tags=` as Kong filters it: `a,b` needs all, `a/b` needs any.
 #[derive(Debug, Clone, PartialEq, Eq)]

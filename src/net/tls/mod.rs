@@ -39,7 +39,7 @@ use rustls::{ClientConfig, InconsistentKeys, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, InvalidDnsNameError, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::tls::verify::{PinnedCertVerifier, PkiClientVerifier, PkiServerVerifier, Side};
+use crate::net::tls::verify::{PinnedCertVerifier, PkiClientVerifier, PkiServerVerifier, Side};
 
 /// The server name a DP sends (SNI) in `shared` mode, and the CN of generated shared certificates.
 pub const SHARED_SERVER_NAME: &str = "kong_clustering";

@@ -11,7 +11,8 @@
 
 use serde_json::{Map, Value};
 
-use super::{Pool, StateHash, Store, StoreError, now_secs};
+use super::{Pool, StateHash, Store, StoreError};
+use crate::node::now_secs;
 pub(super) use crate::schema::index::canonical;
 use crate::schema::index::{CACHE_KEY, EntityIndex, foreign_id, tags_of};
 use crate::schema::{EntitySchema, Mode, OnDelete, Registry};
@@ -146,7 +147,7 @@ impl Txn {
             .await
             .map(|_| ()))?;
         if let Txn::Postgres(c) = self {
-            sqlx::query("SELECT pg_notify('deltaplane_versions', $1)") // feed::VERSIONS_CHANNEL
+            sqlx::query("SELECT pg_notify('deltaplane_versions', $1)") // fleet::VERSIONS_CHANNEL
                 .bind(version.to_string())
                 .execute(&mut **c)
                 .await?;

@@ -8,6 +8,8 @@
 // Early responses travel as `Err(Response)`; they are built at most once per request.
 #![allow(clippy::result_large_err)]
 
+pub mod clustering;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +23,8 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::writer::Writer;
+use crate::cp::store::{ListQuery, Op, Scope, Store, StoreError, TagFilter};
 use crate::schema::{EntitySchema, FieldType, Registry, form};
-use crate::store::{ListQuery, Op, Scope, Store, StoreError, TagFilter};
 
 /// What the Admin API handlers share.
 pub struct AdminState {
@@ -95,8 +97,8 @@ async fn method_not_allowed() -> Response {
 
 async fn root(State(state): State<Arc<AdminState>>) -> Response {
     let backend = match state.store.backend() {
-        crate::store::Backend::Sqlite => "sqlite",
-        crate::store::Backend::Postgres => "postgres",
+        crate::cp::store::Backend::Sqlite => "sqlite",
+        crate::cp::store::Backend::Postgres => "postgres",
     };
     let registry = state.store.registry();
     let plugins: Vec<&str> = registry.plugins().map(|p| p.name.as_str()).collect();

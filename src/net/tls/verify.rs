@@ -15,7 +15,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::tls::PeerIdentity;
+use crate::net::tls::PeerIdentity;
 
 /// Which end of the link a verifier runs on; only changes the log messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::tls::{
+use crate::net::tls::{
     ClusterTls, MtlsMode, PeerIdentity, SHARED_SERVER_NAME, TlsSettings, ensure_dev_cert,
     generate_shared_cert, rustls_error, source,
 };

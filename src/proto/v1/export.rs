@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::hash::{Canon, EMPTY_HASH, GROUPS, Hashes, combine};
+use crate::proto::Delta;
 use crate::schema::Registry;
-use crate::sync::Delta;
 
 /// Replaces each single foreign key `{"id": x}` of an entity of `entity_type` by `x`.
 pub fn flatten(registry: &Registry, entity_type: &str, entity: &mut Map<String, Value>) {
@@ -262,7 +262,7 @@ pub fn deltas(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::hash::config_hash;
+    use crate::proto::v1::hash::config_hash;
     use serde_json::json;
 
     fn sample() -> Vec<(&'static str, &'static str, Value)> {

@@ -13,8 +13,8 @@ use axum::routing::get;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::cluster::{ClusterCtx, health};
-use crate::store::DataPlaneRow;
+use crate::cp::cluster::{ClusterCtx, health};
+use crate::cp::store::DataPlaneRow;
 
 #[derive(Clone)]
 struct ClusteringState {
@@ -100,14 +100,14 @@ async fn data_planes(State(s): State<ClusteringState>, Query(q): Query<PageQuery
     };
     let head = match s.cluster.store.version_info().await {
         Ok(i) => i.version,
-        Err(e) => return super::admin::error_response(e),
+        Err(e) => return super::error_response(e),
     };
     // The shared table, with this CP's live connections overlaid.
     let all = match s.cluster.data_plane_rows().await {
         Ok(rows) => rows,
-        Err(e) => return super::admin::error_response(e),
+        Err(e) => return super::error_response(e),
     };
-    let now = crate::store::now_secs();
+    let now = crate::node::now_secs();
     let mut page: Vec<&DataPlaneRow> = all
         .iter()
         .filter(|r| after.as_deref().is_none_or(|a| r.node_id.as_str() > a))
@@ -140,7 +140,7 @@ async fn data_planes(State(s): State<ClusteringState>, Query(q): Query<PageQuery
 async fn status(State(s): State<ClusteringState>) -> Response {
     let rows = match s.cluster.data_plane_rows().await {
         Ok(rows) => rows,
-        Err(e) => return super::admin::error_response(e),
+        Err(e) => return super::error_response(e),
     };
     let map: serde_json::Map<String, Value> = rows
         .into_iter()

@@ -6,8 +6,7 @@
 //! on [`Pool`]. Writes go through [`Store::write_batch`]: one database transaction, the version
 //! lock taken first, one savepoint and one version per operation.
 
-mod feed;
-mod hash;
+mod fleet;
 mod read;
 mod write;
 
@@ -21,10 +20,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
+use crate::node::now_secs;
 use crate::schema::{FieldErrors, Registry};
 
-pub use feed::DataPlaneRow;
-pub use hash::StateHash;
+pub use crate::proto::StateHash;
+pub use fleet::DataPlaneRow;
 pub use read::{BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, VersionInfo};
 pub use write::{Op, Outcome, Scope};
 
@@ -39,8 +39,8 @@ pub enum Pool {
 macro_rules! on_backend {
     ($x:expr, $p:ident => $body:expr) => {
         match $x {
-            $crate::store::Pool::Sqlite($p) => $body,
-            $crate::store::Pool::Postgres($p) => $body,
+            $crate::cp::store::Pool::Sqlite($p) => $body,
+            $crate::cp::store::Pool::Postgres($p) => $body,
         }
     };
 }
@@ -201,34 +201,34 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
             (
                 1,
                 "init",
-                include_str!("../../migrations/sqlite/0001_init.sql"),
+                include_str!("../../../migrations/sqlite/0001_init.sql"),
             ),
             (
                 2,
                 "data_planes",
-                include_str!("../../migrations/sqlite/0002_data_planes.sql"),
+                include_str!("../../../migrations/sqlite/0002_data_planes.sql"),
             ),
             (
                 3,
                 "data_plane_status",
-                include_str!("../../migrations/sqlite/0003_data_plane_status.sql"),
+                include_str!("../../../migrations/sqlite/0003_data_plane_status.sql"),
             ),
         ],
         Backend::Postgres => &[
             (
                 1,
                 "init",
-                include_str!("../../migrations/postgres/0001_init.sql"),
+                include_str!("../../../migrations/postgres/0001_init.sql"),
             ),
             (
                 2,
                 "data_planes",
-                include_str!("../../migrations/postgres/0002_data_planes.sql"),
+                include_str!("../../../migrations/postgres/0002_data_planes.sql"),
             ),
             (
                 3,
                 "data_plane_status",
-                include_str!("../../migrations/postgres/0003_data_plane_status.sql"),
+                include_str!("../../../migrations/postgres/0003_data_plane_status.sql"),
             ),
         ],
     };
@@ -401,12 +401,4 @@ impl Store {
     pub async fn close(&self) {
         on_backend!(&self.inner.pool, p => p.close().await);
     }
-}
-
-/// Unix time in seconds.
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -41,8 +41,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::wire::codec::{self, CodecError, Encoding};
-use crate::wire::jsonrpc::{self, RpcError};
+use crate::proto::codec::{self, CodecError, Encoding};
+use crate::proto::jsonrpc::{self, RpcError};
 
 /// Limits and timers of one connection. The defaults are Kong's where Kong has one.
 #[derive(Debug, Clone)]
@@ -893,10 +893,10 @@ fn is_hello(json: &[u8]) -> bool {
         method: Option<&'a str>,
     }
     // Cheap pre-check before parsing.
-    json.windows(crate::wire::hello::HELLO_METHOD.len())
-        .any(|w| w == crate::wire::hello::HELLO_METHOD.as_bytes())
+    json.windows(crate::proto::hello::HELLO_METHOD.len())
+        .any(|w| w == crate::proto::hello::HELLO_METHOD.as_bytes())
         && serde_json::from_slice::<Probe<'_>>(json)
-            .is_ok_and(|p| p.method == Some(crate::wire::hello::HELLO_METHOD))
+            .is_ok_and(|p| p.method == Some(crate::proto::hello::HELLO_METHOD))
 }
 
 fn batch_too_large() -> RpcError {

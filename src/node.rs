@@ -1,0 +1,57 @@
+//! What a running node (either plane) needs from its host: a persistent node id, its hostname,
+//! the wall clock in Unix seconds, and the shutdown signal.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+
+/// Reads the node id kept in `data_dir`, creating it on first start.
+pub fn persistent_node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node_id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if crate::schema::is_uuid(s) {
+            return Ok(s.to_owned());
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// This machine's hostname (`unknown` when it cannot be read).
+pub fn hostname() -> String {
+    hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Waits for ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,241 @@
+//! The `kong.meta.v1.hello` that opens every `/v2/outlet` connection (Kong's `manager.lua`
+//! `_meta_call` / `_handle_meta_call`): the messages, their frames, and what a hello says
+//! about its sender. The exchange over a socket is `net::hello`.
+//!
+//! The data plane sends its capabilities, offered frame encodings and identity as a plain-JSON
+//! binary frame with id 1; the control plane answers with its own capabilities and the chosen
+//! encoding, also uncompressed.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use super::codec::Encoding;
+use super::jsonrpc;
+
+/// The method name of the hello.
+pub const HELLO_METHOD: &str = "kong.meta.v1.hello";
+/// The WebSocket subprotocol both sides require (`Sec-WebSocket-Protocol`).
+pub const SUBPROTOCOL: &str = "kong.meta.v1";
+/// The fixed id of the hello request.
+pub const HELLO_ID: u64 = 1;
+/// The path of the sync v2 (JSON-RPC) endpoint.
+pub const V2_PATH: &str = "/v2/outlet";
+
+/// The data plane's hello (`params[0]`). Field order is Kong's, so serialising gives the same
+/// key order as a Kong DP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    #[serde(deserialize_with = "string_list")]
+    pub rpc_capabilities: Vec<String>,
+    #[serde(deserialize_with = "string_list")]
+    pub rpc_frame_encodings: Vec<String>,
+    pub kong_version: String,
+    pub kong_hostname: String,
+    pub kong_node_id: String,
+    /// The DP's configuration with secrets masked; always an object. A Kong CP only reads
+    /// `cluster_dp_labels` from it.
+    #[serde(deserialize_with = "object")]
+    pub kong_conf: Value,
+}
+
+/// The control plane's answer (`result`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloResult {
+    #[serde(deserialize_with = "string_list")]
+    pub rpc_capabilities: Vec<String>,
+    pub rpc_frame_encoding: String,
+    /// Further members of the result object (for example `"epoch"`), serialised after the two
+    /// fields above. A Kong DP ignores them.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl HelloResult {
+    /// The chosen encoding, if it is one we know.
+    pub fn encoding(&self) -> Option<Encoding> {
+        Encoding::from_name(&self.rpc_frame_encoding)
+    }
+}
+
+/// The hello request frame, with Kong's key order.
+pub fn hello_request(hello: &Hello) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct HelloRequest<'a> {
+        jsonrpc: &'static str,
+        method: &'static str,
+        id: u64,
+        params: [&'a Hello; 1],
+    }
+    // `Hello` holds strings, string lists and a `Value`: serialising it cannot fail.
+    serde_json::to_vec(&HelloRequest {
+        jsonrpc: jsonrpc::JSONRPC_VERSION,
+        method: HELLO_METHOD,
+        id: HELLO_ID,
+        params: [hello],
+    })
+    .expect("a Hello always serialises")
+}
+
+/// Reads a hello request: `(id, params[0])`, with Kong's type assertions.
+pub fn parse_hello(frame: &[u8]) -> Result<(Value, Hello), String> {
+    let request = match jsonrpc::parse(frame, 1) {
+        Ok(jsonrpc::Incoming::Single(jsonrpc::Message::Request(request))) => request,
+        _ => return Err("the first message must be a hello request".to_owned()),
+    };
+    if request.method != HELLO_METHOD {
+        return Err(format!("expected {HELLO_METHOD}, got {}", request.method));
+    }
+    let Some(id) = request.id else {
+        return Err("the hello must have an id".to_owned());
+    };
+    let Some(info) = request.params.as_array().and_then(|params| params.first()) else {
+        return Err("the hello params must be an array holding one object".to_owned());
+    };
+    let hello = Hello::deserialize(info).map_err(|err| format!("invalid hello: {err}"))?;
+    Ok((id, hello))
+}
+
+/// A list of strings. Lua's cjson encodes an empty table as `{}`, so an empty object is
+/// accepted as the empty list.
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(D::Error::custom(format!(
+                    "expected a list of strings, found {other}"
+                ))),
+            })
+            .collect(),
+        Value::Object(map) if map.is_empty() => Ok(Vec::new()),
+        other => Err(D::Error::custom(format!(
+            "expected a list of strings, found {other}"
+        ))),
+    }
+}
+
+fn object<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        value @ Value::Object(_) => Ok(value),
+        other => Err(D::Error::custom(format!(
+            "expected an object, found {other}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use serde_json::json;
+    use serde_json::value::RawValue;
+
+    use super::*;
+
+    pub(crate) fn kong_hello() -> Hello {
+        Hello {
+            rpc_capabilities: vec!["kong.sync.v2".into()],
+            rpc_frame_encodings: vec!["x-snappy-framed".into()],
+            kong_version: "3.10.0".into(),
+            kong_hostname: "dp-a".into(),
+            kong_node_id: "6f0c8f2e-6a57-4b2e-9d1f-0a3c2b1d4e5f".into(),
+            kong_conf: json!({"cluster_dp_labels": ["env:prod"]}),
+        }
+    }
+
+    pub(crate) fn kong_result() -> HelloResult {
+        HelloResult {
+            rpc_capabilities: vec!["kong.sync.v2".into()],
+            rpc_frame_encoding: "x-snappy-framed".into(),
+            extra: Map::new(),
+        }
+    }
+
+    pub(crate) const FRAME_1: &str = r#"{"jsonrpc":"2.0","method":"kong.meta.v1.hello","id":1,"params":[{"rpc_capabilities":["kong.sync.v2"],"rpc_frame_encodings":["x-snappy-framed"],"kong_version":"3.10.0","kong_hostname":"dp-a","kong_node_id":"6f0c8f2e-6a57-4b2e-9d1f-0a3c2b1d4e5f","kong_conf":{"cluster_dp_labels":["env:prod"]}}]}"#;
+    const FRAME_2: &str = r#"{"jsonrpc":"2.0","id":1,"result":{"rpc_capabilities":["kong.sync.v2"],"rpc_frame_encoding":"x-snappy-framed"}}"#;
+
+    /// Kong's §4.5 frames 1 and 2 (with a concrete node id and a one-key `kong_conf`, so that
+    /// key order inside `kong_conf` cannot differ): we produce them byte for byte, and parse
+    /// them back to the same values.
+    #[test]
+    fn kong_example_frames_are_byte_exact() {
+        assert_eq!(
+            String::from_utf8(hello_request(&kong_hello())).unwrap(),
+            FRAME_1
+        );
+        assert_eq!(
+            parse_hello(FRAME_1.as_bytes()).unwrap(),
+            (json!(1), kong_hello())
+        );
+
+        let raw = RawValue::from_string(serde_json::to_string(&kong_result()).unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(jsonrpc::result_raw(&json!(1), &raw)).unwrap(),
+            FRAME_2
+        );
+        let v: Value = serde_json::from_str(FRAME_2).unwrap();
+        let parsed: HelloResult = serde_json::from_value(v["result"].clone()).unwrap();
+        assert_eq!(parsed, kong_result());
+    }
+
+    #[test]
+    fn extra_result_fields_are_flattened_after_kongs() {
+        let mut result = kong_result();
+        result.extra.insert("epoch".into(), json!(7));
+        assert_eq!(
+            serde_json::to_string(&result).unwrap(),
+            r#"{"rpc_capabilities":["kong.sync.v2"],"rpc_frame_encoding":"x-snappy-framed","epoch":7}"#
+        );
+        let parsed: HelloResult = serde_json::from_str(
+            r#"{"epoch":7,"rpc_frame_encoding":"x-zstd","rpc_capabilities":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.rpc_capabilities, Vec::<String>::new());
+        assert_eq!(parsed.encoding(), Some(Encoding::Zstd));
+        assert_eq!(parsed.extra.get("epoch"), Some(&json!(7)));
+    }
+
+    #[test]
+    fn hello_type_assertions() {
+        let base = serde_json::to_value(kong_hello()).unwrap();
+        let frame = |info: Value| {
+            serde_json::to_vec(
+                &json!({"jsonrpc":"2.0","method":HELLO_METHOD,"id":1,"params":[info]}),
+            )
+            .unwrap()
+        };
+        // Lua's empty table.
+        let mut info = base.clone();
+        info["rpc_capabilities"] = json!({});
+        assert_eq!(
+            parse_hello(&frame(info)).unwrap().1.rpc_capabilities.len(),
+            0
+        );
+
+        for (field, bad) in [
+            ("rpc_capabilities", json!("kong.sync.v2")),
+            ("rpc_capabilities", json!([1])),
+            ("rpc_frame_encodings", json!({"a": 1})),
+            ("kong_version", json!(3.10)),
+            ("kong_hostname", Value::Null),
+            ("kong_node_id", json!(["x"])),
+            ("kong_conf", json!("x")),
+        ] {
+            let mut info = base.clone();
+            info[field] = bad;
+            assert!(parse_hello(&frame(info)).is_err(), "{field}");
+        }
+        let mut info = base.clone();
+        info.as_object_mut().unwrap().remove("kong_conf");
+        assert!(parse_hello(&frame(info)).is_err());
+        assert!(
+            parse_hello(br#"{"jsonrpc":"2.0","method":"kong.meta.v1.hello","id":1,"params":{}}"#)
+                .is_err()
+        );
+        assert!(
+            parse_hello(br#"{"jsonrpc":"2.0","method":"kong.meta.v1.hello","params":[{}]}"#)
+                .is_err()
+        );
+    }
+}

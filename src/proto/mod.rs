@@ -1,0 +1,66 @@
+//! The cluster protocol with no I/O: what both planes and every test client agree on, as
+//! types and pure functions. Nothing here names tokio, sqlx or redb (`.ci/layering` checks).
+//!
+//! - [`version`]: change-log versions and Kong's `v02_` strings.
+//! - [`delta`]: the delta shape and its lenient reader.
+//! - [`hash`]: the state hash of a whole configuration.
+//! - [`codec`]: frame encodings (`x-snappy-framed`, `x-zstd`).
+//! - [`jsonrpc`]: JSON-RPC 2.0 messages, Kong's error codes and batch rules.
+//! - [`hello`]: `kong.meta.v1.hello`, capabilities and what a hello says about its sender.
+//! - [`v2`]: typed `kong.sync.v2` / `deltaplane.sync.v1` params and results, the answer
+//!   writer and the streaming answer reader.
+//! - [`v1`]: Kong's sync v1 messages and config hash.
+
+pub mod codec;
+pub mod delta;
+pub mod hash;
+pub mod hello;
+pub mod jsonrpc;
+pub mod v1;
+pub mod v2;
+pub mod version;
+
+pub use delta::{Delta, DeltaError};
+pub use hash::StateHash;
+pub use version::{EMPTY_VERSION, Version, parse_version, version_string};
+
+/// Kong's capability for incremental sync.
+pub const CAP_KONG_SYNC_V2: &str = "kong.sync.v2";
+/// Our extensions (paged transfers), only ever called on a peer that announced them.
+pub const CAP_DELTAPLANE_SYNC_V1: &str = "deltaplane.sync.v1";
+
+/// The data plane's `sync_status` when the configuration uses a plugin it lacks; the control
+/// plane then withholds the configuration.
+pub const PLUGIN_SET_INCOMPATIBLE: &str = "plugin_set_incompatible";
+/// The data plane's `sync_status` when it runs a plugin of another major or a newer minor
+/// version than the control plane; the control plane then withholds the configuration.
+pub const PLUGIN_VERSION_INCOMPATIBLE: &str = "plugin_version_incompatible";
+
+/// Whether a `get_delta` error message is the control plane withholding the configuration
+/// (the message starts with the data plane's `sync_status`) rather than failing.
+pub fn is_withheld(message: &str) -> bool {
+    [PLUGIN_SET_INCOMPATIBLE, PLUGIN_VERSION_INCOMPATIBLE]
+        .iter()
+        .any(|status| {
+            message
+                .strip_prefix(status)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn withheld_messages_are_told_apart() {
+        assert!(is_withheld(
+            "plugin_set_incompatible: uses plugins: rate-limiting"
+        ));
+        assert!(is_withheld(
+            "plugin_version_incompatible: the data plane runs x 3.11.0"
+        ));
+        assert!(!is_withheld("plugin_set_incompatible"));
+        assert!(!is_withheld("database unavailable: timed out"));
+    }
+}
