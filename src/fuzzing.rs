@@ -13,14 +13,15 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::dp::client::{apply_stream, for_each_delta};
 use crate::dp::store::{ApplyError, ApplyKind, DpStore, DpStoreError, DpStoreOptions};
+use crate::dp::v2::apply_stream;
 use crate::proto::Delta;
 use crate::proto::StateHash;
 use crate::proto::codec::{self, CodecError, Encoding};
 use crate::proto::hello::{HELLO_METHOD, Hello, HelloResult};
 use crate::proto::jsonrpc::{self, Incoming, Message, RpcError};
 use crate::proto::v1;
+use crate::proto::v2::for_each_delta;
 use crate::schema::{Mode, Registry, form};
 
 /// Arbitrary bytes as an Admin API body for some entity type: parsing and validation never
@@ -296,10 +297,7 @@ pub fn delta_apply(data: &[u8]) {
                     let tid = p / 2 % 3;
                     let bytes_mode = model.transfers.get(&tid).is_some_and(|t| t.bytes_mode);
                     let got = if bytes_mode {
-                        dp.stage_commit_with(
-                            transfer_name(tid),
-                            crate::dp::client::decode_staged_page,
-                        )
+                        dp.stage_commit_with(transfer_name(tid), crate::dp::v2::decode_staged_page)
                     } else {
                         dp.stage_commit(transfer_name(tid))
                     };

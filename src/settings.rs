@@ -6,6 +6,149 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::net::tls::MtlsMode;
+
+/// Declares the cluster-link flags both binaries accept, once, as a clap `Args` struct whose
+/// environment variables carry the binary's prefix (`DELTAPLANE_` for the control plane,
+/// `DELTAPLANE_DP_` for the data plane). [`ClusterFlags::resolve`] reads them the same way
+/// for both.
+macro_rules! cluster_args {
+    ($(#[$meta:meta])* $name:ident, $env:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, clap::Args, Default, Clone)]
+        pub struct $name {
+            /// Cluster certificate (file, PEM or base64 PEM) [control plane default:
+            /// <data-dir>/cluster.crt, generated; data plane default: ./deltaplane-cp/cluster.crt]
+            #[arg(long, env = concat!($env, "CLUSTER_CERT"))]
+            pub cluster_cert: Option<String>,
+            /// Cluster certificate key [default: next to the certificate, cluster.key]
+            #[arg(long, env = concat!($env, "CLUSTER_CERT_KEY"))]
+            pub cluster_cert_key: Option<String>,
+            /// `shared` (one certificate, digest pinned) or `pki` (CA-issued) [default: shared]
+            #[arg(long, env = concat!($env, "CLUSTER_MTLS"))]
+            pub cluster_mtls: Option<String>,
+            /// CA that issues the cluster certificates (pki mode)
+            #[arg(long, env = concat!($env, "CLUSTER_CA_CERT"))]
+            pub cluster_ca_cert: Option<String>,
+            /// Largest cluster message in bytes, compressed (Kong's cluster_max_payload)
+            /// [default: 16777216]
+            #[arg(long, env = concat!($env, "CLUSTER_MAX_PAYLOAD"))]
+            pub cluster_max_payload: Option<usize>,
+            /// Ping an idle cluster connection after this long [default: 30s]
+            #[arg(long, env = concat!($env, "CLUSTER_PING_INTERVAL"))]
+            pub cluster_ping_interval: Option<String>,
+            /// Drop a cluster connection silent for this long [default: 45s]
+            #[arg(long, env = concat!($env, "CLUSTER_IDLE_TIMEOUT"))]
+            pub cluster_idle_timeout: Option<String>,
+            /// Disconnect a peer whose socket accepts no data for this long [default: 5s]
+            #[arg(long, env = concat!($env, "CLUSTER_WRITE_TIMEOUT"))]
+            pub cluster_write_timeout: Option<String>,
+        }
+
+        impl $name {
+            /// The flags, whichever binary they came from.
+            pub fn flags(&self) -> ClusterFlags {
+                ClusterFlags {
+                    cert: self.cluster_cert.clone(),
+                    key: self.cluster_cert_key.clone(),
+                    mtls: self.cluster_mtls.clone(),
+                    ca_cert: self.cluster_ca_cert.clone(),
+                    max_payload: self.cluster_max_payload,
+                    ping_interval: self.cluster_ping_interval.clone(),
+                    idle_timeout: self.cluster_idle_timeout.clone(),
+                    write_timeout: self.cluster_write_timeout.clone(),
+                }
+            }
+        }
+    };
+}
+
+cluster_args!(
+    /// The control plane's cluster-link flags (`DELTAPLANE_CLUSTER_*`).
+    CpClusterArgs,
+    "DELTAPLANE_"
+);
+cluster_args!(
+    /// The data plane's cluster-link flags (`DELTAPLANE_DP_CLUSTER_*`).
+    DpClusterArgs,
+    "DELTAPLANE_DP_"
+);
+
+/// The cluster-link flags both binaries accept, as given (flag or environment).
+#[derive(Debug, Default, Clone)]
+pub struct ClusterFlags {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub mtls: Option<String>,
+    pub ca_cert: Option<String>,
+    pub max_payload: Option<usize>,
+    pub ping_interval: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub write_timeout: Option<String>,
+}
+
+/// The cluster-link settings resolved from [`ClusterFlags`] over the config file.
+#[derive(Debug, Clone)]
+pub struct ClusterLink {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub mtls: MtlsMode,
+    pub ca_cert: Option<String>,
+}
+
+impl ClusterFlags {
+    /// Resolves the flags over the config file: the TLS material's names and mode (checked:
+    /// `pki` needs a CA) into the result, the payload limit and timers into `settings`.
+    pub fn resolve(
+        &self,
+        layer: &Layer<'_>,
+        settings: &mut ClusterSettings,
+    ) -> anyhow::Result<ClusterLink> {
+        let cert = layer.get(self.cert.clone(), "cluster-cert")?;
+        let key = layer.get(self.key.clone(), "cluster-cert-key")?;
+        let mtls = match layer.get(self.mtls.clone(), "cluster-mtls")? {
+            None => MtlsMode::Shared,
+            Some(m) => match m.as_str() {
+                "shared" => MtlsMode::Shared,
+                "pki" => MtlsMode::Pki,
+                _ => anyhow::bail!("--cluster-mtls must be shared or pki, not '{m}'"),
+            },
+        };
+        let ca_cert = layer.get(self.ca_cert.clone(), "cluster-ca-cert")?;
+        if mtls == MtlsMode::Pki && ca_cert.is_none() {
+            anyhow::bail!("--cluster-mtls pki needs --cluster-ca-cert");
+        }
+        cluster_layer(
+            layer,
+            settings,
+            self.max_payload,
+            [
+                self.ping_interval.clone(),
+                self.idle_timeout.clone(),
+                self.write_timeout.clone(),
+            ],
+        )?;
+        Ok(ClusterLink {
+            cert,
+            key,
+            mtls,
+            ca_cert,
+        })
+    }
+}
+
+/// The config-file keys of [`ClusterFlags`].
+pub const CLUSTER_KEYS: &[&str] = &[
+    "cluster-cert",
+    "cluster-cert-key",
+    "cluster-mtls",
+    "cluster-ca-cert",
+    "cluster-max-payload",
+    "cluster-ping-interval",
+    "cluster-idle-timeout",
+    "cluster-write-timeout",
+];
+
 /// Cluster-link settings shared by both planes.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
@@ -71,7 +214,7 @@ pub fn split_list(s: &str) -> Vec<String> {
 }
 
 /// Applies the cluster-link flags (payload, then ping / idle / write timers).
-pub(crate) fn cluster_layer(
+fn cluster_layer(
     layer: &Layer<'_>,
     c: &mut ClusterSettings,
     max_payload: Option<usize>,
@@ -101,13 +244,14 @@ pub(crate) fn cluster_layer(
     Ok(())
 }
 
-pub(crate) struct Layer<'a> {
-    pub(crate) file: &'a toml::Table,
+/// The config file under the flags.
+pub struct Layer<'a> {
+    pub file: &'a toml::Table,
 }
 
 impl Layer<'_> {
     /// Reads a TOML file of flag names; unknown keys are errors.
-    pub(crate) fn read_file(
+    pub fn read_file(
         path: Option<&std::path::Path>,
         known: &[&str],
     ) -> anyhow::Result<toml::Table> {
@@ -130,7 +274,7 @@ impl Layer<'_> {
     }
 
     /// The flag's value if given, else the file's (keys as flag names, `_` accepted for `-`).
-    pub(crate) fn get<T: FromStr>(&self, flag: Option<T>, key: &str) -> anyhow::Result<Option<T>>
+    pub fn get<T: FromStr>(&self, flag: Option<T>, key: &str) -> anyhow::Result<Option<T>>
     where
         T::Err: std::fmt::Display,
     {

@@ -10,17 +10,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cp::store::{RawChange, Store, StoreError, VersionInfo};
-use crate::proto::version_string;
+use crate::cp::store::{Store, StoreError, VersionInfo};
+use crate::proto::Version;
+use crate::proto::v2::{AnswerHead, DeltaText, RawDelta, write_answer, write_page};
 
-/// Deltas serialised back to back (comma-separated, no brackets), with where each one starts.
+/// Deltas of one answer or snapshot, with the version they lead to.
 #[derive(Debug)]
 pub struct Serialized {
     pub version: i64,
     pub epoch: String,
     pub full_sync: bool,
-    bytes: Vec<u8>,
-    starts: Vec<usize>,
+    deltas: DeltaText,
 }
 
 impl Serialized {
@@ -29,81 +29,9 @@ impl Serialized {
             version,
             epoch,
             full_sync,
-            bytes: Vec::new(),
-            starts: Vec::new(),
+            deltas: DeltaText::new(),
         }
     }
-
-    fn push(&mut self, c: &RawChange<'_>) {
-        if !self.starts.is_empty() {
-            self.bytes.push(b',');
-        }
-        self.starts.push(self.bytes.len());
-        write_delta(&mut self.bytes, c);
-    }
-
-    pub fn len(&self) -> usize {
-        self.starts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.starts.is_empty()
-    }
-
-    /// Bytes of the deltas `range`, comma-separated.
-    fn slice(&self, from: usize, to: usize) -> &[u8] {
-        if from >= to {
-            return &[];
-        }
-        let start = self.starts[from];
-        let end = if to < self.starts.len() {
-            self.starts[to] - 1 // the comma before delta `to`
-        } else {
-            self.bytes.len()
-        };
-        &self.bytes[start..end]
-    }
-
-    /// Cuts the deltas into pages of at most `page_bytes` each (a single delta larger than
-    /// that gets a page of its own). Returns the delta index ranges.
-    fn pages(&self, page_bytes: usize) -> Vec<(usize, usize)> {
-        let end_of = |i: usize| {
-            if i + 1 < self.starts.len() {
-                self.starts[i + 1] - 1
-            } else {
-                self.bytes.len()
-            }
-        };
-        let mut pages = Vec::new();
-        let mut from = 0;
-        while from < self.starts.len() {
-            let mut to = from + 1;
-            while to < self.starts.len() && end_of(to) - self.starts[from] <= page_bytes {
-                to += 1;
-            }
-            pages.push((from, to));
-            from = to;
-        }
-        pages
-    }
-}
-
-/// `{"entity":…,"pk":{"id":…},"type":…,"version":…,"ws_id":…}` — keys in serde_json's order.
-fn write_delta(out: &mut Vec<u8>, c: &RawChange<'_>) {
-    out.extend_from_slice(b"{\"entity\":");
-    match c.entity {
-        Some(text) => out.extend_from_slice(text.as_bytes()),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"pk\":{\"id\":");
-    serde_json::to_writer(&mut *out, c.id).expect("string serialises");
-    out.extend_from_slice(b"},\"type\":");
-    serde_json::to_writer(&mut *out, c.entity_type).expect("string serialises");
-    out.extend_from_slice(b",\"version\":\"");
-    out.extend_from_slice(version_string(c.version).as_bytes());
-    out.extend_from_slice(b"\",\"ws_id\":");
-    serde_json::to_writer(&mut *out, c.ws_id).expect("string serialises");
-    out.push(b'}');
 }
 
 fn result_text(
@@ -111,29 +39,17 @@ fn result_text(
     full_sync: bool,
     latest: i64,
     transfer: Option<(&str, usize)>,
+    head: Option<i64>,
 ) -> String {
-    let mut out = Vec::with_capacity(deltas.len() + 160);
-    out.extend_from_slice(b"{\"default\":{\"deltas\":[");
-    out.extend_from_slice(deltas);
-    out.extend_from_slice(b"],");
-    if let Some((id, pages)) = transfer {
-        out.extend_from_slice(b"\"deltaplane_transfer\":");
-        out.extend_from_slice(
-            serde_json::json!({ "id": id, "pages": pages })
-                .to_string()
-                .as_bytes(),
-        );
-        out.push(b',');
-    }
-    out.extend_from_slice(if full_sync {
-        b"\"full_sync\":true,"
-    } else {
-        b"\"full_sync\":false,"
-    });
-    out.extend_from_slice(b"\"latest_version\":\"");
-    out.extend_from_slice(version_string(latest).as_bytes());
-    out.extend_from_slice(b"\"}}");
-    String::from_utf8(out).expect("built from UTF-8 pieces")
+    write_answer(
+        deltas,
+        &AnswerHead {
+            full_sync,
+            latest_version: Version::new(latest),
+            transfer,
+            head: head.map(Version::new),
+        },
+    )
 }
 
 /// Sizes the feed works with.
@@ -203,7 +119,7 @@ pub struct Feed {
     inflight: Mutex<HashMap<(i64, Asker), Arc<Shared>>>,
 }
 
-type Shared = tokio::sync::OnceCell<Result<(Option<(String, Decision)>, i64), String>>;
+type Shared = tokio::sync::OnceCell<Result<Option<(String, Decision)>, String>>;
 
 /// Full-sync answers built concurrently (bounds the CP's memory when many fresh DPs arrive).
 const FULL_ANSWERS_AT_ONCE: usize = 2;
@@ -243,30 +159,13 @@ impl Feed {
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<(String, Decision), FeedError> {
-        let mut head = 0;
-        let (text, decision) = match dp_version.filter(|v| *v > 0) {
-            Some(after) => match self
-                .incremental_shared(after, asker, fits, &mut head)
-                .await?
-            {
-                Some(answer) => answer,
-                None => self.full(asker, fits, &mut head).await?,
+        match dp_version.filter(|v| *v > 0) {
+            Some(after) => match self.incremental_shared(after, asker, fits).await? {
+                Some(answer) => Ok(answer),
+                None => self.full(asker, fits).await,
             },
-            None => self.full(asker, fits, &mut head).await?,
-        };
-        if !asker.paging {
-            return Ok((text, decision));
+            None => self.full(asker, fits).await,
         }
-        // Our data planes also learn the head, so after a cut answer they ask again at once
-        // and after a complete one they do not ask again in vain.
-        const PREFIX: &str = "{\"default\":{";
-        debug_assert!(text.starts_with(PREFIX));
-        let text = format!(
-            "{PREFIX}\"deltaplane_head\":\"{}\",{}",
-            version_string(head),
-            &text[PREFIX.len()..]
-        );
-        Ok((text, decision))
     }
 
     /// [`Feed::incremental`], with concurrent identical requests sharing one read. A request
@@ -277,7 +176,6 @@ impl Feed {
         after: i64,
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
-        head_out: &mut i64,
     ) -> Result<Option<(String, Decision)>, FeedError> {
         let key = (after, asker);
         let cell = self
@@ -289,10 +187,8 @@ impl Feed {
             .clone();
         let result = cell
             .get_or_init(|| async {
-                let mut head = 0;
-                self.incremental(after, asker, fits, &mut head)
+                self.incremental(after, asker, fits)
                     .await
-                    .map(|answer| (answer, head))
                     .map_err(|e| e.to_string())
             })
             .await
@@ -303,9 +199,7 @@ impl Feed {
                 inflight.remove(&key);
             }
         }
-        let (answer, head) = result.map_err(FeedError::Shared)?;
-        *head_out = head;
-        Ok(answer)
+        result.map_err(FeedError::Shared)
     }
 
     /// `None` when a full sync is needed (below the horizon, or ahead of the change log).
@@ -314,7 +208,6 @@ impl Feed {
         after: i64,
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
-        head_out: &mut i64,
     ) -> Result<Option<(String, Decision)>, FeedError> {
         use std::ops::ControlFlow;
         let budget = self.limits.frame_bytes;
@@ -325,19 +218,19 @@ impl Feed {
         let head = self
             .store
             .changes_after_raw(after, self.limits.max_versions, |c| {
-                if c.version != out.version && !out.is_empty() {
-                    boundaries.push((out.len(), out.version, out.bytes.len()));
-                    if out.bytes.len() > budget {
+                if c.version != out.version && !out.deltas.is_empty() {
+                    boundaries.push((out.deltas.len(), out.version, out.deltas.byte_len()));
+                    if out.deltas.byte_len() > budget {
                         return ControlFlow::Break(());
                     }
                 }
-                if out.bytes.len() > budget && !boundaries.is_empty() {
+                if out.deltas.byte_len() > budget && !boundaries.is_empty() {
                     // This version cannot be part of the answer any more.
                     cut_mid_version = true;
                     return ControlFlow::Break(());
                 }
                 out.version = c.version;
-                out.push(&c);
+                out.deltas.push(&RawDelta::from(&c));
                 ControlFlow::Continue(())
             })
             .await?;
@@ -345,22 +238,24 @@ impl Feed {
             Ok(info) => info,
             Err(_behind) => return Ok(None),
         };
-        *head_out = info.version;
         if after > info.version {
             // The data plane is ahead of this change log (a restored database): full sync.
             return Ok(None);
         }
-        if out.is_empty() {
+        // Our data planes also learn the head, so after a cut answer they ask again at once
+        // and after a complete one they do not ask again in vain.
+        let head = asker.paging.then_some(info.version);
+        if out.deltas.is_empty() {
             return Ok(Some((
-                result_text(&[], false, info.version, None),
+                result_text(&[], false, info.version, None, head),
                 Decision::UpToDate,
             )));
         }
         if !cut_mid_version && boundaries.last().map(|b| b.1) != Some(out.version) {
-            boundaries.push((out.len(), out.version, out.bytes.len()));
+            boundaries.push((out.deltas.len(), out.version, out.deltas.byte_len()));
         }
         if let Some(&(n, version, _)) = boundaries.iter().rev().find(|b| b.2 <= budget) {
-            let text = result_text(out.slice(0, n), false, version, None);
+            let text = result_text(out.deltas.slice(0, n), false, version, None, head);
             return Ok(Some((
                 text,
                 Decision::Incremental {
@@ -371,7 +266,7 @@ impl Feed {
         }
         // The first version alone is larger than the budget.
         let (n, version, _) = boundaries[0];
-        let text = result_text(out.slice(0, n), false, version, None);
+        let text = result_text(out.deltas.slice(0, n), false, version, None, head);
         if text.len() <= self.limits.max_decompressed && fits(text.as_bytes()) {
             let decision = Decision::Incremental {
                 from: after + 1,
@@ -386,19 +281,16 @@ impl Feed {
             });
         }
         drop(text);
-        out.starts.truncate(n);
-        let end = out.slice(0, n).len();
-        out.bytes.truncate(end);
+        out.deltas.truncate(n);
         out.version = version;
         out.epoch = info.epoch;
-        Ok(Some(self.start_transfer(Arc::new(out))))
+        Ok(Some(self.start_transfer(Arc::new(out), info.version)))
     }
 
     async fn full(
         &self,
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
-        head: &mut i64,
     ) -> Result<(String, Decision), FeedError> {
         let _permit = self
             .full_permits
@@ -406,11 +298,16 @@ impl Feed {
             .await
             .expect("the semaphore is never closed");
         let snap = self.current_snapshot().await?;
-        *head = snap.version;
-        let body = snap.slice(0, snap.len());
+        let body = snap.deltas.slice(0, snap.deltas.len());
         let size = body.len() + 160;
         if size <= self.limits.max_decompressed {
-            let text = result_text(body, true, snap.version, None);
+            let text = result_text(
+                body,
+                true,
+                snap.version,
+                None,
+                asker.paging.then_some(snap.version),
+            );
             if text.len() <= self.limits.frame_bytes || fits(text.as_bytes()) {
                 return Ok((
                     text,
@@ -426,7 +323,8 @@ impl Feed {
                 bytes: size,
             });
         }
-        Ok(self.start_transfer(snap))
+        let head = snap.version;
+        Ok(self.start_transfer(snap, head))
     }
 
     /// The snapshot at the current head, built at most once per version (single flight).
@@ -445,7 +343,7 @@ impl Feed {
         let info = self
             .store
             .snapshot_raw(|c| {
-                out.push(&c);
+                out.deltas.push(&RawDelta::from(&c));
                 std::ops::ControlFlow::Continue(())
             })
             .await?;
@@ -469,14 +367,22 @@ impl Feed {
         transfers.retain(|_, t| t.last_used.elapsed() < TRANSFER_TTL);
     }
 
-    fn start_transfer(&self, data: Arc<Serialized>) -> (String, Decision) {
-        let pages = data.pages(self.limits.frame_bytes);
+    /// Keeps `data` for paging; only peers that can page get here, so the answer carries the
+    /// `head`.
+    fn start_transfer(&self, data: Arc<Serialized>, head: i64) -> (String, Decision) {
+        let pages = data.deltas.pages(self.limits.frame_bytes);
         let id = uuid::Uuid::new_v4().to_string();
         let decision = Decision::Paged {
             version: data.version,
             full_sync: data.full_sync,
         };
-        let text = result_text(&[], data.full_sync, data.version, Some((&id, pages.len())));
+        let text = result_text(
+            &[],
+            data.full_sync,
+            data.version,
+            Some((&id, pages.len())),
+            Some(head),
+        );
         let mut transfers = self.transfers.lock().expect("transfers lock");
         let now = Instant::now();
         transfers.retain(|_, t| now.duration_since(t.last_used) < TRANSFER_TTL);
@@ -513,58 +419,13 @@ impl Feed {
             page,
             pages: t.pages.len(),
         })?;
-        let body = t.data.slice(from, to);
-        let mut out = Vec::with_capacity(body.len() + 200);
-        out.extend_from_slice(b"{\"deltas\":[");
-        out.extend_from_slice(body);
-        out.extend_from_slice(b"],\"full_sync\":");
-        out.extend_from_slice(if t.data.full_sync { b"true" } else { b"false" });
-        out.extend_from_slice(b",\"id\":");
-        serde_json::to_writer(&mut out, id).expect("string serialises");
-        out.extend_from_slice(format!(",\"page\":{page},\"pages\":{}", t.pages.len()).as_bytes());
-        out.extend_from_slice(b",\"version\":\"");
-        out.extend_from_slice(version_string(t.data.version).as_bytes());
-        out.extend_from_slice(b"\"}");
-        Ok(String::from_utf8(out).expect("built from UTF-8 pieces"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn change<'a>(v: i64, id: &'a str) -> RawChange<'a> {
-        RawChange {
-            version: v,
-            entity_type: "services",
+        Ok(write_page(
+            t.data.deltas.slice(from, to),
+            t.data.full_sync,
             id,
-            ws_id: "ws",
-            entity: Some("{\"id\":\"x\"}"),
-        }
-    }
-
-    #[test]
-    fn serialized_deltas_parse_and_page() {
-        let mut s = Serialized::new(3, "e".into(), true);
-        let ids: Vec<String> = (0..10).map(|i| format!("id-{i}")).collect();
-        for id in &ids {
-            s.push(&change(3, id));
-        }
-        let all: serde_json::Value =
-            serde_json::from_str(&result_text(s.slice(0, s.len()), true, 3, None)).unwrap();
-        let deltas = all["default"]["deltas"].as_array().unwrap();
-        assert_eq!(deltas.len(), 10);
-        assert_eq!(deltas[4]["pk"]["id"], "id-4");
-        assert_eq!(deltas[4]["version"], "v02_0000000000000000000000000003");
-        let one = s.slice(0, 1).len();
-        let pages = s.pages(one * 3 + 2);
-        assert_eq!(pages, vec![(0, 3), (3, 6), (6, 9), (9, 10)]);
-        for (from, to) in pages {
-            let text = format!("[{}]", String::from_utf8_lossy(s.slice(from, to)));
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(v.as_array().unwrap().len(), to - from);
-        }
-        // A budget smaller than one delta still makes progress.
-        assert_eq!(s.pages(1).len(), 10);
+            page,
+            t.pages.len(),
+            Version::new(t.data.version),
+        ))
     }
 }

@@ -8,8 +8,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::net::tls::MtlsMode;
 use crate::schema::KONG_COMPAT_VERSION;
-use crate::settings::{ClusterSettings, Layer, cluster_layer, parse_duration, split_list};
+use crate::settings::{
+    CLUSTER_KEYS, ClusterSettings, CpClusterArgs, Layer, parse_duration, split_list,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,18 +114,8 @@ pub struct ServeArgs {
     /// Cluster listener for data planes, TLS only [default: 127.0.0.1:8005]
     #[arg(long, env = "DELTAPLANE_CLUSTER_LISTEN")]
     pub cluster_listen: Option<String>,
-    /// Cluster certificate (file, PEM or base64 PEM) [default: <data-dir>/cluster.crt, generated]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_CERT")]
-    pub cluster_cert: Option<String>,
-    /// Cluster certificate key [default: <data-dir>/cluster.key, generated]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_CERT_KEY")]
-    pub cluster_cert_key: Option<String>,
-    /// `shared` (one certificate, digest pinned) or `pki` (CA-issued) [default: shared]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_MTLS")]
-    pub cluster_mtls: Option<String>,
-    /// CA that issues data-plane certificates (pki mode)
-    #[arg(long, env = "DELTAPLANE_CLUSTER_CA_CERT")]
-    pub cluster_ca_cert: Option<String>,
+    #[command(flatten)]
+    pub cluster: CpClusterArgs,
     /// Common names / SANs allowed for data-plane certificates (pki mode; comma-separated)
     #[arg(
         long,
@@ -130,18 +123,6 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cluster_allowed_common_names: Option<Vec<String>>,
-    /// Largest cluster message in bytes, compressed (Kong's cluster_max_payload) [default: 16777216]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_MAX_PAYLOAD")]
-    pub cluster_max_payload: Option<usize>,
-    /// Ping an idle cluster connection after this long [default: 30s]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_PING_INTERVAL")]
-    pub cluster_ping_interval: Option<String>,
-    /// Drop a cluster connection silent for this long [default: 45s]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_IDLE_TIMEOUT")]
-    pub cluster_idle_timeout: Option<String>,
-    /// Disconnect a data plane whose socket accepts no data for this long [default: 5s]
-    #[arg(long, env = "DELTAPLANE_CLUSTER_WRITE_TIMEOUT")]
-    pub cluster_write_timeout: Option<String>,
     /// Offer sync v2 in the hello (Kong's cluster_rpc_sync); off, data planes use v1 [default: true]
     #[arg(long, env = "DELTAPLANE_CLUSTER_SYNC_V2", num_args = 0..=1, default_missing_value = "true")]
     pub cluster_sync_v2: Option<bool>,
@@ -176,8 +157,7 @@ pub struct CpConfig {
     pub cluster: ClusterSettings,
     /// `None`: use (or generate) `cluster.crt` / `cluster.key` in the data dir.
     pub cluster_cert: Option<(String, String)>,
-    /// `shared` or `pki`.
-    pub cluster_mtls: String,
+    pub cluster_mtls: MtlsMode,
     pub cluster_ca_cert: Option<String>,
     pub cluster_allowed_common_names: Vec<String>,
     /// Data-plane status rows expire after this long without news (Kong's
@@ -205,7 +185,7 @@ impl CpConfig {
             cluster_listen: "127.0.0.1:8005".parse().expect("valid address"),
             cluster: ClusterSettings::default(),
             cluster_cert: None,
-            cluster_mtls: "shared".into(),
+            cluster_mtls: MtlsMode::Shared,
             cluster_ca_cert: None,
             cluster_allowed_common_names: Vec::new(),
             data_plane_purge_delay: Duration::from_secs(14 * 86400),
@@ -214,7 +194,7 @@ impl CpConfig {
 
     /// Resolves flags (already merged with the environment by clap) over the TOML file over defaults.
     pub fn from_args(args: &ServeArgs) -> anyhow::Result<CpConfig> {
-        let file = Layer::read_file(args.config.as_deref(), KNOWN_KEYS)?;
+        let file = Layer::read_file(args.config.as_deref(), &[KNOWN_KEYS, CLUSTER_KEYS].concat())?;
         let layer = Layer { file: &file };
         let mut cfg = CpConfig::new(
             layer
@@ -282,21 +262,14 @@ impl CpConfig {
                 .parse()
                 .with_context(|| format!("invalid --cluster-listen '{a}'"))?;
         }
-        let cert = layer.get(args.cluster_cert.clone(), "cluster-cert")?;
-        let key = layer.get(args.cluster_cert_key.clone(), "cluster-cert-key")?;
-        cfg.cluster_cert = match (cert, key) {
+        let link = args.cluster.flags().resolve(&layer, &mut cfg.cluster)?;
+        cfg.cluster_cert = match (link.cert, link.key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => anyhow::bail!("--cluster-cert and --cluster-cert-key go together"),
         };
-        if let Some(m) = layer.get(args.cluster_mtls.clone(), "cluster-mtls")? {
-            anyhow::ensure!(
-                m == "shared" || m == "pki",
-                "--cluster-mtls must be shared or pki, not '{m}'"
-            );
-            cfg.cluster_mtls = m;
-        }
-        cfg.cluster_ca_cert = layer.get(args.cluster_ca_cert.clone(), "cluster-ca-cert")?;
+        cfg.cluster_mtls = link.mtls;
+        cfg.cluster_ca_cert = link.ca_cert;
         if let Some(names) = layer.get(
             args.cluster_allowed_common_names
                 .clone()
@@ -305,16 +278,6 @@ impl CpConfig {
         )? {
             cfg.cluster_allowed_common_names = split_list(&names);
         }
-        cluster_layer(
-            &layer,
-            &mut cfg.cluster,
-            args.cluster_max_payload,
-            [
-                args.cluster_ping_interval.clone(),
-                args.cluster_idle_timeout.clone(),
-                args.cluster_write_timeout.clone(),
-            ],
-        )?;
         if let Some(b) = layer.get(args.cluster_sync_v2, "cluster-sync-v2")? {
             cfg.cluster.sync_v2 = b;
         }
@@ -334,9 +297,6 @@ impl CpConfig {
                 "--cluster-data-plane-purge-delay must be at least 60s"
             );
             cfg.data_plane_purge_delay = d;
-        }
-        if cfg.cluster_mtls == "pki" && cfg.cluster_ca_cert.is_none() {
-            anyhow::bail!("--cluster-mtls pki needs --cluster-ca-cert");
         }
         Ok(cfg)
     }
@@ -372,15 +332,7 @@ const KNOWN_KEYS: &[&str] = &[
     "kong-compat-version",
     "max-write-batch",
     "cluster-listen",
-    "cluster-cert",
-    "cluster-cert-key",
-    "cluster-mtls",
-    "cluster-ca-cert",
     "cluster-allowed-common-names",
-    "cluster-max-payload",
-    "cluster-ping-interval",
-    "cluster-idle-timeout",
-    "cluster-write-timeout",
     "cluster-data-plane-purge-delay",
     "cluster-sync-v2",
     "cluster-rpc",

@@ -3,11 +3,14 @@
 
 pub mod admin;
 pub mod answers;
-pub mod cluster;
+pub mod compat;
 pub mod config;
+pub mod fleet;
+pub mod listener;
 pub mod status;
 pub mod store;
 pub mod v1;
+pub mod v2;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -30,7 +33,10 @@ pub struct RunningCp {
     pub cluster_addr: SocketAddr,
     pub store: Store,
     pub node_id: String,
-    pub cluster: Arc<cluster::ClusterCtx>,
+    /// The data planes connected to this control plane, and the shared status table.
+    pub fleet: Arc<fleet::Fleet>,
+    /// Sync v1's shared payloads.
+    pub v1: Arc<v1::V1Hub>,
     /// The cluster certificate and key files (generated in the data dir when not configured).
     pub cluster_cert_files: Option<(PathBuf, PathBuf)>,
     shutdown_tx: watch::Sender<bool>,
@@ -86,7 +92,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         requests: AtomicU64::new(0),
     });
     let (tls, cluster_cert_files) = cluster_tls(&cfg)?;
-    let cluster = cluster::ClusterCtx::new(
+    let cluster = listener::ClusterCtx::new(
         store.clone(),
         node_id.clone(),
         cfg.kong_compat_version.clone(),
@@ -96,7 +102,8 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
     let app = admin::router(
         state,
         rpc_router.merge(admin::clustering::router(
-            cluster.clone(),
+            store.clone(),
+            cluster.fleet.clone(),
             cfg.data_plane_purge_delay,
         )),
     );
@@ -120,7 +127,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         }
     });
     let purge_task = tokio::spawn(purge_loop(store.clone(), cfg.clone(), shutdown_rx.clone()));
-    let cluster_task = tokio::spawn(cluster::serve(
+    let cluster_task = tokio::spawn(listener::serve(
         cluster_listener,
         tls,
         cluster.clone(),
@@ -139,7 +146,8 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         cluster_addr,
         store,
         node_id,
-        cluster,
+        fleet: cluster.fleet.clone(),
+        v1: cluster.v1.clone(),
         cluster_cert_files,
         shutdown_tx,
         tasks: vec![admin_task, purge_task, cluster_task, follow_task],
@@ -167,7 +175,7 @@ fn cluster_tls(
         }
     };
     let tls = crate::net::tls::ClusterTls::load(&crate::net::tls::TlsSettings {
-        mode: cfg.cluster_mtls.parse()?,
+        mode: cfg.cluster_mtls,
         cert,
         key,
         ca_cert: cfg.cluster_ca_cert.clone(),
@@ -180,8 +188,8 @@ fn cluster_tls(
 
 /// The control plane's operator JSON-RPC methods.
 fn rpc_module(
-    cluster: Arc<cluster::ClusterCtx>,
-) -> anyhow::Result<jsonrpsee::RpcModule<cluster::ClusterCtx>> {
+    cluster: Arc<listener::ClusterCtx>,
+) -> anyhow::Result<jsonrpsee::RpcModule<listener::ClusterCtx>> {
     use crate::net::operator::server_error;
     let mut module = jsonrpsee::RpcModule::from_arc(cluster);
     module.register_async_method("deltaplane.sync_version", |params, ctx, _| async move {
@@ -207,12 +215,12 @@ fn rpc_module(
         Ok::<_, crate::net::operator::ErrorObjectOwned>(out)
     })?;
     module.register_async_method("deltaplane.data_planes", |_params, ctx, _| async move {
-        ctx.data_planes().await.map_err(server_error)
+        ctx.fleet.data_planes().await.map_err(server_error)
     })?;
     crate::net::operator::register_watch(
         &mut module,
-        |ctx: &cluster::ClusterCtx| ctx.store.subscribe(),
-        |ctx: Arc<cluster::ClusterCtx>, v| async move {
+        |ctx: &listener::ClusterCtx| ctx.store.subscribe(),
+        |ctx: Arc<listener::ClusterCtx>, v| async move {
             let hash = ctx.store.state_hash_at(v).await.ok().flatten()?;
             Some(serde_json::json!({
                 "version": v,

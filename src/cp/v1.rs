@@ -26,10 +26,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
-use super::cluster::{ClusterCtx, DpConn, kong_version_compatible, record, record_refused};
-use crate::cp::store::StoreError;
+use super::compat::kong_version_compatible;
+use super::fleet::{DpConn, DpIdentity, Fleet};
+use crate::cp::store::{Store, StoreError};
+use crate::proto::SyncProtocol;
 use crate::proto::v1::export::ExportBuilder;
 use crate::proto::v1::hash::EMPTY_HASH;
+use crate::settings::ClusterSettings;
 
 /// `/v1/outlet?node_id=..&node_hostname=..&node_version=..`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +86,11 @@ pub struct Payload {
 }
 
 /// What the v1 connections of one control plane share.
-#[derive(Default)]
 pub struct V1Hub {
+    store: Store,
+    fleet: Arc<Fleet>,
+    kong_compat_version: String,
+    settings: ClusterSettings,
     /// The latest payload; each connection watches it (only the latest is ever kept).
     latest: watch::Sender<Option<Arc<Payload>>>,
     /// One export at a time: a version is exported once, whoever asks.
@@ -99,6 +105,27 @@ pub struct V1Hub {
 }
 
 impl V1Hub {
+    pub fn new(
+        store: Store,
+        fleet: Arc<Fleet>,
+        kong_compat_version: String,
+        settings: ClusterSettings,
+    ) -> V1Hub {
+        V1Hub {
+            store,
+            fleet,
+            kong_compat_version,
+            settings,
+            latest: watch::channel(None).0,
+            exporting: tokio::sync::Mutex::new(()),
+            compat: Mutex::new(None),
+            clients: AtomicUsize::new(0),
+            joined: Notify::new(),
+            exports: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
+        }
+    }
+
     /// Versions exported and compressed so far.
     pub fn exports(&self) -> u64 {
         self.exports.load(Ordering::Relaxed)
@@ -116,7 +143,7 @@ impl V1Hub {
 
     /// The payload of `head` or later: the cached one, or a new export (shared by everyone
     /// waiting for it).
-    pub async fn ensure(&self, ctx: &ClusterCtx, head: i64) -> Result<Arc<Payload>, StoreError> {
+    pub async fn ensure(&self, head: i64) -> Result<Arc<Payload>, StoreError> {
         if let Some(p) = self.latest().filter(|p| p.version >= head) {
             return Ok(p);
         }
@@ -124,7 +151,7 @@ impl V1Hub {
         if let Some(p) = self.latest().filter(|p| p.version >= head) {
             return Ok(p);
         }
-        let p = Arc::new(export(ctx).await?);
+        let p = Arc::new(export(&self.store).await?);
         self.exports.fetch_add(1, Ordering::Relaxed);
         self.latest.send_if_modified(|cur| {
             let newer = cur.as_ref().is_none_or(|c| c.version < p.version);
@@ -138,21 +165,16 @@ impl V1Hub {
 
     /// The payload for a data plane of Kong `dp_version` (older than the control plane):
     /// fields it does not know removed, compressed again; cached per version and Kong version.
-    async fn downgraded(
-        &self,
-        ctx: &ClusterCtx,
-        p: &Payload,
-        dp_version: &str,
-    ) -> anyhow::Result<Bytes> {
+    async fn downgraded(&self, p: &Payload, dp_version: &str) -> anyhow::Result<Bytes> {
         if let Some((v, m)) = self.compat.lock().expect("compat lock").as_ref()
             && *v == p.version
             && let Some(b) = m.get(dp_version)
         {
             return Ok(b.clone());
         }
-        let registry = ctx.store.registry().clone();
+        let registry = self.store.registry().clone();
         let bytes = p.bytes.clone();
-        let max = ctx.settings.max_decompressed().max(p.raw_len);
+        let max = self.settings.max_decompressed().max(p.raw_len);
         let dp = dp_version.to_owned();
         let out = tokio::task::spawn_blocking(move || -> anyhow::Result<Bytes> {
             let raw = crate::proto::v1::gunzip(&bytes, max).map_err(anyhow::Error::msg)?;
@@ -186,12 +208,11 @@ impl V1Hub {
 }
 
 /// Exports the current configuration (one snapshot) as a compressed reconfigure message.
-async fn export(ctx: &ClusterCtx) -> Result<Payload, StoreError> {
+async fn export(store: &Store) -> Result<Payload, StoreError> {
     let started = std::time::Instant::now();
-    let registry = ctx.store.registry().clone();
+    let registry = store.registry().clone();
     let mut builder = ExportBuilder::new();
-    let info = ctx
-        .store
+    let info = store
         .snapshot(|c| {
             if let Some(entity) = c.entity {
                 builder.push(&registry, &c.entity_type, &c.ws_id, entity);
@@ -237,39 +258,41 @@ async fn export(ctx: &ClusterCtx) -> Result<Payload, StoreError> {
     Ok(payload)
 }
 
-/// Publishes a payload whenever the head moves and v1 data planes are connected: the first
-/// change after a quiet period at once, later ones at most once per `push_interval` (changes
-/// meanwhile coalesce into the next push; the last state is always pushed).
-pub async fn push_loop(ctx: Arc<ClusterCtx>, mut stop: watch::Receiver<bool>) {
-    let hub = &ctx.v1;
-    let mut head = ctx.store.subscribe();
-    loop {
-        tokio::select! {
-            c = head.changed() => if c.is_err() { return },
-            _ = hub.joined.notified() => {}
-            _ = stopped(&mut stop) => return,
-        }
-        if hub.clients.load(Ordering::Relaxed) == 0 {
-            // Nobody to push to: keep no copy of the configuration.
-            hub.latest.send_replace(None);
-            continue;
-        }
-        let h = *head.borrow_and_update();
-        if hub.latest().is_some_and(|p| p.version >= h) {
-            continue;
-        }
-        match hub.ensure(&ctx, h).await {
-            Ok(_) => {
-                hub.pushes.fetch_add(1, Ordering::Relaxed);
+impl V1Hub {
+    /// Publishes a payload whenever the head moves and v1 data planes are connected: the first
+    /// change after a quiet period at once, later ones at most once per `push_interval` (changes
+    /// meanwhile coalesce into the next push; the last state is always pushed).
+    pub async fn push_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let hub = &self;
+        let mut head = self.store.subscribe();
+        loop {
+            tokio::select! {
+                c = head.changed() => if c.is_err() { return },
+                _ = hub.joined.notified() => {}
+                _ = stopped(&mut stop) => return,
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "sync v1: export failed; will retry");
-                head.mark_changed();
+            if hub.clients.load(Ordering::Relaxed) == 0 {
+                // Nobody to push to: keep no copy of the configuration.
+                hub.latest.send_replace(None);
+                continue;
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(ctx.settings.push_interval) => {}
-            _ = stopped(&mut stop) => return,
+            let h = *head.borrow_and_update();
+            if hub.latest().is_some_and(|p| p.version >= h) {
+                continue;
+            }
+            match hub.ensure(h).await {
+                Ok(_) => {
+                    hub.pushes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync v1: export failed; will retry");
+                    head.mark_changed();
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.push_interval) => {}
+                _ = stopped(&mut stop) => return,
+            }
         }
     }
 }
@@ -280,13 +303,13 @@ pub(super) async fn serve<S>(
     addr: SocketAddr,
     cert_expiry: Option<i64>,
     query: V1Query,
-    ctx: Arc<ClusterCtx>,
+    hub: Arc<V1Hub>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let settings = ctx.settings.clone();
+    let settings = hub.settings.clone();
     let info = match basic_info(&mut ws, settings.handshake_timeout).await {
         Ok(info) => info,
         Err(e) => {
@@ -303,20 +326,18 @@ where
     } else {
         Value::Object(Default::default())
     };
-    if let Err(reason) = kong_version_compatible(&ctx.kong_compat_version, &query.version) {
-        record_refused(
-            &ctx,
-            "v1",
-            &query.node_id,
-            &query.hostname,
-            addr,
-            &query.version,
-            &labels,
-            &[],
-            cert_expiry,
-            &reason,
-        )
-        .await;
+    let who = DpIdentity {
+        protocol: SyncProtocol::V1,
+        node_id: query.node_id.clone(),
+        hostname: query.hostname.clone(),
+        address: addr,
+        kong_version: query.version.clone(),
+        labels,
+        capabilities: Vec::new(),
+        cert_expiry,
+    };
+    if let Err(reason) = kong_version_compatible(&hub.kong_compat_version, &query.version) {
+        hub.fleet.record_refused(&who, &reason).await;
         close(
             &mut ws,
             CloseCode::Policy,
@@ -326,27 +347,15 @@ where
         .await;
         anyhow::bail!("v1 {}: kong_version_incompatible: {reason}", query.node_id);
     }
-    let plugins = super::cluster::plugins_of(&info);
-    let conn = Arc::new(DpConn::new(
-        "v1",
-        query.node_id.clone(),
-        query.hostname.clone(),
-        addr,
-        query.version.clone(),
-        labels,
-        Vec::new(),
-        cert_expiry,
-        plugins,
-        &ctx.kong_compat_version,
-    ));
-    let id = ctx.register(conn.clone());
+    let plugins = crate::proto::hello::plugins_of(&info);
+    let conn = Arc::new(DpConn::new(who, plugins, &hub.kong_compat_version));
+    let id = hub.fleet.register(conn.clone()).await;
     tracing::info!(node_id = %conn.node_id, hostname = %conn.hostname, peer = %addr, kong_version = %conn.kong_version, "data plane connected (sync v1)");
-    record(&ctx, &conn, true).await;
-    ctx.v1.clients.fetch_add(1, Ordering::Relaxed);
-    ctx.v1.joined.notify_one();
-    let reason = run(&mut ws, &ctx, &conn, &mut stop).await;
-    ctx.v1.clients.fetch_sub(1, Ordering::Relaxed);
-    ctx.unregister(id, &conn).await;
+    hub.clients.fetch_add(1, Ordering::Relaxed);
+    hub.joined.notify_one();
+    let reason = run(&mut ws, &hub, &conn, &mut stop).await;
+    hub.clients.fetch_sub(1, Ordering::Relaxed);
+    hub.fleet.unregister(id, &conn).await;
     tracing::info!(node_id = %conn.node_id, peer = %addr, %reason, "data plane disconnected (sync v1)");
     Ok(())
 }
@@ -384,22 +393,22 @@ where
 /// The connection's life after `basic_info`; returns why it ended.
 async fn run<S>(
     ws: &mut WebSocketStream<S>,
-    ctx: &ClusterCtx,
+    hub: &V1Hub,
     conn: &DpConn,
     stop: &mut watch::Receiver<bool>,
 ) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let s = &ctx.settings;
-    let mut latest = ctx.v1.latest.subscribe();
+    let s = &hub.settings;
+    let mut latest = hub.latest.subscribe();
     // The hashes sent to this data plane and their versions, newest last (a ping maps to a
     // version through them).
     let mut sent: Vec<(String, i64)> = Vec::new();
     let mut sent_version: Option<(i64, String)> = None;
     // The configuration as of now, then every newer one the push loop publishes.
-    let head = *ctx.store.subscribe().borrow();
-    let ensured = match ctx.v1.ensure(ctx, head).await {
+    let head = *hub.store.subscribe().borrow();
+    let ensured = match hub.ensure(head).await {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(error = %e, "sync v1: export failed");
@@ -418,7 +427,7 @@ where
         if let Some(p) = pending.take()
             && sent_version.as_ref() != Some(&(p.version, p.epoch.clone()))
         {
-            match push(ws, ctx, conn, &p).await {
+            match push(ws, hub, conn, &p).await {
                 Ok(true) => {
                     sent_version = Some((p.version, p.epoch.clone()));
                     sent.push((p.reported_hash.clone(), p.version));
@@ -488,19 +497,19 @@ fn kind(m: &Message) -> &'static str {
 /// withheld, `Err` the connection is done.
 async fn push<S>(
     ws: &mut WebSocketStream<S>,
-    ctx: &ClusterCtx,
+    hub: &V1Hub,
     conn: &DpConn,
     p: &Payload,
 ) -> Result<bool, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    if let Err(message) = ctx.check_plugins(conn).await {
+    if let Err(message) = hub.fleet.check_plugins(conn).await {
         tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld (sync v1)");
         return Ok(false);
     }
     let bytes = if conn.older {
-        match ctx.v1.downgraded(ctx, p, &conn.kong_version).await {
+        match hub.downgraded(p, &conn.kong_version).await {
             Ok(b) => b,
             Err(e) => {
                 let message = format!(
@@ -515,19 +524,19 @@ where
     } else {
         p.bytes.clone()
     };
-    if bytes.len() > ctx.settings.max_payload {
+    if bytes.len() > hub.settings.max_payload {
         let message = format!(
             "the configuration at version {} is {} bytes compressed, more than cluster_max_payload ({})",
             p.version,
             bytes.len(),
-            ctx.settings.max_payload
+            hub.settings.max_payload
         );
         tracing::error!(node_id = %conn.node_id, %message);
         conn.set_error(message);
         return Ok(false);
     }
     let sent = tokio::time::timeout(
-        ctx.settings.write_timeout.max(Duration::from_secs(1)),
+        hub.settings.write_timeout.max(Duration::from_secs(1)),
         ws.send(Message::Binary(bytes)),
     )
     .await;

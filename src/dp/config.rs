@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::net::tls::MtlsMode;
 use crate::schema::KONG_COMPAT_VERSION;
 use crate::settings::parse_duration;
-use crate::settings::{ClusterSettings, Layer, cluster_layer, split_list};
+use crate::settings::{CLUSTER_KEYS, ClusterSettings, DpClusterArgs, Layer, split_list};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,33 +73,11 @@ pub struct RunArgs {
     /// Labels, `key:value` comma-separated
     #[arg(long, env = "DELTAPLANE_DP_CLUSTER_DP_LABELS", value_delimiter = ',')]
     pub cluster_dp_labels: Option<Vec<String>>,
-    /// Cluster certificate (file, PEM or base64 PEM) [default: ./deltaplane-cp/cluster.crt]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_CERT")]
-    pub cluster_cert: Option<String>,
-    /// Cluster certificate key [default: ./deltaplane-cp/cluster.key]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_CERT_KEY")]
-    pub cluster_cert_key: Option<String>,
-    /// `shared` or `pki` [default: shared]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_MTLS")]
-    pub cluster_mtls: Option<String>,
-    /// CA that issued the control plane's certificate (pki mode)
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_CA_CERT")]
-    pub cluster_ca_cert: Option<String>,
+    #[command(flatten)]
+    pub cluster: DpClusterArgs,
     /// Name the control plane's certificate must carry (pki mode) [default: the host]
     #[arg(long, env = "DELTAPLANE_DP_CLUSTER_SERVER_NAME")]
     pub cluster_server_name: Option<String>,
-    /// Largest cluster message in bytes, compressed [default: 16777216]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_MAX_PAYLOAD")]
-    pub cluster_max_payload: Option<usize>,
-    /// Ping an idle connection after this long [default: 30s]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_PING_INTERVAL")]
-    pub cluster_ping_interval: Option<String>,
-    /// Drop a connection silent for this long [default: 45s]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_IDLE_TIMEOUT")]
-    pub cluster_idle_timeout: Option<String>,
-    /// Drop a connection whose writes stall this long [default: 5s]
-    #[arg(long, env = "DELTAPLANE_DP_CLUSTER_WRITE_TIMEOUT")]
-    pub cluster_write_timeout: Option<String>,
     /// Safety poll: ask the control plane for changes this often even without a notification
     /// [default: 30s]
     #[arg(long, env = "DELTAPLANE_DP_SYNC_POLL_INTERVAL")]
@@ -127,8 +106,7 @@ pub struct DpConfig {
     pub labels: Vec<String>,
     pub cluster_cert: String,
     pub cluster_cert_key: String,
-    /// `shared` or `pki`.
-    pub cluster_mtls: String,
+    pub cluster_mtls: MtlsMode,
     pub cluster_ca_cert: Option<String>,
     pub cluster_server_name: Option<String>,
     pub cluster: ClusterSettings,
@@ -177,15 +155,7 @@ const KNOWN_KEYS: &[&str] = &[
     "status-listen",
     "kong-compat-version",
     "cluster-dp-labels",
-    "cluster-cert",
-    "cluster-cert-key",
-    "cluster-mtls",
-    "cluster-ca-cert",
     "cluster-server-name",
-    "cluster-max-payload",
-    "cluster-ping-interval",
-    "cluster-idle-timeout",
-    "cluster-write-timeout",
     "sync-poll-interval",
     "durable",
     "plugins",
@@ -208,7 +178,7 @@ impl DpConfig {
             labels: Vec::new(),
             cluster_cert: cert.into(),
             cluster_cert_key: key.into(),
-            cluster_mtls: "shared".into(),
+            cluster_mtls: MtlsMode::Shared,
             cluster_ca_cert: None,
             cluster_server_name: None,
             cluster: ClusterSettings::default(),
@@ -223,7 +193,7 @@ impl DpConfig {
     }
 
     pub fn from_args(args: &RunArgs) -> anyhow::Result<DpConfig> {
-        let file = Layer::read_file(args.config.as_deref(), KNOWN_KEYS)?;
+        let file = Layer::read_file(args.config.as_deref(), &[KNOWN_KEYS, CLUSTER_KEYS].concat())?;
         let layer = Layer { file: &file };
         let cps = layer
             .get(
@@ -243,13 +213,18 @@ impl DpConfig {
         let data_dir = layer
             .get(args.data_dir.clone(), "data-dir")?
             .unwrap_or_else(|| PathBuf::from("deltaplane-dp"));
-        let cert = layer
-            .get(args.cluster_cert.clone(), "cluster-cert")?
+        let mut cluster = ClusterSettings::default();
+        let link = args.cluster.flags().resolve(&layer, &mut cluster)?;
+        let cert = link
+            .cert
             .unwrap_or_else(|| "deltaplane-cp/cluster.crt".into());
-        let key = layer
-            .get(args.cluster_cert_key.clone(), "cluster-cert-key")?
+        let key = link
+            .key
             .unwrap_or_else(|| "deltaplane-cp/cluster.key".into());
         let mut cfg = DpConfig::new(data_dir, cps[0].clone(), cert, key);
+        cfg.cluster = cluster;
+        cfg.cluster_mtls = link.mtls;
+        cfg.cluster_ca_cert = link.ca_cert;
         cfg.control_planes = cps;
         if let Some(a) = layer.get(args.status_listen.clone(), "status-listen")? {
             cfg.status_listen = a
@@ -266,29 +241,8 @@ impl DpConfig {
             cfg.labels = split_list(&l);
             check_labels(&cfg.labels)?;
         }
-        if let Some(m) = layer.get(args.cluster_mtls.clone(), "cluster-mtls")? {
-            anyhow::ensure!(
-                m == "shared" || m == "pki",
-                "--cluster-mtls must be shared or pki, not '{m}'"
-            );
-            cfg.cluster_mtls = m;
-        }
-        cfg.cluster_ca_cert = layer.get(args.cluster_ca_cert.clone(), "cluster-ca-cert")?;
         cfg.cluster_server_name =
             layer.get(args.cluster_server_name.clone(), "cluster-server-name")?;
-        if cfg.cluster_mtls == "pki" && cfg.cluster_ca_cert.is_none() {
-            anyhow::bail!("--cluster-mtls pki needs --cluster-ca-cert");
-        }
-        cluster_layer(
-            &layer,
-            &mut cfg.cluster,
-            args.cluster_max_payload,
-            [
-                args.cluster_ping_interval.clone(),
-                args.cluster_idle_timeout.clone(),
-                args.cluster_write_timeout.clone(),
-            ],
-        )?;
         if let Some(p) = layer.get(args.sync_poll_interval.clone(), "sync-poll-interval")? {
             cfg.sync_poll_interval = parse_duration(&p).map_err(anyhow::Error::msg)?;
         }

@@ -3,11 +3,12 @@
 //! [`start`] opens the store (serving the stored configuration at once, CP or not), binds the
 //! status listener, and spawns the sync client that follows the control plane(s).
 
-pub mod client;
 pub mod config;
+pub mod link;
 pub mod status;
 pub mod store;
 pub mod v1;
+pub mod v2;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -39,7 +40,7 @@ pub struct LinkStatus {
     /// Applies that arrived as paged transfers (larger than one frame).
     pub paged_transfers: u64,
     /// The protocol of the current (or last) session: `v2` or `v1`; `None` before any.
-    pub protocol: Option<&'static str>,
+    pub protocol: Option<crate::proto::SyncProtocol>,
     /// Sync v1: pushes received whose hash equalled the stored one (nothing applied).
     pub v1_skipped: u64,
     /// Sessions since start that completed the hello (v2) or sent `basic_info` (v1).
@@ -99,7 +100,7 @@ impl DpShared {
             "cp_version_seen": link.cp_version_seen,
             "connected": connected,
             "in_sync": connected && s.version > 0 && s.version == link.cp_version_seen,
-            "protocol": link.protocol.unwrap_or("v2"),
+            "protocol": link.protocol.unwrap_or(crate::proto::SyncProtocol::V2).as_str(),
             "last_error": link.last_error,
         })
     }
@@ -161,7 +162,7 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
         "data plane store opened"
     );
     let shared = Arc::new(DpShared::new(store, node_id, hostname));
-    let tls = client::tls_for(&cfg)?;
+    let tls = link::tls_for(&cfg)?;
     let (app, rpc_handle) = status::router(shared.clone())?;
     let listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await
@@ -177,7 +178,7 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
             tracing::error!(error = %e, "status listener failed");
         }
     });
-    let client_task = tokio::spawn(client::run(cfg, tls, shared.clone(), shutdown_rx));
+    let client_task = tokio::spawn(link::run(cfg, tls, shared.clone(), shutdown_rx));
     Ok(RunningDp {
         status_addr,
         shared,

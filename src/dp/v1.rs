@@ -209,7 +209,7 @@ pub async fn session(
 ) -> anyhow::Result<V1End> {
     let s = &cfg.cluster;
     let timeout = s.handshake_timeout;
-    let stream = super::client::connect_tls(tls, cp, timeout).await?;
+    let stream = crate::net::dial::connect_tls(tls, cp, timeout).await?;
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("node_id", &shared.node_id)
         .append_pair("node_hostname", &shared.hostname)
@@ -234,7 +234,7 @@ pub async fn session(
         .context("sending basic_info")?;
     shared.update_link(|l| {
         l.connected_to = Some(cp.to_owned());
-        l.protocol = Some("v1");
+        l.protocol = Some(crate::proto::SyncProtocol::V1);
         l.connects += 1;
     });
     tracing::info!(control_plane = %cp, "connected to the control plane (sync v1)");

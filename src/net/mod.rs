@@ -1,11 +1,13 @@
 //! The runtime pieces of a cluster link that both planes use, independent of what is synced:
 //!
 //! - [`tls`]: cluster mTLS on rustls (`shared` and `pki`).
+//! - [`dial`]: TCP, TLS and the `/v2/outlet` upgrade, from the data plane's side.
 //! - [`hello`]: the `kong.meta.v1.hello` exchange over a WebSocket.
 //! - [`peer`]: the symmetric JSON-RPC peer (calls both ways on one socket, bounded queues,
 //!   pings, write-stall and silence detection).
 //! - [`operator`]: the operator JSON-RPC (`/rpc` over HTTP and WebSocket) and its client.
 
+pub mod dial;
 pub mod hello;
 pub mod operator;
 pub mod peer;

@@ -6,6 +6,8 @@
 //! binary frame with id 1; the control plane answers with its own capabilities and the chosen
 //! encoding, also uncompressed.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
@@ -54,6 +56,100 @@ impl HelloResult {
     /// The chosen encoding, if it is one we know.
     pub fn encoding(&self) -> Option<Encoding> {
         Encoding::from_name(&self.rpc_frame_encoding)
+    }
+}
+
+impl Hello {
+    /// The plugins the data plane announced in `kong_conf.plugins` (name → version); `None`
+    /// when it did not say (then it runs every plugin the control plane knows).
+    pub fn plugins(&self) -> Option<HashMap<String, Option<String>>> {
+        plugins_of(&self.kong_conf)
+    }
+
+    /// `kong_conf.cluster_dp_labels` (`["key:value", ...]`) as an object.
+    pub fn labels(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(items) = self
+            .kong_conf
+            .get("cluster_dp_labels")
+            .and_then(Value::as_array)
+        {
+            for item in items.iter().filter_map(Value::as_str) {
+                if let Some((k, v)) = item.split_once(':') {
+                    m.insert(k.to_owned(), Value::String(v.to_owned()));
+                }
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// The `kong_conf` a data plane sends: its role, labels, payload limit and, when configured,
+/// its plugins (`name` or `name:version` items become names or `{name, version}` objects).
+pub fn data_plane_conf(labels: &[String], max_payload: usize, plugins: Option<&[String]>) -> Value {
+    let mut conf = serde_json::json!({
+        "role": "data_plane",
+        "cluster_dp_labels": labels,
+        "cluster_max_payload": max_payload,
+    });
+    if let Some(plugins) = plugins {
+        conf["plugins"] = plugins
+            .iter()
+            .map(|p| match p.split_once(':') {
+                Some((name, version)) => serde_json::json!({"name": name, "version": version}),
+                None => Value::String(p.clone()),
+            })
+            .collect();
+    }
+    conf
+}
+
+/// A `plugins` list (in a hello's `kong_conf` or a v1 `basic_info`): names, or `{name,
+/// version}` objects; `None` when absent.
+pub fn plugins_of(v: &Value) -> Option<HashMap<String, Option<String>>> {
+    let items = v.get("plugins")?.as_array()?;
+    Some(
+        items
+            .iter()
+            .filter_map(|p| match p {
+                Value::String(name) => Some((name.clone(), None)),
+                Value::Object(o) => Some((
+                    o.get("name")?.as_str()?.to_owned(),
+                    o.get("version").and_then(Value::as_str).map(str::to_owned),
+                )),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+impl HelloResult {
+    /// The control plane's answer: its capabilities, the chosen encoding, and (ours) its
+    /// change-log epoch and node id.
+    pub fn from_control_plane(
+        capabilities: Vec<String>,
+        encoding: Encoding,
+        epoch: String,
+        node_id: String,
+    ) -> HelloResult {
+        let mut extra = Map::new();
+        extra.insert("epoch".into(), Value::String(epoch));
+        extra.insert("node_id".into(), Value::String(node_id));
+        HelloResult {
+            rpc_capabilities: capabilities,
+            rpc_frame_encoding: encoding.name().to_owned(),
+            extra,
+        }
+    }
+
+    /// The control plane's change-log epoch (deltaplane control planes only).
+    pub fn epoch(&self) -> Option<&str> {
+        self.extra.get("epoch").and_then(Value::as_str)
+    }
+
+    /// Whether the answer offers a capability.
+    pub fn offers(&self, capability: &str) -> bool {
+        self.rpc_capabilities.iter().any(|c| c == capability)
     }
 }
 

@@ -36,6 +36,72 @@ pub const PLUGIN_SET_INCOMPATIBLE: &str = "plugin_set_incompatible";
 /// version than the control plane; the control plane then withholds the configuration.
 pub const PLUGIN_VERSION_INCOMPATIBLE: &str = "plugin_version_incompatible";
 
+/// Kong's `sync_status` of a data plane, as the control plane records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SyncStatus {
+    #[default]
+    Unknown,
+    Normal,
+    /// Refused at connect: another major, or a newer minor, Kong version.
+    KongVersionIncompatible,
+    /// The configuration uses a plugin the data plane lacks: withheld.
+    PluginSetIncompatible,
+    /// The data plane runs a plugin of another major or a newer minor version: withheld.
+    PluginVersionIncompatible,
+}
+
+impl SyncStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Unknown => "unknown",
+            SyncStatus::Normal => "normal",
+            SyncStatus::KongVersionIncompatible => "kong_version_incompatible",
+            SyncStatus::PluginSetIncompatible => PLUGIN_SET_INCOMPATIBLE,
+            SyncStatus::PluginVersionIncompatible => PLUGIN_VERSION_INCOMPATIBLE,
+        }
+    }
+
+    /// A compatibility check withholds the configuration (or refused the data plane).
+    pub fn is_incompatible(self) -> bool {
+        matches!(
+            self,
+            SyncStatus::KongVersionIncompatible
+                | SyncStatus::PluginSetIncompatible
+                | SyncStatus::PluginVersionIncompatible
+        )
+    }
+}
+
+impl std::fmt::Display for SyncStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The sync protocol a data plane speaks on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncProtocol {
+    /// Kong's full-configuration push on `/v1/outlet`.
+    V1,
+    /// JSON-RPC on `/v2/outlet` (`kong.sync.v2`).
+    V2,
+}
+
+impl SyncProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncProtocol::V1 => "v1",
+            SyncProtocol::V2 => "v2",
+        }
+    }
+}
+
+impl std::fmt::Display for SyncProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Whether a `get_delta` error message is the control plane withholding the configuration
 /// (the message starts with the data plane's `sync_status`) rather than failing.
 pub fn is_withheld(message: &str) -> bool {

@@ -504,7 +504,7 @@ async fn pki_mode_refuses_other_cas_and_accepts_issued_certificates() {
     let server_name = "cp.deltaplane.test";
     let db = TestDb::sqlite();
     let mut cfg = db.cp_config();
-    cfg.cluster_mtls = "pki".into();
+    cfg.cluster_mtls = deltaplane::net::tls::MtlsMode::Pki;
     cfg.cluster_ca_cert = Some(ca.pem.clone());
     cfg.cluster_cert = Some(ca.issue(server_name, ServerAuth));
     let cp = TestCp::start_with(db, cfg).await;
@@ -541,7 +541,7 @@ async fn pki_mode_refuses_other_cas_and_accepts_issued_certificates() {
     let (dp_cert, dp_key) = ca.issue("dp-1", ClientAuth);
     let dir = tempfile::tempdir().unwrap();
     let mut dp_cfg = deltaplane::dp::DpConfig::new(dir.path(), addr, dp_cert, dp_key);
-    dp_cfg.cluster_mtls = "pki".into();
+    dp_cfg.cluster_mtls = deltaplane::net::tls::MtlsMode::Pki;
     dp_cfg.cluster_ca_cert = Some(ca.pem.clone());
     dp_cfg.cluster_server_name = Some(server_name.into());
     dp_cfg.status_listen = "127.0.0.1:0".parse().unwrap();
@@ -593,7 +593,7 @@ async fn dp_that_stops_reading_is_disconnected() {
     let mut stuck = RawPeer::after_hello(&cp, KONG_CAPS, KONG_ENCODINGS).await;
     let connected = |cp: &TestCp| {
         cp.running()
-            .cluster
+            .fleet
             .connected()
             .iter()
             .map(|c| c.node_id.clone())
@@ -677,7 +677,7 @@ async fn a_thousand_stalled_handshakes_leak_nothing() {
             );
         }
     }
-    assert!(cp.running().cluster.connected().is_empty());
+    assert!(cp.running().fleet.connected().is_empty());
     // Connection tasks end with their connections.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

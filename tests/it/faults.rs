@@ -198,7 +198,7 @@ async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Durat
 
 fn connected_node(cp: &TestCp, node_id: &str) -> bool {
     cp.running()
-        .cluster
+        .fleet
         .connected()
         .iter()
         .any(|c| c.node_id == node_id)
@@ -645,10 +645,10 @@ async fn stuck_data_planes_are_dropped_and_memory_stays_bounded() {
     let dp = cp.start_dp().await;
     dp.converge(&cp, 30).await;
     let mon = Monitor::start(&dp);
-    let is_raw = |c: &deltaplane::cp::cluster::DpConn| c.hostname == STUCK_HOST;
+    let is_raw = |c: &deltaplane::cp::fleet::DpConn| c.hostname == STUCK_HOST;
     let stuck_connected = || {
         cp.running()
-            .cluster
+            .fleet
             .connected()
             .iter()
             .filter(|c| is_raw(c))

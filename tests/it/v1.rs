@@ -45,7 +45,8 @@ fn sync_version(dp: &TestDp) -> Value {
 /// Waits until the data plane's link says `protocol`.
 async fn wait_protocol(dp: &TestDp, protocol: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while dp.shared().link().protocol != Some(protocol) || dp.shared().link().connected_to.is_none()
+    while dp.shared().link().protocol.map(|p| p.as_str()) != Some(protocol)
+        || dp.shared().link().connected_to.is_none()
     {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -65,7 +66,7 @@ async fn row_until(
 ) -> DataPlaneRow {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let rows = cp.running().cluster.data_plane_rows().await.unwrap();
+        let rows = cp.running().fleet.data_plane_rows().await.unwrap();
         if let Some(r) = rows.iter().find(|r| r.node_id == node_id && f(r)) {
             return r.clone();
         }
@@ -179,7 +180,7 @@ both_backends!(v1_and_v2_data_planes_converge_alike, |backend| async move {
 
     // The v1 data plane's status row: protocol v1, the md5 it pinged, at the head.
     let head = cp.head().await.0;
-    let payload = cp.running().cluster.v1.latest().expect("a payload");
+    let payload = cp.running().v1.latest().expect("a payload");
     let id = v1.shared().node_id.clone();
     let row = row_until(&cp, &id, "v1 row at the head", |r| r.version == head).await;
     assert_eq!(row.protocol, "v1");
@@ -219,7 +220,7 @@ async fn identical_hash_pushes_are_skipped() {
     dp.converge(&cp, 20).await;
     // A Kong-shaped message (no deltaplane fields) with the stored hash is skipped too; one
     // with another hash is applied.
-    let payload = cp.running().cluster.v1.latest().unwrap();
+    let payload = cp.running().v1.latest().unwrap();
     let raw = deltaplane::proto::v1::gunzip(&payload.bytes, 1 << 30).unwrap();
     let mut msg: Value = serde_json::from_slice(&raw).unwrap();
     let m = msg.as_object_mut().unwrap();
@@ -263,7 +264,7 @@ async fn a_burst_of_writes_coalesces_into_few_pushes() {
     let dp2 = dp_with(&cp, SyncMode::V1, |_| {}).await;
     dp.converge(&cp, 20).await;
     dp2.converge(&cp, 20).await;
-    let hub = &cp.running().cluster.v1;
+    let hub = &cp.running().v1;
     let (exports0, pushes0) = (hub.exports(), hub.pushes());
     let writes = 1000;
     let cp_ref = &cp;
@@ -397,7 +398,7 @@ async fn kong_version_compatibility_on_v1() {
     let plugins = old.shared().store.list("plugins").unwrap();
     assert_eq!(plugins.len(), 1);
     assert!(plugins[0].get("instance_name").is_none(), "{}", plugins[0]);
-    let payload = cp.running().cluster.v1.latest().unwrap();
+    let payload = cp.running().v1.latest().unwrap();
     let stored = deltaplane::dp::v1::load_hash(&old.cfg.data_dir, &old.shared().store).unwrap();
     assert_eq!(
         stored.cp_hash, payload.config_hash,
@@ -499,7 +500,7 @@ async fn a_workspace_only_config_reports_the_empty_hash() {
         row.config_hash.as_deref(),
         Some("00000000000000000000000000000000")
     );
-    let payload = cp.running().cluster.v1.latest().unwrap();
+    let payload = cp.running().v1.latest().unwrap();
     assert_ne!(payload.config_hash, "00000000000000000000000000000000");
     dp.restart().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

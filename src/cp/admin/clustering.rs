@@ -13,21 +13,24 @@ use axum::routing::get;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::cp::cluster::{ClusterCtx, health};
+use crate::cp::fleet::{Fleet, health};
 use crate::cp::store::DataPlaneRow;
+use crate::cp::store::Store;
 
 #[derive(Clone)]
 struct ClusteringState {
-    cluster: Arc<ClusterCtx>,
+    store: Store,
+    fleet: Arc<Fleet>,
     purge_delay: Duration,
 }
 
-pub fn router(cluster: Arc<ClusterCtx>, purge_delay: Duration) -> axum::Router {
+pub fn router(store: Store, fleet: Arc<Fleet>, purge_delay: Duration) -> axum::Router {
     axum::Router::new()
         .route("/clustering/data-planes", get(data_planes))
         .route("/clustering/status", get(status))
         .with_state(ClusteringState {
-            cluster,
+            store,
+            fleet,
             purge_delay,
         })
 }
@@ -98,12 +101,12 @@ async fn data_planes(State(s): State<ClusteringState>, Query(q): Query<PageQuery
             }
         },
     };
-    let head = match s.cluster.store.version_info().await {
+    let head = match s.store.version_info().await {
         Ok(i) => i.version,
         Err(e) => return super::error_response(e),
     };
     // The shared table, with this CP's live connections overlaid.
-    let all = match s.cluster.data_plane_rows().await {
+    let all = match s.fleet.data_plane_rows().await {
         Ok(rows) => rows,
         Err(e) => return super::error_response(e),
     };
@@ -138,7 +141,7 @@ async fn data_planes(State(s): State<ClusteringState>, Query(q): Query<PageQuery
 
 /// Kong's deprecated map form: `{node_id: {config_hash, hostname, ip, last_seen}}`.
 async fn status(State(s): State<ClusteringState>) -> Response {
-    let rows = match s.cluster.data_plane_rows().await {
+    let rows = match s.fleet.data_plane_rows().await {
         Ok(rows) => rows,
         Err(e) => return super::error_response(e),
     };

@@ -98,6 +98,18 @@ pub struct RawChange<'a> {
     pub entity: Option<&'a str>,
 }
 
+impl<'a> From<&RawChange<'a>> for crate::proto::v2::RawDelta<'a> {
+    fn from(c: &RawChange<'a>) -> Self {
+        crate::proto::v2::RawDelta {
+            version: c.version,
+            entity_type: c.entity_type,
+            id: c.id,
+            ws_id: c.ws_id,
+            entity: c.entity,
+        }
+    }
+}
+
 impl RawChange<'_> {
     /// The change with its entity parsed.
     pub fn parsed(&self) -> Result<Change, StoreError> {

@@ -1,14 +1,15 @@
-//! The data plane's sync client: connect (TLS → WebSocket → hello) to one of the configured
-//! control planes, then pull `kong.sync.v2.get_delta` on connect, on every
-//! `notify_new_version`, and on a slow safety poll; apply each answer in one redb transaction.
+//! The data plane's sync v2 session: hello, then pull `kong.sync.v2.get_delta` on connect, on
+//! every `notify_new_version`, and on a slow safety poll; apply each answer in one redb
+//! transaction.
 //!
 //! A rejected answer, or a configuration the control plane withholds (the data plane's
 //! plugins), is asked for again only after a doubling back-off, on the same connection; a
 //! withheld one also as soon as the control plane announces a new version. Either shows as
 //! `last_error` until a configuration is applied.
 //!
-//! Answers are parsed as a stream: the deltas array is never held as a `Value` tree, only one
-//! delta at a time, so a full sync needs little more memory than its decoded bytes.
+//! Answers are parsed as a stream (`proto::v2::for_each_delta`): the deltas array is never
+//! held as a `Value` tree, only one delta at a time, so a full sync needs little more memory
+//! than its decoded bytes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,203 +17,40 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
-use serde::Deserialize;
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
+use super::link::End;
 use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared, SyncMode};
+use crate::net::dial::{self, OpenError};
 use crate::net::hello;
 use crate::net::peer::{CallError, Handler, Peer, Reply};
-use crate::net::tls::{ClusterTls, TlsSettings};
+use crate::net::tls::ClusterTls;
 use crate::proto::codec::Encoding;
-use crate::proto::hello::Hello;
+use crate::proto::hello::{Hello, data_plane_conf};
 use crate::proto::jsonrpc::RpcError;
+use crate::proto::v2::{self, GET_DELTA, GET_PAGE, GetDelta, GetPage, NOTIFY_NEW_VERSION};
+use crate::proto::v2::{NOTIFY_VALIDATION_ERROR, NotifyNewVersion, NotifyValidationError};
 use crate::proto::{
-    CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, is_withheld, parse_version, version_string,
+    CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, SyncProtocol, Version, is_withheld,
 };
 
-const DP_METHODS: &[&str] = &["kong.sync.v2.notify_new_version"];
+const DP_METHODS: &[&str] = &[NOTIFY_NEW_VERSION];
 
-/// The TLS material from the data plane's settings.
-pub fn tls_for(cfg: &DpConfig) -> anyhow::Result<ClusterTls> {
-    ClusterTls::load(&TlsSettings {
-        mode: cfg.cluster_mtls.parse()?,
-        cert: cfg.cluster_cert.clone(),
-        key: cfg.cluster_cert_key.clone(),
-        ca_cert: cfg.cluster_ca_cert.clone(),
-        server_name: cfg.cluster_server_name.clone(),
-        allowed_common_names: Vec::new(),
-    })
-    .context("loading the cluster certificate")
-}
-
-/// Follows the control plane(s) until `stop`.
-pub async fn run(
-    cfg: DpConfig,
-    tls: ClusterTls,
-    shared: Arc<DpShared>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut attempt: u32 = 0;
-    let mut index = 0usize;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let cp = cfg.control_planes[index % cfg.control_planes.len()].clone();
-        let started = std::time::Instant::now();
-        let outcome = match cfg.sync {
-            SyncMode::V1 => v1_session(&cfg, &tls, &shared, &cp, stop.clone()).await,
-            mode => match session(&cfg, &tls, &shared, &cp, stop.clone()).await {
-                Ok(End::NoSyncV2(why)) => {
-                    tracing::info!(control_plane = %cp, reason = %why, "falling back to sync v1");
-                    v1_session(&cfg, &tls, &shared, &cp, stop.clone()).await
-                }
-                Err(e) if mode == SyncMode::Auto && e.downcast_ref::<V2Refused>().is_some() => {
-                    tracing::info!(control_plane = %cp, reason = %e, "falling back to sync v1");
-                    v1_session(&cfg, &tls, &shared, &cp, stop.clone()).await
-                }
-                other => other,
-            },
-        };
-        match outcome {
-            Ok(End::Stopped) => {
-                shared.update_link(|l| l.connected_to = None);
-                return;
-            }
-            Ok(End::Closed(reason) | End::NoSyncV2(reason)) => {
-                tracing::info!(control_plane = %cp, %reason, "disconnected from the control plane");
-            }
-            Err(e) => {
-                let e = format!("{e:#}");
-                tracing::warn!(control_plane = %cp, error = %e, "control plane connection failed");
-                shared.update_link(|l| l.last_error = Some(format!("{cp}: {e}")));
-            }
-        }
-        shared.update_link(|l| l.connected_to = None);
-        // A session that lasted a while was healthy: start the back-off over.
-        if started.elapsed() > cfg.reconnect_max {
-            attempt = 0;
-        }
-        index += 1;
-        let delay = backoff(cfg.reconnect_min, cfg.reconnect_max, attempt);
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-/// Jittered exponential back-off: uniform in [d/2, d] with d = min · 2^attempt, capped at max.
-fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
-    let d = min
-        .saturating_mul(1u32 << attempt.min(20))
-        .min(max)
-        .max(Duration::from_millis(1));
-    let lo = d / 2;
-    lo + (d - lo).mul_f64(rand::random::<f64>())
-}
-
-enum End {
-    Stopped,
-    Closed(String),
-    /// `--sync auto` and the control plane's hello lacks `kong.sync.v2`: use v1.
-    NoSyncV2(String),
-}
-
-/// `/v2/outlet` is absent or refused the upgrade: with `--sync auto`, a reason to use v1
-/// (Kong's DP retries v2 forever instead).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct V2Refused(String);
-
-/// A sync v1 session (`dp::v1`), ending like a v2 one.
-async fn v1_session(
-    cfg: &DpConfig,
-    tls: &ClusterTls,
-    shared: &Arc<DpShared>,
-    cp: &str,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<End> {
-    Ok(
-        match super::v1::session(cfg, tls, shared, cp, stop).await? {
-            super::v1::V1End::Stopped => End::Stopped,
-            super::v1::V1End::Closed(reason) => End::Closed(reason),
-        },
-    )
-}
-
-/// TCP then TLS to `cp` (`host:port`), each step bounded by `timeout`.
-pub(crate) async fn connect_tls(
-    tls: &ClusterTls,
-    cp: &str,
-    timeout: Duration,
-) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let (host, _port) = cp.rsplit_once(':').context("host:port")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(cp))
-        .await
-        .map_err(|_| anyhow::anyhow!("connect timed out"))?
-        .with_context(|| format!("connecting to {cp}"))?;
-    let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
-    tokio::time::timeout(timeout, connector.connect(tls.server_name_for(host), tcp))
-        .await
-        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
-        .context("TLS handshake")
-}
-
-async fn session(
+/// One sync v2 session on `cp`: open `/v2/outlet`, hello, then pull until the connection ends
+/// or `stop`.
+pub(super) async fn session(
     cfg: &DpConfig,
     tls: &ClusterTls,
     shared: &Arc<DpShared>,
     cp: &str,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<End> {
+) -> Result<End, OpenError> {
     let timeout = cfg.cluster.handshake_timeout;
-    let stream = connect_tls(tls, cp, timeout).await?;
     let pcfg = cfg.cluster.peer_config();
-    let request = {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-        let mut r = format!("wss://{cp}/v2/outlet").into_client_request()?;
-        r.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
-                crate::proto::hello::SUBPROTOCOL,
-            ),
-        );
-        r
-    };
-    let (mut ws, resp) = tokio::time::timeout(
-        timeout,
-        tokio_tungstenite::client_async_with_config(
-            request,
-            stream,
-            Some(crate::net::peer::ws_config(&pcfg)),
-        ),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
-    .map_err(|e| match e {
-        tokio_tungstenite::tungstenite::Error::Http(r) => anyhow::Error::new(V2Refused(format!(
-            "/v2/outlet refused the upgrade: HTTP {}",
-            r.status()
-        ))),
-        e => anyhow::Error::new(e).context("WebSocket handshake"),
-    })?;
-    let proto = resp
-        .headers()
-        .get("Sec-WebSocket-Protocol")
-        .and_then(|v| v.to_str().ok());
-    if proto != Some(crate::proto::hello::SUBPROTOCOL) {
-        return Err(
-            V2Refused("the control plane did not accept subprotocol kong.meta.v1".into()).into(),
-        );
-    }
+    let mut ws = dial::open_v2(tls, cp, crate::net::peer::ws_config(&pcfg), timeout).await?;
     let our_caps = vec![
         CAP_KONG_SYNC_V2.to_owned(),
         CAP_DELTAPLANE_SYNC_V1.to_owned(),
@@ -226,36 +64,15 @@ async fn session(
         kong_version: cfg.kong_compat_version.clone(),
         kong_hostname: shared.hostname.clone(),
         kong_node_id: shared.node_id.clone(),
-        kong_conf: {
-            let mut conf = serde_json::json!({
-                "role": "data_plane",
-                "cluster_dp_labels": cfg.labels,
-                "cluster_max_payload": cfg.cluster.max_payload,
-            });
-            if let Some(plugins) = &cfg.plugins {
-                conf["plugins"] = plugins
-                    .iter()
-                    .map(|p| match p.split_once(':') {
-                        Some((name, version)) => {
-                            serde_json::json!({"name": name, "version": version})
-                        }
-                        None => Value::String(p.clone()),
-                    })
-                    .collect();
-            }
-            conf
-        },
+        kong_conf: data_plane_conf(&cfg.labels, cfg.cluster.max_payload, cfg.plugins.as_deref()),
     };
     let result = hello::client_handshake(&mut ws, &hello_msg, timeout)
         .await
         .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
-    let encoding = Encoding::from_name(&result.rpc_frame_encoding)
+    let encoding = result
+        .encoding()
         .context("the control plane chose an unknown encoding")?;
-    let cp_epoch = result
-        .extra
-        .get("epoch")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let cp_epoch = result.epoch().map(str::to_owned);
     let cp_caps = result.rpc_capabilities.clone();
     let (notified_tx, mut notified) = watch::channel(0i64);
     let handler = Arc::new(DpHandler {
@@ -282,7 +99,7 @@ async fn session(
             _ = stopped(&mut stop) => { close_and_wait(&peer).await; End::Stopped }
         });
     }
-    shared.update_link(|l| l.protocol = Some("v2"));
+    shared.update_link(|l| l.protocol = Some(SyncProtocol::V2));
     let syncer = Syncer {
         stop: stop.clone(),
         shared: shared.clone(),
@@ -426,26 +243,10 @@ impl Handler for DpHandler {
         let shared = self.shared.clone();
         let notified = self.notified.clone();
         Box::pin(async move {
-            if method != "kong.sync.v2.notify_new_version" {
+            if method != NOTIFY_NEW_VERSION {
                 return Err(RpcError::method_not_found());
             }
-            let ns = params
-                .get(0)
-                .and_then(|p| p.get("default"))
-                .ok_or_else(|| {
-                    RpcError::server_error()
-                        .with_message("default namespace does not exist inside params")
-                })?;
-            let v = ns
-                .get("new_version")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    RpcError::server_error().with_message("'new_version' key does not exist")
-                })?;
-            let v = parse_version(v).ok_or_else(|| {
-                RpcError::server_error()
-                    .with_message(format!("'new_version' is not a version: {v}"))
-            })?;
+            let v = NotifyNewVersion::from_params(&params)?.new_version.get();
             shared.update_link(|l| l.cp_version_seen = l.cp_version_seen.max(v));
             notified.send_if_modified(|cur| {
                 let newer = v > *cur;
@@ -481,37 +282,6 @@ struct Syncer {
     paging: bool,
 }
 
-/// The answer's fields other than the deltas.
-#[derive(Debug, Default, Deserialize)]
-struct Header {
-    #[serde(default)]
-    full_sync: Option<bool>,
-    /// Kong's legacy name for `full_sync`.
-    #[serde(default)]
-    wipe: Option<bool>,
-    #[serde(default)]
-    latest_version: Option<String>,
-    #[serde(default)]
-    deltaplane_transfer: Option<TransferRef>,
-    /// The control plane's head when it answered (deltaplane control planes only).
-    #[serde(default)]
-    deltaplane_head: Option<String>,
-    #[serde(default)]
-    deltas: Option<IgnoredAny>,
-}
-
-#[derive(Debug, Deserialize)]
-struct TransferRef {
-    id: String,
-    pages: usize,
-}
-
-#[derive(Deserialize)]
-struct Outer<'a> {
-    #[serde(borrow)]
-    default: Option<&'a RawValue>,
-}
-
 impl Syncer {
     /// Pulls until the data plane is at the control plane's head (an empty answer), applying
     /// each answer in one transaction.
@@ -530,17 +300,17 @@ impl Syncer {
                 tracing::info!(ours = ?state.epoch, theirs = ?self.cp_epoch, "the control plane's change log is a different one (new epoch): full sync");
             }
             let asked = if epoch_ok { state.version } else { 0 };
-            let mut ns = serde_json::json!({ "version": version_string(asked) });
-            if self.paging && asked > 0 {
-                // A deltaplane control plane records where we are from this request already:
-                // a data plane that comes back up to date sends nothing else.
-                ns["state_hash"] = state.state_hash.to_hex().into();
-            }
-            let params = serde_json::json!([{ "default": ns }]);
+            // A deltaplane control plane records where we are from this request already: a
+            // data plane that comes back up to date sends nothing else.
+            let params = GetDelta::new(
+                Version::new(asked),
+                (self.paging && asked > 0).then(|| state.state_hash.to_hex()),
+            )
+            .to_params();
             self.shared.update_link(|l| l.sync_requests += 1);
             let text = self
                 .peer
-                .call("kong.sync.v2.get_delta", params)
+                .call(GET_DELTA, params)
                 .await
                 .map_err(|e| match e {
                     CallError::Rpc(e)
@@ -574,13 +344,13 @@ impl Syncer {
                     // Watchers see the version only once the status reflects it.
                     self.shared.applied(v);
                     // Tell the control plane where we are (Kong's status notification).
-                    let mut ns = serde_json::json!({ "version": version_string(v) });
-                    if self.paging {
-                        // deltaplane control planes record the state hash too.
-                        ns["state_hash"] = self.shared.store.state().state_hash.to_hex().into();
-                    }
-                    let status = serde_json::json!([{ "default": ns }]);
-                    let _ = self.peer.notify("kong.sync.v2.get_delta", status).await;
+                    // deltaplane control planes record the state hash too.
+                    let status = GetDelta::new(
+                        Version::new(v),
+                        self.paging
+                            .then(|| self.shared.store.state().state_hash.to_hex()),
+                    );
+                    let _ = self.peer.notify(GET_DELTA, status.to_params()).await;
                     // A deltaplane CP said where its head is: stop once there. (A Kong CP
                     // does not; ask again until an answer is empty.)
                     if self.paging && v >= self.shared.link().cp_version_seen {
@@ -599,34 +369,16 @@ impl Syncer {
         text: Box<RawValue>,
         asked: i64,
     ) -> Result<Option<(i64, bool)>, SyncError> {
-        let header = {
-            let outer: Outer<'_> = serde_json::from_str(text.get())
-                .map_err(|e| SyncError::Rejected(format!("get_delta answer: {e}")))?;
-            let ns = outer.default.ok_or_else(|| {
-                SyncError::Rejected("default namespace does not exist in the answer".into())
-            })?;
-            let h: Header = serde_json::from_str(ns.get())
-                .map_err(|e| SyncError::Rejected(format!("get_delta answer: {e}")))?;
-            h
-        };
-        if header.deltas.is_none() && header.deltaplane_transfer.is_none() {
-            return Err(SyncError::Rejected(
-                "sync get_delta error: deltas is null".into(),
-            ));
-        }
-        let full = header.full_sync.or(header.wipe).unwrap_or(false);
-        let latest = match &header.latest_version {
-            Some(s) => Some(parse_version(s).ok_or_else(|| {
-                SyncError::Rejected(format!("latest_version is not a version: {s}"))
-            })?),
-            None => None,
-        };
-        let head = header.deltaplane_head.as_deref().and_then(parse_version);
+        let answer = v2::read_answer(text.get()).map_err(|e| SyncError::Rejected(e.to_string()))?;
+        let full = answer.full_sync;
+        let latest = answer.latest_version.map(Version::get);
+        let head = answer.head.map(Version::get);
+        let transfer = answer.transfer;
         if let Some(l) = latest.max(head) {
             self.shared
                 .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
         }
-        if let Some(t) = &header.deltaplane_transfer {
+        if let Some(t) = &transfer {
             if !self.paging {
                 return Err(SyncError::Rejected("unexpected paged transfer".into()));
             }
@@ -674,7 +426,7 @@ impl Syncer {
         }
     }
 
-    async fn paged(&self, t: &TransferRef, kind: ApplyKind) -> Result<i64, SyncError> {
+    async fn paged(&self, t: &v2::TransferRef, kind: ApplyKind) -> Result<i64, SyncError> {
         let store = self.shared.store.clone();
         let id = t.id.clone();
         let k = kind.clone();
@@ -690,8 +442,12 @@ impl Syncer {
                 Some(
                     self.peer
                         .call(
-                            "deltaplane.sync.v1.get_page",
-                            serde_json::json!([{ "id": t.id, "page": page }]),
+                            GET_PAGE,
+                            GetPage {
+                                id: t.id.clone(),
+                                page: page as u64,
+                            }
+                            .to_params(),
                         )
                         .await
                         .map_err(|e| match e {
@@ -766,23 +522,15 @@ impl Syncer {
             flattened,
         } = &e
         {
-            let err_t = serde_json::json!({
-                "code": 21,
-                "name": "sync deltas parse failure",
-                "source": "deltaplane.dp.store",
-                "message": message,
-                "fields": fields,
-                "flattened_errors": flattened,
-            });
-            let version = latest
-                .map(version_string)
-                .unwrap_or_else(|| "v02_deltas_have_no_latest_version_field".into());
+            let report = NotifyValidationError {
+                version: latest.map(Version::new),
+                message: message.clone(),
+                fields: fields.clone(),
+                flattened_errors: flattened.clone(),
+            };
             let _ = self
                 .peer
-                .notify(
-                    "kong.sync.v2.notify_validation_error",
-                    serde_json::json!([{ "version": version, "error": err_t }]),
-                )
+                .notify(NOTIFY_VALIDATION_ERROR, report.to_params())
                 .await;
         }
         SyncError::Rejected(message)
@@ -808,14 +556,10 @@ pub fn apply_stream(
     answer: &str,
     kind: impl FnOnce(Option<i64>) -> Option<ApplyKind>,
 ) -> Result<Option<i64>, ApplyError> {
-    let outer: Outer<'_> = serde_json::from_str(answer).map_err(|e| invalid(e.to_string()))?;
-    let ns = outer
-        .default
-        .ok_or_else(|| invalid("default namespace does not exist".into()))?
-        .get();
+    let ns = v2::answer_namespace(answer).map_err(invalid)?;
     // The first delta only (parsing stops there): the kind may depend on its version.
     let mut first = None;
-    let peeked = for_each_delta(ns, |v| {
+    let peeked = v2::for_each_delta(ns, |v| {
         first = Some(v);
         Err(String::new())
     });
@@ -877,7 +621,7 @@ pub(crate) fn decode_staged_page(
 /// Feeds the deltas of `ns_json` (an object with a `deltas` array) to `sink`, one at a time.
 fn feed_deltas(ns_json: &str, sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
     let mut failure = None;
-    let parsed = for_each_delta(ns_json, |v| {
+    let parsed = v2::for_each_delta(ns_json, |v| {
         Delta::from_wire(v)
             .map_err(|e| invalid(format!("sync deltas is invalid: {e}")))
             .and_then(&mut *sink)
@@ -889,81 +633,6 @@ fn feed_deltas(ns_json: &str, sink: &mut DeltaSink<'_>) -> Result<(), ApplyError
     match failure {
         Some(f) => Err(f),
         None => parsed.map_err(invalid),
-    }
-}
-
-/// Calls `f` with each element of the `deltas` field of `ns_json` (an object), one at a time.
-/// Kong's empty `{}` counts as no deltas.
-pub fn for_each_delta(
-    ns_json: &str,
-    f: impl FnMut(Value) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut de = serde_json::Deserializer::from_str(ns_json);
-    NsSeed { f }
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())
-}
-
-struct NsSeed<F> {
-    f: F,
-}
-
-impl<'de, F: FnMut(Value) -> Result<(), String>> DeserializeSeed<'de> for NsSeed<F> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de, F: FnMut(Value) -> Result<(), String>> Visitor<'de> for NsSeed<F> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object with a deltas array")
-    }
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "deltas" {
-                map.next_value_seed(DeltasSeed { f: &mut self.f })?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-struct DeltasSeed<'f, F> {
-    f: &'f mut F,
-}
-
-impl<'de, F: FnMut(Value) -> Result<(), String>> DeserializeSeed<'de> for DeltasSeed<'_, F> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de, F: FnMut(Value) -> Result<(), String>> Visitor<'de> for DeltasSeed<'_, F> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array of deltas (or Kong's {} for none)")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(v) = seq.next_element::<Value>()? {
-            (self.f)(v).map_err(serde::de::Error::custom)?;
-        }
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        // Lua's cjson encodes an empty table as {}.
-        if map.next_key::<IgnoredAny>()?.is_some() {
-            return Err(serde::de::Error::custom("deltas must be an array"));
-        }
-        Ok(())
-    }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
-        Err(E::custom("sync get_delta error: deltas is null"))
     }
 }
 

@@ -1,0 +1,431 @@
+//! The fleet: the data planes connected to this control plane (either protocol), their status
+//! as this control plane sees it, and the shared `dp_data_planes` table every control plane
+//! writes and lists.
+//!
+//! Status changes only mark a connection dirty; [`Fleet::flush_status`] writes the dirty rows
+//! (and, every 10 s, all of them) in one transaction per tick — never on the notify path,
+//! where a slow status write would delay a data plane's notification.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use super::compat;
+use crate::cp::store::{DataPlaneRow, Store, StoreError};
+use crate::node::now_secs;
+use crate::proto::{SyncProtocol, SyncStatus, Version, version_string};
+
+/// How long a row may go without a refresh before its connection is considered gone (the
+/// flusher refreshes connected rows every 10 s; a control plane that crashed cannot say its
+/// data planes disconnected).
+pub const STALE_AFTER_SECS: i64 = 60;
+
+/// The data planes of one control plane.
+pub struct Fleet {
+    store: Store,
+    /// This control plane's node id (`connected_to` of its rows).
+    node_id: String,
+    kong_compat_version: String,
+    conns: Mutex<HashMap<u64, Arc<DpConn>>>,
+    next_conn: AtomicU64,
+    /// Plugins the configuration uses, at a version (computed only for DPs that announce a
+    /// plugin list).
+    plugins_in_use: tokio::sync::Mutex<Option<(i64, Arc<BTreeSet<String>>)>>,
+}
+
+/// Who a newly connected data plane is (from its hello or its `/v1/outlet` query).
+#[derive(Debug, Clone)]
+pub struct DpIdentity {
+    pub protocol: SyncProtocol,
+    pub node_id: String,
+    pub hostname: String,
+    pub address: SocketAddr,
+    pub kong_version: String,
+    pub labels: Value,
+    pub capabilities: Vec<String>,
+    /// Unix seconds when its client certificate expires.
+    pub cert_expiry: Option<i64>,
+}
+
+/// One connected data plane.
+pub struct DpConn {
+    pub protocol: SyncProtocol,
+    pub node_id: String,
+    pub hostname: String,
+    pub address: SocketAddr,
+    pub kong_version: String,
+    pub labels: Value,
+    pub capabilities: Vec<String>,
+    pub cert_expiry: Option<i64>,
+    /// The plugins the DP can run (name → version), from `kong_conf.plugins` in its hello;
+    /// `None` when it did not say (then it runs every plugin this CP knows).
+    pub plugins: Option<HashMap<String, Option<String>>>,
+    /// The DP follows an older Kong line: fields it does not know are removed before sending.
+    pub older: bool,
+    status: Mutex<DpStatus>,
+    /// The version the DP last reported (its get_delta `version`), or was promised by an
+    /// answer; -1 before its first get_delta.
+    reported: watch::Sender<i64>,
+    /// The status changed since the flusher last wrote it.
+    dirty: AtomicBool,
+    /// One get_delta answer at a time per DP, from building it until it is written: a DP
+    /// that pipelines requests and reads nothing holds one answer, not one per request.
+    answer_slot: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct DpStatus {
+    version: i64,
+    /// The state hash the DP reported with `version` (deltaplane DPs only).
+    state_hash: Option<String>,
+    last_error: Option<String>,
+    sync_status: SyncStatus,
+    /// The hash a v1 data plane pinged (v2: the version string is the config hash).
+    config_hash: Option<String>,
+}
+
+impl Fleet {
+    pub fn new(store: Store, node_id: String, kong_compat_version: String) -> Fleet {
+        Fleet {
+            store,
+            node_id,
+            kong_compat_version,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            plugins_in_use: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Adds a connected data plane to [`Fleet::connected`] and records it; returns its key.
+    pub async fn register(&self, conn: Arc<DpConn>) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .insert(id, conn.clone());
+        self.record(&conn, true).await;
+        id
+    }
+
+    /// Removes a connection and records the disconnect.
+    pub async fn unregister(&self, id: u64, conn: &DpConn) {
+        self.conns.lock().expect("conns lock").remove(&id);
+        if let Err(e) = self
+            .store
+            .disconnect_data_plane(&conn.node_id, &self.node_id, now_secs())
+            .await
+        {
+            tracing::debug!(error = %e, "recording a disconnect failed");
+        }
+    }
+
+    /// Data planes connected to this control plane right now.
+    pub fn connected(&self) -> Vec<Arc<DpConn>> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn row(&self, conn: &DpConn, connected: bool) -> DataPlaneRow {
+        let st = conn.status.lock().expect("status lock").clone();
+        DataPlaneRow {
+            node_id: conn.node_id.clone(),
+            hostname: conn.hostname.clone(),
+            address: conn.address.ip().to_string(),
+            kong_version: conn.kong_version.clone(),
+            protocol: conn.protocol.as_str().into(),
+            version: st.version,
+            state_hash: st.state_hash.clone(),
+            connected_to: connected.then(|| self.node_id.clone()),
+            last_seen: now_secs(),
+            last_error: st.last_error,
+            labels: conn.labels.to_string(),
+            capabilities: Value::from(conn.capabilities.clone()).to_string(),
+            cert_expiry: conn.cert_expiry,
+            sync_status: st.sync_status.as_str().to_owned(),
+            config_hash: st.config_hash.or_else(|| Some(version_string(st.version))),
+            updated_at: now_secs(),
+        }
+    }
+
+    /// Writes one connection's row now.
+    async fn record(&self, conn: &DpConn, connected: bool) {
+        if let Err(e) = self
+            .store
+            .upsert_data_plane(&self.row(conn, connected))
+            .await
+        {
+            tracing::debug!(error = %e, node_id = %conn.node_id, "recording data-plane status failed");
+        }
+    }
+
+    /// Records a data plane refused for its Kong version (Kong records it, then closes).
+    pub async fn record_refused(&self, who: &DpIdentity, reason: &str) {
+        let protocol = who.protocol;
+        tracing::warn!(node_id = %who.node_id, kong_version = %who.kong_version, %reason, %protocol, "data plane refused: kong_version_incompatible");
+        let status = SyncStatus::KongVersionIncompatible;
+        let row = DataPlaneRow {
+            node_id: who.node_id.clone(),
+            hostname: who.hostname.clone(),
+            address: who.address.ip().to_string(),
+            kong_version: who.kong_version.clone(),
+            protocol: protocol.as_str().into(),
+            version: 0,
+            state_hash: None,
+            connected_to: None,
+            last_seen: now_secs(),
+            last_error: Some(format!("{status}: {reason}")),
+            labels: who.labels.to_string(),
+            capabilities: Value::from(who.capabilities.clone()).to_string(),
+            cert_expiry: who.cert_expiry,
+            sync_status: status.as_str().into(),
+            config_hash: None,
+            updated_at: now_secs(),
+        };
+        if let Err(e) = self.store.upsert_data_plane(&row).await {
+            tracing::debug!(error = %e, "recording a refused data plane failed");
+        }
+    }
+
+    /// Every data plane known to the cluster (rows from the shared table, overlaid with this
+    /// control plane's live view of its own connections), by node id.
+    pub async fn data_plane_rows(&self) -> Result<Vec<DataPlaneRow>, StoreError> {
+        let mut rows: BTreeMap<String, DataPlaneRow> = self
+            .store
+            .data_planes()
+            .await?
+            .into_iter()
+            .map(|r| (r.node_id.clone(), r))
+            .collect();
+        for c in self.connected() {
+            rows.insert(c.node_id.clone(), self.row(&c, true));
+        }
+        Ok(rows.into_values().collect())
+    }
+
+    /// Kong's plugin compatibility check ([`compat::check_plugins`]) for a DP that announced
+    /// its plugins. Records the DP's `sync_status` either way.
+    pub async fn check_plugins(&self, conn: &DpConn) -> Result<(), String> {
+        let Some(dp_plugins) = &conn.plugins else {
+            return Ok(());
+        };
+        let used = {
+            let mut cache = self.plugins_in_use.lock().await;
+            let head = *self.store.subscribe().borrow();
+            match cache.as_ref().filter(|(v, _)| *v == head) {
+                Some((_, used)) => used.clone(),
+                None => {
+                    let (v, used) = self
+                        .store
+                        .plugins_in_use()
+                        .await
+                        .map_err(|e| format!("database unavailable: {e}"))?;
+                    let used = Arc::new(used);
+                    *cache = Some((v, used.clone()));
+                    used
+                }
+            }
+        };
+        let verdict = compat::check_plugins(&used, dp_plugins, &self.kong_compat_version);
+        let mut st = conn.status.lock().expect("status lock");
+        let result = match verdict {
+            Ok(()) => {
+                if st.sync_status != SyncStatus::Normal {
+                    st.sync_status = SyncStatus::Normal;
+                    st.last_error = None;
+                }
+                Ok(())
+            }
+            Err((status, message)) => {
+                st.sync_status = status;
+                st.last_error = Some(message.clone());
+                Err(message)
+            }
+        };
+        conn.dirty.store(true, Ordering::Relaxed);
+        result
+    }
+
+    /// `deltaplane.data_planes`.
+    pub async fn data_planes(&self) -> Result<Vec<Value>, StoreError> {
+        let head = self.store.version_info().await?.version;
+        let now = now_secs();
+        Ok(self
+            .data_plane_rows()
+            .await?
+            .into_iter()
+            .map(|r| {
+                let health = health(&r, head, now);
+                serde_json::json!({
+                    "node_id": r.node_id,
+                    "hostname": r.hostname,
+                    "address": r.address,
+                    "kong_version": r.kong_version,
+                    "protocol": r.protocol,
+                    "version": r.version,
+                    "version_string": version_string(r.version),
+                    "state_hash": r.state_hash,
+                    "connected_to": r.connected_to.filter(|_| health != "disconnected"),
+                    "last_seen": r.last_seen,
+                    "last_error": r.last_error,
+                    "sync_status": r.sync_status,
+                    "health": health,
+                    "labels": serde_json::from_str::<Value>(&r.labels).unwrap_or(Value::Null),
+                })
+            })
+            .collect())
+    }
+
+    /// Writes the status rows of connected data planes that changed (and, every `refresh`, of
+    /// all of them, so `last_seen` stays fresh) in one transaction per tick, until `stop`.
+    pub async fn flush_status(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let tick = Duration::from_secs(1);
+        let refresh = Duration::from_secs(10);
+        let mut last_refresh = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.changed() => return,
+            }
+            let all = last_refresh.elapsed() >= refresh;
+            if all {
+                last_refresh = std::time::Instant::now();
+            }
+            let rows: Vec<DataPlaneRow> = self
+                .connected()
+                .into_iter()
+                .filter(|c| c.dirty.swap(false, Ordering::Relaxed) || all)
+                .map(|c| self.row(&c, true))
+                .collect();
+            if let Err(e) = self.store.upsert_data_planes(&rows).await {
+                tracing::debug!(error = %e, rows = rows.len(), "writing data-plane status failed; will retry");
+                for c in self.connected() {
+                    c.dirty.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// One word for a data plane's state: `disconnected`, `incompatible` (withheld by a
+/// compatibility check), `failing` (its last apply failed), `behind` (below the head) or
+/// `in_sync`.
+pub fn health(r: &DataPlaneRow, head: i64, now: i64) -> &'static str {
+    if r.connected_to.is_none() || now - r.last_seen > STALE_AFTER_SECS {
+        "disconnected"
+    } else if r.sync_status.ends_with("_incompatible") {
+        "incompatible"
+    } else if r.last_error.is_some() {
+        "failing"
+    } else if r.version < head {
+        "behind"
+    } else {
+        "in_sync"
+    }
+}
+
+impl DpConn {
+    /// A data plane that just connected, `sync_status` normal, nothing reported yet.
+    pub fn new(
+        who: DpIdentity,
+        plugins: Option<HashMap<String, Option<String>>>,
+        cp_version: &str,
+    ) -> DpConn {
+        DpConn {
+            older: crate::schema::version_cmp(&who.kong_version, cp_version)
+                == std::cmp::Ordering::Less,
+            protocol: who.protocol,
+            node_id: who.node_id,
+            hostname: who.hostname,
+            address: who.address,
+            kong_version: who.kong_version,
+            labels: who.labels,
+            capabilities: who.capabilities,
+            cert_expiry: who.cert_expiry,
+            plugins,
+            status: Mutex::new(DpStatus {
+                sync_status: SyncStatus::Normal,
+                ..DpStatus::default()
+            }),
+            reported: watch::channel(-1).0,
+            dirty: AtomicBool::new(true),
+            answer_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
+    /// Waits for this DP's one slot for a large answer (get_delta, get_page); hold the permit
+    /// until the answer is written.
+    pub async fn large_answer_slot(&self) -> OwnedSemaphorePermit {
+        self.answer_slot
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the answer slot is never closed")
+    }
+
+    /// A v2 report (a get_delta request or status notification): the DP holds `version` (with
+    /// `state_hash`, from a deltaplane DP); `None`: no valid version (it has no configuration).
+    pub fn report_v2(&self, version: Option<Version>, state_hash: Option<String>) {
+        let Some(v) = version.map(Version::get) else {
+            self.reported.send_replace(0);
+            return;
+        };
+        let mut st = self.status.lock().expect("status lock");
+        if v > st.version {
+            // Progress: whatever failed before has been overcome.
+            st.last_error = None;
+        }
+        st.version = v;
+        st.state_hash = state_hash;
+        drop(st);
+        self.dirty.store(true, Ordering::Relaxed);
+        self.reported.send_replace(v);
+    }
+
+    /// An answer carries the DP to `version` once applied: no need to notify it of that
+    /// version (it reports where it really is after applying).
+    pub fn promised(&self, version: i64) {
+        self.reported.send_if_modified(|r| {
+            let newer = version > *r;
+            if newer {
+                *r = version;
+            }
+            newer
+        });
+    }
+
+    /// The version the DP reported or was promised, for the notifier (-1 before its first
+    /// get_delta).
+    pub fn watch_reported(&self) -> watch::Receiver<i64> {
+        self.reported.subscribe()
+    }
+
+    /// A v1 ping: the data plane holds `hash`, the configuration of `version` when the control
+    /// plane knows which version it sent with that hash. Written by the flusher.
+    pub fn report_v1(&self, hash: &str, version: Option<i64>) {
+        let mut st = self.status.lock().expect("status lock");
+        if let Some(v) = version {
+            if v > st.version {
+                st.last_error = None;
+            }
+            st.version = v;
+        }
+        st.config_hash = Some(hash.to_owned());
+        drop(st);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Records why the data plane's configuration could not be sent or applied.
+    pub fn set_error(&self, message: String) {
+        self.status.lock().expect("status lock").last_error = Some(message);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,212 @@
+//! The control plane's cluster listener: TLS (mTLS), then the WebSocket upgrade, which routes
+//! `/v2/outlet` (subprotocol `kong.meta.v1`) to the v2 session (`cp::v2`) and `/v1/outlet`
+//! (Kong's full-config push) to `cp::v1`. Anything else is refused during the upgrade.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::answers::{Feed, FeedLimits};
+use super::fleet::Fleet;
+use super::v1::{V1Hub, V1Query};
+use crate::cp::store::Store;
+use crate::net::tls::ClusterTls;
+use crate::proto::hello::{SUBPROTOCOL, V2_PATH};
+use crate::settings::ClusterSettings;
+
+/// What the cluster listener shares across connections.
+pub struct ClusterCtx {
+    pub store: Store,
+    /// Builds `get_delta` answers and pages.
+    pub answers: Feed,
+    pub fleet: Arc<Fleet>,
+    /// Sync v1 (`/v1/outlet`): the shared per-version payload and the push loop's state.
+    pub v1: Arc<V1Hub>,
+    pub node_id: String,
+    pub kong_compat_version: String,
+    pub settings: ClusterSettings,
+}
+
+impl ClusterCtx {
+    pub fn new(
+        store: Store,
+        node_id: String,
+        kong_compat_version: String,
+        settings: ClusterSettings,
+    ) -> Arc<ClusterCtx> {
+        let answers = Feed::new(
+            store.clone(),
+            FeedLimits {
+                // Leave room for the JSON-RPC envelope; JSON compresses, so an uncompressed
+                // answer this size always fits a frame once encoded.
+                frame_bytes: settings.max_payload.saturating_sub(1024).max(1024),
+                max_decompressed: settings.max_decompressed(),
+                max_versions: 10_000,
+            },
+        );
+        let fleet = Arc::new(Fleet::new(
+            store.clone(),
+            node_id.clone(),
+            kong_compat_version.clone(),
+        ));
+        let v1 = Arc::new(V1Hub::new(
+            store.clone(),
+            fleet.clone(),
+            kong_compat_version.clone(),
+            settings.clone(),
+        ));
+        Arc::new(ClusterCtx {
+            store,
+            answers,
+            fleet,
+            v1,
+            node_id,
+            kong_compat_version,
+            settings,
+        })
+    }
+}
+
+/// Accepts cluster connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: ClusterTls,
+    ctx: Arc<ClusterCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let flusher = tokio::spawn(ctx.fleet.clone().flush_status(shutdown.clone()));
+    let pusher = tokio::spawn(ctx.v1.clone().push_loop(shutdown.clone()));
+    let mut expiry = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = expiry.tick() => ctx.answers.expire_idle(Duration::from_secs(30)),
+            accepted = listener.accept() => {
+                let (tcp, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "cluster accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let tls = tls.clone();
+                let ctx = ctx.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = connection(tcp, addr, tls, ctx, stop).await {
+                        tracing::info!(peer = %addr, error = %e, "cluster connection ended");
+                    }
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Connections close themselves on shutdown (1001); give them a moment, then abort.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tasks.shutdown().await;
+    }
+    let _ = flusher.await;
+    let _ = pusher.await;
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's upgrade callback returns a whole response
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    tls: ClusterTls,
+    ctx: Arc<ClusterCtx>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let timeout = ctx.settings.handshake_timeout;
+    let (tls, identity) = tokio::time::timeout(timeout, tls.accept(tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
+        .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
+    let cert_expiry = Some(identity.not_after);
+    let ws_config = crate::net::peer::ws_config(&ctx.settings.peer_config());
+    let route: Mutex<Option<Route>> = Mutex::new(None);
+    let settings = &ctx.settings;
+    let callback =
+        |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+         mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+            let r = check_upgrade(req, &mut resp, settings)?;
+            *route.lock().expect("route lock") = Some(r);
+            Ok(resp)
+        };
+    let ws = tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(ws_config)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
+    .map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}"))?;
+    match route.into_inner().expect("route lock") {
+        Some(Route::V1(query)) => {
+            super::v1::serve(ws, addr, cert_expiry, query, ctx.v1.clone(), stop).await
+        }
+        Some(Route::V2) => super::v2::session(ws, addr, cert_expiry, ctx, stop).await,
+        None => anyhow::bail!("the upgrade succeeded without a route"),
+    }
+}
+
+/// Where an upgrade goes.
+enum Route {
+    /// `/v2/outlet`: hello, then JSON-RPC.
+    V2,
+    /// `/v1/outlet` with its query arguments.
+    V1(V1Query),
+}
+
+/// Accepts `/v2/outlet` with subprotocol `kong.meta.v1` (unless `--cluster-rpc` is off, as a
+/// Kong CP with `cluster_rpc = off` has no such location) and `/v1/outlet` with its required
+/// query arguments (400 without them); refuses anything else.
+#[allow(clippy::result_large_err)]
+fn check_upgrade(
+    req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+    resp: &mut tokio_tungstenite::tungstenite::handshake::server::Response,
+    settings: &ClusterSettings,
+) -> Result<Route, tokio_tungstenite::tungstenite::handshake::server::ErrorResponse> {
+    use tokio_tungstenite::tungstenite::http;
+    let reject = |status: http::StatusCode, msg: &str| {
+        let mut r = http::Response::new(Some(msg.to_owned()));
+        *r.status_mut() = status;
+        r
+    };
+    if req.uri().path() == crate::proto::v1::PATH {
+        return V1Query::parse(req.uri().query())
+            .map(Route::V1)
+            .map_err(|msg| reject(http::StatusCode::BAD_REQUEST, &msg));
+    }
+    if req.uri().path() != V2_PATH || !settings.rpc {
+        return Err(reject(http::StatusCode::NOT_FOUND, "not found"));
+    }
+    let offered = req
+        .headers()
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if !offered {
+        return Err(reject(
+            http::StatusCode::BAD_REQUEST,
+            "unknown RPC protocol: Sec-WebSocket-Protocol must include kong.meta.v1",
+        ));
+    }
+    resp.headers_mut().insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(SUBPROTOCOL),
+    );
+    Ok(Route::V2)
+}
