@@ -33,10 +33,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use deltaplane::cp::store::{Op, Store, StoreOptions};
-use deltaplane::net::hello;
 use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::{dial, hello};
 use deltaplane::proto::codec::{self, Encoding};
-use deltaplane::proto::hello::Hello;
+use deltaplane::proto::hello::{Hello, data_plane_conf};
+use deltaplane::proto::v2::{self, GetDelta};
+use deltaplane::proto::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Version, jsonrpc};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -1219,7 +1221,7 @@ async fn v1_connect(
         .max_frame_size(Some(1 << 30));
     let (mut ws, _) =
         tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(cfg)).await?;
-    let info = json!({"type": "basic_info", "plugins": [], "labels": {}});
+    let info = deltaplane::proto::v1::basic_info(&[], &[], 1 << 30);
     ws.send(Message::Binary(serde_json::to_vec(&info)?.into()))
         .await?;
     Ok(ws)
@@ -1438,35 +1440,25 @@ async fn get_delta_once(
     enc: Encoding,
     version: i64,
 ) -> anyhow::Result<Measured> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let tcp = tokio::net::TcpStream::connect(cluster).await?;
-    tcp.set_nodelay(true)?;
-    let stream = tls.connect(tcp, "127.0.0.1").await?;
-    let mut request = format!("wss://{cluster}/v2/outlet").into_client_request()?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        deltaplane::proto::hello::SUBPROTOCOL
-            .parse()
-            .expect("a header value"),
-    );
-    let (mut ws, resp) = tokio_tungstenite::client_async_with_config(request, stream, None).await?;
-    ensure!(
-        resp.headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok())
-            == Some(deltaplane::proto::hello::SUBPROTOCOL),
-        "subprotocol {} not accepted",
-        deltaplane::proto::hello::SUBPROTOCOL
-    );
+    let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30));
+    let mut ws = dial::open_v2(
+        tls,
+        &format!("127.0.0.1:{}", cluster.port()),
+        ws_config,
+        Duration::from_secs(10),
+    )
+    .await?;
     let result = hello::client_handshake(
         &mut ws,
         &Hello {
-            rpc_capabilities: vec!["kong.sync.v2".into(), "deltaplane.sync.v1".into()],
+            rpc_capabilities: vec![CAP_KONG_SYNC_V2.into(), CAP_DELTAPLANE_SYNC_V1.into()],
             rpc_frame_encodings: vec![enc.name().into()],
             kong_version: "3.10.0".into(),
             kong_hostname: "loadtest".into(),
             kong_node_id: uuid::Uuid::new_v4().to_string(),
-            kong_conf: json!({"role": "data_plane"}),
+            kong_conf: data_plane_conf(&[], 1 << 30, None),
         },
         Duration::from_secs(10),
     )
@@ -1478,17 +1470,9 @@ async fn get_delta_once(
         result.rpc_frame_encoding
     );
     const ID: u64 = 2;
-    let call = json!({
-        "jsonrpc": "2.0",
-        "method": "kong.sync.v2.get_delta",
-        "params": [{"default": {"version": deltaplane::proto::version_string(version)}}],
-        "id": ID,
-    });
-    ws.send(Message::binary(codec::encode(
-        enc,
-        call.to_string().as_bytes(),
-    )))
-    .await?;
+    let params = GetDelta::new(Version::new(version), None).to_params();
+    let call = jsonrpc::request(ID, v2::GET_DELTA, &params);
+    ws.send(Message::binary(codec::encode(enc, &call))).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -1502,25 +1486,26 @@ async fn get_delta_once(
             continue;
         };
         let json = codec::decode(enc, &frame, 256 << 20)?;
-        let v: Value = serde_json::from_slice(&json)?;
-        if v["id"] == ID && v.get("method").is_none() {
-            if let Some(err) = v.get("error") {
-                bail!("get_delta error: {err}");
+        match jsonrpc::parse(&json, jsonrpc::DEFAULT_MAX_BATCH) {
+            Ok(jsonrpc::Incoming::Single(jsonrpc::Message::Response(r))) if r.id == ID => {
+                if let Err(err) = r.result {
+                    bail!("get_delta error: {err}");
+                }
+                let _ = ws.close(None).await;
+                return Ok(Measured {
+                    payload: frame.len(),
+                    json,
+                });
             }
-            let _ = ws.close(None).await;
-            return Ok(Measured {
-                payload: frame.len(),
-                json,
-            });
-        }
-        // A call from the CP (notify_new_version): answer it like a DP would.
-        if v.get("method").is_some() && !v["id"].is_null() {
-            let reply = json!({"jsonrpc": "2.0", "id": v["id"], "result": true});
-            ws.send(Message::binary(codec::encode(
-                enc,
-                reply.to_string().as_bytes(),
-            )))
-            .await?;
+            // A call from the CP (notify_new_version): answer it like a DP would.
+            Ok(jsonrpc::Incoming::Single(jsonrpc::Message::Request(jsonrpc::Request {
+                id: Some(id),
+                ..
+            }))) => {
+                let reply = jsonrpc::result(&id, &Value::Bool(true));
+                ws.send(Message::binary(codec::encode(enc, &reply))).await?;
+            }
+            _ => {}
         }
     }
 }

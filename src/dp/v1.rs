@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
@@ -131,7 +131,9 @@ pub fn apply_message(
     };
     let version = version.unwrap_or(state.version + 1);
     let deltas = crate::proto::v1::export::deltas(store.registry(), table, version)?;
-    let only_workspaces = deltas.iter().all(|d| d.entity_type == "workspaces");
+    let only_workspaces = deltas
+        .iter()
+        .all(|d| d.entity_type == crate::schema::WORKSPACES);
     let applied = store
         .apply(
             ApplyKind::Full {
@@ -161,9 +163,9 @@ pub fn apply_message(
     })
 }
 
-/// `basic_info`: the plugins this data plane runs (sorted by lower-case name) and its labels.
+/// `basic_info`: the plugins this data plane runs and its labels.
 fn basic_info(cfg: &DpConfig, shared: &DpShared) -> Value {
-    let mut plugins: Vec<(String, String)> = match &cfg.plugins {
+    let plugins: Vec<(String, String)> = match &cfg.plugins {
         Some(list) => list
             .iter()
             .map(|p| match p.split_once(':') {
@@ -178,25 +180,7 @@ fn basic_info(cfg: &DpConfig, shared: &DpShared) -> Value {
             .map(|p| (p.name.clone(), cfg.kong_compat_version.clone()))
             .collect(),
     };
-    plugins.sort_by_key(|(n, _)| n.to_lowercase());
-    let labels: Map<String, Value> = cfg
-        .labels
-        .iter()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
-        .collect();
-    serde_json::json!({
-        "type": crate::proto::v1::BASIC_INFO,
-        "plugins": plugins
-            .into_iter()
-            .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
-            .collect::<Vec<_>>(),
-        "labels": labels,
-        "process_conf": {
-            "role": "data_plane",
-            "cluster_max_payload": cfg.cluster.max_payload,
-        },
-    })
+    crate::proto::v1::basic_info(&plugins, &cfg.labels, cfg.cluster.max_payload)
 }
 
 /// One v1 session with `cp` until it ends or `stop`.

@@ -22,6 +22,15 @@ pub use validate::{FieldErrors, Mode, Prepared};
 /// The Kong line whose entity shapes deltaplane follows.
 pub const KONG_COMPAT_VERSION: &str = "3.10.0";
 
+/// The workspace type. Named outside `schema/` only where Kong has no generic rule: the
+/// control plane's store creates the `default` workspace, the Admin API serves no workspace
+/// paths (open-source Kong), and a configuration of nothing but workspaces hashes as empty.
+pub const WORKSPACES: &str = "workspaces";
+
+/// The plugin type. Named outside `schema/` only for Kong's plugin compatibility check (which
+/// plugins a configuration uses).
+pub const PLUGINS: &str = "plugins";
+
 /// One entity type, as described by `schema/<name>.json`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

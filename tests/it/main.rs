@@ -14,6 +14,7 @@ mod fleet;
 mod fuzz_corpus;
 mod harness;
 mod interop;
+mod layering;
 mod pgcluster;
 mod proxy;
 mod rawpeer;

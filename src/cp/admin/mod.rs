@@ -264,7 +264,7 @@ fn nested_collection(
 
 fn resolve_target(registry: &Registry, segments: &[String]) -> Option<Target> {
     let schema = registry.by_admin_name(segments.first()?)?.clone();
-    if schema.name == "workspaces" {
+    if schema.name == crate::schema::WORKSPACES {
         // Open-source Kong has no workspace paths.
         return None;
     }

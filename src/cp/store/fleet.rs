@@ -142,8 +142,12 @@ impl Store {
                 let v: i64 = sqlx::query_scalar("SELECT version FROM dp_meta WHERE id = 1")
                     .fetch_one(&mut *c)
                     .await?;
-                let n = sqlx::query_scalar("SELECT DISTINCT json_extract(body, '$.name') FROM dp_entities WHERE type = 'plugins'")
-                    .fetch_all(&mut *c).await?;
+                let n = sqlx::query_scalar(
+                    "SELECT DISTINCT json_extract(body, '$.name') FROM dp_entities WHERE type = $1",
+                )
+                .bind(crate::schema::PLUGINS)
+                .fetch_all(&mut *c)
+                .await?;
                 c.commit().await?;
                 (v, n)
             }
@@ -154,8 +158,12 @@ impl Store {
                 let v: i64 = sqlx::query_scalar("SELECT version FROM dp_meta WHERE id = 1")
                     .fetch_one(&mut *c)
                     .await?;
-                let n = sqlx::query_scalar("SELECT DISTINCT (body::jsonb)->>'name' FROM dp_entities WHERE type = 'plugins'")
-                    .fetch_all(&mut *c).await?;
+                let n = sqlx::query_scalar(
+                    "SELECT DISTINCT (body::jsonb)->>'name' FROM dp_entities WHERE type = $1",
+                )
+                .bind(crate::schema::PLUGINS)
+                .fetch_all(&mut *c)
+                .await?;
                 c.commit().await?;
                 (v, n)
             }

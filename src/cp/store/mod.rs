@@ -343,7 +343,7 @@ impl Store {
         if ws.is_none() {
             let outcome = self
                 .write_batch(vec![Op::Create {
-                    entity: "workspaces".into(),
+                    entity: crate::schema::WORKSPACES.into(),
                     input: serde_json::json!({"name": "default", "config": {}, "meta": {}}),
                     scope: None,
                 }])

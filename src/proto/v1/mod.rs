@@ -9,12 +9,39 @@ pub mod hash;
 
 use std::io::{Read as _, Write as _};
 
+use serde_json::Value;
+
 /// The message type of a configuration push.
 pub const RECONFIGURE: &str = "reconfigure";
 /// The message type of the data plane's first frame.
 pub const BASIC_INFO: &str = "basic_info";
 /// The path of the v1 endpoint.
 pub const PATH: &str = "/v1/outlet";
+
+/// A data plane's first message: `{"type":"basic_info","plugins":[{name, version}…],
+/// "labels":{…},"process_conf":{…}}` (Kong's `clustering/data_plane.lua`). `plugins` are
+/// (name, version) pairs, sent sorted by lower-case name; `labels` are `key:value` items.
+pub fn basic_info(plugins: &[(String, String)], labels: &[String], max_payload: usize) -> Value {
+    let mut plugins = plugins.to_vec();
+    plugins.sort_by_key(|(n, _)| n.to_lowercase());
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+        .collect();
+    serde_json::json!({
+        "type": BASIC_INFO,
+        "plugins": plugins
+            .into_iter()
+            .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
+            .collect::<Vec<_>>(),
+        "labels": labels,
+        "process_conf": {
+            "role": "data_plane",
+            "cluster_max_payload": max_payload,
+        },
+    })
+}
 
 /// A reconfigure message, gzip-compressed: `{type, timestamp, config_table, config_hash,
 /// hashes}` plus, for deltaplane data planes (Kong ignores unknown fields),
