@@ -357,9 +357,10 @@ async fn dispatch(State(state): State<Arc<AdminState>>, req: Request) -> Respons
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
+        // The limit error may sit a few sources down (axum wraps hyper's body error).
+        let too_large =
+            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| e.source())
+                .any(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             message(
                 StatusCode::PAYLOAD_TOO_LARGE,
