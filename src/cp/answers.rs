@@ -70,6 +70,16 @@ pub struct Asker {
     pub paging: bool,
     /// The peer's frame encoding (whether an answer fits one frame depends on it).
     pub encoding: &'static str,
+    /// The largest frame the peer takes (compressed): the smaller of the control plane's
+    /// `cluster_max_payload` and the one the data plane announced.
+    pub max_payload: usize,
+}
+
+impl Asker {
+    /// The peer's decompressed-size cap that goes with its payload limit.
+    fn max_decompressed(&self) -> usize {
+        self.max_payload.saturating_mul(16)
+    }
 }
 
 /// Why the feed could not answer.
@@ -210,7 +220,7 @@ impl Feed {
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<Option<(String, Decision)>, FeedError> {
         use std::ops::ControlFlow;
-        let budget = self.limits.frame_bytes;
+        let budget = self.frame_bytes(asker);
         let mut out = Serialized::new(after, String::new(), false);
         // (deltas, version, bytes) at the end of each whole version read so far.
         let mut boundaries: Vec<(usize, i64, usize)> = Vec::new();
@@ -267,7 +277,7 @@ impl Feed {
         // The first version alone is larger than the budget.
         let (n, version, _) = boundaries[0];
         let text = result_text(out.deltas.slice(0, n), false, version, None, head);
-        if text.len() <= self.limits.max_decompressed && fits(text.as_bytes()) {
+        if text.len() <= self.max_decompressed(asker) && fits(text.as_bytes()) {
             let decision = Decision::Incremental {
                 from: after + 1,
                 to: version,
@@ -284,7 +294,11 @@ impl Feed {
         out.deltas.truncate(n);
         out.version = version;
         out.epoch = info.epoch;
-        Ok(Some(self.start_transfer(Arc::new(out), info.version)))
+        Ok(Some(self.start_transfer(
+            Arc::new(out),
+            info.version,
+            asker,
+        )))
     }
 
     async fn full(
@@ -300,7 +314,7 @@ impl Feed {
         let snap = self.current_snapshot().await?;
         let body = snap.deltas.slice(0, snap.deltas.len());
         let size = body.len() + 160;
-        if size <= self.limits.max_decompressed {
+        if size <= self.max_decompressed(asker) {
             let text = result_text(
                 body,
                 true,
@@ -308,7 +322,7 @@ impl Feed {
                 None,
                 asker.paging.then_some(snap.version),
             );
-            if text.len() <= self.limits.frame_bytes || fits(text.as_bytes()) {
+            if text.len() <= self.frame_bytes(asker) || fits(text.as_bytes()) {
                 return Ok((
                     text,
                     Decision::Full {
@@ -324,7 +338,7 @@ impl Feed {
             });
         }
         let head = snap.version;
-        Ok(self.start_transfer(snap, head))
+        Ok(self.start_transfer(snap, head, asker))
     }
 
     /// The snapshot at the current head, built at most once per version (single flight).
@@ -354,6 +368,18 @@ impl Feed {
         Ok(snap)
     }
 
+    /// The largest uncompressed answer assumed to fit one of `asker`'s frames without trying
+    /// to compress it (room left for the JSON-RPC envelope).
+    fn frame_bytes(&self, asker: Asker) -> usize {
+        self.limits
+            .frame_bytes
+            .min(asker.max_payload.saturating_sub(1024).max(1024))
+    }
+
+    fn max_decompressed(&self, asker: Asker) -> usize {
+        self.limits.max_decompressed.min(asker.max_decompressed())
+    }
+
     /// Drops the cached snapshot and transfers not used for `idle`.
     pub fn expire_idle(&self, idle: Duration) {
         if let Ok(mut cached) = self.snapshot.try_lock()
@@ -369,8 +395,8 @@ impl Feed {
 
     /// Keeps `data` for paging; only peers that can page get here, so the answer carries the
     /// `head`.
-    fn start_transfer(&self, data: Arc<Serialized>, head: i64) -> (String, Decision) {
-        let pages = data.deltas.pages(self.limits.frame_bytes);
+    fn start_transfer(&self, data: Arc<Serialized>, head: i64, asker: Asker) -> (String, Decision) {
+        let pages = data.deltas.pages(self.frame_bytes(asker));
         let id = uuid::Uuid::new_v4().to_string();
         let decision = Decision::Paged {
             version: data.version,

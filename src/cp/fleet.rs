@@ -50,6 +50,9 @@ pub struct DpIdentity {
     pub capabilities: Vec<String>,
     /// Unix seconds when its client certificate expires.
     pub cert_expiry: Option<i64>,
+    /// The largest frame it takes (`cluster_max_payload` from its hello or `basic_info`),
+    /// when it said.
+    pub max_payload: Option<usize>,
 }
 
 /// One connected data plane.
@@ -62,6 +65,8 @@ pub struct DpConn {
     pub labels: Value,
     pub capabilities: Vec<String>,
     pub cert_expiry: Option<i64>,
+    /// The largest frame the DP takes, when it said.
+    pub max_payload: Option<usize>,
     /// The plugins the DP can run (name → version), from `kong_conf.plugins` in its hello;
     /// `None` when it did not say (then it runs every plugin this CP knows).
     pub plugins: Option<HashMap<String, Option<String>>>,
@@ -205,6 +210,13 @@ impl Fleet {
             .into_iter()
             .map(|r| (r.node_id.clone(), r))
             .collect();
+        // A row that names this control plane but has no live connection here is stale (the
+        // connection just ended, or belonged to this node's previous run).
+        for r in rows.values_mut() {
+            if r.connected_to.as_deref() == Some(self.node_id.as_str()) {
+                r.connected_to = None;
+            }
+        }
         for c in self.connected() {
             rows.insert(c.node_id.clone(), self.row(&c, true));
         }
@@ -350,6 +362,7 @@ impl DpConn {
             labels: who.labels,
             capabilities: who.capabilities,
             cert_expiry: who.cert_expiry,
+            max_payload: who.max_payload,
             plugins,
             status: Mutex::new(DpStatus {
                 sync_status: SyncStatus::Normal,
@@ -359,6 +372,11 @@ impl DpConn {
             dirty: AtomicBool::new(true),
             answer_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// The largest frame to send this DP: the smaller of `cp_limit` and the DP's own.
+    pub fn frame_limit(&self, cp_limit: usize) -> usize {
+        self.max_payload.map_or(cp_limit, |dp| dp.min(cp_limit))
     }
 
     /// Waits for this DP's one slot for a large answer (get_delta, get_page); hold the permit

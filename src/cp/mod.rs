@@ -75,6 +75,14 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         .await
         .map_err(|e| anyhow::anyhow!("opening the database: {e}: {}", detail(&e)))?;
     let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
+    match store.release_data_planes(&node_id).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            data_planes = n,
+            "marked the data planes of this node's previous run disconnected"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not mark old connections disconnected"),
+    }
     let hostname = hostname::get()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());

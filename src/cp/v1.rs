@@ -335,6 +335,9 @@ where
         labels,
         capabilities: Vec::new(),
         cert_expiry,
+        max_payload: info
+            .get("process_conf")
+            .and_then(crate::proto::hello::max_payload_of),
     };
     if let Err(reason) = kong_version_compatible(&hub.kong_compat_version, &query.version) {
         hub.fleet.record_refused(&who, &reason).await;
@@ -524,12 +527,13 @@ where
     } else {
         p.bytes.clone()
     };
-    if bytes.len() > hub.settings.max_payload {
+    let limit = conn.frame_limit(hub.settings.max_payload);
+    if bytes.len() > limit {
         let message = format!(
             "the configuration at version {} is {} bytes compressed, more than cluster_max_payload ({})",
             p.version,
             bytes.len(),
-            hub.settings.max_payload
+            limit
         );
         tracing::error!(node_id = %conn.node_id, %message);
         conn.set_error(message);

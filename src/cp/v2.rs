@@ -90,6 +90,7 @@ where
         labels: h.labels(),
         capabilities: h.rpc_capabilities.clone(),
         cert_expiry,
+        max_payload: h.max_payload(),
     };
     let (hello, encoding) = match handshake {
         Ok(ok) => ok,
@@ -296,13 +297,16 @@ async fn get_delta(
         tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld");
         return Err(RpcError::server_error().with_message(message));
     }
+    // The data plane's own limit counts too: a frame above it would make it close the
+    // connection (1009) and download the same answer again after reconnecting.
+    let max = conn.frame_limit(ctx.settings.max_payload);
     let asker = Asker {
         paging: peer.peer_caps().iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
         encoding: encoding.name(),
+        max_payload: max,
     };
     let slot = conn.large_answer_slot().await;
     let held = move |reply: Result<Reply, RpcError>| held(reply, slot);
-    let max = ctx.settings.max_payload;
     let fits = move |bytes: &[u8]| codec::encode(encoding, bytes).len() + 64 <= max;
     match ctx
         .answers
@@ -336,6 +340,10 @@ async fn get_delta(
         }
         Err(e) => {
             tracing::error!(node_id = %conn.node_id, error = %e, "get_delta refused");
+            if matches!(e, FeedError::TooLarge { .. }) {
+                // Withheld on both sides: the data plane gets the error, its row says why.
+                conn.set_error(e.to_string());
+            }
             Err(RpcError::server_error().with_message(e.to_string()))
         }
     }

@@ -63,13 +63,21 @@ pub async fn run(
                 shared.update_link(|l| l.connected_to = None);
                 return;
             }
-            Ok(End::Closed(reason) | End::NoSyncV2(reason)) => {
+            Ok(End::NoSyncV2(reason)) => {
                 tracing::info!(control_plane = %cp, %reason, "disconnected from the control plane");
             }
+            Ok(End::Closed(reason)) => {
+                tracing::info!(control_plane = %cp, %reason, "disconnected from the control plane");
+                // Shown until the next successful sync clears it.
+                shared.update_link(|l| l.last_error = Some(format!("{cp}: {reason}")));
+            }
             Err(e) => {
-                let e = format!("{e:#}");
-                tracing::warn!(control_plane = %cp, error = %e, "control plane connection failed");
-                shared.update_link(|l| l.last_error = Some(format!("{cp}: {e}")));
+                let shown = match crate::net::dial::hint(&e, &cp) {
+                    Some(hint) => format!("{e:#}; {hint}"),
+                    None => format!("{e:#}"),
+                };
+                tracing::warn!(control_plane = %cp, error = %shown, "control plane connection failed");
+                shared.update_link(|l| l.last_error = Some(format!("{cp}: {shown}")));
             }
         }
         shared.update_link(|l| l.connected_to = None);

@@ -334,6 +334,7 @@ fn handle_outcome(
             shared.update_link(|l| {
                 l.v1_skipped += 1;
                 l.last_sync_at = Some(crate::node::now_secs());
+                l.last_error = None;
                 l.cp_version_seen = l.cp_version_seen.max(v);
             });
             true

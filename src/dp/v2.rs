@@ -26,7 +26,7 @@ use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared, SyncMode};
 use crate::net::dial::{self, OpenError};
 use crate::net::hello;
-use crate::net::peer::{CallError, Handler, Peer, Reply};
+use crate::net::peer::{CallError, CloseReason, Handler, Peer, Reply};
 use crate::net::tls::ClusterTls;
 use crate::proto::codec::Encoding;
 use crate::proto::hello::{Hello, data_plane_conf};
@@ -95,7 +95,7 @@ pub(super) async fn session(
     if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) {
         tracing::warn!(control_plane = %cp, "the control plane does not offer kong.sync.v2; waiting");
         return Ok(tokio::select! {
-            r = peer.closed() => End::Closed(format!("{r:?}")),
+            r = peer.closed() => End::Closed(describe_close(&r, cfg.cluster.max_payload)),
             _ = stopped(&mut stop) => { close_and_wait(&peer).await; End::Stopped }
         });
     }
@@ -127,14 +127,10 @@ pub(super) async fn session(
                     retry_at = None;
                     rejections = 0;
                     failures = 0;
-                    if let Some(msg) = cp_refusal.take() {
-                        // Sent (an apply already cleared it) or up to date: over.
-                        shared.update_link(|l| {
-                            if l.last_error.as_ref() == Some(&msg) {
-                                l.last_error = None;
-                            }
-                        });
-                    }
+                    // At the control plane's head: whatever failed before (a refusal, an
+                    // error answer, a dropped connection before this one) is over.
+                    cp_refusal = None;
+                    shared.update_link(|l| l.last_error = None);
                 }
                 Err(SyncError::Rejected(msg)) => {
                     // Doubles per consecutive rejection, up to 64x: a bad batch is never
@@ -202,12 +198,27 @@ pub(super) async fn session(
             }
             _ = poll.tick() => want = true,
             _ = tokio::time::sleep_until(wake) => {}
-            r = peer.closed() => return Ok(End::Closed(format!("{r:?}"))),
+            r = peer.closed() => return Ok(End::Closed(describe_close(&r, cfg.cluster.max_payload))),
             _ = stopped(&mut stop) => {
                 close_and_wait(&peer).await;
                 return Ok(End::Stopped);
             }
         }
+    }
+}
+
+/// Why the connection ended, for `last_error`, with what to do about it where we know.
+fn describe_close(r: &CloseReason, max_payload: usize) -> String {
+    match r {
+        CloseReason::Local { code: 1009, .. } => format!(
+            "{r}: a message from the control plane was larger than this data plane's \
+             --cluster-max-payload ({max_payload} bytes); raise it, or run a control plane that \
+             pages answers to the data plane's limit"
+        ),
+        CloseReason::IdleTimeout => {
+            format!("{r}: the control plane stopped answering pings (network, or it is overloaded)")
+        }
+        _ => r.to_string(),
     }
 }
 

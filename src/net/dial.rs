@@ -90,3 +90,85 @@ pub async fn open_v2(
     }
     Ok(ws)
 }
+
+/// What to do about a failed connection, when the cause is one we recognise: nothing
+/// listening, a port that does not speak TLS (the Admin API's, say), or a certificate the
+/// other side does not accept.
+pub fn hint(err: &anyhow::Error, cp: &str) -> Option<String> {
+    use rustls::{AlertDescription, Error as Tls};
+    for cause in err.chain() {
+        let io = cause.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return Some(format!(
+                "nothing listens at {cp}: is the control plane running, and is this its cluster \
+                 listener (--cluster-listen, 127.0.0.1:8005 by default)?"
+            ));
+        }
+        // tokio-rustls reports rustls errors inside an io::Error.
+        let tls = io
+            .and_then(|io| io.get_ref()?.downcast_ref::<Tls>())
+            .or_else(|| cause.downcast_ref::<Tls>());
+        match tls {
+            Some(Tls::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                return Some(format!(
+                    "{cp} does not speak TLS: this is not a cluster listener (an Admin API or \
+                     status port?); the control plane's cluster port is 8005 by default"
+                ));
+            }
+            Some(
+                Tls::InvalidCertificate(_)
+                | Tls::AlertReceived(
+                    AlertDescription::BadCertificate
+                    | AlertDescription::UnknownCA
+                    | AlertDescription::CertificateUnknown
+                    | AlertDescription::UnsupportedCertificate
+                    | AlertDescription::CertificateExpired
+                    | AlertDescription::CertificateRequired
+                    | AlertDescription::AccessDenied,
+                ),
+            ) => {
+                return Some(
+                    "the certificates do not match: in shared mode the data plane needs the \
+                     control plane's own cluster.crt and cluster.key (--cluster-cert, \
+                     --cluster-cert-key); in pki mode a certificate signed by the CA \
+                     (--cluster-ca-cert)"
+                        .to_owned(),
+                );
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_name_the_cause() {
+        let refused =
+            anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                .context("connecting to 127.0.0.1:8001");
+        assert!(
+            hint(&refused, "127.0.0.1:8001")
+                .unwrap()
+                .contains("nothing listens")
+        );
+        let plain = anyhow::Error::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+        ))
+        .context("TLS handshake");
+        assert!(
+            hint(&plain, "h:8001")
+                .unwrap()
+                .contains("does not speak TLS")
+        );
+        let cert = anyhow::Error::new(std::io::Error::other(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadCertificate,
+        )));
+        assert!(hint(&cert, "h:8005").unwrap().contains("cluster.crt"));
+        assert_eq!(hint(&anyhow::anyhow!("something else"), "h:1"), None);
+    }
+}

@@ -66,6 +66,12 @@ impl Hello {
         plugins_of(&self.kong_conf)
     }
 
+    /// `kong_conf.cluster_max_payload`: the largest frame the data plane takes (Kong's DPs
+    /// and ours announce it); values below 4 KiB are read as 4 KiB.
+    pub fn max_payload(&self) -> Option<usize> {
+        max_payload_of(&self.kong_conf)
+    }
+
     /// `kong_conf.cluster_dp_labels` (`["key:value", ...]`) as an object.
     pub fn labels(&self) -> Value {
         let mut m = Map::new();
@@ -102,6 +108,13 @@ pub fn data_plane_conf(labels: &[String], max_payload: usize, plugins: Option<&[
             .collect();
     }
     conf
+}
+
+/// `cluster_max_payload` of a configuration object (a hello's `kong_conf`, a v1
+/// `basic_info`'s `process_conf`), at least 4 KiB.
+pub fn max_payload_of(conf: &Value) -> Option<usize> {
+    let n = conf.get("cluster_max_payload")?.as_f64()?;
+    (n.is_finite() && n > 0.0).then(|| (n as usize).max(4096))
 }
 
 /// A `plugins` list (in a hello's `kong_conf` or a v1 `basic_info`): names, or `{name,

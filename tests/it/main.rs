@@ -9,6 +9,7 @@ mod bad_input;
 mod binaries;
 mod changelog;
 mod crash;
+mod diagnostics;
 mod faults;
 mod fleet;
 mod fuzz_corpus;

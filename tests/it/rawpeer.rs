@@ -53,6 +53,15 @@ pub enum Next {
 
 /// The Kong 3.10 hello request (frame 1 of §4.5), plain JSON.
 pub fn hello_frame(caps: &[&str], encodings: &[&str]) -> Vec<u8> {
+    hello_frame_with(
+        caps,
+        encodings,
+        json!({"role": "data_plane", "cluster_dp_labels": ["env:test"]}),
+    )
+}
+
+/// The Kong 3.10 hello request with `kong_conf` given.
+pub fn hello_frame_with(caps: &[&str], encodings: &[&str], kong_conf: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "jsonrpc": "2.0",
         "method": "kong.meta.v1.hello",
@@ -63,7 +72,7 @@ pub fn hello_frame(caps: &[&str], encodings: &[&str]) -> Vec<u8> {
             "kong_version": "3.10.0",
             "kong_hostname": "kong-dp-a",
             "kong_node_id": uuid::Uuid::new_v4().to_string(),
-            "kong_conf": {"role": "data_plane", "cluster_dp_labels": ["env:test"]},
+            "kong_conf": kong_conf,
         }],
     }))
     .unwrap()
@@ -204,7 +213,17 @@ impl RawPeer<ClientTls> {
 
     /// Sends the hello and reads the plain-JSON answer; adopts the chosen encoding.
     pub async fn hello(&mut self, caps: &[&str], encodings: &[&str]) -> Value {
-        self.send_raw(hello_frame(caps, encodings)).await;
+        self.send_hello(hello_frame(caps, encodings)).await
+    }
+
+    /// [`RawPeer::hello`] with the data plane's `kong_conf` given.
+    pub async fn hello_with(&mut self, caps: &[&str], encodings: &[&str], conf: Value) -> Value {
+        self.send_hello(hello_frame_with(caps, encodings, conf))
+            .await
+    }
+
+    async fn send_hello(&mut self, frame: Vec<u8>) -> Value {
+        self.send_raw(frame).await;
         let bytes = self.next_binary().await;
         let answer: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             panic!("the hello answer must be plain JSON: {e}: {bytes:?}");

@@ -359,8 +359,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // The limit error may sit a few sources down (axum wraps hyper's body error).
         let too_large =
-            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| e.source())
-                .any(|s| s.is::<http_body_util::LengthLimitError>());
+            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             message(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -108,6 +108,18 @@ impl Store {
         Ok(())
     }
 
+    /// Marks every data plane recorded as connected to `cp_node` disconnected: at start, the
+    /// connections of this control plane's previous run are gone. Returns how many.
+    pub async fn release_data_planes(&self, cp_node: &str) -> Result<u64, StoreError> {
+        Ok(on_backend!(self.pool(), p => {
+            sqlx::query("UPDATE dp_data_planes SET connected_to = NULL WHERE connected_to = $1")
+                .bind(cp_node)
+                .execute(p)
+                .await?
+                .rows_affected()
+        }))
+    }
+
     /// Every data plane known to the cluster, by node id.
     pub async fn data_planes(&self) -> Result<Vec<DataPlaneRow>, StoreError> {
         Ok(on_backend!(self.pool(), p => {
