@@ -39,6 +39,9 @@ pub struct RunningCp {
     pub v1: Arc<v1::V1Hub>,
     /// The cluster certificate and key files (generated in the data dir when not configured).
     pub cluster_cert_files: Option<(PathBuf, PathBuf)>,
+    /// Other control planes on this database presenting a different cluster certificate in
+    /// shared mode (data planes cannot fail over between them), found at start.
+    pub cluster_cert_conflicts: Vec<String>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     _rpc: jsonrpsee::server::ServerHandle,
@@ -73,7 +76,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let store = Store::open(store_options(&cfg))
         .await
-        .map_err(|e| anyhow::anyhow!("opening the database: {e}: {}", detail(&e)))?;
+        .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
     let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
     match store.release_data_planes(&node_id).await {
         Ok(0) => {}
@@ -100,6 +103,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         requests: AtomicU64::new(0),
     });
     let (tls, cluster_cert_files) = cluster_tls(&cfg)?;
+    let cluster_cert_conflicts = check_cluster_cert(&store, &node_id, &tls).await;
     let cluster = listener::ClusterCtx::new(
         store.clone(),
         node_id.clone(),
@@ -157,6 +161,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         fleet: cluster.fleet.clone(),
         v1: cluster.v1.clone(),
         cluster_cert_files,
+        cluster_cert_conflicts,
         shutdown_tx,
         tasks: vec![admin_task, purge_task, cluster_task, follow_task],
         _rpc: rpc_handle,
@@ -192,6 +197,41 @@ fn cluster_tls(
     })
     .context("loading the cluster certificate")?;
     Ok((tls, files))
+}
+
+/// Records this control plane's cluster certificate in the database and warns when another
+/// control plane on it presents a different one in shared mode, where a data plane pins one
+/// certificate and so cannot fail over between the two. Returns those control planes.
+async fn check_cluster_cert(
+    store: &Store,
+    node_id: &str,
+    tls: &crate::net::tls::ClusterTls,
+) -> Vec<String> {
+    use crate::net::tls::MtlsMode;
+    // Control planes that ran within the last week count.
+    const RECENT: i64 = 7 * 86400;
+    let mode = tls.mode();
+    let digest = &tls.identity().fingerprint_sha256;
+    let now = crate::node::now_secs();
+    match store
+        .record_cluster_cert(node_id, mode.as_str(), digest, now, RECENT)
+        .await
+    {
+        Ok(others) if mode == MtlsMode::Shared && !others.is_empty() => {
+            tracing::warn!(
+                control_planes = ?others,
+                "other control planes on this database present a different cluster certificate \
+                 (shared mode): data planes can fail over only between control planes with the \
+                 same cluster.crt and cluster.key; give every control plane the same pair"
+            );
+            others
+        }
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record the cluster certificate");
+            Vec::new()
+        }
+    }
 }
 
 /// The control plane's operator JSON-RPC methods.
@@ -238,14 +278,6 @@ fn rpc_module(
         },
     )?;
     Ok(module)
-}
-
-fn detail(e: &crate::cp::store::StoreError) -> String {
-    match e {
-        crate::cp::store::StoreError::Unavailable(c)
-        | crate::cp::store::StoreError::Internal(c) => c.clone(),
-        _ => String::new(),
-    }
 }
 
 /// Purges old change-log versions in small batches, so writers are never blocked for long.

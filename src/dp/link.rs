@@ -24,7 +24,14 @@ pub fn tls_for(cfg: &DpConfig) -> anyhow::Result<ClusterTls> {
         server_name: cfg.cluster_server_name.clone(),
         allowed_common_names: Vec::new(),
     })
-    .context("loading the cluster certificate")
+    .with_context(|| {
+        format!(
+            "loading the cluster certificate ({}, {}); pass --cluster-cert and \
+             --cluster-cert-key: the control plane writes cluster.crt and cluster.key to its \
+             data directory (./deltaplane-cp by default) on first start",
+            cfg.cluster_cert, cfg.cluster_cert_key
+        )
+    })
 }
 
 /// Follows the control plane(s) until `stop`.

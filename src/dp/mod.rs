@@ -147,6 +147,8 @@ impl RunningDp {
 
 /// Opens the store, binds the status listener, and starts following the control plane.
 pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
+    // The certificate first: a data plane that cannot load it leaves nothing behind.
+    let tls = link::tls_for(&cfg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
@@ -162,7 +164,6 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
         "data plane store opened"
     );
     let shared = Arc::new(DpShared::new(store, node_id, hostname));
-    let tls = link::tls_for(&cfg)?;
     let (app, rpc_handle) = status::router(shared.clone())?;
     let listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await
@@ -192,6 +193,12 @@ fn open_store(data_dir: &Path, durable: bool) -> anyhow::Result<DpStore> {
     let path = data_dir.join("config.redb");
     let mut opts = DpStoreOptions::recommended();
     opts.durable = durable;
-    DpStore::open(&path, crate::schema::Registry::builtin().clone(), opts)
-        .with_context(|| format!("opening {}", path.display()))
+    DpStore::open(&path, crate::schema::Registry::builtin().clone(), opts).map_err(|e| match e {
+        store::DpStoreError::Redb(redb::Error::DatabaseAlreadyOpen) => anyhow::anyhow!(
+            "the data directory {} is in use by another process (a running deltaplane-dp?): \
+             give each data plane its own --data-dir",
+            data_dir.display()
+        ),
+        e => anyhow::Error::new(e).context(format!("opening {}", path.display())),
+    })
 }

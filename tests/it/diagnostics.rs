@@ -165,3 +165,160 @@ async fn errors_show_while_the_cp_is_away_and_clear_after_a_sync() {
     assert_eq!(planes[0]["health"], "disconnected", "{planes}");
     cp.shutdown().await;
 }
+
+// === errors that say what to do ===
+
+async fn open_error(url: &str) -> String {
+    match deltaplane::cp::store::Store::open(deltaplane::cp::store::StoreOptions::new(url)).await {
+        Ok(_) => panic!("{url} opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn database_urls_fail_with_cause_and_fix() {
+    let e = open_error("mysql://root@127.0.0.1:3306/test").await;
+    assert!(
+        e.starts_with("unsupported database URL scheme 'mysql'") && e.contains("postgres://"),
+        "{e}"
+    );
+    // Nothing listens on port 1.
+    let e = open_error("postgres://postgres@127.0.0.1:1/test").await;
+    assert!(
+        e.starts_with("connection refused at 127.0.0.1:1") && e.contains("--database-url"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_postgres_database_is_named() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let (base, _) = db.url.rsplit_once('/').unwrap();
+    let e = open_error(&format!("{base}/deltaplane_no_such_db")).await;
+    assert!(
+        e.starts_with("database \"deltaplane_no_such_db\" does not exist")
+            && e.contains("createdb deltaplane_no_such_db"),
+        "{e}"
+    );
+}
+
+/// A data plane without the control plane's certificate says which flags to pass, and leaves
+/// no data directory behind.
+#[tokio::test]
+async fn a_dp_without_certificates_says_which_flags_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dp");
+    let cfg = deltaplane::dp::DpConfig::new(
+        &data,
+        "127.0.0.1:8005",
+        "deltaplane-cp/cluster.crt",
+        "deltaplane-cp/cluster.key",
+    );
+    let e = match deltaplane::dp::start(cfg).await {
+        Ok(_) => panic!("started without certificates"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("--cluster-cert") && e.contains("./deltaplane-cp"),
+        "{e}"
+    );
+    assert!(!data.exists(), "left {} behind", data.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_is_refused_by_name() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    let dp = cp.start_dp().await;
+    let mut cfg = dp.cfg.clone();
+    cfg.status_listen = "127.0.0.1:0".parse().unwrap();
+    let e = match deltaplane::dp::start(cfg).await {
+        Ok(_) => panic!("two data planes on one directory"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("is in use by another process") && e.contains("--data-dir"),
+        "{e}"
+    );
+    cp.shutdown().await;
+}
+
+/// Control planes sharing a database in shared mode must present the same certificate: the
+/// second one, with its own, says so at start; with the first one's pair it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_with_different_shared_certificates_are_flagged() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let url = db.url.clone();
+    let cfg_a = db.cp_config();
+    let cp_a = TestCp::start_with(db, cfg_a).await;
+    let other_db = || crate::harness::TestDb {
+        url: url.clone(),
+        dir: tempfile::tempdir().unwrap(),
+        pg: None,
+    };
+    // Its own data dir: its own generated certificate.
+    let db_b = other_db();
+    let mut cfg_b = db_b.cp_config();
+    cfg_b.database_url = Some(url.clone());
+    let cp_b = TestCp::start_with(db_b, cfg_b).await;
+    assert_eq!(
+        cp_b.running().cluster_cert_conflicts,
+        vec![cp_a.running().node_id.clone()]
+    );
+    cp_b.shutdown().await;
+
+    let db_c = other_db();
+    let mut cfg_c = db_c.cp_config();
+    cfg_c.database_url = Some(url.clone());
+    let (crt, key) = cp_a.running().cluster_cert_files.clone().unwrap();
+    cfg_c.cluster_cert = Some((crt.display().to_string(), key.display().to_string()));
+    let cp_c = TestCp::start_with(db_c, cfg_c).await;
+    // B's record is still recent: C (same certificate as A) differs from B only.
+    assert!(
+        !cp_c
+            .running()
+            .cluster_cert_conflicts
+            .contains(&cp_a.running().node_id),
+        "{:?}",
+        cp_c.running().cluster_cert_conflicts
+    );
+    cp_c.shutdown().await;
+    cp_a.shutdown().await;
+}
+
+/// Connection failures a user can fix say how: the Admin API port instead of the cluster
+/// listener, and a certificate the control plane does not accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_port_and_wrong_certificate_are_explained() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cp.dp_config(dir.path());
+    cfg.control_planes = vec![cp.running().admin_addr.to_string()];
+    let dp = TestDp::start(cfg, dir).await;
+    eventually("the admin port is explained", 20, async || {
+        dp.shared()
+            .link()
+            .last_error
+            .is_some_and(|e| e.contains("does not speak TLS") && e.contains("8005"))
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cp.dp_config(dir.path());
+    let (crt, key) = crate::harness::cert_and_key("kong_clustering");
+    cfg.cluster_cert = crt;
+    cfg.cluster_cert_key = key;
+    let dp2 = TestDp::start(cfg, dir).await;
+    eventually("the certificate mismatch is explained", 20, async || {
+        dp2.shared()
+            .link()
+            .last_error
+            .is_some_and(|e| e.contains("cluster.crt") && e.contains("pki"))
+    })
+    .await;
+    drop((dp, dp2));
+    cp.shutdown().await;
+}

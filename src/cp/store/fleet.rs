@@ -120,6 +120,40 @@ impl Store {
         }))
     }
 
+    /// Records the cluster certificate this control plane presents, and returns the other
+    /// control planes on this database that present a different one in the same mode (seen
+    /// within `recent` seconds), as `(node_id, mode)`.
+    pub async fn record_cluster_cert(
+        &self,
+        cp_node: &str,
+        mtls_mode: &str,
+        digest: &str,
+        now: i64,
+        recent: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(on_backend!(self.pool(), p => {
+            sqlx::query(
+                "INSERT INTO dp_cluster_certs (node_id, mtls_mode, cert_digest, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (node_id) DO UPDATE SET mtls_mode = excluded.mtls_mode, \
+                 cert_digest = excluded.cert_digest, updated_at = excluded.updated_at")
+                .bind(cp_node)
+                .bind(mtls_mode)
+                .bind(digest)
+                .bind(now)
+                .execute(p)
+                .await?;
+            sqlx::query_scalar::<_, String>(
+                "SELECT node_id FROM dp_cluster_certs WHERE node_id <> $1 AND mtls_mode = $2 \
+                 AND cert_digest <> $3 AND updated_at >= $4 ORDER BY node_id")
+                .bind(cp_node)
+                .bind(mtls_mode)
+                .bind(digest)
+                .bind(now - recent)
+                .fetch_all(p)
+                .await?
+        }))
+    }
+
     /// Every data plane known to the cluster, by node id.
     pub async fn data_planes(&self) -> Result<Vec<DataPlaneRow>, StoreError> {
         Ok(on_backend!(self.pool(), p => {

@@ -120,6 +120,85 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// Why the store could not be opened, in one line that names the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "unsupported database URL scheme '{0}': use postgres://user@host:port/db, or leave \
+         --database-url unset for the embedded SQLite database"
+    )]
+    UnsupportedScheme(String),
+    #[error("invalid database URL: {0}")]
+    BadUrl(String),
+    #[error("connection refused at {0}: is PostgreSQL running there? (check --database-url)")]
+    Refused(String),
+    #[error(
+        "database \"{db}\" does not exist on {at}: create it (createdb {db}, or CREATE \
+         DATABASE {db}), or fix --database-url"
+    )]
+    NoDatabase { db: String, at: String },
+    #[error(
+        "PostgreSQL at {at} refused user \"{user}\": {message} (check the user and password in \
+         --database-url, and pg_hba.conf)"
+    )]
+    AuthRefused {
+        at: String,
+        user: String,
+        message: String,
+    },
+    #[error(
+        "no answer from PostgreSQL at {at} within {timeout:?} (check --database-url and the network)"
+    )]
+    Timeout { at: String, timeout: Duration },
+    #[error("connecting to PostgreSQL at {at}: {cause}")]
+    Connect { at: String, cause: String },
+    #[error("{}", with_cause(.0))]
+    Store(#[from] StoreError),
+}
+
+/// A [`StoreError`] with the cause it keeps for logs.
+fn with_cause(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(c) | StoreError::Internal(c) | StoreError::CommitUnknown(c) => {
+            format!("{e}: {c}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+impl OpenError {
+    /// Names the cause of a failed first connection to PostgreSQL.
+    fn from_pg(e: sqlx::Error, options: &PgConnectOptions) -> OpenError {
+        let at = format!("{}:{}", options.get_host(), options.get_port());
+        match &e {
+            sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                OpenError::Refused(at)
+            }
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // invalid_catalog_name
+                Some("3D000") => OpenError::NoDatabase {
+                    db: options.get_database().unwrap_or_default().to_owned(),
+                    at,
+                },
+                // invalid_password, invalid_authorization_specification
+                Some("28P01" | "28000") => OpenError::AuthRefused {
+                    at,
+                    user: options.get_username().to_owned(),
+                    message: db.message().to_owned(),
+                },
+                _ => OpenError::Connect {
+                    at,
+                    cause: e.to_string(),
+                },
+            },
+            _ => OpenError::Connect {
+                at,
+                cause: e.to_string(),
+            },
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> StoreError {
         if is_unavailable(&e) {
@@ -213,6 +292,11 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
                 "data_plane_status",
                 include_str!("../../../migrations/sqlite/0003_data_plane_status.sql"),
             ),
+            (
+                4,
+                "cluster_certs",
+                include_str!("../../../migrations/sqlite/0004_cluster_certs.sql"),
+            ),
         ],
         Backend::Postgres => &[
             (
@@ -229,6 +313,11 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
                 3,
                 "data_plane_status",
                 include_str!("../../../migrations/postgres/0003_data_plane_status.sql"),
+            ),
+            (
+                4,
+                "cluster_certs",
+                include_str!("../../../migrations/postgres/0004_cluster_certs.sql"),
             ),
         ],
     };
@@ -251,28 +340,52 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
 impl Store {
     /// Connects, applies pending migrations, and makes sure the change log exists (the default
     /// workspace is version 1).
-    pub async fn open(options: StoreOptions) -> Result<Store, StoreError> {
+    pub async fn open(options: StoreOptions) -> Result<Store, OpenError> {
         let store = Store::connect(options).await?;
         store.migrate().await?;
         Ok(store)
     }
 
     /// Connects without migrating.
-    pub async fn connect(options: StoreOptions) -> Result<Store, StoreError> {
-        let pool =
-            if options.url.starts_with("postgres://") || options.url.starts_with("postgresql://") {
+    pub async fn connect(options: StoreOptions) -> Result<Store, OpenError> {
+        let scheme = options.url.split_once(':').map_or("", |(s, _)| s);
+        let pool = match scheme {
+            "postgres" | "postgresql" => {
                 let connect = PgConnectOptions::from_str(&options.url)
-                    .map_err(|e| StoreError::BadRequest(format!("invalid database url: {e}")))?;
+                    .map_err(|e| OpenError::BadUrl(e.to_string()))?;
+                // One connection first, to name the cause of a failure (the pool would only
+                // say that it timed out).
+                let at = format!("{}:{}", connect.get_host(), connect.get_port());
+                use sqlx::Connection as _;
+                match tokio::time::timeout(
+                    options.acquire_timeout,
+                    sqlx::PgConnection::connect_with(&connect),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Err(OpenError::Timeout {
+                            at,
+                            timeout: options.acquire_timeout,
+                        });
+                    }
+                    Ok(Err(e)) => return Err(OpenError::from_pg(e, &connect)),
+                    Ok(Ok(conn)) => {
+                        let _ = conn.close().await;
+                    }
+                }
                 Pool::Postgres(
                     PgPoolOptions::new()
                         .max_connections(options.max_connections)
                         .acquire_timeout(options.acquire_timeout)
                         .connect_with(connect)
-                        .await?,
+                        .await
+                        .map_err(StoreError::from)?,
                 )
-            } else {
+            }
+            "sqlite" => {
                 let connect = SqliteConnectOptions::from_str(&options.url)
-                    .map_err(|e| StoreError::BadRequest(format!("invalid database url: {e}")))?
+                    .map_err(|e| OpenError::BadUrl(e.to_string()))?
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(if options.sqlite_synchronous_full {
@@ -287,9 +400,12 @@ impl Store {
                         .max_connections(options.max_connections)
                         .acquire_timeout(options.acquire_timeout)
                         .connect_with(connect)
-                        .await?,
+                        .await
+                        .map_err(StoreError::from)?,
                 )
-            };
+            }
+            other => return Err(OpenError::UnsupportedScheme(other.to_owned())),
+        };
         let (head_tx, _) = watch::channel(0);
         Ok(Store {
             inner: Arc::new(Inner {
