@@ -414,6 +414,8 @@ impl Syncer {
         }
         let store = self.shared.store.clone();
         let epoch = self.cp_epoch.clone();
+        let bytes = text.get().len();
+        let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             apply_stream(&store, text.get(), |first| {
                 if full {
@@ -432,6 +434,11 @@ impl Syncer {
         .await
         .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
         match outcome {
+            Ok(Some(v)) if full => {
+                let entities = self.shared.store.state().n_entities;
+                tracing::info!(version = v, entities, bytes, took = ?started.elapsed(), "full sync applied");
+                Ok(Some((v, full)))
+            }
             Ok(v) => Ok(v.map(|v| (v, full))),
             Err(e) => Err(self.reject(e, latest).await),
         }
@@ -502,7 +509,14 @@ impl Syncer {
             tokio::task::spawn_blocking(move || store.stage_commit_with(&id, decode_staged_page))
                 .await
                 .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
-        tracing::info!(transfer = %t.id, ?fetched, total = ?started.elapsed(), ok = committed.is_ok(), "paged transfer ended");
+        match &committed {
+            Ok(a) => {
+                tracing::info!(transfer = %t.id, pages = t.pages, version = a.version, entities = a.n_entities, ?fetched, total = ?started.elapsed(), "paged transfer applied")
+            }
+            Err(e) => {
+                tracing::info!(transfer = %t.id, pages = t.pages, ?fetched, total = ?started.elapsed(), error = %e, "paged transfer failed")
+            }
+        }
         match committed {
             Ok(a) => Ok(a.version),
             Err(e) => {
