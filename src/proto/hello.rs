@@ -118,22 +118,33 @@ pub fn max_payload_of(conf: &Value) -> Option<usize> {
 }
 
 /// A `plugins` list (in a hello's `kong_conf` or a v1 `basic_info`): names, or `{name,
-/// version}` objects; `None` when absent.
+/// version}` objects; `None` when absent. A Kong node's raw configuration says `bundled` for
+/// the plugins bundled with Kong (`schema::BUNDLED_PLUGINS`, version unknown) and `off` for
+/// none, next to the names of custom plugins (Kong's `conf_loader`); both are read so.
 pub fn plugins_of(v: &Value) -> Option<HashMap<String, Option<String>>> {
     let items = v.get("plugins")?.as_array()?;
-    Some(
-        items
-            .iter()
-            .filter_map(|p| match p {
-                Value::String(name) => Some((name.clone(), None)),
-                Value::Object(o) => Some((
-                    o.get("name")?.as_str()?.to_owned(),
-                    o.get("version").and_then(Value::as_str).map(str::to_owned),
-                )),
-                _ => None,
-            })
-            .collect(),
-    )
+    let mut plugins = HashMap::new();
+    for p in items {
+        match p {
+            Value::String(name) if name == "bundled" => {
+                for b in crate::schema::BUNDLED_PLUGINS {
+                    plugins.entry(b.to_owned()).or_insert(None);
+                }
+            }
+            Value::String(name) if name == "off" => {}
+            Value::String(name) => {
+                plugins.insert(name.clone(), None);
+            }
+            Value::Object(o) => {
+                if let Some(name) = o.get("name").and_then(Value::as_str) {
+                    let version = o.get("version").and_then(Value::as_str).map(str::to_owned);
+                    plugins.insert(name.to_owned(), version);
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(plugins)
 }
 
 impl HelloResult {
@@ -286,6 +297,20 @@ pub(crate) mod tests {
         let v: Value = serde_json::from_str(FRAME_2).unwrap();
         let parsed: HelloResult = serde_json::from_value(v["result"].clone()).unwrap();
         assert_eq!(parsed, kong_result());
+    }
+
+    /// A Kong node's `kong_conf.plugins` is its raw `plugins` setting (Kong's
+    /// `kong/conf_loader/init.lua`): `bundled` stands for every bundled plugin.
+    #[test]
+    fn bundled_and_off_are_read_as_kong_reads_them() {
+        let plugins = plugins_of(&json!({"plugins": ["bundled", "my-plugin"]})).unwrap();
+        assert_eq!(plugins.len(), 46);
+        assert_eq!(plugins.get("key-auth"), Some(&None));
+        assert!(plugins.contains_key("my-plugin") && !plugins.contains_key("bundled"));
+        assert!(plugins_of(&json!({"plugins": ["off"]})).unwrap().is_empty());
+        let named = plugins_of(&json!({"plugins": [{"name": "cors", "version": "3.9.1"}]}));
+        assert_eq!(named.unwrap()["cors"].as_deref(), Some("3.9.1"));
+        assert_eq!(plugins_of(&json!({})), None);
     }
 
     #[test]

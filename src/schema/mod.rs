@@ -27,6 +27,56 @@ pub const KONG_COMPAT_VERSION: &str = "3.10.0";
 /// paths (open-source Kong), and a configuration of nothing but workspaces hashes as empty.
 pub const WORKSPACES: &str = "workspaces";
 
+/// The plugins bundled with open-source Kong 3.10, in the order of Kong's
+/// `kong/constants.lua` (`plugins`): what a Kong node's `plugins = bundled` loads.
+pub const BUNDLED_PLUGINS: [&str; 45] = [
+    "jwt",
+    "acl",
+    "correlation-id",
+    "cors",
+    "oauth2",
+    "tcp-log",
+    "udp-log",
+    "file-log",
+    "http-log",
+    "key-auth",
+    "hmac-auth",
+    "basic-auth",
+    "ip-restriction",
+    "request-transformer",
+    "response-transformer",
+    "request-size-limiting",
+    "rate-limiting",
+    "response-ratelimiting",
+    "syslog",
+    "loggly",
+    "datadog",
+    "ldap-auth",
+    "statsd",
+    "bot-detection",
+    "aws-lambda",
+    "request-termination",
+    "prometheus",
+    "proxy-cache",
+    "session",
+    "acme",
+    "grpc-gateway",
+    "grpc-web",
+    "pre-function",
+    "post-function",
+    "azure-functions",
+    "zipkin",
+    "opentelemetry",
+    "ai-proxy",
+    "ai-prompt-decorator",
+    "ai-prompt-template",
+    "ai-prompt-guard",
+    "ai-request-transformer",
+    "ai-response-transformer",
+    "standard-webhooks",
+    "redirect",
+];
+
 /// The plugin type. Named outside `schema/` only for Kong's plugin compatibility check (which
 /// plugins a configuration uses).
 pub const PLUGINS: &str = "plugins";

@@ -541,3 +541,54 @@ async fn kong_dp_never_gets_paged_transfers() {
     }
     cp.shutdown().await;
 }
+
+/// A real Kong 3.10 data plane sends its raw configuration as `kong_conf` (secrets masked by
+/// `kong.configuration.remove_sensitive()`, `kong/clustering/rpc/manager.lua`), where
+/// `plugins` is the raw `plugins` setting: `["bundled"]` by default. Read as a plugin named
+/// "bundled", it would withhold every configuration that uses a plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kong_dp_with_bundled_plugins_gets_the_configuration() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    small_config(&cp).await; // uses key-auth, a bundled plugin
+    let kong_conf = json!({
+        "role": "data_plane",
+        "database": "off",
+        "plugins": ["bundled"],
+        "loaded_plugins": "******",
+        "cluster_control_plane": "cp.example.com:8005",
+        "cluster_mtls": "shared",
+        "cluster_cert": "/etc/kong/cluster.crt",
+        "cluster_cert_key": "******",
+        "cluster_max_payload": 16777216,
+        "cluster_rpc": true,
+        "cluster_rpc_sync": true,
+        "cluster_incremental_sync": false,
+        "router_flavor": "traditional_compatible",
+        "proxy_listen": ["0.0.0.0:8000", "0.0.0.0:8443 ssl"],
+        "admin_listen": ["off"],
+        "lua_ssl_trusted_certificate": ["system"],
+        "prefix": "/usr/local/kong",
+    });
+    let mut dp = RawPeer::connect(&cp).await;
+    let answer = dp.hello_with(KONG_CAPS, KONG_ENCODINGS, kong_conf).await;
+    assert!(answer.get("result").is_some(), "{answer}");
+    let v = dp.call(&get_delta(Some(1), EMPTY_VERSION)).await;
+    assert!(v.get("error").is_none(), "withheld: {v}");
+    let deltas = v["result"]["default"]["deltas"].as_array().unwrap();
+    assert!(deltas.iter().any(|d| d["type"] == "plugins"), "{v}");
+    let rows = cp.running().fleet.data_plane_rows().await.unwrap();
+    assert_eq!(rows[0].sync_status, "normal", "{rows:?}");
+
+    // `plugins = off`: the same configuration is withheld, with Kong's status.
+    let mut off = RawPeer::connect(&cp).await;
+    let conf = json!({"role": "data_plane", "plugins": ["off"]});
+    off.hello_with(KONG_CAPS, KONG_ENCODINGS, conf).await;
+    let v = off.call(&get_delta(Some(1), EMPTY_VERSION)).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("plugin_set_incompatible:")),
+        "{v}"
+    );
+    cp.shutdown().await;
+}
