@@ -132,6 +132,11 @@ pub struct ServeArgs {
     /// Sync v1: push the first change at once, then at most one push per this interval [default: 1s]
     #[arg(long, env = "DELTAPLANE_CLUSTER_PUSH_INTERVAL")]
     pub cluster_push_interval: Option<String>,
+    /// Plugins this control plane accepts (Kong's `plugins`): `bundled` (every plugin bundled
+    /// with Kong), `off` (none) and plugin names, comma-separated; any other plugin is refused
+    /// [default: bundled]
+    #[arg(long, env = "DELTAPLANE_PLUGINS", value_delimiter = ',')]
+    pub plugins: Option<Vec<String>>,
     /// Forget a data plane not seen for this long (at least 60s) [default: 14d]
     #[arg(long, env = "DELTAPLANE_CLUSTER_DATA_PLANE_PURGE_DELAY")]
     pub cluster_data_plane_purge_delay: Option<String>,
@@ -163,6 +168,8 @@ pub struct CpConfig {
     /// Data-plane status rows expire after this long without news (Kong's
     /// `cluster_data_plane_purge_delay`).
     pub data_plane_purge_delay: Duration,
+    /// Kong's `plugins` setting as given (`bundled`, `off`, names); see [`CpConfig::enabled_plugins`].
+    pub plugins: Vec<String>,
 }
 
 impl CpConfig {
@@ -189,6 +196,7 @@ impl CpConfig {
             cluster_ca_cert: None,
             cluster_allowed_common_names: Vec::new(),
             data_plane_purge_delay: Duration::from_secs(14 * 86400),
+            plugins: vec!["bundled".into()],
         }
     }
 
@@ -298,7 +306,44 @@ impl CpConfig {
             );
             cfg.data_plane_purge_delay = d;
         }
+        if let Some(p) = layer.get(args.plugins.clone().map(|v| v.join(",")), "plugins")? {
+            cfg.plugins = split_list(&p);
+        }
+        cfg.enabled_plugins(crate::schema::Registry::builtin())?;
         Ok(cfg)
+    }
+
+    /// The plugins this control plane accepts, from `plugins` as Kong's `conf_loader` reads it:
+    /// `bundled` adds every bundled plugin, `off` alone enables none, and a name must be a
+    /// plugin this build has a schema for.
+    pub fn enabled_plugins(
+        &self,
+        registry: &crate::schema::Registry,
+    ) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let mut enabled = std::collections::BTreeSet::new();
+        for item in &self.plugins {
+            match item.as_str() {
+                "off" => {}
+                "bundled" => enabled.extend(
+                    crate::schema::BUNDLED_PLUGINS
+                        .iter()
+                        .filter(|p| registry.plugin(p).is_some())
+                        .map(|p| p.to_string()),
+                ),
+                name if registry.plugin(name).is_some() => {
+                    enabled.insert(name.to_owned());
+                }
+                name => anyhow::bail!(
+                    "--plugins: '{name}' is not a plugin deltaplane has a schema for (use \
+                     bundled, off, or names from GET /schemas/plugins)"
+                ),
+            }
+        }
+        anyhow::ensure!(
+            !self.plugins.iter().any(|p| p == "off") || self.plugins.len() == 1,
+            "--plugins: 'off' cannot be combined with other values"
+        );
+        Ok(enabled)
     }
 
     /// The Admin API may only listen beyond loopback with a token, or when told it is fine.
@@ -337,4 +382,5 @@ const KNOWN_KEYS: &[&str] = &[
     "cluster-sync-v2",
     "cluster-rpc",
     "cluster-push-interval",
+    "plugins",
 ];

@@ -101,6 +101,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         admin_token: cfg.admin_token.clone(),
         body_limit: cfg.body_limit,
         requests: AtomicU64::new(0),
+        enabled_plugins: Arc::new(cfg.enabled_plugins(store.registry())?),
     });
     let (tls, cluster_cert_files) = cluster_tls(&cfg)?;
     let cluster_cert_conflicts = check_cluster_cert(&store, &node_id, &tls).await;

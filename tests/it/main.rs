@@ -17,6 +17,7 @@ mod harness;
 mod interop;
 mod layering;
 mod pgcluster;
+mod plugins;
 mod proxy;
 mod rawpeer;
 mod sync;

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub admin_token: Option<String>,
     pub body_limit: usize,
     pub requests: AtomicU64,
+    /// The plugins this control plane accepts (`--plugins`).
+    pub enabled_plugins: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// Static facts about this node, for `GET /`.
@@ -49,6 +51,7 @@ pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/status", get(status))
+        .route("/plugins/enabled", get(enabled_plugins))
         .fallback(dispatch)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
@@ -114,6 +117,11 @@ async fn root(State(state): State<Arc<AdminState>>) -> Response {
         "plugins": { "available_on_server": plugins },
     }))
     .into_response()
+}
+
+/// `GET /plugins/enabled` (`kong/api/routes/plugins.lua`): the plugins this node accepts.
+async fn enabled_plugins(State(state): State<Arc<AdminState>>) -> Response {
+    Json(json!({ "enabled_plugins": *state.enabled_plugins })).into_response()
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
@@ -429,6 +437,31 @@ fn parse_input(
     }
 }
 
+/// Kong refuses a plugin that is not enabled on the node with a schema violation on `name`
+/// (`subschema_error` in `kong/db/schema/entities/plugins.lua`). Stored plugins keep working.
+fn refuse_disabled_plugin(
+    state: &AdminState,
+    schema: &EntitySchema,
+    input: &Value,
+) -> Result<(), Response> {
+    if schema.name != crate::schema::PLUGINS {
+        return Ok(());
+    }
+    match input.get("name").and_then(Value::as_str) {
+        Some(name) if !state.enabled_plugins.contains(name) => {
+            let mut errors = crate::schema::FieldErrors::default();
+            errors.field(
+                "name",
+                format!(
+                    "plugin '{name}' not enabled; add it to the 'plugins' configuration property"
+                ),
+            );
+            Err(error_response(StoreError::Schema(errors)))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn parse_size(query: &HashMap<String, String>) -> Result<usize, Response> {
     let bad = || {
         (
@@ -458,12 +491,14 @@ async fn handle(
     let store = &state.store;
     let registry = store.registry().clone();
     let input = |schema: &EntitySchema| -> Result<Value, Response> {
-        parse_input(
+        let input = parse_input(
             &registry,
             schema,
             headers,
             body.as_ref().unwrap_or(&Bytes::new()),
-        )
+        )?;
+        refuse_disabled_plugin(state, schema, &input)?;
+        Ok(input)
     };
     macro_rules! input_or_return {
         ($schema:expr) => {
