@@ -1458,7 +1458,14 @@ async fn get_delta_once(
             kong_version: "3.10.0".into(),
             kong_hostname: "loadtest".into(),
             kong_node_id: uuid::Uuid::new_v4().to_string(),
-            kong_conf: data_plane_conf(&[], 1 << 30, None),
+            kong_conf: data_plane_conf(
+                &[],
+                1 << 30,
+                &deltaplane::schema::Registry::builtin()
+                    .plugins()
+                    .map(|p| (p.name.clone(), "3.10.0".to_owned()))
+                    .collect::<Vec<_>>(),
+            ),
         },
         Duration::from_secs(10),
     )

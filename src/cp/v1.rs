@@ -356,7 +356,8 @@ where
     tracing::info!(node_id = %conn.node_id, hostname = %conn.hostname, peer = %addr, kong_version = %conn.kong_version, "data plane connected (sync v1)");
     hub.clients.fetch_add(1, Ordering::Relaxed);
     hub.joined.notify_one();
-    let reason = run(&mut ws, &hub, &conn, &mut stop).await;
+    let notices = info.get(crate::proto::v1::NOTICES) == Some(&Value::Bool(true));
+    let reason = run(&mut ws, &hub, &conn, notices, &mut stop).await;
     hub.clients.fetch_sub(1, Ordering::Relaxed);
     hub.fleet.unregister(id, &conn).await;
     tracing::info!(node_id = %conn.node_id, peer = %addr, %reason, "data plane disconnected (sync v1)");
@@ -398,6 +399,7 @@ async fn run<S>(
     ws: &mut WebSocketStream<S>,
     hub: &V1Hub,
     conn: &DpConn,
+    notices: bool,
     stop: &mut watch::Receiver<bool>,
 ) -> String
 where
@@ -431,14 +433,28 @@ where
             && sent_version.as_ref() != Some(&(p.version, p.epoch.clone()))
         {
             match push(ws, hub, conn, &p).await {
-                Ok(true) => {
+                Ok(Pushed::Withheld(message)) => {
+                    // A deltaplane data plane asked to be told why; a Kong one gets nothing,
+                    // as from Kong's control plane.
+                    if notices {
+                        let notice = crate::proto::v1::withheld_notice(&message);
+                        let sent = tokio::time::timeout(
+                            s.write_timeout,
+                            ws.send(Message::Text(notice.into())),
+                        )
+                        .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            return "write stalled or failed".into();
+                        }
+                    }
+                }
+                Ok(Pushed::Sent) => {
                     sent_version = Some((p.version, p.epoch.clone()));
                     sent.push((p.reported_hash.clone(), p.version));
                     if sent.len() > 4 {
                         sent.remove(0);
                     }
                 }
-                Ok(false) => {}
                 Err(e) => return e,
             }
         }
@@ -496,20 +512,26 @@ fn kind(m: &Message) -> &'static str {
     }
 }
 
-/// Sends `p` unless a compatibility check withholds it: `Ok(true)` sent, `Ok(false)`
-/// withheld, `Err` the connection is done.
+/// What became of a payload.
+enum Pushed {
+    Sent,
+    /// Not sent, for this reason (also recorded on the data plane's row).
+    Withheld(String),
+}
+
+/// Sends `p` unless a compatibility check withholds it; `Err`: the connection is done.
 async fn push<S>(
     ws: &mut WebSocketStream<S>,
     hub: &V1Hub,
     conn: &DpConn,
     p: &Payload,
-) -> Result<bool, String>
+) -> Result<Pushed, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     if let Err(message) = hub.fleet.check_plugins(conn).await {
         tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld (sync v1)");
-        return Ok(false);
+        return Ok(Pushed::Withheld(message));
     }
     let bytes = if conn.older {
         match hub.downgraded(p, &conn.kong_version).await {
@@ -520,8 +542,8 @@ where
                     conn.kong_version
                 );
                 tracing::error!(node_id = %conn.node_id, %message);
-                conn.set_error(message);
-                return Ok(false);
+                conn.set_error(message.clone());
+                return Ok(Pushed::Withheld(message));
             }
         }
     } else {
@@ -536,8 +558,8 @@ where
             limit
         );
         tracing::error!(node_id = %conn.node_id, %message);
-        conn.set_error(message);
-        return Ok(false);
+        conn.set_error(message.clone());
+        return Ok(Pushed::Withheld(message));
     }
     let sent = tokio::time::timeout(
         hub.settings.write_timeout.max(Duration::from_secs(1)),
@@ -547,7 +569,7 @@ where
     match sent {
         Ok(Ok(())) => {
             tracing::debug!(node_id = %conn.node_id, version = p.version, hash = %p.config_hash, "sync v1: pushed");
-            Ok(true)
+            Ok(Pushed::Sent)
         }
         Ok(Err(e)) => Err(format!("write: {e}")),
         Err(_) => Err("write stalled".into()),

@@ -259,6 +259,27 @@ impl DpConfig {
     }
 }
 
+impl DpConfig {
+    /// The plugins this data plane runs, as (name, version), announced to the control plane
+    /// over either protocol: `--plugins` (a name without a version runs at
+    /// `--kong-compat-version`), or every plugin this build has a schema for.
+    pub fn announced_plugins(&self, registry: &crate::schema::Registry) -> Vec<(String, String)> {
+        match &self.plugins {
+            Some(list) => list
+                .iter()
+                .map(|p| match p.split_once(':') {
+                    Some((n, v)) => (n.to_owned(), v.to_owned()),
+                    None => (p.clone(), self.kong_compat_version.clone()),
+                })
+                .collect(),
+            None => registry
+                .plugins()
+                .map(|p| (p.name.clone(), self.kong_compat_version.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// Kong's rules for `cluster_dp_labels`: at most 10 `key:value` pairs, key and value 1–63
 /// characters of letters, digits and `_.-`, unique keys, and no key in Kong's reserved
 /// prefixes.

@@ -165,21 +165,7 @@ pub fn apply_message(
 
 /// `basic_info`: the plugins this data plane runs and its labels.
 fn basic_info(cfg: &DpConfig, shared: &DpShared) -> Value {
-    let plugins: Vec<(String, String)> = match &cfg.plugins {
-        Some(list) => list
-            .iter()
-            .map(|p| match p.split_once(':') {
-                Some((n, v)) => (n.to_owned(), v.to_owned()),
-                None => (p.clone(), cfg.kong_compat_version.clone()),
-            })
-            .collect(),
-        None => shared
-            .store
-            .registry()
-            .plugins()
-            .map(|p| (p.name.clone(), cfg.kong_compat_version.clone()))
-            .collect(),
-    };
+    let plugins = cfg.announced_plugins(shared.store.registry());
     crate::proto::v1::basic_info(&plugins, &cfg.labels, cfg.cluster.max_payload)
 }
 
@@ -259,6 +245,16 @@ pub async fn session(
                         break V1End::Closed(format!("closed by the control plane: {reason}"));
                     }
                     None => break V1End::Closed("connection closed".into()),
+                    Some(Ok(Message::Text(text))) => {
+                        // Asked for in basic_info: why the control plane sends nothing.
+                        match crate::proto::v1::read_withheld_notice(&text) {
+                            Some(message) => {
+                                tracing::warn!(control_plane = %cp, %message, "sync v1: the control plane withholds the configuration");
+                                shared.update_link(|l| l.last_error = Some(message));
+                            }
+                            None => tracing::debug!(control_plane = %cp, "sync v1: ignoring an unexpected text frame"),
+                        }
+                    }
                     Some(Ok(other)) => {
                         tracing::debug!(control_plane = %cp, ?other, "sync v1: ignoring an unexpected frame");
                     }

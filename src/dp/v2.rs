@@ -64,7 +64,11 @@ pub(super) async fn session(
         kong_version: cfg.kong_compat_version.clone(),
         kong_hostname: shared.hostname.clone(),
         kong_node_id: shared.node_id.clone(),
-        kong_conf: data_plane_conf(&cfg.labels, cfg.cluster.max_payload, cfg.plugins.as_deref()),
+        kong_conf: data_plane_conf(
+            &cfg.labels,
+            cfg.cluster.max_payload,
+            &cfg.announced_plugins(shared.store.registry()),
+        ),
     };
     let result = hello::client_handshake(&mut ws, &hello_msg, timeout)
         .await

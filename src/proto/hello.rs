@@ -90,24 +90,22 @@ impl Hello {
     }
 }
 
-/// The `kong_conf` a data plane sends: its role, labels, payload limit and, when configured,
-/// its plugins (`name` or `name:version` items become names or `{name, version}` objects).
-pub fn data_plane_conf(labels: &[String], max_payload: usize, plugins: Option<&[String]>) -> Value {
-    let mut conf = serde_json::json!({
+/// The `kong_conf` a data plane sends: its role, labels, payload limit and the plugins it runs
+/// as `{name, version}` objects (what a control plane checks its configuration against).
+pub fn data_plane_conf(
+    labels: &[String],
+    max_payload: usize,
+    plugins: &[(String, String)],
+) -> Value {
+    serde_json::json!({
         "role": "data_plane",
         "cluster_dp_labels": labels,
         "cluster_max_payload": max_payload,
-    });
-    if let Some(plugins) = plugins {
-        conf["plugins"] = plugins
+        "plugins": plugins
             .iter()
-            .map(|p| match p.split_once(':') {
-                Some((name, version)) => serde_json::json!({"name": name, "version": version}),
-                None => Value::String(p.clone()),
-            })
-            .collect();
-    }
-    conf
+            .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
+            .collect::<Vec<_>>(),
+    })
 }
 
 /// `cluster_max_payload` of a configuration object (a hello's `kong_conf`, a v1

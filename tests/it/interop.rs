@@ -400,6 +400,12 @@ async fn golden_exchange_our_dp_against_a_kong_cp() {
         assert!(info[field].is_string(), "{field}: {info}");
     }
     assert!(info["kong_conf"].is_object(), "{info}");
+    // Without --plugins it announces every plugin it knows, as its v1 basic_info does.
+    let plugins = info["kong_conf"]["plugins"].as_array().expect("plugins");
+    assert!(
+        plugins.contains(&json!({"name": "key-auth", "version": "3.10.0"})),
+        "{info}"
+    );
     kong.send_raw(
         &br#"{"jsonrpc":"2.0","id":1,"result":{"rpc_capabilities":["kong.sync.v2"],"rpc_frame_encoding":"x-snappy-framed"}}"#[..],
     )

@@ -465,6 +465,21 @@ async fn plugin_set_compatibility_on_v1() {
     })
     .await;
     assert_eq!(dp.state().0, 0);
+    // Our data plane asked to be told why (Kong's is not): it shows the reason.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !dp
+        .shared()
+        .link()
+        .last_error
+        .is_some_and(|e| e.starts_with("plugin_set_incompatible:") && e.contains("rate-limiting"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            dp.shared().status_json()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let dp2 = dp_with(&cp, SyncMode::V1, |c| {
         c.plugins = Some(vec!["rate-limiting:3.11.0".into()]);
     })
@@ -482,6 +497,7 @@ async fn plugin_set_compatibility_on_v1() {
     );
     dp.converge(&cp, 20).await;
     row_until(&cp, &id, "normal again", |r| r.sync_status == "normal").await;
+    assert_eq!(dp.shared().link().last_error, None);
     cp.shutdown().await;
 }
 

@@ -21,6 +21,30 @@ pub const PATH: &str = "/v1/outlet";
 /// A data plane's first message: `{"type":"basic_info","plugins":[{name, version}…],
 /// "labels":{…},"process_conf":{…}}` (Kong's `clustering/data_plane.lua`). `plugins` are
 /// (name, version) pairs, sent sorted by lower-case name; `labels` are `key:value` items.
+/// The `basic_info` member by which a deltaplane data plane asks for [`withheld_notice`]s
+/// (Kong's control plane ignores members it does not know; a Kong data plane never sends it,
+/// so it never gets a text frame).
+pub const NOTICES: &str = "deltaplane_notices";
+
+/// The `type` of a withheld notice.
+const WITHHELD: &str = "deltaplane_withheld";
+
+/// A text frame telling a deltaplane data plane why the control plane withholds the
+/// configuration (Kong's v1 control plane just sends nothing, so its data plane cannot show
+/// why).
+pub fn withheld_notice(message: &str) -> String {
+    serde_json::json!({"type": WITHHELD, "message": message}).to_string()
+}
+
+/// Reads a [`withheld_notice`]: its message.
+pub fn read_withheld_notice(text: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    if v.get("type")?.as_str()? != WITHHELD {
+        return None;
+    }
+    Some(v.get("message")?.as_str()?.to_owned())
+}
+
 pub fn basic_info(plugins: &[(String, String)], labels: &[String], max_payload: usize) -> Value {
     let mut plugins = plugins.to_vec();
     plugins.sort_by_key(|(n, _)| n.to_lowercase());
@@ -36,6 +60,7 @@ pub fn basic_info(plugins: &[(String, String)], labels: &[String], max_payload: 
             .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
             .collect::<Vec<_>>(),
         "labels": labels,
+        NOTICES: true,
         "process_conf": {
             "role": "data_plane",
             "cluster_max_payload": max_payload,
