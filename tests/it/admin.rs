@@ -896,3 +896,60 @@ async fn database_outage_gives_503_then_recovers() {
     assert_eq!(info.version, 3, "workspace, before, after: no gap");
     cp.shutdown().await;
 }
+
+// A nested DELETE of a child that is gone, or that belongs to another parent, is 404; Kong's
+// `delete_entity_endpoint` (`kong/api/endpoints.lua`) selects the parent, then the child, and
+// compares the child's foreign key before deleting. A top-level DELETE stays 204.
+both_backends!(nested_delete_of_missing_child_is_404, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    cp.create("/consumers", json!({"username": "alice"})).await;
+    cp.create("/consumers", json!({"username": "bob"})).await;
+    let ka = cp.create("/consumers/alice/key-auth", json!({})).await;
+    let jwt = cp.create("/consumers/alice/jwt", json!({})).await;
+    let bobs = cp.create("/consumers/bob/key-auth", json!({})).await;
+    for (path, id) in [("key-auth", &ka["id"]), ("jwt", &jwt["id"])] {
+        let id = id.as_str().unwrap();
+        let nested = format!("/consumers/alice/{path}/{id}");
+        assert_eq!(cp.delete(&nested).await.status, StatusCode::NO_CONTENT);
+        let r = cp.delete(&nested).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{nested} again: {r:?}");
+        assert_eq!(r.body["message"], "Not found");
+    }
+    // Another consumer's credential is not alice's to delete, and stays.
+    let other = format!("/consumers/alice/key-auth/{}", bobs["id"].as_str().unwrap());
+    assert_eq!(cp.delete(&other).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        cp.get(&format!("/key-auths/{}", bobs["id"].as_str().unwrap()))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // An absent parent is 404 too.
+    let r = cp
+        .delete(&format!(
+            "/consumers/carol/key-auth/{}",
+            bobs["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // A many-to-one path never deletes the parent (405 when set, 404 when unset).
+    cp.create("/services", json!({"name": "s", "host": "s.test"}))
+        .await;
+    cp.create("/services/s/routes", json!({"name": "r", "paths": ["/r"]}))
+        .await;
+    cp.create("/routes", json!({"name": "lone", "paths": ["/l"]}))
+        .await;
+    assert_eq!(
+        cp.delete("/routes/r/service").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(cp.get("/services/s").await.status, StatusCode::OK);
+    assert_eq!(
+        cp.delete("/routes/lone/service").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // Top-level DELETE of something absent stays 204, as in Kong.
+    let gone = format!("/key-auths/{}", ka["id"].as_str().unwrap());
+    assert_eq!(cp.delete(&gone).await.status, StatusCode::NO_CONTENT);
+    cp.shutdown().await;
+});

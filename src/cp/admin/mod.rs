@@ -359,8 +359,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // The limit error may sit a few sources down (axum wraps hyper's body error).
         let too_large =
-            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| e.source())
-                .any(|s| s.is::<http_body_util::LengthLimitError>());
+            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             message(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -580,6 +582,14 @@ async fn handle(
             else {
                 return Err(StoreError::NotFound);
             };
+            if method == Method::DELETE {
+                // Kong refuses to delete through a many-to-one path (`delete_entity_endpoint`
+                // in `kong/api/endpoints.lua`): the parent is not the child's to delete.
+                return Ok(message(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "Method not allowed",
+                ));
+            }
             entity_op(state, &parent, pid.to_owned(), None, method, || {
                 input(&parent)
             })

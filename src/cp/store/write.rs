@@ -40,7 +40,8 @@ pub enum Op {
         input: Value,
         scope: Option<Scope>,
     },
-    /// DELETE: remove an entity (and cascade); absent entities are not an error.
+    /// DELETE: remove an entity (and cascade). An absent entity is not an error, except under
+    /// a scope: a child that is absent or belongs to another parent is `NotFound`.
     Delete {
         entity: String,
         key: String,
@@ -589,8 +590,12 @@ impl WriteCtx<'_> {
             }
             Op::Delete { entity, key, scope } => {
                 let schema = self.schema(&entity)?;
-                if let Some(existing) = self.resolve(&schema, &key, scope.as_ref()).await? {
-                    self.delete_cascade(&schema, existing).await?;
+                match self.resolve(&schema, &key, scope.as_ref()).await? {
+                    Some(existing) => self.delete_cascade(&schema, existing).await?,
+                    // Kong's nested DELETE answers 404 for a child that is absent or belongs to
+                    // another parent (`delete_entity_endpoint` in `kong/api/endpoints.lua`).
+                    None if scope.is_some() => return Err(StoreError::NotFound),
+                    None => {}
                 }
                 Ok(Outcome {
                     version: None,
