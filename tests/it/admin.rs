@@ -760,6 +760,26 @@ async fn admin_token_guards_every_request() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // decK and Kong's clients send the token in `Kong-Admin-Token`.
+    let with_header = |value: &'static str| {
+        cp.client
+            .get(format!("{}/services", cp.base))
+            .header("Kong-Admin-Token", value)
+            .send()
+    };
+    assert_eq!(
+        with_header("s3cret").await.unwrap().status(),
+        StatusCode::OK
+    );
+    let r = with_header("wrong").await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // The refusal says how to send the token.
+    let body: serde_json::Value = r.json().await.unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("Authorization: Bearer") && msg.contains("Kong-Admin-Token"),
+        "{msg}"
+    );
     // The operator JSON-RPC on the same listener is guarded too.
     let call = json!({"jsonrpc": "2.0", "id": 1, "method": "deltaplane.sync_version"});
     let rpc = format!("{}/rpc", cp.base);

@@ -56,7 +56,12 @@ pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
         .layer(axum::middleware::from_fn_with_state(state, guard))
 }
 
-/// Counts requests and checks the bearer token when one is configured.
+/// The header decK and Kong's clients send an Admin API token in (`--headers
+/// 'Kong-Admin-Token:…'`), accepted beside `Authorization: Bearer`.
+const KONG_ADMIN_TOKEN: &str = "kong-admin-token";
+
+/// Counts requests and checks the admin token when one is configured: either
+/// `Authorization: Bearer <token>` or `Kong-Admin-Token: <token>` must carry it.
 async fn guard(
     State(state): State<Arc<AdminState>>,
     req: Request,
@@ -64,14 +69,22 @@ async fn guard(
 ) -> Response {
     state.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(token) = &state.admin_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            let mut resp = message(StatusCode::UNAUTHORIZED, "Unauthorized");
+        let headers = req.headers();
+        let bearer = headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+        let kong = headers
+            .get_all(KONG_ADMIN_TOKEN)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let mut given = bearer.chain(kong);
+        if !given.any(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            let mut resp = message(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized: this Admin API requires its admin token, sent as \
+                 'Authorization: Bearer <token>' or 'Kong-Admin-Token: <token>'",
+            );
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return resp;
