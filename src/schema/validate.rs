@@ -437,6 +437,15 @@ fn check_fields(fields: &[Field], obj: &Map<String, Value>, errors: &mut FieldEr
     }
 }
 
+impl Field {
+    /// Whether `v` passes this field's own checks (type, `one_of`, `between`, lengths,
+    /// validator), as Kong's `Schema:validate_field`; used to decide whether a value can
+    /// name an entity by this field.
+    pub fn accepts(&self, v: &Value) -> bool {
+        !v.is_null() && check_value(self, v).is_none()
+    }
+}
+
 /// The error for one value, or `None` when it is valid.
 fn check_value(field: &Field, v: &Value) -> Option<Value> {
     let type_err = |what: &str| Some(Value::String(format!("expected {what}")));

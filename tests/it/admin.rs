@@ -973,3 +973,124 @@ both_backends!(nested_delete_of_missing_child_is_404, |b| async move {
     assert_eq!(cp.delete(&gone).await.status, StatusCode::NO_CONTENT);
     cp.shutdown().await;
 });
+
+// A foreign key may name its entity by any unique field of it: Kong's `resolve_foreign`
+// (`kong/db/dao/init.lua`) on insert, update and upsert, and `foreign_keys_unresolved`
+// (`kong/db/errors.lua`, code 13) when nothing matches.
+both_backends!(foreign_keys_by_unique_field, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let billing = cp
+        .create("/services", json!({"name": "billing", "host": "b.test"}))
+        .await;
+    let other = cp
+        .create("/services", json!({"name": "other", "host": "o.test"}))
+        .await;
+    let alice = cp
+        .create(
+            "/consumers",
+            json!({"username": "alice", "custom_id": "c-1"}),
+        )
+        .await;
+
+    // Insert, by JSON and by form field.
+    let r = cp
+        .create(
+            "/routes",
+            json!({"name": "r", "paths": ["/r"], "service": {"name": "billing"}}),
+        )
+        .await;
+    assert_eq!(r["service"], json!({"id": billing["id"]}));
+    let r = cp
+        .post_form("/routes", "name=f&paths=/f&service.name=billing")
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["service"], json!({"id": billing["id"]}));
+    // Update and upsert.
+    let r = cp
+        .patch("/routes/r", json!({"service": {"name": "other"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["service"], json!({"id": other["id"]}));
+    let r = cp
+        .put(
+            "/routes/p",
+            json!({"paths": ["/p"], "service": {"name": "billing"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["service"], json!({"id": billing["id"]}));
+    // A consumer by username or by custom_id.
+    let p = cp
+        .create(
+            "/plugins",
+            json!({"name": "rate-limiting", "consumer": {"username": "alice"},
+                   "config": {"minute": 5}}),
+        )
+        .await;
+    assert_eq!(p["consumer"], json!({"id": alice["id"]}));
+    let p = cp
+        .create(
+            "/plugins",
+            json!({"name": "cors", "consumer": {"custom_id": "c-1"}}),
+        )
+        .await;
+    assert_eq!(p["consumer"], json!({"id": alice["id"]}));
+    // A valid primary key wins; other keys beside it are ignored, as Kong does.
+    let r = cp
+        .create(
+            "/routes",
+            json!({"paths": ["/i"], "service": {"id": other["id"], "name": "billing"}}),
+        )
+        .await;
+    assert_eq!(r["service"], json!({"id": other["id"]}));
+
+    // Nothing matches: 400, code 13, Kong's message and field tree.
+    let before = cp.store().version_info().await.unwrap().version;
+    let r = cp
+        .post(
+            "/routes",
+            json!({"paths": ["/x"], "service": {"name": "nope"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    assert_eq!(r.body["code"], 13);
+    assert_eq!(r.body["name"], "foreign keys unresolved");
+    assert_eq!(
+        r.body["message"],
+        "foreign key unresolved (service.name: the foreign key cannot be resolved with \
+         '{name=\"nope\"}' for an existing 'services' entity)"
+    );
+    assert_eq!(
+        r.body["fields"]["service"]["name"],
+        "the foreign key cannot be resolved with '{name=\"nope\"}' for an existing 'services' entity"
+    );
+    let r = cp.post_form("/routes", "paths=/x&service.name=nope").await;
+    assert_eq!(r.body["code"], 13, "{r:?}");
+    let r = cp
+        .patch("/routes/r", json!({"service": {"name": "nope"}}))
+        .await;
+    assert_eq!(r.body["code"], 13, "{r:?}");
+    // Kong reports every unique value that matched nothing, even when a later one matched.
+    let r = cp
+        .post(
+            "/plugins",
+            json!({"name": "cors", "consumer": {"username": "nobody", "custom_id": "c-1"}}),
+        )
+        .await;
+    assert_eq!(r.body["code"], 13, "{r:?}");
+    assert_eq!(
+        r.body["fields"]["consumer"]["username"],
+        "the foreign key cannot be resolved with '{username=\"nobody\"}' for an existing 'consumers' entity"
+    );
+    assert_eq!(
+        cp.store().version_info().await.unwrap().version,
+        before,
+        "a refused write makes no version"
+    );
+    // A value that names no unique field is a schema violation, as before.
+    let r = cp
+        .post("/routes", json!({"paths": ["/x"], "service": {"bogus": 1}}))
+        .await;
+    assert_eq!(r.body["code"], 2, "{r:?}");
+    cp.shutdown().await;
+});

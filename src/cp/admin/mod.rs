@@ -190,6 +190,13 @@ pub fn error_response(e: StoreError) -> Response {
             message,
             Some(Value::Object(fields)),
         ),
+        StoreError::ForeignKeysUnresolved { message, fields } => kong(
+            StatusCode::BAD_REQUEST,
+            13,
+            "foreign keys unresolved",
+            message,
+            Some(Value::Object(fields)),
+        ),
         StoreError::PrimaryKey { message, fields } => kong(
             StatusCode::BAD_REQUEST,
             3,

@@ -98,6 +98,13 @@ pub enum StoreError {
         message: String,
         fields: serde_json::Map<String, Value>,
     },
+    /// A foreign key given by a unique field of the referenced entity names no entity
+    /// (Kong's `FOREIGN_KEYS_UNRESOLVED`). `fields` is Kong's tree: `{"service": {"name": msg}}`.
+    #[error("{message}")]
+    ForeignKeysUnresolved {
+        message: String,
+        fields: serde_json::Map<String, Value>,
+    },
     #[error("{0}")]
     ReferencedByOthers(String),
     #[error("{message}")]

@@ -501,7 +501,8 @@ impl WriteCtx<'_> {
                 scope,
             } => {
                 let schema = self.schema(&entity)?;
-                let input = self.scoped_input(input, scope.as_ref()).await?;
+                let mut input = self.scoped_input(input, scope.as_ref()).await?;
+                self.resolve_foreign(&schema, &mut input).await?;
                 let prepared = self
                     .registry
                     .prepare(&schema, input, None, Mode::Insert, self.now)
@@ -544,6 +545,7 @@ impl WriteCtx<'_> {
                         m.insert(ek.clone(), Value::String(key.clone()));
                     }
                 }
+                self.resolve_foreign(&schema, &mut input).await?;
                 let mode = if existing.is_some() {
                     Mode::Replace
                 } else {
@@ -574,7 +576,8 @@ impl WriteCtx<'_> {
                     .resolve(&schema, &key, scope.as_ref())
                     .await?
                     .ok_or(StoreError::NotFound)?;
-                let input = self.scoped_input(input, scope.as_ref()).await?;
+                let mut input = self.scoped_input(input, scope.as_ref()).await?;
+                self.resolve_foreign(&schema, &mut input).await?;
                 let prepared = self
                     .registry
                     .prepare(&schema, input, Some(&existing), Mode::Update, self.now)
@@ -624,6 +627,106 @@ impl WriteCtx<'_> {
             }
         }
         Ok(input)
+    }
+
+    /// Kong's `resolve_foreign` (`kong/db/dao/init.lua`), run on insert, update and upsert
+    /// inside the write transaction, so a rename or delete of the referenced entity cannot
+    /// slip between the lookup and the write: a foreign key given without a valid primary key
+    /// (`{"service": {"name": "billing"}}`, `{"consumer": {"username": "alice"}}`) is looked up
+    /// by each unique field of the referenced entity that it carries with a valid value, in
+    /// schema order, and replaced by `{"id": ..}` at the first match. Every unique value that
+    /// matched nothing is reported, as Kong does (also when a later one matched). A value with
+    /// a valid primary key keeps only it (Kong ignores the other keys). Anything else is left
+    /// for schema validation to report.
+    async fn resolve_foreign(
+        &mut self,
+        schema: &EntitySchema,
+        input: &mut Value,
+    ) -> Result<(), StoreError> {
+        let Value::Object(input) = input else {
+            return Ok(());
+        };
+        let mut unresolved: Vec<(String, String, Value, String)> = Vec::new();
+        let fks: Vec<_> = self
+            .registry
+            .references_of(&schema.name)
+            .filter(|fk| !fk.is_array)
+            .cloned()
+            .collect();
+        for fk in fks {
+            let Some(Value::Object(given)) = input.get(&fk.field) else {
+                continue;
+            };
+            let parent = self.schema(&fk.parent)?;
+            let pk = &parent.primary_key;
+            if let Some(id) = given.get(pk).and_then(Value::as_str)
+                && crate::schema::is_uuid(id)
+            {
+                let id = id.to_owned();
+                input.insert(fk.field.clone(), serde_json::json!({ pk.clone(): id }));
+                continue;
+            }
+            let given = given.clone();
+            let mut resolved = None;
+            for unique in parent.unique_fields() {
+                let Some(value) = given.get(&unique.name).filter(|v| unique.accepts(v)) else {
+                    continue;
+                };
+                let ws = self.ws.clone();
+                match self
+                    .tx
+                    .find_key(&parent.name, &ws, &unique.name, &canonical(value))
+                    .await?
+                {
+                    Some(id) => {
+                        resolved = Some(id);
+                        break;
+                    }
+                    None => unresolved.push((
+                        fk.field.clone(),
+                        unique.name.clone(),
+                        value.clone(),
+                        parent.name.clone(),
+                    )),
+                }
+            }
+            if let Some(id) = resolved {
+                input.insert(fk.field.clone(), serde_json::json!({ pk.clone(): id }));
+            }
+        }
+        if unresolved.is_empty() {
+            return Ok(());
+        }
+        // Kong's `foreign_keys_unresolved` (`kong/db/errors.lua`): sorted by field, then by
+        // the unique field within it.
+        unresolved.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut fields = Map::new();
+        let mut parts = Vec::new();
+        for (field, unique, value, parent) in unresolved {
+            let mut probe = Map::new();
+            probe.insert(unique.clone(), value);
+            let msg = format!(
+                "the foreign key cannot be resolved with '{}' for an existing '{parent}' entity",
+                super::kong_pretty(&probe)
+            );
+            parts.push(format!("{field}.{unique}: {msg}"));
+            if let Value::Object(m) = fields
+                .entry(field)
+                .or_insert_with(|| Value::Object(Map::new()))
+            {
+                m.insert(unique, Value::String(msg));
+            }
+        }
+        let message = if parts.len() == 1 {
+            format!("foreign key unresolved ({})", parts[0])
+        } else {
+            format!(
+                "{} foreign keys unresolved ({})",
+                parts.len(),
+                parts.join("; ")
+            )
+        };
+        Err(StoreError::ForeignKeysUnresolved { message, fields })
     }
 
     /// Finds an entity by id or endpoint key, within `scope` when given.
