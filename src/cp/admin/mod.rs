@@ -364,8 +364,8 @@ async fn dispatch(State(state): State<Arc<AdminState>>, req: Request) -> Respons
     let body = if method == Method::GET || method == Method::DELETE {
         None
     } else {
-        match read_body(req.into_body(), state.body_limit).await {
-            Ok(b) => Some(b),
+        match read_payload(&headers, req.into_body(), state.body_limit).await {
+            Ok(p) => Some(p),
             Err(resp) => return resp,
         }
     };
@@ -373,6 +373,68 @@ async fn dispatch(State(state): State<Arc<AdminState>>, req: Request) -> Respons
         Ok(resp) => resp,
         Err(e) => error_response(e),
     }
+}
+
+/// A request body as read: its bytes, or the `(name, value)` parts of a
+/// `multipart/form-data` body, which then follow the form conventions.
+pub(crate) enum Payload {
+    Raw(Bytes),
+    Multipart(Vec<(String, String)>),
+}
+
+/// Reads the body (up to `limit`) and splits a `multipart/form-data` body into its parts.
+pub(crate) async fn read_payload(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Payload, Response> {
+    let bytes = read_body(body, limit).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if mime_of(content_type) != "multipart/form-data" {
+        return Ok(Payload::Raw(bytes));
+    }
+    multipart_parts(content_type, bytes)
+        .await
+        .map(Payload::Multipart)
+        .map_err(|e| {
+            message(
+                StatusCode::BAD_REQUEST,
+                &format!("Cannot parse multipart body: {e}"),
+            )
+        })
+}
+
+/// The parts of a buffered `multipart/form-data` body, in order, as text (a file part's value
+/// is its content, as Kong's `kong/api/arguments.lua` takes it). Parts without a name are
+/// skipped: nothing could refer to them.
+async fn multipart_parts(content_type: &str, body: Bytes) -> Result<Vec<(String, String)>, String> {
+    let boundary = multer::parse_boundary(content_type).map_err(|e| e.to_string())?;
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let mut parts = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(|e| e.to_string())? {
+        let Some(name) = field.name().map(str::to_owned) else {
+            continue;
+        };
+        let data = field.bytes().await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8(data.to_vec())
+            .map_err(|_| format!("the value of part '{name}' is not UTF-8"))?;
+        parts.push((name, text));
+    }
+    Ok(parts)
+}
+
+/// The media type of a `Content-Type` value, lower-cased, without parameters.
+fn mime_of(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
@@ -394,23 +456,30 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     })
 }
 
-/// Parses a JSON or form body into the entity input.
-fn parse_input(
+/// Parses a JSON, form or multipart body into the entity input.
+pub(crate) fn parse_input(
     registry: &Registry,
     schema: &EntitySchema,
     headers: &HeaderMap,
-    body: &Bytes,
+    payload: &Payload,
 ) -> Result<Value, Response> {
+    let body = match payload {
+        Payload::Raw(body) => body,
+        Payload::Multipart(parts) => {
+            return match form::parse_pairs(parts.iter().map(|(k, v)| (k, v))) {
+                Ok(v) => Ok(form_transients(schema, registry.coerce_form(schema, v))),
+                Err(e) => Err(message(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Cannot parse multipart body: {e}"),
+                )),
+            };
+        }
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let mime = mime_of(content_type);
     if body.iter().all(u8::is_ascii_whitespace)
         && (mime.is_empty()
             || mime == "application/json"
@@ -423,7 +492,7 @@ fn parse_input(
             if mime.is_empty() {
                 return Err(message(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "Unsupported Content-Type: a body needs application/json or application/x-www-form-urlencoded",
+                    "Unsupported Content-Type: a body needs application/json, application/x-www-form-urlencoded or multipart/form-data",
                 ));
             }
             match serde_json::from_slice::<Value>(body) {
@@ -436,7 +505,7 @@ fn parse_input(
             }
         }
         "application/x-www-form-urlencoded" => match form::parse(body) {
-            Ok(v) => Ok(registry.coerce_form(schema, v)),
+            Ok(v) => Ok(form_transients(schema, registry.coerce_form(schema, v))),
             Err(e) => Err(message(
                 StatusCode::BAD_REQUEST,
                 &format!("Cannot parse form body: {e}"),
@@ -447,6 +516,21 @@ fn parse_input(
             &format!("Unsupported Content-Type: {other}"),
         )),
     }
+}
+
+/// Transient fields are lists of names (Kong's `certificates.snis` is a transient array): in a
+/// form or multipart body a single value is a one-element list, as Kong infers it.
+fn form_transients(schema: &EntitySchema, mut input: Value) -> Value {
+    if let Value::Object(m) = &mut input {
+        for name in &schema.transient_fields {
+            if let Some(v) = m.get_mut(name)
+                && v.is_string()
+            {
+                *v = Value::Array(vec![v.take()]);
+            }
+        }
+    }
+    input
 }
 
 fn parse_size(query: &HashMap<String, String>) -> Result<usize, Response> {
@@ -473,17 +557,13 @@ async fn handle(
     path: &str,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: Option<Bytes>,
+    body: Option<Payload>,
 ) -> Result<Response, StoreError> {
     let store = &state.store;
     let registry = store.registry().clone();
+    let empty = Payload::Raw(Bytes::new());
     let input = |schema: &EntitySchema| -> Result<Value, Response> {
-        parse_input(
-            &registry,
-            schema,
-            headers,
-            body.as_ref().unwrap_or(&Bytes::new()),
-        )
+        parse_input(&registry, schema, headers, body.as_ref().unwrap_or(&empty))
     };
     macro_rules! input_or_return {
         ($schema:expr) => {
