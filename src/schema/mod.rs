@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use checks::is_uuid;
+pub use checks::{is_uuid, validate_named};
 pub use validate::{FieldErrors, Mode, Prepared};
 
 /// The Kong line whose entity shapes deltaplane follows.

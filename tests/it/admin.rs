@@ -1172,3 +1172,85 @@ both_backends!(multipart_bodies_parse_like_forms, |b| async move {
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "no boundary: {r:?}");
     cp.shutdown().await;
 });
+
+// `GET /tags` and `GET /tags/{tag}` (`kong/api/routes/tags.lua`): one row per (entity, tag)
+// across every entity type, paginated; `/tags/{tag}`'s `next` carries only the offset.
+both_backends!(tags_across_entity_types, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    cp.create(
+        "/services",
+        json!({"name": "s", "host": "s.test", "tags": ["corp a", "svc"]}),
+    )
+    .await;
+    for i in 0..3 {
+        cp.create(
+            "/consumers",
+            json!({"username": format!("u{i}"), "tags": ["corp a", format!("c{i}")]}),
+        )
+        .await;
+    }
+    cp.create("/consumers/u0/key-auth", json!({"tags": ["corp a"]}))
+        .await;
+    // Every row, walked two at a time.
+    let mut rows = Vec::new();
+    let mut path = "/tags?size=2".to_owned();
+    loop {
+        let r = cp.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {r:?}");
+        assert!(r.body["data"].as_array().unwrap().len() <= 2);
+        rows.extend(r.body["data"].as_array().unwrap().iter().cloned());
+        match r.body["next"].as_str() {
+            Some(next) => {
+                assert!(next.starts_with("/tags?offset="), "{next}");
+                assert!(next.ends_with("&size=2"), "{next}");
+                assert!(r.body["offset"].is_string());
+                path = next.to_owned();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    let ka = rows
+        .iter()
+        .find(|r| r["entity_name"] == "keyauth_credentials")
+        .expect("credentials are tagged too");
+    assert_eq!(ka["tag"], "corp a");
+    assert!(ka["entity_id"].is_string());
+    // By tag (percent-encoded in the path).
+    let r = cp.get("/tags/corp%20a").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 5);
+    assert!(
+        r.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["tag"] == "corp a")
+    );
+    let r = cp.get("/tags/corp%20a?size=3").await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 3);
+    let next = r.body["next"].as_str().unwrap().to_owned();
+    let offset = r.body["offset"].as_str().unwrap();
+    assert_eq!(
+        next,
+        format!("/tags/corp%20a?offset={offset}"),
+        "only the offset"
+    );
+    let r = cp.get(&format!("{next}&size=3")).await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 2);
+    assert!(r.body["next"].is_null());
+    assert_eq!(cp.get("/tags/nothing-here").await.body["data"], json!([]));
+    // An invalid tag is Kong's "invalid unique tag" (code 10).
+    let r = cp.get("/tags/%FF").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["code"], 10);
+    assert_eq!(
+        r.body["message"],
+        "invalid utf-8 character sequence detected at position 1"
+    );
+    assert_eq!(cp.get("/tags?size=0").await.status, StatusCode::BAD_REQUEST);
+    let r = cp.get("/tags?offset=garbage!").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["code"], 7);
+    cp.shutdown().await;
+});

@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod clustering;
+mod tags;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/status", get(status))
+        .route("/tags", get(tags::all))
+        .route("/tags/{tag}", get(tags::by_tag))
         .fallback(dispatch)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
@@ -533,7 +536,7 @@ fn form_transients(schema: &EntitySchema, mut input: Value) -> Value {
     input
 }
 
-fn parse_size(query: &HashMap<String, String>) -> Result<usize, Response> {
+pub(super) fn parse_size(query: &HashMap<String, String>) -> Result<usize, Response> {
     let bad = || {
         (
             StatusCode::BAD_REQUEST,
@@ -792,6 +795,6 @@ async fn decorate(
     Ok(())
 }
 
-fn urlencode(s: &str) -> String {
+pub(super) fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

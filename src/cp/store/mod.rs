@@ -25,7 +25,9 @@ use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
 pub use fleet::DataPlaneRow;
-pub use read::{BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, VersionInfo};
+pub use read::{
+    BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, TagPage, TagRow, VersionInfo,
+};
 pub use write::{Op, Outcome, Scope};
 
 /// A connection pool of either backend.
