@@ -1,7 +1,7 @@
 //! Admin API behaviour through HTTP, on both backends.
 
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::both_backends;
 use crate::harness::{Backend, TestCp, ca_cert, cert_and_key};
@@ -1252,5 +1252,138 @@ both_backends!(tags_across_entity_types, |b| async move {
     let r = cp.get("/tags?offset=garbage!").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.body["code"], 7);
+    cp.shutdown().await;
+});
+
+// Kong's schema endpoints (`kong/api/routes/kong.lua`) in `schema_to_jsonable`'s shape
+// (`kong/api/api_helpers.lua`), and `/endpoints`.
+both_backends!(schema_endpoints_and_endpoint_list, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let r = cp.get("/schemas/services").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let fields = r.body["fields"].as_array().unwrap();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find_map(|f| f.get(name))
+            .unwrap_or_else(|| panic!("no field {name}"))
+            .clone()
+    };
+    assert_eq!(field("id")["type"], "string");
+    assert_eq!(field("id")["uuid"], true);
+    assert_eq!(field("id")["auto"], true);
+    assert_eq!(field("name")["unique"], true);
+    assert_eq!(field("retries")["default"], 5);
+    assert_eq!(field("retries")["between"], json!([0, 32767]));
+    assert_eq!(field("protocol")["required"], true);
+    assert!(
+        field("protocol")["one_of"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("grpcs"))
+    );
+    assert_eq!(field("client_certificate")["type"], "foreign");
+    assert_eq!(field("client_certificate")["reference"], "certificates");
+    assert!(r.body["entity_checks"].is_array());
+    // Each field is a one-key object, in schema order.
+    assert!(fields.iter().all(|f| f.as_object().unwrap().len() == 1));
+    assert!(fields[0].get("id").is_some());
+    let r = cp.get("/schemas/keyauth_credentials").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = cp.get("/schemas/key-auths").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "DAO names only: {r:?}");
+    assert_eq!(r.body["message"], "No entity named 'key-auths'");
+
+    let r = cp.get("/schemas/plugins/key-auth").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let fields = r.body["fields"].as_array().unwrap();
+    let config = fields.iter().find_map(|f| f.get("config")).unwrap();
+    assert_eq!(config["type"], "record");
+    let key_names = config["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|f| f.get("key_names"))
+        .unwrap();
+    assert_eq!(key_names["default"], json!(["apikey"]));
+    assert_eq!(key_names["elements"]["type"], "string");
+    let consumer = fields.iter().find_map(|f| f.get("consumer")).unwrap();
+    assert_eq!(consumer["eq"], Value::Null);
+    assert!(
+        consumer.as_object().unwrap().contains_key("eq"),
+        "no_consumer"
+    );
+    let r = cp.get("/schemas/plugins/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body["message"], "No plugin named 'nope'");
+
+    let ok = json!({"message": "schema validation successful"});
+    let r = cp
+        .post("/schemas/services/validate", json!({"host": "x.test"}))
+        .await;
+    assert_eq!((r.status, &r.body), (StatusCode::OK, &ok));
+    let r = cp
+        .post("/schemas/services/validate", json!({"port": "x"}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["code"], 2);
+    assert_eq!(r.body["fields"]["host"], "required field missing");
+    let r = cp
+        .post(
+            "/schemas/plugins/validate",
+            json!({"name": "rate-limiting", "config": {"minute": 5}}),
+        )
+        .await;
+    assert_eq!((r.status, &r.body), (StatusCode::OK, &ok));
+    let r = cp
+        .post(
+            "/schemas/plugins/validate",
+            json!({"name": "rate-limiting", "config": {"minute": -1}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    assert!(r.body["fields"]["config"]["minute"].is_string(), "{r:?}");
+    let r = cp
+        .post_form("/schemas/consumers/validate", "username=x")
+        .await;
+    assert_eq!((r.status, &r.body), (StatusCode::OK, &ok));
+    let r = cp.post("/schemas/nope/validate", json!({})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Validation writes nothing.
+    assert!(
+        cp.get("/services").await.body["data"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    let r = cp.get("/endpoints").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let data: Vec<&str> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for p in [
+        "/",
+        "/endpoints",
+        "/schemas/plugins/{name}",
+        "/tags/{tags}",
+        "/services/{services}/routes/{routes}",
+        "/routes/{routes}/service",
+        "/consumers/{consumers}/key-auth/{keyauth_credentials}",
+        "/certificates/{certificates}/snis",
+    ] {
+        assert!(data.contains(&p), "{p} in {data:?}");
+    }
+    assert!(!data.iter().any(|p| p.starts_with("/workspaces")));
+    // Sorted segment by segment, as Kong sorts them.
+    let a = data
+        .iter()
+        .position(|p| *p == "/services/{services}")
+        .unwrap();
+    let b = data.iter().position(|p| *p == "/snis").unwrap();
+    assert!(a < b);
     cp.shutdown().await;
 });

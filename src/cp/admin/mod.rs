@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod clustering;
+mod schemas;
 mod tags;
 
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
@@ -50,8 +51,13 @@ pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/status", get(status))
+        .route("/endpoints", get(endpoints))
         .route("/tags", get(tags::all))
         .route("/tags/{tag}", get(tags::by_tag))
+        .route("/schemas/{name}", get(schemas::entity))
+        .route("/schemas/{name}/validate", post(schemas::validate_entity))
+        .route("/schemas/plugins/{name}", get(schemas::plugin))
+        .route("/schemas/plugins/validate", post(schemas::validate_plugin))
         .fallback(dispatch)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
@@ -62,6 +68,69 @@ pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
 /// The header decK and Kong's clients send an Admin API token in (`--headers
 /// 'Kong-Admin-Token:…'`), accepted beside `Authorization: Bearer`.
 const KONG_ADMIN_TOKEN: &str = "kong-admin-token";
+
+/// The Admin API's fixed paths, in Kong's notation (`{param}`), for `GET /endpoints`; the
+/// entity paths are derived from the registry (`entity_paths`). `/clustering/*` is served by
+/// `clustering::router`, merged in by the caller.
+const FIXED_PATHS: &[&str] = &[
+    "/",
+    "/status",
+    "/endpoints",
+    "/tags",
+    "/tags/{tags}",
+    "/schemas/{name}",
+    "/schemas/{db_entity_name}/validate",
+    "/schemas/plugins/{name}",
+    "/schemas/plugins/validate",
+    "/clustering/data-planes",
+    "/clustering/status",
+];
+
+/// Every path `dispatch` serves for the registry's entity types, as Kong's
+/// `generate_endpoints` (`kong/api/endpoints.lua`) names them: `/{collection}`,
+/// `/{collection}/{entity}`, and for each foreign key the many-to-one path, the nested
+/// collection and the nested entity. Workspaces have none (open-source Kong).
+fn entity_paths(registry: &Registry) -> Vec<String> {
+    let mut paths = Vec::new();
+    for schema in registry.entities() {
+        if schema.name == crate::schema::WORKSPACES {
+            continue;
+        }
+        let collection = format!("/{}", schema.admin_api_name);
+        paths.push(collection.clone());
+        paths.push(format!("{collection}/{{{}}}", schema.name));
+        for fk in registry
+            .references_of(&schema.name)
+            .filter(|fk| !fk.is_array)
+        {
+            let Some(parent) = registry.get(&fk.parent) else {
+                continue;
+            };
+            if parent.name == crate::schema::WORKSPACES {
+                continue;
+            }
+            let nested = schema
+                .admin_api_nested_name
+                .as_deref()
+                .unwrap_or(&schema.admin_api_name);
+            paths.push(format!("{collection}/{{{}}}/{}", schema.name, fk.field));
+            let under = format!("/{}/{{{}}}/{nested}", parent.admin_api_name, parent.name);
+            paths.push(format!("{under}/{{{}}}", schema.name));
+            paths.push(under);
+        }
+    }
+    paths
+}
+
+/// `GET /endpoints` (`kong/api/routes/kong.lua`): every path, sorted segment by segment.
+async fn endpoints(State(state): State<Arc<AdminState>>) -> Response {
+    let mut paths: Vec<String> = FIXED_PATHS.iter().map(|p| (*p).to_owned()).collect();
+    paths.extend(entity_paths(state.store.registry()));
+    // Kong sorts with `/` as the lowest character, so `/a/z` comes before `/ab`.
+    paths.sort_by_cached_key(|p| p.replace('/', "\0"));
+    paths.dedup();
+    Json(json!({ "data": paths })).into_response()
+}
 
 /// Counts requests and checks the admin token when one is configured: either
 /// `Authorization: Bearer <token>` or `Kong-Admin-Token: <token>` must carry it.
@@ -797,4 +866,36 @@ async fn decorate(
 
 pub(super) fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entity path `/endpoints` lists is one `dispatch` serves.
+    #[test]
+    fn every_listed_entity_path_resolves() {
+        let registry = Registry::builtin();
+        let paths = entity_paths(registry);
+        assert!(
+            paths
+                .iter()
+                .any(|p| p == "/consumers/{consumers}/key-auth/{keyauth_credentials}")
+        );
+        assert!(paths.iter().any(|p| p == "/routes/{routes}/service"));
+        for path in paths {
+            let segments: Vec<String> = path
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.starts_with('{') {
+                        "k".to_owned()
+                    } else {
+                        s.to_owned()
+                    }
+                })
+                .collect();
+            assert!(resolve_target(registry, &segments).is_some(), "{path}");
+        }
+    }
 }
