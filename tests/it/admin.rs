@@ -1387,3 +1387,119 @@ both_backends!(schema_endpoints_and_endpoint_list, |b| async move {
     assert!(a < b);
     cp.shutdown().await;
 });
+
+// Routes have subschemas by protocol (`kong/db/schema/entities/routes_subschemas.lua`, chosen by
+// the first protocol that names one, `get_subschema` in `kong/db/schema/init.lua`): for
+// grpc/grpcs `strip_path` defaults to false, and each subschema's field and entity rules hold
+// with Kong's messages (`spec/01-unit/01-db/01-schema/06-routes_spec.lua`).
+both_backends!(route_subschemas_by_protocol, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let created = |body: serde_json::Value| {
+        let cp = &cp;
+        async move {
+            let r = cp.post("/routes", body.clone()).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{body}: {r:?}");
+            r.body
+        }
+    };
+    let refused = |body: serde_json::Value| {
+        let cp = &cp;
+        async move {
+            let r = cp.post("/routes", body.clone()).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {r:?}");
+            assert_eq!(r.body["code"], 2);
+            r.body["fields"].clone()
+        }
+    };
+    let g = created(json!({"protocols": ["grpc", "grpcs"], "paths": ["/pkg.Svc"]})).await;
+    assert_eq!(g["strip_path"], false);
+    let g = created(json!({"protocols": ["grpcs"], "snis": ["g.test"]})).await;
+    assert_eq!(g["strip_path"], false);
+    // PUT creates with the subschema's default too; plain routes keep strip_path = true.
+    let r = cp
+        .put(
+            "/routes/g",
+            json!({"protocols": ["grpc"], "hosts": ["g.test"]}),
+        )
+        .await;
+    assert_eq!(r.body["strip_path"], false, "{r:?}");
+    assert_eq!(created(json!({"paths": ["/p"]})).await["strip_path"], true);
+    let grpc = "when 'protocols' is 'grpc' or 'grpcs'";
+    let f = refused(json!({"protocols": ["grpc"], "paths": ["/x"], "strip_path": true})).await;
+    assert_eq!(
+        f,
+        json!({"strip_path": format!("cannot set 'strip_path' {grpc}")})
+    );
+    let f = refused(json!({"protocols": ["grpcs"], "paths": ["/x"], "methods": ["GET"]})).await;
+    assert_eq!(
+        f,
+        json!({"methods": format!("cannot set 'methods' {grpc}")})
+    );
+    let f = refused(json!({"protocols": ["grpc"]})).await;
+    assert_eq!(
+        f,
+        json!({"@entity": ["must set one of 'hosts', 'headers', 'paths' when 'protocols' is 'grpc'"]})
+    );
+    let f = refused(json!({"protocols": ["grpcs"]})).await;
+    assert_eq!(
+        f,
+        json!({"@entity": ["must set one of 'hosts', 'headers', 'paths', 'snis' when 'protocols' is 'grpcs'"]})
+    );
+    // PATCH keeps the stored strip_path, which grpc refuses, as Kong does.
+    cp.create("/routes", json!({"name": "h", "paths": ["/h"]}))
+        .await;
+    let r = cp.patch("/routes/h", json!({"protocols": ["grpc"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    let r = cp
+        .patch(
+            "/routes/h",
+            json!({"protocols": ["grpc"], "strip_path": false}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+
+    // http/https: no sources or destinations (null, not even []), one matching attribute.
+    let f = refused(json!({"paths": ["/x"], "sources": []})).await;
+    assert_eq!(
+        f,
+        json!({"sources": "cannot set 'sources' when 'protocols' is 'http' or 'https'"})
+    );
+    let f = refused(json!({"protocols": ["http"]})).await;
+    assert_eq!(
+        f,
+        json!({"@entity": ["must set one of 'methods', 'hosts', 'headers', 'paths' when 'protocols' is 'http'"]})
+    );
+    let f = refused(json!({"protocols": ["http"], "paths": ["/x"], "snis": ["a.test"]})).await;
+    assert_eq!(
+        f,
+        json!({"snis": "length must be 0", "@entity": [
+            "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls' or 'tls_passthrough'"]})
+    );
+    // tcp/tls/udp/tls_passthrough.
+    let tcp = "when 'protocols' is 'tcp', 'tls', 'tls_passthrough' or 'udp'";
+    let f = refused(json!({"protocols": ["tcp"], "paths": ["/x"], "sources": [{"port": 1}]})).await;
+    assert_eq!(f, json!({"paths": format!("cannot set 'paths' {tcp}")}));
+    let f = refused(json!({"protocols": ["udp"]})).await;
+    assert_eq!(
+        f,
+        json!({"@entity": ["must set one of 'sources', 'destinations', 'snis' when 'protocols' is 'tcp', 'tls' or 'udp'"]})
+    );
+    let f = refused(json!({"protocols": ["tls_passthrough"]})).await;
+    assert_eq!(
+        f,
+        json!({"@entity": ["must set snis when 'protocols' is 'tls_passthrough'"]})
+    );
+    created(json!({"protocols": ["tls_passthrough"], "snis": ["p.test"]})).await;
+    // Mutually exclusive protocol sets, listed in the order the value names them.
+    let f = refused(json!({"protocols": ["tls", "tls_passthrough"], "snis": ["x.test"]})).await;
+    assert_eq!(
+        f,
+        json!({"protocols": "these sets are mutually exclusive: ('tcp', 'tls', 'udp'), ('tls_passthrough')"})
+    );
+    let f = refused(json!({"protocols": ["https", "tcp"], "paths": ["/x"]})).await;
+    assert_eq!(
+        f["protocols"],
+        "these sets are mutually exclusive: ('http', 'https'), ('tcp', 'tls', 'udp')"
+    );
+    cp.shutdown().await;
+});

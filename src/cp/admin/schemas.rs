@@ -221,6 +221,17 @@ fn field_jsonable(f: &Field) -> Value {
         };
         out.insert("on_delete".into(), rule.into());
     }
+    for (key, v) in [("eq", &f.eq), ("ne", &f.ne)] {
+        if let Some(v) = v {
+            out.insert(key.into(), v.clone());
+        }
+    }
+    if let Some(err) = &f.err {
+        out.insert("err".into(), err.clone().into());
+    }
+    if let Some(subsets) = &f.mutually_exclusive_subsets {
+        out.insert("mutually_exclusive_subsets".into(), json!(subsets));
+    }
     if let Some(description) = &f.description {
         out.insert("description".into(), description.clone().into());
     }
@@ -245,6 +256,26 @@ fn checks_jsonable(checks: &[Check]) -> Value {
             Check::MutuallyRequired(names) => json!({ "mutually_required": names }),
             Check::MutuallyExclusive(names) => json!({ "mutually_exclusive": names }),
             Check::Conditional(c) => json!({ "conditional": conditional_jsonable(c) }),
+            Check::ConditionalAtLeastOneOf(c) => {
+                let mut out = json!({
+                    "if_field": c.if_field,
+                    "if_match": match_jsonable(&c.if_match),
+                    "then_at_least_one_of": c.then_at_least_one_of,
+                });
+                if let Some(e) = &c.then_err {
+                    out["then_err"] = json!(e);
+                }
+                if let Some(m) = &c.else_match {
+                    out["else_match"] = match_jsonable(m);
+                }
+                if let Some(names) = &c.else_then_at_least_one_of {
+                    out["else_then_at_least_one_of"] = json!(names);
+                }
+                if let Some(e) = &c.else_then_err {
+                    out["else_then_err"] = json!(e);
+                }
+                json!({ "conditional_at_least_one_of": out })
+            }
             // A named rule implemented in code: Kong shows its `custom_entity_check` without
             // the function; the name says which rule it is.
             Check::Custom(name) => json!({ "custom_entity_check": { "name": name } }),
@@ -253,12 +284,16 @@ fn checks_jsonable(checks: &[Check]) -> Value {
 }
 
 fn conditional_jsonable(c: &Conditional) -> Value {
-    json!({
+    let mut out = json!({
         "if_field": c.if_field,
         "if_match": match_jsonable(&c.if_match),
         "then_field": c.then_field,
         "then_match": match_jsonable(&c.then_match),
-    })
+    });
+    if let Some(e) = &c.then_err {
+        out["then_err"] = json!(e);
+    }
+    out
 }
 
 fn match_jsonable(m: &Match) -> Value {
@@ -274,6 +309,15 @@ fn match_jsonable(m: &Match) -> Value {
     }
     if let Some(contains) = &m.contains {
         out.insert("contains".into(), contains.clone());
+    }
+    if let Some(list) = &m.not_one_of {
+        out.insert("not_one_of".into(), Value::Array(list.clone()));
+    }
+    if let Some(n) = m.len_eq {
+        out.insert("len_eq".into(), n.into());
+    }
+    if let Some(each) = &m.elements {
+        out.insert("elements".into(), match_jsonable(each));
     }
     Value::Object(out)
 }
