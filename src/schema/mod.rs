@@ -64,9 +64,24 @@ pub struct EntitySchema {
     /// Specialisations by the value of `subschema_key` (Kong's subschemas).
     #[serde(default)]
     pub subschemas: Vec<Subschema>,
+    /// A path key that is not a UUID names a child entity by its endpoint key, and means the
+    /// entity that child references (`/certificates/{sni}`).
+    #[serde(default)]
+    pub alias_key: Option<AliasKey>,
     /// This schema with each subschema applied, built by the registry at load.
     #[serde(skip)]
     specialized: Vec<(Vec<String>, Arc<EntitySchema>)>,
+}
+
+/// How a path key names an entity through one of its children (Kong's `prepare_params` in
+/// `kong/api/routes/certificates.lua`: a certificate by one of its SNIs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasKey {
+    /// The child type, found by its endpoint key; it has a foreign key to this type.
+    pub entity: String,
+    /// The 404 message when no child has that key (`SNI not found`).
+    pub not_found: String,
 }
 
 /// A specialisation of an entity type, chosen by the value of its `subschema_key`: for a
@@ -434,6 +449,20 @@ impl Registry {
             .enumerate()
             .map(|(i, s)| (s.admin_api_name.clone(), i))
             .collect();
+        for schema in &entities {
+            if let Some(alias) = &schema.alias_key {
+                anyhow::ensure!(
+                    entities.iter().any(|c| c.name == alias.entity
+                        && c.endpoint_key.is_some()
+                        && foreign_keys.iter().any(|fk| fk.child == c.name
+                            && fk.parent == schema.name
+                            && !fk.is_array)),
+                    "{}: alias_key entity {} needs an endpoint key and a foreign key to it",
+                    schema.name,
+                    alias.entity
+                );
+            }
+        }
         for fk in &foreign_keys {
             anyhow::ensure!(
                 entities.iter().any(|s| s.name == fk.parent),

@@ -1503,3 +1503,134 @@ both_backends!(route_subschemas_by_protocol, |b| async move {
     );
     cp.shutdown().await;
 });
+
+// `/certificates/{sni}` and `/certificates/{sni}/snis[/{sni}]` (`kong/api/routes/certificates.lua`,
+// `spec/02-integration/04-admin_api/06-certificates_routes_spec.lua`): a key that is not a UUID
+// names the certificate through one of its SNIs; an unknown one is "SNI not found", except on
+// PUT, which creates a certificate with that SNI.
+both_backends!(certificates_by_sni, |b| async move {
+    let Some(cp) = cp(b).await else { return };
+    let (cert, key) = cert_and_key("a.test");
+    let (cert2, key2) = cert_and_key("b.test");
+    let c = cp
+        .create(
+            "/certificates",
+            json!({"cert": cert, "key": key, "snis": ["a.test", "a2.test"]}),
+        )
+        .await;
+    let id = c["id"].as_str().unwrap().to_owned();
+    let r = cp.get("/certificates/a2.test").await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body, cp.get(&format!("/certificates/{id}")).await.body);
+    assert_eq!(r.body["snis"], json!(["a.test", "a2.test"]));
+    for (method, path) in [
+        (Method::GET, "/certificates/nope.test"),
+        (Method::PATCH, "/certificates/nope.test"),
+        (Method::DELETE, "/certificates/nope.test"),
+        (Method::GET, "/certificates/nope.test/snis"),
+        (Method::POST, "/certificates/nope.test/snis"),
+        (Method::GET, "/certificates/nope.test/snis/a.test"),
+    ] {
+        let body = (method != Method::GET && method != Method::DELETE).then(|| json!({}));
+        let r = cp.request(method.clone(), path, body).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{method} {path}: {r:?}");
+        assert_eq!(r.body["message"], "SNI not found", "{method} {path}");
+    }
+    assert_eq!(
+        cp.get(&format!("/certificates/{}", uuid::Uuid::new_v4()))
+            .await
+            .body["message"],
+        "Not found"
+    );
+    // Nested paths under the SNI.
+    let r = cp.get("/certificates/a.test/snis").await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 2, "{r:?}");
+    let r = cp
+        .post("/certificates/a.test/snis", json!({"name": "a3.test"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["certificate"]["id"], id.as_str());
+    assert_eq!(
+        cp.get("/certificates/a.test/snis/a3.test").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        cp.delete("/certificates/a.test/snis/a3.test").await.status,
+        StatusCode::NO_CONTENT
+    );
+    // PATCH by SNI; snis null empties the list (Kong's parse_name_list).
+    let r = cp
+        .patch("/certificates/a2.test", json!({"tags": ["t"]}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["snis"], json!(["a.test", "a2.test"]));
+    // PUT of an unknown SNI creates a certificate with it and the body's snis.
+    let r = cp
+        .put(
+            "/certificates/new.test",
+            json!({"cert": cert2, "key": key2, "snis": ["b.test"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["snis"], json!(["b.test", "new.test"]));
+    let new_id = r.body["id"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, id);
+    assert_eq!(
+        cp.get("/certificates/new.test").await.body["id"],
+        new_id.as_str()
+    );
+    // Listed in the body and the path: once.
+    let r = cp
+        .put(
+            "/certificates/new.test",
+            json!({"cert": cert2, "key": key2, "snis": ["new.test"]}),
+        )
+        .await;
+    assert_eq!(r.body["snis"], json!(["new.test"]), "{r:?}");
+    assert_eq!(
+        r.body["id"],
+        new_id.as_str(),
+        "an existing SNI upserts its certificate"
+    );
+    // Duplicates are Kong's message.
+    let r = cp
+        .patch(
+            &format!("/certificates/{new_id}"),
+            json!({"snis": ["d.test", "d.test"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.body["message"],
+        "schema violation (snis: d.test is duplicated)"
+    );
+    // A PUT without snis replaces them with none, as Kong's prepare_args does (snis = null).
+    let r = cp
+        .put(
+            &format!("/certificates/{new_id}"),
+            json!({"cert": cert2, "key": key2}),
+        )
+        .await;
+    assert_eq!(r.body["snis"], json!([]), "{r:?}");
+    let r = cp
+        .patch(&format!("/certificates/{id}"), json!({"snis": null}))
+        .await;
+    assert_eq!(r.body["snis"], json!([]), "{r:?}");
+    assert_eq!(
+        cp.get("/certificates/a.test").await.body["message"],
+        "SNI not found"
+    );
+    // DELETE by SNI deletes the certificate and its SNIs.
+    cp.patch(&format!("/certificates/{id}"), json!({"snis": ["z.test"]}))
+        .await;
+    assert_eq!(
+        cp.delete("/certificates/z.test").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        cp.get(&format!("/certificates/{id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(cp.get("/snis/z.test").await.status, StatusCode::NOT_FOUND);
+    cp.shutdown().await;
+});

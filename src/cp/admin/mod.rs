@@ -645,6 +645,9 @@ async fn handle(
             }
         };
     }
+    if let Some(resp) = alias_miss(store, &target, &method).await? {
+        return Ok(resp);
+    }
     match target {
         Target::Collection { schema, scope } => {
             if method == Method::POST {
@@ -820,12 +823,17 @@ async fn entity_op(
             Err(resp) => return Ok(resp),
         },
         Method::PUT => match input() {
-            Ok(input) => Op::Put {
-                entity,
-                key,
-                input,
-                scope,
-            },
+            Ok(mut input) => {
+                if scope.is_none() {
+                    alias_put_input(schema, &key, &mut input);
+                }
+                Op::Put {
+                    entity,
+                    key,
+                    input,
+                    scope,
+                }
+            }
             Err(resp) => return Ok(resp),
         },
         _ => {
@@ -841,6 +849,75 @@ async fn entity_op(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     Ok((StatusCode::OK, Json(outcome.entity.unwrap_or(Value::Null))).into_response())
+}
+
+/// The 404 of a path key that names an entity through a child that does not exist
+/// (`/certificates/{sni}`: "SNI not found", Kong's `prepare_params` in
+/// `kong/api/routes/certificates.lua`), for the entity itself or a nested path's parent. A PUT
+/// of the entity itself creates it instead; a nested PUT under it finds no parent (404).
+async fn alias_miss(
+    store: &Store,
+    target: &Target,
+    method: &Method,
+) -> Result<Option<Response>, StoreError> {
+    let (schema, key) = match target {
+        Target::Entity {
+            schema,
+            key,
+            scope: None,
+        } => (schema.as_ref(), key),
+        Target::Collection {
+            scope: Some(scope), ..
+        }
+        | Target::Entity {
+            scope: Some(scope), ..
+        } => match store.registry().get(&scope.parent) {
+            Some(parent) => (parent.as_ref(), &scope.parent_key),
+            None => return Ok(None),
+        },
+        Target::Foreign {
+            child, child_key, ..
+        } => (child.as_ref(), child_key),
+        Target::Collection { scope: None, .. } => return Ok(None),
+    };
+    let Some(alias) = &schema.alias_key else {
+        return Ok(None);
+    };
+    if crate::schema::is_uuid(key) || *method == Method::PUT {
+        return Ok(None);
+    }
+    if store.find(&schema.name, key, None).await?.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(message(StatusCode::NOT_FOUND, &alias.not_found)))
+}
+
+/// `PUT /certificates/{sni}`: the SNI named by the path joins the `snis` the body lists (Kong's
+/// `prepare_args`); a body without `snis` leaves the list empty, as in Kong.
+fn alias_put_input(schema: &EntitySchema, key: &str, input: &mut Value) {
+    let Some(alias) = &schema.alias_key else {
+        return;
+    };
+    if crate::schema::is_uuid(key) || !schema.transient_fields.contains(&alias.entity) {
+        return;
+    }
+    let Value::Object(m) = input else {
+        return;
+    };
+    match m.get_mut(&alias.entity) {
+        Some(Value::Array(list)) if !list.iter().any(|v| v.as_str() == Some(key)) => {
+            list.push(Value::String(key.to_owned()));
+        }
+        Some(v @ Value::String(_)) => {
+            let one = v.take();
+            *v = if one.as_str() == Some(key) {
+                Value::Array(vec![one])
+            } else {
+                Value::Array(vec![one, Value::String(key.to_owned())])
+            };
+        }
+        _ => {}
+    }
 }
 
 /// Adds transient fields (`certificates.snis`) to an entity read from the store.

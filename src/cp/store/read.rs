@@ -245,6 +245,19 @@ impl Store {
         let mut found = None;
         if crate::schema::is_uuid(key) {
             found = self.get(entity, key).await?;
+        } else if let Some(alias) = &schema.alias_key {
+            // `/certificates/{sni}`: the entity the named child references.
+            let registry = self.registry().clone();
+            let child = self.find(&alias.entity, key, None);
+            let child = Box::pin(child).await?;
+            let pid = registry
+                .references_of(&alias.entity)
+                .find(|fk| fk.parent == schema.name && !fk.is_array)
+                .and_then(|fk| child.as_ref()?.get(&fk.field)?.get("id")?.as_str())
+                .map(str::to_owned);
+            if let Some(pid) = pid {
+                found = self.get(entity, &pid).await?;
+            }
         }
         if found.is_none()
             && let Some(ek) = &schema.endpoint_key

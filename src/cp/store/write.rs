@@ -551,10 +551,18 @@ impl WriteCtx<'_> {
                 } else {
                     Mode::Insert
                 };
-                let prepared = self
+                let mut prepared = self
                     .registry
                     .prepare(&schema, input, existing.as_ref(), mode, self.now)
                     .map_err(StoreError::Schema)?;
+                // PUT replaces the whole entity: a transient list it does not give is emptied
+                // (Kong's `prepare_args` in `kong/api/routes/certificates.lua`).
+                for name in &schema.transient_fields {
+                    prepared
+                        .transient
+                        .entry(name.clone())
+                        .or_insert(Value::Null);
+                }
                 let created = existing.is_none();
                 let entity = self
                     .save(&schema, prepared.entity, existing, prepared.transient)
@@ -774,6 +782,32 @@ impl WriteCtx<'_> {
         {
             return Ok(Some(e));
         }
+        if let Some(alias) = &schema.alias_key
+            && !crate::schema::is_uuid(key)
+        {
+            // `/certificates/{sni}`: the entity the named child references.
+            let child = self.schema(&alias.entity)?;
+            let (Some(ek), Some(fk)) = (
+                child.endpoint_key.clone(),
+                self.registry
+                    .references_of(&child.name)
+                    .find(|fk| fk.parent == schema.name && !fk.is_array)
+                    .cloned(),
+            ) else {
+                return Ok(None);
+            };
+            let value = canonical(&Value::String(key.to_owned()));
+            let Some(cid) = self.tx.find_key(&child.name, &self.ws, &ek, &value).await? else {
+                return Ok(None);
+            };
+            let Some((_, found)) = self.tx.get(&child.name, &cid).await? else {
+                return Ok(None);
+            };
+            let Some(pid) = foreign_id(found.get(&fk.field)).map(str::to_owned) else {
+                return Ok(None);
+            };
+            return Ok(self.tx.get(&schema.name, &pid).await?.map(|(_, e)| e));
+        }
         let Some(ek) = &schema.endpoint_key else {
             return Ok(None);
         };
@@ -962,10 +996,17 @@ impl WriteCtx<'_> {
             }
         }
         let key_of = |e: &Value| e.get(&ek).and_then(Value::as_str).map(str::to_owned);
-        let Some(wanted) = wanted.filter(|w| !w.is_null()) else {
-            let mut names: Vec<String> = current.iter().filter_map(key_of).collect();
-            names.sort();
-            return Ok(names.into_iter().map(Value::String).collect());
+        // Absent: keep the children. Null: none (Kong's `parse_name_list` in
+        // `kong/db/dao/certificates.lua` turns null into an empty list).
+        let none = Value::Array(Vec::new());
+        let wanted = match wanted {
+            None => {
+                let mut names: Vec<String> = current.iter().filter_map(key_of).collect();
+                names.sort();
+                return Ok(names.into_iter().map(Value::String).collect());
+            }
+            Some(Value::Null) => &none,
+            Some(w) => w,
         };
         let Some(list) = wanted.as_array() else {
             return Err(StoreError::Schema(crate::schema::FieldErrors::single(
@@ -975,12 +1016,24 @@ impl WriteCtx<'_> {
         };
         let mut wanted_names: Vec<String> = Vec::new();
         let mut errors = Vec::new();
+        let mut duplicate = None;
         for (i, v) in list.iter().enumerate() {
             match v.as_str() {
                 Some(s) if !wanted_names.iter().any(|w| w == s) => wanted_names.push(s.to_owned()),
-                Some(s) => errors.push((i, format!("duplicate {ek} in request: {s}"))),
+                Some(s) => {
+                    duplicate.get_or_insert_with(|| s.to_owned());
+                }
                 None => errors.push((i, "expected a string".to_owned())),
             }
+        }
+        if errors.is_empty()
+            && let Some(s) = duplicate
+        {
+            // Kong's message: "schema violation (snis: a.test is duplicated)".
+            return Err(StoreError::Schema(crate::schema::FieldErrors::single(
+                name,
+                format!("{s} is duplicated"),
+            )));
         }
         if !errors.is_empty() {
             let mut arr = vec![Value::Null; list.len()];
