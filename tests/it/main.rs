@@ -14,6 +14,7 @@ mod fleet;
 mod fuzz_corpus;
 mod harness;
 mod interop;
+mod kong_client;
 mod layering;
 mod pgcluster;
 mod proxy;
