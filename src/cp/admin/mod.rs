@@ -25,7 +25,9 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::writer::Writer;
-use crate::cp::store::{ListQuery, Op, Scope, Store, StoreError, TagFilter};
+use crate::cp::store::{
+    ListQuery, Op, Scope, Store, StoreError, TagFilter, UnresolvedForeignKey, kong_pretty,
+};
 use crate::schema::{EntitySchema, FieldType, Registry, form};
 
 /// What the Admin API handlers share.
@@ -262,13 +264,16 @@ pub fn error_response(e: StoreError) -> Response {
             message,
             Some(Value::Object(fields)),
         ),
-        StoreError::ForeignKeysUnresolved { message, fields } => kong(
-            StatusCode::BAD_REQUEST,
-            13,
-            "foreign keys unresolved",
-            message,
-            Some(Value::Object(fields)),
-        ),
+        StoreError::ForeignKeysUnresolved(keys) => {
+            let (message, fields) = unresolved_body(&keys);
+            kong(
+                StatusCode::BAD_REQUEST,
+                13,
+                "foreign keys unresolved",
+                message,
+                Some(Value::Object(fields)),
+            )
+        }
         StoreError::PrimaryKey { message, fields } => kong(
             StatusCode::BAD_REQUEST,
             3,
@@ -307,6 +312,39 @@ pub fn error_response(e: StoreError) -> Response {
             )
         }
     }
+}
+
+/// Kong's `foreign_keys_unresolved` message and field tree (`kong/db/errors.lua`):
+/// `foreign key unresolved (service.name: the foreign key cannot be resolved with
+/// '{name="x"}' for an existing 'services' entity)`, `{"service": {"name": "the foreign…"}}`.
+fn unresolved_body(keys: &[UnresolvedForeignKey]) -> (String, serde_json::Map<String, Value>) {
+    let mut fields = serde_json::Map::new();
+    let mut parts = Vec::new();
+    for key in keys {
+        let mut probe = serde_json::Map::new();
+        probe.insert(key.unique_field.clone(), key.value.clone());
+        let msg = format!(
+            "the foreign key cannot be resolved with '{}' for an existing '{}' entity",
+            kong_pretty(&probe),
+            key.entity
+        );
+        parts.push(format!("{}.{}: {msg}", key.field, key.unique_field));
+        if let Value::Object(m) = fields
+            .entry(key.field.clone())
+            .or_insert_with(|| Value::Object(serde_json::Map::new()))
+        {
+            m.insert(key.unique_field.clone(), Value::String(msg));
+        }
+    }
+    let message = match parts.as_slice() {
+        [one] => format!("foreign key unresolved ({one})"),
+        _ => format!(
+            "{} foreign keys unresolved ({})",
+            parts.len(),
+            parts.join("; ")
+        ),
+    };
+    (message, fields)
 }
 
 /// The target of a request path, resolved against the schema.

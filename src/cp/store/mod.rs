@@ -100,13 +100,10 @@ pub enum StoreError {
         message: String,
         fields: serde_json::Map<String, Value>,
     },
-    /// A foreign key given by a unique field of the referenced entity names no entity
-    /// (Kong's `FOREIGN_KEYS_UNRESOLVED`). `fields` is Kong's tree: `{"service": {"name": msg}}`.
-    #[error("{message}")]
-    ForeignKeysUnresolved {
-        message: String,
-        fields: serde_json::Map<String, Value>,
-    },
+    /// Foreign keys given by a unique field of the referenced entity that name no entity
+    /// (Kong's `FOREIGN_KEYS_UNRESOLVED`), sorted by field, then by unique field.
+    #[error("{} foreign key(s) unresolved", .0.len())]
+    ForeignKeysUnresolved(Vec<UnresolvedForeignKey>),
     #[error("{0}")]
     ReferencedByOthers(String),
     #[error("{message}")]
@@ -127,6 +124,18 @@ pub enum StoreError {
     /// Anything else; the cause is for logs only, never for clients.
     #[error("internal error")]
     Internal(String),
+}
+
+/// A foreign key given as `{unique_field: value}` that matched no `entity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnresolvedForeignKey {
+    /// The foreign field of the written entity (`service`).
+    pub field: String,
+    /// The unique field of the referenced entity it was given by (`name`).
+    pub unique_field: String,
+    pub value: Value,
+    /// The referenced entity type (`services`).
+    pub entity: String,
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{Pool, StateHash, Store, StoreError};
+use super::{Pool, StateHash, Store, StoreError, UnresolvedForeignKey};
 use crate::node::now_secs;
 pub(super) use crate::schema::index::canonical;
 use crate::schema::index::{CACHE_KEY, EntityIndex, foreign_id, tags_of};
@@ -654,7 +654,7 @@ impl WriteCtx<'_> {
         let Value::Object(input) = input else {
             return Ok(());
         };
-        let mut unresolved: Vec<(String, String, Value, String)> = Vec::new();
+        let mut unresolved: Vec<UnresolvedForeignKey> = Vec::new();
         let fks: Vec<_> = self
             .registry
             .references_of(&schema.name)
@@ -690,12 +690,12 @@ impl WriteCtx<'_> {
                         resolved = Some(id);
                         break;
                     }
-                    None => unresolved.push((
-                        fk.field.clone(),
-                        unique.name.clone(),
-                        value.clone(),
-                        parent.name.clone(),
-                    )),
+                    None => unresolved.push(UnresolvedForeignKey {
+                        field: fk.field.clone(),
+                        unique_field: unique.name.clone(),
+                        value: value.clone(),
+                        entity: parent.name.clone(),
+                    }),
                 }
             }
             if let Some(id) = resolved {
@@ -705,36 +705,10 @@ impl WriteCtx<'_> {
         if unresolved.is_empty() {
             return Ok(());
         }
-        // Kong's `foreign_keys_unresolved` (`kong/db/errors.lua`): sorted by field, then by
-        // the unique field within it.
-        unresolved.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        let mut fields = Map::new();
-        let mut parts = Vec::new();
-        for (field, unique, value, parent) in unresolved {
-            let mut probe = Map::new();
-            probe.insert(unique.clone(), value);
-            let msg = format!(
-                "the foreign key cannot be resolved with '{}' for an existing '{parent}' entity",
-                super::kong_pretty(&probe)
-            );
-            parts.push(format!("{field}.{unique}: {msg}"));
-            if let Value::Object(m) = fields
-                .entry(field)
-                .or_insert_with(|| Value::Object(Map::new()))
-            {
-                m.insert(unique, Value::String(msg));
-            }
-        }
-        let message = if parts.len() == 1 {
-            format!("foreign key unresolved ({})", parts[0])
-        } else {
-            format!(
-                "{} foreign keys unresolved ({})",
-                parts.len(),
-                parts.join("; ")
-            )
-        };
-        Err(StoreError::ForeignKeysUnresolved { message, fields })
+        // Kong's `foreign_keys_unresolved` (`kong/db/errors.lua`) sorts by field, then by the
+        // unique field within it.
+        unresolved.sort_by(|a, b| (&a.field, &a.unique_field).cmp(&(&b.field, &b.unique_field)));
+        Err(StoreError::ForeignKeysUnresolved(unresolved))
     }
 
     /// Finds an entity by id or endpoint key, within `scope` when given.
