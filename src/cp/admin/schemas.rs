@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use super::{AdminState, error_response, message, parse_input, read_payload};
 use crate::cp::store::StoreError;
 use crate::schema::{
-    Auto, Check, Conditional, EntitySchema, Field, FieldType, Match, Mode, PluginSchema,
+    Auto, Check, Conditional, EntitySchema, Field, FieldType, Match, Mode, PluginSchema, Registry,
 };
 
 /// `GET /schemas/{name}`: an entity type by its DAO name (`keyauth_credentials`).
@@ -43,7 +43,7 @@ pub(super) async fn plugin(
     Path(name): Path<String>,
 ) -> Response {
     match state.store.registry().plugin(&name) {
-        Some(plugin) => Json(plugin_jsonable(plugin)).into_response(),
+        Some(plugin) => Json(plugin_jsonable(state.store.registry(), plugin)).into_response(),
         None => message(StatusCode::NOT_FOUND, &format!("No plugin named '{name}'")),
     }
 }
@@ -100,10 +100,22 @@ pub fn entity_jsonable(schema: &EntitySchema) -> Value {
 
 /// Kong's `schema_to_jsonable` of a plugin's subschema: `consumer` when the plugin cannot be
 /// scoped to a consumer (`typedefs.no_consumer`), `protocols`, and `config` as a record.
-pub fn plugin_jsonable(plugin: &PluginSchema) -> Value {
+pub fn plugin_jsonable(registry: &Registry, plugin: &PluginSchema) -> Value {
     let mut fields = Vec::new();
-    if plugin.no_consumer {
-        fields.push(json!({"consumer": {"type": "foreign", "reference": "consumers", "eq": null}}));
+    // `no_consumer` is about the plugin entity's `consumer` foreign field; its reference comes
+    // from the registry.
+    let consumer = registry
+        .get(crate::schema::PLUGINS)
+        .and_then(|p| p.field("consumer"))
+        .filter(|f| f.ty == FieldType::Foreign);
+    if plugin.no_consumer
+        && let Some(field) = consumer
+    {
+        let mut one = json!({"type": "foreign", "eq": null});
+        if let Some(reference) = &field.reference {
+            one["reference"] = json!(reference);
+        }
+        fields.push(json!({ field.name.clone(): one }));
     }
     if plugin.protocols_default.is_some() || plugin.protocols_one_of.is_some() {
         let mut elements = json!({"type": "string"});
