@@ -87,7 +87,8 @@ pub struct ServeArgs {
     /// Admin API listen address [default: 127.0.0.1:8001]
     #[arg(long, env = "DELTAPLANE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
-    /// Bearer token required on every Admin API request (required for non-loopback binds)
+    /// Token required on every Admin API request, as `Authorization: Bearer` or
+    /// `Kong-Admin-Token` (required for non-loopback binds)
     #[arg(long, env = "DELTAPLANE_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
     /// Allow a non-loopback Admin API bind without --admin-token [default: false]

@@ -32,7 +32,6 @@ pub const VALIDATORS: &[&str] = &[
 
 /// Described one by one in `schema/CUSTOM_CHECKS.md`.
 pub const CUSTOM_CHECKS: &[&str] = &[
-    "route_protocols",
     "route_methods",
     "route_hosts",
     "route_headers",
@@ -514,7 +513,6 @@ fn key_spki(pem: &str) -> Option<Vec<u8>> {
 
 pub fn custom_check(name: &str, obj: &mut Map<String, Value>, errors: &mut FieldErrors) {
     match name {
-        "route_protocols" => route_protocols(obj, errors),
         "route_methods" => each_string(obj, "methods", errors, |m| {
             (!m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()))
                 .then_some(())
@@ -739,121 +737,6 @@ fn route_host(h: &str) -> Result<(), String> {
     }
     validate_host_with_optional_port(&h.replace('*', "abc"))
         .map_err(|_| format!("invalid value: {h}"))
-}
-
-/// Kong 3.10 routes (traditional_compatible): the protocol subschemas of `routes_subschemas.lua`.
-fn route_protocols(obj: &mut Map<String, Value>, errors: &mut FieldErrors) {
-    let protocols = str_list(obj, "protocols");
-    if protocols.is_empty() {
-        return;
-    }
-    const SUBSETS: &[&[&str]] = &[
-        &["http", "https"],
-        &["tcp", "tls", "udp"],
-        &["tls_passthrough"],
-        &["grpc", "grpcs"],
-        &["ws", "wss"],
-    ];
-    let used: Vec<&[&str]> = SUBSETS
-        .iter()
-        .copied()
-        .filter(|set| protocols.iter().any(|p| set.contains(&p.as_str())))
-        .collect();
-    if used.len() > 1 {
-        let list: Vec<String> = used
-            .iter()
-            .map(|set| {
-                format!(
-                    "({})",
-                    set.iter()
-                        .map(|p| format!("'{p}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-            .collect();
-        errors.field(
-            "protocols",
-            format!("these sets are mutually exclusive: {}", list.join(", ")),
-        );
-        return;
-    }
-    let has = |p: &str| protocols.iter().any(|x| x == p);
-    let must_set = |errors: &mut FieldErrors, fields: &[&str], when: &str| {
-        if !fields.iter().any(|f| non_empty(obj, f)) {
-            let list = fields
-                .iter()
-                .map(|f| format!("'{f}'"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            errors.entity(format!("must set one of {list} when 'protocols' is {when}"));
-        }
-    };
-    let cannot = |errors: &mut FieldErrors, fields: &[&str], when: &str| {
-        for f in fields {
-            if non_empty(obj, f) {
-                errors.field(f, format!("cannot set '{f}' when 'protocols' is {when}"));
-            }
-        }
-    };
-    match protocols[0].as_str() {
-        "http" | "https" | "ws" | "wss" => {
-            cannot(errors, &["sources", "destinations"], "'http' or 'https'");
-            if has("https") || has("wss") {
-                must_set(
-                    errors,
-                    &["methods", "hosts", "headers", "paths", "snis"],
-                    "'https'",
-                );
-            } else {
-                must_set(errors, &["methods", "hosts", "headers", "paths"], "'http'");
-            }
-        }
-        "tcp" | "tls" | "udp" | "tls_passthrough" => {
-            cannot(
-                errors,
-                &["methods", "hosts", "paths", "headers"],
-                "'tcp', 'tls', 'tls_passthrough' or 'udp'",
-            );
-            if protocols.iter().all(|p| p == "tls_passthrough") {
-                if !non_empty(obj, "snis") {
-                    errors.entity("must set snis when 'protocols' is 'tls_passthrough'");
-                }
-            } else {
-                must_set(
-                    errors,
-                    &["sources", "destinations", "snis"],
-                    "'tcp', 'tls' or 'udp'",
-                );
-            }
-        }
-        "grpc" | "grpcs" => {
-            if obj.get("strip_path") == Some(&Value::Bool(true)) {
-                errors.field(
-                    "strip_path",
-                    "cannot set 'strip_path' when 'protocols' is 'grpc' or 'grpcs'",
-                );
-            }
-            cannot(
-                errors,
-                &["methods", "sources", "destinations"],
-                "'grpc' or 'grpcs'",
-            );
-            if has("grpcs") {
-                must_set(errors, &["hosts", "headers", "paths", "snis"], "'grpcs'");
-            } else {
-                must_set(errors, &["hosts", "headers", "paths"], "'grpc'");
-            }
-        }
-        _ => {}
-    }
-    if non_empty(obj, "snis")
-        && !["grpcs", "https", "tls", "tls_passthrough", "wss"]
-            .iter()
-            .any(|p| has(p))
-    {
-        errors.field("snis", "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls' or 'tls_passthrough'");
-    }
 }
 
 /// Regex paths and `~*` header values must compile with Rust `regex` semantics, as the ATC

@@ -9,13 +9,24 @@ use super::{EntitySchema, Field, FieldType, Registry};
 
 /// Parses a form body into a JSON object of strings, arrays and objects (no coercion yet).
 pub fn parse(body: &[u8]) -> Result<Value, String> {
+    parse_pairs(form_urlencoded::parse(body))
+}
+
+/// Builds the same object from `(name, value)` pairs in request order: the parts of a
+/// `multipart/form-data` body follow the form conventions too (`kong/api/arguments.lua`).
+pub fn parse_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Value, String>
+where
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
     let mut root = Value::Object(Map::new());
-    for (key, value) in form_urlencoded::parse(body) {
-        let path = split_key(&key).ok_or_else(|| format!("invalid form key '{key}'"))?;
+    for (key, value) in pairs {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        let path = split_key(key).ok_or_else(|| format!("invalid form key '{key}'"))?;
         let value = if value.is_empty() {
             Value::Null
         } else {
-            Value::String(value.into_owned())
+            Value::String(value.to_owned())
         };
         insert(&mut root, &path, value)?;
     }

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use checks::is_uuid;
+pub use checks::{is_uuid, validate_named};
 pub use validate::{FieldErrors, Mode, Prepared};
 
 /// The Kong line whose entity shapes deltaplane follows.
@@ -108,6 +108,44 @@ pub struct EntitySchema {
     pub fields: Vec<Field>,
     #[serde(default)]
     pub entity_checks: Vec<Check>,
+    /// The field whose value picks a subschema (Kong's `subschema_key`; routes: `protocols`).
+    #[serde(default)]
+    pub subschema_key: Option<String>,
+    /// Specialisations by the value of `subschema_key` (Kong's subschemas).
+    #[serde(default)]
+    pub subschemas: Vec<Subschema>,
+    /// A path key that is not a UUID names a child entity by its endpoint key, and means the
+    /// entity that child references (`/certificates/{sni}`).
+    #[serde(default)]
+    pub alias_key: Option<AliasKey>,
+    /// This schema with each subschema applied, built by the registry at load.
+    #[serde(skip)]
+    specialized: Vec<(Vec<String>, Arc<EntitySchema>)>,
+}
+
+/// How a path key names an entity through one of its children (Kong's `prepare_params` in
+/// `kong/api/routes/certificates.lua`: a certificate by one of its SNIs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasKey {
+    /// The child type, found by its endpoint key; it has a foreign key to this type.
+    pub entity: String,
+    /// The 404 message when no child has that key (`SNI not found`).
+    pub not_found: String,
+}
+
+/// A specialisation of an entity type, chosen by the value of its `subschema_key`: for a
+/// string, the subschema listing it; for an array or set, the one listing its first element
+/// that any subschema lists (Kong's `get_subschema`). Its fields replace the base fields of the
+/// same name (same type), defaults included; its entity checks run after the base ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subschema {
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub fields: Vec<Field>,
+    #[serde(default)]
+    pub entity_checks: Vec<Check>,
 }
 
 fn default_pk() -> String {
@@ -165,6 +203,19 @@ pub struct Field {
     /// Free text kept from Kong's description; ignored by the engine.
     #[serde(default)]
     pub description: Option<String>,
+    /// The value must equal this (`null`: must be null or absent), Kong's `eq`.
+    #[serde(default, deserialize_with = "deserialize_some")]
+    pub eq: Option<Value>,
+    /// The value must not equal this, Kong's `ne`.
+    #[serde(default, deserialize_with = "deserialize_some")]
+    pub ne: Option<Value>,
+    /// The message that replaces the failing check's own (Kong's field `err`).
+    #[serde(default)]
+    pub err: Option<String>,
+    /// For arrays and sets: elements must all come from one of these subsets (Kong's
+    /// `mutually_exclusive_subsets`).
+    #[serde(default)]
+    pub mutually_exclusive_subsets: Option<Vec<Vec<Value>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -217,7 +268,27 @@ pub enum Check {
     MutuallyRequired(Vec<String>),
     MutuallyExclusive(Vec<String>),
     Conditional(Box<Conditional>),
+    ConditionalAtLeastOneOf(Box<ConditionalAtLeastOneOf>),
     Custom(String),
+}
+
+/// Kong's `conditional_at_least_one_of`: when `if_field` matches `if_match`, one of
+/// `then_at_least_one_of` must be non-empty; otherwise, when it matches `else_match`, one of
+/// `else_then_at_least_one_of`. The `%s` of an `*_err` message is the quoted list of fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionalAtLeastOneOf {
+    pub if_field: String,
+    pub if_match: Match,
+    pub then_at_least_one_of: Vec<String>,
+    #[serde(default)]
+    pub then_err: Option<String>,
+    #[serde(default)]
+    pub else_match: Option<Match>,
+    #[serde(default)]
+    pub else_then_at_least_one_of: Option<Vec<String>>,
+    #[serde(default)]
+    pub else_then_err: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +298,9 @@ pub struct Conditional {
     pub if_match: Match,
     pub then_field: String,
     pub then_match: Match,
+    /// An entity-level message added when `then_match` fails (Kong's `then_err`).
+    #[serde(default)]
+    pub then_err: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -241,6 +315,14 @@ pub struct Match {
     pub required: Option<bool>,
     #[serde(default)]
     pub contains: Option<Value>,
+    #[serde(default)]
+    pub not_one_of: Option<Vec<Value>>,
+    /// Length of a string or an array; a null value passes.
+    #[serde(default)]
+    pub len_eq: Option<usize>,
+    /// Every element of an array or set matches (an empty one does).
+    #[serde(default)]
+    pub elements: Option<Box<Match>>,
 }
 
 fn deserialize_some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
@@ -390,6 +472,9 @@ impl Registry {
                 &schema.entity_checks,
                 &schema.shorthands,
             )?;
+            for sub in &schema.subschemas {
+                check_names(&schema.name, &sub.fields, &sub.entity_checks, &[])?;
+            }
         }
         for plugin in plugin_map.values() {
             check_names(
@@ -398,6 +483,9 @@ impl Registry {
                 &plugin.entity_checks,
                 &plugin.shorthands,
             )?;
+        }
+        for schema in &mut parsed {
+            specialize(schema)?;
         }
         let ordered = topological_order(parsed, &foreign_keys)?;
         let entities: Vec<Arc<EntitySchema>> = ordered.into_iter().map(Arc::new).collect();
@@ -411,6 +499,20 @@ impl Registry {
             .enumerate()
             .map(|(i, s)| (s.admin_api_name.clone(), i))
             .collect();
+        for schema in &entities {
+            if let Some(alias) = &schema.alias_key {
+                anyhow::ensure!(
+                    entities.iter().any(|c| c.name == alias.entity
+                        && c.endpoint_key.is_some()
+                        && foreign_keys.iter().any(|fk| fk.child == c.name
+                            && fk.parent == schema.name
+                            && !fk.is_array)),
+                    "{}: alias_key entity {} needs an endpoint key and a foreign key to it",
+                    schema.name,
+                    alias.entity
+                );
+            }
+        }
         for fk in &foreign_keys {
             anyhow::ensure!(
                 entities.iter().any(|s| s.name == fk.parent),
@@ -502,6 +604,65 @@ impl EntitySchema {
     pub fn has_tags(&self) -> bool {
         self.field("tags").is_some()
     }
+
+    /// This schema as specialised for `entity` by its subschema key, when one applies.
+    pub fn specialized_for(&self, entity: &serde_json::Map<String, Value>) -> Option<&Self> {
+        let key = entity.get(self.subschema_key.as_deref()?)?;
+        let names: Vec<&str> = match key {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+            _ => return None,
+        };
+        names.into_iter().find_map(|name| {
+            self.specialized
+                .iter()
+                .find(|(keys, _)| keys.iter().any(|k| k == name))
+                .map(|(_, s)| &**s)
+        })
+    }
+}
+
+/// Builds `schema`'s specialisations: each subschema's fields replace the base field of the
+/// same name, which must exist with the same type (Kong's `new_subschema` rules).
+fn specialize(schema: &mut EntitySchema) -> anyhow::Result<()> {
+    if schema.subschemas.is_empty() {
+        return Ok(());
+    }
+    let key = schema
+        .subschema_key
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("{}: subschemas without a subschema_key", schema.name))?;
+    anyhow::ensure!(
+        schema.field(key).is_some(),
+        "{}: subschema_key '{key}' is not a field",
+        schema.name
+    );
+    let mut base = schema.clone();
+    base.subschemas.clear();
+    let mut specialized = Vec::new();
+    for sub in &schema.subschemas {
+        let mut one = base.clone();
+        for field in &sub.fields {
+            let Some(slot) = one.fields.iter_mut().find(|f| f.name == field.name) else {
+                anyhow::bail!(
+                    "{}: subschema field '{}' is not a field",
+                    schema.name,
+                    field.name
+                );
+            };
+            anyhow::ensure!(
+                slot.ty == field.ty,
+                "{}: subschema field '{}' changes its type",
+                schema.name,
+                field.name
+            );
+            *slot = field.clone();
+        }
+        one.entity_checks.extend(sub.entity_checks.iter().cloned());
+        specialized.push((sub.keys.clone(), Arc::new(one)));
+    }
+    schema.specialized = specialized;
+    Ok(())
 }
 
 /// Every validator, custom check, shorthand and transform a schema names must exist.

@@ -258,7 +258,12 @@ impl Registry {
                 );
             }
         }
-        fill_defaults(&schema.fields, &mut entity, mode);
+        // A subschema's defaults apply when the input picks it (Kong's `process_auto_fields`
+        // resolves fields by the subschema of the data it is given); its checks apply to
+        // the entity as completed.
+        let defaults_schema = schema.specialized_for(&entity).unwrap_or(schema);
+        fill_defaults(&defaults_schema.fields, &mut entity, mode);
+        let schema = schema.specialized_for(&entity).unwrap_or(schema);
         for field in &schema.fields {
             if let Some(generate) = field.generate
                 && entity.get(&field.name).is_none_or(Value::is_null)
@@ -437,8 +442,69 @@ fn check_fields(fields: &[Field], obj: &Map<String, Value>, errors: &mut FieldEr
     }
 }
 
-/// The error for one value, or `None` when it is valid.
+impl Field {
+    /// Whether `v` passes this field's own checks (type, `one_of`, `between`, lengths,
+    /// validator), as Kong's `Schema:validate_field`; used to decide whether a value can
+    /// name an entity by this field.
+    pub fn accepts(&self, v: &Value) -> bool {
+        !v.is_null() && check_value(self, v).is_none()
+    }
+}
+
+/// The error for one value, or `None` when it is valid. A field's `err` replaces the
+/// message of its `eq`, `ne` and `mutually_exclusive_subsets` checks, as Kong's `field.err`.
 fn check_value(field: &Field, v: &Value) -> Option<Value> {
+    let own = |msg: String| Some(Value::String(field.err.clone().unwrap_or(msg)));
+    if let Some(eq) = &field.eq
+        && eq != v
+    {
+        return own(format!("value must be {}", kong_value(eq)));
+    }
+    if let Some(ne) = &field.ne
+        && ne == v
+    {
+        return own(format!("value must not be {}", kong_value(ne)));
+    }
+    let res = check_value_inner(field, v);
+    if res.is_none()
+        && let (Some(subsets), Value::Array(items)) = (&field.mutually_exclusive_subsets, v)
+    {
+        // The subsets the value draws from, in the order its elements first name them.
+        let mut used: Vec<&Vec<Value>> = Vec::new();
+        for item in items {
+            if let Some(set) = subsets.iter().find(|set| set.contains(item))
+                && !used.contains(&set)
+            {
+                used.push(set);
+            }
+        }
+        if used.len() > 1 {
+            let list: Vec<String> = used
+                .iter()
+                .map(|set| {
+                    let inner: Vec<String> =
+                        set.iter().map(|x| format!("'{}'", kong_value(x))).collect();
+                    format!("({})", inner.join(", "))
+                })
+                .collect();
+            return own(format!(
+                "these sets are mutually exclusive: {}",
+                list.join(", ")
+            ));
+        }
+    }
+    res
+}
+
+/// A value as Kong's messages print it: strings bare, `null` for null.
+fn kong_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn check_value_inner(field: &Field, v: &Value) -> Option<Value> {
     let type_err = |what: &str| Some(Value::String(format!("expected {what}")));
     match field.ty {
         FieldType::String => {
@@ -708,8 +774,12 @@ impl Registry {
                     {
                         let msg = describe_failed_match(&c.then_match);
                         errors.at(&c.then_field, msg);
+                        if let Some(then_err) = &c.then_err {
+                            errors.entity(then_err.replace("%s", &c.if_field));
+                        }
                     }
                 }
+                Check::ConditionalAtLeastOneOf(c) => conditional_at_least_one_of(c, obj, errors),
                 Check::Custom(name) if name == "plugin_config" => self.check_plugin(obj, errors),
                 Check::Custom(name) => checks::custom_check(name, obj, errors),
             }
@@ -717,8 +787,63 @@ impl Registry {
     }
 }
 
+/// Kong's `conditional_at_least_one_of` entity checker (`kong/db/schema/init.lua`).
+fn conditional_at_least_one_of(
+    c: &super::ConditionalAtLeastOneOf,
+    obj: &Map<String, Value>,
+    errors: &mut FieldErrors,
+) {
+    let Some(if_value) = lookup(obj, &c.if_field).filter(|v| !v.is_null()) else {
+        return;
+    };
+    let (names, err) = if matches(&c.if_match, Some(if_value)) {
+        (&c.then_at_least_one_of, &c.then_err)
+    } else {
+        match (&c.else_match, &c.else_then_at_least_one_of) {
+            (Some(else_match), Some(names)) if matches(else_match, Some(if_value)) => {
+                (names, &c.else_then_err)
+            }
+            _ => return,
+        }
+    };
+    if names.iter().any(|n| is_set(lookup(obj, n))) {
+        return;
+    }
+    let list = quoted(names);
+    errors.entity(match err {
+        Some(err) => err.replace("%s", &list),
+        None => format!("at least one of these fields must be non-empty: {list}"),
+    });
+}
+
 fn matches(m: &Match, v: Option<&Value>) -> bool {
     let v_or_null = v.unwrap_or(&Value::Null);
+    if let Some(list) = &m.not_one_of
+        && list.contains(v_or_null)
+    {
+        return false;
+    }
+    if let Some(n) = m.len_eq {
+        let len = match v_or_null {
+            Value::String(s) => Some(s.chars().count()),
+            Value::Array(a) => Some(a.len()),
+            _ => None,
+        };
+        if len.is_some_and(|len| len != n) {
+            return false;
+        }
+    }
+    if let Some(each) = &m.elements {
+        match v_or_null {
+            Value::Array(items) => {
+                if !items.iter().all(|item| matches(each, Some(item))) {
+                    return false;
+                }
+            }
+            Value::Null => {}
+            _ => return false,
+        }
+    }
     if let Some(list) = &m.one_of
         && !list.contains(v_or_null)
     {
@@ -745,6 +870,9 @@ fn matches(m: &Match, v: Option<&Value>) -> bool {
 fn describe_failed_match(m: &Match) -> String {
     if m.required == Some(true) {
         return "required field missing".into();
+    }
+    if let Some(n) = m.len_eq {
+        return format!("length must be {n}");
     }
     if let Some(Value::Null) = &m.eq {
         return "value must be null".into();

@@ -262,6 +262,35 @@ impl TestCp {
         .await
     }
 
+    /// Sends a `multipart/form-data` body as `curl -F` builds it: each part is
+    /// `(name, file name, value)`, a file part when a file name is given.
+    pub async fn multipart(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        parts: &[(&str, Option<&str>, &str)],
+    ) -> Resp {
+        let boundary = "------------------------deltaplane7d3c1e";
+        let mut body = String::new();
+        for (name, file, value) in parts {
+            body.push_str(&format!("--{boundary}\r\n"));
+            match file {
+                Some(file) => body.push_str(&format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )),
+                None => body.push_str(&format!(
+                    "Content-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                )),
+            }
+            body.push_str(value);
+            body.push_str("\r\n");
+        }
+        body.push_str(&format!("--{boundary}--\r\n"));
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        self.raw(method, path, &content_type, body).await
+    }
+
     /// POSTs and asserts 201, returning the entity.
     pub async fn create(&self, path: &str, body: Value) -> Value {
         let r = self.post(path, body).await;

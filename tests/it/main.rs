@@ -15,6 +15,7 @@ mod fleet;
 mod fuzz_corpus;
 mod harness;
 mod interop;
+mod kong_client;
 mod layering;
 mod pgcluster;
 mod plugins;

@@ -25,7 +25,9 @@ use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
 pub use fleet::DataPlaneRow;
-pub use read::{BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, VersionInfo};
+pub use read::{
+    BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, TagPage, TagRow, VersionInfo,
+};
 pub use write::{Op, Outcome, Scope};
 
 /// A connection pool of either backend.
@@ -98,6 +100,10 @@ pub enum StoreError {
         message: String,
         fields: serde_json::Map<String, Value>,
     },
+    /// Foreign keys given by a unique field of the referenced entity that name no entity
+    /// (Kong's `FOREIGN_KEYS_UNRESOLVED`), sorted by field, then by unique field.
+    #[error("{} foreign key(s) unresolved", .0.len())]
+    ForeignKeysUnresolved(Vec<UnresolvedForeignKey>),
     #[error("{0}")]
     ReferencedByOthers(String),
     #[error("{message}")]
@@ -197,6 +203,18 @@ impl OpenError {
             },
         }
     }
+}
+
+/// A foreign key given as `{unique_field: value}` that matched no `entity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnresolvedForeignKey {
+    /// The foreign field of the written entity (`service`).
+    pub field: String,
+    /// The unique field of the referenced entity it was given by (`name`).
+    pub unique_field: String,
+    pub value: Value,
+    /// The referenced entity type (`services`).
+    pub entity: String,
 }
 
 impl From<sqlx::Error> for StoreError {

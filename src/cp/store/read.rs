@@ -59,6 +59,23 @@ pub struct Page {
     pub next_offset: Option<String>,
 }
 
+/// One row of Kong's `/tags` listing: an entity and one of its tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRow {
+    pub entity_id: String,
+    /// The entity type (Kong's DAO name, e.g. `keyauth_credentials`).
+    pub entity_name: String,
+    pub tag: String,
+}
+
+/// One page of tag rows.
+#[derive(Debug, Clone)]
+pub struct TagPage {
+    pub data: Vec<TagRow>,
+    /// Offset of the next page, `None` on the last page.
+    pub next_offset: Option<String>,
+}
+
 /// The change log's current state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionInfo {
@@ -138,19 +155,25 @@ pub(super) fn encode_offset(id: &str) -> String {
 }
 
 fn decode_offset(offset: &str) -> Result<String, StoreError> {
-    let bad = || {
-        StoreError::BadRequest(format!(
-            "'{offset}' is not a valid offset: bad base64 encoding"
-        ))
-    };
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(offset)
-        .map_err(|_| bad())?;
-    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
-    v.get(0)
+    decode_offset_value(offset)?
+        .get(0)
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(bad)
+        .ok_or_else(|| bad_offset(offset))
+}
+
+fn bad_offset(offset: &str) -> StoreError {
+    StoreError::BadRequest(format!(
+        "'{offset}' is not a valid offset: bad base64 encoding"
+    ))
+}
+
+/// The JSON array an offset encodes.
+fn decode_offset_value(offset: &str) -> Result<Value, StoreError> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(offset)
+        .map_err(|_| bad_offset(offset))?;
+    serde_json::from_slice(&raw).map_err(|_| bad_offset(offset))
 }
 
 fn parse_body(ty: &str, body: &str) -> Result<Value, StoreError> {
@@ -222,6 +245,19 @@ impl Store {
         let mut found = None;
         if crate::schema::is_uuid(key) {
             found = self.get(entity, key).await?;
+        } else if let Some(alias) = &schema.alias_key {
+            // `/certificates/{sni}`: the entity the named child references.
+            let registry = self.registry().clone();
+            let child = self.find(&alias.entity, key, None);
+            let child = Box::pin(child).await?;
+            let pid = registry
+                .references_of(&alias.entity)
+                .find(|fk| fk.parent == schema.name && !fk.is_array)
+                .and_then(|fk| child.as_ref()?.get(&fk.field)?.get("id")?.as_str())
+                .map(str::to_owned);
+            if let Some(pid) = pid {
+                found = self.get(entity, &pid).await?;
+            }
         }
         if found.is_none()
             && let Some(ek) = &schema.endpoint_key
@@ -357,6 +393,63 @@ impl Store {
             None
         };
         Ok(Page { data, next_offset })
+    }
+
+    /// One page of every (entity, tag) pair, or of the entities carrying `tag`, across all
+    /// entity types, in entity id order (then tag), keyset-paginated as [`Store::list`] is.
+    /// Kong's `/tags` and `/tags/{tag}` (`kong/db/strategies/postgres/tags.lua`).
+    pub async fn list_tags(
+        &self,
+        tag: Option<&str>,
+        size: usize,
+        offset: Option<&str>,
+    ) -> Result<TagPage, StoreError> {
+        let (after_id, after_tag) = match offset {
+            Some(o) => {
+                let v = decode_offset_value(o)?;
+                let id = v.get(0).and_then(Value::as_str).map(str::to_owned);
+                let tag = v.get(1).and_then(Value::as_str).map(str::to_owned);
+                match id {
+                    Some(id) => (id, tag.unwrap_or_default()),
+                    None => return Err(bad_offset(o)),
+                }
+            }
+            None => (String::new(), String::new()),
+        };
+        let limit = size as i64 + 1;
+        let rows: Vec<(String, String, String)> = match tag {
+            Some(tag) => on_backend!(self.pool(), p => sqlx::query_as(
+                "SELECT id, type, tag FROM dp_tags WHERE tag = $1 AND id > $2 ORDER BY id LIMIT $3")
+                .bind(tag).bind(&after_id).bind(limit).fetch_all(p).await?),
+            None => on_backend!(self.pool(), p => sqlx::query_as(
+                "SELECT id, type, tag FROM dp_tags WHERE id > $1 OR (id = $1 AND tag > $2) \
+                 ORDER BY id, tag LIMIT $3")
+                .bind(&after_id).bind(&after_tag).bind(limit).fetch_all(p).await?),
+        };
+        let has_more = rows.len() > size;
+        let data: Vec<TagRow> = rows
+            .into_iter()
+            .take(size)
+            .map(|(entity_id, entity_name, tag)| TagRow {
+                entity_id,
+                entity_name,
+                tag,
+            })
+            .collect();
+        let next_offset = match (has_more, data.last()) {
+            (true, Some(last)) => {
+                let mut key = vec![Value::String(last.entity_id.clone())];
+                if tag.is_none() {
+                    key.push(Value::String(last.tag.clone()));
+                }
+                Some(
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .encode(canonical(&Value::Array(key))),
+                )
+            }
+            _ => None,
+        };
+        Ok(TagPage { data, next_offset })
     }
 
     /// The head of the change log.

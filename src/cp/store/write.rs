@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{Pool, StateHash, Store, StoreError};
+use super::{Pool, StateHash, Store, StoreError, UnresolvedForeignKey};
 use crate::node::now_secs;
 pub(super) use crate::schema::index::canonical;
 use crate::schema::index::{CACHE_KEY, EntityIndex, foreign_id, tags_of};
@@ -40,7 +40,8 @@ pub enum Op {
         input: Value,
         scope: Option<Scope>,
     },
-    /// DELETE: remove an entity (and cascade); absent entities are not an error.
+    /// DELETE: remove an entity (and cascade). An absent entity is not an error, except under
+    /// a scope: a child that is absent or belongs to another parent is `NotFound`.
     Delete {
         entity: String,
         key: String,
@@ -500,7 +501,8 @@ impl WriteCtx<'_> {
                 scope,
             } => {
                 let schema = self.schema(&entity)?;
-                let input = self.scoped_input(input, scope.as_ref()).await?;
+                let mut input = self.scoped_input(input, scope.as_ref()).await?;
+                self.resolve_foreign(&schema, &mut input).await?;
                 let prepared = self
                     .registry
                     .prepare(&schema, input, None, Mode::Insert, self.now)
@@ -543,15 +545,24 @@ impl WriteCtx<'_> {
                         m.insert(ek.clone(), Value::String(key.clone()));
                     }
                 }
+                self.resolve_foreign(&schema, &mut input).await?;
                 let mode = if existing.is_some() {
                     Mode::Replace
                 } else {
                     Mode::Insert
                 };
-                let prepared = self
+                let mut prepared = self
                     .registry
                     .prepare(&schema, input, existing.as_ref(), mode, self.now)
                     .map_err(StoreError::Schema)?;
+                // PUT replaces the whole entity: a transient list it does not give is emptied
+                // (Kong's `prepare_args` in `kong/api/routes/certificates.lua`).
+                for name in &schema.transient_fields {
+                    prepared
+                        .transient
+                        .entry(name.clone())
+                        .or_insert(Value::Null);
+                }
                 let created = existing.is_none();
                 let entity = self
                     .save(&schema, prepared.entity, existing, prepared.transient)
@@ -573,7 +584,8 @@ impl WriteCtx<'_> {
                     .resolve(&schema, &key, scope.as_ref())
                     .await?
                     .ok_or(StoreError::NotFound)?;
-                let input = self.scoped_input(input, scope.as_ref()).await?;
+                let mut input = self.scoped_input(input, scope.as_ref()).await?;
+                self.resolve_foreign(&schema, &mut input).await?;
                 let prepared = self
                     .registry
                     .prepare(&schema, input, Some(&existing), Mode::Update, self.now)
@@ -589,8 +601,12 @@ impl WriteCtx<'_> {
             }
             Op::Delete { entity, key, scope } => {
                 let schema = self.schema(&entity)?;
-                if let Some(existing) = self.resolve(&schema, &key, scope.as_ref()).await? {
-                    self.delete_cascade(&schema, existing).await?;
+                match self.resolve(&schema, &key, scope.as_ref()).await? {
+                    Some(existing) => self.delete_cascade(&schema, existing).await?,
+                    // Kong's nested DELETE answers 404 for a child that is absent or belongs to
+                    // another parent (`delete_entity_endpoint` in `kong/api/endpoints.lua`).
+                    None if scope.is_some() => return Err(StoreError::NotFound),
+                    None => {}
                 }
                 Ok(Outcome {
                     version: None,
@@ -619,6 +635,80 @@ impl WriteCtx<'_> {
             }
         }
         Ok(input)
+    }
+
+    /// Kong's `resolve_foreign` (`kong/db/dao/init.lua`), run on insert, update and upsert
+    /// inside the write transaction, so a rename or delete of the referenced entity cannot
+    /// slip between the lookup and the write: a foreign key given without a valid primary key
+    /// (`{"service": {"name": "billing"}}`, `{"consumer": {"username": "alice"}}`) is looked up
+    /// by each unique field of the referenced entity that it carries with a valid value, in
+    /// schema order, and replaced by `{"id": ..}` at the first match. Every unique value that
+    /// matched nothing is reported, as Kong does (also when a later one matched). A value with
+    /// a valid primary key keeps only it (Kong ignores the other keys). Anything else is left
+    /// for schema validation to report.
+    async fn resolve_foreign(
+        &mut self,
+        schema: &EntitySchema,
+        input: &mut Value,
+    ) -> Result<(), StoreError> {
+        let Value::Object(input) = input else {
+            return Ok(());
+        };
+        let mut unresolved: Vec<UnresolvedForeignKey> = Vec::new();
+        let fks: Vec<_> = self
+            .registry
+            .references_of(&schema.name)
+            .filter(|fk| !fk.is_array)
+            .cloned()
+            .collect();
+        for fk in fks {
+            let Some(Value::Object(given)) = input.get(&fk.field) else {
+                continue;
+            };
+            let parent = self.schema(&fk.parent)?;
+            let pk = &parent.primary_key;
+            if let Some(id) = given.get(pk).and_then(Value::as_str)
+                && crate::schema::is_uuid(id)
+            {
+                let id = id.to_owned();
+                input.insert(fk.field.clone(), serde_json::json!({ pk.clone(): id }));
+                continue;
+            }
+            let given = given.clone();
+            let mut resolved = None;
+            for unique in parent.unique_fields() {
+                let Some(value) = given.get(&unique.name).filter(|v| unique.accepts(v)) else {
+                    continue;
+                };
+                let ws = self.ws.clone();
+                match self
+                    .tx
+                    .find_key(&parent.name, &ws, &unique.name, &canonical(value))
+                    .await?
+                {
+                    Some(id) => {
+                        resolved = Some(id);
+                        break;
+                    }
+                    None => unresolved.push(UnresolvedForeignKey {
+                        field: fk.field.clone(),
+                        unique_field: unique.name.clone(),
+                        value: value.clone(),
+                        entity: parent.name.clone(),
+                    }),
+                }
+            }
+            if let Some(id) = resolved {
+                input.insert(fk.field.clone(), serde_json::json!({ pk.clone(): id }));
+            }
+        }
+        if unresolved.is_empty() {
+            return Ok(());
+        }
+        // Kong's `foreign_keys_unresolved` (`kong/db/errors.lua`) sorts by field, then by the
+        // unique field within it.
+        unresolved.sort_by(|a, b| (&a.field, &a.unique_field).cmp(&(&b.field, &b.unique_field)));
+        Err(StoreError::ForeignKeysUnresolved(unresolved))
     }
 
     /// Finds an entity by id or endpoint key, within `scope` when given.
@@ -665,6 +755,32 @@ impl WriteCtx<'_> {
             && let Some((_, e)) = self.tx.get(&schema.name, key).await?
         {
             return Ok(Some(e));
+        }
+        if let Some(alias) = &schema.alias_key
+            && !crate::schema::is_uuid(key)
+        {
+            // `/certificates/{sni}`: the entity the named child references.
+            let child = self.schema(&alias.entity)?;
+            let (Some(ek), Some(fk)) = (
+                child.endpoint_key.clone(),
+                self.registry
+                    .references_of(&child.name)
+                    .find(|fk| fk.parent == schema.name && !fk.is_array)
+                    .cloned(),
+            ) else {
+                return Ok(None);
+            };
+            let value = canonical(&Value::String(key.to_owned()));
+            let Some(cid) = self.tx.find_key(&child.name, &self.ws, &ek, &value).await? else {
+                return Ok(None);
+            };
+            let Some((_, found)) = self.tx.get(&child.name, &cid).await? else {
+                return Ok(None);
+            };
+            let Some(pid) = foreign_id(found.get(&fk.field)).map(str::to_owned) else {
+                return Ok(None);
+            };
+            return Ok(self.tx.get(&schema.name, &pid).await?.map(|(_, e)| e));
         }
         let Some(ek) = &schema.endpoint_key else {
             return Ok(None);
@@ -854,10 +970,17 @@ impl WriteCtx<'_> {
             }
         }
         let key_of = |e: &Value| e.get(&ek).and_then(Value::as_str).map(str::to_owned);
-        let Some(wanted) = wanted.filter(|w| !w.is_null()) else {
-            let mut names: Vec<String> = current.iter().filter_map(key_of).collect();
-            names.sort();
-            return Ok(names.into_iter().map(Value::String).collect());
+        // Absent: keep the children. Null: none (Kong's `parse_name_list` in
+        // `kong/db/dao/certificates.lua` turns null into an empty list).
+        let none = Value::Array(Vec::new());
+        let wanted = match wanted {
+            None => {
+                let mut names: Vec<String> = current.iter().filter_map(key_of).collect();
+                names.sort();
+                return Ok(names.into_iter().map(Value::String).collect());
+            }
+            Some(Value::Null) => &none,
+            Some(w) => w,
         };
         let Some(list) = wanted.as_array() else {
             return Err(StoreError::Schema(crate::schema::FieldErrors::single(
@@ -867,12 +990,24 @@ impl WriteCtx<'_> {
         };
         let mut wanted_names: Vec<String> = Vec::new();
         let mut errors = Vec::new();
+        let mut duplicate = None;
         for (i, v) in list.iter().enumerate() {
             match v.as_str() {
                 Some(s) if !wanted_names.iter().any(|w| w == s) => wanted_names.push(s.to_owned()),
-                Some(s) => errors.push((i, format!("duplicate {ek} in request: {s}"))),
+                Some(s) => {
+                    duplicate.get_or_insert_with(|| s.to_owned());
+                }
                 None => errors.push((i, "expected a string".to_owned())),
             }
+        }
+        if errors.is_empty()
+            && let Some(s) = duplicate
+        {
+            // Kong's message: "schema violation (snis: a.test is duplicated)".
+            return Err(StoreError::Schema(crate::schema::FieldErrors::single(
+                name,
+                format!("{s} is duplicated"),
+            )));
         }
         if !errors.is_empty() {
             let mut arr = vec![Value::Null; list.len()];
