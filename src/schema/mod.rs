@@ -8,6 +8,7 @@ mod checks;
 mod compat;
 pub mod form;
 pub mod index;
+mod lua_pattern;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub use checks::is_uuid;
+pub use lua_pattern::LuaPattern;
 pub use validate::{FieldErrors, Mode, Prepared};
 
 /// The Kong line whose entity shapes deltaplane follows.
