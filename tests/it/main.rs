@@ -16,6 +16,7 @@ mod harness;
 mod interop;
 mod layering;
 mod pgcluster;
+mod plugin_schemas;
 mod proxy;
 mod rawpeer;
 mod sync;
