@@ -433,6 +433,13 @@ const ENTITY_FILES: &[(&str, &str)] = embed!(
 
 const PLUGIN_FILES: &[(&str, &str)] = embed!(
     "plugins/acl.json",
+    "plugins/acme.json",
+    "plugins/ai-prompt-decorator.json",
+    "plugins/ai-prompt-guard.json",
+    "plugins/ai-prompt-template.json",
+    "plugins/ai-proxy.json",
+    "plugins/ai-request-transformer.json",
+    "plugins/ai-response-transformer.json",
     "plugins/basic-auth.json",
     "plugins/cors.json",
     "plugins/jwt.json",

@@ -68,13 +68,6 @@ const HANDLERS: &[(&str, &str, i64)] = &[
 
 /// Plugins whose schema is not written yet (shrinks batch by batch).
 const PENDING: &[&str] = &[
-    "acme",
-    "ai-prompt-decorator",
-    "ai-prompt-guard",
-    "ai-prompt-template",
-    "ai-proxy",
-    "ai-request-transformer",
-    "ai-response-transformer",
     "aws-lambda",
     "azure-functions",
     "bot-detection",
@@ -138,8 +131,126 @@ fn redis_defaults() -> Value {
     })
 }
 
+fn llm_defaults(provider: &str) -> Value {
+    // kong/llm/schemas/init.lua: `auth` and `model.options` are `required = false` records.
+    json!({
+        "route_type": "llm/v1/chat", "auth": null,
+        "model": {"provider": provider, "name": null, "options": null},
+        "logging": {"log_statistics": false, "log_payloads": false}
+    })
+}
+
 fn defaults() -> Vec<Defaults> {
     vec![
+        Defaults {
+            plugin: "acme",
+            kong: "kong/plugins/acme/schema.lua",
+            // `shm` (the default storage) is refused on a control plane.
+            input: json!({"account_email": "ops@example.com", "storage": "kong"}),
+            filled: json!({
+                "account_email": "ops@example.com", "account_key": null,
+                "api_uri": "https://acme-v02.api.letsencrypt.org/directory",
+                "tos_accepted": false, "eab_kid": null, "eab_hmac_key": null,
+                "cert_type": "rsa", "rsa_key_size": 4096, "renew_threshold_days": 14,
+                "domains": null, "allow_any_domain": false, "fail_backoff_minutes": 5,
+                "storage": "kong",
+                "storage_config": {
+                    "shm": {"shm_name": "kong"},
+                    "kong": {},
+                    "redis": {
+                        "host": null, "port": 6379, "timeout": 2000, "username": null,
+                        "password": null, "database": 0, "ssl": false, "ssl_verify": false,
+                        "server_name": null,
+                        "extra_options": {"namespace": "", "scan_count": 10}
+                    },
+                    "consul": {
+                        "https": false, "host": null, "port": null, "kv_path": null,
+                        "timeout": null, "token": null
+                    },
+                    "vault": {
+                        "https": false, "host": null, "port": null, "kv_path": null,
+                        "timeout": null, "token": null, "tls_verify": true,
+                        "tls_server_name": null, "auth_method": "token", "auth_path": null,
+                        "auth_role": null, "jwt_path": null
+                    }
+                },
+                "preferred_chain": null, "enable_ipv4_common_name": true
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "ai-prompt-decorator",
+            kong: "kong/plugins/ai-prompt-decorator/schema.lua",
+            input: json!({"prompts": {"prepend": [{"content": "Be brief."}]}}),
+            filled: json!({
+                "prompts": {"prepend": [{"role": "system", "content": "Be brief."}], "append": null},
+                "max_request_body_size": 8192, "llm_format": "openai"
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "ai-prompt-guard",
+            kong: "kong/plugins/ai-prompt-guard/schema.lua",
+            input: json!({"deny_patterns": [".*password.*"]}),
+            filled: json!({
+                "allow_patterns": null, "deny_patterns": [".*password.*"],
+                "allow_all_conversation_history": false, "max_request_body_size": 8192,
+                "match_all_roles": false, "llm_format": "openai"
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "ai-prompt-template",
+            kong: "kong/plugins/ai-prompt-template/schema.lua",
+            input: json!({"templates": [{"name": "t", "template": "Hi {{name}}"}]}),
+            filled: json!({
+                "templates": [{"name": "t", "template": "Hi {{name}}"}],
+                "allow_untemplated_requests": true, "log_original_request": false,
+                "max_request_body_size": 8192
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "ai-proxy",
+            kong: "kong/plugins/ai-proxy/schema.lua, kong/llm/schemas/init.lua",
+            input: json!({"route_type": "llm/v1/chat", "model": {"provider": "openai"}}),
+            filled: {
+                let mut v = llm_defaults("openai");
+                v["response_streaming"] = json!("allow");
+                v["max_request_body_size"] = json!(8192);
+                v["model_name_header"] = json!(true);
+                v["llm_format"] = json!("openai");
+                v
+            },
+            generated: &[],
+        },
+        Defaults {
+            plugin: "ai-request-transformer",
+            kong: "kong/plugins/ai-request-transformer/schema.lua, kong/llm/schemas/init.lua",
+            input: json!({"prompt": "p", "llm": {"route_type": "llm/v1/chat",
+                                                 "model": {"provider": "openai"}}}),
+            filled: json!({
+                "prompt": "p", "transformation_extract_pattern": null, "http_timeout": 60000,
+                "https_verify": true, "max_request_body_size": 8192, "http_proxy_host": null,
+                "http_proxy_port": null, "https_proxy_host": null, "https_proxy_port": null,
+                "llm": llm_defaults("openai")
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "ai-response-transformer",
+            kong: "kong/plugins/ai-response-transformer/schema.lua, kong/llm/schemas/init.lua",
+            input: json!({"prompt": "p", "llm": {"route_type": "llm/v1/chat",
+                                                 "model": {"provider": "cohere"}}}),
+            filled: json!({
+                "prompt": "p", "transformation_extract_pattern": null,
+                "parse_llm_response_json_instructions": false, "http_timeout": 60000,
+                "https_verify": true, "max_request_body_size": 8192, "http_proxy_host": null,
+                "http_proxy_port": null, "https_proxy_host": null, "https_proxy_port": null,
+                "llm": llm_defaults("cohere")
+            }),
+            generated: &[],
+        },
         Defaults {
             plugin: "acl",
             kong: "kong/plugins/acl/schema.lua",
@@ -211,6 +322,171 @@ fn defaults() -> Vec<Defaults> {
 
 fn invalid() -> Vec<Invalid> {
     vec![
+        Invalid {
+            plugin: "acme",
+            kong: "kong/plugins/acme/schema.lua",
+            input: json!({}),
+            fields: json!({
+                "config": {"account_email": "required field missing"},
+                "@entity": ["\"shm\" storage can't be used in Hybrid mode"]
+            }),
+        },
+        Invalid {
+            plugin: "acme",
+            kong: "kong/plugins/acme/schema.lua",
+            input: json!({"account_email": "nobody", "storage": "kong",
+                          "api_uri": "https://acme-v02.api.letsencrypt.org",
+                          "domains": ["*.example.com", "bad domain", "a.*.com"]}),
+            fields: json!({
+                "config": {
+                    "account_email": "invalid value: nobody",
+                    "tos_accepted": "value must be true",
+                    "domains": [null, "invalid hostname: bad domain",
+                                "invalid wildcard: must be placed at leftmost or rightmost label"]
+                },
+                "@entity": ["terms of service must be accepted, see https://letsencrypt.org/repository/"]
+            }),
+        },
+        Invalid {
+            plugin: "acme",
+            kong: "kong/plugins/acme/schema.lua",
+            input: json!({"account_email": "a@b.test", "storage": "redis",
+                          "storage_config": {"redis": {"extra_options": {
+                              "namespace": "kong_acme:cert_key:x"}}}}),
+            fields: json!({
+                "config": {"storage_config": {"redis": {
+                    "host": "required field missing",
+                    "extra_options": {"namespace": "namespace can't be prefixed with reserved word: kong_acme:cert_key:"}
+                }}},
+                "@entity": ["failed conditional validation given value of field 'config.storage'"]
+            }),
+        },
+        Invalid {
+            plugin: "ai-prompt-decorator",
+            kong: "kong/plugins/ai-prompt-decorator/schema.lua",
+            input: json!({}),
+            fields: json!({"@entity": [
+                "at least one of these fields must be non-empty: 'config.prompts.prepend', 'config.prompts.append'"
+            ]}),
+        },
+        Invalid {
+            plugin: "ai-prompt-decorator",
+            kong: "kong/plugins/ai-prompt-decorator/schema.lua",
+            input: json!({"prompts": {"append": [{"role": "robot", "content": ""}]}}),
+            fields: json!({"config": {"prompts": {"append": [{
+                "role": "expected one of: system, assistant, user",
+                "content": "length must be at least 1"
+            }]}}}),
+        },
+        Invalid {
+            plugin: "ai-prompt-guard",
+            kong: "kong/plugins/ai-prompt-guard/schema.lua",
+            input: json!({"deny_patterns": ["x"], "match_all_roles": true,
+                          "allow_all_conversation_history": true}),
+            fields: json!({
+                "config": {"allow_all_conversation_history": "value must be false"},
+                "@entity": ["failed conditional validation given value of field 'config.match_all_roles'"]
+            }),
+        },
+        Invalid {
+            plugin: "ai-prompt-template",
+            kong: "kong/plugins/ai-prompt-template/schema.lua",
+            input: json!({"templates": [{"name": "t"}], "max_request_body_size": 0}),
+            fields: json!({"config": {
+                "templates": [{"template": "required field missing"}],
+                "max_request_body_size": "value must be greater than 0"
+            }}),
+        },
+        Invalid {
+            plugin: "ai-proxy",
+            kong: "kong/llm/schemas/init.lua",
+            input: json!({"route_type": "llm/v1/chat", "model": {"provider": "azure"}}),
+            fields: json!({"config": {"@entity": [
+                "must set 'model.options.azure_instance' for azure provider",
+                "must set 'model.options.azure_api_version' for azure provider",
+                "must set 'model.options.azure_deployment_id' for azure provider"
+            ]}}),
+        },
+        Invalid {
+            plugin: "ai-proxy",
+            kong: "kong/llm/schemas/init.lua",
+            input: json!({"route_type": "llm/v1/completions",
+                          "model": {"provider": "anthropic", "options": {"anthropic_version": "1"}},
+                          "logging": {"log_statistics": true}}),
+            fields: json!({"config": {"@entity": [
+                "anthropic does not support statistics when route_type is llm/v1/completions"
+            ]}}),
+        },
+        Invalid {
+            // Kong's conditional compares a missing `auth` as null, and null is not false.
+            plugin: "ai-proxy",
+            kong: "kong/llm/schemas/init.lua",
+            input: json!({"route_type": "llm/v1/chat", "model": {"provider": "bedrock"}}),
+            fields: json!({"config": {
+                "auth": {"allow_override": "value must be false"},
+                "@entity": ["bedrock and gemini only support auth.allow_override = false"]
+            }}),
+        },
+        Invalid {
+            plugin: "ai-proxy",
+            kong: "kong/plugins/ai-proxy/schema.lua",
+            input: json!({"route_type": "llm/v1/completions", "model": {"provider": "openai"},
+                          "llm_format": "bedrock", "auth": {"header_name": "x-key"}}),
+            fields: json!({
+                "config": {
+                    "route_type": "value must be llm/v1/chat",
+                    "model": {"provider": "value must be bedrock"},
+                    "@entity": ["all or none of these fields must be set: 'auth.header_name', 'auth.header_value'"]
+                },
+                "@entity": [
+                    "native provider options in llm_format can only be used with the 'llm/v1/chat' route_type",
+                    "native llm_format 'bedrock' can only be used with the 'bedrock' model.provider"
+                ]
+            }),
+        },
+        Invalid {
+            plugin: "ai-request-transformer",
+            kong: "kong/plugins/ai-request-transformer/schema.lua",
+            input: json!({}),
+            fields: json!({"config": {
+                "prompt": "required field missing",
+                "llm": {"route_type": "required field missing",
+                        "model": {"provider": "required field missing"}}
+            }}),
+        },
+        Invalid {
+            plugin: "ai-request-transformer",
+            kong: "kong/plugins/ai-request-transformer/schema.lua",
+            input: json!({"prompt": "p", "http_proxy_host": "proxy.test",
+                          "llm": {"route_type": "preserve", "model": {"provider": "openai"}}}),
+            fields: json!({
+                "config": {"llm": {"route_type": "value must be llm/v1/chat"}},
+                "@entity": [
+                    "'config.llm.route_type' must be 'llm/v1/chat' for AI transformer plugins",
+                    "all or none of these fields must be set: 'config.http_proxy_host', 'config.http_proxy_port'"
+                ]
+            }),
+        },
+        Invalid {
+            plugin: "ai-response-transformer",
+            kong: "kong/plugins/ai-response-transformer/schema.lua",
+            input: json!({"prompt": "p", "https_proxy_port": 70000,
+                          "llm": {"route_type": "llm/v1/chat",
+                                  "model": {"provider": "llama2", "options": {"temperature": 9}}}}),
+            fields: json!({
+                "config": {
+                    "https_proxy_port": "value should be between 0 and 65535",
+                    "llm": {
+                        "model": {"options": {"temperature": "value should be between 0 and 5"}},
+                        "@entity": [
+                            "must set 'model.options.llama2_format' for llama2 provider",
+                            "must set 'model.options.upstream_url' for self-hosted providers/models"
+                        ]
+                    }
+                },
+                "@entity": ["all or none of these fields must be set: 'config.https_proxy_host', 'config.https_proxy_port'"]
+            }),
+        },
         Invalid {
             plugin: "acl",
             kong: "kong/plugins/acl/schema.lua",
@@ -422,6 +698,69 @@ fn deprecated_shorthands_move_into_records() {
     assert_eq!(filled["redis"]["host"], "r.test");
     assert_eq!(filled["redis"]["port"], 7001);
     assert!(filled.get("redis_host").is_none());
+}
+
+/// `since` comes from kong/clustering/compat/removed_fields.lua: a data plane older than the
+/// version a field is listed under does not get it.
+#[test]
+fn fields_newer_than_a_data_plane_are_stripped() {
+    let registry = Registry::builtin();
+    let cases: &[(&str, Value, &str, &[&str])] = &[
+        (
+            "rate-limiting",
+            json!({"minute": 5}),
+            "3.3.0",
+            &["config.redis", "config.sync_rate"],
+        ),
+        ("rate-limiting", json!({"minute": 5}), "3.10.0", &[]),
+        (
+            "ai-proxy",
+            json!({"route_type": "llm/v1/chat", "auth": {"header_name": "k", "header_value": "v"},
+                   "model": {"provider": "openai", "options": {}}}),
+            "3.7.1",
+            &[
+                "config.auth.gcp_use_service_account",
+                "config.auth.gcp_service_account_json",
+                "config.auth.aws_access_key_id",
+                "config.auth.aws_secret_access_key",
+                "config.auth.allow_override",
+                "config.model.options.gemini",
+                "config.model.options.bedrock",
+                "config.model.options.huggingface",
+                "config.max_request_body_size",
+                "config.model_name_header",
+                "config.llm_format",
+            ],
+        ),
+        (
+            "acme",
+            json!({"account_email": "a@b.test", "storage": "kong"}),
+            "3.0.0",
+            &[
+                "config.account_key",
+                "config.storage_config.redis.timeout",
+                "config.storage_config.redis.username",
+                "config.storage_config.redis.password",
+                "config.storage_config.redis.ssl",
+                "config.storage_config.redis.ssl_verify",
+                "config.storage_config.redis.server_name",
+                "config.storage_config.redis.extra_options",
+                "config.enable_ipv4_common_name",
+            ],
+        ),
+    ];
+    for (plugin, input, dp_version, expected) in cases {
+        let config = registry
+            .prepare_plugin_config(plugin, input.clone())
+            .expect("described")
+            .unwrap_or_else(|e| panic!("{plugin}: {}", e.message()));
+        let mut entity = json!({"name": plugin, "config": config});
+        let mut removed = registry.strip_newer_fields("plugins", &mut entity, dp_version);
+        removed.sort();
+        let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(removed, expected, "{plugin} for a {dp_version} data plane");
+    }
 }
 
 both_backends!(plugins_through_the_admin_api, |b| async move {
