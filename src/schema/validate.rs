@@ -74,19 +74,6 @@ impl FieldErrors {
         }
     }
 
-    /// Whether an error is recorded at a dotted path or above it.
-    pub fn has_at(&self, path: &str) -> bool {
-        let mut node = &self.0;
-        for part in path.split('.') {
-            match node.get(part) {
-                None => return false,
-                Some(Value::Object(next)) => node = next,
-                Some(_) => return true,
-            }
-        }
-        true
-    }
-
     pub fn single(name: &str, err: impl Into<Value>) -> FieldErrors {
         let mut e = FieldErrors::default();
         e.field(name, err);
@@ -984,6 +971,28 @@ fn run_entity_checks(
     errors: &mut FieldErrors,
 ) {
     for check in entity_checks {
+        // Kong skips a check when one of its fields holds a Vault reference.
+        let names = check_fields_of(check);
+        if names.iter().any(|n| {
+            field_at(fields, n).is_some_and(|f| f.referenceable)
+                && lookup(obj, n)
+                    .and_then(Value::as_str)
+                    .is_some_and(is_reference)
+        }) {
+            continue;
+        }
+        // Checks without `run_with_invalid_fields` skip when one of their fields has an error;
+        // Kong looks errors up by the field's name as written, so a dotted path never matches.
+        let skips_invalid = matches!(
+            check,
+            Check::MutuallyRequired(_)
+                | Check::MutuallyExclusive(_)
+                | Check::MutuallyExclusiveSets(_)
+                | Check::CustomEntityCheck(_)
+        );
+        if skips_invalid && names.iter().any(|n| errors.0.contains_key(n.as_str())) {
+            continue;
+        }
         match check {
             Check::AtLeastOneOf(names) => {
                 if !names.iter().any(|n| is_set(lookup(obj, n))) {
@@ -1068,15 +1077,30 @@ fn run_entity_checks(
             }
             Check::Custom(name) => checks::custom_check(name, obj, errors),
             Check::CustomEntityCheck(c) => {
-                let sources = &c.field_sources;
-                if sources.iter().any(|s| errors.has_at(s)) {
-                    continue; // Kong's `run_with_invalid_fields = false`
-                }
-                if all_present(obj, sources, errors) {
+                if all_present(obj, &c.field_sources, errors) {
                     checks::custom_check(&c.name, obj, errors);
                 }
             }
         }
+    }
+}
+
+/// The fields a check reads (Kong's `field_sources`, or its argument list).
+fn check_fields_of(check: &Check) -> Vec<&String> {
+    match check {
+        Check::AtLeastOneOf(names)
+        | Check::OnlyOneOf(names)
+        | Check::MutuallyRequired(names)
+        | Check::MutuallyExclusive(names)
+        | Check::Distinct(names) => names.iter().collect(),
+        Check::MutuallyExclusiveSets(sets) => sets.set1.iter().chain(&sets.set2).collect(),
+        Check::Conditional(c) => vec![&c.if_field, &c.then_field],
+        Check::ConditionalAtLeastOneOf(c) => std::iter::once(&c.if_field)
+            .chain(&c.then_at_least_one_of)
+            .chain(&c.else_then_at_least_one_of)
+            .collect(),
+        Check::CustomEntityCheck(c) => c.field_sources.iter().collect(),
+        Check::Custom(_) => Vec::new(),
     }
 }
 

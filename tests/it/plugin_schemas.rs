@@ -68,16 +68,6 @@ const HANDLERS: &[(&str, &str, i64)] = &[
 
 /// Plugins whose schema is not written yet (shrinks batch by batch).
 const PENDING: &[&str] = &[
-    "aws-lambda",
-    "azure-functions",
-    "bot-detection",
-    "correlation-id",
-    "datadog",
-    "file-log",
-    "grpc-gateway",
-    "grpc-web",
-    "hmac-auth",
-    "http-log",
     "ip-restriction",
     "ldap-auth",
     "loggly",
@@ -128,6 +118,15 @@ fn redis_defaults() -> Value {
     json!({
         "host": null, "port": 6379, "timeout": 2000, "username": null, "password": null,
         "database": 0, "ssl": false, "ssl_verify": false, "server_name": null
+    })
+}
+
+fn queue_defaults() -> Value {
+    // kong/tools/queue_schema.lua
+    json!({
+        "max_batch_size": 1, "max_coalescing_delay": 1, "max_entries": 10000, "max_bytes": null,
+        "max_retry_time": 60, "initial_retry_delay": 0.01, "max_retry_delay": 60,
+        "concurrency_limit": 1
     })
 }
 
@@ -262,10 +261,56 @@ fn defaults() -> Vec<Defaults> {
             generated: &[],
         },
         Defaults {
+            plugin: "aws-lambda",
+            kong: "kong/plugins/aws-lambda/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "timeout": 60000, "keepalive": 60000, "aws_key": null, "aws_secret": null,
+                "aws_assume_role_arn": null, "aws_role_session_name": "kong",
+                "aws_sts_endpoint_url": null, "aws_region": null, "function_name": null,
+                "qualifier": null, "invocation_type": "RequestResponse", "log_type": "Tail",
+                "host": null, "port": 443, "disable_https": false, "unhandled_status": null,
+                "forward_request_method": false, "forward_request_uri": false,
+                "forward_request_headers": false, "forward_request_body": false,
+                "is_proxy_integration": false, "awsgateway_compatible": false,
+                "proxy_url": null, "skip_large_bodies": true, "base64_encode_body": true,
+                "aws_imds_protocol_version": "v1", "empty_arrays_mode": "legacy"
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "azure-functions",
+            kong: "kong/plugins/azure-functions/schema.lua",
+            input: json!({"appname": "app", "functionname": "fn"}),
+            filled: json!({
+                "timeout": 600000, "keepalive": 60000, "https": true, "https_verify": false,
+                "apikey": null, "clientid": null, "appname": "app",
+                "hostdomain": "azurewebsites.net", "routeprefix": "api", "functionname": "fn"
+            }),
+            generated: &[],
+        },
+        Defaults {
             plugin: "basic-auth",
             kong: "kong/plugins/basic-auth/schema.lua",
             input: json!({}),
             filled: json!({"anonymous": null, "hide_credentials": false, "realm": "service"}),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "bot-detection",
+            kong: "kong/plugins/bot-detection/schema.lua",
+            input: json!({}),
+            filled: json!({"allow": [], "deny": []}),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "correlation-id",
+            kong: "kong/plugins/correlation-id/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "header_name": "Kong-Request-ID", "generator": "uuid#counter",
+                "echo_downstream": false
+            }),
             generated: &[],
         },
         Defaults {
@@ -278,6 +323,82 @@ fn defaults() -> Vec<Defaults> {
                             "CONNECT"],
                 "max_age": null, "credentials": false, "private_network": false,
                 "preflight_continue": false, "allow_origin_absent": true
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "datadog",
+            kong: "kong/plugins/datadog/schema.lua",
+            input: json!({}),
+            filled: {
+                // DEFAULT_METRICS, every element filled with its record's fields.
+                let metric = |name: &str, stat_type: &str, sample_rate: Value| {
+                    json!({"name": name, "stat_type": stat_type, "tags": ["app:kong"],
+                           "sample_rate": sample_rate, "consumer_identifier": "custom_id"})
+                };
+                json!({
+                    "host": "localhost", "port": 8125, "prefix": "kong",
+                    "service_name_tag": "name", "status_tag": "status",
+                    "consumer_tag": "consumer", "retry_count": null, "queue_size": null,
+                    "flush_timeout": null, "queue": queue_defaults(),
+                    "metrics": [
+                        metric("request_count", "counter", json!(1)),
+                        metric("latency", "timer", Value::Null),
+                        metric("request_size", "timer", Value::Null),
+                        metric("response_size", "timer", Value::Null),
+                        metric("upstream_latency", "timer", Value::Null),
+                        metric("kong_latency", "timer", Value::Null)
+                    ]
+                })
+            },
+            generated: &[],
+        },
+        Defaults {
+            plugin: "file-log",
+            kong: "kong/plugins/file-log/schema.lua",
+            input: json!({"path": "/var/log/kong.log"}),
+            filled: json!({
+                "path": "/var/log/kong.log", "reopen": false, "custom_fields_by_lua": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "grpc-gateway",
+            kong: "kong/plugins/grpc-gateway/schema.lua",
+            input: json!({}),
+            filled: json!({"proto": null}),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "grpc-web",
+            kong: "kong/plugins/grpc-web/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "proto": null, "pass_stripped_path": null, "allow_origin_header": "*"
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "hmac-auth",
+            kong: "kong/plugins/hmac-auth/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "hide_credentials": false, "clock_skew": 300, "anonymous": null,
+                "validate_request_body": false, "enforce_headers": [],
+                "algorithms": ["hmac-sha1", "hmac-sha256", "hmac-sha384", "hmac-sha512"],
+                "realm": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "http-log",
+            kong: "kong/plugins/http-log/schema.lua",
+            input: json!({"http_endpoint": "http://log.test/kong"}),
+            filled: json!({
+                "http_endpoint": "http://log.test/kong", "method": "POST",
+                "content_type": "application/json", "timeout": 10000, "keepalive": 60000,
+                "retry_count": null, "queue_size": null, "flush_timeout": null,
+                "headers": null, "queue": queue_defaults(), "custom_fields_by_lua": null
             }),
             generated: &[],
         },
@@ -505,6 +626,42 @@ fn invalid() -> Vec<Invalid> {
             ]}),
         },
         Invalid {
+            plugin: "aws-lambda",
+            kong: "kong/plugins/aws-lambda/schema.lua",
+            input: json!({"aws_key": "k", "proxy_url": "https://proxy.test"}),
+            fields: json!({"@entity": [
+                "all or none of these fields must be set: 'config.aws_key', 'config.aws_secret'",
+                "proxy_url scheme must be http"
+            ]}),
+        },
+        Invalid {
+            // A Vault reference in a referenceable field turns its checks off (no
+            // mutually_required error), as Kong's run_entity_check does.
+            plugin: "aws-lambda",
+            kong: "kong/plugins/aws-lambda/schema.lua",
+            input: json!({"aws_region": "us east", "unhandled_status": 42,
+                          "invocation_type": "Async", "port": 443.5,
+                          "aws_secret": "{vault://env/secret}"}),
+            fields: json!({
+                "config": {
+                    "aws_region": "invalid value: us east",
+                    "unhandled_status": "value should be between 100 and 999",
+                    "invocation_type": "expected one of: RequestResponse, Event, DryRun",
+                    "port": "expected an integer"
+                }
+            }),
+        },
+        Invalid {
+            plugin: "azure-functions",
+            kong: "kong/plugins/azure-functions/schema.lua",
+            input: json!({"hostdomain": null}),
+            fields: json!({"config": {
+                "appname": "required field missing",
+                "functionname": "required field missing",
+                "hostdomain": "required field missing"
+            }}),
+        },
+        Invalid {
             plugin: "basic-auth",
             kong: "kong/plugins/basic-auth/schema.lua",
             input: json!({"hide_credentials": "yes", "realm": ""}),
@@ -514,12 +671,94 @@ fn invalid() -> Vec<Invalid> {
             }}),
         },
         Invalid {
+            plugin: "bot-detection",
+            kong: "kong/plugins/bot-detection/schema.lua",
+            input: json!({"allow": ["curl/.*", "(x"]}),
+            fields: json!({"config": {"allow": [null, "not a valid regex: (x"]}}),
+        },
+        Invalid {
+            plugin: "correlation-id",
+            kong: "kong/plugins/correlation-id/schema.lua",
+            input: json!({"generator": "random", "header_name": ""}),
+            fields: json!({"config": {
+                "generator": "expected one of: uuid, uuid#counter, tracker",
+                "header_name": "length must be at least 1"
+            }}),
+        },
+        Invalid {
             plugin: "cors",
             kong: "kong/plugins/cors/schema.lua",
             input: json!({"origins": ["*", "(bad"], "methods": ["GET", "FETCH"]}),
             fields: json!({"config": {
                 "origins": [null, "'(bad' is not a valid regex"],
                 "methods": [null, "expected one of: GET, HEAD, PUT, PATCH, POST, DELETE, OPTIONS, TRACE, CONNECT"]
+            }}),
+        },
+        Invalid {
+            plugin: "datadog",
+            kong: "kong/plugins/datadog/schema.lua",
+            input: json!({"metrics": [
+                {"name": "latency", "stat_type": "timer"},
+                {"name": "request_count", "stat_type": "gauge", "tags": ["app:"]}
+            ], "queue": {"concurrency_limit": 2}}),
+            fields: json!({"config": {
+                "metrics": [null, {
+                    "tags": ["invalid value: app:"],
+                    "sample_rate": "required field missing",
+                    "@entity": ["failed conditional validation given value of field 'stat_type'"]
+                }],
+                "queue": {"concurrency_limit": "expected one of: -1, 1"}
+            }}),
+        },
+        Invalid {
+            plugin: "file-log",
+            kong: "kong/plugins/file-log/schema.lua",
+            input: json!({"path": "/tmp/*.log", "custom_fields_by_lua": {"f": ""}}),
+            fields: json!({"config": {
+                "path": "not a valid filename",
+                "custom_fields_by_lua": "length must be at least 1"
+            }}),
+        },
+        Invalid {
+            plugin: "grpc-gateway",
+            kong: "kong/plugins/grpc-gateway/schema.lua",
+            input: json!({"proto": 5, "extra": true}),
+            fields: json!({"config": {"proto": "expected a string", "extra": "unknown field"}}),
+        },
+        Invalid {
+            plugin: "grpc-web",
+            kong: "kong/plugins/grpc-web/schema.lua",
+            input: json!({"allow_origin_header": "", "pass_stripped_path": "yes"}),
+            fields: json!({"config": {
+                "allow_origin_header": "length must be at least 1",
+                "pass_stripped_path": "expected a boolean"
+            }}),
+        },
+        Invalid {
+            plugin: "hmac-auth",
+            kong: "kong/plugins/hmac-auth/schema.lua",
+            input: json!({"clock_skew": 0, "algorithms": ["hmac-md5"]}),
+            fields: json!({"config": {
+                "clock_skew": "value must be greater than 0",
+                "algorithms": ["expected one of: hmac-sha1, hmac-sha256, hmac-sha384, hmac-sha512"]
+            }}),
+        },
+        Invalid {
+            plugin: "http-log",
+            kong: "kong/plugins/http-log/schema.lua",
+            input: json!({"http_endpoint": "http://user:pw@log.test/",
+                          "headers": {"Authorization": "Basic x"}}),
+            fields: json!({"config": "specifying both an 'Authorization' header and user info in 'http_endpoint' is not allowed"}),
+        },
+        Invalid {
+            plugin: "http-log",
+            kong: "kong/plugins/http-log/schema.lua",
+            input: json!({"http_endpoint": "log.test", "headers": {"Host": "x"},
+                          "method": "GET"}),
+            fields: json!({"config": {
+                "http_endpoint": "missing host in url",
+                "headers": "cannot contain 'Host' header",
+                "method": "expected one of: POST, PUT, PATCH"
             }}),
         },
         Invalid {
