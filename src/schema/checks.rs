@@ -1345,6 +1345,24 @@ fn http_log_userinfo_authorization(config: &Map<String, Value>) -> Result<(), St
     Ok(())
 }
 
+/// `kong.tools.rand.random_string`: 24 random bytes in base64 (32 characters), each `/`
+/// replaced by a random upper-case letter and each `+` by a random lower-case one.
+pub fn random_string() -> String {
+    use base64::Engine as _;
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    let bytes: [u8; 24] = rng.random();
+    base64::engine::general_purpose::STANDARD
+        .encode(bytes)
+        .chars()
+        .map(|c| match c {
+            '/' => char::from(rng.random_range(b'A'..=b'Z')),
+            '+' => char::from(rng.random_range(b'a'..=b'z')),
+            c => c,
+        })
+        .collect()
+}
+
 /// The session plugin's `random_string`: 32 random bytes in base64, `/` `+` `=` replaced by
 /// one random digit, upper-case and lower-case letter respectively.
 pub fn random_base64_secret() -> String {
@@ -1439,6 +1457,13 @@ mod tests {
             validate_named("transformer_colon_value", &json!("k:")),
             Err("key 'k' has no value".into())
         );
+    }
+
+    #[test]
+    fn random_strings_have_kongs_shape() {
+        let s = random_string();
+        assert_eq!(s.len(), 32);
+        assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()), "{s}");
     }
 
     #[test]

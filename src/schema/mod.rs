@@ -241,7 +241,8 @@ pub enum Auto {
 #[serde(rename_all = "snake_case")]
 pub enum Generate {
     Uuid,
-    /// 32 lower-case hex characters (Kong's `random_string`, e.g. `auto = true` strings).
+    /// 32 alphanumeric characters (Kong's `kong.tools.rand.random_string`, which `auto = true`
+    /// strings get: jwt secrets, oauth2's `provision_key`).
     RandomSecret,
     /// 44 characters: base64 of 32 random bytes with `/`, `+`, `=` replaced by a digit, an
     /// upper-case and a lower-case letter (the session plugin's `random_string`).
@@ -452,9 +453,19 @@ const PLUGIN_FILES: &[(&str, &str)] = embed!(
     "plugins/grpc-web.json",
     "plugins/hmac-auth.json",
     "plugins/http-log.json",
+    "plugins/ip-restriction.json",
     "plugins/jwt.json",
     "plugins/key-auth.json",
+    "plugins/ldap-auth.json",
+    "plugins/loggly.json",
+    "plugins/oauth2.json",
+    "plugins/opentelemetry.json",
+    "plugins/post-function.json",
+    "plugins/pre-function.json",
+    "plugins/prometheus.json",
+    "plugins/proxy-cache.json",
     "plugins/rate-limiting.json",
+    "plugins/redirect.json",
 );
 
 const TYPEDEFS_FILE: &str = include_str!("../../schema/typedefs.json");

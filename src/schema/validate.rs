@@ -433,7 +433,7 @@ fn merge_objects(dst: &mut Map<String, Value>, src: Map<String, Value>) {
 fn generated(generate: Generate) -> Value {
     match generate {
         Generate::Uuid => Value::String(uuid::Uuid::new_v4().to_string()),
-        Generate::RandomSecret => Value::String(uuid::Uuid::new_v4().simple().to_string()),
+        Generate::RandomSecret => Value::String(checks::random_string()),
         Generate::RandomBase64Secret => Value::String(checks::random_base64_secret()),
     }
 }

@@ -68,16 +68,6 @@ const HANDLERS: &[(&str, &str, i64)] = &[
 
 /// Plugins whose schema is not written yet (shrinks batch by batch).
 const PENDING: &[&str] = &[
-    "ip-restriction",
-    "ldap-auth",
-    "loggly",
-    "oauth2",
-    "opentelemetry",
-    "post-function",
-    "pre-function",
-    "prometheus",
-    "proxy-cache",
-    "redirect",
     "request-size-limiting",
     "request-termination",
     "request-transformer",
@@ -403,6 +393,15 @@ fn defaults() -> Vec<Defaults> {
             generated: &[],
         },
         Defaults {
+            plugin: "ip-restriction",
+            kong: "kong/plugins/ip-restriction/schema.lua",
+            input: json!({"allow": ["10.0.0.0/8", "::1"]}),
+            filled: json!({
+                "allow": ["10.0.0.0/8", "::1"], "deny": null, "status": null, "message": null
+            }),
+            generated: &[],
+        },
+        Defaults {
             plugin: "jwt",
             kong: "kong/plugins/jwt/schema.lua",
             input: json!({}),
@@ -426,6 +425,112 @@ fn defaults() -> Vec<Defaults> {
             generated: &[],
         },
         Defaults {
+            plugin: "ldap-auth",
+            kong: "kong/plugins/ldap-auth/schema.lua",
+            input: json!({"ldap_host": "ldap.test", "base_dn": "dc=example,dc=com",
+                          "attribute": "cn"}),
+            filled: json!({
+                "ldap_host": "ldap.test", "ldap_port": 389, "ldaps": false, "start_tls": false,
+                "verify_ldap_host": false, "base_dn": "dc=example,dc=com", "attribute": "cn",
+                "cache_ttl": 60, "hide_credentials": false, "timeout": 10000,
+                "keepalive": 60000, "anonymous": null, "header_type": "ldap", "realm": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "loggly",
+            kong: "kong/plugins/loggly/schema.lua",
+            input: json!({"key": "token"}),
+            filled: json!({
+                "host": "logs-01.loggly.com", "port": 514, "key": "token", "tags": ["kong"],
+                "log_level": "info", "successful_severity": "info",
+                "client_errors_severity": "info", "server_errors_severity": "info",
+                "timeout": 10000, "custom_fields_by_lua": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "oauth2",
+            kong: "kong/plugins/oauth2/schema.lua",
+            input: json!({"enable_client_credentials": true}),
+            filled: json!({
+                "scopes": null, "mandatory_scope": false, "provision_key": "(generated)",
+                "token_expiration": 7200, "enable_authorization_code": false,
+                "enable_implicit_grant": false, "enable_client_credentials": true,
+                "enable_password_grant": false, "hide_credentials": false,
+                "accept_http_if_already_terminated": false, "anonymous": null,
+                "global_credentials": false, "auth_header_name": "authorization",
+                "refresh_token_ttl": 1209600, "reuse_refresh_token": false, "pkce": "lax",
+                "realm": null
+            }),
+            generated: &["provision_key"],
+        },
+        Defaults {
+            plugin: "opentelemetry",
+            kong: "kong/plugins/opentelemetry/schema.lua",
+            input: json!({"traces_endpoint": "http://otel.test:4318/v1/traces"}),
+            filled: {
+                let mut queue = queue_defaults();
+                queue["max_batch_size"] = json!(200);
+                json!({
+                    "traces_endpoint": "http://otel.test:4318/v1/traces", "logs_endpoint": null,
+                    "headers": null, "resource_attributes": null, "queue": queue,
+                    "batch_span_count": null, "batch_flush_delay": null,
+                    "connect_timeout": 1000, "send_timeout": 5000, "read_timeout": 5000,
+                    "http_response_header_for_traceid": null, "header_type": "preserve",
+                    "sampling_rate": null,
+                    "propagation": {"extract": null, "clear": null, "inject": null,
+                                    "default_format": "w3c"}
+                })
+            },
+            generated: &[],
+        },
+        Defaults {
+            plugin: "post-function",
+            kong: "kong/plugins/pre-function/_schema.lua",
+            input: json!({"log": ["kong.log.err('done')"]}),
+            filled: json!({
+                "certificate": [], "rewrite": [], "access": [], "header_filter": [],
+                "body_filter": [], "log": ["kong.log.err('done')"]
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "pre-function",
+            kong: "kong/plugins/pre-function/_schema.lua",
+            input: json!({"access": ["kong.log.err('hi')"]}),
+            filled: json!({
+                "certificate": [], "rewrite": [], "access": ["kong.log.err('hi')"],
+                "header_filter": [], "body_filter": [], "log": []
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "prometheus",
+            kong: "kong/plugins/prometheus/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "per_consumer": false, "status_code_metrics": false, "ai_metrics": false,
+                "latency_metrics": false, "bandwidth_metrics": false,
+                "upstream_health_metrics": false, "wasm_metrics": false
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "proxy-cache",
+            kong: "kong/plugins/proxy-cache/schema.lua",
+            input: json!({"strategy": "memory"}),
+            filled: json!({
+                "response_code": [200, 301, 404], "request_method": ["GET", "HEAD"],
+                "content_type": ["text/plain", "application/json"], "cache_ttl": 300,
+                "strategy": "memory", "cache_control": false, "ignore_uri_case": false,
+                "storage_ttl": null, "memory": {"dictionary_name": "kong_db_cache"},
+                "vary_query_params": null, "vary_headers": null,
+                "response_headers": {"age": true, "X-Cache-Status": true, "X-Cache-Key": true}
+            }),
+            generated: &[],
+        },
+        Defaults {
             plugin: "rate-limiting",
             kong: "kong/plugins/rate-limiting/schema.lua",
             input: json!({"minute": 5}),
@@ -435,6 +540,16 @@ fn defaults() -> Vec<Defaults> {
                 "policy": "local", "fault_tolerant": true, "redis": redis_defaults(),
                 "hide_client_headers": false, "error_code": 429,
                 "error_message": "API rate limit exceeded", "sync_rate": -1
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "redirect",
+            kong: "kong/plugins/redirect/schema.lua",
+            input: json!({"location": "https://example.com/new"}),
+            filled: json!({
+                "status_code": 301, "location": "https://example.com/new",
+                "keep_incoming_path": false
             }),
             generated: &[],
         },
@@ -762,6 +877,23 @@ fn invalid() -> Vec<Invalid> {
             }}),
         },
         Invalid {
+            plugin: "ip-restriction",
+            kong: "kong/plugins/ip-restriction/schema.lua",
+            input: json!({}),
+            fields: json!({"@entity": [
+                "at least one of these fields must be non-empty: 'config.allow', 'config.deny'"
+            ]}),
+        },
+        Invalid {
+            plugin: "ip-restriction",
+            kong: "kong/plugins/ip-restriction/schema.lua",
+            input: json!({"deny": ["10.0.0.300"], "status": "403"}),
+            fields: json!({"config": {
+                "deny": ["invalid ip or cidr range: '10.0.0.300'"],
+                "status": "expected a number"
+            }}),
+        },
+        Invalid {
             plugin: "jwt",
             kong: "kong/plugins/jwt/schema.lua",
             input: json!({"maximum_expiration": 60, "claims_to_verify": ["nbf"]}),
@@ -788,6 +920,120 @@ fn invalid() -> Vec<Invalid> {
             ]}}),
         },
         Invalid {
+            plugin: "ldap-auth",
+            kong: "kong/plugins/ldap-auth/schema.lua",
+            input: json!({"ldap_host": "ldap.test:389", "base_dn": "dc=x", "attribute": "cn",
+                          "ldaps": true, "start_tls": true}),
+            fields: json!({"config": {
+                "ldap_host": "must not have a port",
+                "start_tls": "value must be false",
+                "@entity": ["'ldaps' and 'start_tls' cannot be enabled simultaneously"]
+            }}),
+        },
+        Invalid {
+            plugin: "loggly",
+            kong: "kong/plugins/loggly/schema.lua",
+            input: json!({"log_level": "fatal", "tags": "kong"}),
+            fields: json!({"config": {
+                "key": "required field missing",
+                "log_level": "expected one of: debug, info, notice, warning, err, crit, alert, emerg",
+                "tags": "expected a set"
+            }}),
+        },
+        Invalid {
+            plugin: "oauth2",
+            kong: "kong/plugins/oauth2/schema.lua",
+            input: json!({}),
+            fields: json!({"config": "at least one of these fields must be true: enable_authorization_code, enable_implicit_grant, enable_client_credentials, enable_password_grant"}),
+        },
+        Invalid {
+            plugin: "oauth2",
+            kong: "kong/plugins/oauth2/schema.lua",
+            input: json!({"enable_password_grant": true, "mandatory_scope": true,
+                          "pkce": "always", "refresh_token_ttl": -1}),
+            fields: json!({"config": {
+                "pkce": "expected one of: none, lax, strict",
+                "refresh_token_ttl": "value should be between 0 and 100000000",
+                "scopes": "required field missing",
+                "@entity": ["failed conditional validation given value of field 'mandatory_scope'"]
+            }}),
+        },
+        Invalid {
+            plugin: "opentelemetry",
+            kong: "kong/plugins/opentelemetry/schema.lua",
+            input: json!({}),
+            fields: json!({"config": {"@entity": [
+                "at least one of these fields must be non-empty: 'traces_endpoint', 'logs_endpoint'"
+            ]}}),
+        },
+        Invalid {
+            // The deprecated `endpoint` moves into `traces_endpoint`.
+            plugin: "opentelemetry",
+            kong: "kong/plugins/opentelemetry/schema.lua",
+            input: json!({"endpoint": "http://otel.test/v1/traces", "sampling_rate": 2,
+                          "propagation": {"clear": ["bad header"]},
+                          "resource_attributes": {"service.name": ""}}),
+            fields: json!({"config": {
+                "sampling_rate": "value should be between 0 and 1",
+                "propagation": {
+                    "clear": ["bad header name 'bad header', allowed characters are A-Z, a-z, 0-9, '_', and '-'"],
+                    "default_format": "required field missing"
+                },
+                "resource_attributes": "length must be at least 1"
+            }}),
+        },
+        Invalid {
+            // A bad shorthand value stops Kong's processing: its error comes alone, at the top.
+            plugin: "opentelemetry",
+            kong: "kong/plugins/opentelemetry/schema.lua (shorthand_fields)",
+            input: json!({"endpoint": "otel.test"}),
+            fields: json!({"endpoint": "missing host in url"}),
+        },
+        Invalid {
+            plugin: "post-function",
+            kong: "kong/plugins/pre-function/_schema.lua",
+            input: json!({"access": [42], "log": null}),
+            fields: json!({"config": {
+                "access": ["expected a string"],
+                "log": "required field missing"
+            }}),
+        },
+        Invalid {
+            plugin: "pre-function",
+            kong: "kong/plugins/pre-function/_schema.lua",
+            input: json!({}),
+            fields: json!({"@entity": [
+                "at least one of these fields must be non-empty: 'config.certificate', 'config.rewrite', 'config.access', 'config.header_filter', 'config.body_filter', 'config.log'"
+            ]}),
+        },
+        Invalid {
+            plugin: "prometheus",
+            kong: "kong/plugins/prometheus/schema.lua",
+            input: json!({"per_consumer": "yes", "latency_metrics": null}),
+            fields: json!({"config": {"per_consumer": "expected a boolean"}}),
+        },
+        Invalid {
+            plugin: "proxy-cache",
+            kong: "kong/plugins/proxy-cache/schema.lua",
+            input: json!({"response_code": [], "strategy": "disk", "cache_ttl": 0,
+                          "request_method": ["DELETE"], "memory": null}),
+            fields: json!({"config": {
+                "response_code": "length must be at least 1",
+                "strategy": "expected one of: memory",
+                "cache_ttl": "value must be greater than 0",
+                "request_method": ["expected one of: HEAD, GET, POST, PATCH, PUT"],
+                "memory": "required field missing"
+            }}),
+        },
+        Invalid {
+            plugin: "proxy-cache",
+            kong: "kong/plugins/proxy-cache/schema.lua",
+            input: json!({"strategy": "memory", "response_code": [99, 200]}),
+            fields: json!({"config": {"response_code": [
+                "value should be between 100 and 900", null
+            ]}}),
+        },
+        Invalid {
             plugin: "rate-limiting",
             kong: "kong/plugins/rate-limiting/schema.lua",
             input: json!({"minute": 5, "hour": 1}),
@@ -811,6 +1057,15 @@ fn invalid() -> Vec<Invalid> {
             fields: json!({"config": {
                 "second": "value must be greater than 0",
                 "policy": "expected one of: local, redis"
+            }}),
+        },
+        Invalid {
+            plugin: "redirect",
+            kong: "kong/plugins/redirect/schema.lua",
+            input: json!({"status_code": 600}),
+            fields: json!({"config": {
+                "status_code": "value should be between 100 and 599",
+                "location": "required field missing"
             }}),
         },
         Invalid {
