@@ -466,6 +466,18 @@ const PLUGIN_FILES: &[(&str, &str)] = embed!(
     "plugins/proxy-cache.json",
     "plugins/rate-limiting.json",
     "plugins/redirect.json",
+    "plugins/request-size-limiting.json",
+    "plugins/request-termination.json",
+    "plugins/request-transformer.json",
+    "plugins/response-ratelimiting.json",
+    "plugins/response-transformer.json",
+    "plugins/session.json",
+    "plugins/standard-webhooks.json",
+    "plugins/statsd.json",
+    "plugins/syslog.json",
+    "plugins/tcp-log.json",
+    "plugins/udp-log.json",
+    "plugins/zipkin.json",
 );
 
 const TYPEDEFS_FILE: &str = include_str!("../../schema/typedefs.json");

@@ -66,22 +66,6 @@ const HANDLERS: &[(&str, &str, i64)] = &[
     ("redirect", "3.10.0", 779),
 ];
 
-/// Plugins whose schema is not written yet (shrinks batch by batch).
-const PENDING: &[&str] = &[
-    "request-size-limiting",
-    "request-termination",
-    "request-transformer",
-    "response-ratelimiting",
-    "response-transformer",
-    "session",
-    "standard-webhooks",
-    "statsd",
-    "syslog",
-    "tcp-log",
-    "udp-log",
-    "zipkin",
-];
-
 /// A config and the whole config Kong fills from it.
 struct Defaults {
     plugin: &'static str,
@@ -550,6 +534,181 @@ fn defaults() -> Vec<Defaults> {
             filled: json!({
                 "status_code": 301, "location": "https://example.com/new",
                 "keep_incoming_path": false
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "request-size-limiting",
+            kong: "kong/plugins/request-size-limiting/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "allowed_payload_size": 128, "size_unit": "megabytes",
+                "require_content_length": false
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "request-termination",
+            kong: "kong/plugins/request-termination/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "status_code": 503, "message": null, "content_type": null, "body": null,
+                "echo": false, "trigger": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "request-transformer",
+            kong: "kong/plugins/request-transformer/schema.lua",
+            input: json!({"add": {"headers": ["x-a:1"]}}),
+            filled: {
+                let three = json!({"body": [], "headers": [], "querystring": []});
+                json!({
+                    "http_method": null, "remove": three, "rename": three,
+                    "replace": {"body": [], "headers": [], "querystring": [], "uri": null},
+                    "add": {"body": [], "headers": ["x-a:1"], "querystring": []},
+                    "append": three
+                })
+            },
+            generated: &[],
+        },
+        Defaults {
+            plugin: "response-ratelimiting",
+            kong: "kong/plugins/response-ratelimiting/schema.lua",
+            input: json!({"limits": {"video": {"minute": 10}}}),
+            filled: json!({
+                "header_name": "x-kong-limit", "limit_by": "consumer", "policy": "local",
+                "fault_tolerant": true, "redis": redis_defaults(),
+                "block_on_first_violation": false, "hide_client_headers": false,
+                "limits": {"video": {"second": null, "minute": 10, "hour": null, "day": null,
+                                     "month": null, "year": null}}
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "response-transformer",
+            kong: "kong/plugins/response-transformer/schema.lua",
+            input: json!({}),
+            filled: {
+                let colon = json!({"json": [], "json_types": [], "headers": []});
+                json!({
+                    "remove": {"json": [], "headers": []},
+                    "rename": {"json": [], "headers": []},
+                    "replace": colon, "add": colon, "append": colon
+                })
+            },
+            generated: &[],
+        },
+        Defaults {
+            plugin: "session",
+            kong: "kong/plugins/session/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "secret": "(generated)", "storage": "cookie", "audience": "default",
+                "idling_timeout": 900, "rolling_timeout": 3600, "absolute_timeout": 86400,
+                "stale_ttl": 10, "cookie_name": "session", "cookie_path": "/",
+                "cookie_domain": null, "cookie_same_site": "Strict", "cookie_http_only": true,
+                "cookie_secure": true, "remember": false, "remember_cookie_name": "remember",
+                "remember_rolling_timeout": 604800, "remember_absolute_timeout": 2592000,
+                "response_headers": null, "request_headers": null,
+                "read_body_for_logout": false, "logout_methods": ["POST", "DELETE"],
+                "logout_query_arg": "session_logout", "logout_post_arg": "session_logout",
+                "hash_subject": false, "store_metadata": false
+            }),
+            generated: &["secret"],
+        },
+        Defaults {
+            plugin: "standard-webhooks",
+            kong: "kong/plugins/standard-webhooks/schema.lua",
+            input: json!({"secret_v1": "whsec"}),
+            filled: json!({"secret_v1": "whsec", "tolerance_second": 300}),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "statsd",
+            kong: "kong/plugins/statsd/schema.lua",
+            input: json!({}),
+            filled: {
+                // DEFAULT_METRICS, every element filled with its record's fields.
+                let metric = |name: &str, stat_type: &str, sample_rate: Value| {
+                    json!({"name": name, "stat_type": stat_type, "sample_rate": sample_rate,
+                           "consumer_identifier": null, "service_identifier": null,
+                           "workspace_identifier": null})
+                };
+                let one = || json!(1);
+                json!({
+                    "host": "localhost", "port": 8125, "prefix": "kong",
+                    "metrics": [
+                        metric("request_count", "counter", one()),
+                        metric("latency", "timer", Value::Null),
+                        metric("request_size", "counter", one()),
+                        metric("status_count", "counter", one()),
+                        metric("response_size", "counter", one()),
+                        metric("unique_users", "set", Value::Null),
+                        metric("request_per_user", "counter", one()),
+                        metric("upstream_latency", "timer", Value::Null),
+                        metric("kong_latency", "timer", Value::Null),
+                        metric("status_count_per_user", "counter", one()),
+                        metric("status_count_per_workspace", "counter", one()),
+                        metric("status_count_per_user_per_route", "counter", one()),
+                        metric("shdict_usage", "gauge", one())
+                    ],
+                    "allow_status_codes": null, "udp_packet_size": 0, "use_tcp": false,
+                    "hostname_in_prefix": false, "consumer_identifier_default": "custom_id",
+                    "service_identifier_default": "service_name_or_host",
+                    "workspace_identifier_default": "workspace_id", "retry_count": null,
+                    "queue_size": null, "flush_timeout": null, "tag_style": null,
+                    "queue": queue_defaults()
+                })
+            },
+            generated: &[],
+        },
+        Defaults {
+            plugin: "syslog",
+            kong: "kong/plugins/syslog/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "log_level": "info", "successful_severity": "info",
+                "client_errors_severity": "info", "server_errors_severity": "info",
+                "custom_fields_by_lua": null, "facility": "user"
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "tcp-log",
+            kong: "kong/plugins/tcp-log/schema.lua",
+            input: json!({"host": "logs.test", "port": 5000}),
+            filled: json!({
+                "host": "logs.test", "port": 5000, "timeout": 10000, "keepalive": 60000,
+                "tls": false, "tls_sni": null, "custom_fields_by_lua": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "udp-log",
+            kong: "kong/plugins/udp-log/schema.lua",
+            input: json!({"host": "logs.test", "port": 5000}),
+            filled: json!({
+                "host": "logs.test", "port": 5000, "timeout": 10000,
+                "custom_fields_by_lua": null
+            }),
+            generated: &[],
+        },
+        Defaults {
+            plugin: "zipkin",
+            kong: "kong/plugins/zipkin/schema.lua",
+            input: json!({}),
+            filled: json!({
+                "local_service_name": "kong", "http_endpoint": null, "sample_ratio": 0.001,
+                "default_service_name": null, "include_credential": true,
+                "traceid_byte_count": 16, "header_type": "preserve",
+                "default_header_type": "b3", "tags_header": "Zipkin-Tags",
+                "static_tags": null, "http_span_name": "method", "connect_timeout": 2000,
+                "send_timeout": 5000, "read_timeout": 5000,
+                "http_response_header_for_traceid": null,
+                "phase_duration_flavor": "annotations", "queue": queue_defaults(),
+                "propagation": {"extract": null, "clear": null, "inject": null,
+                                "default_format": "b3"}
             }),
             generated: &[],
         },
@@ -1074,6 +1233,170 @@ fn invalid() -> Vec<Invalid> {
             input: json!({"minute": 5, "redis_port": "x"}),
             fields: json!({"redis_port": "expected an integer"}),
         },
+        Invalid {
+            plugin: "request-size-limiting",
+            kong: "kong/plugins/request-size-limiting/schema.lua",
+            input: json!({"size_unit": "gigabytes", "allowed_payload_size": 1.5}),
+            fields: json!({"config": {
+                "size_unit": "expected one of: megabytes, kilobytes, bytes",
+                "allowed_payload_size": "expected an integer"
+            }}),
+        },
+        Invalid {
+            plugin: "request-termination",
+            kong: "kong/plugins/request-termination/schema.lua",
+            input: json!({"message": "m", "body": "b"}),
+            fields: json!({"config": "message cannot be used with content_type or body"}),
+        },
+        Invalid {
+            plugin: "request-termination",
+            kong: "kong/plugins/request-termination/schema.lua",
+            input: json!({"content_type": "text/plain", "status_code": 99}),
+            fields: json!({"config": {"status_code": "value should be between 100 and 599"}}),
+        },
+        Invalid {
+            plugin: "request-termination",
+            kong: "kong/plugins/request-termination/schema.lua",
+            input: json!({"content_type": "text/plain"}),
+            fields: json!({"config": "content_type requires a body"}),
+        },
+        Invalid {
+            plugin: "request-transformer",
+            kong: "kong/plugins/request-transformer/schema.lua",
+            input: json!({"http_method": "get",
+                          "add": {"headers": ["x-a", "bad name:v"], "body": ["k:"]},
+                          "rename": {"headers": ["a:"]}}),
+            fields: json!({"config": {
+                "http_method": "invalid value: get",
+                "add": {
+                    "headers": ["invalid value: x-a", "'bad name' is not a valid header"],
+                    "body": ["key 'k' has no value"]
+                },
+                "rename": {"headers": ["'' is not a valid header"]}
+            }}),
+        },
+        Invalid {
+            plugin: "response-ratelimiting",
+            kong: "kong/plugins/response-ratelimiting/schema.lua",
+            input: json!({}),
+            fields: json!({"config": {"limits": "required field missing"}}),
+        },
+        Invalid {
+            plugin: "response-ratelimiting",
+            kong: "kong/plugins/response-ratelimiting/schema.lua",
+            input: json!({"limits": {"video": {}}}),
+            fields: json!({"config": {"limits": {"@entity": [
+                "at least one of these fields must be non-empty: 'second', 'minute', 'hour', 'day', 'month', 'year'"
+            ]}}}),
+        },
+        Invalid {
+            plugin: "response-ratelimiting",
+            kong: "kong/plugins/response-ratelimiting/schema.lua",
+            input: json!({"limits": {"video": {"minute": 10, "hour": 5}}, "policy": "redis"}),
+            fields: json!({
+                "config": {
+                    "limits": "the limit for hour(5.0) cannot be lower than the limit for minute(10.0)",
+                    "redis": {"host": "required field missing"}
+                },
+                "@entity": ["failed conditional validation given value of field 'config.policy'"]
+            }),
+        },
+        Invalid {
+            plugin: "response-transformer",
+            kong: "kong/plugins/response-transformer/schema.lua",
+            input: json!({"add": {"json": ["k"], "json_types": ["object"]},
+                          "rename": {"headers": ["x:y z"]}}),
+            fields: json!({"config": {
+                "add": {
+                    "json": ["invalid value: k"],
+                    "json_types": ["expected one of: boolean, number, string"]
+                },
+                "rename": {"headers": ["'y z' is not a valid header"]}
+            }}),
+        },
+        Invalid {
+            plugin: "session",
+            kong: "kong/plugins/session/schema.lua",
+            input: json!({"cookie_same_site": "Strictest", "logout_methods": ["PUT"],
+                          "storage": "redis", "secret": ""}),
+            fields: json!({"config": {
+                "cookie_same_site": "expected one of: Strict, Lax, None, Default",
+                "logout_methods": ["expected one of: GET, POST, DELETE"],
+                "storage": "expected one of: cookie, kong",
+                "secret": "length must be at least 1"
+            }}),
+        },
+        Invalid {
+            plugin: "session",
+            kong: "kong/plugins/session/schema.lua (shorthand_fields)",
+            input: json!({"cookie_lifetime": "long"}),
+            fields: json!({"cookie_lifetime": "expected a number"}),
+        },
+        Invalid {
+            plugin: "standard-webhooks",
+            kong: "kong/plugins/standard-webhooks/schema.lua",
+            input: json!({"tolerance_second": -1}),
+            fields: json!({"config": {
+                "secret_v1": "required field missing",
+                "tolerance_second": "value must be greater than -1"
+            }}),
+        },
+        Invalid {
+            plugin: "statsd",
+            kong: "kong/plugins/statsd/schema.lua",
+            input: json!({"allow_status_codes": ["200-299", "2xx"], "udp_packet_size": 70000,
+                          "metrics": [{"name": "unique_users", "stat_type": "set",
+                                       "sample_rate": 0}],
+                          "tag_style": "prometheus"}),
+            fields: json!({"config": {
+                "allow_status_codes": [null, "invalid value: 2xx"],
+                "udp_packet_size": "value should be between 0 and 65507",
+                "metrics": [{"sample_rate": "value must be greater than 0"}],
+                "tag_style": "expected one of: dogstatsd, influxdb, librato, signalfx"
+            }}),
+        },
+        Invalid {
+            plugin: "syslog",
+            kong: "kong/plugins/syslog/schema.lua",
+            input: json!({"facility": "local8", "log_level": null}),
+            fields: json!({"config": {
+                "facility": "expected one of: auth, authpriv, cron, daemon, ftp, kern, lpr, mail, news, syslog, user, uucp, local0, local1, local2, local3, local4, local5, local6, local7",
+                "log_level": "required field missing"
+            }}),
+        },
+        Invalid {
+            plugin: "tcp-log",
+            kong: "kong/plugins/tcp-log/schema.lua",
+            input: json!({"tls": true}),
+            fields: json!({"config": {
+                "host": "required field missing",
+                "port": "required field missing"
+            }}),
+        },
+        Invalid {
+            plugin: "udp-log",
+            kong: "kong/plugins/udp-log/schema.lua",
+            input: json!({"host": "10.0.0.1:514", "port": -1}),
+            fields: json!({"config": {
+                "host": "must not have a port",
+                "port": "value should be between 0 and 65535"
+            }}),
+        },
+        Invalid {
+            plugin: "zipkin",
+            kong: "kong/plugins/zipkin/schema.lua",
+            input: json!({"static_tags": [{"name": "lc", "value": "x"}], "traceid_byte_count": 12}),
+            fields: json!({"config": {
+                "static_tags": [{"name": "must not be one of: error, http.method, http.path, http.status_code, kong.balancer.state, kong.balancer.try, kong.consumer, kong.credential, kong.node.id, kong.route, kong.service, lc, peer.hostname"}],
+                "traceid_byte_count": "expected one of: 8, 16"
+            }}),
+        },
+        Invalid {
+            plugin: "zipkin",
+            kong: "kong/plugins/zipkin/schema.lua",
+            input: json!({"static_tags": [{"name": "a", "value": "1"}, {"name": "a", "value": "2"}]}),
+            fields: json!({"config": {"static_tags": "repeated tags are not allowed: a"}}),
+        },
     ]
 }
 
@@ -1082,10 +1405,6 @@ fn every_bundled_plugin_has_a_schema_version_and_priority() {
     let registry = Registry::builtin();
     let mut missing = Vec::new();
     for (name, version, priority) in HANDLERS {
-        if PENDING.contains(name) {
-            assert!(registry.plugin(name).is_none(), "{name} is still pending");
-            continue;
-        }
         match registry.plugin(name) {
             Some(p) => {
                 assert_eq!(
@@ -1098,7 +1417,7 @@ fn every_bundled_plugin_has_a_schema_version_and_priority() {
         }
     }
     assert!(missing.is_empty(), "no schema for: {missing:?}");
-    assert_eq!(registry.plugins().count(), HANDLERS.len() - PENDING.len());
+    assert_eq!(registry.plugins().count(), HANDLERS.len());
 }
 
 #[test]
@@ -1192,6 +1511,37 @@ fn deprecated_shorthands_move_into_records() {
     assert_eq!(filled["redis"]["host"], "r.test");
     assert_eq!(filled["redis"]["port"], 7001);
     assert!(filled.get("redis_host").is_none());
+
+    // session's shorthands are not deprecated: they win, and may rewrite the value.
+    let filled = registry
+        .prepare_plugin_config(
+            "session",
+            json!({"cookie_samesite": "off", "cookie_lifetime": 60, "rolling_timeout": 10,
+                   "cookie_idletime": null, "cookie_renew": 5}),
+        )
+        .expect("described")
+        .expect("valid");
+    assert_eq!(filled["cookie_same_site"], "Lax");
+    assert_eq!(filled["rolling_timeout"], 60);
+    assert_eq!(filled["idling_timeout"], 0);
+    assert!(filled.get("cookie_renew").is_none());
+
+    // acme's nested record has its own.
+    let filled = registry
+        .prepare_plugin_config(
+            "acme",
+            json!({"account_email": "a@b.test", "storage": "redis",
+                   "storage_config": {"redis": {"host": "r.test", "auth": "pw",
+                                                "namespace": "ns"}}}),
+        )
+        .expect("described")
+        .expect("valid");
+    let redis = &filled["storage_config"]["redis"];
+    assert_eq!(redis["password"], "pw");
+    assert_eq!(
+        redis["extra_options"],
+        json!({"namespace": "ns", "scan_count": 10})
+    );
 }
 
 /// `since` comes from kong/clustering/compat/removed_fields.lua: a data plane older than the
