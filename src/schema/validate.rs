@@ -183,6 +183,23 @@ impl Registry {
         }
         let input_keys: Vec<String> = input.keys().cloned().collect();
 
+        // Kong rewrites shorthand fields in the input before merging it into the stored entity,
+        // so on an update a shorthand sets its target even when the stored one is set.
+        if mode == Mode::Update
+            && let Some(plugin) = input
+                .get("name")
+                .or_else(|| existing.and_then(|e| e.get("name")))
+                .and_then(Value::as_str)
+                .and_then(|n| self.plugin(n))
+            && let Some(config) = input.get_mut("config")
+        {
+            let mut abort = FieldErrors::default();
+            apply_shorthands_deep(&plugin.config, config, &mut abort);
+            if !abort.is_empty() {
+                return Err(abort);
+            }
+        }
+
         let mut entity = match (mode, existing) {
             (Mode::Update, Some(Value::Object(old))) => {
                 let mut merged = old.clone();
@@ -579,6 +596,20 @@ fn apply_shorthand_fields(
             target.insert(key, nested);
         }
         obj.insert(head.to_owned(), Value::Object(target));
+    }
+}
+
+/// The shorthand fields of `field` and of the records inside it that `value` carries, with no
+/// defaults filled (Kong's `process_auto_fields(.., "update")` on the input).
+fn apply_shorthands_deep(field: &Field, value: &mut Value, abort: &mut FieldErrors) {
+    let (FieldType::Record, Value::Object(m)) = (field.ty, value) else {
+        return;
+    };
+    apply_shorthand_fields(&field.shorthand_fields, m, abort);
+    for sub in field.fields.iter().flatten() {
+        if let Some(v) = m.get_mut(&sub.name) {
+            apply_shorthands_deep(sub, v, abort);
+        }
     }
 }
 

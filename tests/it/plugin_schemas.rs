@@ -1611,6 +1611,7 @@ both_backends!(plugins_through_the_admin_api, |b| async move {
     let Some(cp) = TestCp::start(b).await else {
         return;
     };
+    let mut rate_limiting_id = Value::Null;
     for case in defaults() {
         let r = cp
             .post(
@@ -1619,6 +1620,9 @@ both_backends!(plugins_through_the_admin_api, |b| async move {
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}: {r:?}", case.plugin);
+        if case.plugin == "rate-limiting" {
+            rate_limiting_id = r.body["id"].clone();
+        }
         let mut config = r.body["config"].clone();
         for name in case.generated {
             config[*name] = case.filled[*name].clone();
@@ -1627,6 +1631,22 @@ both_backends!(plugins_through_the_admin_api, |b| async move {
         let protocols = r.body["protocols"].as_array().expect("protocols").len();
         assert!(protocols > 0, "{}", case.plugin);
     }
+    // On an update Kong applies a deprecated shorthand to the input before merging it, so it
+    // replaces the stored value it names.
+    let path = format!("/plugins/{}", rate_limiting_id.as_str().expect("an id"));
+    let r = cp
+        .patch(&path, json!({"config": {"redis": {"host": "old.test"}}}))
+        .await;
+    assert_eq!(r.body["config"]["redis"]["host"], "old.test", "{r:?}");
+    let r = cp
+        .patch(&path, json!({"config": {"redis_host": "new.test"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["config"]["redis"]["host"], "new.test");
+    assert_eq!(r.body["config"]["redis"]["port"], 6379);
+    assert_eq!(r.body["config"]["minute"], 5);
+    assert!(r.body["config"].get("redis_host").is_none());
+
     let r = cp
         .post(
             "/plugins",
