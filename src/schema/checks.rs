@@ -1206,10 +1206,9 @@ fn split_colon_pair(s: &str) -> (Option<&str>, Option<&str>) {
 /// of a `name:value` pair must be a header name.
 fn header_pair(s: &str, with_value: bool) -> Result<(), String> {
     let (name, value) = split_colon_pair(s);
-    let Some(name) = name.filter(|n| validate_header_name(n).is_ok()) else {
+    if name.is_none_or(|n| validate_header_name(n).is_err()) {
         return Err(format!("'{}' is not a valid header", name.unwrap_or("nil")));
-    };
-    let _ = name;
+    }
     if with_value {
         let value = value.unwrap_or("");
         if validate_header_name(value).is_err() {

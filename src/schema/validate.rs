@@ -619,21 +619,13 @@ const REQUIRED: &str = "required field missing";
 
 fn check_fields(fields: &[Field], obj: &Map<String, Value>, errors: &mut FieldErrors) {
     for field in fields {
-        match obj.get(&field.name) {
-            None | Some(Value::Null) => {
-                if field.required {
-                    errors.field(&field.name, REQUIRED);
-                } else if let Some(v) = obj.get(&field.name)
-                    && let Some(err) = check_value(field, v)
-                {
-                    errors.field(&field.name, err);
-                }
-            }
-            Some(v) => {
-                if let Some(err) = check_value(field, v) {
-                    errors.field(&field.name, err);
-                }
-            }
+        // A null runs through `check_value` too: `eq` and `required` judge it.
+        let err = match obj.get(&field.name) {
+            None => field.required.then(|| Value::from(REQUIRED)),
+            Some(v) => check_value(field, v),
+        };
+        if let Some(err) = err {
+            errors.field(&field.name, err);
         }
     }
 }
