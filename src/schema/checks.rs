@@ -28,6 +28,20 @@ pub const VALIDATORS: &[&str] = &[
     "pem_key",
     "semantic_version",
     "regex",
+    "upstream_name",
+    "host_with_wildcards",
+    "asterisk_or_regex",
+    "acme_namespace",
+    "header_pair",
+    "header_name_pair",
+    "transformer_colon_value",
+    "rate_limiting_periods",
+    "response_ratelimiting_periods",
+    "request_termination_body",
+    "oauth2_flows",
+    "otel_resource_attributes",
+    "zipkin_static_tags",
+    "http_log_userinfo_authorization",
 ];
 
 /// Described one by one in `schema/CUSTOM_CHECKS.md`.
@@ -45,33 +59,48 @@ pub const CUSTOM_CHECKS: &[&str] = &[
     "plugin_config",
     "workspace_name_reserved",
     "jwt_rsa_public_key",
-    "jwt_maximum_expiration",
-    "rate_limiting_config",
-    "cors_origins",
+    "aws_lambda_proxy_url",
+    "acme_storage",
+    "llm_log_statistics",
 ];
 
-pub const SHORTHANDS: &[&str] = &[
-    "service_url",
-    "upstream_algorithm",
-    "upstream_hash_on",
-    "rate_limiting_redis_legacy",
-];
+pub const SHORTHANDS: &[&str] = &["service_url", "upstream_algorithm", "upstream_hash_on"];
 pub const TRANSFORMS: &[&str] = &["basicauth_password", "target_format", "ca_cert_digest"];
 
 pub fn is_uuid(s: &str) -> bool {
     s.len() == 36 && uuid::Uuid::parse_str(s).is_ok()
 }
 
+/// Runs the named validator (Kong's `custom_validator`) on a value that passed its field's
+/// type check and other validators.
 pub fn validate_named(name: &str, v: &Value) -> Result<(), String> {
+    match (name, v) {
+        ("rate_limiting_periods", Value::Object(config)) => return rate_limiting_periods(config),
+        ("response_ratelimiting_periods", Value::Object(limit)) => {
+            return periods_order(limit, "the limit");
+        }
+        ("request_termination_body", Value::Object(config)) => {
+            return request_termination_body(config);
+        }
+        ("oauth2_flows", Value::Object(config)) => return oauth2_flows(config),
+        ("otel_resource_attributes", Value::Object(attributes)) => {
+            return otel_resource_attributes(attributes);
+        }
+        ("zipkin_static_tags", Value::Array(tags)) => return zipkin_static_tags(tags),
+        ("http_log_userinfo_authorization", Value::Object(config)) => {
+            return http_log_userinfo_authorization(config);
+        }
+        _ => {}
+    }
     let Some(s) = v.as_str() else {
-        // Validators apply to strings; non-string values were type-checked already.
+        // The remaining validators apply to strings; other values were type-checked already.
         return Ok(());
     };
     match name {
         "uuid" => is_uuid(s)
             .then_some(())
             .ok_or_else(|| "expected a valid UUID".into()),
-        "host" => validate_host(s),
+        "host" => kong_validate_host(s),
         "host_with_optional_port" => validate_host_with_optional_port(s),
         "ip" => s
             .parse::<IpAddr>()
@@ -86,21 +115,60 @@ pub fn validate_named(name: &str, v: &Value) -> Result<(), String> {
             }
         }
         "path" => validate_path(s),
+        "rate_limiting_periods"
+        | "response_ratelimiting_periods"
+        | "request_termination_body"
+        | "oauth2_flows"
+        | "otel_resource_attributes"
+        | "zipkin_static_tags"
+        | "http_log_userinfo_authorization" => Ok(()),
         "route_path" => validate_route_path(s),
-        "url" => parse_url(s).map(|_| ()),
+        "url" => {
+            let u = socket_url_parse(s);
+            if u.host.is_none() {
+                Err("missing host in url".into())
+            } else if u.scheme.is_none() {
+                Err("missing scheme in url".into())
+            } else {
+                Ok(())
+            }
+        }
         "tag" => validate_tag(s),
         "utf8_name" | "name" => validate_name(s, name == "utf8_name"),
-        "wildcard_host" | "sni" => validate_wildcard_host(s),
-        "header_name" => {
-            if !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-            {
+        "wildcard_host" => validate_wildcard_host(s),
+        "upstream_name" => validate_upstream_name(s),
+        // `typedefs.hosts`: each `*` stands for a label; Kong returns normalize_ip's error.
+        "host_with_wildcards" => kong_normalize_ip(&s.replace('*', "abc")).map(|_| ()),
+        "sni" => kong_validate_sni(s),
+        "header_name" => validate_header_name(s),
+        "asterisk_or_regex" => {
+            if s == "*" || regex::Regex::new(s).is_ok() {
                 Ok(())
             } else {
-                Err(format!(
-                    "bad header name '{s}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"
-                ))
+                Err(format!("'{s}' is not a valid regex"))
+            }
+        }
+        "acme_namespace" => {
+            // kong/plugins/acme/reserved_words.lua
+            const RESERVED: [&str; 3] = [
+                "kong_acme:renew_config:",
+                "kong_acme:renew_last_run",
+                "kong_acme:cert_key:",
+            ];
+            match RESERVED.iter().find(|w| s.starts_with(**w)) {
+                Some(w) => Err(format!(
+                    "namespace can't be prefixed with reserved word: {w}"
+                )),
+                None => Ok(()),
+            }
+        }
+        "header_pair" => header_pair(s, false),
+        "header_name_pair" => header_pair(s, true),
+        "transformer_colon_value" => {
+            let (name, value) = split_colon_pair(s);
+            match (name, value) {
+                (Some(_), Some(v)) if !v.is_empty() => Ok(()),
+                (name, _) => Err(format!("key '{}' has no value", name.unwrap_or("nil"))),
             }
         }
         "pem_certificate" => parse_certificates(s).map(|_| ()),
@@ -196,12 +264,13 @@ fn validate_path(s: &str) -> Result<(), String> {
     if s.contains("//") {
         return Err("must not have empty segments".into());
     }
-    if let Some(bad) = s
-        .chars()
-        .find(|c| c.is_whitespace() || c.is_control() || *c == '?' || *c == '#')
+    // Kong's `validate_path`: unreserved, sub-delims, `/`, `%`, `:` and `@` only.
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-_~/%:@!$&'()*+,;=".contains(&b))
     {
         return Err(format!(
-            "invalid path: '{s}' (characters outside of the reserved list of RFC 3986 found: {bad:?})"
+            "invalid path: '{s}' (characters outside of the reserved list of RFC 3986 found)"
         ));
     }
     validate_percent_encoding(s)
@@ -375,35 +444,6 @@ pub fn apply_shorthand(name: &str, input: &mut Map<String, Value>, errors: &mut 
                         input.insert("algorithm".into(), Value::from("consistent-hashing"));
                     }
                     _ => {}
-                }
-            }
-        }
-        "rate_limiting_redis_legacy" => {
-            let legacy = [
-                "host",
-                "port",
-                "username",
-                "password",
-                "database",
-                "ssl",
-                "ssl_verify",
-                "server_name",
-                "timeout",
-            ];
-            for name in legacy {
-                if let Some(v) = input.remove(&format!("redis_{name}")) {
-                    if v.is_null() {
-                        continue;
-                    }
-                    let redis = input
-                        .entry("redis")
-                        .or_insert_with(|| Value::Object(Map::new()));
-                    if redis.is_null() {
-                        *redis = Value::Object(Map::new());
-                    }
-                    if let Value::Object(r) = redis {
-                        r.insert(name.to_owned(), v);
-                    }
                 }
             }
         }
@@ -632,38 +672,44 @@ pub fn custom_check(name: &str, obj: &mut Map<String, Value>, errors: &mut Field
                 errors.field("rsa_public_key", "invalid key");
             }
         }
-        "jwt_maximum_expiration" => {
-            let max = obj
-                .get("config")
-                .and_then(|c| c.get("maximum_expiration"))
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0);
-            let has_exp = obj
-                .get("config")
-                .and_then(|c| c.get("claims_to_verify"))
-                .and_then(Value::as_array)
-                .is_some_and(|a| a.iter().any(|v| v == "exp"));
-            if max > 0.0 && !has_exp {
-                errors.at("config.claims_to_verify", "expected to contain: exp");
+        "aws_lambda_proxy_url" => {
+            // kong/plugins/aws-lambda/schema.lua: `proxy_url:match("^([^:]+)://")`.
+            if let Some(Value::String(url)) = obj.get("config").and_then(|c| c.get("proxy_url"))
+                && let Some((scheme, _)) = url.split_once("://")
+                && !scheme.is_empty()
+                && !scheme.contains(':')
+                && scheme != "http"
+            {
+                errors.entity("proxy_url scheme must be http");
             }
         }
-        "rate_limiting_config" => rate_limiting_config(obj, errors),
-        "cors_origins" => {
-            let Some(Value::Array(origins)) = obj.get("config").and_then(|c| c.get("origins"))
-            else {
-                return;
-            };
-            let errs: Vec<Value> = origins
-                .iter()
-                .map(|o| match o.as_str() {
-                    Some("*") => Value::Null,
-                    Some(r) if regex::Regex::new(r).is_ok() => Value::Null,
-                    Some(r) => Value::String(format!("'{r}' is not a valid regex")),
-                    None => Value::Null,
-                })
-                .collect();
-            if errs.iter().any(|e| !e.is_null()) {
-                errors.at("config.origins", Value::Array(errs));
+        "acme_storage" => {
+            // The control-plane branch of kong/plugins/acme/schema.lua: `shm` storage is
+            // node-local, so a hybrid control plane refuses it (`kong` storage is refused only
+            // by a DB-less traditional node, which deltaplane never is).
+            if obj.get("config").and_then(|c| c.get("storage")) == Some(&json!("shm")) {
+                errors.entity("\"shm\" storage can't be used in Hybrid mode");
+            }
+        }
+        "llm_log_statistics" => {
+            // kong/llm/schemas/init.lua UNSUPPORTED_LOG_STATISTICS.
+            let route_type = obj.get("route_type").and_then(Value::as_str);
+            let provider = obj
+                .get("model")
+                .and_then(|m| m.get("provider"))
+                .and_then(Value::as_str);
+            let log_statistics = obj
+                .get("logging")
+                .and_then(|l| l.get("log_statistics"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if log_statistics
+                && route_type == Some("llm/v1/completions")
+                && provider == Some("anthropic")
+            {
+                errors.entity(
+                    "anthropic does not support statistics when route_type is llm/v1/completions",
+                );
             }
         }
         other => errors.entity(format!("unknown check '{other}'")),
@@ -809,44 +855,503 @@ fn ca_certificate_rules(obj: &mut Map<String, Value>, errors: &mut FieldErrors) 
     }
 }
 
-fn rate_limiting_config(obj: &mut Map<String, Value>, errors: &mut FieldErrors) {
-    let Some(Value::Object(config)) = obj.get("config") else {
-        return;
+/// Kong's `kong.tools.ip.normalize_ip`: the address kind and port of `host[:port]`, or its
+/// error message.
+fn kong_normalize_ip(address: &str) -> Result<(HostKind, Option<u64>), String> {
+    let colons = address.matches(':').count();
+    let kind = if colons > 1 {
+        HostKind::Ipv6
+    } else if !address.replace(':', "").is_empty()
+        && address
+            .bytes()
+            .filter(|b| *b != b':')
+            .all(|b| b.is_ascii_digit() || b == b'.')
+    {
+        HostKind::Ipv4
+    } else {
+        HostKind::Name
     };
-    const PERIODS: [&str; 6] = ["second", "minute", "hour", "day", "month", "year"];
-    for f in PERIODS.iter().chain(&["error_code"]) {
-        if let Some(n) = config.get(*f).and_then(Value::as_f64)
-            && n <= 0.0
-        {
-            errors.at(&format!("config.{f}"), "value must be greater than 0");
+    let check_port = |p: &str| -> Result<u64, String> {
+        // `tonumber` of a run of digits; more than 65535 is refused.
+        match p.parse::<u64>() {
+            Ok(n) if n <= 65535 => Ok(n),
+            _ => Err("invalid port number".into()),
+        }
+    };
+    match kind {
+        HostKind::Ipv4 => {
+            let bad = || format!("invalid ipv4 address: {address}");
+            let (ip, port) = match address.split_once(':') {
+                Some((ip, port)) => {
+                    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(bad());
+                    }
+                    (ip, Some(port))
+                }
+                None => (address, None),
+            };
+            let octets: Vec<&str> = ip.split('.').collect();
+            let ok = octets.len() == 4
+                && octets.iter().all(|o| {
+                    (1..=3).contains(&o.len())
+                        && o.bytes().all(|b| b.is_ascii_digit())
+                        && o.parse::<u16>().is_ok_and(|n| n <= 255)
+                });
+            if !ok {
+                return Err(bad());
+            }
+            Ok((kind, port.map(check_port).transpose()?))
+        }
+        HostKind::Ipv6 => {
+            let (ip, port) = match address.strip_prefix('[') {
+                Some(rest) => {
+                    let Some((ip, after)) = rest.split_once(']') else {
+                        return Err(format!("invalid ipv6 address: {address}"));
+                    };
+                    let port = match after {
+                        "" => None,
+                        p => match p.strip_prefix(':') {
+                            Some(d) if d.bytes().all(|b| b.is_ascii_digit()) => Some(d),
+                            _ => return Err("invalid ipv6 address".into()),
+                        },
+                    };
+                    (ip, port)
+                }
+                None => (address, None),
+            };
+            let port = match port {
+                Some("") => None,
+                Some(p) => Some(check_port(p)?),
+                None => None,
+            };
+            if ip.parse::<Ipv6Addr>().is_err() || ip.contains('.') {
+                return Err(format!("invalid ipv6 address: {address}"));
+            }
+            Ok((kind, port))
+        }
+        HostKind::Name => {
+            let mut name = address;
+            let mut port = None;
+            if let Some((head, tail)) = address.rsplit_once(':')
+                && !tail.is_empty()
+                && tail.bytes().all(|b| b.is_ascii_digit())
+            {
+                name = head;
+                port = Some(check_port(tail)?);
+            }
+            let bad = || format!("invalid hostname: {address}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(bad());
+            }
+            let segments: Vec<&str> = name.split('.').collect();
+            let n = segments.len();
+            for (i, segment) in segments.iter().enumerate() {
+                if segment.ends_with('-') || (segment.is_empty() && i + 1 != n) {
+                    return Err(bad());
+                }
+            }
+            Ok((kind, port))
         }
     }
-    let set: Vec<(&str, f64)> = PERIODS
-        .iter()
-        .filter_map(|p| config.get(*p).and_then(Value::as_f64).map(|v| (*p, v)))
-        .collect();
-    'outer: for (i, (lower, lv)) in set.iter().enumerate() {
-        for (upper, uv) in &set[i + 1..] {
-            if uv < lv {
-                errors.field("config", format!("The limit for {upper}({uv:.1}) cannot be lower than the limit for {lower}({lv:.1})"));
-                break 'outer;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostKind {
+    Ipv4,
+    Ipv6,
+    Name,
+}
+
+/// `typedefs.host`: a host name or address without a port.
+fn kong_validate_host(s: &str) -> Result<(), String> {
+    match kong_normalize_ip(s) {
+        Err(e) if e == "invalid port number" => Err("must not have a port".into()),
+        Err(_) => Err(format!("invalid value: {s}")),
+        Ok((_, Some(_))) => Err("must not have a port".into()),
+        Ok((_, None)) => Ok(()),
+    }
+}
+
+/// `typedefs.sni`: a host name, not an address, without a port.
+fn kong_validate_sni(s: &str) -> Result<(), String> {
+    match kong_normalize_ip(s) {
+        Err(e) if e == "invalid port number" => Err("must not have a port".into()),
+        Err(_) => Err(format!("invalid value: {s}")),
+        Ok((kind, _)) if kind != HostKind::Name => Err("must not be an IP".into()),
+        Ok((_, Some(_))) => Err("must not have a port".into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The upstreams' `validate_name` (`kong/db/schema/entities/upstreams.lua`).
+fn validate_upstream_name(s: &str) -> Result<(), String> {
+    match kong_normalize_ip(s) {
+        Err(_) => Err(format!("Invalid name ('{s}'); must be a valid hostname")),
+        Ok((kind, _)) if kind != HostKind::Name => {
+            Err(format!("Invalid name ('{s}'); no ip addresses allowed"))
+        }
+        Ok((_, Some(_))) => Err(format!("Invalid name ('{s}'); no port allowed")),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// `kong.tools.http.validate_header_name`: `^[a-zA-Z0-9-_]+$`.
+fn validate_header_name(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("no header name provided".into());
+    }
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad header name '{s}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"
+        ))
+    }
+}
+
+/// The parts of a URL as LuaSocket's `socket.url.parse` finds them (what `typedefs.url`
+/// validates with): lenient, it never fails on a non-empty string.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SocketUrl {
+    pub scheme: Option<String>,
+    pub userinfo: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<String>,
+}
+
+pub fn socket_url_parse(s: &str) -> SocketUrl {
+    let mut res = SocketUrl::default();
+    let mut rest = s;
+    // `^([%w][%w%+%-%.]*)%:`
+    let bytes = rest.as_bytes();
+    if bytes.first().is_some_and(u8::is_ascii_alphanumeric) {
+        let end = bytes
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || b"+-.".contains(b)))
+            .unwrap_or(bytes.len());
+        if bytes.get(end) == Some(&b':') {
+            res.scheme = Some(rest[..end].to_owned());
+            rest = &rest[end + 1..];
+        }
+    }
+    // `^//([^/]*)`
+    let Some(after) = rest.strip_prefix("//") else {
+        return res;
+    };
+    let mut authority = &after[..after.find('/').unwrap_or(after.len())];
+    // The fragment, query and params are cut from the whole remainder first.
+    for sep in ['#', '?', ';'] {
+        if let Some(i) = authority.find(sep) {
+            authority = &authority[..i];
+        }
+    }
+    // `^([^@]*)@`
+    if let Some(i) = authority.find('@') {
+        res.userinfo = Some(authority[..i].to_owned());
+        authority = &authority[i + 1..];
+    }
+    // `:([^:%]]*)$`
+    if let Some(i) = authority.rfind(':')
+        && !authority[i + 1..].contains(']')
+    {
+        res.port = Some(authority[i + 1..].to_owned());
+        authority = &authority[..i];
+    }
+    if !authority.is_empty() {
+        let host = authority
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .filter(|h| !h.is_empty())
+            .unwrap_or(authority);
+        res.host = Some(host.to_owned());
+    }
+    res
+}
+
+/// Lua's `pair:match("^([^:]+):*(.-)$")`: the name before the first colon and the value after
+/// the colons that follow it.
+fn split_colon_pair(s: &str) -> (Option<&str>, Option<&str>) {
+    let end = s.find(':').unwrap_or(s.len());
+    if end == 0 {
+        return (None, None);
+    }
+    let value = s[end..].trim_start_matches(':');
+    (Some(&s[..end]), Some(value))
+}
+
+/// The transformer plugins' `validate_headers`: the name (and with `with_value` the value)
+/// of a `name:value` pair must be a header name.
+fn header_pair(s: &str, with_value: bool) -> Result<(), String> {
+    let (name, value) = split_colon_pair(s);
+    if name.is_none_or(|n| validate_header_name(n).is_err()) {
+        return Err(format!("'{}' is not a valid header", name.unwrap_or("nil")));
+    }
+    if with_value {
+        let value = value.unwrap_or("");
+        if validate_header_name(value).is_err() {
+            return Err(format!("'{value}' is not a valid header"));
+        }
+    }
+    Ok(())
+}
+
+/// kong/plugins/rate-limiting/schema.lua `validate_periods_order`.
+fn rate_limiting_periods(config: &Map<String, Value>) -> Result<(), String> {
+    periods_order(config, "The limit")?;
+    let policy = config.get("policy").and_then(Value::as_str);
+    let sync_rate = config.get("sync_rate").and_then(Value::as_f64);
+    if policy != Some("redis") && sync_rate != Some(-1.0) {
+        return Err("sync_rate can only be used with the redis policy".into());
+    }
+    if policy == Some("redis")
+        && let Some(rate) = sync_rate
+        && rate != -1.0
+        && rate < 0.02
+    {
+        return Err("sync_rate must be greater than 0.02, or -1 to disable".into());
+    }
+    Ok(())
+}
+
+/// Both rate-limiting plugins: a longer period may not have a lower limit. `what` is
+/// `"The limit"` (rate-limiting) or `"the limit"` (response-ratelimiting).
+fn periods_order(limits: &Map<String, Value>, what: &str) -> Result<(), String> {
+    const PERIODS: [&str; 6] = ["second", "minute", "hour", "day", "month", "year"];
+    for (i, lower) in PERIODS.iter().enumerate() {
+        let Some(v1) = limits.get(*lower).and_then(Value::as_f64) else {
+            continue;
+        };
+        for upper in &PERIODS[i + 1..] {
+            if let Some(v2) = limits.get(*upper).and_then(Value::as_f64)
+                && v2 < v1
+            {
+                return Err(format!(
+                    "{what} for {upper}({v2:.1}) cannot be lower than the limit for {lower}({v1:.1})"
+                ));
             }
         }
     }
-    let policy = config
-        .get("policy")
-        .and_then(Value::as_str)
-        .unwrap_or("local");
-    let sync_rate = config
-        .get("sync_rate")
-        .and_then(Value::as_f64)
-        .unwrap_or(-1.0);
-    if policy != "redis" && sync_rate != -1.0 {
-        errors.field("config", "sync_rate can only be used with the redis policy");
-    } else if policy == "redis" && sync_rate != -1.0 && sync_rate < 0.02 {
-        errors.field(
-            "config",
-            "sync_rate must be greater than 0.02, or -1 to disable",
+    Ok(())
+}
+
+/// kong/plugins/request-termination/schema.lua's config validator.
+fn request_termination_body(config: &Map<String, Value>) -> Result<(), String> {
+    let present = |k: &str| {
+        config
+            .get(k)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    };
+    if present("message") && (present("content_type") || present("body")) {
+        return Err("message cannot be used with content_type or body".into());
+    }
+    if present("content_type") && !present("body") {
+        return Err("content_type requires a body".into());
+    }
+    if config.get("echo") == Some(&Value::Bool(true))
+        && (present("content_type") || present("body"))
+    {
+        return Err("echo cannot be used with content_type and body".into());
+    }
+    Ok(())
+}
+
+/// kong/plugins/oauth2/schema.lua `validate_flows`.
+fn oauth2_flows(config: &Map<String, Value>) -> Result<(), String> {
+    let flows = [
+        "enable_authorization_code",
+        "enable_implicit_grant",
+        "enable_client_credentials",
+        "enable_password_grant",
+    ];
+    if flows
+        .iter()
+        .any(|f| config.get(*f) == Some(&Value::Bool(true)))
+    {
+        Ok(())
+    } else {
+        Err("at least one of these fields must be true: enable_authorization_code, enable_implicit_grant, enable_client_credentials, enable_password_grant".into())
+    }
+}
+
+/// kong/plugins/opentelemetry/schema.lua `resource_attributes`' validator.
+fn otel_resource_attributes(attributes: &Map<String, Value>) -> Result<(), String> {
+    for v in attributes.values() {
+        match v {
+            Value::String(s) if s.is_empty() => return Err("required field missing".into()),
+            Value::String(_) | Value::Number(_) | Value::Bool(_) => {}
+            Value::Null | Value::Array(_) | Value::Object(_) => {
+                let lua_type = if v.is_null() { "userdata" } else { "table" };
+                return Err(format!("invalid type of value: {lua_type}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// kong/plugins/zipkin/schema.lua `validate_static_tags`.
+fn zipkin_static_tags(tags: &[Value]) -> Result<(), String> {
+    let mut seen: Vec<&str> = Vec::new();
+    for name in tags
+        .iter()
+        .filter_map(|t| t.get("name"))
+        .filter_map(Value::as_str)
+    {
+        if seen.contains(&name) {
+            return Err(format!("repeated tags are not allowed: {name}"));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
+/// kong/plugins/http-log/schema.lua's config validator: no user info in the endpoint together
+/// with an `Authorization` header.
+fn http_log_userinfo_authorization(config: &Map<String, Value>) -> Result<(), String> {
+    let Some(endpoint) = config.get("http_endpoint").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let has_auth_header = config
+        .get("headers")
+        .and_then(Value::as_object)
+        .is_some_and(|h| h.keys().any(|k| k.eq_ignore_ascii_case("authorization")));
+    if socket_url_parse(endpoint).userinfo.is_some() && has_auth_header {
+        return Err("specifying both an 'Authorization' header and user info in 'http_endpoint' is not allowed".into());
+    }
+    Ok(())
+}
+
+/// `kong.tools.rand.random_string`: 24 random bytes in base64 (32 characters), each `/`
+/// replaced by a random upper-case letter and each `+` by a random lower-case one.
+pub fn random_string() -> String {
+    use base64::Engine as _;
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    let bytes: [u8; 24] = rng.random();
+    base64::engine::general_purpose::STANDARD
+        .encode(bytes)
+        .chars()
+        .map(|c| match c {
+            '/' => char::from(rng.random_range(b'A'..=b'Z')),
+            '+' => char::from(rng.random_range(b'a'..=b'z')),
+            c => c,
+        })
+        .collect()
+}
+
+/// The session plugin's `random_string`: 32 random bytes in base64, `/` `+` `=` replaced by
+/// one random digit, upper-case and lower-case letter respectively.
+pub fn random_base64_secret() -> String {
+    use base64::Engine as _;
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    let bytes: [u8; 32] = rng.random();
+    let digit = char::from(rng.random_range(b'0'..=b'9')).to_string();
+    let upper = char::from(rng.random_range(b'A'..=b'Z')).to_string();
+    let lower = char::from(rng.random_range(b'a'..=b'z')).to_string();
+    base64::engine::general_purpose::STANDARD
+        .encode(bytes)
+        .replace('/', &digit)
+        .replace('+', &upper)
+        .replace('=', &lower)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_follow_normalize_ip() {
+        assert!(kong_validate_host("example.com").is_ok());
+        assert!(kong_validate_host("10.0.0.1").is_ok());
+        assert!(kong_validate_host("::1").is_ok());
+        assert!(kong_validate_host("-lead.example").is_ok());
+        assert_eq!(
+            kong_validate_host("example.com:80"),
+            Err("must not have a port".into())
         );
+        assert_eq!(
+            kong_validate_host("example.com:99999"),
+            Err("must not have a port".into())
+        );
+        assert_eq!(
+            kong_validate_host("bad host"),
+            Err("invalid value: bad host".into())
+        );
+        assert_eq!(
+            kong_validate_host("trail-.example"),
+            Err("invalid value: trail-.example".into())
+        );
+        assert_eq!(
+            kong_validate_host("1.2.3"),
+            Err("invalid value: 1.2.3".into())
+        );
+        assert_eq!(
+            kong_validate_sni("10.0.0.1"),
+            Err("must not be an IP".into())
+        );
+        assert!(kong_validate_sni("example.com.").is_ok());
+    }
+
+    #[test]
+    fn urls_follow_socket_url() {
+        let u = socket_url_parse("https://user:pw@example.com:8443/a?b#c");
+        assert_eq!(u.scheme.as_deref(), Some("https"));
+        assert_eq!(u.userinfo.as_deref(), Some("user:pw"));
+        assert_eq!(u.host.as_deref(), Some("example.com"));
+        assert_eq!(u.port.as_deref(), Some("8443"));
+        assert_eq!(
+            socket_url_parse("http://[::1]:80/").host.as_deref(),
+            Some("::1")
+        );
+        assert_eq!(socket_url_parse("example.com").host, None);
+        assert_eq!(socket_url_parse("localhost:8080").host, None);
+        assert_eq!(
+            validate_named("url", &json!("//example.com")),
+            Err("missing scheme in url".into())
+        );
+        assert_eq!(
+            validate_named("url", &json!("example.com")),
+            Err("missing host in url".into())
+        );
+    }
+
+    #[test]
+    fn header_pairs() {
+        assert!(header_pair("x-a:1", false).is_ok());
+        assert!(header_pair("x-a", false).is_ok());
+        assert_eq!(
+            header_pair("x a:1", false),
+            Err("'x a' is not a valid header".into())
+        );
+        assert_eq!(
+            header_pair("x-a:", true),
+            Err("'' is not a valid header".into())
+        );
+        assert!(header_pair("x-a:x-b", true).is_ok());
+        assert_eq!(
+            validate_named("transformer_colon_value", &json!("k:")),
+            Err("key 'k' has no value".into())
+        );
+    }
+
+    #[test]
+    fn random_strings_have_kongs_shape() {
+        let s = random_string();
+        assert_eq!(s.len(), 32);
+        assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()), "{s}");
+    }
+
+    #[test]
+    fn random_base64_secrets_have_kongs_shape() {
+        let s = random_base64_secret();
+        assert_eq!(s.len(), 44);
+        assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()), "{s}");
     }
 }

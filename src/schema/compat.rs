@@ -28,7 +28,13 @@ impl Registry {
                 .and_then(Value::as_str)
                 .and_then(|n| self.plugin(n));
             if let (Some(plugin), Some(Value::Object(config))) = (plugin, map.get_mut("config")) {
-                strip(&plugin.config, config, dp_version, "config.", &mut removed);
+                strip(
+                    plugin.config_fields(),
+                    config,
+                    dp_version,
+                    "config.",
+                    &mut removed,
+                );
             }
         }
         removed

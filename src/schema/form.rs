@@ -145,22 +145,22 @@ impl Registry {
         let Value::Object(m) = value else {
             return value;
         };
-        let plugin_fields = (schema.name == "plugins")
+        let plugin_config = (schema.name == "plugins")
             .then(|| {
                 m.get("name")
                     .and_then(Value::as_str)
                     .and_then(|n| self.plugin(n))
             })
             .flatten()
-            .map(|p| p.config.as_slice());
+            .map(|p| &p.config);
         let mut out = Map::new();
         for (k, v) in m {
             let v = if k == "url" {
                 v
             } else if let Some(field) = schema.field(&k) {
                 if k == "config" && field.ty == FieldType::Json {
-                    match plugin_fields {
-                        Some(fields) => coerce_record(fields, v),
+                    match plugin_config {
+                        Some(config) => coerce(config, v),
                         None => coerce_untyped(v),
                     }
                 } else {
@@ -175,12 +175,13 @@ impl Registry {
     }
 }
 
-fn coerce_record(fields: &[Field], v: Value) -> Value {
+/// A record's fields, shorthand fields included (a form may carry those too).
+fn coerce_record(fields: &[Field], shorthand_fields: &[Field], v: Value) -> Value {
     let Value::Object(m) = v else { return v };
     Value::Object(
         m.into_iter()
             .map(|(k, v)| {
-                let v = match fields.iter().find(|f| f.name == k) {
+                let v = match fields.iter().chain(shorthand_fields).find(|f| f.name == k) {
                     Some(f) => coerce(f, v),
                     None => v,
                 };
@@ -261,7 +262,7 @@ fn coerce(field: &Field, v: Value) -> Value {
                 .collect(),
         ),
         (FieldType::Record, v) => match &field.fields {
-            Some(fields) => coerce_record(fields, v),
+            Some(fields) => coerce_record(fields, &field.shorthand_fields, v),
             None => v,
         },
         (FieldType::Json, v) => coerce_untyped(v),

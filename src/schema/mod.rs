@@ -8,6 +8,8 @@ mod checks;
 mod compat;
 pub mod form;
 pub mod index;
+mod lua_pattern;
+mod typedefs;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,6 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub use checks::{is_uuid, validate_named};
+pub use lua_pattern::LuaPattern;
 pub use validate::{FieldErrors, Mode, Prepared};
 
 /// The Kong line whose entity shapes deltaplane follows.
@@ -157,6 +160,9 @@ fn yes() -> bool {
 }
 
 /// A field, or (without a name) the element description of an array, set or map.
+///
+/// The validation keys mirror Kong's schema validators (`kong/db/schema/init.lua`
+/// `Schema.validators`) and run in Kong's order; see `schema/README.md`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Field {
@@ -174,16 +180,50 @@ pub struct Field {
     pub generate: Option<Generate>,
     #[serde(default)]
     pub unique: bool,
+    /// `Some(Value::Null)`: the value must be null (Kong's `eq = null`, e.g. `no_consumer`).
+    #[serde(default, deserialize_with = "deserialize_some")]
+    pub eq: Option<Value>,
     #[serde(default)]
     pub one_of: Option<Vec<Value>>,
     #[serde(default)]
+    pub not_one_of: Option<Vec<Value>>,
+    #[serde(default)]
+    pub gt: Option<f64>,
+    #[serde(default)]
     pub between: Option<[f64; 2]>,
+    #[serde(default)]
+    pub len_eq: Option<usize>,
     #[serde(default)]
     pub len_min: Option<usize>,
     #[serde(default)]
     pub len_max: Option<usize>,
     #[serde(default)]
+    pub starts_with: Option<String>,
+    #[serde(default, rename = "match")]
+    pub match_pattern: Option<LuaPattern>,
+    #[serde(default)]
+    pub not_match: Option<LuaPattern>,
+    #[serde(default)]
+    pub match_all: Option<Vec<PatternRule>>,
+    #[serde(default)]
+    pub match_none: Option<Vec<PatternRule>>,
+    #[serde(default)]
+    pub match_any: Option<MatchAny>,
+    #[serde(default)]
+    pub is_regex: bool,
+    #[serde(default)]
+    pub contains: Option<Value>,
+    #[serde(default)]
     pub validator: Option<String>,
+    /// Replaces the message of a failed validator (Kong's `err`), not of a type error.
+    #[serde(default)]
+    pub err: Option<String>,
+    /// A `{vault://...}` reference is accepted in place of the value (validators are skipped).
+    #[serde(default)]
+    pub referenceable: bool,
+    /// Kong Enterprise encrypts the value at rest; recorded, no effect in open-source Kong.
+    #[serde(default)]
+    pub encrypted: bool,
     #[serde(default)]
     pub elements: Option<Box<Field>>,
     #[serde(default)]
@@ -192,6 +232,26 @@ pub struct Field {
     pub values: Option<Box<Field>>,
     #[serde(default)]
     pub fields: Option<Vec<Field>>,
+    /// Checks over a record's fields, paths relative to the record.
+    #[serde(default)]
+    pub entity_checks: Vec<Check>,
+    /// Input-only fields of a record, rewritten into its real fields before defaults apply.
+    #[serde(default)]
+    pub shorthand_fields: Vec<Field>,
+    /// For a shorthand field: where its value goes (dotted, relative to the record); absent
+    /// means the value is accepted and dropped.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// For a shorthand field: string values replaced before the value is moved.
+    #[serde(default)]
+    pub map_values: Option<BTreeMap<String, Value>>,
+    /// For a shorthand field: the value moved when the input is null.
+    #[serde(default, deserialize_with = "deserialize_some")]
+    pub null_value: Option<Value>,
+    /// Kong's `deprecation`. On a shorthand field it also means the real field wins when both
+    /// are given.
+    #[serde(default)]
+    pub deprecation: Option<Deprecation>,
     #[serde(default)]
     pub reference: Option<String>,
     #[serde(default)]
@@ -203,19 +263,47 @@ pub struct Field {
     /// Free text kept from Kong's description; ignored by the engine.
     #[serde(default)]
     pub description: Option<String>,
-    /// The value must equal this (`null`: must be null or absent), Kong's `eq`.
-    #[serde(default, deserialize_with = "deserialize_some")]
-    pub eq: Option<Value>,
     /// The value must not equal this, Kong's `ne`.
     #[serde(default, deserialize_with = "deserialize_some")]
     pub ne: Option<Value>,
-    /// The message that replaces the failing check's own (Kong's field `err`).
-    #[serde(default)]
-    pub err: Option<String>,
     /// For arrays and sets: elements must all come from one of these subsets (Kong's
     /// `mutually_exclusive_subsets`).
     #[serde(default)]
     pub mutually_exclusive_subsets: Option<Vec<Vec<Value>>>,
+}
+
+/// One entry of `match_all` / `match_none`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternRule {
+    pub pattern: LuaPattern,
+    pub err: String,
+}
+
+/// `match_any`: at least one pattern must match, else `err`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchAny {
+    pub patterns: Vec<LuaPattern>,
+    pub err: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deprecation {
+    pub message: String,
+    pub removal_in_version: String,
+    /// The default Kong no longer warns about.
+    #[serde(default, deserialize_with = "deserialize_some")]
+    pub old_default: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for LuaPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let source = String::deserialize(d)?;
+        LuaPattern::new(&source)
+            .map_err(|e| serde::de::Error::custom(format!("Lua pattern {source:?}: {e}")))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -248,7 +336,12 @@ pub enum Auto {
 #[serde(rename_all = "snake_case")]
 pub enum Generate {
     Uuid,
+    /// 32 alphanumeric characters (Kong's `kong.tools.rand.random_string`, which `auto = true`
+    /// strings get: jwt secrets, oauth2's `provision_key`).
     RandomSecret,
+    /// 44 characters: base64 of 32 random bytes with `/`, `+`, `=` replaced by a digit, an
+    /// upper-case and a lower-case letter (the session plugin's `random_string`).
+    RandomBase64Secret,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -267,28 +360,15 @@ pub enum Check {
     OnlyOneOf(Vec<String>),
     MutuallyRequired(Vec<String>),
     MutuallyExclusive(Vec<String>),
+    Distinct(Vec<String>),
+    MutuallyExclusiveSets(Box<ExclusiveSets>),
     Conditional(Box<Conditional>),
     ConditionalAtLeastOneOf(Box<ConditionalAtLeastOneOf>),
+    /// A check implemented in `checks.rs`, run on the whole entity (or record).
     Custom(String),
-}
-
-/// Kong's `conditional_at_least_one_of`: when `if_field` matches `if_match`, one of
-/// `then_at_least_one_of` must be non-empty; otherwise, when it matches `else_match`, one of
-/// `else_then_at_least_one_of`. The `%s` of an `*_err` message is the quoted list of fields.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConditionalAtLeastOneOf {
-    pub if_field: String,
-    pub if_match: Match,
-    pub then_at_least_one_of: Vec<String>,
-    #[serde(default)]
-    pub then_err: Option<String>,
-    #[serde(default)]
-    pub else_match: Option<Match>,
-    #[serde(default)]
-    pub else_then_at_least_one_of: Option<Vec<String>>,
-    #[serde(default)]
-    pub else_then_err: Option<String>,
+    /// Kong's `custom_entity_check`: a named check that runs only when its `field_sources`
+    /// are present and valid.
+    CustomEntityCheck(Box<CustomEntityCheck>),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,20 +383,56 @@ pub struct Conditional {
     pub then_err: Option<String>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionalAtLeastOneOf {
+    pub if_field: String,
+    pub if_match: Match,
+    pub then_at_least_one_of: Vec<String>,
+    /// `%s` is replaced by the quoted field list.
+    #[serde(default)]
+    pub then_err: Option<String>,
+    #[serde(default)]
+    pub else_match: Option<Match>,
+    #[serde(default)]
+    pub else_then_at_least_one_of: Vec<String>,
+    #[serde(default)]
+    pub else_then_err: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExclusiveSets {
+    pub set1: Vec<String>,
+    pub set2: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomEntityCheck {
+    pub name: String,
+    pub field_sources: Vec<String>,
+}
+
+/// The validators a conditional check applies to one value (Kong's `if_match` / `then_match`).
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     #[serde(default)]
     pub one_of: Option<Vec<Value>>,
+    #[serde(default)]
+    pub not_one_of: Option<Vec<Value>>,
     /// `Some(Value::Null)` means "must be null"; absent means "no constraint".
     #[serde(default, deserialize_with = "deserialize_some")]
     pub eq: Option<Value>,
     #[serde(default)]
+    pub gt: Option<f64>,
+    #[serde(default)]
     pub required: Option<bool>,
     #[serde(default)]
     pub contains: Option<Value>,
-    #[serde(default)]
-    pub not_one_of: Option<Vec<Value>>,
+    #[serde(default, rename = "match")]
+    pub match_pattern: Option<LuaPattern>,
     /// Length of a string or an array; a null value passes.
     #[serde(default)]
     pub len_eq: Option<usize>,
@@ -329,13 +445,21 @@ fn deserialize_some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Val
     Value::deserialize(d).map(Some)
 }
 
-/// A plugin's config description, from `schema/plugins/<name>.json`.
+/// A plugin's description, from `schema/plugins/<name>.json`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSchema {
     pub name: String,
+    /// The handler's `VERSION` (`kong/plugins/<name>/handler.lua`).
+    pub version: String,
+    /// The handler's `PRIORITY`: plugins run from the highest to the lowest.
+    pub priority: i64,
+    /// The first Kong release that bundled the plugin.
+    pub since: String,
+    /// Fields added after the plugin (dotted paths under `config`), from Kong's
+    /// `kong/clustering/compat/removed_fields.lua`: every other field gets `since`.
     #[serde(default)]
-    pub since: Option<String>,
+    pub since_fields: BTreeMap<String, String>,
     #[serde(default)]
     pub protocols_default: Option<Vec<String>>,
     /// The protocols this plugin can run on.
@@ -344,12 +468,27 @@ pub struct PluginSchema {
     /// Kong's `typedefs.no_consumer`: the plugin cannot be scoped to a consumer.
     #[serde(default)]
     pub no_consumer: bool,
+    /// Kong's `typedefs.no_service`: the plugin cannot be scoped to a service.
+    #[serde(default)]
+    pub no_service: bool,
+    /// Kong's `typedefs.no_route`: the plugin cannot be scoped to a route.
+    #[serde(default)]
+    pub no_route: bool,
+    /// Named input conveniences over `config` implemented in `checks.rs`.
     #[serde(default)]
     pub shorthands: Vec<String>,
-    pub config: Vec<Field>,
+    /// The `config` record: its fields, checks, validator and shorthand fields.
+    pub config: Field,
     /// Checks over the whole plugin entity; paths such as `config.second` reach into records.
     #[serde(default)]
     pub entity_checks: Vec<Check>,
+}
+
+impl PluginSchema {
+    /// The fields of `config`.
+    pub fn config_fields(&self) -> &[Field] {
+        self.config.fields.as_deref().unwrap_or(&[])
+    }
 }
 
 /// A foreign key from `child.field` to `parent`, with its delete rule.
@@ -395,13 +534,54 @@ const ENTITY_FILES: &[(&str, &str)] = embed!(
 );
 
 const PLUGIN_FILES: &[(&str, &str)] = embed!(
-    "plugins/key-auth.json",
-    "plugins/basic-auth.json",
-    "plugins/jwt.json",
     "plugins/acl.json",
-    "plugins/rate-limiting.json",
+    "plugins/acme.json",
+    "plugins/ai-prompt-decorator.json",
+    "plugins/ai-prompt-guard.json",
+    "plugins/ai-prompt-template.json",
+    "plugins/ai-proxy.json",
+    "plugins/ai-request-transformer.json",
+    "plugins/ai-response-transformer.json",
+    "plugins/aws-lambda.json",
+    "plugins/azure-functions.json",
+    "plugins/basic-auth.json",
+    "plugins/bot-detection.json",
+    "plugins/correlation-id.json",
     "plugins/cors.json",
+    "plugins/datadog.json",
+    "plugins/file-log.json",
+    "plugins/grpc-gateway.json",
+    "plugins/grpc-web.json",
+    "plugins/hmac-auth.json",
+    "plugins/http-log.json",
+    "plugins/ip-restriction.json",
+    "plugins/jwt.json",
+    "plugins/key-auth.json",
+    "plugins/ldap-auth.json",
+    "plugins/loggly.json",
+    "plugins/oauth2.json",
+    "plugins/opentelemetry.json",
+    "plugins/post-function.json",
+    "plugins/pre-function.json",
+    "plugins/prometheus.json",
+    "plugins/proxy-cache.json",
+    "plugins/rate-limiting.json",
+    "plugins/redirect.json",
+    "plugins/request-size-limiting.json",
+    "plugins/request-termination.json",
+    "plugins/request-transformer.json",
+    "plugins/response-ratelimiting.json",
+    "plugins/response-transformer.json",
+    "plugins/session.json",
+    "plugins/standard-webhooks.json",
+    "plugins/statsd.json",
+    "plugins/syslog.json",
+    "plugins/tcp-log.json",
+    "plugins/udp-log.json",
+    "plugins/zipkin.json",
 );
+
+const TYPEDEFS_FILE: &str = include_str!("../../schema/typedefs.json");
 
 impl Registry {
     /// The registry built from the schema files compiled into this binary.
@@ -409,27 +589,51 @@ impl Registry {
         static REGISTRY: OnceLock<Arc<Registry>> = OnceLock::new();
         REGISTRY.get_or_init(|| {
             Arc::new(
-                Registry::from_sources(ENTITY_FILES, PLUGIN_FILES)
+                Registry::from_sources(TYPEDEFS_FILE, ENTITY_FILES, PLUGIN_FILES)
                     .expect("the embedded schema files are valid (checked by unit tests)"),
             )
         })
     }
 
+    /// Builds a registry from `schema/typedefs.json`, entity files and plugin files.
     pub fn from_sources(
+        typedefs: &str,
         entities: &[(&str, &str)],
         plugins: &[(&str, &str)],
     ) -> anyhow::Result<Registry> {
+        let defs: serde_json::Map<String, Value> = serde_json::from_str(typedefs)
+            .map_err(|e| anyhow::anyhow!("schema/typedefs.json: {e}"))?;
+        let load = |file: &str, text: &str| -> anyhow::Result<Value> {
+            let mut v: Value =
+                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
+            typedefs::resolve(&mut v, &defs).map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
+            Ok(v)
+        };
         let mut parsed = Vec::new();
         for (file, text) in entities {
-            let schema: EntitySchema =
-                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
+            let schema: EntitySchema = serde_json::from_value(load(file, text)?)
+                .map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
             parsed.push(schema);
         }
         let mut plugin_map = BTreeMap::new();
         for (file, text) in plugins {
-            let schema: PluginSchema =
-                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
-            plugin_map.insert(schema.name.clone(), schema);
+            let mut value = load(file, text)?;
+            if let Some(config) = value.get_mut("config") {
+                make_records_required(config);
+            }
+            let mut schema: PluginSchema =
+                serde_json::from_value(value).map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
+            anyhow::ensure!(
+                schema.config.ty == FieldType::Record && schema.config.fields.is_some(),
+                "schema/{file}: config must be a record with fields"
+            );
+            // Plugin-level checks name config fields as `config.<path>`.
+            schema.config.name = "config".to_owned();
+            assign_since(&mut schema).map_err(|e| anyhow::anyhow!("schema/{file}: {e}"))?;
+            anyhow::ensure!(
+                plugin_map.insert(schema.name.clone(), schema).is_none(),
+                "schema/{file}: a second description of the same plugin"
+            );
         }
         let mut foreign_keys = Vec::new();
         for schema in &parsed {
@@ -479,7 +683,7 @@ impl Registry {
         for plugin in plugin_map.values() {
             check_names(
                 &plugin.name,
-                &plugin.config,
+                std::slice::from_ref(&plugin.config),
                 &plugin.entity_checks,
                 &plugin.shorthands,
             )?;
@@ -687,31 +891,104 @@ fn check_names(
                 f.name
             );
         }
+        anyhow::ensure!(
+            f.fields.is_some() == (f.ty == FieldType::Record),
+            "{owner}.{}: a record has fields, nothing else has",
+            f.name
+        );
+        anyhow::ensure!(
+            (f.entity_checks.is_empty() && f.shorthand_fields.is_empty())
+                || f.ty == FieldType::Record,
+            "{owner}.{}: entity_checks and shorthand_fields need a record",
+            f.name
+        );
+        checks_exist(owner, &f.entity_checks)?;
         for sub in [&f.elements, &f.keys, &f.values].into_iter().flatten() {
             walk(owner, sub)?;
         }
-        for sub in f.fields.iter().flatten() {
+        for sub in f.fields.iter().flatten().chain(&f.shorthand_fields) {
             walk(owner, sub)?;
+        }
+        Ok(())
+    }
+    fn checks_exist(owner: &str, entity_checks: &[Check]) -> anyhow::Result<()> {
+        for c in entity_checks {
+            let name = match c {
+                Check::Custom(name) => name,
+                Check::CustomEntityCheck(c) => &c.name,
+                _ => continue,
+            };
+            anyhow::ensure!(
+                checks::CUSTOM_CHECKS.contains(&name.as_str()),
+                "{owner}: unknown custom check '{name}'"
+            );
         }
         Ok(())
     }
     for f in fields {
         walk(owner, f)?;
     }
-    for c in entity_checks {
-        if let Check::Custom(name) = c {
-            anyhow::ensure!(
-                checks::CUSTOM_CHECKS.contains(&name.as_str()),
-                "{owner}: unknown custom check '{name}'"
-            );
-        }
-    }
+    checks_exist(owner, entity_checks)?;
     for s in shorthands {
         anyhow::ensure!(
             checks::SHORTHANDS.contains(&s.as_str()),
             "{owner}: unknown shorthand '{s}'"
         );
     }
+    Ok(())
+}
+
+/// Kong's `make_records_required` (`kong/db/schema/entity.lua`): in a plugin's config, a record
+/// that does not say `"required": false` is required, so an absent one is filled with its own
+/// structure. Records inside array elements and map values are left as they are, as in Kong.
+fn make_records_required(field: &mut Value) {
+    let Value::Object(obj) = field else {
+        return;
+    };
+    if obj.get("type").and_then(Value::as_str) != Some("record") {
+        return;
+    }
+    obj.entry("required").or_insert(Value::Bool(true));
+    if let Some(Value::Array(fields)) = obj.get_mut("fields") {
+        for f in fields {
+            make_records_required(f);
+        }
+    }
+}
+
+/// Gives every `config` field its `since`: the plugin's own, or the version
+/// `since_fields` records for its dotted path (which must name a field).
+fn assign_since(plugin: &mut PluginSchema) -> anyhow::Result<()> {
+    fn walk(
+        fields: &mut [Field],
+        prefix: &str,
+        plugin_since: &str,
+        since_fields: &BTreeMap<String, String>,
+        used: &mut usize,
+    ) {
+        for f in fields {
+            let path = format!("{prefix}{}", f.name);
+            let own = since_fields.get(&path);
+            if own.is_some() {
+                *used += 1;
+            }
+            if f.since.is_none() {
+                f.since = Some(own.cloned().unwrap_or_else(|| plugin_since.to_owned()));
+            }
+            if let Some(sub) = &mut f.fields {
+                walk(sub, &format!("{path}."), plugin_since, since_fields, used);
+            }
+        }
+    }
+    let mut used = 0;
+    let since = plugin.since.clone();
+    let fields = plugin.config.fields.get_or_insert_with(Vec::new);
+    walk(fields, "", &since, &plugin.since_fields, &mut used);
+    anyhow::ensure!(
+        used == plugin.since_fields.len(),
+        "since_fields names a path that is not a config field: {:?}",
+        plugin.since_fields.keys().collect::<Vec<_>>()
+    );
     Ok(())
 }
 

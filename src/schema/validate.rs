@@ -7,7 +7,10 @@
 use serde_json::{Map, Value};
 
 use super::checks;
-use super::{Auto, Check, EntitySchema, Field, FieldType, Generate, Match, Registry};
+use super::{
+    Auto, Check, Conditional, ConditionalAtLeastOneOf, EntitySchema, Field, FieldType, Generate,
+    Match, Registry,
+};
 
 /// Kong's per-field error tree, ready to be returned as `fields` of a schema violation.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,6 +51,26 @@ impl FieldErrors {
                 return; // a message is already recorded for the parent
             }
             node = child.as_object_mut().expect("checked above");
+        }
+    }
+
+    /// Records `err` at a dotted path, replacing what is there (Kong's `set_field`, as the
+    /// conditional check uses it).
+    pub fn set_at(&mut self, path: &str, err: Value) {
+        let mut parts = path.split('.').peekable();
+        let mut node = &mut self.0;
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                node.insert(part.to_owned(), err);
+                return;
+            }
+            let child = node
+                .entry(part.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            let Value::Object(next) = child else {
+                return; // a message is already recorded for the parent
+            };
+            node = next;
         }
     }
 
@@ -160,6 +183,23 @@ impl Registry {
         }
         let input_keys: Vec<String> = input.keys().cloned().collect();
 
+        // Kong rewrites shorthand fields in the input before merging it into the stored entity,
+        // so on an update a shorthand sets its target even when the stored one is set.
+        if mode == Mode::Update
+            && let Some(plugin) = input
+                .get("name")
+                .or_else(|| existing.and_then(|e| e.get("name")))
+                .and_then(Value::as_str)
+                .and_then(|n| self.plugin(n))
+            && let Some(config) = input.get_mut("config")
+        {
+            let mut abort = FieldErrors::default();
+            apply_shorthands_deep(&plugin.config, config, &mut abort);
+            if !abort.is_empty() {
+                return Err(abort);
+            }
+        }
+
         let mut entity = match (mode, existing) {
             (Mode::Update, Some(Value::Object(old))) => {
                 let mut merged = old.clone();
@@ -262,7 +302,11 @@ impl Registry {
         // resolves fields by the subschema of the data it is given); its checks apply to
         // the entity as completed.
         let defaults_schema = schema.specialized_for(&entity).unwrap_or(schema);
-        fill_defaults(&defaults_schema.fields, &mut entity, mode);
+        let mut abort = FieldErrors::default();
+        fill_record(&defaults_schema.fields, &[], &mut entity, mode, &mut abort);
+        if !abort.is_empty() {
+            return Err(abort);
+        }
         let schema = schema.specialized_for(&entity).unwrap_or(schema);
         for field in &schema.fields {
             if let Some(generate) = field.generate
@@ -273,7 +317,12 @@ impl Registry {
         }
 
         check_fields(&schema.fields, &entity, &mut errors);
-        self.check_entity(&schema.entity_checks, &mut entity, &mut errors);
+        self.check_entity(
+            &schema.entity_checks,
+            &schema.fields,
+            &mut entity,
+            &mut errors,
+        );
         if errors.is_empty() {
             // Output every field, null when unset, as Kong does.
             for field in &schema.fields {
@@ -301,7 +350,29 @@ impl Registry {
         })
     }
 
-    /// The `plugin_config` check: a described plugin's config is defaulted and validated against
+    /// Fills and validates a configuration for plugin `name` alone, as the `plugin_config` check
+    /// does for a plugin entity that has no route, service or consumer: the complete `config`,
+    /// or Kong's errors (rooted at the plugin entity: `{"config": {...}}`, `{"@entity": [...]}`).
+    /// `None` when no schema describes `name`.
+    pub fn prepare_plugin_config(
+        &self,
+        name: &str,
+        config: Value,
+    ) -> Option<Result<Value, FieldErrors>> {
+        self.plugin(name)?;
+        let mut entity = Map::new();
+        entity.insert("name".into(), Value::from(name));
+        entity.insert("config".into(), config);
+        let mut errors = FieldErrors::default();
+        self.check_plugin(&mut entity, &mut errors);
+        Some(if errors.is_empty() {
+            Ok(entity.remove("config").unwrap_or(Value::Null))
+        } else {
+            Err(errors)
+        })
+    }
+
+    /// The `plugin_config` check: a described plugin's config is filled and validated against
     /// `schema/plugins/<name>.json`; any other plugin is validated structurally (config an object).
     fn check_plugin(&self, entity: &mut Map<String, Value>, errors: &mut FieldErrors) {
         let Some(Value::String(name)) = entity.get("name").cloned() else {
@@ -313,13 +384,14 @@ impl Registry {
         let Some(plugin) = self.plugin(&name) else {
             return;
         };
-        if let Some(Value::Object(config)) = entity.get_mut("config") {
-            for shorthand in &plugin.shorthands {
-                checks::apply_shorthand(shorthand, config, errors);
+        for (flag, field) in [
+            (plugin.no_consumer, "consumer"),
+            (plugin.no_service, "service"),
+            (plugin.no_route, "route"),
+        ] {
+            if flag && entity.get(field).is_some_and(|c| !c.is_null()) {
+                errors.field(field, "value must be null");
             }
-        }
-        if plugin.no_consumer && entity.get("consumer").is_some_and(|c| !c.is_null()) {
-            errors.field("consumer", "value must be null");
         }
         if let (Some(allowed), Some(Value::Array(given))) =
             (&plugin.protocols_one_of, entity.get("protocols"))
@@ -335,31 +407,37 @@ impl Registry {
                 errors.field("protocols", Value::Array(errs));
             }
         }
-        let config = entity
-            .entry("config")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if config.is_null() {
-            *config = Value::Object(Map::new());
-        }
-        let Value::Object(config) = config else {
-            return; // the `json` type check below reports it
+        let Some(Value::Object(config)) = entity.get_mut("config") else {
+            return; // the `json` type check reports it
         };
-        let mut config_errors = FieldErrors::default();
-        for key in config.keys() {
-            if !plugin.config.iter().any(|f| &f.name == key) {
-                config_errors.field(key, "unknown field");
+        for shorthand in &plugin.shorthands {
+            checks::apply_shorthand(shorthand, config, errors);
+        }
+        // Kong processes shorthand fields before anything else and gives up on an error
+        // there, reporting it alone (at the top of the error tree).
+        let mut abort = FieldErrors::default();
+        fill_record(
+            plugin.config_fields(),
+            &plugin.config.shorthand_fields,
+            config,
+            Mode::Insert,
+            &mut abort,
+        );
+        if !abort.is_empty() {
+            for (k, v) in abort.0 {
+                errors.set_at(&k, v);
             }
-        }
-        fill_defaults(&plugin.config, config, Mode::Insert);
-        check_fields(&plugin.config, config, &mut config_errors);
-        for field in &plugin.config {
-            config.entry(field.name.clone()).or_insert(Value::Null);
-        }
-        if !config_errors.is_empty() {
-            errors.field("config", Value::Object(config_errors.0));
             return;
         }
-        self.check_entity(&plugin.entity_checks, entity, errors);
+        if let Some(err) = check_value(&plugin.config, &Value::Object(config.clone())) {
+            errors.field("config", err);
+        }
+        run_entity_checks(
+            &plugin.entity_checks,
+            std::slice::from_ref(&plugin.config),
+            entity,
+            errors,
+        );
     }
 }
 
@@ -377,98 +455,417 @@ fn merge_objects(dst: &mut Map<String, Value>, src: Map<String, Value>) {
 fn generated(generate: Generate) -> Value {
     match generate {
         Generate::Uuid => Value::String(uuid::Uuid::new_v4().to_string()),
-        Generate::RandomSecret => Value::String(uuid::Uuid::new_v4().simple().to_string()),
+        Generate::RandomSecret => Value::String(checks::random_string()),
+        Generate::RandomBase64Secret => Value::String(checks::random_base64_secret()),
     }
 }
 
-/// Fills defaults of absent fields; records get their nested defaults recursively.
-fn fill_defaults(fields: &[Field], obj: &mut Map<String, Value>, mode: Mode) {
+// === filling: Kong's `process_auto_fields` for an insert ===
+
+/// Fills a record the way Kong's `process_auto_fields(data, "insert")` does: shorthand fields
+/// first, then for every absent field its default, else `null` when it is not required, else
+/// (a required record) its own filled structure; present records, array elements and map
+/// values are filled recursively, and sets lose duplicate scalars. `Mode::Update` leaves
+/// absent top-level fields absent. Shorthand errors go to `abort`.
+fn fill_record(
+    fields: &[Field],
+    shorthand_fields: &[Field],
+    obj: &mut Map<String, Value>,
+    mode: Mode,
+    abort: &mut FieldErrors,
+) {
+    apply_shorthand_fields(shorthand_fields, obj, abort);
     for field in fields {
-        let current = obj.get_mut(&field.name);
-        match current {
+        match obj.get_mut(&field.name) {
+            Some(v) => adjust(field, v, abort),
             None => {
                 if mode == Mode::Update {
                     continue;
                 }
-                if let Some(default) = &field.default {
-                    let mut v = default.clone();
-                    if let (FieldType::Record, Some(sub), Value::Object(m)) =
-                        (field.ty, &field.fields, &mut v)
-                    {
-                        fill_defaults(sub, m, mode);
+                let missing = match (field.generate, &field.default) {
+                    (Some(generate), _) => Some(generated(generate)),
+                    (None, Some(default)) => Some(default.clone()),
+                    (None, None) if !field.required => Some(Value::Null),
+                    (None, None) if field.ty == FieldType::Record => {
+                        Some(Value::Object(Map::new()))
                     }
+                    (None, None) => None, // reported as missing by the validation
+                };
+                if let Some(mut v) = missing {
+                    adjust(field, &mut v, abort);
                     obj.insert(field.name.clone(), v);
-                } else if field.ty == FieldType::Record
-                    && let Some(sub) = &field.fields
-                {
-                    let mut m = Map::new();
-                    fill_defaults(sub, &mut m, mode);
-                    if !m.is_empty() && has_any_default(sub) {
-                        obj.insert(field.name.clone(), Value::Object(m));
-                    }
                 }
             }
-            Some(Value::Object(m)) if field.ty == FieldType::Record => {
-                if let Some(sub) = &field.fields {
-                    fill_defaults(sub, m, Mode::Insert);
-                }
-            }
-            Some(_) => {}
         }
     }
 }
 
-fn has_any_default(fields: &[Field]) -> bool {
-    fields.iter().any(|f| {
-        f.default.is_some()
-            || (f.ty == FieldType::Record && f.fields.as_deref().is_some_and(has_any_default))
-    })
+fn adjust(field: &Field, v: &mut Value, abort: &mut FieldErrors) {
+    match (field.ty, v) {
+        (FieldType::Record, Value::Object(m)) => {
+            if let Some(sub) = &field.fields {
+                fill_record(sub, &field.shorthand_fields, m, Mode::Insert, abort);
+            }
+        }
+        (FieldType::Array | FieldType::Set, Value::Array(items)) => {
+            if field.ty == FieldType::Set {
+                let mut seen: Vec<Value> = Vec::new();
+                items.retain(|item| {
+                    if item.is_object() || item.is_array() {
+                        return true; // Lua compares tables by identity
+                    }
+                    if seen.iter().any(|s| lua_eq(s, item)) {
+                        return false;
+                    }
+                    seen.push(item.clone());
+                    true
+                });
+            }
+            if let Some(elements) = &field.elements {
+                for item in items.iter_mut().filter(|i| !i.is_null()) {
+                    adjust(elements, item, abort);
+                }
+            }
+        }
+        (FieldType::Map, Value::Object(m)) => {
+            if let Some(values) = &field.values {
+                for item in m.values_mut().filter(|i| !i.is_null()) {
+                    adjust(values, item, abort);
+                }
+            }
+        }
+        _ => {}
+    }
 }
+
+/// Kong's `shorthand_fields`: each given shorthand is validated against its own description,
+/// removed, and its value written at `path` (a deprecated shorthand yields to the real field
+/// when that is set, as Kong's `null_aware_table_merge` does).
+fn apply_shorthand_fields(
+    shorthand_fields: &[Field],
+    obj: &mut Map<String, Value>,
+    abort: &mut FieldErrors,
+) {
+    for sf in shorthand_fields {
+        let Some(value) = obj.get(&sf.name) else {
+            continue;
+        };
+        let err = if value.is_null() {
+            sf.required.then(|| Value::from(REQUIRED))
+        } else {
+            check_value(sf, value)
+        };
+        if let Some(err) = err {
+            abort.field(&sf.name, err);
+            continue;
+        }
+        let Some(mut value) = obj.remove(&sf.name) else {
+            continue;
+        };
+        if value.is_null()
+            && let Some(v) = &sf.null_value
+        {
+            value = v.clone();
+        }
+        if let (Some(map), Value::String(s)) = (&sf.map_values, &value)
+            && let Some(v) = map.get(s)
+        {
+            value = v.clone();
+        }
+        let Some(path) = &sf.path else {
+            continue; // accepted and dropped
+        };
+        let deprecated = sf.deprecation.is_some();
+        let mut parts: Vec<&str> = path.split('.').collect();
+        let head = parts.remove(0);
+        if parts.is_empty() {
+            if !deprecated || obj.get(head).is_none_or(Value::is_null) {
+                obj.insert(head.to_owned(), value);
+            }
+            continue;
+        }
+        // `{head = {rest = value}}` merged one level deep into `obj[head]`.
+        let mut nested = value;
+        for part in parts[1..].iter().rev() {
+            let mut m = Map::new();
+            m.insert((*part).to_owned(), nested);
+            nested = Value::Object(m);
+        }
+        let key = parts[0].to_owned();
+        let mut target = match obj.remove(head) {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        let keep_existing = deprecated && target.get(&key).is_some_and(|v| !v.is_null());
+        if !keep_existing {
+            target.insert(key, nested);
+        }
+        obj.insert(head.to_owned(), Value::Object(target));
+    }
+}
+
+/// The shorthand fields of `field` and of the records inside it that `value` carries, with no
+/// defaults filled (Kong's `process_auto_fields(.., "update")` on the input).
+fn apply_shorthands_deep(field: &Field, value: &mut Value, abort: &mut FieldErrors) {
+    let (FieldType::Record, Value::Object(m)) = (field.ty, value) else {
+        return;
+    };
+    apply_shorthand_fields(&field.shorthand_fields, m, abort);
+    for sub in field.fields.iter().flatten() {
+        if let Some(v) = m.get_mut(&sub.name) {
+            apply_shorthands_deep(sub, v, abort);
+        }
+    }
+}
+
+// === validation: Kong's `validate_field` ===
+
+const REQUIRED: &str = "required field missing";
 
 fn check_fields(fields: &[Field], obj: &Map<String, Value>, errors: &mut FieldErrors) {
     for field in fields {
-        match obj.get(&field.name) {
-            None | Some(Value::Null) => {
-                if field.required {
-                    errors.field(&field.name, "required field missing");
-                }
-            }
-            Some(v) => {
-                if let Some(err) = check_value(field, v) {
-                    errors.field(&field.name, err);
-                }
-            }
+        // A null runs through `check_value` too: `eq` and `required` judge it.
+        let err = match obj.get(&field.name) {
+            None => field.required.then(|| Value::from(REQUIRED)),
+            Some(v) => check_value(field, v),
+        };
+        if let Some(err) = err {
+            errors.field(&field.name, err);
         }
     }
 }
 
-impl Field {
-    /// Whether `v` passes this field's own checks (type, `one_of`, `between`, lengths,
-    /// validator), as Kong's `Schema:validate_field`; used to decide whether a value can
-    /// name an entity by this field.
-    pub fn accepts(&self, v: &Value) -> bool {
-        !v.is_null() && check_value(self, v).is_none()
+/// A record's errors: unknown keys, its fields, its entity checks and, when all of those
+/// pass, its validator.
+fn record_error(field: &Field, m: &Map<String, Value>) -> Option<Value> {
+    let fields = field.fields.as_deref().unwrap_or(&[]);
+    let mut errs = FieldErrors::default();
+    for key in m.keys() {
+        if !fields.iter().any(|f| &f.name == key) {
+            errs.field(key, "unknown field");
+        }
     }
+    check_fields(fields, m, &mut errs);
+    if !field.entity_checks.is_empty() {
+        let mut copy = m.clone();
+        run_entity_checks(&field.entity_checks, fields, &mut copy, &mut errs);
+    }
+    if !errs.is_empty() {
+        return Some(Value::Object(errs.0));
+    }
+    None
 }
 
-/// The error for one value, or `None` when it is valid. A field's `err` replaces the
-/// message of its `eq`, `ne` and `mutually_exclusive_subsets` checks, as Kong's `field.err`.
+fn type_error(field: &Field, v: &Value) -> Option<&'static str> {
+    let ok = match field.ty {
+        FieldType::String => v.is_string(),
+        // 5.0 is an integer for Kong (Lua numbers); integral floats are accepted.
+        FieldType::Integer => {
+            v.is_i64()
+                || v.is_u64()
+                || v.as_f64()
+                    .is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+        }
+        FieldType::Number => v.is_number(),
+        FieldType::Boolean => v.is_boolean(),
+        FieldType::Array | FieldType::Set => v.is_array(),
+        FieldType::Map | FieldType::Record | FieldType::Foreign | FieldType::Json => v.is_object(),
+    };
+    if ok {
+        return None;
+    }
+    Some(match field.ty {
+        FieldType::String => "expected a string",
+        FieldType::Integer => "expected an integer",
+        FieldType::Number => "expected a number",
+        FieldType::Boolean => "expected a boolean",
+        FieldType::Array => "expected an array",
+        FieldType::Set => "expected a set",
+        FieldType::Map => "expected a map",
+        FieldType::Record | FieldType::Foreign | FieldType::Json => "expected a record",
+    })
+}
+
+/// The error for one value, or `None` when it is valid.
 fn check_value(field: &Field, v: &Value) -> Option<Value> {
-    let own = |msg: String| Some(Value::String(field.err.clone().unwrap_or(msg)));
+    if v.is_null() {
+        return match &field.eq {
+            Some(eq) if !eq.is_null() => Some(format!("value must be {}", lua_tostring(eq)).into()),
+            _ => field.required.then(|| REQUIRED.into()),
+        };
+    }
+    if field.eq.as_ref().is_some_and(Value::is_null) {
+        return Some(field.err.as_deref().unwrap_or("value must be null").into());
+    }
+    if let Some(msg) = type_error(field, v) {
+        return Some(msg.into());
+    }
+    match (field.ty, v) {
+        (FieldType::Array | FieldType::Set, Value::Array(items)) => {
+            if let Some(elements) = &field.elements {
+                let errs: Vec<Option<Value>> =
+                    items.iter().map(|i| check_element(elements, i)).collect();
+                if errs.iter().any(Option::is_some) {
+                    return Some(Value::Array(
+                        errs.into_iter().map(|e| e.unwrap_or(Value::Null)).collect(),
+                    ));
+                }
+            }
+        }
+        // Kong stops at the first bad key or value and reports its error alone.
+        (FieldType::Map, Value::Object(m)) => {
+            for (k, val) in m {
+                if let Some(keys) = &field.keys
+                    && let Some(e) = check_element(keys, &Value::String(k.clone()))
+                {
+                    return Some(e);
+                }
+                if let Some(values) = &field.values
+                    && let Some(e) = check_element(values, val)
+                {
+                    return Some(e);
+                }
+            }
+        }
+        (FieldType::Record, Value::Object(m)) => {
+            if let Some(err) = record_error(field, m) {
+                return Some(err);
+            }
+        }
+        (FieldType::Foreign, Value::Object(m)) => return foreign_error(m),
+        (FieldType::String, Value::String(s)) if field.referenceable && is_reference(s) => {
+            return None;
+        }
+        _ => {}
+    }
+    validators_error(field, v).map(|e| Value::String(field.err.clone().unwrap_or(e)))
+}
+
+fn foreign_error(m: &Map<String, Value>) -> Option<Value> {
+    let mut errs = Map::new();
+    for key in m.keys() {
+        if key != "id" {
+            errs.insert(key.clone(), "unknown field".into());
+        }
+    }
+    match m.get("id") {
+        Some(Value::String(id)) if checks::is_uuid(id) => {}
+        Some(Value::String(_)) => {
+            errs.insert("id".into(), "expected a valid UUID".into());
+        }
+        Some(_) => {
+            errs.insert("id".into(), "expected a string".into());
+        }
+        None => {
+            errs.insert("id".into(), REQUIRED.into());
+        }
+    }
+    (!errs.is_empty()).then_some(Value::Object(errs))
+}
+
+/// Kong's validators, in Kong's order (`Schema.validators_order`).
+fn validators_error(field: &Field, v: &Value) -> Option<String> {
     if let Some(eq) = &field.eq
-        && eq != v
+        && !lua_eq(eq, v)
     {
-        return own(format!("value must be {}", kong_value(eq)));
+        return Some(format!("value must be {}", lua_tostring(eq)));
     }
     if let Some(ne) = &field.ne
-        && ne == v
+        && lua_eq(ne, v)
     {
-        return own(format!("value must not be {}", kong_value(ne)));
+        return Some(format!("value must not be {}", lua_tostring(ne)));
     }
-    let res = check_value_inner(field, v);
-    if res.is_none()
-        && let (Some(subsets), Value::Array(items)) = (&field.mutually_exclusive_subsets, v)
+    if let Some(list) = &field.not_one_of
+        && list.iter().any(|x| lua_eq(x, v))
     {
+        return Some(format!("must not be one of: {}", joined(list)));
+    }
+    if let Some(list) = &field.one_of
+        && !list.iter().any(|x| lua_eq(x, v))
+    {
+        return Some(format!("expected one of: {}", joined(list)));
+    }
+    if let (Some(limit), Some(n)) = (field.gt, v.as_f64())
+        && n <= limit
+    {
+        return Some(format!("value must be greater than {}", fmt_num(limit)));
+    }
+    if field.is_regex
+        && let Some(s) = v.as_str()
+        && regex::Regex::new(s).is_err()
+    {
+        return Some(format!("not a valid regex: {s}"));
+    }
+    if let (Some([min, max]), Some(n)) = (field.between, v.as_f64())
+        && (n < min || n > max)
+    {
+        // Lua's `%d`: the limits print as integers.
+        return Some(format!(
+            "value should be between {} and {}",
+            min.trunc() as i64,
+            max.trunc() as i64
+        ));
+    }
+    let len = match v {
+        Value::String(s) => Some(s.len()),
+        Value::Array(a) => Some(a.len()),
+        Value::Object(m) if field.ty == FieldType::Map => Some(m.len()),
+        _ => None,
+    };
+    if let Some(len) = len {
+        if let Some(n) = field.len_eq
+            && len != n
+        {
+            return Some(format!("length must be {n}"));
+        }
+        // Kong refuses empty strings unless a field says otherwise.
+        let min = field
+            .len_min
+            .or((field.ty == FieldType::String).then_some(1));
+        if let Some(n) = min
+            && len < n
+        {
+            return Some(format!("length must be at least {n}"));
+        }
+        if let Some(n) = field.len_max
+            && len > n
+        {
+            return Some(format!("length must be at most {n}"));
+        }
+    }
+    if let Some(s) = v.as_str() {
+        if let Some(prefix) = &field.starts_with
+            && !s.starts_with(prefix.as_str())
+        {
+            return Some(format!("should start with: {prefix}"));
+        }
+        if let Some(p) = &field.not_match
+            && p.is_match(s)
+        {
+            return Some(format!("invalid value: {s}"));
+        }
+        if let Some(rules) = &field.match_none
+            && let Some(rule) = rules.iter().find(|r| r.pattern.is_match(s))
+        {
+            return Some(rule.err.clone());
+        }
+        if let Some(p) = &field.match_pattern
+            && !p.is_match(s)
+        {
+            return Some(format!("invalid value: {s}"));
+        }
+        if let Some(rules) = &field.match_all
+            && let Some(rule) = rules.iter().find(|r| !r.pattern.is_match(s))
+        {
+            return Some(rule.err.clone());
+        }
+        if let Some(any) = &field.match_any
+            && !any.patterns.iter().any(|p| p.is_match(s))
+        {
+            return Some(any.err.clone());
+        }
+    }
+    if let (Some(subsets), Value::Array(items)) = (&field.mutually_exclusive_subsets, v) {
         // The subsets the value draws from, in the order its elements first name them.
         let mut used: Vec<&Vec<Value>> = Vec::new();
         for item in items {
@@ -482,212 +879,79 @@ fn check_value(field: &Field, v: &Value) -> Option<Value> {
             let list: Vec<String> = used
                 .iter()
                 .map(|set| {
-                    let inner: Vec<String> =
-                        set.iter().map(|x| format!("'{}'", kong_value(x))).collect();
+                    let inner: Vec<String> = set
+                        .iter()
+                        .map(|x| format!("'{}'", lua_tostring(x)))
+                        .collect();
                     format!("({})", inner.join(", "))
                 })
                 .collect();
-            return own(format!(
+            return Some(format!(
                 "these sets are mutually exclusive: {}",
                 list.join(", ")
             ));
         }
     }
-    res
-}
-
-/// A value as Kong's messages print it: strings bare, `null` for null.
-fn kong_value(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn check_value_inner(field: &Field, v: &Value) -> Option<Value> {
-    let type_err = |what: &str| Some(Value::String(format!("expected {what}")));
-    match field.ty {
-        FieldType::String => {
-            let Value::String(s) = v else {
-                return type_err("a string");
-            };
-            let len = s.chars().count();
-            if let Some(min) = field.len_min
-                && len < min
-            {
-                return Some(if min == 1 && len == 0 {
-                    "length must be at least 1".into()
-                } else {
-                    format!("length must be at least {min}").into()
-                });
-            }
-            if let Some(max) = field.len_max
-                && len > max
-            {
-                return Some(format!("length must be at most {max}").into());
-            }
-        }
-        FieldType::Integer => {
-            if !(v.is_i64() || v.is_u64()) {
-                // 5.0 is an integer for Kong (Lua numbers); accept integral floats.
-                match v.as_f64() {
-                    Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {}
-                    _ => return type_err("an integer"),
-                }
-            }
-        }
-        FieldType::Number => {
-            if !v.is_number() {
-                return type_err("a number");
-            }
-        }
-        FieldType::Boolean => {
-            if !v.is_boolean() {
-                return type_err("a boolean");
-            }
-        }
-        FieldType::Array | FieldType::Set => {
-            let Value::Array(items) = v else {
-                return type_err(if field.ty == FieldType::Set {
-                    "a set"
-                } else {
-                    "an array"
-                });
-            };
-            if let Some(min) = field.len_min
-                && items.len() < min
-            {
-                return Some(format!("length must be at least {min}").into());
-            }
-            if let Some(max) = field.len_max
-                && items.len() > max
-            {
-                return Some(format!("length must be at most {max}").into());
-            }
-            if let Some(elements) = &field.elements {
-                let errs: Vec<Option<Value>> =
-                    items.iter().map(|i| check_element(elements, i)).collect();
-                if errs.iter().any(Option::is_some) {
-                    return Some(Value::Array(
-                        errs.into_iter().map(|e| e.unwrap_or(Value::Null)).collect(),
-                    ));
-                }
-            }
-        }
-        FieldType::Map => {
-            let Value::Object(m) = v else {
-                return type_err("a map");
-            };
-            let mut errs = Map::new();
-            for (k, val) in m {
-                if let Some(keys) = &field.keys
-                    && let Some(e) = check_element(keys, &Value::String(k.clone()))
-                {
-                    errs.insert(k.clone(), e);
-                    continue;
-                }
-                if let Some(values) = &field.values
-                    && let Some(e) = check_element(values, val)
-                {
-                    errs.insert(k.clone(), e);
-                }
-            }
-            if !errs.is_empty() {
-                return Some(Value::Object(errs));
-            }
-        }
-        FieldType::Record => {
-            let Value::Object(m) = v else {
-                return type_err("a record");
-            };
-            if let Some(sub) = &field.fields {
-                let mut errs = FieldErrors::default();
-                for key in m.keys() {
-                    if !sub.iter().any(|f| &f.name == key) {
-                        errs.field(key, "unknown field");
-                    }
-                }
-                check_fields(sub, m, &mut errs);
-                if !errs.is_empty() {
-                    return Some(Value::Object(errs.0));
-                }
-            }
-        }
-        FieldType::Foreign => {
-            let Value::Object(m) = v else {
-                return type_err("a record");
-            };
-            let mut errs = Map::new();
-            for key in m.keys() {
-                if key != "id" {
-                    errs.insert(key.clone(), "unknown field".into());
-                }
-            }
-            match m.get("id") {
-                Some(Value::String(id)) if checks::is_uuid(id) => {}
-                Some(Value::String(_)) => {
-                    errs.insert("id".into(), "expected a valid UUID".into());
-                }
-                Some(_) => {
-                    errs.insert("id".into(), "expected a string".into());
-                }
-                None => {
-                    errs.insert("id".into(), "required field missing".into());
-                }
-            }
-            if !errs.is_empty() {
-                return Some(Value::Object(errs));
-            }
-        }
-        FieldType::Json => {
-            if !v.is_object() {
-                return type_err("a record");
-            }
-        }
-    }
-    if let Some(one_of) = &field.one_of
-        && !one_of.contains(v)
+    if let Some(wanted) = &field.contains
+        && !v
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| lua_eq(x, wanted)))
     {
-        let list: Vec<String> = one_of
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| x.to_string())
-            })
-            .collect();
-        return Some(format!("expected one of: {}", list.join(", ")).into());
-    }
-    if let Some([min, max]) = field.between
-        && let Some(n) = v.as_f64()
-        && (n < min || n > max)
-    {
-        return Some(
-            format!(
-                "value should be between {} and {}",
-                fmt_num(min),
-                fmt_num(max)
-            )
-            .into(),
-        );
+        return Some(format!("expected to contain: {}", lua_tostring(wanted)));
     }
     if let Some(name) = &field.validator
         && let Err(msg) = checks::validate_named(name, v)
     {
-        return Some(msg.into());
+        return Some(msg);
     }
     None
 }
 
+impl Field {
+    /// Whether `v` passes this field's own checks (type and validators), as Kong's
+    /// `Schema:validate_field`; used to decide whether a value can name an entity by this
+    /// field.
+    pub fn accepts(&self, v: &Value) -> bool {
+        !v.is_null() && check_value(self, v).is_none()
+    }
+}
+
 fn check_element(field: &Field, v: &Value) -> Option<Value> {
     if v.is_null() {
-        return Some("required field missing".into());
+        return Some(REQUIRED.into());
     }
     check_value(field, v)
 }
 
+/// Kong's `kong.vault.is_reference`: `{vault://...}`.
+pub(super) fn is_reference(s: &str) -> bool {
+    s.starts_with("{vault://") && s.ends_with('}')
+}
+
+/// Lua's `==` on JSON values: numbers compare by value (`2048 == 2048.0`).
+fn lua_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+/// Lua's `tostring` of a scalar, as Kong's messages print them.
+fn lua_tostring(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_f64().map(fmt_num).unwrap_or_else(|| n.to_string()),
+        Value::Null => "null".into(),
+        other => other.to_string(),
+    }
+}
+
+fn joined(list: &[Value]) -> String {
+    list.iter().map(lua_tostring).collect::<Vec<_>>().join(", ")
+}
+
 fn fmt_num(n: f64) -> String {
-    if n.fract() == 0.0 {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
         format!("{}", n as i64)
     } else {
         format!("{n}")
@@ -699,6 +963,7 @@ fn is_set(v: Option<&Value>) -> bool {
         None | Some(Value::Null) => false,
         Some(Value::Array(a)) => !a.is_empty(),
         Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
         Some(_) => true,
     }
 }
@@ -711,97 +976,275 @@ fn quoted(names: &[String]) -> String {
         .join(", ")
 }
 
-/// The value at a dotted path (`config.redis.host`).
+/// The value at a dotted path (`config.redis.host`); `None` when absent or below a null.
 fn lookup<'a>(obj: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
     let mut parts = path.split('.');
     let mut v = obj.get(parts.next()?)?;
     for p in parts {
-        v = v.get(p)?;
+        v = v.as_object()?.get(p)?;
     }
     Some(v)
 }
 
-impl Registry {
-    fn check_entity(
-        &self,
-        entity_checks: &[Check],
-        obj: &mut Map<String, Value>,
-        errors: &mut FieldErrors,
-    ) {
-        for check in entity_checks {
-            match check {
-                Check::AtLeastOneOf(names) => {
-                    if !names.iter().any(|n| is_set(lookup(obj, n))) {
-                        errors.entity(format!(
-                            "at least one of these fields must be non-empty: {}",
-                            quoted(names)
-                        ));
-                    }
+/// The field description at a dotted path through records.
+fn field_at<'a>(fields: &'a [Field], path: &str) -> Option<&'a Field> {
+    let mut parts = path.split('.');
+    let mut field = fields
+        .iter()
+        .find(|f| f.name == parts.next().unwrap_or(""))?;
+    for p in parts {
+        field = field.fields.as_deref()?.iter().find(|f| f.name == p)?;
+    }
+    Some(field)
+}
+
+/// Kong's `validate_field` of a conditional's `if_match` / `then_match`: the match's own
+/// validators, over the described field's type and `required`.
+fn match_error(m: &Match, field: Option<&Field>, v: Option<&Value>) -> Option<String> {
+    let v = v.unwrap_or(&Value::Null);
+    if v.is_null() {
+        if let Some(eq) = &m.eq
+            && !eq.is_null()
+        {
+            return Some(format!("value must be {}", lua_tostring(eq)));
+        }
+        if m.required == Some(true) || field.is_some_and(|f| f.required) {
+            return Some(REQUIRED.into());
+        }
+        return None;
+    }
+    if m.eq.as_ref().is_some_and(Value::is_null) {
+        return Some("value must be null".into());
+    }
+    if let Some(msg) = field.and_then(|f| type_error(f, v)) {
+        return Some(msg.into());
+    }
+    if let Some(each) = &m.elements {
+        match v {
+            Value::Array(items) => {
+                if let Some(e) = items.iter().find_map(|i| match_error(each, None, Some(i))) {
+                    return Some(e);
                 }
-                Check::OnlyOneOf(names) => {
+            }
+            _ => return Some("expected an array".into()),
+        }
+    }
+    let as_field = Field {
+        eq: m.eq.clone(),
+        len_eq: m.len_eq,
+        one_of: m.one_of.clone(),
+        not_one_of: m.not_one_of.clone(),
+        gt: m.gt,
+        contains: m.contains.clone(),
+        match_pattern: m.match_pattern.clone(),
+        ..Field::bare(field.map_or(FieldType::Json, |f| f.ty))
+    };
+    validators_error(&as_field, v)
+}
+
+/// Entity checks over `obj` (an entity, a plugin entity or a record), with Kong's rules for
+/// missing fields (`kong/db/schema/init.lua` `run_entity_check`). `fields` describes `obj`.
+fn run_entity_checks(
+    entity_checks: &[Check],
+    fields: &[Field],
+    obj: &mut Map<String, Value>,
+    errors: &mut FieldErrors,
+) {
+    for check in entity_checks {
+        // Kong skips a check when one of its fields holds a Vault reference.
+        let names = check_fields_of(check);
+        if names.iter().any(|n| {
+            field_at(fields, n).is_some_and(|f| f.referenceable)
+                && lookup(obj, n)
+                    .and_then(Value::as_str)
+                    .is_some_and(is_reference)
+        }) {
+            continue;
+        }
+        // Checks without `run_with_invalid_fields` skip when one of their fields has an error;
+        // Kong looks errors up by the field's name as written, so a dotted path never matches.
+        let skips_invalid = matches!(
+            check,
+            Check::MutuallyRequired(_)
+                | Check::MutuallyExclusive(_)
+                | Check::MutuallyExclusiveSets(_)
+                | Check::CustomEntityCheck(_)
+        );
+        if skips_invalid && names.iter().any(|n| errors.0.contains_key(n.as_str())) {
+            continue;
+        }
+        match check {
+            Check::AtLeastOneOf(names) => {
+                if !names.iter().any(|n| is_set(lookup(obj, n))) {
+                    errors.entity(format!(
+                        "at least one of these fields must be non-empty: {}",
+                        quoted(names)
+                    ));
+                }
+            }
+            Check::OnlyOneOf(names) => {
+                if all_present(obj, names, errors) {
                     let n = names.iter().filter(|n| is_set(lookup(obj, n))).count();
-                    if n > 1 {
+                    if n != 1 {
                         errors.entity(format!(
-                            "only one of these fields can be non-empty: {}",
+                            "exactly one of these fields must be non-empty: {}",
                             quoted(names)
                         ));
                     }
                 }
-                Check::MutuallyRequired(names) => {
-                    let n = names.iter().filter(|n| is_set(lookup(obj, n))).count();
-                    if n != 0 && n != names.len() {
+            }
+            Check::Distinct(names) => {
+                if all_present(obj, names, errors) {
+                    let set: Vec<&Value> = names
+                        .iter()
+                        .filter_map(|n| lookup(obj, n))
+                        .filter(|v| is_set(Some(v)))
+                        .collect();
+                    let repeated = set
+                        .iter()
+                        .enumerate()
+                        .any(|(i, a)| set[..i].iter().any(|b| lua_eq(a, b)));
+                    if repeated {
                         errors.entity(format!(
-                            "all or none of these fields must be set: {}",
+                            "values of these fields must be distinct: {}",
                             quoted(names)
                         ));
                     }
                 }
-                Check::MutuallyExclusive(names) => {
-                    let n = names.iter().filter(|n| is_set(lookup(obj, n))).count();
-                    if n > 1 {
-                        errors.entity(format!(
-                            "only one of these fields can be set: {}",
-                            quoted(names)
-                        ));
-                    }
+            }
+            Check::MutuallyRequired(names) => {
+                let n = names.iter().filter(|n| is_set(lookup(obj, n))).count();
+                if n != 0 && n != names.len() {
+                    errors.entity(format!(
+                        "all or none of these fields must be set: {}",
+                        quoted(names)
+                    ));
                 }
-                Check::Conditional(c) => {
-                    // Kong skips a conditional whose if_field is unset.
-                    let if_value = lookup(obj, &c.if_field).filter(|v| !v.is_null());
-                    if if_value.is_some()
-                        && matches(&c.if_match, if_value)
-                        && !matches(&c.then_match, lookup(obj, &c.then_field))
-                    {
-                        let msg = describe_failed_match(&c.then_match);
-                        errors.at(&c.then_field, msg);
-                        if let Some(then_err) = &c.then_err {
-                            errors.entity(then_err.replace("%s", &c.if_field));
-                        }
-                    }
+            }
+            Check::MutuallyExclusive(names) => {
+                let n = names.iter().filter(|n| is_set(lookup(obj, n))).count();
+                if n > 1 {
+                    errors.entity(format!(
+                        "only one or none of these fields must be set: {}",
+                        quoted(names)
+                    ));
                 }
-                Check::ConditionalAtLeastOneOf(c) => conditional_at_least_one_of(c, obj, errors),
-                Check::Custom(name) if name == "plugin_config" => self.check_plugin(obj, errors),
-                Check::Custom(name) => checks::custom_check(name, obj, errors),
+            }
+            Check::MutuallyExclusiveSets(sets) => {
+                let set1: Vec<String> = sets
+                    .set1
+                    .iter()
+                    .filter(|n| is_set(lookup(obj, n)))
+                    .cloned()
+                    .collect();
+                let set2: Vec<String> = sets
+                    .set2
+                    .iter()
+                    .filter(|n| is_set(lookup(obj, n)))
+                    .cloned()
+                    .collect();
+                if !set1.is_empty() && !set2.is_empty() {
+                    errors.entity(format!(
+                        "these sets are mutually exclusive: ({}), ({})",
+                        quoted(&set1),
+                        quoted(&set2)
+                    ));
+                }
+            }
+            Check::Conditional(c) => conditional(c, fields, obj, errors),
+            Check::ConditionalAtLeastOneOf(c) => {
+                conditional_at_least_one_of(c, fields, obj, errors)
+            }
+            Check::Custom(name) => checks::custom_check(name, obj, errors),
+            Check::CustomEntityCheck(c) => {
+                if all_present(obj, &c.field_sources, errors) {
+                    checks::custom_check(&c.name, obj, errors);
+                }
             }
         }
     }
 }
 
-/// Kong's `conditional_at_least_one_of` entity checker (`kong/db/schema/init.lua`).
-fn conditional_at_least_one_of(
-    c: &super::ConditionalAtLeastOneOf,
+/// The fields a check reads (Kong's `field_sources`, or its argument list).
+fn check_fields_of(check: &Check) -> Vec<&String> {
+    match check {
+        Check::AtLeastOneOf(names)
+        | Check::OnlyOneOf(names)
+        | Check::MutuallyRequired(names)
+        | Check::MutuallyExclusive(names)
+        | Check::Distinct(names) => names.iter().collect(),
+        Check::MutuallyExclusiveSets(sets) => sets.set1.iter().chain(&sets.set2).collect(),
+        Check::Conditional(c) => vec![&c.if_field, &c.then_field],
+        Check::ConditionalAtLeastOneOf(c) => std::iter::once(&c.if_field)
+            .chain(&c.then_at_least_one_of)
+            .chain(&c.else_then_at_least_one_of)
+            .collect(),
+        Check::CustomEntityCheck(c) => c.field_sources.iter().collect(),
+        Check::Custom(_) => Vec::new(),
+    }
+}
+
+/// Kong's rule for checks that need all their fields: when every field is absent the check
+/// is skipped; when only some are, each absent one gets "field required for entity check".
+fn all_present(obj: &Map<String, Value>, names: &[String], errors: &mut FieldErrors) -> bool {
+    let absent: Vec<&String> = names.iter().filter(|n| lookup(obj, n).is_none()).collect();
+    if absent.len() == names.len() {
+        return false;
+    }
+    for n in &absent {
+        errors.set_at(n, Value::from("field required for entity check"));
+    }
+    absent.is_empty()
+}
+
+fn conditional(
+    c: &Conditional,
+    fields: &[Field],
     obj: &Map<String, Value>,
     errors: &mut FieldErrors,
 ) {
-    let Some(if_value) = lookup(obj, &c.if_field).filter(|v| !v.is_null()) else {
+    let if_value = lookup(obj, &c.if_field);
+    let then_value = lookup(obj, &c.then_field);
+    if if_value.is_none() {
+        if then_value.is_some() {
+            errors.set_at(&c.if_field, Value::from("field required for entity check"));
+        }
+        return;
+    }
+    if match_error(&c.if_match, field_at(fields, &c.if_field), if_value).is_some() {
+        return;
+    }
+    let generic = format!(
+        "failed conditional validation given value of field '{}'",
+        c.if_field
+    );
+    if c.then_match.required == Some(true) && then_value.is_none_or(Value::is_null) {
+        errors.set_at(&c.then_field, Value::from(REQUIRED));
+        errors.entity(generic);
+        return;
+    }
+    if let Some(err) = match_error(&c.then_match, field_at(fields, &c.then_field), then_value) {
+        errors.set_at(&c.then_field, Value::from(err));
+        errors.entity(c.then_err.clone().unwrap_or(generic));
+    }
+}
+
+fn conditional_at_least_one_of(
+    c: &ConditionalAtLeastOneOf,
+    fields: &[Field],
+    obj: &Map<String, Value>,
+    errors: &mut FieldErrors,
+) {
+    let Some(if_value) = lookup(obj, &c.if_field) else {
         return;
     };
-    let (names, err) = if matches(&c.if_match, Some(if_value)) {
+    let if_field = field_at(fields, &c.if_field);
+    let (names, err) = if match_error(&c.if_match, if_field, Some(if_value)).is_none() {
         (&c.then_at_least_one_of, &c.then_err)
     } else {
-        match (&c.else_match, &c.else_then_at_least_one_of) {
-            (Some(else_match), Some(names)) if matches(else_match, Some(if_value)) => {
-                (names, &c.else_then_err)
+        match &c.else_match {
+            Some(m) if match_error(m, if_field, Some(if_value)).is_none() => {
+                (&c.else_then_at_least_one_of, &c.else_then_err)
             }
             _ => return,
         }
@@ -811,85 +1254,76 @@ fn conditional_at_least_one_of(
     }
     let list = quoted(names);
     errors.entity(match err {
-        Some(err) => err.replace("%s", &list),
+        Some(fmt) => fmt.replacen("%s", &list, 1),
         None => format!("at least one of these fields must be non-empty: {list}"),
     });
 }
 
-fn matches(m: &Match, v: Option<&Value>) -> bool {
-    let v_or_null = v.unwrap_or(&Value::Null);
-    if let Some(list) = &m.not_one_of
-        && list.contains(v_or_null)
-    {
-        return false;
-    }
-    if let Some(n) = m.len_eq {
-        let len = match v_or_null {
-            Value::String(s) => Some(s.chars().count()),
-            Value::Array(a) => Some(a.len()),
-            _ => None,
-        };
-        if len.is_some_and(|len| len != n) {
-            return false;
-        }
-    }
-    if let Some(each) = &m.elements {
-        match v_or_null {
-            Value::Array(items) => {
-                if !items.iter().all(|item| matches(each, Some(item))) {
-                    return false;
-                }
+impl Registry {
+    fn check_entity(
+        &self,
+        entity_checks: &[Check],
+        fields: &[Field],
+        obj: &mut Map<String, Value>,
+        errors: &mut FieldErrors,
+    ) {
+        for check in entity_checks {
+            match check {
+                Check::Custom(name) if name == "plugin_config" => self.check_plugin(obj, errors),
+                other => run_entity_checks(std::slice::from_ref(other), fields, obj, errors),
             }
-            Value::Null => {}
-            _ => return false,
         }
     }
-    if let Some(list) = &m.one_of
-        && !list.contains(v_or_null)
-    {
-        return false;
-    }
-    if let Some(eq) = &m.eq
-        && eq != v_or_null
-    {
-        return false;
-    }
-    if let Some(required) = m.required
-        && required != is_set(v)
-    {
-        return false;
-    }
-    if let Some(needle) = &m.contains
-        && !v_or_null.as_array().is_some_and(|a| a.contains(needle))
-    {
-        return false;
-    }
-    true
 }
 
-fn describe_failed_match(m: &Match) -> String {
-    if m.required == Some(true) {
-        return "required field missing".into();
+impl Field {
+    /// A field of type `ty` with no constraint.
+    pub fn bare(ty: FieldType) -> Field {
+        Field {
+            name: String::new(),
+            ty,
+            required: false,
+            default: None,
+            auto: None,
+            generate: None,
+            unique: false,
+            eq: None,
+            ne: None,
+            mutually_exclusive_subsets: None,
+            one_of: None,
+            not_one_of: None,
+            gt: None,
+            between: None,
+            len_eq: None,
+            len_min: None,
+            len_max: None,
+            starts_with: None,
+            match_pattern: None,
+            not_match: None,
+            match_all: None,
+            match_none: None,
+            match_any: None,
+            is_regex: false,
+            contains: None,
+            validator: None,
+            err: None,
+            referenceable: false,
+            encrypted: false,
+            elements: None,
+            keys: None,
+            values: None,
+            fields: None,
+            entity_checks: Vec::new(),
+            shorthand_fields: Vec::new(),
+            path: None,
+            map_values: None,
+            null_value: None,
+            deprecation: None,
+            reference: None,
+            on_delete: None,
+            since: None,
+            transform: None,
+            description: None,
+        }
     }
-    if let Some(n) = m.len_eq {
-        return format!("length must be {n}");
-    }
-    if let Some(Value::Null) = &m.eq {
-        return "value must be null".into();
-    }
-    if let Some(eq) = &m.eq {
-        return format!("value must be {eq}");
-    }
-    if let Some(list) = &m.one_of {
-        let list: Vec<String> = list
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| x.to_string())
-            })
-            .collect();
-        return format!("expected one of: {}", list.join(", "));
-    }
-    "invalid value".into()
 }

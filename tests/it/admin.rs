@@ -1031,7 +1031,7 @@ both_backends!(foreign_keys_by_unique_field, |b| async move {
     let p = cp
         .create(
             "/plugins",
-            json!({"name": "cors", "consumer": {"custom_id": "c-1"}}),
+            json!({"name": "request-termination", "consumer": {"custom_id": "c-1"}}),
         )
         .await;
     assert_eq!(p["consumer"], json!({"id": alice["id"]}));

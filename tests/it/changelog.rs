@@ -243,7 +243,12 @@ both_backends!(deltas_in_dependency_order, |b| async move {
         })
         .await
         .unwrap();
-    for (name, config) in [("rate-limiting", json!({"minute": 5})), ("cors", json!({}))] {
+    // Both may be scoped to a consumer (cors may not: kong/plugins/cors/schema.lua has
+    // `typedefs.no_consumer`).
+    for (name, config) in [
+        ("rate-limiting", json!({"minute": 5})),
+        ("request-termination", json!({})),
+    ] {
         store
             .write(Op::Create {
                 entity: "plugins".into(),

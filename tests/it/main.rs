@@ -18,6 +18,7 @@ mod interop;
 mod kong_client;
 mod layering;
 mod pgcluster;
+mod plugin_schemas;
 mod plugins;
 mod proxy;
 mod rawpeer;

@@ -128,11 +128,7 @@ pub fn plugin_jsonable(registry: &Registry, plugin: &PluginSchema) -> Value {
         }
         fields.push(json!({ "protocols": protocols }));
     }
-    fields.push(json!({"config": {
-        "type": "record",
-        "required": true,
-        "fields": fields_jsonable(&plugin.config),
-    }}));
+    fields.push(json!({ "config": field_jsonable(&plugin.config) }));
     json!({
         "fields": fields,
         "entity_checks": checks_jsonable(&plugin.entity_checks),
@@ -244,6 +240,66 @@ fn field_jsonable(f: &Field) -> Value {
     if let Some(subsets) = &f.mutually_exclusive_subsets {
         out.insert("mutually_exclusive_subsets".into(), json!(subsets));
     }
+    if let Some(list) = &f.not_one_of {
+        out.insert("not_one_of".into(), Value::Array(list.clone()));
+    }
+    if let Some(n) = f.gt {
+        out.insert("gt".into(), number(n));
+    }
+    if let Some(n) = f.len_eq {
+        out.insert("len_eq".into(), n.into());
+    }
+    if let Some(prefix) = &f.starts_with {
+        out.insert("starts_with".into(), prefix.clone().into());
+    }
+    for (key, p) in [("match", &f.match_pattern), ("not_match", &f.not_match)] {
+        if let Some(p) = p {
+            out.insert(key.into(), p.as_str().into());
+        }
+    }
+    for (key, rules) in [("match_all", &f.match_all), ("match_none", &f.match_none)] {
+        if let Some(rules) = rules {
+            let list: Vec<Value> = rules
+                .iter()
+                .map(|r| json!({"pattern": r.pattern.as_str(), "err": r.err}))
+                .collect();
+            out.insert(key.into(), list.into());
+        }
+    }
+    if let Some(any) = &f.match_any {
+        let patterns: Vec<&str> = any.patterns.iter().map(|p| p.as_str()).collect();
+        out.insert(
+            "match_any".into(),
+            json!({"patterns": patterns, "err": any.err}),
+        );
+    }
+    if f.is_regex {
+        out.insert("is_regex".into(), Value::Bool(true));
+    }
+    if let Some(v) = &f.contains {
+        out.insert("contains".into(), v.clone());
+    }
+    if f.referenceable {
+        out.insert("referenceable".into(), Value::Bool(true));
+    }
+    if f.encrypted {
+        out.insert("encrypted".into(), Value::Bool(true));
+    }
+    if !f.entity_checks.is_empty() {
+        out.insert("entity_checks".into(), checks_jsonable(&f.entity_checks));
+    }
+    if !f.shorthand_fields.is_empty() {
+        out.insert(
+            "shorthand_fields".into(),
+            fields_jsonable(&f.shorthand_fields),
+        );
+    }
+    if let Some(d) = &f.deprecation {
+        out.insert(
+            "deprecation".into(),
+            json!({"message": d.message, "removal_in_version": d.removal_in_version}),
+        );
+    }
     if let Some(description) = &f.description {
         out.insert("description".into(), description.clone().into());
     }
@@ -267,6 +323,13 @@ fn checks_jsonable(checks: &[Check]) -> Value {
             Check::OnlyOneOf(names) => json!({ "only_one_of": names }),
             Check::MutuallyRequired(names) => json!({ "mutually_required": names }),
             Check::MutuallyExclusive(names) => json!({ "mutually_exclusive": names }),
+            Check::Distinct(names) => json!({ "distinct": names }),
+            Check::MutuallyExclusiveSets(sets) => {
+                json!({ "mutually_exclusive_sets": { "set1": sets.set1, "set2": sets.set2 } })
+            }
+            Check::CustomEntityCheck(c) => json!({
+                "custom_entity_check": { "field_sources": c.field_sources, "name": c.name }
+            }),
             Check::Conditional(c) => json!({ "conditional": conditional_jsonable(c) }),
             Check::ConditionalAtLeastOneOf(c) => {
                 let mut out = json!({
@@ -280,8 +343,8 @@ fn checks_jsonable(checks: &[Check]) -> Value {
                 if let Some(m) = &c.else_match {
                     out["else_match"] = match_jsonable(m);
                 }
-                if let Some(names) = &c.else_then_at_least_one_of {
-                    out["else_then_at_least_one_of"] = json!(names);
+                if !c.else_then_at_least_one_of.is_empty() {
+                    out["else_then_at_least_one_of"] = json!(c.else_then_at_least_one_of);
                 }
                 if let Some(e) = &c.else_then_err {
                     out["else_then_err"] = json!(e);
