@@ -7,3 +7,10 @@ CREATE TABLE dp_cluster_certs (
     cert_digest TEXT NOT NULL,
     updated_at BIGINT NOT NULL
 );
+
+-- Named marks a control plane keeps: `revalidated_with` is the fingerprint of the schema
+-- files the stored entities were last validated against (see `Store::revalidate`).
+CREATE TABLE dp_marks (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);

@@ -237,7 +237,7 @@ impl Fleet {
                 None => {
                     let (v, used) = self
                         .store
-                        .plugins_in_use()
+                        .plugins_in_use(true)
                         .await
                         .map_err(|e| format!("database unavailable: {e}"))?;
                     let used = Arc::new(used);

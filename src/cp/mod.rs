@@ -78,6 +78,21 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         .await
         .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
     let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
+    let invalid = store
+        .revalidate(crate::schema::Registry::builtin_fingerprint())
+        .await
+        .map_err(|e| anyhow::anyhow!("validating stored entities against the schemas: {e}"))?;
+    for i in &invalid {
+        tracing::warn!(
+            entity = %i.entity_type,
+            id = %i.id,
+            name = ?i.name,
+            disabled = i.disabled,
+            errors = %serde_json::Value::Object(i.errors.0.clone()),
+            "a stored entity does not validate under this release's schemas; fix or delete it \
+             (a disabled one is served to data planes as stored)"
+        );
+    }
     match store.release_data_planes(&node_id).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
@@ -102,6 +117,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         body_limit: cfg.body_limit,
         requests: AtomicU64::new(0),
         enabled_plugins: Arc::new(cfg.enabled_plugins(store.registry())?),
+        invalid_in_store: Arc::new(invalid),
     });
     let (tls, cluster_cert_files) = cluster_tls(&cfg)?;
     let cluster_cert_conflicts = check_cluster_cert(&store, &node_id, &tls).await;

@@ -1363,9 +1363,7 @@ fn validate_entity(
     schema: &EntitySchema,
     entity: &Value,
 ) -> Result<(), FieldErrors> {
-    registry
-        .prepare(schema, entity.clone(), None, crate::schema::Mode::Insert, 0)
-        .map(|_| ())
+    registry.accepts_stored(schema, entity)
 }
 
 /// The workspace part of a key row: unique keys of non-workspaceable types are global.

@@ -595,6 +595,27 @@ impl Registry {
         })
     }
 
+    /// A digest of the embedded schema files (SHA-256, hex): it changes exactly when a
+    /// release changes an entity or plugin description, which is when stored entities must
+    /// be validated again.
+    pub fn builtin_fingerprint() -> &'static str {
+        static FINGERPRINT: OnceLock<String> = OnceLock::new();
+        FINGERPRINT.get_or_init(|| {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            for (file, text) in std::iter::once(&("typedefs.json", TYPEDEFS_FILE))
+                .chain(ENTITY_FILES)
+                .chain(PLUGIN_FILES)
+            {
+                h.update(file.as_bytes());
+                h.update([0]);
+                h.update(text.as_bytes());
+                h.update([0]);
+            }
+            hex::encode(h.finalize())
+        })
+    }
+
     /// Builds a registry from `schema/typedefs.json`, entity files and plugin files.
     pub fn from_sources(
         typedefs: &str,

@@ -907,6 +907,21 @@ fn validators_error(field: &Field, v: &Value) -> Option<String> {
     None
 }
 
+impl Registry {
+    /// The data plane's verdict on an entity it receives, in stored form: what `prepare`
+    /// accepts, and also a disabled entity (`enabled: false`) that does not validate, which
+    /// never runs. (An older control plane release stored entities the current schemas refuse;
+    /// this one disables them, see `cp::store::revalidate`, and a data plane must still take
+    /// the whole configuration.)
+    pub fn accepts_stored(&self, schema: &EntitySchema, entity: &Value) -> Result<(), FieldErrors> {
+        match self.prepare(schema, entity.clone(), None, Mode::Insert, 0) {
+            Ok(_) => Ok(()),
+            Err(_) if entity.get("enabled") == Some(&Value::Bool(false)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl Field {
     /// Whether `v` passes this field's own checks (type and validators), as Kong's
     /// `Schema:validate_field`; used to decide whether a value can name an entity by this

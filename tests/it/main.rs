@@ -23,4 +23,5 @@ mod plugins;
 mod proxy;
 mod rawpeer;
 mod sync;
+mod upgrade;
 mod v1;

@@ -65,3 +65,29 @@ async fn the_plugins_setting_limits_what_is_accepted() {
     };
     assert!(e.contains("'nope' is not a plugin"), "{e}");
 }
+
+/// `GET /` as Kong's (`kong/api/routes/kong.lua`): every loaded plugin with its handler's
+/// version and priority, and the plugins the configuration uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_lists_plugins_as_kong_does() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    cp.create("/plugins", json!({"name": "cors"})).await;
+    let root = cp.get("/").await;
+    let plugins = &root.body["plugins"];
+    assert_eq!(
+        plugins["available_on_server"]["key-auth"],
+        json!({"version": "3.10.0", "priority": 1250}),
+        "{root:?}"
+    );
+    assert_eq!(
+        plugins["available_on_server"]["cors"],
+        json!({"version": "3.10.0", "priority": 2000})
+    );
+    assert_eq!(
+        plugins["available_on_server"].as_object().unwrap().len(),
+        45
+    );
+    assert_eq!(plugins["enabled_in_cluster"], json!(["cors"]));
+    assert_eq!(plugins["deltaplane_not_enabled_in_cluster"], json!([]));
+    cp.shutdown().await;
+}

@@ -40,6 +40,8 @@ pub struct AdminState {
     pub requests: AtomicU64,
     /// The plugins this control plane accepts (`--plugins`).
     pub enabled_plugins: Arc<std::collections::BTreeSet<String>>,
+    /// Stored entities that did not validate under this release's schemas at start.
+    pub invalid_in_store: Arc<Vec<crate::cp::store::Invalid>>,
 }
 
 /// Static facts about this node, for `GET /`.
@@ -191,7 +193,28 @@ async fn root(State(state): State<Arc<AdminState>>) -> Response {
         crate::cp::store::Backend::Postgres => "postgres",
     };
     let registry = state.store.registry();
-    let plugins: Vec<&str> = registry.plugins().map(|p| p.name.as_str()).collect();
+    // Kong's `GET /` (`kong/api/routes/kong.lua`): the loaded plugins with their handler's
+    // version and priority, and the distinct plugin names the configuration uses.
+    let available: serde_json::Map<String, Value> = registry
+        .plugins()
+        .filter(|p| state.enabled_plugins.contains(&p.name))
+        .map(|p| {
+            (
+                p.name.clone(),
+                json!({"version": p.version, "priority": p.priority}),
+            )
+        })
+        .collect();
+    let in_cluster = match state.store.plugins_in_use(false).await {
+        Ok((_, names)) => names,
+        Err(e) => return error_response(e),
+    };
+    // Plugins stored before this node refused them (an older deltaplane stored any name):
+    // still served as stored, and named here so an operator can fix or remove them.
+    let not_enabled: Vec<&String> = in_cluster
+        .iter()
+        .filter(|n| !state.enabled_plugins.contains(*n))
+        .collect();
     Json(json!({
         "tagline": "Welcome to deltaplane",
         "version": state.node.kong_compat_version,
@@ -201,7 +224,18 @@ async fn root(State(state): State<Arc<AdminState>>) -> Response {
         "hostname": state.node.hostname,
         "role": "control_plane",
         "configuration": { "role": "control_plane", "database": backend },
-        "plugins": { "available_on_server": plugins },
+        "plugins": {
+            "available_on_server": available,
+            "enabled_in_cluster": in_cluster,
+            "deltaplane_not_enabled_in_cluster": not_enabled,
+        },
+        "deltaplane_invalid_in_store": state.invalid_in_store.iter().map(|i| json!({
+            "type": i.entity_type,
+            "id": i.id,
+            "name": i.name,
+            "disabled": i.disabled,
+            "errors": Value::Object(i.errors.0.clone()),
+        })).collect::<Vec<_>>(),
     }))
     .into_response()
 }

@@ -178,9 +178,12 @@ impl Store {
         }))
     }
 
-    /// The names of the plugins the current configuration uses, and the version it is at.
+    /// The names of the plugins the current configuration uses (with `enabled_only`, only the
+    /// enabled ones: what a data plane must be able to run, as Kong's v1 export leaves
+    /// disabled plugins out), and the version it is at.
     pub async fn plugins_in_use(
         &self,
+        enabled_only: bool,
     ) -> Result<(i64, std::collections::BTreeSet<String>), StoreError> {
         let (version, names): (i64, Vec<Option<String>>) = match self.pool() {
             Pool::Sqlite(p) => {
@@ -189,9 +192,11 @@ impl Store {
                     .fetch_one(&mut *c)
                     .await?;
                 let n = sqlx::query_scalar(
-                    "SELECT DISTINCT json_extract(body, '$.name') FROM dp_entities WHERE type = $1",
+                    "SELECT DISTINCT json_extract(body, '$.name') FROM dp_entities WHERE type = $1 \
+                     AND ($2 = 0 OR json_extract(body, '$.enabled') = 1)",
                 )
                 .bind(crate::schema::PLUGINS)
+                .bind(enabled_only as i64)
                 .fetch_all(&mut *c)
                 .await?;
                 c.commit().await?;
@@ -205,9 +210,11 @@ impl Store {
                     .fetch_one(&mut *c)
                     .await?;
                 let n = sqlx::query_scalar(
-                    "SELECT DISTINCT (body::jsonb)->>'name' FROM dp_entities WHERE type = $1",
+                    "SELECT DISTINCT (body::jsonb)->>'name' FROM dp_entities WHERE type = $1 \
+                     AND (NOT $2 OR (body::jsonb)->>'enabled' = 'true')",
                 )
                 .bind(crate::schema::PLUGINS)
+                .bind(enabled_only)
                 .fetch_all(&mut *c)
                 .await?;
                 c.commit().await?;

@@ -8,6 +8,7 @@
 
 mod fleet;
 mod read;
+mod revalidate;
 mod write;
 
 use std::str::FromStr;
@@ -28,6 +29,7 @@ pub use fleet::DataPlaneRow;
 pub use read::{
     BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, TagPage, TagRow, VersionInfo,
 };
+pub use revalidate::Invalid;
 pub use write::{Op, Outcome, Scope};
 
 /// A connection pool of either backend.

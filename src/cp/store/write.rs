@@ -47,6 +47,13 @@ pub enum Op {
         key: String,
         scope: Option<Scope>,
     },
+    /// After an upgrade (never from the Admin API): validate a stored entity against the
+    /// current schema inside the write transaction. Valid: it is stored as prepared (defaults
+    /// of fields new to the schema filled), a new version only if that changes it. Invalid
+    /// with `enabled: true`: it is stored as is but disabled (a data plane accepts a disabled
+    /// entity that does not validate: it never runs). Otherwise nothing is written;
+    /// [`Outcome::invalid`] says why it does not validate.
+    Revalidate { entity: String, id: String },
 }
 
 /// A nested collection: `/services/{parent_key}/routes` is entity `routes` scoped by
@@ -67,6 +74,8 @@ pub struct Outcome {
     pub entity: Option<Value>,
     /// True when the write inserted a new entity.
     pub created: bool,
+    /// [`Op::Revalidate`]: why the stored entity does not validate under the current schema.
+    pub invalid: Option<crate::schema::FieldErrors>,
 }
 
 /// A write transaction on either backend.
@@ -523,6 +532,7 @@ impl WriteCtx<'_> {
                     version: None,
                     entity: Some(entity),
                     created: true,
+                    invalid: None,
                 })
             }
             Op::Put {
@@ -571,6 +581,7 @@ impl WriteCtx<'_> {
                     version: None,
                     entity: Some(entity),
                     created,
+                    invalid: None,
                 })
             }
             Op::Patch {
@@ -597,6 +608,39 @@ impl WriteCtx<'_> {
                     version: None,
                     entity: Some(entity),
                     created: false,
+                    invalid: None,
+                })
+            }
+            Op::Revalidate { entity, id } => {
+                let schema = self.schema(&entity)?;
+                let Some((_, stored)) = self.tx.get(&schema.name, &id).await? else {
+                    return Err(StoreError::NotFound);
+                };
+                let (body, invalid) = match self.registry.prepare(
+                    &schema,
+                    stored.clone(),
+                    Some(&stored),
+                    Mode::Replace,
+                    self.now,
+                ) {
+                    Ok(prepared) => (prepared.entity, None),
+                    Err(errors) => {
+                        let mut body = stored.clone();
+                        if let Some(flag) =
+                            body.get_mut("enabled").filter(|e| **e == Value::Bool(true))
+                        {
+                            *flag = Value::Bool(false);
+                        }
+                        (body, Some(errors))
+                    }
+                };
+                // No transient list is rewritten: only the entity's own fields.
+                let entity = self.save(&schema, body, Some(stored), Map::new()).await?;
+                Ok(Outcome {
+                    version: None,
+                    entity: Some(entity),
+                    created: false,
+                    invalid,
                 })
             }
             Op::Delete { entity, key, scope } => {
@@ -612,6 +656,7 @@ impl WriteCtx<'_> {
                     version: None,
                     entity: None,
                     created: false,
+                    invalid: None,
                 })
             }
         }
