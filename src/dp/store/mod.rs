@@ -33,7 +33,8 @@ mod error;
 mod read;
 mod staging;
 mod tables;
-#[cfg(test)]
+// They sync from the control plane's store, so they need feature `cp` too.
+#[cfg(all(test, feature = "cp"))]
 mod tests;
 
 use std::path::Path;

@@ -1,4 +1,5 @@
 //! The store's unit tests: a control-plane store on SQLite, and a DP store synced from it.
+//! They need the control plane's store (`cp::store::Store`), so feature `cp`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
