@@ -10,7 +10,7 @@
 //!
 //! # Layout
 //!
-//! - `mod.rs`: [`DpStore`], its options and state, opening.
+//! - `mod.rs`: [`DpStore`], its options and state, opening (on a file or in memory).
 //! - `read.rs`: the read methods.
 //! - `apply.rs`: [`Apply`] (begin, delta, feed, commit) and the chunked writer.
 //! - `checks.rs`: version rules, entity validation, final-state checks, Kong-style errors.
@@ -33,14 +33,13 @@ mod error;
 mod read;
 mod staging;
 mod tables;
-// They sync from the control plane's store, so they need feature `cp` too.
-#[cfg(all(test, feature = "cp"))]
+#[cfg(test)]
 mod tests;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use redb::Database;
+use redb::{Database, StorageBackend};
 
 pub use apply::{Apply, DeltaSink};
 pub use error::{ApplyError, DpStoreError, VersionError};
@@ -133,6 +132,51 @@ impl DpStore {
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
             .create(path)?;
+        DpStore::init(db, registry, opts)
+    }
+
+    /// A new, empty store in memory ([`redb::backends::InMemoryBackend`]): the same store with
+    /// nothing on disk, for fuzzing and tests. It is gone when the last clone is dropped.
+    pub fn open_in_memory(
+        registry: Arc<Registry>,
+        opts: DpStoreOptions,
+    ) -> Result<DpStore, DpStoreError> {
+        DpStore::open_with_backend(redb::backends::InMemoryBackend::new(), registry, opts)
+    }
+
+    /// Opens (or creates) the store on a redb storage backend of the caller's: a shared memory
+    /// image that outlives the store (to reopen it), or one that injects I/O failures.
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        registry: Arc<Registry>,
+        opts: DpStoreOptions,
+    ) -> Result<DpStore, DpStoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(opts.cache_size)
+            .create_with_backend(backend)?;
+        DpStore::init(db, registry, opts)
+    }
+
+    /// Version, epoch, state hash and entity count as of the last commit. No I/O.
+    pub fn state(&self) -> DpState {
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// Discards staging left by an interrupted transfer, makes sure every table exists (so a
+    /// read never meets a missing one), and reads the stored state.
+    fn init(
+        db: Database,
+        registry: Arc<Registry>,
+        opts: DpStoreOptions,
+    ) -> Result<DpStore, DpStoreError> {
         let txn = db.begin_write()?;
         txn.delete_table(STAGED)?;
         txn.delete_table(TRANSFERS)?;
@@ -153,18 +197,5 @@ impl DpStore {
                 state: RwLock::new(state),
             }),
         })
-    }
-
-    /// Version, epoch, state hash and entity count as of the last commit. No I/O.
-    pub fn state(&self) -> DpState {
-        self.inner
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.inner.registry
     }
 }

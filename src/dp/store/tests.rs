@@ -1,27 +1,133 @@
-//! The store's unit tests: a control-plane store on SQLite, and a DP store synced from it.
-//! They need the control plane's store (`cp::store::Store`), so feature `cp`.
+//! The store's unit tests. Those that sync from a real control-plane store (`cp::store::Store`
+//! on SQLite) need feature `cp`; the others build their deltas by hand, on an in-memory store,
+//! and run with feature `dp` alone.
 
+#[cfg(feature = "cp")]
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+#[cfg(feature = "cp")]
 use crate::cp::store::{Change, Op, Store, StoreOptions, VersionInfo};
+#[cfg(feature = "cp")]
 use crate::dp::store::staging::STAGE_ROW_BYTES;
-use crate::dp::store::{
-    Applied, ApplyError, ApplyKind, DeltaSink, DpStore, DpStoreError, DpStoreOptions, VersionError,
-};
+#[cfg(feature = "cp")]
+use crate::dp::store::{Applied, ApplyError, DeltaSink, DpStoreError, VersionError};
+use crate::dp::store::{ApplyKind, DpStore, DpStoreOptions};
 use crate::proto::Delta;
 use crate::schema::Registry;
+#[cfg(feature = "cp")]
 use crate::schema::index::CACHE_KEY;
 
+// --- on hand-built deltas ---
+
+/// The workspace of the hand-built entities.
+const WS: &str = "0a0a0a0a-0000-4000-8000-00000000ffff";
+
+fn memory_store() -> DpStore {
+    DpStore::open_in_memory(
+        Arc::clone(Registry::builtin()),
+        DpStoreOptions {
+            cache_size: 1 << 20,
+            durable: false,
+        },
+    )
+    .unwrap()
+}
+
+fn consumer_id(idx: u32) -> String {
+    format!("00000000-0000-4000-8000-{idx:012}")
+}
+
+/// A consumer in its stored form.
+fn consumer(idx: u32, username: &str) -> Value {
+    json!({
+        "created_at": 1_700_000_000, "custom_id": null, "id": consumer_id(idx), "tags": null,
+        "updated_at": 1_700_000_000, "username": username
+    })
+}
+
+fn inc(expect_from: i64) -> ApplyKind {
+    ApplyKind::Incremental {
+        expect_from,
+        latest: None,
+    }
+}
+
+fn full(version: i64) -> ApplyKind {
+    ApplyKind::Full {
+        version,
+        epoch: Some("e1".into()),
+    }
+}
+
+fn usernames(entities: &[Value]) -> Vec<&str> {
+    entities
+        .iter()
+        .map(|e| e["username"].as_str().unwrap())
+        .collect()
+}
+
+/// A store opened in memory applies and answers reads as one on a file does.
+#[test]
+fn an_in_memory_store_applies_and_reads() {
+    let dp = memory_store();
+    let applied = dp
+        .apply(
+            inc(0),
+            [
+                upsert(1, "consumers", WS, consumer(1, "a")),
+                upsert(1, "consumers", WS, consumer(2, "b")),
+            ],
+        )
+        .unwrap();
+    assert_eq!((applied.version, applied.n_entities), (1, 2));
+    assert_eq!(dp.state().state_hash, applied.state_hash);
+    assert_eq!(dp.compute_state_hash().unwrap(), applied.state_hash);
+    assert_eq!(usernames(&dp.list("consumers").unwrap()), ["a", "b"]);
+    assert_eq!(
+        dp.find_by_key("consumers", WS, "username", &json!("b"))
+            .unwrap()
+            .unwrap()["id"],
+        json!(consumer_id(2))
+    );
+    dp.apply(full(5), []).unwrap();
+    assert_eq!(dp.state().version, 5);
+    assert!(dp.get("consumers", WS, &consumer_id(1)).unwrap().is_none());
+}
+
+fn upsert(version: i64, ty: &str, ws: &str, entity: Value) -> Delta {
+    Delta {
+        entity_type: ty.into(),
+        id: entity["id"].as_str().unwrap().to_owned(),
+        ws_id: ws.into(),
+        version,
+        entity: Some(entity),
+    }
+}
+
+fn delete(version: i64, ty: &str, ws: &str, id: &str) -> Delta {
+    Delta {
+        entity_type: ty.into(),
+        id: id.into(),
+        ws_id: ws.into(),
+        version,
+        entity: None,
+    }
+}
+
+// --- synced from a control-plane store ---
+
 /// A CP store on a temporary SQLite file and a DP store beside it.
+#[cfg(feature = "cp")]
 struct Env {
     dir: tempfile::TempDir,
     cp: Store,
     dp: DpStore,
 }
 
+#[cfg(feature = "cp")]
 impl Env {
     async fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
@@ -159,6 +265,7 @@ impl Env {
     }
 }
 
+#[cfg(feature = "cp")]
 fn open_dp(path: &Path) -> DpStore {
     DpStore::open(
         path,
@@ -168,6 +275,7 @@ fn open_dp(path: &Path) -> DpStore {
     .unwrap()
 }
 
+#[cfg(feature = "cp")]
 fn to_delta(c: Change) -> Delta {
     Delta {
         entity_type: c.entity_type,
@@ -178,27 +286,8 @@ fn to_delta(c: Change) -> Delta {
     }
 }
 
-fn upsert(version: i64, ty: &str, ws: &str, entity: Value) -> Delta {
-    Delta {
-        entity_type: ty.into(),
-        id: entity["id"].as_str().unwrap().to_owned(),
-        ws_id: ws.into(),
-        version,
-        entity: Some(entity),
-    }
-}
-
-fn delete(version: i64, ty: &str, ws: &str, id: &str) -> Delta {
-    Delta {
-        entity_type: ty.into(),
-        id: id.into(),
-        ws_id: ws.into(),
-        version,
-        entity: None,
-    }
-}
-
 /// Services, routes, a consumer with a key-auth credential, and a plugin.
+#[cfg(feature = "cp")]
 async fn populate(env: &Env) -> (String, String, String) {
     let s1 = env
         .create("services", json!({"name": "s1", "host": "one.example"}))
@@ -230,6 +319,7 @@ async fn populate(env: &Env) -> (String, String, String) {
     (s1, s2, alice)
 }
 
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn full_then_incremental_match_the_cp() {
     let env = Env::new().await;
@@ -327,6 +417,7 @@ async fn full_then_incremental_match_the_cp() {
     env.assert_synced().await;
 }
 
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn many_small_versions_keep_the_hash() {
     let env = Env::new().await;
@@ -361,6 +452,7 @@ async fn many_small_versions_keep_the_hash() {
 }
 
 /// Every rejected batch leaves entities, version, state hash and indexes as they were.
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn rejected_batches_change_nothing() {
     let env = Env::new().await;
@@ -585,6 +677,7 @@ async fn rejected_batches_change_nothing() {
 
 /// Within one batch a unique value may pass from one entity to another; only the final
 /// state counts.
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn unique_values_may_swap_within_a_batch() {
     let env = Env::new().await;
@@ -622,6 +715,7 @@ async fn unique_values_may_swap_within_a_batch() {
     assert_eq!(env.dp.compute_state_hash().unwrap(), applied.state_hash);
 }
 
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn restart_keeps_version_hash_and_entities() {
     let mut env = Env::new().await;
@@ -647,11 +741,13 @@ async fn restart_keeps_version_hash_and_entities() {
 }
 
 /// A staged page as these tests encode it: a JSON array of wire deltas.
+#[cfg(feature = "cp")]
 fn page_bytes(deltas: &[Delta]) -> Vec<u8> {
     serde_json::to_vec(&deltas.iter().map(Delta::to_wire).collect::<Vec<_>>()).unwrap()
 }
 
 /// Decodes [`page_bytes`] pages; the store hands back exactly what was staged.
+#[cfg(feature = "cp")]
 fn decode_page(page_no: u64, bytes: &[u8], sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
     let deltas: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| ApplyError::Staging {
         transfer_id: String::new(),
@@ -663,6 +759,7 @@ fn decode_page(page_no: u64, bytes: &[u8], sink: &mut DeltaSink<'_>) -> Result<(
     Ok(())
 }
 
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn staged_pages_commit_as_one_apply() {
     let mut env = Env::new().await;
@@ -754,6 +851,7 @@ async fn staged_pages_commit_as_one_apply() {
 /// Staged bytes are opaque: pages of any size (several rows each) come back to the decoder
 /// byte for byte and in page order; a decoder error after deltas were written rejects the
 /// whole transfer, discards it, and changes nothing.
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn staged_bytes_come_back_whole_and_errors_change_nothing() {
     let env = Env::new().await;
@@ -818,6 +916,7 @@ async fn staged_bytes_come_back_whole_and_errors_change_nothing() {
 }
 
 /// The CP's database was replaced: a full sync to a lower version with another epoch.
+#[cfg(feature = "cp")]
 #[tokio::test]
 async fn full_sync_to_a_lower_version() {
     let env = Env::new().await;
