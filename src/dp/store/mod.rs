@@ -8,10 +8,12 @@
 //! transaction. Dropping an `Apply` (or any error) aborts: store, version and hash stay as they
 //! were. Because redb is copy-on-write, a crash leaves the last committed (version, hash).
 //!
+//! Readers take a [`Snapshot`]: one committed version, whatever commits meanwhile.
+//!
 //! # Layout
 //!
 //! - `mod.rs`: [`DpStore`], its options and state, opening (on a file or in memory).
-//! - `read.rs`: the read methods.
+//! - `read.rs`: [`Snapshot`] and the read methods.
 //! - `apply.rs`: [`Apply`] (begin, delta, feed, commit) and the chunked writer.
 //! - `checks.rs`: version rules, entity validation, final-state checks, Kong-style errors.
 //! - `staging.rs`: paged transfers (stage, commit, discard).
@@ -43,6 +45,7 @@ use redb::{Database, StorageBackend};
 
 pub use apply::{Apply, DeltaSink};
 pub use error::{ApplyError, DpStoreError, VersionError};
+pub use read::Snapshot;
 
 use crate::proto::StateHash;
 use crate::schema::Registry;

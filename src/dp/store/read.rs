@@ -1,20 +1,121 @@
-//! Reading the store: entities by id, by unique key and by foreign key, all of one type, and
-//! the state hash recomputed from what is stored. Each call reads one redb read transaction.
+//! Reading the store: a [`Snapshot`] is one redb read transaction together with the state
+//! (version, epoch, state hash, entity count) it shows, so every read through it sees one
+//! committed version, whatever commits meanwhile. The read methods of [`DpStore`] each take a
+//! snapshot of their own.
 
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
 use serde_json::Value;
 
-use crate::dp::store::tables::{ENTITIES, KEYS, REFS, key_ws, parse_body};
-use crate::dp::store::{DpStore, DpStoreError};
+use crate::dp::store::tables::{ENTITIES, KEYS, META, REFS, key_ws, parse_body, read_meta};
+use crate::dp::store::{DpState, DpStore, DpStoreError};
 use crate::proto::StateHash;
-use crate::schema::EntitySchema;
 use crate::schema::index::canonical;
+use crate::schema::{EntitySchema, Registry};
+
+/// One consistent, committed version of the store, for as long as it is held.
+///
+/// Commits that follow do not change what it shows. Hold it for a request or a rebuild, not
+/// for ever: redb cannot reuse the pages it sees until it is dropped, so the file grows with
+/// every apply while an old snapshot lives. `Send + Sync`.
+pub struct Snapshot {
+    state: DpState,
+    registry: Arc<Registry>,
+    /// The tables of one read transaction, opened once (each keeps the transaction alive).
+    entities: ReadOnlyTable<(&'static str, &'static str), (&'static str, &'static [u8])>,
+    keys: ReadOnlyTable<(&'static str, &'static str, &'static str, &'static str), &'static str>,
+    refs: ReadOnlyTable<
+        (
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+        ),
+        (),
+    >,
+}
 
 // === impl DpStore ===
 
 impl DpStore {
+    /// The store as of the last commit: a read transaction and the state it shows (read from
+    /// the transaction itself, so the two always agree). Applies and staging go on meanwhile.
+    pub fn snapshot(&self) -> Result<Snapshot, DpStoreError> {
+        let txn = self.inner.db.begin_read()?;
+        Ok(Snapshot {
+            state: read_meta(&txn.open_table(META)?)?,
+            registry: Arc::clone(&self.inner.registry),
+            entities: txn.open_table(ENTITIES)?,
+            keys: txn.open_table(KEYS)?,
+            refs: txn.open_table(REFS)?,
+        })
+    }
+
+    /// The entity `id` of `entity_type` in workspace `ws_id` ([`Snapshot::get`]).
+    pub fn get(
+        &self,
+        entity_type: &str,
+        ws_id: &str,
+        id: &str,
+    ) -> Result<Option<Value>, DpStoreError> {
+        self.snapshot()?.get(entity_type, ws_id, id)
+    }
+
+    /// The entity whose unique field `field` is `value` in workspace `ws_id`
+    /// ([`Snapshot::find_by_key`]).
+    pub fn find_by_key(
+        &self,
+        entity_type: &str,
+        ws_id: &str,
+        field: &str,
+        value: &Value,
+    ) -> Result<Option<Value>, DpStoreError> {
+        self.snapshot()?
+            .find_by_key(entity_type, ws_id, field, value)
+    }
+
+    /// The `child_type` entities whose foreign key `fk_field` is `parent_id`, by child id
+    /// ([`Snapshot::children`]).
+    pub fn children(
+        &self,
+        child_type: &str,
+        fk_field: &str,
+        parent_id: &str,
+    ) -> Result<Vec<Value>, DpStoreError> {
+        self.snapshot()?.children(child_type, fk_field, parent_id)
+    }
+
+    /// Every entity of `entity_type`, by id ([`Snapshot::list`]).
+    pub fn list(&self, entity_type: &str) -> Result<Vec<Value>, DpStoreError> {
+        self.snapshot()?.list(entity_type)
+    }
+
+    /// Calls `f(ws_id, id, entity)` for every entity of `entity_type`, by id, until it returns
+    /// false ([`Snapshot::for_each`]).
+    pub fn for_each(
+        &self,
+        entity_type: &str,
+        f: &mut dyn FnMut(&str, &str, Value) -> bool,
+    ) -> Result<(), DpStoreError> {
+        self.snapshot()?.for_each(entity_type, f)
+    }
+
+    /// The state hash recomputed over every stored entity (for tests and verification).
+    pub fn compute_state_hash(&self) -> Result<StateHash, DpStoreError> {
+        self.snapshot()?.compute_state_hash()
+    }
+}
+
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// Version, epoch, state hash and entity count of the version this snapshot shows.
+    pub fn state(&self) -> &DpState {
+        &self.state
+    }
+
     /// The entity `id` of `entity_type` in workspace `ws_id`.
     pub fn get(
         &self,
@@ -22,9 +123,7 @@ impl DpStore {
         ws_id: &str,
         id: &str,
     ) -> Result<Option<Value>, DpStoreError> {
-        let rtx = self.inner.db.begin_read()?;
-        let entities = rtx.open_table(ENTITIES)?;
-        let Some(row) = entities.get((entity_type, id))? else {
+        let Some(row) = self.entities.get((entity_type, id))? else {
             return Ok(None);
         };
         let (ws, body) = row.value();
@@ -46,15 +145,12 @@ impl DpStore {
         value: &Value,
     ) -> Result<Option<Value>, DpStoreError> {
         let schema = self.schema(entity_type)?;
-        let ws = key_ws(&schema, ws_id);
+        let ws = key_ws(schema, ws_id);
         let value = canonical(value);
-        let rtx = self.inner.db.begin_read()?;
-        let keys = rtx.open_table(KEYS)?;
-        let Some(id) = keys.get((entity_type, ws, field, value.as_str()))? else {
+        let Some(id) = self.keys.get((entity_type, ws, field, value.as_str()))? else {
             return Ok(None);
         };
-        let entities = rtx.open_table(ENTITIES)?;
-        match entities.get((entity_type, id.value()))? {
+        match self.entities.get((entity_type, id.value()))? {
             Some(row) => parse_body(row.value().1).map(Some),
             None => Err(DpStoreError::Corrupt(format!(
                 "key {entity_type}.{field} points at a missing entity"
@@ -70,7 +166,6 @@ impl DpStore {
         parent_id: &str,
     ) -> Result<Vec<Value>, DpStoreError> {
         let Some(fk) = self
-            .inner
             .registry
             .references_of(child_type)
             .find(|fk| fk.field == fk_field)
@@ -79,18 +174,18 @@ impl DpStore {
                 "{child_type}.{fk_field}"
             )));
         };
-        let rtx = self.inner.db.begin_read()?;
-        let refs = rtx.open_table(REFS)?;
-        let entities = rtx.open_table(ENTITIES)?;
         let parent = fk.parent.as_str();
         let mut res = Vec::new();
-        for row in refs.range((parent, parent_id, child_type, fk_field, "")..)? {
+        for row in self
+            .refs
+            .range((parent, parent_id, child_type, fk_field, "")..)?
+        {
             let (key, _) = row?;
             let (p, pid, c, f, cid) = key.value();
             if (p, pid, c, f) != (parent, parent_id, child_type, fk_field) {
                 break;
             }
-            if let Some(e) = entities.get((child_type, cid))? {
+            if let Some(e) = self.entities.get((child_type, cid))? {
                 res.push(parse_body(e.value().1)?);
             }
         }
@@ -108,15 +203,13 @@ impl DpStore {
     }
 
     /// Calls `f(ws_id, id, entity)` for every entity of `entity_type`, by id, until it returns
-    /// false. One read snapshot; nothing is collected.
+    /// false. Nothing is collected.
     pub fn for_each(
         &self,
         entity_type: &str,
         f: &mut dyn FnMut(&str, &str, Value) -> bool,
     ) -> Result<(), DpStoreError> {
-        let rtx = self.inner.db.begin_read()?;
-        let entities = rtx.open_table(ENTITIES)?;
-        for row in entities.range((entity_type, "")..)? {
+        for row in self.entities.range((entity_type, "")..)? {
             let (key, value) = row?;
             let (ty, id) = key.value();
             if ty != entity_type {
@@ -130,12 +223,10 @@ impl DpStore {
         Ok(())
     }
 
-    /// The state hash recomputed over every stored entity (for tests and verification).
+    /// The state hash recomputed over every entity of this snapshot.
     pub fn compute_state_hash(&self) -> Result<StateHash, DpStoreError> {
-        let rtx = self.inner.db.begin_read()?;
-        let entities = rtx.open_table(ENTITIES)?;
         let mut hash = StateHash::ZERO;
-        for row in entities.iter()? {
+        for row in self.entities.iter()? {
             let (key, value) = row?;
             let (ty, id) = key.value();
             let (ws, body) = value.value();
@@ -146,11 +237,10 @@ impl DpStore {
         Ok(hash)
     }
 
-    fn schema(&self, entity_type: &str) -> Result<Arc<EntitySchema>, DpStoreError> {
-        self.inner
-            .registry
+    fn schema(&self, entity_type: &str) -> Result<&EntitySchema, DpStoreError> {
+        self.registry
             .get(entity_type)
-            .cloned()
+            .map(|s| &**s)
             .ok_or_else(|| DpStoreError::UnknownType(entity_type.to_owned()))
     }
 }

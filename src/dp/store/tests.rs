@@ -97,6 +97,105 @@ fn an_in_memory_store_applies_and_reads() {
     assert!(dp.get("consumers", WS, &consumer_id(1)).unwrap().is_none());
 }
 
+/// A snapshot keeps showing its version, state and entities while later applies (incremental
+/// and full) commit, and while an apply is still open; a new snapshot shows the new version.
+#[test]
+fn snapshot_keeps_its_version_while_applies_commit() {
+    let dp = memory_store();
+    dp.apply(
+        inc(0),
+        [
+            upsert(1, "consumers", WS, consumer(1, "a")),
+            upsert(1, "consumers", WS, consumer(2, "b")),
+        ],
+    )
+    .unwrap();
+    let s1 = dp.snapshot().unwrap();
+    assert_eq!(s1.state(), &dp.state());
+    assert_eq!(s1.state().version, 1);
+
+    // An open apply is not seen by a snapshot taken meanwhile.
+    let mut apply = dp.begin(inc(1)).unwrap();
+    apply
+        .delta(upsert(2, "consumers", WS, consumer(1, "a2")))
+        .unwrap();
+    apply
+        .delta(delete(2, "consumers", WS, &consumer_id(2)))
+        .unwrap();
+    apply
+        .delta(upsert(2, "consumers", WS, consumer(3, "c")))
+        .unwrap();
+    apply.flush().unwrap();
+    let during = dp.snapshot().unwrap();
+    apply.commit().unwrap();
+    assert_eq!(during.state(), s1.state());
+    assert_eq!(usernames(&during.list("consumers").unwrap()), ["a", "b"]);
+
+    let check_s1 = |what: &str| {
+        assert_eq!(s1.state().version, 1, "{what}");
+        assert_eq!(
+            s1.compute_state_hash().unwrap(),
+            s1.state().state_hash,
+            "{what}"
+        );
+        assert_eq!(
+            usernames(&s1.list("consumers").unwrap()),
+            ["a", "b"],
+            "{what}"
+        );
+        assert_eq!(
+            s1.get("consumers", WS, &consumer_id(1)).unwrap().unwrap()["username"],
+            json!("a"),
+            "{what}"
+        );
+        assert!(
+            s1.get("consumers", WS, &consumer_id(3)).unwrap().is_none(),
+            "{what}"
+        );
+        assert_eq!(
+            s1.find_by_key("consumers", WS, "username", &json!("b"))
+                .unwrap()
+                .unwrap()["id"],
+            json!(consumer_id(2)),
+            "{what}"
+        );
+        assert!(
+            s1.find_by_key("consumers", WS, "username", &json!("a2"))
+                .unwrap()
+                .is_none(),
+            "{what}"
+        );
+        let mut n = 0;
+        s1.for_each("consumers", &mut |ws, _, _| {
+            assert_eq!(ws, WS);
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 2, "{what}");
+    };
+    check_s1("after an incremental apply");
+    let s2 = dp.snapshot().unwrap();
+    assert_eq!(s2.state(), &dp.state());
+    assert_eq!(s2.state().version, 2);
+    assert_ne!(s2.state().state_hash, s1.state().state_hash);
+    assert_eq!(usernames(&s2.list("consumers").unwrap()), ["a2", "c"]);
+    assert_eq!(s2.compute_state_hash().unwrap(), s2.state().state_hash);
+
+    // A full sync drops and refills every table; the snapshots do not notice.
+    dp.apply(full(7), [upsert(7, "consumers", WS, consumer(4, "d"))])
+        .unwrap();
+    check_s1("after a full sync");
+    assert_eq!(s2.state().version, 2);
+    assert_eq!(usernames(&s2.list("consumers").unwrap()), ["a2", "c"]);
+    let s3 = dp.snapshot().unwrap();
+    assert_eq!(s3.state().version, 7);
+    assert_eq!(s3.state().epoch.as_deref(), Some("e1"));
+    assert_eq!(usernames(&s3.list("consumers").unwrap()), ["d"]);
+    // The store's own read methods read the latest commit.
+    assert_eq!(usernames(&dp.list("consumers").unwrap()), ["d"]);
+}
+
 fn upsert(version: i64, ty: &str, ws: &str, entity: Value) -> Delta {
     Delta {
         entity_type: ty.into(),
