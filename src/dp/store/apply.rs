@@ -1,6 +1,7 @@
 //! One apply: [`DpStore::begin`] opens a redb write transaction, [`Apply::delta`] and
 //! [`Apply::feed`] check and queue deltas and write them a chunk at a time, and
-//! [`Apply::commit`] checks the final state, writes version, epoch and state hash, and commits.
+//! [`Apply::commit`] checks the final state, writes version, epoch and state hash, commits,
+//! and publishes the change on the feed.
 //!
 //! Deltas are buffered in small chunks and written with the tables opened once per chunk (a
 //! redb `Table` borrows its transaction, so it cannot live across `delta` calls), which keeps a
@@ -8,11 +9,12 @@
 //! memory.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{Durability, ReadableTable, WriteTransaction};
 
 use crate::dp::store::checks::{Checker, check_final_state};
+use crate::dp::store::feed::{Changed, Committed};
 use crate::dp::store::staging::clear_staged;
 use crate::dp::store::tables::{
     ENTITIES, KEYS, META, REFS, STAGED, TRANSFERS, Tables, key_ws, parse_body, read_meta,
@@ -38,6 +40,9 @@ pub struct Apply<'a> {
     work: Work,
     /// A staged transfer whose rows go in the same transaction.
     clear_transfer: Option<String>,
+    /// This apply's turn among the store's applies, given back when it is dropped: after the
+    /// transaction (declared above, so dropped first) and after the commit was published.
+    _turn: WriterTurn<'a>,
 }
 
 /// What a caller's page decoder feeds deltas into (see [`DpStore::stage_commit`]).
@@ -83,6 +88,24 @@ pub(super) struct Work {
     /// In order of appearance: the holder from before the batch comes first and keeps the
     /// value when several still hold it.
     pub(super) contested: BTreeMap<[String; 4], Vec<String>>,
+    /// What the change feed will be told at commit.
+    pub(super) changed: Changed,
+}
+
+/// Lets one apply at a time run from [`DpStore::begin`] until its commit is published, so
+/// [`DpStore::state`] and the change feed follow commit order. redb alone serialises only the
+/// write transactions: the next one could commit and publish between an earlier commit and
+/// its publication. Staging transactions do not take a turn (they change neither).
+///
+/// A flag and a condition variable rather than a `MutexGuard`, so an [`Apply`] stays `Send`.
+pub(super) struct WriterSlot {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+/// A turn taken from a [`WriterSlot`], given back on drop.
+pub(super) struct WriterTurn<'a> {
+    slot: &'a WriterSlot,
 }
 
 // === impl DpStore ===
@@ -91,6 +114,7 @@ impl DpStore {
     /// Starts an apply. Waits for any other apply to finish (redb has one writer at a time), then
     /// checks `expect_from` of an incremental apply against the stored version.
     pub fn begin(&self, kind: ApplyKind) -> Result<Apply<'_>, ApplyError> {
+        let turn = self.inner.writer.take();
         let mut txn = self.inner.db.begin_write().map_err(DpStoreError::from)?;
         let durability = if self.inner.durable {
             Durability::Immediate
@@ -119,6 +143,7 @@ impl DpStore {
                 txn.delete_table(ENTITIES)?;
                 txn.delete_table(KEYS)?;
                 txn.delete_table(REFS)?;
+                work.changed = Changed::All;
                 epoch.clone()
             }
         };
@@ -131,6 +156,7 @@ impl DpStore {
             pending_bytes: 0,
             work,
             clear_transfer: None,
+            _turn: turn,
         })
     }
 
@@ -218,7 +244,8 @@ impl Apply<'_> {
     }
 
     /// Checks foreign references and unique keys against the final state, writes version, epoch
-    /// and state hash, and commits. On any error nothing is written.
+    /// and state hash, and commits. On any error nothing is written. Once committed, the
+    /// change is published on the store's change feed.
     pub fn commit(mut self) -> Result<Applied, ApplyError> {
         if let Some(e) = self.check.version_error.take() {
             return Err(e.into());
@@ -293,13 +320,22 @@ impl Apply<'_> {
             n_deltas,
         };
         *store.inner.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        // Still within this apply's turn, so messages go out in commit order.
+        if store.inner.feed.receiver_count() > 0 {
+            let _ = store.inner.feed.send(Arc::new(Committed {
+                version,
+                state_hash: applied.state_hash,
+                changed: std::mem::take(&mut self.work.changed),
+            }));
+        }
         Ok(applied)
     }
 
     /// Makes this apply the commit of paged transfer `transfer_id`: its staging is removed in
-    /// the same transaction.
+    /// the same transaction, and the feed is told that everything may have changed.
     pub(super) fn for_transfer(&mut self, transfer_id: &str) {
         self.clear_transfer = Some(transfer_id.to_owned());
+        self.work.changed = Changed::All;
     }
 
     /// Writes the queued deltas, with the tables opened once.
@@ -349,6 +385,9 @@ impl Tables<'_> {
                     (ws.to_owned(), body.to_vec())
                 }),
         };
+        if p.upsert.is_some() || old.is_some() {
+            work.changed.note(ty, id);
+        }
         if let Some((old_ws, old_body)) = old {
             // Stored bodies are canonical: written below from `Upsert::body`.
             work.hash
@@ -420,6 +459,34 @@ impl Tables<'_> {
             ]);
         }
         Ok(())
+    }
+}
+
+// === impl WriterSlot ===
+
+impl WriterSlot {
+    pub(super) fn new() -> WriterSlot {
+        WriterSlot {
+            busy: Mutex::new(false),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits until no other apply holds a turn, and takes it.
+    fn take(&self) -> WriterTurn<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+        WriterTurn { slot: self }
+    }
+}
+
+impl Drop for WriterTurn<'_> {
+    fn drop(&mut self) {
+        *self.slot.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.slot.freed.notify_one();
     }
 }
 

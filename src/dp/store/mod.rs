@@ -8,7 +8,8 @@
 //! transaction. Dropping an `Apply` (or any error) aborts: store, version and hash stay as they
 //! were. Because redb is copy-on-write, a crash leaves the last committed (version, hash).
 //!
-//! Readers take a [`Snapshot`]: one committed version, whatever commits meanwhile.
+//! Readers take a [`Snapshot`]: one committed version, whatever commits meanwhile. Each commit
+//! is published on a change feed ([`DpStore::subscribe`]) with the entities it changed.
 //!
 //! # Layout
 //!
@@ -17,6 +18,7 @@
 //! - `apply.rs`: [`Apply`] (begin, delta, feed, commit) and the chunked writer.
 //! - `checks.rs`: version rules, entity validation, final-state checks, Kong-style errors.
 //! - `staging.rs`: paged transfers (stage, commit, discard).
+//! - `feed.rs`: the change feed's messages ([`Committed`], [`Changed`]) and its contract.
 //! - `tables.rs`: the redb tables and the encodings of their rows.
 //! - `error.rs`: [`DpStoreError`], [`ApplyError`], [`VersionError`].
 //!
@@ -32,6 +34,7 @@
 mod apply;
 mod checks;
 mod error;
+mod feed;
 mod read;
 mod staging;
 mod tables;
@@ -42,13 +45,16 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, StorageBackend};
+use tokio::sync::broadcast;
 
 pub use apply::{Apply, DeltaSink};
 pub use error::{ApplyError, DpStoreError, VersionError};
+pub use feed::{Changed, Committed, FEED_CAPACITY, MAX_NAMED};
 pub use read::Snapshot;
 
 use crate::proto::StateHash;
 use crate::schema::Registry;
+use apply::WriterSlot;
 use tables::{ENTITIES, KEYS, META, REFS, STAGED, TRANSFERS, read_meta};
 
 /// How a [`DpStore`] opens its file.
@@ -107,7 +113,12 @@ struct Inner {
     db: Database,
     registry: Arc<Registry>,
     durable: bool,
+    /// The state of the last commit, so [`DpStore::state`] does no I/O.
     state: RwLock<DpState>,
+    /// One apply at a time from `begin` to the publication of its commit.
+    writer: WriterSlot,
+    /// The change feed; a send with no subscriber is dropped.
+    feed: broadcast::Sender<Arc<Committed>>,
 }
 
 // === impl DpStoreOptions ===
@@ -173,6 +184,13 @@ impl DpStore {
         &self.inner.registry
     }
 
+    /// Subscribes to the change feed: from now on, one [`Committed`] per committed apply, in
+    /// commit order. A subscriber that falls more than [`FEED_CAPACITY`] messages behind is told
+    /// it lagged and must resync from [`DpStore::snapshot`] (see `feed.rs` for the contract).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
+        self.inner.feed.subscribe()
+    }
+
     /// Discards staging left by an interrupted transfer, makes sure every table exists (so a
     /// read never meets a missing one), and reads the stored state.
     fn init(
@@ -198,6 +216,8 @@ impl DpStore {
                 registry,
                 durable: opts.durable,
                 state: RwLock::new(state),
+                writer: WriterSlot::new(),
+                feed: broadcast::channel(FEED_CAPACITY).0,
             }),
         })
     }

@@ -78,7 +78,7 @@ impl DpStore {
 
     /// Applies every staged page, in page order, as one apply (one write transaction), and
     /// removes the staging in that same transaction. Pages must be contiguous from 0. A rejected
-    /// transfer is discarded.
+    /// transfer is discarded. The change feed is told that everything may have changed.
     ///
     /// `decode(page_no, bytes, sink)` turns one staged page back into deltas and feeds them to
     /// `sink` one at a time; its errors (and the sink's, which it must pass on) reject the
