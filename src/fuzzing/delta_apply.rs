@@ -1,10 +1,10 @@
 //! The `delta_apply` target: op sequences applied to the DP store and to a reference model.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use redb::StorageBackend;
+use redb::backends::InMemoryBackend;
 use serde_json::{Value, json};
 
 use crate::dp::client::apply_stream;
@@ -13,10 +13,11 @@ use crate::proto::Delta;
 use crate::proto::StateHash;
 use crate::schema::Registry;
 
-/// Sequences of delta batches applied to the real redb DP store and to a plain in-memory
-/// reference model that decides acceptance by the documented rules ([`ApplyKind`],
-/// [`crate::dp::store::VersionError`], schema validity known per generated body, foreign keys
-/// and unique keys in the final state). After every operation the store equals the model:
+/// Sequences of delta batches applied to the real redb DP store (on redb's in-memory backend,
+/// see [`Memory`]) and to a plain reference model that decides acceptance by the documented
+/// rules ([`ApplyKind`], [`crate::dp::store::VersionError`], schema validity known per
+/// generated body, foreign keys and unique keys in the final state). After every operation the
+/// store equals the model:
 /// entities (with workspaces), version, epoch, entity count, state hash (the model's is summed
 /// with [`StateHash::of_entity`]), the recomputed hash, the unique-key and foreign-key indexes.
 /// A rejected operation leaves all of it untouched, with the error class the model expects;
@@ -36,8 +37,8 @@ use crate::schema::Registry;
 /// Byte-staged pages hold a page's JSON text, decoded at commit as the DP client does.
 pub fn delta_apply(data: &[u8]) {
     let mut input = Bytes(data);
-    let dir = TempStore::new();
-    let mut store = Some(open_store(&dir.path));
+    let memory = Memory::default();
+    let mut store = Some(open_store(&memory));
     let mut model = Model::default();
     let mut cursors: BTreeMap<u8, i64> = BTreeMap::new();
     for _ in 0..MAX_OPS {
@@ -190,7 +191,7 @@ pub fn delta_apply(data: &[u8]) {
                     )
                 } else {
                     drop(store.take());
-                    store = Some(open_store(&dir.path));
+                    store = Some(open_store(&memory));
                     // Staging does not survive a reopen.
                     model.transfers.clear();
                     (Outcome::Unchanged, "reopen".to_owned(), false)
@@ -229,38 +230,32 @@ impl Bytes<'_> {
     }
 }
 
-/// A temporary store file, removed on drop.
-struct TempStore {
-    path: PathBuf,
-}
+/// The store's memory image ([`InMemoryBackend`]), shared so that the store can be closed and
+/// reopened on it as on a file, without the file system.
+#[derive(Debug, Clone, Default)]
+struct Memory(Arc<InMemoryBackend>);
 
-impl TempStore {
-    fn new() -> TempStore {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let path = base.join(format!(
-            "deltaplane-fuzz-{}-{}.redb",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&path);
-        TempStore { path }
+impl StorageBackend for Memory {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
     }
 }
 
-impl Drop for TempStore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn open_store(path: &std::path::Path) -> DpStore {
-    DpStore::open(
-        path,
+fn open_store(memory: &Memory) -> DpStore {
+    DpStore::open_with_backend(
+        memory.clone(),
         Arc::clone(Registry::builtin()),
         DpStoreOptions {
             cache_size: 1 << 20,
@@ -978,9 +973,12 @@ fn compare(expected: Result<Verdict, Reject>, got: Got, model: &mut Model) -> Ou
     }
 }
 
-/// The store equals the model: state, recomputed hash, entities, unique keys, foreign keys.
+/// The store equals the model: state, recomputed hash, entities, unique keys, foreign keys,
+/// all read from one snapshot, which shows the state the store reports.
 fn check_store(dp: &DpStore, model: &Model, what: &str) {
     let state = dp.state();
+    let snapshot = dp.snapshot().expect("a snapshot");
+    assert_eq!(snapshot.state(), &state, "{what}: the snapshot's state");
     assert_eq!(state.version, model.version, "{what}: version");
     assert_eq!(state.epoch, model.epoch, "{what}: epoch");
     assert_eq!(
@@ -990,17 +988,18 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
     );
     assert_eq!(state.state_hash, model.hash(), "{what}: state hash");
     assert_eq!(
-        dp.compute_state_hash().expect("recompute"),
+        snapshot.compute_state_hash().expect("recompute"),
         state.state_hash,
         "{what}: recomputed state hash"
     );
     for ty in TYPES {
         let mut stored = Vec::new();
-        dp.for_each(ty.name(), &mut |ws, id, e| {
-            stored.push((id.to_owned(), ws.to_owned(), e));
-            true
-        })
-        .expect("for_each");
+        snapshot
+            .for_each(ty.name(), &mut |ws, id, e| {
+                stored.push((id.to_owned(), ws.to_owned(), e));
+                true
+            })
+            .expect("for_each");
         let want: Vec<(String, String, Value)> = model
             .entities
             .range((ty, String::new())..)
@@ -1023,7 +1022,7 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
                                 .any(|(f, v)| *f == field && *v == value)
                     })
                     .map(|((_, id), _)| id.clone());
-                let found = dp
+                let found = snapshot
                     .find_by_key(ty.name(), ws, field, &value)
                     .unwrap_or_else(|e| {
                         panic!("{what}: find_by_key {} {field}={value}: {e}", ty.name())
@@ -1040,7 +1039,7 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
         // Foreign keys: children of every possible parent.
         for (field, parent) in ty.foreign() {
             for pid in parent.ids() {
-                let mut found: Vec<String> = dp
+                let mut found: Vec<String> = snapshot
                     .children(ty.name(), field, &pid)
                     .expect("children")
                     .iter()
@@ -1111,8 +1110,7 @@ mod tests {
     /// The checker is not vacuous: a store that diverges from the model fails it.
     #[test]
     fn check_store_detects_divergence() {
-        let dir = TempStore::new();
-        let dp = open_store(&dir.path);
+        let dp = open_store(&Memory::default());
         let model = Model::default();
         check_store(&dp, &model, "empty");
         let g = Gen {

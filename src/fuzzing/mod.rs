@@ -8,8 +8,8 @@
 //!
 //! - `admin_entity.rs`: Admin API bodies through the schema engine.
 //! - `state_hash.rs`: the state hash does not depend on order.
-//! - `delta_apply.rs`: op sequences applied to the DP store and to a reference model that
-//!   must agree after every op.
+//! - `delta_apply.rs`: op sequences applied to the DP store (in memory) and to a reference
+//!   model that must agree after every op.
 //! - `wire_frame.rs`: frame decoders, JSON-RPC, the hello, `get_delta` answers, sync v1.
 
 mod admin_entity;
