@@ -147,6 +147,7 @@ fn snapshot_keeps_its_version_while_applies_commit() {
     let during = dp.snapshot().unwrap();
     apply.commit().unwrap();
     assert_eq!(during.state(), s1.state());
+    assert_eq!(during.rows().unwrap(), s1.rows().unwrap());
     assert_eq!(usernames(&during.list("consumers").unwrap()), ["a", "b"]);
 
     let check_s1 = |what: &str| {
@@ -199,6 +200,7 @@ fn snapshot_keeps_its_version_while_applies_commit() {
     assert_ne!(s2.state().state_hash, s1.state().state_hash);
     assert_eq!(usernames(&s2.list("consumers").unwrap()), ["a2", "c"]);
     assert_eq!(s2.compute_state_hash().unwrap(), s2.state().state_hash);
+    assert_ne!(s2.rows().unwrap(), s1.rows().unwrap());
 
     // A full sync drops and refills every table; the snapshots do not notice.
     dp.apply(full(7), [upsert(7, "consumers", WS, consumer(4, "d"))])
