@@ -10,6 +10,7 @@ mod binaries;
 mod changelog;
 mod crash;
 mod diagnostics;
+mod dp_store;
 mod faults;
 mod fleet;
 mod fuzz_corpus;

@@ -1,151 +1,23 @@
-//! Fuzz target bodies, shared by `fuzz/` (cargo-fuzz) and the test suite, which replays the
-//! checked-in corpus on stable Rust. Each function panics only when an invariant breaks.
-//!
-//! Structured inputs are decoded by hand from the bytes (no `arbitrary`), so the main crate
-//! needs no extra dependency and a corpus file means the same thing to both.
+//! The `delta_apply` target: op sequences applied to the DP store and to a reference model.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use redb::StorageBackend;
+use redb::backends::InMemoryBackend;
 use serde_json::{Value, json};
 
-use crate::dp::store::{ApplyError, ApplyKind, DpStore, DpStoreError, DpStoreOptions};
+use crate::dp::store::{ApplyError, ApplyKind, DpState, DpStore, DpStoreError, DpStoreOptions};
 use crate::dp::v2::apply_stream;
 use crate::proto::Delta;
 use crate::proto::StateHash;
-use crate::proto::codec::{self, CodecError, Encoding};
-use crate::proto::hello::{HELLO_METHOD, Hello, HelloResult};
-use crate::proto::jsonrpc::{self, Incoming, Message, RpcError};
-use crate::proto::v1;
-use crate::proto::v2::for_each_delta;
-use crate::schema::{Mode, Registry, form};
+use crate::schema::Registry;
 
-/// Arbitrary bytes as an Admin API body for some entity type: parsing and validation never
-/// panic, and every rejection is a schema violation with a non-empty, printable error tree.
-///
-/// Byte 0 picks the entity type, bit 7 of byte 0 picks form encoding over JSON.
-pub fn admin_entity(data: &[u8]) {
-    let Some((&selector, body)) = data.split_first() else {
-        return;
-    };
-    let registry = Registry::builtin();
-    let schemas: Vec<_> = registry.entities().collect();
-    let schema = schemas[(selector & 0x7f) as usize % schemas.len()];
-    let input = if selector & 0x80 != 0 {
-        match form::parse(body) {
-            Ok(v) => registry.coerce_form(schema, v),
-            Err(_) => return,
-        }
-    } else {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(v) => v,
-            Err(_) => return,
-        }
-    };
-    for mode in [Mode::Insert, Mode::Update] {
-        let existing = (mode == Mode::Update)
-            .then(|| serde_json::json!({"id": "00000000-0000-4000-8000-000000000000"}));
-        match registry.prepare(
-            schema,
-            input.clone(),
-            existing.as_ref(),
-            mode,
-            1_700_000_000,
-        ) {
-            Ok(p) => {
-                assert!(p.entity.is_object(), "an accepted entity is an object");
-                assert!(
-                    p.entity.get("id").and_then(Value::as_str).is_some(),
-                    "an accepted entity has an id"
-                );
-            }
-            Err(e) => {
-                assert!(!e.is_empty(), "a rejection names at least one problem");
-                assert!(e.message().contains("schema violation"));
-            }
-        }
-    }
-}
-
-/// Arbitrary bytes as a JSON array of `[type, id, entity]` triples: the state hash does not
-/// depend on insertion order or on the order of keys in the JSON text, and removing everything
-/// returns to zero.
-pub fn state_hash(data: &[u8]) {
-    let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(data) else {
-        return;
-    };
-    let entries: Vec<(String, String, Value)> = items
-        .into_iter()
-        .filter_map(|item| {
-            let a = item.as_array()?;
-            Some((
-                a.first()?.as_str()?.to_owned(),
-                a.get(1)?.as_str()?.to_owned(),
-                a.get(2)?.clone(),
-            ))
-        })
-        .collect();
-    let hash_of = |order: &mut dyn Iterator<Item = &(String, String, Value)>| {
-        let mut h = StateHash::ZERO;
-        for (ty, id, e) in order {
-            h.add(&StateHash::of_entity(ty, "ws", id, e));
-        }
-        h
-    };
-    let forward = hash_of(&mut entries.iter());
-    let backward = hash_of(&mut entries.iter().rev());
-    assert_eq!(forward, backward, "insertion order does not matter");
-    let reparsed: Vec<(String, String, Value)> = entries
-        .iter()
-        .map(|(t, i, e)| {
-            (
-                t.clone(),
-                i.clone(),
-                serde_json::from_str(&reversed_keys(e)).expect("valid JSON"),
-            )
-        })
-        .collect();
-    assert_eq!(
-        hash_of(&mut reparsed.iter()),
-        forward,
-        "key order does not matter"
-    );
-    let mut h = forward;
-    for (ty, id, e) in &entries {
-        h.sub(&StateHash::of_entity(ty, "ws", id, e));
-    }
-    assert_eq!(h, StateHash::ZERO);
-}
-
-/// JSON text of `v` with every object's keys written in reverse order.
-fn reversed_keys(v: &Value) -> String {
-    match v {
-        Value::Object(m) => {
-            let parts: Vec<String> = m
-                .iter()
-                .rev()
-                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), reversed_keys(v)))
-                .collect();
-            format!("{{{}}}", parts.join(","))
-        }
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(reversed_keys).collect::<Vec<_>>().join(",")
-        ),
-        other => other.to_string(),
-    }
-}
-
-// === delta_apply ===
-
-/// Sequences of delta batches applied to the real redb DP store and to a plain in-memory
-/// reference model that decides acceptance by the documented rules ([`ApplyKind`],
-/// [`crate::dp::store::VersionError`], schema validity known per generated body, foreign keys
-/// and unique keys in the final state). After every operation the store equals the model:
+/// Sequences of delta batches applied to the real redb DP store (on redb's in-memory backend,
+/// see [`Memory`]) and to a plain reference model that decides acceptance by the documented
+/// rules ([`ApplyKind`], [`crate::dp::store::VersionError`], schema validity known per
+/// generated body, foreign keys and unique keys in the final state). After every operation the
+/// store equals the model:
 /// entities (with workspaces), version, epoch, entity count, state hash (the model's is summed
 /// with [`StateHash::of_entity`]), the recomputed hash, the unique-key and foreign-key indexes.
 /// A rejected operation leaves all of it untouched, with the error class the model expects;
@@ -165,10 +37,12 @@ fn reversed_keys(v: &Value) -> String {
 /// Byte-staged pages hold a page's JSON text, decoded at commit as the DP client does.
 pub fn delta_apply(data: &[u8]) {
     let mut input = Bytes(data);
-    let dir = TempStore::new();
-    let mut store = Some(open_store(&dir.path));
+    let memory = Memory::default();
+    let mut store = Some(open_store(&memory));
     let mut model = Model::default();
     let mut cursors: BTreeMap<u8, i64> = BTreeMap::new();
+    // The store as last found equal to the model, `None` once the model has moved on.
+    let mut verified: Option<Verified> = None;
     for _ in 0..MAX_OPS {
         let Some(op) = input.next() else { break };
         let dp = store.as_ref().expect("open");
@@ -316,7 +190,7 @@ pub fn delta_apply(data: &[u8]) {
                     )
                 } else {
                     drop(store.take());
-                    store = Some(open_store(&dir.path));
+                    store = Some(open_store(&memory));
                     // Staging does not survive a reopen.
                     model.transfers.clear();
                     (Outcome::Unchanged, "reopen".to_owned(), false)
@@ -330,7 +204,10 @@ pub fn delta_apply(data: &[u8]) {
         if !full {
             assert!(model.version >= before, "{what}: the version went down");
         }
-        check_store(dp, &model, &what);
+        let last = verified
+            .take()
+            .filter(|_| !matches!(outcome, Outcome::Changed));
+        verified = Some(check_store_or_unchanged(dp, &model, last, &what));
     }
 }
 
@@ -355,38 +232,32 @@ impl Bytes<'_> {
     }
 }
 
-/// A temporary store file, removed on drop.
-struct TempStore {
-    path: PathBuf,
-}
+/// The store's memory image ([`InMemoryBackend`]), shared so that the store can be closed and
+/// reopened on it as on a file, without the file system.
+#[derive(Debug, Clone, Default)]
+struct Memory(Arc<InMemoryBackend>);
 
-impl TempStore {
-    fn new() -> TempStore {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let path = base.join(format!(
-            "deltaplane-fuzz-{}-{}.redb",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&path);
-        TempStore { path }
+impl StorageBackend for Memory {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
     }
 }
 
-impl Drop for TempStore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn open_store(path: &std::path::Path) -> DpStore {
-    DpStore::open(
-        path,
+fn open_store(memory: &Memory) -> DpStore {
+    DpStore::open_with_backend(
+        memory.clone(),
         Arc::clone(Registry::builtin()),
         DpStoreOptions {
             cache_size: 1 << 20,
@@ -1104,9 +975,42 @@ fn compare(expected: Result<Verdict, Reject>, got: Got, model: &mut Model) -> Ou
     }
 }
 
-/// The store equals the model: state, recomputed hash, entities, unique keys, foreign keys.
+/// A store found equal to the model by [`check_store`]: its state and its rows.
+struct Verified {
+    state: DpState,
+    rows: Vec<u8>,
+}
+
+/// The store equals the model. When the model has not changed since the store was `last`
+/// verified, it is enough that the store has not either: the same state, cached and in a
+/// snapshot, and the very same rows (every read is a function of them). Otherwise, and when
+/// anything differs, [`check_store`] compares everything with the model.
+fn check_store_or_unchanged(
+    dp: &DpStore,
+    model: &Model,
+    last: Option<Verified>,
+    what: &str,
+) -> Verified {
+    let state = dp.state();
+    let snapshot = dp.snapshot().expect("a snapshot");
+    let rows = snapshot.rows().expect("the store's rows");
+    if let Some(last) = last
+        && last.state == state
+        && snapshot.state() == &state
+        && last.rows == rows
+    {
+        return last;
+    }
+    check_store(dp, model, what);
+    Verified { state, rows }
+}
+
+/// The store equals the model: state, recomputed hash, entities, unique keys, foreign keys,
+/// all read from one snapshot, which shows the state the store reports.
 fn check_store(dp: &DpStore, model: &Model, what: &str) {
     let state = dp.state();
+    let snapshot = dp.snapshot().expect("a snapshot");
+    assert_eq!(snapshot.state(), &state, "{what}: the snapshot's state");
     assert_eq!(state.version, model.version, "{what}: version");
     assert_eq!(state.epoch, model.epoch, "{what}: epoch");
     assert_eq!(
@@ -1116,17 +1020,29 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
     );
     assert_eq!(state.state_hash, model.hash(), "{what}: state hash");
     assert_eq!(
-        dp.compute_state_hash().expect("recompute"),
+        snapshot.compute_state_hash().expect("recompute"),
         state.state_hash,
         "{what}: recomputed state hash"
     );
+    // Every unique key the model's entities hold, `(type, ws, field, value, id)`, in the
+    // model's order (the first holder is the one a lookup finds).
+    let model_keys: Vec<(Ty, &str, &str, Value, &str)> = model
+        .entities
+        .iter()
+        .flat_map(|((ty, id), (ws, e))| {
+            ty.unique_keys(e)
+                .into_iter()
+                .map(move |(field, value)| (*ty, ws.as_str(), field, value, id.as_str()))
+        })
+        .collect();
     for ty in TYPES {
         let mut stored = Vec::new();
-        dp.for_each(ty.name(), &mut |ws, id, e| {
-            stored.push((id.to_owned(), ws.to_owned(), e));
-            true
-        })
-        .expect("for_each");
+        snapshot
+            .for_each(ty.name(), &mut |ws, id, e| {
+                stored.push((id.to_owned(), ws.to_owned(), e));
+                true
+            })
+            .expect("for_each");
         let want: Vec<(String, String, Value)> = model
             .entities
             .range((ty, String::new())..)
@@ -1137,19 +1053,11 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
         // Unique keys: every value the generator can produce, held or not.
         for ws in WS {
             for (field, value) in ty.all_unique_values() {
-                let holder = model
-                    .entities
+                let holder = model_keys
                     .iter()
-                    .find(|((t, _), (w, e))| {
-                        *t == ty
-                            && w == ws
-                            && ty
-                                .unique_keys(e)
-                                .iter()
-                                .any(|(f, v)| *f == field && *v == value)
-                    })
-                    .map(|((_, id), _)| id.clone());
-                let found = dp
+                    .find(|(t, w, f, v, _)| *t == ty && *w == ws && *f == field && *v == value)
+                    .map(|(_, _, _, _, id)| (*id).to_owned());
+                let found = snapshot
                     .find_by_key(ty.name(), ws, field, &value)
                     .unwrap_or_else(|e| {
                         panic!("{what}: find_by_key {} {field}={value}: {e}", ty.name())
@@ -1166,7 +1074,7 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
         // Foreign keys: children of every possible parent.
         for (field, parent) in ty.foreign() {
             for pid in parent.ids() {
-                let mut found: Vec<String> = dp
+                let mut found: Vec<String> = snapshot
                     .children(ty.name(), field, &pid)
                     .expect("children")
                     .iter()
@@ -1192,273 +1100,10 @@ fn check_store(dp: &DpStore, model: &Model, what: &str) {
     }
 }
 
-// === wire_frame ===
-
-/// Arbitrary bytes through each frame decoder and the JSON-RPC parser, as the peer runs them:
-/// nothing panics, a decoded frame never exceeds the decompressed-size cap (bombs are refused
-/// by `TooLarge` before allocating), decoding inverts encoding, every error we would send back
-/// parses as the error it is, responses keep their ids, hello messages and `get_delta` answers
-/// read back as they were written. The gzip lane is a sync v1 message as the v1 data plane
-/// reads it (`v1::gunzip` under the cap, `v1::read_message`, `v1::export::deltas`).
-///
-/// Byte 0: `% 5` picks plain JSON (the hello and JSON-RPC), snappy, zstd, gzip, or all four;
-/// `/ 5 % 3` picks the cap (64 B, 4 KiB, 1 MiB).
-pub fn wire_frame(data: &[u8]) {
-    let Some((&selector, frame)) = data.split_first() else {
-        return;
-    };
-    let cap = [64, 4 << 10, 1 << 20][(selector / 5) as usize % 3];
-    match selector % 5 {
-        0 => plain(frame),
-        1 => decoded(Encoding::SnappyFramed, frame, cap),
-        2 => decoded(Encoding::Zstd, frame, cap),
-        3 => gunzipped(frame, cap),
-        _ => {
-            plain(frame);
-            decoded(Encoding::SnappyFramed, frame, cap);
-            decoded(Encoding::Zstd, frame, cap);
-            gunzipped(frame, cap);
-        }
-    }
-}
-
-fn plain(frame: &[u8]) {
-    hello(frame);
-    rpc(frame);
-}
-
-fn decoded(encoding: Encoding, frame: &[u8], cap: usize) {
-    match codec::decode(encoding, frame, cap) {
-        Ok(json) => {
-            assert!(
-                json.len() <= cap,
-                "{encoding}: {} bytes over the cap {cap}",
-                json.len()
-            );
-            let again = codec::decode(encoding, &codec::encode(encoding, &json), cap)
-                .unwrap_or_else(|e| panic!("{encoding}: our own frame of {json:?}: {e}"));
-            assert_eq!(again, json, "{encoding}: decode(encode(x)) == x");
-            plain(&json);
-        }
-        Err(CodecError::TooLarge { size, limit }) => {
-            assert_eq!(limit, cap, "{encoding}: the limit is the cap");
-            assert!(
-                size > cap as u64,
-                "{encoding}: TooLarge of {size} under the cap {cap}"
-            );
-        }
-        Err(CodecError::Corrupt { encoding: name, .. }) => assert_eq!(name, encoding.name()),
-        Err(e) => panic!("{encoding}: decoding fails with {e}"),
-    }
-}
-
-/// A sync v1 message (`/v1/outlet`, gzip) as the data plane reads it: never more than the cap
-/// (a bomb is refused while inflating), gunzip(gzip(x)) = x, then the reconfigure message.
-///
-/// gzip's CRC-32 makes nearly every mutation of a compressed message fail before the reader,
-/// so the frame (within the cap) also goes to the reader as if it were the inflated message.
-fn gunzipped(frame: &[u8], cap: usize) {
-    if frame.len() <= cap {
-        v1_message(frame);
-    }
-    match v1::gunzip(frame, cap) {
-        Ok(raw) => {
-            assert!(
-                raw.len() <= cap,
-                "gzip: {} bytes over the cap {cap}",
-                raw.len()
-            );
-            let again = v1::gunzip(&v1::gzip(&raw).expect("gzip in memory"), cap)
-                .unwrap_or_else(|e| panic!("gzip: our own message of {raw:?}: {e}"));
-            assert_eq!(again, raw, "gzip: gunzip(gzip(x)) == x");
-            v1_message(&raw);
-        }
-        Err(e) => assert!(
-            e.starts_with("gzip: ")
-                || e == format!("the message inflates to more than {cap} bytes"),
-            "gzip: unexpected error {e:?}"
-        ),
-    }
-}
-
-/// An inflated v1 message as `dp::v1::apply_message` reads it before touching the store: a
-/// reconfigure has a 32-character hash, and its `config_table` becomes deltas of known types,
-/// parents first, each entity an object keyed by the delta's id with its `ws_id` moved out,
-/// reading back the same from the v2 wire form.
-fn v1_message(raw: &[u8]) {
-    let Ok(v1::Received::Reconfigure(msg)) = v1::read_message(raw) else {
-        return;
-    };
-    assert_eq!(msg.config_hash.len(), 32, "config_hash length");
-    let Some(Value::Object(table)) = msg.config_table else {
-        return;
-    };
-    let registry = Registry::builtin();
-    let version = msg.version.unwrap_or(1);
-    let Ok(deltas) = v1::export::deltas(registry, table, version) else {
-        return;
-    };
-    let order: Vec<&str> = registry.entities().map(|s| s.name.as_str()).collect();
-    let mut last = 0;
-    for d in deltas {
-        let at = order
-            .iter()
-            .position(|t| *t == d.entity_type)
-            .unwrap_or_else(|| panic!("v1: a delta of unknown type {}", d.entity_type));
-        assert!(at >= last, "v1: {} after a child type", d.entity_type);
-        last = at;
-        assert_eq!(d.version, version, "v1: the message's version");
-        let schema = registry.get(&d.entity_type).expect("a known type");
-        let entity = d
-            .entity
-            .as_ref()
-            .and_then(Value::as_object)
-            .expect("an entity");
-        assert_eq!(
-            entity.get(&schema.primary_key).and_then(Value::as_str),
-            Some(d.id.as_str()),
-            "v1: the delta's id is the entity's"
-        );
-        assert!(!entity.contains_key("ws_id"), "v1: ws_id moved out");
-        if d.version > 0 {
-            assert_eq!(
-                Delta::from_wire(d.to_wire()).as_ref(),
-                Ok(&d),
-                "v1 delta wire round trip"
-            );
-        }
-    }
-}
-
-/// The hello as the CP reads it (`hello::parse_hello`, private: the same steps here) and the
-/// DP reads the answer.
-fn hello(frame: &[u8]) {
-    let Ok(Incoming::Single(message)) = jsonrpc::parse(frame, 1) else {
-        return;
-    };
-    match message {
-        Message::Request(request) if request.method == HELLO_METHOD && request.id.is_some() => {
-            let Some(info) = request.params.as_array().and_then(|p| p.first()) else {
-                return;
-            };
-            if let Ok(h) = Hello::deserialize(info) {
-                let _ = codec::choose(&h.rpc_frame_encodings);
-                let text = serde_json::to_vec(&h).expect("a Hello serialises");
-                let back: Hello = serde_json::from_slice(&text).expect("a Hello reads back");
-                assert_eq!(back, h, "hello round trip");
-            }
-        }
-        Message::Response(response) => {
-            if let Ok(raw) = &response.result
-                && let Ok(r) = serde_json::from_str::<HelloResult>(raw.get())
-            {
-                let _ = r.encoding();
-                let text = serde_json::to_vec(&r).expect("a HelloResult serialises");
-                let back: HelloResult =
-                    serde_json::from_slice(&text).expect("a HelloResult reads back");
-                assert_eq!(back, r, "hello result round trip");
-            }
-        }
-        _ => {}
-    }
-}
-
-/// One decoded frame as the peer dispatches it.
-fn rpc(frame: &[u8]) {
-    match jsonrpc::parse(frame, jsonrpc::DEFAULT_MAX_BATCH) {
-        Err(e) => {
-            assert!(
-                [RpcError::PARSE_ERROR, RpcError::INVALID_REQUEST].contains(&e.code),
-                "frame-level error {e:?}"
-            );
-            assert_reply_reads_back(None, &e);
-        }
-        Ok(Incoming::Single(m)) => message(m),
-        Ok(Incoming::Batch(ms)) => {
-            assert!(!ms.is_empty() && ms.len() <= jsonrpc::DEFAULT_MAX_BATCH);
-            ms.into_iter().for_each(message);
-        }
-    }
-}
-
-fn message(m: Message) {
-    match m {
-        Message::Request(request) => {
-            let _ = jsonrpc::capability(&request.method);
-            if let Some(id) = request.id.filter(|id| !id.is_null()) {
-                let reply = jsonrpc::result(&id, &Value::Null);
-                match jsonrpc::parse(&reply, 1) {
-                    Ok(Incoming::Single(Message::Response(r))) => {
-                        assert_eq!(r.id, id, "a reply keeps the request's id");
-                        assert!(r.result.as_ref().is_ok_and(|raw| jsonrpc::is_falsy(raw)));
-                    }
-                    other => panic!("our reply to {id} reads as {other:?}"),
-                }
-            }
-        }
-        Message::Response(response) => match &response.result {
-            Ok(raw) => {
-                response
-                    .to_value()
-                    .unwrap_or_else(|e| panic!("a parsed result is JSON: {e:?}"));
-                get_delta_answer(raw);
-            }
-            Err(e) => assert_reply_reads_back(Some(&response.id), e),
-        },
-        Message::ErrorReport(_) => {}
-        Message::Invalid { id, error } => {
-            assert_eq!(error.code, RpcError::INVALID_REQUEST);
-            assert_reply_reads_back(id.as_ref(), &error);
-        }
-    }
-}
-
-/// `jsonrpc::error(id, e)` parses back as `e`: addressed to `id` when it is a usable id,
-/// else as an id-less error report.
-fn assert_reply_reads_back(id: Option<&Value>, e: &RpcError) {
-    let reply = jsonrpc::error(id, e);
-    let back = match jsonrpc::parse(&reply, 1) {
-        Ok(Incoming::Single(Message::Response(r))) => {
-            assert_eq!(Some(&r.id), id, "the error reply keeps its id");
-            r.result.expect_err("an error reply")
-        }
-        Ok(Incoming::Single(Message::ErrorReport(back))) => {
-            assert!(id.is_none_or(Value::is_null), "error report for id {id:?}");
-            back
-        }
-        other => panic!("our error reply {e:?} reads as {other:?}"),
-    };
-    assert_eq!((back.code, &back.message), (e.code, &e.message));
-}
-
-/// A `get_delta` answer as the DP reads it: each delta that reads, reads back the same from
-/// its wire form.
-fn get_delta_answer(raw: &RawValue) {
-    #[derive(Deserialize)]
-    struct Outer<'a> {
-        #[serde(borrow)]
-        default: Option<&'a RawValue>,
-    }
-    let Ok(Outer { default: Some(ns) }) = serde_json::from_str::<Outer<'_>>(raw.get()) else {
-        return;
-    };
-    let _ = for_each_delta(ns.get(), |v| {
-        if let Ok(d) = Delta::from_wire(v)
-            && d.version > 0
-        {
-            assert_eq!(
-                Delta::from_wire(d.to_wire()).as_ref(),
-                Ok(&d),
-                "delta wire round trip"
-            );
-        }
-        Ok(())
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::Mode;
 
     /// The universe's bodies are what the CP stores: `prepare` leaves them unchanged. The
     /// broken ones fail their schema.
@@ -1500,10 +1145,10 @@ mod tests {
     /// The checker is not vacuous: a store that diverges from the model fails it.
     #[test]
     fn check_store_detects_divergence() {
-        let dir = TempStore::new();
-        let dp = open_store(&dir.path);
+        let dp = open_store(&Memory::default());
         let model = Model::default();
         check_store(&dp, &model, "empty");
+        let empty = check_store_or_unchanged(&dp, &model, None, "empty");
         let g = Gen {
             ty: Ty::Consumer,
             id: Ty::Consumer.id(0),
@@ -1521,6 +1166,14 @@ mod tests {
             check_store(&dp, &model, "diverged")
         }));
         assert!(diverged.is_err(), "a diverged store is caught");
+        // Also when the model did not change: the store's rows did.
+        let diverged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_store_or_unchanged(&dp, &model, Some(empty), "diverged")
+        }));
+        assert!(
+            diverged.is_err(),
+            "a store changed behind the model's back is caught"
+        );
         let Ok(Verdict::Commit(next)) = model.run(&kind, &[g], Lens::Direct) else {
             panic!("the model accepts a valid consumer");
         };

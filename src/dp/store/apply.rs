@@ -1,0 +1,508 @@
+//! One apply: [`DpStore::begin`] opens a redb write transaction, [`Apply::delta`] and
+//! [`Apply::feed`] check and queue deltas and write them a chunk at a time, and
+//! [`Apply::commit`] checks the final state, writes version, epoch and state hash, commits,
+//! and publishes the change on the feed.
+//!
+//! Deltas are buffered in small chunks and written with the tables opened once per chunk (a
+//! redb `Table` borrows its transaction, so it cannot live across `delta` calls), which keeps a
+//! 100k-entity full sync streaming: only one chunk and the index bookkeeping are held in
+//! memory.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
+
+use redb::{Durability, ReadableTable, WriteTransaction};
+
+use crate::dp::store::checks::{Checker, check_final_state};
+use crate::dp::store::feed::{Changed, Committed};
+use crate::dp::store::staging::clear_staged;
+use crate::dp::store::tables::{
+    ENTITIES, KEYS, META, REFS, STAGED, TRANSFERS, Tables, key_ws, parse_body, read_meta,
+    write_meta,
+};
+use crate::dp::store::{
+    Applied, ApplyError, ApplyKind, DpState, DpStore, DpStoreError, VersionError,
+};
+use crate::proto::{Delta, StateHash};
+use crate::schema::EntitySchema;
+use crate::schema::index::EntityIndex;
+
+/// One apply in progress: an open redb write transaction. Dropping it aborts.
+pub struct Apply<'a> {
+    store: &'a DpStore,
+    txn: WriteTransaction,
+    epoch: Option<String>,
+    /// Version rules, validation and error collection: everything that needs no table.
+    check: Checker,
+    /// Validated deltas not yet written; written with the tables opened once per chunk.
+    pending: Vec<Pending>,
+    pending_bytes: usize,
+    work: Work,
+    /// A staged transfer whose rows go in the same transaction.
+    clear_transfer: Option<String>,
+    /// This apply's turn among the store's applies, given back when it is dropped: after the
+    /// transaction (declared above, so dropped first) and after the commit was published.
+    _turn: WriterTurn<'a>,
+}
+
+/// What a caller's page decoder feeds deltas into (see [`DpStore::stage_commit`]).
+pub type DeltaSink<'s> = dyn FnMut(Delta) -> Result<(), ApplyError> + 's;
+
+/// Deltas buffered before the tables are opened and they are written.
+const CHUNK_DELTAS: usize = 512;
+const CHUNK_BYTES: usize = 4 << 20;
+/// Chunks validated ahead of the writer by [`Apply::feed`].
+const CHUNKS_AHEAD: usize = 2;
+
+/// One validated delta.
+pub(super) struct Pending {
+    pub(super) schema: Arc<EntitySchema>,
+    pub(super) id: String,
+    pub(super) ws: String,
+    /// `None` for a delete.
+    pub(super) upsert: Option<Upsert>,
+}
+
+/// A validated entity, ready to write: everything derived from its value is computed before
+/// the writer sees it.
+pub(super) struct Upsert {
+    /// Canonical JSON, as stored and hashed.
+    pub(super) body: Vec<u8>,
+    pub(super) hash: StateHash,
+    pub(super) index: EntityIndex,
+}
+
+/// Bookkeeping of an apply, checked at commit.
+#[derive(Default)]
+pub(super) struct Work {
+    pub(super) hash: StateHash,
+    pub(super) n_entities: u64,
+    /// Foreign references written: `(parent_type, parent_id, child_type, field, child_id)`.
+    pub(super) refs_written: Vec<[String; 5]>,
+    /// Entities deleted: `(type, id)`.
+    pub(super) deleted: Vec<(String, String)>,
+    /// Keys contested in this batch — taken over from another entity at some point — with
+    /// every entity that held or took them since: `(type, ws, field, value)` → ids. At commit
+    /// exactly one of them may still hold the value (a hand-over through a transient holder
+    /// is rechecked too).
+    /// In order of appearance: the holder from before the batch comes first and keeps the
+    /// value when several still hold it.
+    pub(super) contested: BTreeMap<[String; 4], Vec<String>>,
+    /// What the change feed will be told at commit.
+    pub(super) changed: Changed,
+}
+
+/// Lets one apply at a time run from [`DpStore::begin`] until its commit is published, so
+/// [`DpStore::state`] and the change feed follow commit order. redb alone serialises only the
+/// write transactions: the next one could commit and publish between an earlier commit and
+/// its publication. Staging transactions do not take a turn (they change neither).
+///
+/// A flag and a condition variable rather than a `MutexGuard`, so an [`Apply`] stays `Send`.
+pub(super) struct WriterSlot {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+/// A turn taken from a [`WriterSlot`], given back on drop.
+pub(super) struct WriterTurn<'a> {
+    slot: &'a WriterSlot,
+}
+
+// === impl DpStore ===
+
+impl DpStore {
+    /// Starts an apply. Waits for any other apply to finish (redb has one writer at a time), then
+    /// checks `expect_from` of an incremental apply against the stored version.
+    pub fn begin(&self, kind: ApplyKind) -> Result<Apply<'_>, ApplyError> {
+        let turn = self.inner.writer.take();
+        let mut txn = self.inner.db.begin_write().map_err(DpStoreError::from)?;
+        let durability = if self.inner.durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability).map_err(DpStoreError::from)?;
+        // Commits record the allocator state, so reopening after a crash needs no full repair.
+        txn.set_quick_repair(true);
+        let stored = read_meta(&txn.open_table(META)?)?;
+        let mut work = Work::default();
+        let epoch = match &kind {
+            ApplyKind::Incremental { expect_from, .. } => {
+                if *expect_from != stored.version {
+                    return Err(VersionError::Conflict {
+                        expected: *expect_from,
+                        stored: stored.version,
+                    }
+                    .into());
+                }
+                work.hash = stored.state_hash;
+                work.n_entities = stored.n_entities;
+                stored.epoch.clone()
+            }
+            ApplyKind::Full { epoch, .. } => {
+                txn.delete_table(ENTITIES)?;
+                txn.delete_table(KEYS)?;
+                txn.delete_table(REFS)?;
+                work.changed = Changed::All;
+                epoch.clone()
+            }
+        };
+        Ok(Apply {
+            store: self,
+            txn,
+            epoch,
+            check: Checker::new(Arc::clone(&self.inner.registry), kind, stored.version),
+            pending: Vec::with_capacity(CHUNK_DELTAS),
+            pending_bytes: 0,
+            work,
+            clear_transfer: None,
+            _turn: turn,
+        })
+    }
+
+    /// Applies a whole batch: `begin`, every delta, `commit`.
+    pub fn apply(
+        &self,
+        kind: ApplyKind,
+        deltas: impl IntoIterator<Item = Delta>,
+    ) -> Result<Applied, ApplyError> {
+        let mut apply = self.begin(kind)?;
+        for d in deltas {
+            apply.delta(d)?;
+        }
+        apply.commit()
+    }
+}
+
+// === impl Apply ===
+
+impl Apply<'_> {
+    /// Checks the delta's version, validates it, and queues it for writing into this
+    /// transaction. Version errors end the apply at once; validation errors are collected (all
+    /// of them, Kong-style) and reported by [`Apply::commit`].
+    pub fn delta(&mut self, d: Delta) -> Result<(), ApplyError> {
+        if let Some(p) = self.check.check(d)? {
+            self.pending_bytes += p.size();
+            self.pending.push(p);
+            if self.pending.len() >= CHUNK_DELTAS || self.pending_bytes >= CHUNK_BYTES {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Apply::delta`] for every delta `produce` feeds to its sink, with decoding and
+    /// validation on a second thread while this one writes what is already validated (at most
+    /// [`CHUNKS_AHEAD`] chunks ahead). `produce` must pass on the sink's errors. The first
+    /// error (the writer's before the producer's) is returned; the apply is then to be dropped.
+    pub fn feed<P>(&mut self, produce: P) -> Result<(), ApplyError>
+    where
+        P: FnOnce(&mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
+    {
+        self.flush()?;
+        let check = &mut self.check;
+        let (txn, work) = (&self.txn, &mut self.work);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Pending>>(CHUNKS_AHEAD);
+        std::thread::scope(|scope| {
+            let producer = scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(CHUNK_DELTAS);
+                let mut bytes = 0;
+                let res = produce(&mut |d| {
+                    let Some(p) = check.check(d)? else {
+                        return Ok(());
+                    };
+                    bytes += p.size();
+                    chunk.push(p);
+                    if chunk.len() >= CHUNK_DELTAS || bytes >= CHUNK_BYTES {
+                        bytes = 0;
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_DELTAS));
+                        // The writer failed and said why; this only stops the producer.
+                        tx.send(full).map_err(|_| {
+                            ApplyError::Storage(DpStoreError::Corrupt("writer stopped".into()))
+                        })?;
+                    }
+                    Ok(())
+                });
+                if res.is_ok() && !chunk.is_empty() {
+                    let _ = tx.send(chunk);
+                }
+                res
+            });
+            let mut written = Ok(());
+            for chunk in rx.iter() {
+                written = write_pending(txn, work, chunk);
+                if written.is_err() {
+                    break;
+                }
+            }
+            drop(rx);
+            let produced = producer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            written.and(produced)
+        })
+    }
+
+    /// Checks foreign references and unique keys against the final state, writes version, epoch
+    /// and state hash, and commits. On any error nothing is written. Once committed, the
+    /// change is published on the store's change feed.
+    pub fn commit(mut self) -> Result<Applied, ApplyError> {
+        if let Some(e) = self.check.version_error.take() {
+            return Err(e.into());
+        }
+        let version = match (&self.check.kind, self.check.last_version) {
+            (ApplyKind::Full { version, .. }, _) => *version,
+            (ApplyKind::Incremental { .. }, Some(last)) => last,
+            (ApplyKind::Incremental { .. }, None) => self.check.stored_version,
+        };
+        if let ApplyKind::Incremental {
+            latest: Some(latest),
+            ..
+        } = self.check.kind
+            && latest != version
+        {
+            return Err(VersionError::NotLatest {
+                last: version,
+                latest,
+            }
+            .into());
+        }
+        if self.check.errors.is_empty() {
+            self.flush()?;
+        }
+        if self.check.errors.is_empty() {
+            check_final_state(
+                &self.check.registry,
+                &self.txn,
+                &self.work,
+                &mut self.check.errors,
+            )?;
+        }
+        if !self.check.errors.is_empty() {
+            return Err(std::mem::take(&mut self.check.errors).into_error());
+        }
+        if self.check.n_deltas == 0
+            && matches!(self.check.kind, ApplyKind::Incremental { .. })
+            && self.clear_transfer.is_none()
+        {
+            // Nothing to write (an empty transfer still has to be cleared, below).
+            return Ok(Applied {
+                version,
+                state_hash: self.work.hash,
+                n_entities: self.work.n_entities,
+                n_deltas: 0,
+            });
+        }
+        let state = DpState {
+            version,
+            epoch: self.epoch.clone(),
+            state_hash: self.work.hash,
+            n_entities: self.work.n_entities,
+        };
+        {
+            write_meta(&mut self.txn.open_table(META)?, &state)?;
+            if let Some(transfer_id) = &self.clear_transfer {
+                clear_staged(&mut self.txn.open_table(STAGED)?, transfer_id)?;
+                self.txn
+                    .open_table(TRANSFERS)?
+                    .remove(transfer_id.as_str())?;
+            }
+        }
+        let store = self.store;
+        let n_deltas = self.check.n_deltas;
+        crate::failpoint::hit("dp.apply.commit");
+        self.txn.commit().map_err(DpStoreError::from)?;
+        crate::failpoint::hit("dp.apply.committed");
+        let applied = Applied {
+            version,
+            state_hash: state.state_hash,
+            n_entities: state.n_entities,
+            n_deltas,
+        };
+        *store.inner.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        // Still within this apply's turn, so messages go out in commit order.
+        if store.inner.feed.receiver_count() > 0 {
+            let _ = store.inner.feed.send(Arc::new(Committed {
+                version,
+                state_hash: applied.state_hash,
+                changed: std::mem::take(&mut self.work.changed),
+            }));
+        }
+        Ok(applied)
+    }
+
+    /// Makes this apply the commit of paged transfer `transfer_id`: its staging is removed in
+    /// the same transaction, and the feed is told that everything may have changed.
+    pub(super) fn for_transfer(&mut self, transfer_id: &str) {
+        self.clear_transfer = Some(transfer_id.to_owned());
+        self.work.changed = Changed::All;
+    }
+
+    /// Writes the queued deltas, with the tables opened once.
+    pub fn flush(&mut self) -> Result<(), ApplyError> {
+        self.pending_bytes = 0;
+        write_pending(&self.txn, &mut self.work, std::mem::take(&mut self.pending))
+    }
+}
+
+// === impl Pending ===
+
+impl Pending {
+    /// Bytes it holds, roughly.
+    pub(super) fn size(&self) -> usize {
+        self.upsert.as_ref().map_or(64, |u| u.body.len() + 64)
+    }
+}
+
+// === impl Tables ===
+
+impl Tables<'_> {
+    /// Writes one validated delta with its index rows, and keeps the apply's bookkeeping.
+    fn write(&mut self, work: &mut Work, p: Pending) -> Result<(), ApplyError> {
+        let ty = p.schema.name.as_str();
+        let id = p.id.as_str();
+        let old = match p.upsert {
+            // A delete of an entity stored in another workspace finds nothing, as in Kong.
+            None => {
+                let in_ws = match self.entities.get((ty, id))? {
+                    Some(row) => row.value().0 == p.ws,
+                    None => false,
+                };
+                if in_ws {
+                    self.entities.remove((ty, id))?.map(|row| {
+                        let (ws, body) = row.value();
+                        (ws.to_owned(), body.to_vec())
+                    })
+                } else {
+                    None
+                }
+            }
+            Some(ref u) => self
+                .entities
+                .insert((ty, id), (p.ws.as_str(), u.body.as_slice()))?
+                .map(|row| {
+                    let (ws, body) = row.value();
+                    (ws.to_owned(), body.to_vec())
+                }),
+        };
+        if p.upsert.is_some() || old.is_some() {
+            work.changed.note(ty, id);
+        }
+        if let Some((old_ws, old_body)) = old {
+            // Stored bodies are canonical: written below from `Upsert::body`.
+            work.hash
+                .sub(&StateHash::of_entity_bytes(ty, &old_ws, id, &old_body));
+            let old_entity = parse_body(&old_body)?;
+            work.n_entities = work.n_entities.saturating_sub(1);
+            let old_index = p.schema.index_of(&old_entity);
+            let kws = key_ws(&p.schema, &old_ws);
+            for (field, value) in &old_index.keys {
+                let key = (ty, kws, field.as_str(), value.as_str());
+                let owned = self.keys.get(key)?.is_some_and(|row| row.value() == id);
+                if owned {
+                    self.keys.remove(key)?;
+                }
+            }
+            for (field, parent_ty, parent_id) in &old_index.refs {
+                self.refs.remove((
+                    parent_ty.as_str(),
+                    parent_id.as_str(),
+                    ty,
+                    field.as_str(),
+                    id,
+                ))?;
+            }
+            if p.upsert.is_none() {
+                work.deleted.push((ty.to_owned(), id.to_owned()));
+            }
+        }
+        let Some(Upsert { hash, index, .. }) = &p.upsert else {
+            return Ok(());
+        };
+        work.hash.add(hash);
+        work.n_entities += 1;
+        let kws = key_ws(&p.schema, &p.ws);
+        for (field, value) in &index.keys {
+            let key = (ty, kws, field.as_str(), value.as_str());
+            let displaced = self
+                .keys
+                .insert(key, id)?
+                .map(|other| other.value().to_owned())
+                .filter(|other| other != id);
+            let k = [ty.to_owned(), kws.to_owned(), field.clone(), value.clone()];
+            if displaced.is_some() || work.contested.contains_key(&k) {
+                let holders = work.contested.entry(k).or_default();
+                for h in displaced.into_iter().chain(std::iter::once(id.to_owned())) {
+                    if !holders.contains(&h) {
+                        holders.push(h);
+                    }
+                }
+            }
+        }
+        for (field, parent_ty, parent_id) in &index.refs {
+            self.refs.insert(
+                (
+                    parent_ty.as_str(),
+                    parent_id.as_str(),
+                    ty,
+                    field.as_str(),
+                    id,
+                ),
+                (),
+            )?;
+            work.refs_written.push([
+                parent_ty.clone(),
+                parent_id.clone(),
+                ty.to_owned(),
+                field.clone(),
+                id.to_owned(),
+            ]);
+        }
+        Ok(())
+    }
+}
+
+// === impl WriterSlot ===
+
+impl WriterSlot {
+    pub(super) fn new() -> WriterSlot {
+        WriterSlot {
+            busy: Mutex::new(false),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits until no other apply holds a turn, and takes it.
+    fn take(&self) -> WriterTurn<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+        WriterTurn { slot: self }
+    }
+}
+
+impl Drop for WriterTurn<'_> {
+    fn drop(&mut self) {
+        *self.slot.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.slot.freed.notify_one();
+    }
+}
+
+/// Writes validated deltas, with the tables opened once.
+fn write_pending(
+    txn: &WriteTransaction,
+    work: &mut Work,
+    pending: Vec<Pending>,
+) -> Result<(), ApplyError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut tables = Tables::open(txn)?;
+    for p in pending {
+        tables.write(work, p)?;
+        crate::failpoint::hit("dp.apply.write");
+    }
+    Ok(())
+}
