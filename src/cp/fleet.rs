@@ -57,16 +57,7 @@ pub struct DpIdentity {
 
 /// One connected data plane.
 pub struct DpConn {
-    pub protocol: SyncProtocol,
-    pub node_id: String,
-    pub hostname: String,
-    pub address: SocketAddr,
-    pub kong_version: String,
-    pub labels: Value,
-    pub capabilities: Vec<String>,
-    pub cert_expiry: Option<i64>,
-    /// The largest frame the DP takes, when it said.
-    pub max_payload: Option<usize>,
+    pub who: DpIdentity,
     /// The plugins the DP can run (name → version), from `kong_conf.plugins` in its hello;
     /// `None` when it did not say (then it runs every plugin this CP knows).
     pub plugins: Option<HashMap<String, Option<String>>>,
@@ -122,7 +113,7 @@ impl Fleet {
         self.conns.lock().expect("conns lock").remove(&id);
         if let Err(e) = self
             .store
-            .disconnect_data_plane(&conn.node_id, &self.node_id, now_secs())
+            .disconnect_data_plane(&conn.who.node_id, &self.node_id, now_secs())
             .await
         {
             tracing::debug!(error = %e, "recording a disconnect failed");
@@ -141,22 +132,34 @@ impl Fleet {
 
     fn row(&self, conn: &DpConn, connected: bool) -> DataPlaneRow {
         let st = conn.status.lock().expect("status lock").clone();
+        let config_hash = st
+            .config_hash
+            .clone()
+            .or_else(|| Some(version_string(st.version)));
         DataPlaneRow {
-            node_id: conn.node_id.clone(),
-            hostname: conn.hostname.clone(),
-            address: conn.address.ip().to_string(),
-            kong_version: conn.kong_version.clone(),
-            protocol: conn.protocol.as_str().into(),
+            config_hash,
+            ..self.row_of(&conn.who, st, connected)
+        }
+    }
+
+    /// The row of a data plane as `who` says and `st` records.
+    fn row_of(&self, who: &DpIdentity, st: DpStatus, connected: bool) -> DataPlaneRow {
+        DataPlaneRow {
+            node_id: who.node_id.clone(),
+            hostname: who.hostname.clone(),
+            address: who.address.ip().to_string(),
+            kong_version: who.kong_version.clone(),
+            protocol: who.protocol.as_str().into(),
             version: st.version,
-            state_hash: st.state_hash.clone(),
+            state_hash: st.state_hash,
             connected_to: connected.then(|| self.node_id.clone()),
             last_seen: now_secs(),
             last_error: st.last_error,
-            labels: conn.labels.to_string(),
-            capabilities: Value::from(conn.capabilities.clone()).to_string(),
-            cert_expiry: conn.cert_expiry,
+            labels: who.labels.to_string(),
+            capabilities: Value::from(who.capabilities.clone()).to_string(),
+            cert_expiry: who.cert_expiry,
             sync_status: st.sync_status.as_str().to_owned(),
-            config_hash: st.config_hash.or_else(|| Some(version_string(st.version))),
+            config_hash: st.config_hash,
             updated_at: now_secs(),
         }
     }
@@ -168,7 +171,7 @@ impl Fleet {
             .upsert_data_plane(&self.row(conn, connected))
             .await
         {
-            tracing::debug!(error = %e, node_id = %conn.node_id, "recording data-plane status failed");
+            tracing::debug!(error = %e, node_id = %conn.who.node_id, "recording data-plane status failed");
         }
     }
 
@@ -177,24 +180,12 @@ impl Fleet {
         let protocol = who.protocol;
         tracing::warn!(node_id = %who.node_id, kong_version = %who.kong_version, %reason, %protocol, "data plane refused: kong_version_incompatible");
         let status = SyncStatus::KongVersionIncompatible;
-        let row = DataPlaneRow {
-            node_id: who.node_id.clone(),
-            hostname: who.hostname.clone(),
-            address: who.address.ip().to_string(),
-            kong_version: who.kong_version.clone(),
-            protocol: protocol.as_str().into(),
-            version: 0,
-            state_hash: None,
-            connected_to: None,
-            last_seen: now_secs(),
+        let st = DpStatus {
             last_error: Some(format!("{status}: {reason}")),
-            labels: who.labels.to_string(),
-            capabilities: Value::from(who.capabilities.clone()).to_string(),
-            cert_expiry: who.cert_expiry,
-            sync_status: status.as_str().into(),
-            config_hash: None,
-            updated_at: now_secs(),
+            sync_status: status,
+            ..DpStatus::default()
         };
+        let row = self.row_of(who, st, false);
         if let Err(e) = self.store.upsert_data_plane(&row).await {
             tracing::debug!(error = %e, "recording a refused data plane failed");
         }
@@ -218,7 +209,7 @@ impl Fleet {
             }
         }
         for c in self.connected() {
-            rows.insert(c.node_id.clone(), self.row(&c, true));
+            rows.insert(c.who.node_id.clone(), self.row(&c, true));
         }
         Ok(rows.into_values().collect())
     }
@@ -354,15 +345,7 @@ impl DpConn {
         DpConn {
             older: crate::schema::version_cmp(&who.kong_version, cp_version)
                 == std::cmp::Ordering::Less,
-            protocol: who.protocol,
-            node_id: who.node_id,
-            hostname: who.hostname,
-            address: who.address,
-            kong_version: who.kong_version,
-            labels: who.labels,
-            capabilities: who.capabilities,
-            cert_expiry: who.cert_expiry,
-            max_payload: who.max_payload,
+            who,
             plugins,
             status: Mutex::new(DpStatus {
                 sync_status: SyncStatus::Normal,
@@ -376,7 +359,7 @@ impl DpConn {
 
     /// The largest frame to send this DP: the smaller of `cp_limit` and the DP's own.
     pub fn frame_limit(&self, cp_limit: usize) -> usize {
-        self.max_payload.map_or(cp_limit, |dp| dp.min(cp_limit))
+        self.who.max_payload.map_or(cp_limit, |dp| dp.min(cp_limit))
     }
 
     /// Waits for this DP's one slot for a large answer (get_delta, get_page); hold the permit

@@ -101,9 +101,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         ),
         Err(e) => tracing::warn!(error = %e, "could not mark old connections disconnected"),
     }
-    let hostname = hostname::get()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into());
+    let hostname = crate::node::hostname();
     let writer = writer::Writer::spawn(store.clone(), cfg.max_batch);
     let state = Arc::new(admin::AdminState {
         store: store.clone(),

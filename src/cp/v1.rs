@@ -353,14 +353,14 @@ where
     let plugins = crate::proto::hello::plugins_of(&info);
     let conn = Arc::new(DpConn::new(who, plugins, &hub.kong_compat_version));
     let id = hub.fleet.register(conn.clone()).await;
-    tracing::info!(node_id = %conn.node_id, hostname = %conn.hostname, peer = %addr, kong_version = %conn.kong_version, "data plane connected (sync v1)");
+    tracing::info!(node_id = %conn.who.node_id, hostname = %conn.who.hostname, peer = %addr, kong_version = %conn.who.kong_version, "data plane connected (sync v1)");
     hub.clients.fetch_add(1, Ordering::Relaxed);
     hub.joined.notify_one();
     let notices = info.get(crate::proto::v1::NOTICES) == Some(&Value::Bool(true));
     let reason = run(&mut ws, &hub, &conn, notices, &mut stop).await;
     hub.clients.fetch_sub(1, Ordering::Relaxed);
     hub.fleet.unregister(id, &conn).await;
-    tracing::info!(node_id = %conn.node_id, peer = %addr, %reason, "data plane disconnected (sync v1)");
+    tracing::info!(node_id = %conn.who.node_id, peer = %addr, %reason, "data plane disconnected (sync v1)");
     Ok(())
 }
 
@@ -530,18 +530,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     if let Err(message) = hub.fleet.check_plugins(conn).await {
-        tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld (sync v1)");
+        tracing::warn!(node_id = %conn.who.node_id, %message, "configuration withheld (sync v1)");
         return Ok(Pushed::Withheld(message));
     }
     let bytes = if conn.older {
-        match hub.downgraded(p, &conn.kong_version).await {
+        match hub.downgraded(p, &conn.who.kong_version).await {
             Ok(b) => b,
             Err(e) => {
                 let message = format!(
                     "preparing the configuration for {}: {e:#}",
-                    conn.kong_version
+                    conn.who.kong_version
                 );
-                tracing::error!(node_id = %conn.node_id, %message);
+                tracing::error!(node_id = %conn.who.node_id, %message);
                 conn.set_error(message.clone());
                 return Ok(Pushed::Withheld(message));
             }
@@ -557,7 +557,7 @@ where
             bytes.len(),
             limit
         );
-        tracing::error!(node_id = %conn.node_id, %message);
+        tracing::error!(node_id = %conn.who.node_id, %message);
         conn.set_error(message.clone());
         return Ok(Pushed::Withheld(message));
     }
@@ -568,7 +568,7 @@ where
     .await;
     match sent {
         Ok(Ok(())) => {
-            tracing::debug!(node_id = %conn.node_id, version = p.version, hash = %p.config_hash, "sync v1: pushed");
+            tracing::debug!(node_id = %conn.who.node_id, version = p.version, hash = %p.config_hash, "sync v1: pushed");
             Ok(Pushed::Sent)
         }
         Ok(Err(e)) => Err(format!("write: {e}")),

@@ -124,12 +124,12 @@ where
     let _closer = CloseOnDrop(peer.clone());
     let id = ctx.fleet.register(conn.clone()).await;
     tracing::info!(
-        node_id = %conn.node_id,
-        hostname = %conn.hostname,
+        node_id = %conn.who.node_id,
+        hostname = %conn.who.hostname,
         peer = %addr,
-        kong_version = %conn.kong_version,
+        kong_version = %conn.who.kong_version,
         encoding = encoding.name(),
-        caps = ?conn.capabilities,
+        caps = ?conn.who.capabilities,
         "data plane connected"
     );
 
@@ -143,7 +143,7 @@ where
     };
     notifier.abort();
     ctx.fleet.unregister(id, &conn).await;
-    tracing::info!(node_id = %conn.node_id, peer = %addr, %reason, "data plane disconnected");
+    tracing::info!(node_id = %conn.who.node_id, peer = %addr, %reason, "data plane disconnected");
     Ok(())
 }
 
@@ -159,7 +159,7 @@ impl Drop for CloseOnDrop {
 
 /// Calls `notify_new_version` whenever the head moves past what the data plane reported.
 async fn notify_loop(ctx: Arc<ClusterCtx>, conn: Arc<DpConn>, peer: Peer) {
-    if !conn.capabilities.iter().any(|c| c == CAP_KONG_SYNC_V2) {
+    if !conn.who.capabilities.iter().any(|c| c == CAP_KONG_SYNC_V2) {
         return;
     }
     let mut head = ctx.store.subscribe();
@@ -177,7 +177,7 @@ async fn notify_loop(ctx: Arc<ClusterCtx>, conn: Arc<DpConn>, peer: Peer) {
             }
             .to_params();
             if let Err(e) = peer.call(NOTIFY_NEW_VERSION, params).await {
-                tracing::debug!(node_id = %conn.node_id, error = %e, "notify_new_version failed");
+                tracing::debug!(node_id = %conn.who.node_id, error = %e, "notify_new_version failed");
             }
             // Wait for the DP to report progress (or for a newer head) before notifying again.
             tokio::select! {
@@ -220,7 +220,7 @@ impl Handler for CpHandler {
                 GET_DELTA => get_delta(&ctx, &conn, &peer, encoding, &params, notification).await,
                 NOTIFY_VALIDATION_ERROR => {
                     let report = NotifyValidationError::from_params(&params)?;
-                    tracing::warn!(node_id = %conn.node_id, version = ?report.version, error = %report.message, "data plane rejected deltas");
+                    tracing::warn!(node_id = %conn.who.node_id, version = ?report.version, error = %report.message, "data plane rejected deltas");
                     conn.set_error(report.message);
                     Ok(Reply::Value(Value::Bool(true)))
                 }
@@ -253,10 +253,10 @@ fn downgrade(
     path: &[&str],
 ) -> Result<String, RpcError> {
     let (text, removed) =
-        compat::strip_answer(ctx.store.registry(), text, path, &conn.kong_version)
+        compat::strip_answer(ctx.store.registry(), text, path, &conn.who.kong_version)
             .map_err(|e| RpcError::internal_error().with_message(e.to_string()))?;
     if !removed.is_empty() {
-        tracing::info!(node_id = %conn.node_id, kong_version = %conn.kong_version, fields = ?removed, "removed fields the data plane does not know");
+        tracing::info!(node_id = %conn.who.node_id, kong_version = %conn.who.kong_version, fields = ?removed, "removed fields the data plane does not know");
     }
     Ok(text)
 }
@@ -294,7 +294,7 @@ async fn get_delta(
         // Withhold the configuration rather than send what the DP cannot run; it is sent
         // once the configuration or the DP changes (the notifier announces every new head,
         // and a deltaplane DP asks again on it: `proto::is_withheld`).
-        tracing::warn!(node_id = %conn.node_id, %message, "configuration withheld");
+        tracing::warn!(node_id = %conn.who.node_id, %message, "configuration withheld");
         return Err(RpcError::server_error().with_message(message));
     }
     // The data plane's own limit counts too: a frame above it would make it close the
@@ -314,7 +314,7 @@ async fn get_delta(
         .await
     {
         Ok((text, decision)) => {
-            tracing::debug!(node_id = %conn.node_id, ?decision, bytes = text.len(), "get_delta");
+            tracing::debug!(node_id = %conn.who.node_id, ?decision, bytes = text.len(), "get_delta");
             // The DP will be at this version once it applies the answer: no need to notify it
             // of that version (it reports where it really is after applying).
             match decision {
@@ -339,7 +339,7 @@ async fn get_delta(
             Err(RpcError::server_error().with_message(format!("database unavailable: {e}")))
         }
         Err(e) => {
-            tracing::error!(node_id = %conn.node_id, error = %e, "get_delta refused");
+            tracing::error!(node_id = %conn.who.node_id, error = %e, "get_delta refused");
             if matches!(e, FeedError::TooLarge { .. }) {
                 // Withheld on both sides: the data plane gets the error, its row says why.
                 conn.set_error(e.to_string());

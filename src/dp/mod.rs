@@ -152,9 +152,7 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
-    let hostname = hostname::get()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into());
+    let hostname = crate::node::hostname();
     let store = open_store(&cfg.data_dir, cfg.durable)?;
     let state = store.state();
     tracing::info!(

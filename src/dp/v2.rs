@@ -78,6 +78,7 @@ pub(super) async fn session(
         .context("the control plane chose an unknown encoding")?;
     let cp_epoch = result.epoch().map(str::to_owned);
     let cp_caps = result.rpc_capabilities.clone();
+    let offers_v2 = result.offers(CAP_KONG_SYNC_V2);
     let (notified_tx, mut notified) = watch::channel(0i64);
     let handler = Arc::new(DpHandler {
         shared: shared.clone(),
@@ -90,13 +91,13 @@ pub(super) async fn session(
         l.connects += 1;
     });
     tracing::info!(control_plane = %cp, encoding = encoding.name(), caps = ?cp_caps, epoch = ?cp_epoch, "connected to the control plane");
-    if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) && cfg.sync == SyncMode::Auto {
+    if !offers_v2 && cfg.sync == SyncMode::Auto {
         close_and_wait(&peer).await;
         return Ok(End::NoSyncV2(
             "the control plane's hello does not offer kong.sync.v2".into(),
         ));
     }
-    if !cp_caps.iter().any(|c| c == CAP_KONG_SYNC_V2) {
+    if !offers_v2 {
         tracing::warn!(control_plane = %cp, "the control plane does not offer kong.sync.v2; waiting");
         return Ok(tokio::select! {
             r = peer.closed() => End::Closed(describe_close(&r, cfg.cluster.max_payload)),
@@ -109,7 +110,7 @@ pub(super) async fn session(
         shared: shared.clone(),
         peer: peer.clone(),
         cp_epoch,
-        paging: cp_caps.iter().any(|c| c == CAP_DELTAPLANE_SYNC_V1),
+        paging: result.offers(CAP_DELTAPLANE_SYNC_V1),
     };
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut rejections: u32 = 0;

@@ -74,19 +74,14 @@ impl Hello {
 
     /// `kong_conf.cluster_dp_labels` (`["key:value", ...]`) as an object.
     pub fn labels(&self) -> Value {
-        let mut m = Map::new();
-        if let Some(items) = self
+        let items = self
             .kong_conf
             .get("cluster_dp_labels")
             .and_then(Value::as_array)
-        {
-            for item in items.iter().filter_map(Value::as_str) {
-                if let Some((k, v)) = item.split_once(':') {
-                    m.insert(k.to_owned(), Value::String(v.to_owned()));
-                }
-            }
-        }
-        Value::Object(m)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str);
+        Value::Object(labels_map(items))
     }
 }
 
@@ -106,6 +101,15 @@ pub fn data_plane_conf(
             .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
             .collect::<Vec<_>>(),
     })
+}
+
+/// `key:value` labels (Kong's `cluster_dp_labels`) as an object; items without `:` are skipped.
+pub fn labels_map<'a>(items: impl IntoIterator<Item = &'a str>) -> Map<String, Value> {
+    items
+        .into_iter()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+        .collect()
 }
 
 /// `cluster_max_payload` of a configuration object (a hello's `kong_conf`, a v1

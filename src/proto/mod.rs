@@ -60,16 +60,6 @@ impl SyncStatus {
             SyncStatus::PluginVersionIncompatible => PLUGIN_VERSION_INCOMPATIBLE,
         }
     }
-
-    /// A compatibility check withholds the configuration (or refused the data plane).
-    pub fn is_incompatible(self) -> bool {
-        matches!(
-            self,
-            SyncStatus::KongVersionIncompatible
-                | SyncStatus::PluginSetIncompatible
-                | SyncStatus::PluginVersionIncompatible
-        )
-    }
 }
 
 impl std::fmt::Display for SyncStatus {

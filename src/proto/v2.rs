@@ -431,11 +431,6 @@ pub struct Answer<'a> {
 /// `{}` is an empty `deltas`, an unreadable `deltaplane_head` is ignored).
 pub fn read_answer(text: &str) -> Result<Answer<'_>, AnswerError> {
     #[derive(Deserialize)]
-    struct Outer<'a> {
-        #[serde(borrow)]
-        default: Option<&'a RawValue>,
-    }
-    #[derive(Deserialize)]
     struct Header {
         #[serde(default)]
         full_sync: Option<bool>,
@@ -450,9 +445,9 @@ pub fn read_answer(text: &str) -> Result<Answer<'_>, AnswerError> {
         #[serde(default)]
         deltas: Option<IgnoredAny>,
     }
-    let outer: Outer<'_> =
-        serde_json::from_str(text).map_err(|e| AnswerError::Json(e.to_string()))?;
-    let namespace = outer.default.ok_or(AnswerError::NoDefaultNamespace)?.get();
+    let namespace = default_of(text)
+        .map_err(|e| AnswerError::Json(e.to_string()))?
+        .ok_or(AnswerError::NoDefaultNamespace)?;
     let h: Header =
         serde_json::from_str(namespace).map_err(|e| AnswerError::Json(e.to_string()))?;
     if h.deltas.is_none() && h.deltaplane_transfer.is_none() {
@@ -473,16 +468,20 @@ pub fn read_answer(text: &str) -> Result<Answer<'_>, AnswerError> {
 
 /// The `default` namespace of an answer, without reading its header.
 pub fn answer_namespace(text: &str) -> Result<&str, String> {
+    default_of(text)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "default namespace does not exist".to_owned())
+}
+
+/// The text of an answer's `default` member, if it has one.
+fn default_of(text: &str) -> Result<Option<&str>, serde_json::Error> {
     #[derive(Deserialize)]
     struct Outer<'a> {
         #[serde(borrow)]
         default: Option<&'a RawValue>,
     }
-    let outer: Outer<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    outer
-        .default
-        .map(RawValue::get)
-        .ok_or_else(|| "default namespace does not exist".to_owned())
+    let outer: Outer<'_> = serde_json::from_str(text)?;
+    Ok(outer.default.map(RawValue::get))
 }
 
 /// Calls `f` with each element of the `deltas` field of `ns_json` (an object: an answer's

@@ -59,11 +59,6 @@ impl Version {
     pub fn parse(s: &str) -> Option<Version> {
         parse_version(s).map(Version)
     }
-
-    /// Whether this is a configuration at all.
-    pub const fn is_none(self) -> bool {
-        self.0 == 0
-    }
 }
 
 impl From<Version> for i64 {

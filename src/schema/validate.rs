@@ -373,7 +373,7 @@ impl Registry {
     }
 
     /// The `plugin_config` check: a described plugin's config is filled and validated against
-    /// `schema/plugins/<name>.json`; any other plugin is validated structurally (config an object).
+    /// `schema/plugins/<name>.json`; any other plugin name is refused.
     fn check_plugin(&self, entity: &mut Map<String, Value>, errors: &mut FieldErrors) {
         let Some(Value::String(name)) = entity.get("name").cloned() else {
             return;
@@ -381,7 +381,16 @@ impl Registry {
         if entity.get("config").is_none_or(Value::is_null) {
             entity.insert("config".into(), Value::Object(Map::new()));
         }
+        // Kong's `subschema_error` (`kong/db/schema/entities/plugins.lua`): a plugin no schema
+        // describes is refused; a stored one (an older release stored any name) is served
+        // only disabled (`Registry::accepts_stored`, `cp::store::revalidate`).
         let Some(plugin) = self.plugin(&name) else {
+            errors.field(
+                "name",
+                format!(
+                    "plugin '{name}' not enabled; add it to the 'plugins' configuration property"
+                ),
+            );
             return;
         };
         for (flag, field) in [

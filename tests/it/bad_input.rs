@@ -596,7 +596,7 @@ async fn dp_that_stops_reading_is_disconnected() {
             .fleet
             .connected()
             .iter()
-            .map(|c| c.node_id.clone())
+            .map(|c| c.who.node_id.clone())
             .collect::<Vec<_>>()
     };
     // The control plane answers the hello before it registers the connection.

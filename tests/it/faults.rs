@@ -201,7 +201,7 @@ fn connected_node(cp: &TestCp, node_id: &str) -> bool {
         .fleet
         .connected()
         .iter()
-        .any(|c| c.node_id == node_id)
+        .any(|c| c.who.node_id == node_id)
 }
 
 /// Converges and returns how long it took.
@@ -645,7 +645,7 @@ async fn stuck_data_planes_are_dropped_and_memory_stays_bounded() {
     let dp = cp.start_dp().await;
     dp.converge(&cp, 30).await;
     let mon = Monitor::start(&dp);
-    let is_raw = |c: &deltaplane::cp::fleet::DpConn| c.hostname == STUCK_HOST;
+    let is_raw = |c: &deltaplane::cp::fleet::DpConn| c.who.hostname == STUCK_HOST;
     let stuck_connected = || {
         cp.running()
             .fleet

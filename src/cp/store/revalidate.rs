@@ -6,8 +6,8 @@
 //! The rule: once per set of schema files (`Registry::builtin_fingerprint`, kept in
 //! `dp_marks`), every stored entity goes through [`Op::Revalidate`] — a valid one is stored as
 //! the current schema completes it (new defaults filled), an invalid one with `enabled: true`
-//! is disabled (a data plane accepts a disabled entity it cannot validate: it never runs),
-//! and the rest is left as stored. The invalid ones are returned, for the log and `GET /`.
+//! (a plugin of a name no schema describes included) is disabled (a data plane accepts a
+//! disabled entity it cannot validate: it never runs), and the rest is left as stored. The invalid ones are returned, for the log and `GET /`.
 
 use serde_json::Value;
 
@@ -90,7 +90,6 @@ impl Store {
                 }
             }
         }
-        invalid.extend(self.disable_unknown_plugins().await?);
         on_backend!(self.pool(), p => {
             sqlx::query(
                 "INSERT INTO dp_marks (name, value) VALUES ($1, $2) \
@@ -100,59 +99,6 @@ impl Store {
                 .execute(p)
                 .await?;
         });
-        Ok(invalid)
-    }
-
-    /// Plugins whose name no schema of this release describes cannot run on any data plane
-    /// (an older release stored any name): an enabled one is disabled, so that no data plane
-    /// is refused the configuration for lacking it (the compatibility check counts enabled
-    /// plugins only), and reported.
-    async fn disable_unknown_plugins(&self) -> Result<Vec<Invalid>, StoreError> {
-        let rows: Vec<(String, String)> = on_backend!(self.pool(), p => {
-            sqlx::query_as("SELECT id, body FROM dp_entities WHERE type = $1")
-                .bind(crate::schema::PLUGINS)
-                .fetch_all(p)
-                .await?
-        });
-        let mut invalid = Vec::new();
-        for (id, body) in rows {
-            let Ok(body) = serde_json::from_str::<Value>(&body) else {
-                continue;
-            };
-            let Some(name) = body.get("name").and_then(Value::as_str) else {
-                continue;
-            };
-            if self.registry().plugin(name).is_some() {
-                continue;
-            }
-            let enabled = body.get("enabled") == Some(&Value::Bool(true));
-            let mut disabled = false;
-            if enabled {
-                let op = Op::Patch {
-                    entity: crate::schema::PLUGINS.into(),
-                    key: id.clone(),
-                    input: serde_json::json!({"enabled": false}),
-                    scope: None,
-                };
-                match self.write(op).await {
-                    Ok(_) => disabled = true,
-                    Err(StoreError::NotFound) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            let mut errors = FieldErrors::default();
-            errors.field(
-                "name",
-                format!("plugin '{name}' is not a plugin of this release"),
-            );
-            invalid.push(Invalid {
-                entity_type: crate::schema::PLUGINS.into(),
-                id,
-                name: Some(name.to_owned()),
-                disabled,
-                errors,
-            });
-        }
         Ok(invalid)
     }
 }

@@ -48,11 +48,7 @@ pub fn read_withheld_notice(text: &str) -> Option<String> {
 pub fn basic_info(plugins: &[(String, String)], labels: &[String], max_payload: usize) -> Value {
     let mut plugins = plugins.to_vec();
     plugins.sort_by_key(|(n, _)| n.to_lowercase());
-    let labels: serde_json::Map<String, Value> = labels
-        .iter()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
-        .collect();
+    let labels = super::hello::labels_map(labels.iter().map(String::as_str));
     serde_json::json!({
         "type": BASIC_INFO,
         "plugins": plugins
