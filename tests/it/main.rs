@@ -13,6 +13,7 @@ mod diagnostics;
 mod dp_store;
 mod faults;
 mod fleet;
+mod fleetsim;
 mod fuzz_corpus;
 mod harness;
 mod interop;
