@@ -157,7 +157,8 @@ fn hello(frame: &[u8]) {
     };
     match message {
         Message::Request(request) if request.method == HELLO_METHOD && request.id.is_some() => {
-            let Some(info) = request.params.as_array().and_then(|p| p.first()) else {
+            let params = request.params_value();
+            let Some(info) = params.as_array().and_then(|p| p.first()) else {
                 return;
             };
             if let Ok(h) = Hello::deserialize(info) {

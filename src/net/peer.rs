@@ -88,6 +88,23 @@ pub trait Handler: Send + Sync + 'static {
         params: Value,
         notification: bool,
     ) -> BoxFuture<'static, Result<Reply, RpcError>>;
+
+    /// Methods whose params are handed over as JSON text ([`Handler::call_raw`]) instead of
+    /// a [`Value`] tree: a large argument is then parsed only as far as the handler needs.
+    fn raw_methods(&self) -> &[&'static str] {
+        &[]
+    }
+
+    /// Runs one request of a [`Handler::raw_methods`] method; `params` is a JSON array.
+    fn call_raw(
+        &self,
+        _peer: Peer,
+        _method: String,
+        _params: Box<RawValue>,
+        _notification: bool,
+    ) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        Box::pin(async { Err(RpcError::method_not_found()) })
+    }
 }
 
 /// A handler's successful answer.
@@ -916,10 +933,17 @@ async fn answer(
             tracing::info!(%method, "unable to find RPC notify call");
         }
         Err(RpcError::method_not_found())
-    } else if !params.is_array() {
+    } else if !params.get().trim_start().starts_with('[') {
         Err(RpcError::invalid_params().with_message("params must be an array"))
     } else {
-        AssertUnwindSafe(handler.call(peer.clone(), method.clone(), params, id.is_none()))
+        let notification = id.is_none();
+        let call = if handler.raw_methods().contains(&method.as_str()) {
+            handler.call_raw(peer.clone(), method.clone(), params, notification)
+        } else {
+            let params = serde_json::from_str(params.get()).expect("params were parsed as JSON");
+            handler.call(peer.clone(), method.clone(), params, notification)
+        };
+        AssertUnwindSafe(call)
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {

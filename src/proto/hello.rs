@@ -207,10 +207,11 @@ pub fn parse_hello(frame: &[u8]) -> Result<(Value, Hello), String> {
     if request.method != HELLO_METHOD {
         return Err(format!("expected {HELLO_METHOD}, got {}", request.method));
     }
+    let params = request.params_value();
     let Some(id) = request.id else {
         return Err("the hello must have an id".to_owned());
     };
-    let Some(info) = request.params.as_array().and_then(|params| params.first()) else {
+    let Some(info) = params.as_array().and_then(|params| params.first()) else {
         return Err("the hello params must be an array holding one object".to_owned());
     };
     let hello = Hello::deserialize(info).map_err(|err| format!("invalid hello: {err}"))?;

@@ -51,14 +51,27 @@ pub enum Message {
 }
 
 /// A call or notification.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Request {
     /// `None` for a notification. A string, a number or `null` otherwise.
     pub id: Option<Value>,
     pub method: String,
-    /// As sent; an absent `params` is an empty array. Kong sends positional arrays only,
-    /// and the peer answers anything else with -32602.
-    pub params: Value,
+    /// As sent, as JSON text (a large argument is parsed only by whoever needs it); an absent
+    /// `params` is an empty array. Kong sends positional arrays only, and the peer answers
+    /// anything else with -32602.
+    pub params: Box<RawValue>,
+}
+
+impl Request {
+    /// The params as a [`Value`] tree.
+    pub fn params_value(&self) -> Value {
+        serde_json::from_str(self.params.get()).expect("params were parsed as JSON")
+    }
+
+    /// Whether the params are an array (Kong's positional arguments).
+    pub fn params_are_array(&self) -> bool {
+        self.params.get().trim_start().starts_with('[')
+    }
 }
 
 /// A response to a call.
@@ -287,7 +300,7 @@ struct Envelope {
     #[serde(default, deserialize_with = "present")]
     id: Option<Value>,
     #[serde(default, deserialize_with = "present")]
-    params: Option<Value>,
+    params: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     result: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
@@ -335,7 +348,9 @@ fn classify(envelope: Envelope) -> Message {
         return Message::Request(Request {
             id,
             method,
-            params: envelope.params.unwrap_or_else(|| Value::Array(Vec::new())),
+            params: envelope
+                .params
+                .unwrap_or_else(|| RawValue::from_string("[]".to_owned()).expect("valid JSON")),
         });
     }
 
@@ -498,12 +513,12 @@ mod tests {
         };
         assert_eq!(req.id, Some(json!(0)));
         assert_eq!(req.method, "kong.sync.v2.get_delta");
-        assert_eq!(req.params, json!([{"default": {}}]));
+        assert_eq!(req.params_value(), json!([{"default": {}}]));
 
         let Message::Request(req) = single(r#" {"jsonrpc":"2.0","method":"a.b"}"#) else {
             panic!()
         };
-        assert_eq!((req.id, req.params), (None, json!([])));
+        assert_eq!((req.id.clone(), req.params_value()), (None, json!([])));
 
         // `"id": null` is a call with a null id, not a notification.
         let Message::Request(req) = single(r#"{"jsonrpc":"2.0","method":"a.b","id":null}"#) else {
@@ -516,7 +531,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(req.params, json!({}));
+        assert_eq!(req.params_value(), json!({}));
     }
 
     #[test]

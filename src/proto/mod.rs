@@ -28,6 +28,9 @@ pub use version::{EMPTY_VERSION, Version, parse_version, version_string};
 pub const CAP_KONG_SYNC_V2: &str = "kong.sync.v2";
 /// Our extensions (paged transfers), only ever called on a peer that announced them.
 pub const CAP_DELTAPLANE_SYNC_V1: &str = "deltaplane.sync.v1";
+/// Our pushed deltas: the control plane sends small versions to the data plane unasked
+/// ([`v2::PUSH_DELTAS`]), one shared frame for every data plane that announced this.
+pub const CAP_DELTAPLANE_PUSH_V1: &str = "deltaplane.push.v1";
 
 /// The data plane's `sync_status` when the configuration uses a plugin it lacks; the control
 /// plane then withholds the configuration.

@@ -31,6 +31,8 @@ pub const NOTIFY_VALIDATION_ERROR: &str = "kong.sync.v2.notify_validation_error"
 /// One page of a paged transfer (ours; only called on a peer that announced
 /// [`super::CAP_DELTAPLANE_SYNC_V1`]).
 pub const GET_PAGE: &str = "deltaplane.sync.v1.get_page";
+/// The control plane's pushed version (a notification; see [`Push`]).
+pub const PUSH_DELTAS: &str = "deltaplane.push.v1.deltas";
 
 /// The version a data plane reports in `notify_validation_error` when the rejected answer
 /// named none (Kong's DP sends the same placeholder).
@@ -399,6 +401,55 @@ pub fn write_page(
     String::from_utf8(out).expect("built from UTF-8 pieces")
 }
 
+// === pushed deltas ===
+
+/// A version pushed to the data plane with the notification: `{"after":…,"epoch":…,
+/// "answer":<a get_delta result>}` as the one element of `params`. A notification carries no
+/// id, so one encoded frame serves every data plane that holds `after`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push<'a> {
+    /// The version the data plane must hold for the answer to apply.
+    pub after: Version,
+    /// The control plane's epoch (its hello's): the change log the versions belong to.
+    pub epoch: &'a str,
+    /// The `get_delta` result's JSON text (read it with [`read_answer`]).
+    pub answer: &'a str,
+}
+
+/// The whole `deltaplane.push.v1.deltas` notification message for `answer` (a
+/// [`write_answer`] text), ready to encode.
+pub fn write_push(after: Version, epoch: &str, answer: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(answer.len() + 160);
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"");
+    out.extend_from_slice(PUSH_DELTAS.as_bytes());
+    out.extend_from_slice(b"\",\"params\":[{\"after\":\"");
+    out.extend_from_slice(after.wire().as_bytes());
+    out.extend_from_slice(b"\",\"epoch\":");
+    serde_json::to_writer(&mut out, epoch).expect("string serialises");
+    out.extend_from_slice(b",\"answer\":");
+    out.extend_from_slice(answer.as_bytes());
+    out.extend_from_slice(b"}]}");
+    out
+}
+
+/// Reads the `params` of a push (the JSON array text) without parsing the answer's deltas.
+pub fn read_push(params: &str) -> Result<Push<'_>, String> {
+    #[derive(Deserialize)]
+    struct Wire<'a> {
+        after: &'a str,
+        epoch: &'a str,
+        #[serde(borrow)]
+        answer: &'a RawValue,
+    }
+    let (w,): (Wire<'_>,) = serde_json::from_str(params).map_err(|e| format!("push: {e}"))?;
+    let after = Version::parse(w.after).ok_or_else(|| format!("push: after is not a version: {}", w.after))?;
+    Ok(Push {
+        after,
+        epoch: w.epoch,
+        answer: w.answer.get(),
+    })
+}
+
 // === the answer, read ===
 
 /// Why an answer could not be read (the data plane rejects it).
@@ -562,6 +613,29 @@ impl<'de, F: FnMut(Value) -> Result<(), String>> Visitor<'de> for DeltasSeed<'_,
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn push_round_trips_and_is_one_notification() {
+        let answer = write_answer(
+            br#"{"type":"services","id":"a","ws_id":"w","entity":null,"version":"v02_0000000000000000000000000008"}"#,
+            &AnswerHead {
+                latest_version: Version::new(8),
+                head: Some(Version::new(8)),
+                ..AnswerHead::default()
+            },
+        );
+        let msg = write_push(Version::new(7), "e-1", &answer);
+        let parsed: Value = serde_json::from_slice(&msg).unwrap();
+        assert_eq!(parsed["method"], PUSH_DELTAS);
+        assert!(parsed.get("id").is_none(), "a push is a notification");
+        let params = serde_json::to_string(&parsed["params"]).unwrap();
+        let push = read_push(&params).unwrap();
+        assert_eq!((push.after, push.epoch), (Version::new(7), "e-1"));
+        let a = read_answer(push.answer).unwrap();
+        assert_eq!(a.latest_version, Some(Version::new(8)));
+        assert!(read_push(r#"[{"after":"x","epoch":"e","answer":{}}]"#).is_err());
+        assert!(read_push(r#"[]"#).is_err());
+    }
+
     use super::*;
 
     fn change<'a>(v: i64, id: &'a str) -> RawDelta<'a> {
