@@ -58,14 +58,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::{mpsc, watch};
 
 use sim::{Event, Mix, Pump, SimConfig};
 
 #[derive(Parser)]
-#[command(about = "Fleet simulator: simulated DPs (Kong or deltaplane dialect) against the \
-                   real deltaplane-cp. Build first: cargo build --release --bins --examples")]
+#[command(
+    about = "Fleet simulator: simulated DPs (Kong or deltaplane dialect) against the \
+                   real deltaplane-cp. Build first: cargo build --release --bins --examples"
+)]
 struct Cli {
     /// Directory holding deltaplane-cp [default: <target>/release]
     #[arg(long, global = true)]
@@ -269,11 +270,13 @@ fn run_sims(a: SimsArgs) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let fleet = sim::spawn(cfg, a.first, a.count, mix, tx);
         let counters = fleet.counters.clone();
-        // stdin: `stats` asks for the counters; `quit` or EOF ends the run.
+        // stdin: `stats` asks for the counters; `quit` or EOF ends the run. Plain threads:
+        // the library's tokio has no stdio.
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<bool>();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(tokio::io::stdin()).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
                 match line.trim() {
                     "stats" => {
                         let _ = cmd_tx.send(true);
@@ -284,25 +287,33 @@ fn run_sims(a: SimsArgs) -> anyhow::Result<()> {
             }
             let _ = cmd_tx.send(false);
         });
-        let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+        let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            while let Ok(line) = line_rx.recv() {
+                let _ = out.write_all(line.as_bytes());
+                while let Ok(line) = line_rx.try_recv() {
+                    let _ = out.write_all(line.as_bytes());
+                }
+                if out.flush().is_err() {
+                    return;
+                }
+            }
+        });
         loop {
             tokio::select! {
                 e = rx.recv() => {
                     let Some(e) = e else { break };
-                    out.write_all(format!("{}\n", e.to_line()).as_bytes()).await?;
-                    while let Ok(e) = rx.try_recv() {
-                        out.write_all(format!("{}\n", e.to_line()).as_bytes()).await?;
-                    }
-                    out.flush().await?;
+                    let _ = line_tx.send(format!("{}\n", e.to_line()));
                 }
                 c = cmd_rx.recv() => {
                     if c == Some(true) {
                         // Events before the counters, so the driver has seen what they count.
                         while let Ok(e) = rx.try_recv() {
-                            out.write_all(format!("{}\n", e.to_line()).as_bytes()).await?;
+                            let _ = line_tx.send(format!("{}\n", e.to_line()));
                         }
-                        out.write_all(format!("N 0 {}\n", counters.to_line()).as_bytes()).await?;
-                        out.flush().await?;
+                        let _ = line_tx.send(format!("N 0 {}\n", counters.to_line()));
                     } else {
                         break;
                     }
@@ -310,25 +321,28 @@ fn run_sims(a: SimsArgs) -> anyhow::Result<()> {
             }
         }
         fleet.shutdown().await;
+        drop(line_tx);
+        let _ = writer.join();
         Ok(())
     })
 }
 
 /// One child process of simulated DPs, seen from the driver.
 struct SimProc {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
     pid: u32,
     /// (replies so far, the last counters).
     stats: watch::Receiver<(u64, [u64; 14])>,
-    reader: tokio::task::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SimProc {
     async fn counters(&mut self) -> anyhow::Result<[u64; 14]> {
+        use std::io::Write as _;
         let seen = self.stats.borrow().0;
-        self.stdin.write_all(b"stats\n").await?;
-        self.stdin.flush().await?;
+        self.stdin.write_all(b"stats\n")?;
+        self.stdin.flush()?;
         let r = tokio::time::timeout(
             Duration::from_secs(30),
             self.stats.wait_for(|(n, _)| *n > seen),
@@ -339,15 +353,24 @@ impl SimProc {
     }
 
     async fn quit(mut self) {
-        let _ = self.stdin.write_all(b"quit\n").await;
-        let _ = self.stdin.flush().await;
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
+        use std::io::Write as _;
+        let _ = self.stdin.write_all(b"quit\n");
+        let _ = self.stdin.flush();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _ = self.reader.await;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for SimProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
     }
 }
 
@@ -525,7 +548,7 @@ impl World {
     async fn spawn_sims(&mut self, first: u32, count: u32) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?;
         let dir = self.cp_dir();
-        let mut cmd = tokio::process::Command::new(exe);
+        let mut cmd = std::process::Command::new(exe);
         cmd.args(["--role", "sims"])
             .args(["--first", &first.to_string()])
             .args(["--count", &count.to_string()])
@@ -539,17 +562,17 @@ impl World {
             .args(&self.sims_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .stderr(Stdio::inherit());
         let mut child = cmd.spawn().context("spawning a sims process")?;
-        let pid = child.id().context("sims pid")?;
+        let pid = child.id();
         let stdin = child.stdin.take().context("sims stdin")?;
         let stdout = child.stdout.take().context("sims stdout")?;
         let (stats_tx, stats) = watch::channel((0u64, [0u64; 14]));
         let events = self.events.clone();
-        let reader = tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
                 if let Some(rest) = line.strip_prefix("N 0 ") {
                     let c = sim::Counters::parse_line(rest);
                     stats_tx.send_modify(|(n, v)| {
@@ -566,7 +589,7 @@ impl World {
             stdin,
             pid,
             stats,
-            reader,
+            reader: Some(reader),
         });
         Ok(())
     }
@@ -695,8 +718,7 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
     let writer =
         tokio::spawn(async move { sim::write_paced(&http, &admin, &ids, writes, rate).await });
     while !writer.is_finished() {
-        if let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(20), pump.rx.recv()).await
-        {
+        if let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(20), pump.rx.recv()).await {
             pump.tracker.on(e);
         }
     }
@@ -720,7 +742,10 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
             .tracker
             .reached(v)
             .into_iter()
-            .map(|t| t.context("a DP never applied a version").map(|t| t.saturating_sub(*t0)))
+            .map(|t| {
+                t.context("a DP never applied a version")
+                    .map(|t| t.saturating_sub(*t0))
+            })
             .collect::<anyhow::Result<_>>()?;
         ts.sort_unstable();
         first.push(ts[0]);
@@ -736,7 +761,11 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
     println!();
     println!("| write → applied on | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|");
-    for (name, xs) in [("first DP", &first), ("median DP", &median), ("last DP", &last)] {
+    for (name, xs) in [
+        ("first DP", &first),
+        ("median DP", &median),
+        ("last DP", &last),
+    ] {
         let s = stat_ms(xs);
         println!("| {name} | {:.2} | {:.2} | {:.2} |", s.0, s.1, s.2);
     }

@@ -38,7 +38,9 @@ use deltaplane::proto::codec::{self, Encoding};
 use deltaplane::proto::hello::{Hello, data_plane_conf};
 use deltaplane::proto::jsonrpc::{self, RpcError};
 use deltaplane::proto::v2::{self, GetDelta, NotifyNewVersion};
-use deltaplane::proto::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, StateHash, Version};
+use deltaplane::proto::{
+    CAP_DELTAPLANE_PUSH_V1, CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, StateHash, Version,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use serde_json::Value;
@@ -47,10 +49,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
-/// The push capability and method of the push contract (`deltaplane.push.v1`).
-pub const CAP_PUSH: &str = "deltaplane.push.v1";
-pub const PUSH_DELTAS: &str = "deltaplane.push.v1.deltas";
 
 /// Which data plane a simulated one behaves as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,7 +511,8 @@ enum End {
     Closed(String),
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 async fn run_dp(mut dp: SimDp, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.cfg.clone();
@@ -622,7 +621,7 @@ impl SimDp {
                 vec![
                     CAP_KONG_SYNC_V2.to_owned(),
                     CAP_DELTAPLANE_SYNC_V1.to_owned(),
-                    CAP_PUSH.to_owned(),
+                    CAP_DELTAPLANE_PUSH_V1.to_owned(),
                 ],
                 vec![
                     Encoding::Zstd.name().to_owned(),
@@ -641,7 +640,9 @@ impl SimDp {
         let result = hello::client_handshake(&mut ws, &hello_msg, cfg.timeout)
             .await
             .map_err(|e| format!("hello: {e}"))?;
-        let encoding = result.encoding().ok_or("the CP chose an unknown encoding")?;
+        let encoding = result
+            .encoding()
+            .ok_or("the CP chose an unknown encoding")?;
         Ok(Conn {
             ws,
             encoding,
@@ -718,8 +719,7 @@ impl SimDp {
     async fn ask(&self, shared: &Shared, conn: &mut Conn<Ws>) -> Result<(), String> {
         let other_epoch = matches!((&self.epoch, &conn.cp_epoch), (Some(a), Some(b)) if a != b);
         let asked = if other_epoch { 0 } else { self.version };
-        let hash =
-            (self.dialect == Dialect::Deltaplane && asked > 0).then(|| self.hash.to_hex());
+        let hash = (self.dialect == Dialect::Deltaplane && asked > 0).then(|| self.hash.to_hex());
         let params = GetDelta::new(Version::new(asked), hash).to_params();
         let id = conn.next_id;
         conn.next_id += 1;
@@ -799,7 +799,7 @@ impl SimDp {
                 }
                 return Ok(false);
             }
-            if method == PUSH_DELTAS && self.dialect == Dialect::Deltaplane {
+            if method == v2::PUSH_DELTAS && self.dialect == Dialect::Deltaplane {
                 return self.on_push(shared, conn, params).await;
             }
             if let Some(id) = &id {
@@ -816,7 +816,10 @@ impl SimDp {
         }
         conn.inflight = None;
         match (m.result, m.error) {
-            (Some(result), None) => self.on_answer(shared, conn, result.get(), asked, false).await,
+            (Some(result), None) => {
+                self.on_answer(shared, conn, result.get(), asked, false)
+                    .await
+            }
             (_, error) => {
                 shared.counters.inc(C::ErrorAnswer);
                 tracing::debug!(dp = self.idx, ?error, "get_delta error answer");
@@ -870,31 +873,18 @@ impl SimDp {
         conn: &mut Conn<Ws>,
         params: &str,
     ) -> Result<bool, String> {
-        #[derive(Deserialize)]
-        struct Push<'a> {
-            after: Cow<'a, str>,
-            epoch: Cow<'a, str>,
-            #[serde(borrow)]
-            answer: &'a RawValue,
-        }
         shared.counters.inc(C::Push);
-        let push: Vec<Push<'_>> =
-            serde_json::from_str(params).map_err(|e| format!("bad push params: {e}"))?;
-        let Some(push) = push.into_iter().next() else {
-            return Err("push without params".into());
-        };
-        let after = Version::parse(&push.after).map(Version::get);
-        let ours = self.epoch.as_deref() == Some(&*push.epoch)
-            && conn.cp_epoch.as_deref() == Some(&*push.epoch);
+        let push = v2::read_push(params).map_err(|e| format!("bad push: {e}"))?;
+        let after = Some(push.after.get());
+        let ours = self.epoch.as_deref() == Some(push.epoch)
+            && conn.cp_epoch.as_deref() == Some(push.epoch);
         if ours && after == Some(self.version) {
             shared.counters.inc(C::PushApplied);
             let asked = self.version;
-            return self
-                .on_answer(shared, conn, push.answer.get(), asked, true)
-                .await;
+            return self.on_answer(shared, conn, push.answer, asked, true).await;
         }
         shared.counters.inc(C::PushRefused);
-        if let Ok(a) = v2::read_answer(push.answer.get())
+        if let Ok(a) = v2::read_answer(push.answer)
             && let Some(l) = a.latest_version
         {
             conn.notified = conn.notified.max(l.get());
@@ -947,11 +937,9 @@ impl SimDp {
         let full = answer.full_sync;
         match self.apply(answer.namespace, full, latest, asked) {
             Ok(Some(v)) => {
-                shared.counters.inc(if full {
-                    C::AnswerFull
-                } else {
-                    C::AnswerDeltas
-                });
+                shared
+                    .counters
+                    .inc(if full { C::AnswerFull } else { C::AnswerDeltas });
                 if full {
                     self.epoch = conn.cp_epoch.clone();
                 }
@@ -966,8 +954,7 @@ impl SimDp {
                     full,
                 });
                 // The status report (Kong's `update_status`; ours adds the state hash).
-                let hash =
-                    (self.dialect == Dialect::Deltaplane).then(|| self.hash.to_hex());
+                let hash = (self.dialect == Dialect::Deltaplane).then(|| self.hash.to_hex());
                 let status = GetDelta::new(Version::new(v), hash).to_params();
                 shared.counters.inc(C::Status);
                 self.send(conn, &jsonrpc::notification(v2::GET_DELTA, &status))
@@ -1020,7 +1007,11 @@ impl SimDp {
             let d = Delta::from_wire(value).map_err(|e| e.to_string())?;
             first_v.get_or_insert(d.version);
             if last_v.is_some_and(|l| d.version < l) {
-                return Err(format!("delta versions go down: {} after {l:?}", d.version, l = last_v));
+                return Err(format!(
+                    "delta versions go down: {} after {l:?}",
+                    d.version,
+                    l = last_v
+                ));
             }
             last_v = Some(d.version);
             let key: Box<str> = format!("{}\0{}", d.entity_type, d.id).into();

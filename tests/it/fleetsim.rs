@@ -70,7 +70,11 @@ async fn quick_fleet_reaches_the_head_with_the_cps_hash() {
     let c = fleet.counters.snapshot();
     let get = |name: &str| c[sim::COUNTER_NAMES.iter().position(|n| *n == name).unwrap()];
     // Every DP did one first sync and followed the writes (by notification or push).
-    assert!(get("answer_full") >= DPS as u64, "{}", fleet.counters.to_line());
+    assert!(
+        get("answer_full") >= DPS as u64,
+        "{}",
+        fleet.counters.to_line()
+    );
     assert!(
         get("answer_deltas") + get("push_applied") >= DPS as u64,
         "{}",
