@@ -28,6 +28,42 @@ pub struct ClusterCtx {
     pub node_id: String,
     pub kong_compat_version: String,
     pub settings: ClusterSettings,
+    /// Spaces out TLS handshakes (`--cluster-handshake-rate`).
+    pacer: Pacer,
+}
+
+/// Admits new connections at a bounded rate: each takes the next free slot, `1/rate` after
+/// the previous one. A reconnecting fleet then costs the connected data planes a bounded
+/// share of the CPU, and the handshakes that do run finish within their timeout instead of
+/// all of them crawling together.
+struct Pacer {
+    interval: Option<Duration>,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(rate: u32) -> Pacer {
+        Pacer {
+            interval: (rate > 0).then(|| Duration::from_secs(1) / rate),
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// The time to start the next handshake, or `None` when the queue is longer than
+    /// `longest` (the connection is refused; the data plane retries after its back-off).
+    fn admit(&self, longest: Duration) -> Option<tokio::time::Instant> {
+        let Some(interval) = self.interval else {
+            return Some(tokio::time::Instant::now());
+        };
+        let now = tokio::time::Instant::now();
+        let mut next = self.next.lock().expect("pacer lock");
+        let at = (*next).max(now);
+        if at - now > longest {
+            return None;
+        }
+        *next = at + interval;
+        Some(at)
+    }
 }
 
 impl ClusterCtx {
@@ -45,6 +81,7 @@ impl ClusterCtx {
                 frame_bytes: settings.max_payload.saturating_sub(1024).max(1024),
                 max_decompressed: settings.max_decompressed(),
                 max_versions: 10_000,
+                recent_bytes: settings.delta_cache_bytes,
             },
         );
         let fleet = Arc::new(Fleet::new(
@@ -65,6 +102,7 @@ impl ClusterCtx {
             v1,
             node_id,
             kong_compat_version,
+            pacer: Pacer::new(settings.handshake_rate),
             settings,
         })
     }
@@ -80,6 +118,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let flusher = tokio::spawn(ctx.fleet.clone().flush_status(shutdown.clone()));
     let pusher = tokio::spawn(ctx.v1.clone().push_loop(shutdown.clone()));
+    let fan_out = tokio::spawn(super::v2::fan_out(ctx.clone(), shutdown.clone()));
     let mut expiry = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -118,6 +157,7 @@ pub async fn serve(
     }
     let _ = flusher.await;
     let _ = pusher.await;
+    let _ = fan_out.await;
 }
 
 #[allow(clippy::result_large_err)] // tungstenite's upgrade callback returns a whole response
@@ -129,6 +169,11 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let timeout = ctx.settings.handshake_timeout;
+    // Half the handshake timeout queued at most: the handshake itself needs the rest.
+    let Some(at) = ctx.pacer.admit(timeout / 2) else {
+        anyhow::bail!("too many connections at once (--cluster-handshake-rate); refused");
+    };
+    tokio::time::sleep_until(at).await;
     let (tls, identity) = tokio::time::timeout(timeout, tls.accept(tcp))
         .await
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?

@@ -7,6 +7,7 @@ pub mod compat;
 pub mod config;
 pub mod fleet;
 pub mod listener;
+pub mod recent;
 pub mod status;
 pub mod store;
 pub mod v1;

@@ -47,6 +47,10 @@ pub struct LinkStatus {
     pub connects: u64,
     /// `get_delta` requests since start (answers awaited, not status reports).
     pub sync_requests: u64,
+    /// Versions the control plane pushed (`deltaplane.push.v1`) that were applied, and
+    /// pushes that could not be (a gap, another epoch) and were fetched instead.
+    pub pushes_applied: u64,
+    pub pushes_refused: u64,
 }
 
 /// State shared by the sync client and the status listener.

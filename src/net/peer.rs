@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -96,6 +97,7 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Runs one request of a [`Handler::raw_methods`] method; `params` is a JSON array.
+    #[allow(clippy::boxed_local)] // owned text the handler may keep (a queued push)
     fn call_raw(
         &self,
         _peer: Peer,
@@ -216,11 +218,17 @@ pub enum CallError {
 ///
 /// tungstenite's default `max_write_buffer_size` is unbounded; this bounds it to one
 /// message beyond the write buffer.
+///
+/// The buffers are sized for an idle connection (a few small frames a minute): each read
+/// asks the TLS stream for at most `READ_BUFFER` bytes, and every frame is written through at
+/// once. A large message is assembled in its own buffer, freed once read; tungstenite's
+/// defaults (128 KiB each way) would cost 10,000 connections 2.5 GiB.
 pub fn ws_config(cfg: &PeerConfig) -> WebSocketConfig {
-    const WRITE_BUFFER: usize = 128 * 1024;
+    const READ_BUFFER: usize = 4 * 1024;
+    const WRITE_BUFFER: usize = 0;
     // A frame header is at most 14 bytes; leave generous slack above one full message.
     WebSocketConfig::default()
-        .read_buffer_size(128 * 1024)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(WRITE_BUFFER + cfg.max_payload + 1024)
         .max_message_size(Some(cfg.max_payload))
@@ -287,8 +295,9 @@ struct State {
 }
 
 enum Outbound {
-    /// A frame, and what to hold until it is written.
-    Frame(Vec<u8>, Option<Guard>),
+    /// A frame, and what to hold until it is written. `Bytes`: a frame shared by many
+    /// connections (a pushed version) is queued on each without a copy.
+    Frame(Bytes, Option<Guard>),
     Ping,
     /// Flush tungstenite's queued pong.
     Flush,
@@ -374,7 +383,7 @@ impl Peer {
         let exchange = async {
             self.inner
                 .outbound
-                .send(Outbound::Frame(frame, None))
+                .send(Outbound::Frame(frame.into(), None))
                 .await
                 .map_err(|_| self.closed_error())?;
             rx.await.map_err(|_| self.closed_error())
@@ -400,13 +409,48 @@ impl Peer {
         let timeout = self.inner.cfg.call_timeout;
         match tokio::time::timeout(
             timeout,
-            self.inner.outbound.send(Outbound::Frame(frame, None)),
+            self.inner
+                .outbound
+                .send(Outbound::Frame(frame.into(), None)),
         )
         .await
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.closed_error()),
             Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+
+    /// Calls `method` without waiting for, or keeping, its answer (whatever the peer answers
+    /// is dropped as an answer nobody waits for). Never waits: a full outbound queue means
+    /// the peer is not reading, and the call is not sent (`Err(Timeout(0))`).
+    pub fn call_detached(&self, method: &str, params: &Value) -> Result<(), CallError> {
+        self.check_capability(method)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode(&jsonrpc::request(id, method, params))?;
+        self.try_queue(frame.into())
+    }
+
+    /// Queues an already encoded frame (see [`Peer::encoding`]) for `method` without waiting;
+    /// `Err(Timeout(0))` when the outbound queue is full. A frame shared by many connections
+    /// is queued on each without a copy.
+    pub fn try_send_frame(&self, method: &str, frame: Bytes) -> Result<(), CallError> {
+        self.check_capability(method)?;
+        if frame.len() > self.inner.cfg.max_payload {
+            return Err(CallError::TooLarge {
+                size: frame.len(),
+                limit: self.inner.cfg.max_payload,
+            });
+        }
+        self.try_queue(frame)
+    }
+
+    fn try_queue(&self, frame: Bytes) -> Result<(), CallError> {
+        use mpsc::error::TrySendError;
+        match self.inner.outbound.try_send(Outbound::Frame(frame, None)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(CallError::Timeout(Duration::ZERO)),
+            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
         }
     }
 
@@ -997,7 +1041,7 @@ async fn send_answer(peer: &Peer, json: Vec<u8>, guard: Option<Guard>) {
     let _ = peer
         .inner
         .outbound
-        .send(Outbound::Frame(frame, guard))
+        .send(Outbound::Frame(frame.into(), guard))
         .await;
 }
 

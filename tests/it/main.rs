@@ -11,6 +11,7 @@ mod changelog;
 mod crash;
 mod diagnostics;
 mod dp_store;
+mod fanout;
 mod faults;
 mod fleet;
 mod fuzz_corpus;
