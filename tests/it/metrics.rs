@@ -212,6 +212,16 @@ async fn cp_metrics_need_the_token_and_follow_writes_and_data_planes() {
             0.0
         );
     }
+    // Listed with the Admin API's paths, as Kong lists its prometheus plugin's.
+    let r = get(c, &format!("{}/endpoints", cp.base), Some(TOKEN), None).await;
+    let listed: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("/metrics")),
+        "{listed}"
+    );
     let tls_refused = "deltaplane_handshakes_refused_total{reason=\"tls\"}";
     assert_eq!(before.value(tls_refused), 0.0);
 
