@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::answers::{Feed, FeedLimits};
 use super::fleet::Fleet;
+use super::metrics::{CpMetrics, HandshakeRefusal};
 use super::v1::{V1Hub, V1Query};
 use crate::cp::store::Store;
 use crate::net::tls::ClusterTls;
@@ -28,6 +29,8 @@ pub struct ClusterCtx {
     pub node_id: String,
     pub kong_compat_version: String,
     pub settings: ClusterSettings,
+    /// `/metrics`: counters of what the sessions do.
+    pub metrics: Arc<CpMetrics>,
     /// Spaces out TLS handshakes (`--cluster-handshake-rate`).
     pacer: Pacer,
 }
@@ -89,11 +92,13 @@ impl ClusterCtx {
             node_id.clone(),
             kong_compat_version.clone(),
         ));
+        let metrics = Arc::new(CpMetrics::new(node_id.clone(), kong_compat_version.clone()));
         let v1 = Arc::new(V1Hub::new(
             store.clone(),
             fleet.clone(),
             kong_compat_version.clone(),
             settings.clone(),
+            metrics.clone(),
         ));
         Arc::new(ClusterCtx {
             store,
@@ -104,6 +109,7 @@ impl ClusterCtx {
             kong_compat_version,
             pacer: Pacer::new(settings.handshake_rate),
             settings,
+            metrics,
         })
     }
 }
@@ -169,15 +175,18 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let timeout = ctx.settings.handshake_timeout;
+    let refused = |why| ctx.metrics.handshake_refused(why);
     // Half the handshake timeout queued at most: the handshake itself needs the rest.
     let Some(at) = ctx.pacer.admit(timeout / 2) else {
+        refused(HandshakeRefusal::RateLimited);
         anyhow::bail!("too many connections at once (--cluster-handshake-rate); refused");
     };
     tokio::time::sleep_until(at).await;
     let (tls, identity) = tokio::time::timeout(timeout, tls.accept(tcp))
         .await
-        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
-        .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))
+        .and_then(|r| r.map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}")))
+        .inspect_err(|_| refused(HandshakeRefusal::Tls))?;
     let cert_expiry = Some(identity.not_after);
     let ws_config = crate::net::peer::ws_config(&ctx.settings.peer_config());
     let route: Mutex<Option<Route>> = Mutex::new(None);
@@ -194,8 +203,9 @@ async fn connection(
         tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(ws_config)),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
-    .map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}"))?;
+    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))
+    .and_then(|r| r.map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}")))
+    .inspect_err(|_| refused(HandshakeRefusal::Upgrade))?;
     match route.into_inner().expect("route lock") {
         Some(Route::V1(query)) => {
             super::v1::serve(ws, addr, cert_expiry, query, ctx.v1.clone(), stop).await

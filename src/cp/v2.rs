@@ -25,8 +25,9 @@ use super::answers::{Asker, Decision, FeedError};
 use super::compat;
 use super::fleet::{DpConn, DpIdentity};
 use super::listener::ClusterCtx;
+use super::metrics::{HandshakeRefusal, How};
 use crate::net::hello;
-use crate::net::peer::{Handler, Peer, Reply};
+use crate::net::peer::{Handler, Peer, PeerConfig, Reply};
 use crate::proto::codec::{self, Encoding};
 use crate::proto::hello::{Hello, HelloResult};
 use crate::proto::jsonrpc::RpcError;
@@ -103,6 +104,11 @@ where
         Ok(ok) => ok,
         Err(e) => {
             let refused = refused.lock().expect("refused lock").take();
+            ctx.metrics.handshake_refused(if refused.is_some() {
+                HandshakeRefusal::KongVersionIncompatible
+            } else {
+                HandshakeRefusal::Hello
+            });
             if let Some((h, reason)) = refused {
                 ctx.fleet.record_refused(&identity(&h), &reason).await;
             }
@@ -125,7 +131,10 @@ where
     let peer = Peer::start(
         ws,
         encoding,
-        ctx.settings.peer_config(),
+        PeerConfig {
+            stats: Some(ctx.metrics.link().clone()),
+            ..ctx.settings.peer_config()
+        },
         our_caps,
         hello.rpc_capabilities.clone(),
         handler,
@@ -229,13 +238,17 @@ async fn announce(ctx: &ClusterCtx, head: i64) {
                 && peer.try_send_frame(PUSH_DELTAS, p.frame.clone()).is_ok()
             {
                 conn.promised(p.to);
+                ctx.metrics.deltas_sent(How::Pushed);
                 pushed += 1;
                 continue;
             }
         }
         if conn.can_notify && conn.mark_notified(head) {
             match peer.call_detached(NOTIFY_NEW_VERSION, &notify_params) {
-                Ok(()) => notified += 1,
+                Ok(()) => {
+                    ctx.metrics.notification_sent();
+                    notified += 1;
+                }
                 Err(e) => {
                     tracing::debug!(node_id = %conn.who.node_id, error = %e, "notify_new_version not sent")
                 }
@@ -402,8 +415,23 @@ async fn get_delta(
             // of that version (it reports where it really is after applying).
             match decision {
                 Decision::UpToDate => {}
-                Decision::Incremental { to, .. } => conn.promised(to),
-                Decision::Full { version } | Decision::Paged { version, .. } => {
+                Decision::Incremental { to, .. } => {
+                    ctx.metrics.deltas_sent(How::Fetched);
+                    conn.promised(to)
+                }
+                Decision::Paged {
+                    version,
+                    full_sync: false,
+                } => {
+                    ctx.metrics.deltas_sent(How::Fetched);
+                    conn.promised(version)
+                }
+                Decision::Full { version }
+                | Decision::Paged {
+                    version,
+                    full_sync: true,
+                } => {
+                    ctx.metrics.full_sync_sent(SyncProtocol::V2);
                     conn.promised(version)
                 }
             }

@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::link::End;
+use super::metrics::ApplyKind as DpApplyKind;
 use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared, SyncMode};
 use crate::net::dial::{self, OpenError};
@@ -56,7 +57,10 @@ pub(super) async fn session(
     mut stop: watch::Receiver<bool>,
 ) -> Result<End, OpenError> {
     let timeout = cfg.cluster.handshake_timeout;
-    let pcfg = cfg.cluster.peer_config();
+    let pcfg = crate::net::peer::PeerConfig {
+        stats: Some(shared.metrics.link().clone()),
+        ..cfg.cluster.peer_config()
+    };
     let mut ws = dial::open_v2(tls, cp, crate::net::peer::ws_config(&pcfg), timeout).await?;
     let our_caps = vec![
         CAP_KONG_SYNC_V2.to_owned(),
@@ -302,6 +306,7 @@ impl Handler for DpHandler {
                     .and_then(|a| a.latest_version.max(a.head))
                     .map(Version::get);
                 if let Some(l) = latest {
+                    self.shared.metrics.learned(l);
                     self.shared
                         .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
                 }
@@ -336,6 +341,7 @@ impl Handler for DpHandler {
                 return Err(RpcError::method_not_found());
             }
             let v = NotifyNewVersion::from_params(&params)?.new_version.get();
+            shared.metrics.learned(v);
             shared.update_link(|l| l.cp_version_seen = l.cp_version_seen.max(v));
             notified.send_if_modified(|cur| {
                 let newer = v > *cur;
@@ -530,6 +536,14 @@ impl Syncer {
         })
         .await
         .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        if let Ok(Some(_)) = &outcome {
+            let kind = if full {
+                DpApplyKind::Full
+            } else {
+                DpApplyKind::Incremental
+            };
+            self.shared.metrics.apply_duration(kind, started.elapsed());
+        }
         match outcome {
             Ok(Some(v)) if full => {
                 let entities = self.shared.store.state().n_entities;
@@ -590,6 +604,7 @@ impl Syncer {
             return Ok(if fetch { Pushed::Fetch } else { Pushed::AtHead });
         }
         let pushed = chain.len() as u64;
+        let started = std::time::Instant::now();
         let store = self.shared.store.clone();
         let from = state.version;
         let outcome = tokio::task::spawn_blocking(move || {
@@ -614,6 +629,9 @@ impl Syncer {
             Ok(v) => v,
             Err(e) => return Err(self.reject(e, Some(at)).await),
         };
+        self.shared
+            .metrics
+            .apply_duration(DpApplyKind::Incremental, started.elapsed());
         self.shared.update_link(|l| {
             l.incremental_syncs += 1;
             l.pushes_applied += pushed;
@@ -698,12 +716,21 @@ impl Syncer {
         let fetched = started.elapsed();
         let store = self.shared.store.clone();
         let id = t.id.clone();
+        let commit_started = std::time::Instant::now();
         let committed =
             tokio::task::spawn_blocking(move || store.stage_commit_with(&id, decode_staged_page))
                 .await
                 .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
         match &committed {
             Ok(a) => {
+                let k = if matches!(kind, ApplyKind::Full { .. }) {
+                    DpApplyKind::Full
+                } else {
+                    DpApplyKind::Incremental
+                };
+                self.shared
+                    .metrics
+                    .apply_duration(k, commit_started.elapsed());
                 tracing::info!(transfer = %t.id, pages = t.pages, version = a.version, entities = a.n_entities, ?fetched, total = ?started.elapsed(), "paged transfer applied")
             }
             Err(e) => {

@@ -68,6 +68,8 @@ pub struct PeerConfig {
     pub max_inflight: usize,
     /// Frames waiting for the writer; senders wait when it is full.
     pub outbound_queue: usize,
+    /// Counters of frames sent (by encoding) and refused (by reason), for `/metrics`.
+    pub stats: Option<Arc<crate::net::stats::LinkStats>>,
 }
 
 /// Answers the peer's requests.
@@ -262,6 +264,7 @@ impl Default for PeerConfig {
             max_batch: jsonrpc::DEFAULT_MAX_BATCH,
             max_inflight: 32,
             outbound_queue: 256,
+            stats: None,
         }
     }
 }
@@ -632,7 +635,7 @@ async fn drive<S>(
             close_request: peer.inner.close_request.subscribe(),
         }
         .run(&mut stream);
-        let writer = write_loop(&mut sink, &mut outbound, peer.inner.cfg.write_timeout);
+        let writer = write_loop(&mut sink, &mut outbound, &peer.inner);
         tokio::select! {
             ending = reader => ending,
             ending = writer => ending,
@@ -673,15 +676,19 @@ async fn drive<S>(
 async fn write_loop<S>(
     sink: &mut Sink<S>,
     outbound: &mut mpsc::Receiver<Outbound>,
-    write_timeout: Duration,
+    inner: &Inner,
 ) -> Ending
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let write_timeout = inner.cfg.write_timeout;
     // `Inner` holds a sender for as long as the driver runs, so `recv` never ends.
     while let Some(out) = outbound.recv().await {
         let res = match out {
             Outbound::Frame(frame, _guard) => {
+                if let Some(stats) = &inner.cfg.stats {
+                    stats.sent(inner.encoding, frame.len());
+                }
                 // `_guard` is released once the frame is written (flushed to the socket).
                 tokio::time::timeout(write_timeout, sink.send(Message::binary(frame))).await
             }
@@ -725,7 +732,12 @@ impl Reader<'_> {
                     last_received = Instant::now();
                     let message = match item {
                         Some(Ok(message)) => message,
-                        Some(Err(err)) => return read_error(err),
+                        Some(Err(err)) => {
+                            if let (Some(stats), Some(why)) = (&cfg.stats, crate::net::stats::refusal_of(&err)) {
+                                stats.refused(why);
+                            }
+                            return read_error(err);
+                        }
                         None => {
                             return Ending::silent(CloseReason::Transport(
                                 "connection ended without a close frame".to_owned(),
@@ -739,6 +751,9 @@ impl Reader<'_> {
                             }
                         }
                         Message::Text(_) => {
+                            if let Some(stats) = &cfg.stats {
+                                stats.refused(crate::net::stats::Refusal::UnsupportedFrame);
+                            }
                             return Ending::close(CloseCode::Unsupported, "text frames are not supported");
                         }
                         Message::Ping(_) => {
@@ -788,10 +803,17 @@ impl Reader<'_> {
 
     /// Handles one binary frame; `Some` ends the connection.
     async fn on_frame(&mut self, frame: &[u8]) -> Option<Ending> {
+        use crate::net::stats::Refusal;
         let inner = &self.peer.inner;
+        let refused = |why| {
+            if let Some(stats) = &inner.cfg.stats {
+                stats.refused(why);
+            }
+        };
         let json = match codec::decode(inner.encoding, frame, inner.cfg.max_decompressed) {
             Ok(json) => json,
             Err(err @ CodecError::TooLarge { .. }) => {
+                refused(Refusal::TooLarge);
                 tracing::warn!(cause = %err, "closing connection");
                 return Some(Ending::close(
                     CloseCode::Size,
@@ -801,8 +823,10 @@ impl Reader<'_> {
             Err(err) => {
                 // A second hello (plain JSON, as the first one was) breaks the protocol.
                 if is_hello(frame) {
+                    refused(Refusal::Protocol);
                     return Some(Ending::close(CloseCode::Protocol, "hello already done"));
                 }
+                refused(Refusal::Undecodable);
                 tracing::debug!(cause = %err, "undecodable frame");
                 self.send(jsonrpc::error(None, &RpcError::parse_error()))
                     .await;
@@ -810,11 +834,13 @@ impl Reader<'_> {
             }
         };
         if is_hello(&json) {
+            refused(Refusal::Protocol);
             return Some(Ending::close(CloseCode::Protocol, "hello already done"));
         }
         let incoming = match jsonrpc::parse(&json, inner.cfg.max_batch) {
             Ok(incoming) => incoming,
             Err(err) => {
+                refused(Refusal::InvalidRpc);
                 tracing::debug!(code = err.code, message = %err.message, "rejected frame");
                 self.send(jsonrpc::error(None, &err)).await;
                 return None;

@@ -19,6 +19,7 @@ mod harness;
 mod interop;
 mod kong_client;
 mod layering;
+mod metrics;
 mod pgcluster;
 mod plugin_schemas;
 mod plugins;
