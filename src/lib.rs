@@ -9,7 +9,7 @@
 //! - [`proto`]: the cluster protocol with no I/O: versions, deltas, the state hash, frame
 //!   codecs, JSON-RPC, the hello, typed sync v2 messages, sync v1 messages and hash.
 //! - [`net`]: the runtime pieces of a cluster link: mTLS, the hello exchange, the symmetric
-//!   JSON-RPC peer, and the operator JSON-RPC endpoint.
+//!   JSON-RPC peer, the operator JSON-RPC endpoint, and what both planes' `/metrics` share.
 //! - [`settings`] and [`node`]: flags both binaries accept; node id, clock, shutdown signal.
 //! - [`cp`] (feature `cp`): the control plane: its SQL store, Admin API, cluster listener.
 //! - [`dp`] (feature `dp`): the data plane: its redb store, sync link, status listener.

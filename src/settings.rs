@@ -166,6 +166,12 @@ pub struct ClusterSettings {
     pub sync_v2: bool,
     /// CP only: sync v1 pushes the first change at once, later ones at most once per this.
     pub push_interval: Duration,
+    /// CP only: bytes of recent versions' deltas kept in memory for `get_delta` answers and
+    /// pushes (0: off, every answer reads the database).
+    pub delta_cache_bytes: usize,
+    /// CP only: new cluster connections admitted per second (TLS handshakes cost CPU; after a
+    /// restart a whole fleet reconnects at once). 0: unlimited.
+    pub handshake_rate: u32,
 }
 
 impl Default for ClusterSettings {
@@ -180,6 +186,8 @@ impl Default for ClusterSettings {
             rpc: true,
             sync_v2: true,
             push_interval: Duration::from_secs(1),
+            delta_cache_bytes: 64 * 1024 * 1024,
+            handshake_rate: 1000,
         }
     }
 }

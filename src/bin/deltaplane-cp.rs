@@ -13,6 +13,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let cfg = CpConfig::from_args(&args)?;
+            if let Some(n) = deltaplane::node::raise_open_files_limit() {
+                // A few dozen descriptors go to the database, listeners and logs.
+                tracing::info!(
+                    open_files = n,
+                    data_planes = n.saturating_sub(64),
+                    "open-files limit: about this many data planes can connect"
+                );
+            }
             let running = cp::start(cfg).await?;
             println!("deltaplane-cp: Admin API on http://{}", running.admin_addr);
             deltaplane::node::shutdown_signal().await;

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cp::recent::Recent;
 use crate::cp::store::{Store, StoreError, VersionInfo};
 use crate::proto::Version;
 use crate::proto::v2::{AnswerHead, DeltaText, RawDelta, write_answer, write_page};
@@ -61,6 +62,8 @@ pub struct FeedLimits {
     pub max_decompressed: usize,
     /// Most versions in one incremental answer.
     pub max_versions: i64,
+    /// Bytes of recent versions' deltas kept in memory ([`Recent`]); 0 turns it off.
+    pub recent_bytes: usize,
 }
 
 /// What kind of peer asks.
@@ -117,6 +120,8 @@ struct Transfer {
 pub struct Feed {
     store: Store,
     limits: FeedLimits,
+    /// The recent versions, answered without a database read.
+    recent: Recent,
     /// The latest full snapshot, shared by every data plane that needs a full sync at it.
     /// The latest snapshot built and when it was last used; [`Feed::expire_idle`] drops it
     /// so an idle CP does not keep a copy of the whole configuration.
@@ -151,6 +156,7 @@ pub enum Decision {
 impl Feed {
     pub fn new(store: Store, limits: FeedLimits) -> Feed {
         Feed {
+            recent: Recent::new(store.clone(), limits.recent_bytes),
             store,
             limits,
             snapshot: tokio::sync::Mutex::new(None),
@@ -170,11 +176,60 @@ impl Feed {
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<(String, Decision), FeedError> {
         match dp_version.filter(|v| *v > 0) {
-            Some(after) => match self.incremental_shared(after, asker, fits).await? {
+            Some(after) => {
+                if let Some(answer) = self.answer_from_recent(after, asker).await {
+                    return Ok(answer);
+                }
+                self.answer_from_database(after, asker, fits).await
+            }
+            None => self.full(asker, fits).await,
+        }
+    }
+
+    /// The recent versions' window (also used by the pushes).
+    pub fn recent(&self) -> &Recent {
+        &self.recent
+    }
+
+    /// The answer for a data plane at `after` from the recent versions, when they cover it:
+    /// no database read (one shared read per version fills the window).
+    async fn answer_from_recent(&self, after: i64, asker: Asker) -> Option<(String, Decision)> {
+        let head = *self.store.subscribe().borrow();
+        if let Err(e) = self.recent.catch_up(head).await {
+            tracing::debug!(error = %e, "reading recent versions failed");
+            return None;
+        }
+        let j =
+            self.recent
+                .deltas_after(after, self.frame_bytes(asker), self.limits.max_versions)?;
+        if j.top < head {
+            return None;
+        }
+        let announced = asker.paging.then_some(j.top);
+        if j.to == after {
+            let text = result_text(&[], false, j.top, None, announced);
+            return Some((text, Decision::UpToDate));
+        }
+        let text = result_text(&j.deltas, false, j.to, None, announced);
+        let decision = Decision::Incremental {
+            from: after + 1,
+            to: j.to,
+        };
+        Some((text, decision))
+    }
+
+    /// The answer for a data plane at `after` read from the change log.
+    async fn answer_from_database(
+        &self,
+        after: i64,
+        asker: Asker,
+        fits: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<(String, Decision), FeedError> {
+        {
+            match self.incremental_shared(after, asker, fits).await? {
                 Some(answer) => Ok(answer),
                 None => self.full(asker, fits).await,
-            },
-            None => self.full(asker, fits).await,
+            }
         }
     }
 

@@ -138,6 +138,14 @@ pub struct ServeArgs {
     /// [default: bundled]
     #[arg(long, env = "DELTAPLANE_PLUGINS", value_delimiter = ',')]
     pub plugins: Option<Vec<String>>,
+    /// Bytes of recent versions' deltas kept in memory to answer data planes without a
+    /// database read (0: off) [default: 67108864]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_DELTA_CACHE_SIZE")]
+    pub cluster_delta_cache_size: Option<usize>,
+    /// New data-plane connections admitted per second, so a reconnecting fleet's TLS
+    /// handshakes do not starve the connected ones (0: unlimited) [default: 1000]
+    #[arg(long, env = "DELTAPLANE_CLUSTER_HANDSHAKE_RATE")]
+    pub cluster_handshake_rate: Option<u32>,
     /// Forget a data plane not seen for this long (at least 60s) [default: 14d]
     #[arg(long, env = "DELTAPLANE_CLUSTER_DATA_PLANE_PURGE_DELAY")]
     pub cluster_data_plane_purge_delay: Option<String>,
@@ -296,6 +304,12 @@ impl CpConfig {
         if let Some(d) = layer.get(args.cluster_push_interval.clone(), "cluster-push-interval")? {
             cfg.cluster.push_interval = parse_duration(&d).map_err(anyhow::Error::msg)?;
         }
+        if let Some(n) = layer.get(args.cluster_delta_cache_size, "cluster-delta-cache-size")? {
+            cfg.cluster.delta_cache_bytes = n;
+        }
+        if let Some(n) = layer.get(args.cluster_handshake_rate, "cluster-handshake-rate")? {
+            cfg.cluster.handshake_rate = n;
+        }
         if let Some(d) = layer.get(
             args.cluster_data_plane_purge_delay.clone(),
             "cluster-data-plane-purge-delay",
@@ -383,5 +397,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cluster-sync-v2",
     "cluster-rpc",
     "cluster-push-interval",
+    "cluster-delta-cache-size",
+    "cluster-handshake-rate",
     "plugins",
 ];

@@ -2,14 +2,18 @@
 //! as this control plane sees it, and the shared `dp_data_planes` table every control plane
 //! writes and lists.
 //!
-//! Status changes only mark a connection dirty; [`Fleet::flush_status`] writes the dirty rows
-//! (and, every 10 s, all of them) in one transaction per tick — never on the notify path,
-//! where a slow status write would delay a data plane's notification.
+//! Status changes only mark a connection; [`Fleet::flush_status`] writes the rows whose
+//! status changed by more than progress (an error, a compatibility verdict) at the next 1 s
+//! tick, and every row every 10 s (versions applied, `last_seen`), in multi-row statements
+//! in one transaction — never on the notify path, where a slow status write would delay a
+//! data plane's notification, and never one write per data plane per version. This control
+//! plane's own view of its data planes is live; other control planes sharing the database
+//! see progress within 10 s.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -17,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::compat;
 use crate::cp::store::{DataPlaneRow, Store, StoreError};
+use crate::net::peer::Peer;
 use crate::node::now_secs;
 use crate::proto::{SyncProtocol, SyncStatus, Version, version_string};
 
@@ -67,11 +72,20 @@ pub struct DpConn {
     /// The version the DP last reported (its get_delta `version`), or was promised by an
     /// answer; -1 before its first get_delta.
     reported: watch::Sender<i64>,
-    /// The status changed since the flusher last wrote it.
-    dirty: AtomicBool,
+    /// The status changed by more than progress (an error, a compatibility verdict): written at the
+    /// next tick rather than the next refresh.
+    urgent: AtomicBool,
     /// One get_delta answer at a time per DP, from building it until it is written: a DP
     /// that pipelines requests and reads nothing holds one answer, not one per request.
     answer_slot: Arc<tokio::sync::Semaphore>,
+    /// Both sides announced `deltaplane.push.v1`: new versions are pushed.
+    pub can_push: bool,
+    /// Both sides announced `kong.sync.v2`: new versions are announced.
+    pub can_notify: bool,
+    /// The newest version announced with `notify_new_version`.
+    notified: AtomicI64,
+    /// The v2 connection, once it runs.
+    peer: OnceLock<Peer>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -120,14 +134,14 @@ impl Fleet {
         }
     }
 
-    /// Data planes connected to this control plane right now.
+    /// Data planes connected to this control plane right now, oldest connection first.
     pub fn connected(&self) -> Vec<Arc<DpConn>> {
-        self.conns
-            .lock()
-            .expect("conns lock")
-            .values()
-            .cloned()
-            .collect()
+        let conns = self.conns.lock().expect("conns lock");
+        let mut keyed: Vec<(u64, Arc<DpConn>)> =
+            conns.iter().map(|(k, c)| (*k, c.clone())).collect();
+        drop(conns);
+        keyed.sort_unstable_by_key(|(k, _)| *k);
+        keyed.into_iter().map(|(_, c)| c).collect()
     }
 
     fn row(&self, conn: &DpConn, connected: bool) -> DataPlaneRow {
@@ -239,21 +253,27 @@ impl Fleet {
         };
         let verdict = compat::check_plugins(&used, dp_plugins, &self.kong_compat_version);
         let mut st = conn.status.lock().expect("status lock");
-        let result = match verdict {
+        let (result, changed) = match verdict {
             Ok(()) => {
-                if st.sync_status != SyncStatus::Normal {
+                let changed = st.sync_status != SyncStatus::Normal;
+                if changed {
                     st.sync_status = SyncStatus::Normal;
                     st.last_error = None;
                 }
-                Ok(())
+                (Ok(()), changed)
             }
             Err((status, message)) => {
+                let changed =
+                    st.sync_status != status || st.last_error.as_deref() != Some(&message);
                 st.sync_status = status;
                 st.last_error = Some(message.clone());
-                Err(message)
+                (Err(message), changed)
             }
         };
-        conn.dirty.store(true, Ordering::Relaxed);
+        drop(st);
+        if changed {
+            conn.mark_dirty(true);
+        }
         result
     }
 
@@ -302,16 +322,19 @@ impl Fleet {
             if all {
                 last_refresh = std::time::Instant::now();
             }
+            // Progress alone (a new version applied) waits for the refresh: this control
+            // plane's own view is live anyway, and a fleet of thousands at one version per
+            // second would otherwise cost a write per data plane per version.
             let rows: Vec<DataPlaneRow> = self
                 .connected()
                 .into_iter()
-                .filter(|c| c.dirty.swap(false, Ordering::Relaxed) || all)
+                .filter(|c| c.urgent.swap(false, Ordering::Relaxed) || all)
                 .map(|c| self.row(&c, true))
                 .collect();
             if let Err(e) = self.store.upsert_data_planes(&rows).await {
                 tracing::debug!(error = %e, rows = rows.len(), "writing data-plane status failed; will retry");
                 for c in self.connected() {
-                    c.dirty.store(true, Ordering::Relaxed);
+                    c.mark_dirty(true);
                 }
             }
         }
@@ -352,9 +375,34 @@ impl DpConn {
                 ..DpStatus::default()
             }),
             reported: watch::channel(-1).0,
-            dirty: AtomicBool::new(true),
+            urgent: AtomicBool::new(false),
             answer_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            can_push: false,
+            can_notify: false,
+            notified: AtomicI64::new(0),
+            peer: OnceLock::new(),
         }
+    }
+
+    /// Sets the v2 connection (once).
+    pub fn attach(&self, peer: Peer) {
+        let _ = self.peer.set(peer);
+    }
+
+    /// The v2 connection, if this is one and it runs.
+    pub fn peer(&self) -> Option<&Peer> {
+        self.peer.get()
+    }
+
+    /// The version the DP reported or was promised (-1 before its first get_delta).
+    pub fn reported_or_promised(&self) -> i64 {
+        *self.reported.borrow()
+    }
+
+    /// Records that the DP is told of `version`; false when it was already told of it or a
+    /// newer one (Kong's rule: at most one notification per version).
+    pub fn mark_notified(&self, version: i64) -> bool {
+        self.notified.fetch_max(version, Ordering::Relaxed) < version
     }
 
     /// The largest frame to send this DP: the smaller of `cp_limit` and the DP's own.
@@ -380,14 +428,12 @@ impl DpConn {
             return;
         };
         let mut st = self.status.lock().expect("status lock");
-        if v > st.version {
-            // Progress: whatever failed before has been overcome.
-            st.last_error = None;
-        }
+        // Progress: whatever failed before has been overcome.
+        let recovered = v > st.version && st.last_error.take().is_some();
         st.version = v;
         st.state_hash = state_hash;
         drop(st);
-        self.dirty.store(true, Ordering::Relaxed);
+        self.mark_dirty(recovered);
         self.reported.send_replace(v);
     }
 
@@ -421,12 +467,20 @@ impl DpConn {
         }
         st.config_hash = Some(hash.to_owned());
         drop(st);
-        self.dirty.store(true, Ordering::Relaxed);
+        self.mark_dirty(false);
     }
 
     /// Records why the data plane's configuration could not be sent or applied.
     pub fn set_error(&self, message: String) {
         self.status.lock().expect("status lock").last_error = Some(message);
-        self.dirty.store(true, Ordering::Relaxed);
+        self.mark_dirty(true);
+    }
+
+    /// The status changed; `urgent`: by more than progress, so the row is written at the
+    /// next tick (progress waits for the next refresh, which writes every row).
+    fn mark_dirty(&self, urgent: bool) {
+        if urgent {
+            self.urgent.store(true, Ordering::Relaxed);
+        }
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::answers::{Feed, FeedLimits};
 use super::fleet::Fleet;
+use super::metrics::{CpMetrics, HandshakeRefusal};
 use super::v1::{V1Hub, V1Query};
 use crate::cp::store::Store;
 use crate::net::tls::ClusterTls;
@@ -28,6 +29,44 @@ pub struct ClusterCtx {
     pub node_id: String,
     pub kong_compat_version: String,
     pub settings: ClusterSettings,
+    /// `/metrics`: counters of what the sessions do.
+    pub metrics: Arc<CpMetrics>,
+    /// Spaces out TLS handshakes (`--cluster-handshake-rate`).
+    pacer: Pacer,
+}
+
+/// Admits new connections at a bounded rate: each takes the next free slot, `1/rate` after
+/// the previous one. A reconnecting fleet then costs the connected data planes a bounded
+/// share of the CPU, and the handshakes that do run finish within their timeout instead of
+/// all of them crawling together.
+struct Pacer {
+    interval: Option<Duration>,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(rate: u32) -> Pacer {
+        Pacer {
+            interval: (rate > 0).then(|| Duration::from_secs(1) / rate),
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// The time to start the next handshake, or `None` when the queue is longer than
+    /// `longest` (the connection is refused; the data plane retries after its back-off).
+    fn admit(&self, longest: Duration) -> Option<tokio::time::Instant> {
+        let Some(interval) = self.interval else {
+            return Some(tokio::time::Instant::now());
+        };
+        let now = tokio::time::Instant::now();
+        let mut next = self.next.lock().expect("pacer lock");
+        let at = (*next).max(now);
+        if at - now > longest {
+            return None;
+        }
+        *next = at + interval;
+        Some(at)
+    }
 }
 
 impl ClusterCtx {
@@ -45,6 +84,7 @@ impl ClusterCtx {
                 frame_bytes: settings.max_payload.saturating_sub(1024).max(1024),
                 max_decompressed: settings.max_decompressed(),
                 max_versions: 10_000,
+                recent_bytes: settings.delta_cache_bytes,
             },
         );
         let fleet = Arc::new(Fleet::new(
@@ -52,11 +92,13 @@ impl ClusterCtx {
             node_id.clone(),
             kong_compat_version.clone(),
         ));
+        let metrics = Arc::new(CpMetrics::new(node_id.clone(), kong_compat_version.clone()));
         let v1 = Arc::new(V1Hub::new(
             store.clone(),
             fleet.clone(),
             kong_compat_version.clone(),
             settings.clone(),
+            metrics.clone(),
         ));
         Arc::new(ClusterCtx {
             store,
@@ -65,7 +107,9 @@ impl ClusterCtx {
             v1,
             node_id,
             kong_compat_version,
+            pacer: Pacer::new(settings.handshake_rate),
             settings,
+            metrics,
         })
     }
 }
@@ -80,6 +124,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let flusher = tokio::spawn(ctx.fleet.clone().flush_status(shutdown.clone()));
     let pusher = tokio::spawn(ctx.v1.clone().push_loop(shutdown.clone()));
+    let fan_out = tokio::spawn(super::v2::fan_out(ctx.clone(), shutdown.clone()));
     let mut expiry = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -118,6 +163,7 @@ pub async fn serve(
     }
     let _ = flusher.await;
     let _ = pusher.await;
+    let _ = fan_out.await;
 }
 
 #[allow(clippy::result_large_err)] // tungstenite's upgrade callback returns a whole response
@@ -129,10 +175,18 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let timeout = ctx.settings.handshake_timeout;
+    let refused = |why| ctx.metrics.handshake_refused(why);
+    // Half the handshake timeout queued at most: the handshake itself needs the rest.
+    let Some(at) = ctx.pacer.admit(timeout / 2) else {
+        refused(HandshakeRefusal::RateLimited);
+        anyhow::bail!("too many connections at once (--cluster-handshake-rate); refused");
+    };
+    tokio::time::sleep_until(at).await;
     let (tls, identity) = tokio::time::timeout(timeout, tls.accept(tcp))
         .await
-        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
-        .map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}"))?;
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))
+        .and_then(|r| r.map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}")))
+        .inspect_err(|_| refused(HandshakeRefusal::Tls))?;
     let cert_expiry = Some(identity.not_after);
     let ws_config = crate::net::peer::ws_config(&ctx.settings.peer_config());
     let route: Mutex<Option<Route>> = Mutex::new(None);
@@ -149,8 +203,9 @@ async fn connection(
         tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(ws_config)),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))?
-    .map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}"))?;
+    .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))
+    .and_then(|r| r.map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}")))
+    .inspect_err(|_| refused(HandshakeRefusal::Upgrade))?;
     match route.into_inner().expect("route lock") {
         Some(Route::V1(query)) => {
             super::v1::serve(ws, addr, cert_expiry, query, ctx.v1.clone(), stop).await

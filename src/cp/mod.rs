@@ -7,6 +7,8 @@ pub mod compat;
 pub mod config;
 pub mod fleet;
 pub mod listener;
+pub mod metrics;
+pub mod recent;
 pub mod status;
 pub mod store;
 pub mod v1;
@@ -128,11 +130,13 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
     let (rpc_router, rpc_handle) = crate::net::operator::router(rpc_module(cluster.clone())?);
     let app = admin::router(
         state,
-        rpc_router.merge(admin::clustering::router(
-            store.clone(),
-            cluster.fleet.clone(),
-            cfg.data_plane_purge_delay,
-        )),
+        rpc_router
+            .merge(admin::clustering::router(
+                store.clone(),
+                cluster.fleet.clone(),
+                cfg.data_plane_purge_delay,
+            ))
+            .merge(metrics::router(cluster.clone())),
     );
     let cluster_listener = tokio::net::TcpListener::bind(cfg.cluster_listen)
         .await

@@ -28,7 +28,9 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use super::compat::kong_version_compatible;
 use super::fleet::{DpConn, DpIdentity, Fleet};
+use super::metrics::{CpMetrics, HandshakeRefusal};
 use crate::cp::store::{Store, StoreError};
+use crate::net::stats::Refusal;
 use crate::proto::SyncProtocol;
 use crate::proto::v1::export::ExportBuilder;
 use crate::proto::v1::hash::EMPTY_HASH;
@@ -91,6 +93,7 @@ pub struct V1Hub {
     fleet: Arc<Fleet>,
     kong_compat_version: String,
     settings: ClusterSettings,
+    metrics: Arc<CpMetrics>,
     /// The latest payload; each connection watches it (only the latest is ever kept).
     latest: watch::Sender<Option<Arc<Payload>>>,
     /// One export at a time: a version is exported once, whoever asks.
@@ -110,12 +113,14 @@ impl V1Hub {
         fleet: Arc<Fleet>,
         kong_compat_version: String,
         settings: ClusterSettings,
+        metrics: Arc<CpMetrics>,
     ) -> V1Hub {
         V1Hub {
             store,
             fleet,
             kong_compat_version,
             settings,
+            metrics,
             latest: watch::channel(None).0,
             exporting: tokio::sync::Mutex::new(()),
             compat: Mutex::new(None),
@@ -313,6 +318,7 @@ where
     let info = match basic_info(&mut ws, settings.handshake_timeout).await {
         Ok(info) => info,
         Err(e) => {
+            hub.metrics.handshake_refused(HandshakeRefusal::Hello);
             close(&mut ws, CloseCode::Policy, &e, settings.write_timeout).await;
             anyhow::bail!("v1 {}: {e}", query.node_id);
         }
@@ -340,6 +346,8 @@ where
             .and_then(crate::proto::hello::max_payload_of),
     };
     if let Err(reason) = kong_version_compatible(&hub.kong_compat_version, &query.version) {
+        hub.metrics
+            .handshake_refused(HandshakeRefusal::KongVersionIncompatible);
         hub.fleet.record_refused(&who, &reason).await;
         close(
             &mut ws,
@@ -464,6 +472,7 @@ where
                 match msg {
                     Some(Ok(Message::Ping(hash))) => {
                         let Some(hash) = std::str::from_utf8(&hash).ok().filter(|h| h.len() == 32) else {
+                            hub.metrics.link().refused(Refusal::Protocol);
                             close(ws, CloseCode::Policy, "invalid hash", s.write_timeout).await;
                             return "invalid hash in a ping".into();
                         };
@@ -474,10 +483,16 @@ where
                     }
                     Some(Ok(Message::Close(_))) | None => return "closed by the data plane".into(),
                     Some(Ok(other)) => {
+                        hub.metrics.link().refused(Refusal::UnsupportedFrame);
                         close(ws, CloseCode::Unsupported, "invalid websocket frame", s.write_timeout).await;
                         return format!("invalid websocket frame: {}", kind(&other));
                     }
-                    Some(Err(e)) => return format!("read: {e}"),
+                    Some(Err(e)) => {
+                        if let Some(r) = crate::net::stats::refusal_of(&e) {
+                            hub.metrics.link().refused(r);
+                        }
+                        return format!("read: {e}");
+                    }
                 }
             }
             c = latest.changed() => {
@@ -561,6 +576,7 @@ where
         conn.set_error(message.clone());
         return Ok(Pushed::Withheld(message));
     }
+    let len = bytes.len();
     let sent = tokio::time::timeout(
         hub.settings.write_timeout.max(Duration::from_secs(1)),
         ws.send(Message::Binary(bytes)),
@@ -568,6 +584,7 @@ where
     .await;
     match sent {
         Ok(Ok(())) => {
+            hub.metrics.v1_pushed(len);
             tracing::debug!(node_id = %conn.who.node_id, version = p.version, hash = %p.config_hash, "sync v1: pushed");
             Ok(Pushed::Sent)
         }

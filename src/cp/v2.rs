@@ -2,14 +2,18 @@
 //! `kong.meta.v1.hello`, then a symmetric JSON-RPC peer per data plane serving `get_delta`,
 //! `notify_validation_error` and `get_page`.
 //!
-//! Per data plane there is one notifier task: it waits on the change-log head (a `watch`: one
-//! latest-version slot and a dirty flag, so no wake-up is lost and bursts coalesce) and calls
-//! `kong.sync.v2.notify_new_version` when the head is past what the data plane reported. Each
-//! data plane has its own task, so a slow one never delays the others.
+//! One fan-out task per control plane ([`fan_out`]) waits on the change-log head (a `watch`:
+//! one latest-version slot and a dirty flag, so no wake-up is lost and bursts coalesce) and
+//! announces each new head to every data plane: pushed deltas (`deltaplane.push.v1.deltas`,
+//! one frame for all) to those that announced `deltaplane.push.v1` and hold the version
+//! before, `kong.sync.v2.notify_new_version` to the others. It never waits on a data plane:
+//! frames are queued without blocking, and a full queue means "notify later".
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -21,14 +25,17 @@ use super::answers::{Asker, Decision, FeedError};
 use super::compat;
 use super::fleet::{DpConn, DpIdentity};
 use super::listener::ClusterCtx;
+use super::metrics::{HandshakeRefusal, How};
 use crate::net::hello;
-use crate::net::peer::{Handler, Peer, Reply};
+use crate::net::peer::{Handler, Peer, PeerConfig, Reply};
 use crate::proto::codec::{self, Encoding};
 use crate::proto::hello::{Hello, HelloResult};
 use crate::proto::jsonrpc::RpcError;
+use crate::proto::v2::{AnswerHead, PUSH_DELTAS, write_answer, write_push};
 use crate::proto::v2::{GET_DELTA, GET_PAGE, GetDelta, GetPage, NOTIFY_NEW_VERSION};
 use crate::proto::v2::{NOTIFY_VALIDATION_ERROR, NotifyNewVersion, NotifyValidationError};
-use crate::proto::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, SyncProtocol, Version};
+use crate::proto::{CAP_DELTAPLANE_PUSH_V1, CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2};
+use crate::proto::{SyncProtocol, Version};
 
 /// Methods the control plane serves.
 const CP_METHODS: &[&str] = &[GET_DELTA, NOTIFY_VALIDATION_ERROR, GET_PAGE];
@@ -57,6 +64,7 @@ where
         vec![
             CAP_KONG_SYNC_V2.to_owned(),
             CAP_DELTAPLANE_SYNC_V1.to_owned(),
+            CAP_DELTAPLANE_PUSH_V1.to_owned(),
         ]
     } else {
         Vec::new()
@@ -96,6 +104,11 @@ where
         Ok(ok) => ok,
         Err(e) => {
             let refused = refused.lock().expect("refused lock").take();
+            ctx.metrics.handshake_refused(if refused.is_some() {
+                HandshakeRefusal::KongVersionIncompatible
+            } else {
+                HandshakeRefusal::Hello
+            });
             if let Some((h, reason)) = refused {
                 ctx.fleet.record_refused(&identity(&h), &reason).await;
             }
@@ -103,11 +116,13 @@ where
         }
     };
 
-    let conn = Arc::new(DpConn::new(
-        identity(&hello),
-        hello.plugins(),
-        &ctx.kong_compat_version,
-    ));
+    let mut conn = DpConn::new(identity(&hello), hello.plugins(), &ctx.kong_compat_version);
+    let both = |cap: &str| {
+        our_caps.iter().any(|c| c == cap) && hello.rpc_capabilities.iter().any(|c| c == cap)
+    };
+    conn.can_push = both(CAP_DELTAPLANE_PUSH_V1);
+    conn.can_notify = both(CAP_KONG_SYNC_V2);
+    let conn = Arc::new(conn);
     let handler = Arc::new(CpHandler {
         ctx: ctx.clone(),
         conn: conn.clone(),
@@ -116,12 +131,16 @@ where
     let peer = Peer::start(
         ws,
         encoding,
-        ctx.settings.peer_config(),
+        PeerConfig {
+            stats: Some(ctx.metrics.link().clone()),
+            ..ctx.settings.peer_config()
+        },
         our_caps,
         hello.rpc_capabilities.clone(),
         handler,
     );
     let _closer = CloseOnDrop(peer.clone());
+    conn.attach(peer.clone());
     let id = ctx.fleet.register(conn.clone()).await;
     tracing::info!(
         node_id = %conn.who.node_id,
@@ -133,7 +152,6 @@ where
         "data plane connected"
     );
 
-    let notifier = tokio::spawn(notify_loop(ctx.clone(), conn.clone(), peer.clone()));
     let reason = tokio::select! {
         r = peer.closed() => format!("{r:?}"),
         _ = stop.wait_for(|s| *s) => {
@@ -141,7 +159,6 @@ where
             "shutdown".to_owned()
         }
     };
-    notifier.abort();
     ctx.fleet.unregister(id, &conn).await;
     tracing::info!(node_id = %conn.who.node_id, peer = %addr, %reason, "data plane disconnected");
     Ok(())
@@ -157,41 +174,120 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Calls `notify_new_version` whenever the head moves past what the data plane reported.
-async fn notify_loop(ctx: Arc<ClusterCtx>, conn: Arc<DpConn>, peer: Peer) {
-    if !conn.who.capabilities.iter().any(|c| c == CAP_KONG_SYNC_V2) {
-        return;
-    }
+/// Announces every new head to the connected v2 data planes, from one task for the whole
+/// fleet: a deltaplane data plane that holds the version just before gets the new deltas
+/// pushed (one encoded frame shared by all of them); any other gets `notify_new_version`, at
+/// most once per version, and none for a version it holds or was just sent in an answer.
+pub(super) async fn fan_out(ctx: Arc<ClusterCtx>, mut stop: watch::Receiver<bool>) {
     let mut head = ctx.store.subscribe();
-    let mut reported = conn.watch_reported();
-    // Wait for the data plane's first get_delta: it pulls on connect anyway.
-    if reported.wait_for(|v| *v >= 0).await.is_err() {
-        return;
+    // The window of recent versions starts at the head this control plane starts with.
+    let start = *head.borrow_and_update();
+    if let Err(e) = ctx.answers.recent().catch_up(start).await {
+        tracing::debug!(error = %e, "reading the change-log head failed");
     }
     loop {
+        tokio::select! {
+            c = head.changed() => if c.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
         let h = *head.borrow_and_update();
-        let r = *reported.borrow_and_update();
-        if h > r {
-            let params = NotifyNewVersion {
-                new_version: Version::new(h),
+        announce(&ctx, h).await;
+    }
+}
+
+/// One pushed answer, encoded for one frame encoding.
+struct PushFrame {
+    frame: Bytes,
+    /// The version the data plane is at once it applied the push.
+    to: i64,
+}
+
+async fn announce(ctx: &ClusterCtx, head: i64) {
+    let started = std::time::Instant::now();
+    let conns = ctx.fleet.connected();
+    let notify_params = NotifyNewVersion {
+        new_version: Version::new(head),
+    }
+    .to_params();
+    // One read of the new versions for the whole fleet: the pushes below, and the get_delta
+    // of every data plane notified, are answered from it. (Read with no data plane connected
+    // too: the next one to connect is then answered from memory.)
+    if let Err(e) = ctx.answers.recent().catch_up(head).await {
+        tracing::debug!(error = %e, "reading the new versions failed; notifying only");
+    }
+    // Pushed frames by (the version the data planes hold, encoding).
+    let mut frames: HashMap<(i64, Encoding), Option<PushFrame>> = HashMap::new();
+    let (mut pushed, mut notified) = (0usize, 0usize);
+    for (n, conn) in conns.iter().enumerate() {
+        if n % 256 == 255 {
+            // A fleet of thousands: let the connections' own tasks write meanwhile.
+            tokio::task::yield_now().await;
+        }
+        let Some(peer) = conn.peer() else { continue };
+        let at = conn.reported_or_promised();
+        if at >= head {
+            continue;
+        }
+        if conn.can_push && at > 0 && !conn.older && ctx.fleet.check_plugins(conn).await.is_ok() {
+            let encoding = peer.encoding();
+            let push = frames
+                .entry((at, encoding))
+                .or_insert_with(|| push_frame(ctx, at, encoding));
+            if let Some(p) = push
+                && p.frame.len() <= conn.frame_limit(ctx.settings.max_payload)
+                && peer.try_send_frame(PUSH_DELTAS, p.frame.clone()).is_ok()
+            {
+                conn.promised(p.to);
+                ctx.metrics.deltas_sent(How::Pushed);
+                pushed += 1;
+                continue;
             }
-            .to_params();
-            if let Err(e) = peer.call(NOTIFY_NEW_VERSION, params).await {
-                tracing::debug!(node_id = %conn.who.node_id, error = %e, "notify_new_version failed");
-            }
-            // Wait for the DP to report progress (or for a newer head) before notifying again.
-            tokio::select! {
-                c = head.changed() => if c.is_err() { return },
-                c = reported.changed() => if c.is_err() { return },
-                _ = tokio::time::sleep(ctx.settings.ping_interval) => {}
-            }
-        } else {
-            tokio::select! {
-                c = head.changed() => if c.is_err() { return },
-                c = reported.changed() => if c.is_err() { return },
+        }
+        if conn.can_notify && conn.mark_notified(head) {
+            match peer.call_detached(NOTIFY_NEW_VERSION, &notify_params) {
+                Ok(()) => {
+                    ctx.metrics.notification_sent();
+                    notified += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(node_id = %conn.who.node_id, error = %e, "notify_new_version not sent")
+                }
             }
         }
     }
+    if pushed + notified > 0 {
+        tracing::debug!(
+            version = head,
+            pushed,
+            notified,
+            took = ?started.elapsed(),
+            "new version announced"
+        );
+    }
+}
+
+/// The push for data planes at `after`, encoded once for every data plane that can take it;
+/// `None` when the recent versions do not cover `after` or the answer would not fit a frame.
+fn push_frame(ctx: &ClusterCtx, after: i64, encoding: Encoding) -> Option<PushFrame> {
+    let budget = ctx.settings.max_payload.saturating_sub(1024).max(1024);
+    let j = ctx.answers.recent().deltas_after(after, budget, 10_000)?;
+    if j.to == after {
+        return None;
+    }
+    let answer = write_answer(
+        &j.deltas,
+        &AnswerHead {
+            latest_version: Version::new(j.to),
+            head: Some(Version::new(j.top)),
+            ..AnswerHead::default()
+        },
+    );
+    let message = write_push(Version::new(after), &j.epoch, &answer);
+    let frame = codec::try_encode(encoding, &message).ok()?;
+    Some(PushFrame {
+        frame: frame.into(),
+        to: j.to,
+    })
 }
 
 struct CpHandler {
@@ -319,8 +415,23 @@ async fn get_delta(
             // of that version (it reports where it really is after applying).
             match decision {
                 Decision::UpToDate => {}
-                Decision::Incremental { to, .. } => conn.promised(to),
-                Decision::Full { version } | Decision::Paged { version, .. } => {
+                Decision::Incremental { to, .. } => {
+                    ctx.metrics.deltas_sent(How::Fetched);
+                    conn.promised(to)
+                }
+                Decision::Paged {
+                    version,
+                    full_sync: false,
+                } => {
+                    ctx.metrics.deltas_sent(How::Fetched);
+                    conn.promised(version)
+                }
+                Decision::Full { version }
+                | Decision::Paged {
+                    version,
+                    full_sync: true,
+                } => {
+                    ctx.metrics.full_sync_sent(SyncProtocol::V2);
                     conn.promised(version)
                 }
             }

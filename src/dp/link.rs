@@ -65,6 +65,9 @@ pub async fn run(
                 Err(OpenError::Failed(e)) => Err(e),
             },
         };
+        // Versions the control plane announced and this data plane did not apply: the next
+        // session may be on another change log.
+        shared.metrics.forget_learned();
         match outcome {
             Ok(End::Stopped) => {
                 shared.update_link(|l| l.connected_to = None);

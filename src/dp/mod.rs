@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod link;
+pub mod metrics;
 pub mod status;
 pub mod store;
 pub mod v1;
@@ -47,6 +48,10 @@ pub struct LinkStatus {
     pub connects: u64,
     /// `get_delta` requests since start (answers awaited, not status reports).
     pub sync_requests: u64,
+    /// Versions the control plane pushed (`deltaplane.push.v1`) that were applied, and
+    /// pushes that could not be (a gap, another epoch) and were fetched instead.
+    pub pushes_applied: u64,
+    pub pushes_refused: u64,
 }
 
 /// State shared by the sync client and the status listener.
@@ -54,17 +59,25 @@ pub struct DpShared {
     pub store: DpStore,
     pub node_id: String,
     pub hostname: String,
+    /// `/metrics`: durations observed by the sessions, transport counters.
+    pub metrics: metrics::DpMetrics,
     link: Mutex<LinkStatus>,
     applied: watch::Sender<i64>,
 }
 
 impl DpShared {
-    pub fn new(store: DpStore, node_id: String, hostname: String) -> DpShared {
+    pub fn new(
+        store: DpStore,
+        node_id: String,
+        hostname: String,
+        metrics: metrics::DpMetrics,
+    ) -> DpShared {
         let (applied, _) = watch::channel(store.state().version);
         DpShared {
             store,
             node_id,
             hostname,
+            metrics,
             link: Mutex::new(LinkStatus::default()),
             applied,
         }
@@ -84,6 +97,7 @@ impl DpShared {
     }
 
     pub(crate) fn applied(&self, version: i64) {
+        self.metrics.applied(version);
         self.applied.send_replace(version);
     }
 
@@ -161,7 +175,9 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
         %node_id,
         "data plane store opened"
     );
-    let shared = Arc::new(DpShared::new(store, node_id, hostname));
+    let metrics =
+        metrics::DpMetrics::new(cfg.kong_compat_version.clone(), tls.identity().not_after);
+    let shared = Arc::new(DpShared::new(store, node_id, hostname, metrics));
     let (app, rpc_handle) = status::router(shared.clone())?;
     let listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await

@@ -1,5 +1,5 @@
-//! The data plane's status listener: `GET /status`, `GET /status/ready`, and operator
-//! JSON-RPC at `/rpc`; and `deltaplane-dp status`.
+//! The data plane's status listener: `GET /status`, `GET /status/ready`, `GET /metrics`
+//! (`dp::metrics`), and operator JSON-RPC at `/rpc`; and `deltaplane-dp status`.
 
 use std::sync::Arc;
 
@@ -39,6 +39,7 @@ pub fn router(
     let app = axum::Router::new()
         .route("/status", get(status))
         .route("/status/ready", get(ready))
+        .route("/metrics", get(super::metrics::metrics))
         .with_state(shared)
         .merge(rpc_router);
     Ok((app, handle))

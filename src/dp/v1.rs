@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::{SinkExt as _, StreamExt as _};
@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use super::store::{ApplyKind, DpStore};
 use super::{DpConfig, DpShared};
+use crate::net::stats::Refusal;
 use crate::net::tls::ClusterTls;
 use crate::proto::v1::hash::EMPTY_HASH;
 use crate::proto::v1::{Received, Reconfigure};
@@ -218,24 +219,29 @@ pub async fn session(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idle = tokio::time::sleep(s.idle_timeout);
     tokio::pin!(idle);
-    // The newest message not yet applied, and the apply in progress.
-    let mut next: Option<Bytes> = None;
-    let mut applying: Option<tokio::task::JoinHandle<Result<Outcome, String>>> = None;
+    // The newest message not yet applied (with when it arrived), and the apply in progress.
+    let mut next: Option<(Bytes, Instant)> = None;
+    let mut applying: Option<(ApplyTask, Timing)> = None;
     let end = loop {
         if applying.is_none()
-            && let Some(gz) = next.take()
+            && let Some((gz, received)) = next.take()
         {
             let store = shared.store.clone();
             let dir = data_dir.clone();
-            applying = Some(tokio::task::spawn_blocking(move || {
-                apply_message(&store, &dir, &gz, max)
-            }));
+            let task = tokio::task::spawn_blocking(move || apply_message(&store, &dir, &gz, max));
+            applying = Some((
+                task,
+                Timing {
+                    received,
+                    started: Instant::now(),
+                },
+            ));
         }
         tokio::select! {
             msg = ws.next() => {
                 idle.as_mut().reset(tokio::time::Instant::now() + s.idle_timeout);
                 match msg {
-                    Some(Ok(Message::Binary(gz))) => next = Some(gz),
+                    Some(Ok(Message::Binary(gz))) => next = Some((gz, Instant::now())),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(frame))) => {
                         let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
@@ -252,19 +258,28 @@ pub async fn session(
                                 tracing::warn!(control_plane = %cp, %message, "sync v1: the control plane withholds the configuration");
                                 shared.update_link(|l| l.last_error = Some(message));
                             }
-                            None => tracing::debug!(control_plane = %cp, "sync v1: ignoring an unexpected text frame"),
+                            None => {
+                                shared.metrics.link().refused(Refusal::UnsupportedFrame);
+                                tracing::debug!(control_plane = %cp, "sync v1: ignoring an unexpected text frame");
+                            }
                         }
                     }
                     Some(Ok(other)) => {
+                        shared.metrics.link().refused(Refusal::UnsupportedFrame);
                         tracing::debug!(control_plane = %cp, ?other, "sync v1: ignoring an unexpected frame");
                     }
-                    Some(Err(e)) => break V1End::Closed(format!("read: {e}")),
+                    Some(Err(e)) => {
+                        if let Some(r) = crate::net::stats::refusal_of(&e) {
+                            shared.metrics.link().refused(r);
+                        }
+                        break V1End::Closed(format!("read: {e}"));
+                    }
                 }
             }
-            done = async { applying.as_mut().expect("guarded").await }, if applying.is_some() => {
-                applying = None;
+            done = async { (&mut applying.as_mut().expect("guarded").0).await }, if applying.is_some() => {
+                let timing = applying.take().expect("guarded").1;
                 let outcome = done.unwrap_or_else(|e| Err(format!("apply task: {e}")));
-                if handle_outcome(shared, cp, outcome, &mut hash) {
+                if handle_outcome(shared, cp, outcome, timing, &mut hash) {
                     // Tell the control plane at once.
                     ping.reset();
                     if let Err(e) = send(&mut ws, Message::Ping(Bytes::from(hash.clone())), s.write_timeout).await {
@@ -289,13 +304,21 @@ pub async fn session(
         }
     };
     // Nothing may hold the store after the session: let a running apply finish.
-    if let Some(task) = applying {
+    if let Some((task, timing)) = applying {
         let outcome = task
             .await
             .unwrap_or_else(|e| Err(format!("apply task: {e}")));
-        handle_outcome(shared, cp, outcome, &mut hash);
+        handle_outcome(shared, cp, outcome, timing, &mut hash);
     }
     Ok(end)
+}
+
+type ApplyTask = tokio::task::JoinHandle<Result<Outcome, String>>;
+
+/// When a reconfigure message arrived and when its apply started.
+struct Timing {
+    received: Instant,
+    started: Instant,
 }
 
 /// Records an apply's outcome; true when the control plane should hear of it (a ping).
@@ -303,6 +326,7 @@ fn handle_outcome(
     shared: &DpShared,
     cp: &str,
     outcome: Result<Outcome, String>,
+    timing: Timing,
     hash: &mut String,
 ) -> bool {
     match outcome {
@@ -310,6 +334,10 @@ fn handle_outcome(
             hash: h,
             n_entities,
         }) => {
+            let m = &shared.metrics;
+            m.apply_duration(super::metrics::ApplyKind::Full, timing.started.elapsed());
+            // A v1 frame names its version only once decoded: it was learned on arrival.
+            m.learned_at(h.version, timing.received);
             tracing::info!(control_plane = %cp, version = h.version, hash = %h.cp_hash, entities = n_entities, "sync v1: configuration applied");
             shared.update_link(|l| {
                 l.full_syncs += 1;

@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::link::End;
+use super::metrics::ApplyKind as DpApplyKind;
 use super::store::{ApplyError, ApplyKind, DeltaSink, DpStore};
 use super::{DpConfig, DpShared, SyncMode};
 use crate::net::dial::{self, OpenError};
@@ -31,13 +32,20 @@ use crate::net::tls::ClusterTls;
 use crate::proto::codec::Encoding;
 use crate::proto::hello::{Hello, data_plane_conf};
 use crate::proto::jsonrpc::RpcError;
+use crate::proto::v2::PUSH_DELTAS;
 use crate::proto::v2::{self, GET_DELTA, GET_PAGE, GetDelta, GetPage, NOTIFY_NEW_VERSION};
 use crate::proto::v2::{NOTIFY_VALIDATION_ERROR, NotifyNewVersion, NotifyValidationError};
 use crate::proto::{
-    CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, SyncProtocol, Version, is_withheld,
+    CAP_DELTAPLANE_PUSH_V1, CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Delta, SyncProtocol, Version,
+    is_withheld,
 };
 
-const DP_METHODS: &[&str] = &[NOTIFY_NEW_VERSION];
+const DP_METHODS: &[&str] = &[NOTIFY_NEW_VERSION, PUSH_DELTAS];
+
+/// Pushed versions waiting for the session loop; more are fetched with get_delta instead.
+const PUSH_QUEUE: usize = 64;
+/// Most pushed versions applied in one transaction.
+const PUSHES_PER_COMMIT: usize = 64;
 
 /// One sync v2 session on `cp`: open `/v2/outlet`, hello, then pull until the connection ends
 /// or `stop`.
@@ -49,11 +57,15 @@ pub(super) async fn session(
     mut stop: watch::Receiver<bool>,
 ) -> Result<End, OpenError> {
     let timeout = cfg.cluster.handshake_timeout;
-    let pcfg = cfg.cluster.peer_config();
+    let pcfg = crate::net::peer::PeerConfig {
+        stats: Some(shared.metrics.link().clone()),
+        ..cfg.cluster.peer_config()
+    };
     let mut ws = dial::open_v2(tls, cp, crate::net::peer::ws_config(&pcfg), timeout).await?;
     let our_caps = vec![
         CAP_KONG_SYNC_V2.to_owned(),
         CAP_DELTAPLANE_SYNC_V1.to_owned(),
+        CAP_DELTAPLANE_PUSH_V1.to_owned(),
     ];
     let hello_msg = Hello {
         rpc_capabilities: our_caps.clone(),
@@ -80,9 +92,11 @@ pub(super) async fn session(
     let cp_caps = result.rpc_capabilities.clone();
     let offers_v2 = result.offers(CAP_KONG_SYNC_V2);
     let (notified_tx, mut notified) = watch::channel(0i64);
+    let (pushes_tx, mut pushes) = tokio::sync::mpsc::channel(PUSH_QUEUE);
     let handler = Arc::new(DpHandler {
         shared: shared.clone(),
         notified: notified_tx,
+        pushes: pushes_tx,
     });
     let peer = Peer::start(ws, encoding, pcfg, our_caps, cp_caps.clone(), handler);
     shared.update_link(|l| {
@@ -201,6 +215,28 @@ pub(super) async fn session(
                     }
                 }
             }
+            Some(first) = pushes.recv() => {
+                let mut batch = vec![first];
+                while batch.len() < PUSHES_PER_COMMIT {
+                    match pushes.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                if want || retry_at.is_some() {
+                    // A pull is due (or backing off after a failure): it fetches these too.
+                    continue;
+                }
+                match syncer.apply_pushes(batch).await {
+                    Ok(Pushed::AtHead) => {}
+                    Ok(Pushed::Fetch) => want = true,
+                    Err(e) => {
+                        tracing::warn!(control_plane = %cp, error = %e, "pushed deltas rejected; fetching instead");
+                        retry_at = Some(tokio::time::Instant::now() + cfg.invalid_backoff);
+                        want = true;
+                    }
+                }
+            }
             _ = poll.tick() => want = true,
             _ = tokio::time::sleep_until(wake) => {}
             r = peer.closed() => return Ok(End::Closed(describe_close(&r, cfg.cluster.max_payload))),
@@ -242,11 +278,53 @@ async fn close_and_wait(peer: &Peer) {
 struct DpHandler {
     shared: Arc<DpShared>,
     notified: watch::Sender<i64>,
+    /// Pushed versions (the params' JSON text), for the session loop to apply in order.
+    pushes: tokio::sync::mpsc::Sender<Box<RawValue>>,
 }
 
 impl Handler for DpHandler {
     fn methods(&self) -> &[&'static str] {
         DP_METHODS
+    }
+
+    fn raw_methods(&self) -> &[&'static str] {
+        &[PUSH_DELTAS]
+    }
+
+    fn call_raw(
+        &self,
+        _peer: Peer,
+        _method: String,
+        params: Box<RawValue>,
+        _notification: bool,
+    ) -> BoxFuture<'static, Result<Reply, RpcError>> {
+        let result = match v2::read_push(params.get()) {
+            Err(e) => Err(RpcError::invalid_params().with_message(e)),
+            Ok(push) => {
+                let latest = v2::read_answer(push.answer)
+                    .ok()
+                    .and_then(|a| a.latest_version.max(a.head))
+                    .map(Version::get);
+                if let Some(l) = latest {
+                    self.shared.metrics.learned(l);
+                    self.shared
+                        .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
+                }
+                if let Err(e) = self.pushes.try_send(params) {
+                    // The loop is behind: the version is fetched instead.
+                    tracing::debug!(error = %e, "push queue full");
+                    if let Some(l) = latest {
+                        self.notified.send_if_modified(|cur| {
+                            let newer = l > *cur;
+                            *cur = (*cur).max(l);
+                            newer
+                        });
+                    }
+                }
+                Ok(Reply::Value(Value::Bool(true)))
+            }
+        };
+        Box::pin(async move { result })
     }
 
     fn call(
@@ -263,6 +341,7 @@ impl Handler for DpHandler {
                 return Err(RpcError::method_not_found());
             }
             let v = NotifyNewVersion::from_params(&params)?.new_version.get();
+            shared.metrics.learned(v);
             shared.update_link(|l| l.cp_version_seen = l.cp_version_seen.max(v));
             notified.send_if_modified(|cur| {
                 let newer = v > *cur;
@@ -273,6 +352,25 @@ impl Handler for DpHandler {
             });
             Ok(Value::Bool(true).into())
         })
+    }
+}
+
+/// What became of pushed versions.
+enum Pushed {
+    /// Applied, and the control plane's head is no further.
+    AtHead,
+    /// Not applicable as they came (a gap, another epoch, a cut answer): fetch.
+    Fetch,
+}
+
+impl fmt::Display for SyncError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyncError::Rejected(m)
+            | SyncError::Withheld(m)
+            | SyncError::Failed(m)
+            | SyncError::Link(m) => f.write_str(m),
+        }
     }
 }
 
@@ -438,6 +536,14 @@ impl Syncer {
         })
         .await
         .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        if let Ok(Some(_)) = &outcome {
+            let kind = if full {
+                DpApplyKind::Full
+            } else {
+                DpApplyKind::Incremental
+            };
+            self.shared.metrics.apply_duration(kind, started.elapsed());
+        }
         match outcome {
             Ok(Some(v)) if full => {
                 let entities = self.shared.store.state().n_entities;
@@ -447,6 +553,106 @@ impl Syncer {
             Ok(v) => Ok(v.map(|v| (v, full))),
             Err(e) => Err(self.reject(e, latest).await),
         }
+    }
+
+    /// Applies pushed versions that continue this data plane's version, in order, all in one
+    /// transaction (versions that arrived while the last commit ran are coalesced into the
+    /// next), with the same checks as a `get_delta` answer and the same status report.
+    async fn apply_pushes(&self, batch: Vec<Box<RawValue>>) -> Result<Pushed, SyncError> {
+        let state = self.shared.store.state();
+        if state.epoch.is_some() && state.epoch != self.cp_epoch {
+            return Ok(Pushed::Fetch);
+        }
+        // Keep the pushes that continue from our version, one after the other.
+        let mut at = state.version;
+        let mut chain = Vec::with_capacity(batch.len());
+        let mut fetch = false;
+        for params in batch {
+            let Ok(push) = v2::read_push(params.get()) else {
+                fetch = true;
+                break;
+            };
+            let Ok(answer) = v2::read_answer(push.answer) else {
+                fetch = true;
+                break;
+            };
+            let Some(to) = answer.latest_version.map(Version::get) else {
+                fetch = true;
+                break;
+            };
+            if Some(push.epoch) != self.cp_epoch.as_deref()
+                || answer.full_sync
+                || answer.transfer.is_some()
+            {
+                fetch = true;
+                break;
+            }
+            if to <= at {
+                continue; // already held (fetched meanwhile)
+            }
+            if push.after.get() != at {
+                fetch = true;
+                break;
+            }
+            at = to;
+            chain.push(params);
+        }
+        if chain.is_empty() {
+            if fetch {
+                self.shared.update_link(|l| l.pushes_refused += 1);
+            }
+            return Ok(if fetch { Pushed::Fetch } else { Pushed::AtHead });
+        }
+        let pushed = chain.len() as u64;
+        let started = std::time::Instant::now();
+        let store = self.shared.store.clone();
+        let from = state.version;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let kind = ApplyKind::Incremental {
+                expect_from: from,
+                latest: Some(at),
+            };
+            let mut apply = store.begin(kind)?;
+            apply.feed(|sink| {
+                for params in &chain {
+                    let push = v2::read_push(params.get()).map_err(invalid)?;
+                    let ns = v2::answer_namespace(push.answer).map_err(invalid)?;
+                    feed_deltas(ns, sink)?;
+                }
+                Ok(())
+            })?;
+            Ok::<_, ApplyError>(apply.commit()?.version)
+        })
+        .await
+        .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        let v = match outcome {
+            Ok(v) => v,
+            Err(e) => return Err(self.reject(e, Some(at)).await),
+        };
+        self.shared
+            .metrics
+            .apply_duration(DpApplyKind::Incremental, started.elapsed());
+        self.shared.update_link(|l| {
+            l.incremental_syncs += 1;
+            l.pushes_applied += pushed;
+            if fetch {
+                l.pushes_refused += 1;
+            }
+            l.last_sync_at = Some(crate::node::now_secs());
+            l.last_error = None;
+            l.cp_version_seen = l.cp_version_seen.max(v);
+        });
+        self.shared.applied(v);
+        let status = GetDelta::new(
+            Version::new(v),
+            self.paging
+                .then(|| self.shared.store.state().state_hash.to_hex()),
+        );
+        let _ = self.peer.notify(GET_DELTA, status.to_params()).await;
+        if fetch || self.shared.link().cp_version_seen > v {
+            return Ok(Pushed::Fetch);
+        }
+        Ok(Pushed::AtHead)
     }
 
     async fn paged(&self, t: &v2::TransferRef, kind: ApplyKind) -> Result<i64, SyncError> {
@@ -510,12 +716,21 @@ impl Syncer {
         let fetched = started.elapsed();
         let store = self.shared.store.clone();
         let id = t.id.clone();
+        let commit_started = std::time::Instant::now();
         let committed =
             tokio::task::spawn_blocking(move || store.stage_commit_with(&id, decode_staged_page))
                 .await
                 .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
         match &committed {
             Ok(a) => {
+                let k = if matches!(kind, ApplyKind::Full { .. }) {
+                    DpApplyKind::Full
+                } else {
+                    DpApplyKind::Incremental
+                };
+                self.shared
+                    .metrics
+                    .apply_duration(k, commit_started.elapsed());
                 tracing::info!(transfer = %t.id, pages = t.pages, version = a.version, entities = a.n_entities, ?fetched, total = ?started.elapsed(), "paged transfer applied")
             }
             Err(e) => {

@@ -6,9 +6,12 @@
 //! - [`peer`]: the symmetric JSON-RPC peer (calls both ways on one socket, bounded queues,
 //!   pings, write-stall and silence detection).
 //! - [`operator`]: the operator JSON-RPC (`/rpc` over HTTP and WebSocket) and its client.
+//! - [`stats`]: transport counters (bytes sent per encoding, frames refused) for the planes'
+//!   metrics.
 
 pub mod dial;
 pub mod hello;
 pub mod operator;
 pub mod peer;
+pub mod stats;
 pub mod tls;

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -67,6 +68,8 @@ pub struct PeerConfig {
     pub max_inflight: usize,
     /// Frames waiting for the writer; senders wait when it is full.
     pub outbound_queue: usize,
+    /// Counters of frames sent (by encoding) and refused (by reason), for `/metrics`.
+    pub stats: Option<Arc<crate::net::stats::LinkStats>>,
 }
 
 /// Answers the peer's requests.
@@ -96,6 +99,7 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Runs one request of a [`Handler::raw_methods`] method; `params` is a JSON array.
+    #[allow(clippy::boxed_local)] // owned text the handler may keep (a queued push)
     fn call_raw(
         &self,
         _peer: Peer,
@@ -216,11 +220,17 @@ pub enum CallError {
 ///
 /// tungstenite's default `max_write_buffer_size` is unbounded; this bounds it to one
 /// message beyond the write buffer.
+///
+/// The buffers are sized for an idle connection (a few small frames a minute): each read
+/// asks the TLS stream for at most `READ_BUFFER` bytes, and every frame is written through at
+/// once. A large message is assembled in its own buffer, freed once read; tungstenite's
+/// defaults (128 KiB each way) would cost 10,000 connections 2.5 GiB.
 pub fn ws_config(cfg: &PeerConfig) -> WebSocketConfig {
-    const WRITE_BUFFER: usize = 128 * 1024;
+    const READ_BUFFER: usize = 4 * 1024;
+    const WRITE_BUFFER: usize = 0;
     // A frame header is at most 14 bytes; leave generous slack above one full message.
     WebSocketConfig::default()
-        .read_buffer_size(128 * 1024)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(WRITE_BUFFER + cfg.max_payload + 1024)
         .max_message_size(Some(cfg.max_payload))
@@ -254,6 +264,7 @@ impl Default for PeerConfig {
             max_batch: jsonrpc::DEFAULT_MAX_BATCH,
             max_inflight: 32,
             outbound_queue: 256,
+            stats: None,
         }
     }
 }
@@ -287,8 +298,9 @@ struct State {
 }
 
 enum Outbound {
-    /// A frame, and what to hold until it is written.
-    Frame(Vec<u8>, Option<Guard>),
+    /// A frame, and what to hold until it is written. `Bytes`: a frame shared by many
+    /// connections (a pushed version) is queued on each without a copy.
+    Frame(Bytes, Option<Guard>),
     Ping,
     /// Flush tungstenite's queued pong.
     Flush,
@@ -374,7 +386,7 @@ impl Peer {
         let exchange = async {
             self.inner
                 .outbound
-                .send(Outbound::Frame(frame, None))
+                .send(Outbound::Frame(frame.into(), None))
                 .await
                 .map_err(|_| self.closed_error())?;
             rx.await.map_err(|_| self.closed_error())
@@ -400,13 +412,48 @@ impl Peer {
         let timeout = self.inner.cfg.call_timeout;
         match tokio::time::timeout(
             timeout,
-            self.inner.outbound.send(Outbound::Frame(frame, None)),
+            self.inner
+                .outbound
+                .send(Outbound::Frame(frame.into(), None)),
         )
         .await
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.closed_error()),
             Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+
+    /// Calls `method` without waiting for, or keeping, its answer (whatever the peer answers
+    /// is dropped as an answer nobody waits for). Never waits: a full outbound queue means
+    /// the peer is not reading, and the call is not sent (`Err(Timeout(0))`).
+    pub fn call_detached(&self, method: &str, params: &Value) -> Result<(), CallError> {
+        self.check_capability(method)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode(&jsonrpc::request(id, method, params))?;
+        self.try_queue(frame.into())
+    }
+
+    /// Queues an already encoded frame (see [`Peer::encoding`]) for `method` without waiting;
+    /// `Err(Timeout(0))` when the outbound queue is full. A frame shared by many connections
+    /// is queued on each without a copy.
+    pub fn try_send_frame(&self, method: &str, frame: Bytes) -> Result<(), CallError> {
+        self.check_capability(method)?;
+        if frame.len() > self.inner.cfg.max_payload {
+            return Err(CallError::TooLarge {
+                size: frame.len(),
+                limit: self.inner.cfg.max_payload,
+            });
+        }
+        self.try_queue(frame)
+    }
+
+    fn try_queue(&self, frame: Bytes) -> Result<(), CallError> {
+        use mpsc::error::TrySendError;
+        match self.inner.outbound.try_send(Outbound::Frame(frame, None)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(CallError::Timeout(Duration::ZERO)),
+            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
         }
     }
 
@@ -588,7 +635,7 @@ async fn drive<S>(
             close_request: peer.inner.close_request.subscribe(),
         }
         .run(&mut stream);
-        let writer = write_loop(&mut sink, &mut outbound, peer.inner.cfg.write_timeout);
+        let writer = write_loop(&mut sink, &mut outbound, &peer.inner);
         tokio::select! {
             ending = reader => ending,
             ending = writer => ending,
@@ -629,15 +676,19 @@ async fn drive<S>(
 async fn write_loop<S>(
     sink: &mut Sink<S>,
     outbound: &mut mpsc::Receiver<Outbound>,
-    write_timeout: Duration,
+    inner: &Inner,
 ) -> Ending
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let write_timeout = inner.cfg.write_timeout;
     // `Inner` holds a sender for as long as the driver runs, so `recv` never ends.
     while let Some(out) = outbound.recv().await {
         let res = match out {
             Outbound::Frame(frame, _guard) => {
+                if let Some(stats) = &inner.cfg.stats {
+                    stats.sent(inner.encoding, frame.len());
+                }
                 // `_guard` is released once the frame is written (flushed to the socket).
                 tokio::time::timeout(write_timeout, sink.send(Message::binary(frame))).await
             }
@@ -681,7 +732,12 @@ impl Reader<'_> {
                     last_received = Instant::now();
                     let message = match item {
                         Some(Ok(message)) => message,
-                        Some(Err(err)) => return read_error(err),
+                        Some(Err(err)) => {
+                            if let (Some(stats), Some(why)) = (&cfg.stats, crate::net::stats::refusal_of(&err)) {
+                                stats.refused(why);
+                            }
+                            return read_error(err);
+                        }
                         None => {
                             return Ending::silent(CloseReason::Transport(
                                 "connection ended without a close frame".to_owned(),
@@ -695,6 +751,9 @@ impl Reader<'_> {
                             }
                         }
                         Message::Text(_) => {
+                            if let Some(stats) = &cfg.stats {
+                                stats.refused(crate::net::stats::Refusal::UnsupportedFrame);
+                            }
                             return Ending::close(CloseCode::Unsupported, "text frames are not supported");
                         }
                         Message::Ping(_) => {
@@ -744,10 +803,17 @@ impl Reader<'_> {
 
     /// Handles one binary frame; `Some` ends the connection.
     async fn on_frame(&mut self, frame: &[u8]) -> Option<Ending> {
+        use crate::net::stats::Refusal;
         let inner = &self.peer.inner;
+        let refused = |why| {
+            if let Some(stats) = &inner.cfg.stats {
+                stats.refused(why);
+            }
+        };
         let json = match codec::decode(inner.encoding, frame, inner.cfg.max_decompressed) {
             Ok(json) => json,
             Err(err @ CodecError::TooLarge { .. }) => {
+                refused(Refusal::TooLarge);
                 tracing::warn!(cause = %err, "closing connection");
                 return Some(Ending::close(
                     CloseCode::Size,
@@ -757,8 +823,10 @@ impl Reader<'_> {
             Err(err) => {
                 // A second hello (plain JSON, as the first one was) breaks the protocol.
                 if is_hello(frame) {
+                    refused(Refusal::Protocol);
                     return Some(Ending::close(CloseCode::Protocol, "hello already done"));
                 }
+                refused(Refusal::Undecodable);
                 tracing::debug!(cause = %err, "undecodable frame");
                 self.send(jsonrpc::error(None, &RpcError::parse_error()))
                     .await;
@@ -766,11 +834,13 @@ impl Reader<'_> {
             }
         };
         if is_hello(&json) {
+            refused(Refusal::Protocol);
             return Some(Ending::close(CloseCode::Protocol, "hello already done"));
         }
         let incoming = match jsonrpc::parse(&json, inner.cfg.max_batch) {
             Ok(incoming) => incoming,
             Err(err) => {
+                refused(Refusal::InvalidRpc);
                 tracing::debug!(code = err.code, message = %err.message, "rejected frame");
                 self.send(jsonrpc::error(None, &err)).await;
                 return None;
@@ -997,7 +1067,7 @@ async fn send_answer(peer: &Peer, json: Vec<u8>, guard: Option<Guard>) {
     let _ = peer
         .inner
         .outbound
-        .send(Outbound::Frame(frame, guard))
+        .send(Outbound::Frame(frame.into(), guard))
         .await;
 }
 

@@ -442,7 +442,8 @@ pub fn read_push(params: &str) -> Result<Push<'_>, String> {
         answer: &'a RawValue,
     }
     let (w,): (Wire<'_>,) = serde_json::from_str(params).map_err(|e| format!("push: {e}"))?;
-    let after = Version::parse(w.after).ok_or_else(|| format!("push: after is not a version: {}", w.after))?;
+    let after = Version::parse(w.after)
+        .ok_or_else(|| format!("push: after is not a version: {}", w.after))?;
     Ok(Push {
         after,
         epoch: w.epoch,

@@ -216,7 +216,7 @@ async fn converge_timed(dp: &TestDp, cp: &TestCp, secs: u64) -> Duration {
 // ---------------------------------------------------------------------------------------------
 
 /// Added latency and a bandwidth cap slow the link but change nothing else; the proxy really is
-/// in the path (one write takes at least three delayed hops to show on the data plane).
+/// in the path (one write takes at least one delayed hop to show on the data plane: pushed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_and_bandwidth_cap() {
     let _serial = SERIAL.lock().await;
@@ -231,13 +231,13 @@ async fn latency_and_bandwidth_cap() {
         f.latency = latency;
         f.bandwidth = Some(32 * 1024);
     });
-    // One write: notify (down), get_delta (up), answer (down), each delayed.
+    // One write: pushed with its deltas (down), delayed once at least.
     let t = Instant::now();
     cp.create("/consumers", json!({"username": "slow-1"})).await;
     dp.converge(&cp, 10).await;
     let one = t.elapsed();
     assert!(
-        one >= latency * 3,
+        one >= latency,
         "the proxy is not in the path: propagated in {one:?}"
     );
 
@@ -259,8 +259,9 @@ async fn latency_and_bandwidth_cap() {
     cp.shutdown().await;
 }
 
-/// Stalled reads (one direction, then both): the data plane cannot advance and drops the dead
-/// link on its idle timeout; once the stall clears it reconnects and converges.
+/// Stalled reads (one direction, then both): the data plane drops the dead link (idle timeout,
+/// or its writes time out); with the downlink stalled it cannot advance, with only the uplink
+/// stalled pushed versions may still arrive. Once the stall clears it reconnects and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalls_then_recovery() {
     let _serial = SERIAL.lock().await;
@@ -293,7 +294,17 @@ async fn stalls_then_recovery() {
             || dp.shared().link().connected_to.is_none(),
         )
         .await;
-        assert_eq!(dp.state().0, before, "{name}: applied through a stall");
+        if down {
+            // Nothing reaches the data plane: it cannot advance.
+            assert_eq!(dp.state().0, before, "{name}: applied through a stall");
+        } else {
+            // Only its own frames are stuck: pushed versions still arrive and are applied
+            // (each checked and committed as usual; the monitor below checks the order).
+            report!(
+                "stall {name}: applied up to {} while the uplink was stalled",
+                dp.state().0
+            );
+        }
         assert!(
             proxy.stats.stalled_chunks.load(Ordering::Relaxed) > 0,
             "the stall never bit"

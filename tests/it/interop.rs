@@ -104,7 +104,7 @@ async fn golden_exchange_kong_dp_against_our_cp() {
         .await;
     let answer = dp.next_binary().await;
     let expected = format!(
-        r#"{{"jsonrpc":"2.0","id":1,"result":{{"rpc_capabilities":["kong.sync.v2","deltaplane.sync.v1"],"rpc_frame_encoding":"x-snappy-framed","epoch":{},"node_id":{}}}}}"#,
+        r#"{{"jsonrpc":"2.0","id":1,"result":{{"rpc_capabilities":["kong.sync.v2","deltaplane.sync.v1","deltaplane.push.v1"],"rpc_frame_encoding":"x-snappy-framed","epoch":{},"node_id":{}}}}}"#,
         json!(epoch),
         json!(cp.running().node_id),
     );

@@ -415,6 +415,9 @@ both_backends!(dp_below_the_horizon_full_syncs, |backend| async move {
     cfg.changelog_retention_age = Duration::ZERO;
     cfg.changelog_retention_versions = 5;
     cfg.purge_interval = Duration::from_millis(100);
+    // The window of recent versions in memory would still cover the data plane (it serves
+    // versions the database purged, which is correct): this test is about the horizon.
+    cfg.cluster.delta_cache_bytes = 0;
     let cp = TestCp::start_with(db, cfg).await;
     let mut dp = cp.start_dp().await;
     dp.converge(&cp, 20).await;
@@ -450,9 +453,14 @@ both_backends!(dp_below_the_horizon_full_syncs, |backend| async move {
 both_backends!(
     invalid_deltas_are_rejected_reported_and_retried,
     |backend| async move {
-        let Some(cp) = TestCp::start(backend).await else {
+        // Without the window of recent versions in memory: this test is about what the
+        // control plane reads from its database.
+        let Some(db) = crate::harness::TestDb::new(backend).await else {
             return;
         };
+        let mut cp_cfg = db.cp_config();
+        cp_cfg.cluster.delta_cache_bytes = 0;
+        let cp = TestCp::start_with(db, cp_cfg).await;
         let mut dp = cp.start_dp().await;
         dp.converge(&cp, 20).await;
         dp.stop().await;
@@ -711,9 +719,14 @@ async fn cp_sql(cp: &TestCp, sql: &'static str) {
 both_backends!(
     control_plane_errors_are_shown_and_backed_off,
     |backend| async move {
-        let Some(cp) = TestCp::start(backend).await else {
+        // Without the window of recent versions in memory: this test is about what the
+        // control plane reads from its database.
+        let Some(db) = crate::harness::TestDb::new(backend).await else {
             return;
         };
+        let mut cp_cfg = db.cp_config();
+        cp_cfg.cluster.delta_cache_bytes = 0;
+        let cp = TestCp::start_with(db, cp_cfg).await;
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = cp.dp_config(dir.path());
         cfg.sync_poll_interval = Duration::from_millis(100);

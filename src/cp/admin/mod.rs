@@ -78,7 +78,7 @@ const KONG_ADMIN_TOKEN: &str = "kong-admin-token";
 
 /// The Admin API's fixed paths, in Kong's notation (`{param}`), for `GET /endpoints`; the
 /// entity paths are derived from the registry (`entity_paths`). `/clustering/*` is served by
-/// `clustering::router`, merged in by the caller.
+/// `clustering::router` and `/metrics` by `cp::metrics::router`, merged in by the caller.
 const FIXED_PATHS: &[&str] = &[
     "/",
     "/status",
@@ -91,6 +91,7 @@ const FIXED_PATHS: &[&str] = &[
     "/schemas/plugins/validate",
     "/clustering/data-planes",
     "/clustering/status",
+    "/metrics",
 ];
 
 /// Every path `dispatch` serves for the registry's entity types, as Kong's

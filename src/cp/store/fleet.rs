@@ -53,36 +53,49 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
+        // Multi-row statements: a fleet of thousands is refreshed in a few round trips. One
+        // statement may not touch a row twice (a data plane reconnecting while its old
+        // connection is still listed): the last row of a node wins.
+        const ROWS_PER_STATEMENT: usize = 500;
+        let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, r) in rows.iter().enumerate() {
+            last.insert(&r.node_id, i);
+        }
+        let rows: Vec<&DataPlaneRow> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| last[r.node_id.as_str()] == *i)
+            .map(|(_, r)| r)
+            .collect();
         on_backend!(self.pool(), p => {
             let mut tx = p.begin().await?;
-            for row in rows {
-            sqlx::query(
-                "INSERT INTO dp_data_planes (node_id, hostname, address, kong_version, protocol, version, state_hash, connected_to, last_seen, last_error, labels, capabilities, cert_expiry, sync_status, config_hash, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                 ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, address = excluded.address, \
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::new(format!("INSERT INTO dp_data_planes ({COLUMNS}) "));
+                q.push_values(chunk, |mut b, row| {
+                    b.push_bind(&row.node_id)
+                        .push_bind(&row.hostname)
+                        .push_bind(&row.address)
+                        .push_bind(&row.kong_version)
+                        .push_bind(&row.protocol)
+                        .push_bind(row.version)
+                        .push_bind(&row.state_hash)
+                        .push_bind(&row.connected_to)
+                        .push_bind(row.last_seen)
+                        .push_bind(&row.last_error)
+                        .push_bind(&row.labels)
+                        .push_bind(&row.capabilities)
+                        .push_bind(row.cert_expiry)
+                        .push_bind(&row.sync_status)
+                        .push_bind(&row.config_hash)
+                        .push_bind(row.updated_at);
+                });
+                q.push(" ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, address = excluded.address, \
                  kong_version = excluded.kong_version, protocol = excluded.protocol, version = excluded.version, \
                  state_hash = excluded.state_hash, connected_to = excluded.connected_to, last_seen = excluded.last_seen, \
                  last_error = excluded.last_error, labels = excluded.labels, capabilities = excluded.capabilities, \
                  cert_expiry = excluded.cert_expiry, sync_status = excluded.sync_status, \
-                 config_hash = excluded.config_hash, updated_at = excluded.updated_at")
-                .bind(&row.node_id)
-                .bind(&row.hostname)
-                .bind(&row.address)
-                .bind(&row.kong_version)
-                .bind(&row.protocol)
-                .bind(row.version)
-                .bind(&row.state_hash)
-                .bind(&row.connected_to)
-                .bind(row.last_seen)
-                .bind(&row.last_error)
-                .bind(&row.labels)
-                .bind(&row.capabilities)
-                .bind(row.cert_expiry)
-                .bind(&row.sync_status)
-                .bind(&row.config_hash)
-                .bind(row.updated_at)
-                .execute(&mut *tx)
-                .await?;
+                 config_hash = excluded.config_hash, updated_at = excluded.updated_at");
+                q.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
         });
