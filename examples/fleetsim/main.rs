@@ -609,6 +609,12 @@ impl World {
         self.sims.iter().map(|s| proc_cpu_secs(s.pid)).sum()
     }
 
+    /// The simulators' RSS, summed, in MiB.
+    fn sims_rss_mib(&self) -> f64 {
+        let kib: u64 = self.sims.iter().map(|s| rss_kib(s.pid).unwrap_or(0)).sum();
+        kib as f64 / 1024.0
+    }
+
     async fn finish(mut self) {
         for s in std::mem::take(&mut self.sims) {
             s.quit().await;
@@ -899,7 +905,12 @@ async fn idle(cli: &Cli, mix: Mix, counts: &[u32], settle: Duration) -> anyhow::
     println!();
     let c = world.counters().await?;
     print_counters(&c);
-    println!("simulators' CPU: {:.2} s", world.sims_cpu());
+    println!(
+        "simulators' CPU: {:.2} s; their RSS {:.1} MiB ({:.1} KiB per simulated DP)",
+        world.sims_cpu(),
+        world.sims_rss_mib(),
+        world.sims_rss_mib() * 1024.0 / f64::from(world.n_dps.max(1))
+    );
     gate(&mut world, &mut pump).await?;
     world.finish().await;
     Ok(())

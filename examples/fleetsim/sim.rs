@@ -112,18 +112,28 @@ pub enum Event {
 /// Counters of one process's fleet, by name ([`COUNTER_NAMES`]).
 #[derive(Clone, Copy, Debug)]
 pub enum C {
+    /// `get_delta` calls.
     GetDelta,
+    /// Answers that changed nothing.
     AnswerEmpty,
+    /// Incremental applies, fetched or pushed.
     AnswerDeltas,
+    /// Full syncs applied.
     AnswerFull,
+    /// `get_delta` error answers.
     ErrorAnswer,
+    /// `notify_new_version`s received, and those for a version seen already on the
+    /// connection (`NotifyDup`) or held (`NotifyHeld`); violations for Kong DPs only.
     Notify,
     NotifyDup,
     NotifyHeld,
+    /// Pushes received, applied, and refused (another version or epoch: `get_delta` instead).
     Push,
     PushApplied,
     PushRefused,
+    /// Status reports (`get_delta` notifications) sent.
     Status,
+    /// Hellos completed, and connects or hellos that failed.
     Connect,
     ConnectFail,
 }
@@ -268,7 +278,7 @@ impl Mix {
         match self {
             Mix::Kong => Dialect::Kong,
             Mix::Deltaplane => Dialect::Deltaplane,
-            Mix::Mixed if idx % 2 == 0 => Dialect::Kong,
+            Mix::Mixed if idx.is_multiple_of(2) => Dialect::Kong,
             Mix::Mixed => Dialect::Deltaplane,
         }
     }
@@ -398,13 +408,13 @@ async fn checker(
                 applied,
                 full,
             } => {
-                if !book.contains_key(&v) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = book.entry(v) {
                     let h = if v == 0 {
                         Ok(StateHash::ZERO)
                     } else {
                         cp_hash_at(&rpc_url, v).await
                     };
-                    book.insert(v, h);
+                    slot.insert(h);
                 }
                 let ok = match &book[&v] {
                     Ok(expected) if *expected == hash => true,
