@@ -69,17 +69,13 @@ async fn quick_fleet_reaches_the_head_with_the_cps_hash() {
 
     let c = fleet.counters.snapshot();
     let get = |name: &str| c[sim::COUNTER_NAMES.iter().position(|n| *n == name).unwrap()];
-    // Every DP did one first sync and followed the writes (by notification or push).
-    assert!(
-        get("answer_full") >= DPS as u64,
-        "{}",
-        fleet.counters.to_line()
-    );
-    assert!(
-        get("answer_deltas") + get("push_applied") >= DPS as u64,
-        "{}",
-        fleet.counters.to_line()
-    );
+    let counters = fleet.counters.to_line();
+    // Every DP did one full sync, then followed the writes incrementally: the Kong DPs after
+    // notifications, the deltaplane DPs from pushes.
+    assert!(get("answer_full") >= DPS as u64, "{counters}");
+    assert!(get("answer_deltas") >= DPS as u64, "{counters}");
+    assert!(get("notify") >= DPS as u64 / 2, "{counters}");
+    assert!(get("push_applied") >= DPS as u64 / 2, "{counters}");
     fleet.shutdown().await;
     cp.shutdown().await;
 }
