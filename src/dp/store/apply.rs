@@ -117,7 +117,7 @@ impl DpStore {
     /// checks `expect_from` of an incremental apply against the stored version.
     pub fn begin(&self, kind: ApplyKind) -> Result<Apply<'_>, ApplyError> {
         let turn = self.inner.writer.take();
-        let mut txn = self.inner.db().begin_write().map_err(DpStoreError::from)?;
+        let mut txn = self.inner.db.begin_write().map_err(DpStoreError::from)?;
         let durability = if self.inner.durable {
             Durability::Immediate
         } else {
@@ -350,10 +350,6 @@ impl Apply<'_> {
                 state_hash: applied.state_hash,
                 changed: std::mem::take(&mut self.work.changed),
             }));
-        }
-        if self.work.full {
-            // Still within the turn: no apply runs meanwhile. Readers already see the commit.
-            store.compact_after_full_sync();
         }
         Ok(applied)
     }

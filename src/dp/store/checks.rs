@@ -407,8 +407,9 @@ fn check_entity(
 }
 
 /// Schema validation of a stored-form entity: [`Registry::accepts_stored`] on a value the
-/// caller no longer needs, so it is not copied first (a deep copy of every entity was a tenth
-/// of a full sync's validation). `prepare` also applies defaults and transforms; only its
+/// caller no longer needs, so it is not copied first (the deep copy of every entity was a
+/// fifth of the CPU a full sync spends decoding and validating: 1.39 s → 1.10 s for 100k
+/// services in `benches/dp_apply.rs`). `prepare` also applies defaults and transforms; only its
 /// verdict is used, never its output. A disabled entity that does not validate is accepted.
 fn validate_entity(
     registry: &Registry,

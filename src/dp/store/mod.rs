@@ -35,7 +35,6 @@
 //! # Layout
 //!
 //! - `mod.rs`: [`DpStore`], its options and state, opening (on a file or in memory).
-//! - `backend.rs`: the file backend: redb's, plus early writeback of large transactions.
 //! - `read.rs`: [`Snapshot`] and the read methods.
 //! - `apply.rs`: [`Apply`] (begin, delta, feed, commit) and the chunked writer.
 //! - `checks.rs`: version rules, entity validation, final-state checks, Kong-style errors.
@@ -56,7 +55,6 @@
 //! configuration; the tables `staged` and `transfers` of earlier releases are dropped on open.
 
 mod apply;
-mod backend;
 mod checks;
 mod error;
 mod feed;
@@ -137,11 +135,7 @@ pub struct DpStore {
 }
 
 struct Inner {
-    /// Locked for writing only to compact the file (see [`DpStore::compact_after_full_sync`]);
-    /// transactions take the read lock just to begin.
-    db: RwLock<Database>,
-    /// The store's file; `None` on a backend (memory), which is never compacted.
-    path: Option<std::path::PathBuf>,
+    db: Database,
     registry: Arc<Registry>,
     durable: bool,
     /// The state of the last commit, so [`DpStore::state`] does no I/O.
@@ -152,15 +146,6 @@ struct Inner {
     feed: broadcast::Sender<Arc<Committed>>,
     /// Paged transfers being staged.
     staging: Staging,
-}
-
-// === impl Inner ===
-
-impl Inner {
-    /// The database, to begin a transaction.
-    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
-        self.db.read().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 // === impl DpStoreOptions ===
@@ -185,12 +170,10 @@ impl DpStore {
         registry: Arc<Registry>,
         opts: DpStoreOptions,
     ) -> Result<DpStore, DpStoreError> {
-        let file = backend::WritebackFile::open(path)
-            .map_err(|e| DpStoreError::Redb(redb::StorageError::from(e).into()))?;
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
-            .create_with_backend(file)?;
-        DpStore::init(db, registry, opts, Staging::beside(path), Some(path))
+            .create(path)?;
+        DpStore::init(db, registry, opts, Staging::beside(path))
     }
 
     /// A new, empty store in memory ([`redb::backends::InMemoryBackend`]): the same store with
@@ -212,7 +195,7 @@ impl DpStore {
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
             .create_with_backend(backend)?;
-        DpStore::init(db, registry, opts, Staging::in_memory(), None)
+        DpStore::init(db, registry, opts, Staging::in_memory())
     }
 
     /// Version, epoch, state hash and entity count as of the last commit. No I/O.
@@ -235,34 +218,6 @@ impl DpStore {
         self.inner.feed.subscribe()
     }
 
-    /// After a full sync into a store on a file: compacts the file. A full sync writes the
-    /// whole configuration in one transaction, redb grows its file by doubling while it does,
-    /// and the pages of the configuration it replaced are free once it commits; redb never
-    /// gives that space back by itself (a fresh 100k-service store was left at 1.6 times its
-    /// data, most of it a hole). Compaction moves pages down and truncates the file; it is
-    /// skipped while a snapshot is held (redb refuses), and its time is logged. Called within
-    /// the full sync's writer turn, after its commit is published.
-    fn compact_after_full_sync(&self) {
-        let Some(path) = &self.inner.path else {
-            return;
-        };
-        let len = || std::fs::metadata(path).map_or(0, |m| m.len());
-        let before = len();
-        let started = std::time::Instant::now();
-        let mut db = self.inner.db.write().unwrap_or_else(|e| e.into_inner());
-        let res = db.compact();
-        drop(db);
-        match res {
-            Ok(_) => tracing::info!(
-                took = ?started.elapsed(),
-                before,
-                after = len(),
-                "store file compacted after a full sync"
-            ),
-            Err(e) => tracing::info!(cause = %e, "store file not compacted after a full sync"),
-        }
-    }
-
     /// Drops the staging tables of earlier releases, makes sure every table exists (so a read
     /// never meets a missing one), and reads the stored state.
     fn init(
@@ -270,7 +225,6 @@ impl DpStore {
         registry: Arc<Registry>,
         opts: DpStoreOptions,
         staging: Staging,
-        path: Option<&Path>,
     ) -> Result<DpStore, DpStoreError> {
         let txn = db.begin_write()?;
         txn.delete_table(STAGED)?;
@@ -284,8 +238,7 @@ impl DpStore {
         txn.commit()?;
         Ok(DpStore {
             inner: Arc::new(Inner {
-                db: RwLock::new(db),
-                path: path.map(Path::to_path_buf),
+                db,
                 registry,
                 durable: opts.durable,
                 state: RwLock::new(state),

@@ -43,7 +43,7 @@ impl DpStore {
     /// The store as of the last commit: a read transaction and the state it shows (read from
     /// the transaction itself, so the two always agree). Applies and staging go on meanwhile.
     pub fn snapshot(&self) -> Result<Snapshot, DpStoreError> {
-        let txn = self.inner.db().begin_read()?;
+        let txn = self.inner.db.begin_read()?;
         Ok(Snapshot {
             state: read_meta(&txn.open_table(META)?)?,
             registry: Arc::clone(&self.inner.registry),

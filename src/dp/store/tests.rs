@@ -533,7 +533,7 @@ fn versions_coalesced_into_one_transaction_equal_one_by_one() {
                 4,
                 "keyauth_credentials",
                 WS,
-                &credential(1, 3, "k3")["id"].as_str().unwrap().to_owned(),
+                credential(1, 3, "k3")["id"].as_str().unwrap(),
             ),
             delete(4, "consumers", WS, &consumer_id(3)),
             upsert(4, "consumers", WS, consumer(4, "c")),
