@@ -1,21 +1,25 @@
 //! Data-plane apply throughput: (a) one full sync of 10k and 100k ~1 KB entities in one durable
 //! transaction, fed one delta at a time (`Apply::delta`) and through `Apply::feed` (validation
 //! on a second thread), (b) 1,000 incremental versions of one entity each, one durable transaction per
-//! version, (c) the same 1,000 versions batched 100 per transaction.
+//! version, (c) the same 1,000 versions batched 100 per transaction, and (d) the floor: a
+//! durable 1-row redb commit next to our apply of one small version (one delta), p50/p99 and
+//! CPU per commit, and the ratio ours/floor.
 //!
 //! `cargo bench --bench dp_apply`. Entities are generated (services and routes shaped as the CP
 //! stores them, built once through `Registry::prepare`), so no CP is needed. Before criterion
 //! runs, one pass of each prints entities/s, the split between validation and the rest, and the
-//! peak RSS growth of a 100k full sync.
+//! peak RSS growth of a 100k full sync. `DP_APPLY_FIGURES=floor,full,incremental` (any subset)
+//! picks the passes; `cargo bench --bench dp_apply -- none` skips criterion's runs.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use deltaplane::dp::store::{ApplyKind, DpStore, DpStoreOptions};
 use deltaplane::proto::Delta;
 use deltaplane::schema::{Mode, Registry};
+use redb::{Database, Durability, TableDefinition};
 use serde_json::{Value, json};
 
 const WS: &str = "0c5d5a1e-0000-4000-8000-000000000000";
@@ -134,6 +138,101 @@ fn full_sync_fed(deltas: Vec<Delta>) -> Duration {
     start.elapsed()
 }
 
+/// Apparent length and allocated bytes of a file, in MiB.
+fn file_mib(path: &Path) -> (f64, f64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).unwrap();
+    (
+        m.len() as f64 / 1048576.0,
+        (m.blocks() * 512) as f64 / 1048576.0,
+    )
+}
+
+/// `deltas` cut into pages of about `page_bytes` of JSON (`{"deltas":[...]}`), as the CP
+/// sends a paged transfer.
+fn pages_of(deltas: &[Delta], page_bytes: usize) -> Vec<String> {
+    let mut pages = Vec::new();
+    let mut page: Vec<String> = Vec::new();
+    let mut bytes = 0;
+    for d in deltas {
+        let text = serde_json::to_string(&d.to_wire()).unwrap();
+        if !page.is_empty() && bytes + text.len() > page_bytes {
+            pages.push(std::mem::take(&mut page));
+            bytes = 0;
+        }
+        bytes += text.len();
+        page.push(text);
+    }
+    pages.push(page);
+    pages
+        .into_iter()
+        .map(|p| format!("{{\"deltas\":[{}]}}", p.join(",")))
+        .collect()
+}
+
+/// Stages `pages` as bytes and commits them with a decoder like the v2 session's; returns the
+/// time staging took.
+fn stage_and_commit(store: &DpStore, pages: &[String]) -> Duration {
+    let start = Instant::now();
+    store.stage_begin("t", full_kind(1)).unwrap();
+    for (i, p) in pages.iter().enumerate() {
+        store.stage_page_bytes("t", i as u64, p.as_bytes()).unwrap();
+    }
+    let staged = start.elapsed();
+    store
+        .stage_commit_with("t", |_, bytes, sink| {
+            // As the session's page decoder: the deltas streamed one at a time.
+            let mut failure = None;
+            let text = std::str::from_utf8(bytes).unwrap();
+            deltaplane::proto::v2::for_each_delta(text, |v| {
+                sink(Delta::from_wire(v).unwrap()).map_err(|e| {
+                    failure = Some(e);
+                    String::new()
+                })
+            })
+            .unwrap();
+            failure.map_or(Ok(()), Err)
+        })
+        .unwrap();
+    staged
+}
+
+/// A full sync as a paged transfer, the way the v2 session applies one, into a new store:
+/// returns the time, the time staging took, the time `Database::compact` then takes (timed
+/// apart, on the closed store's file; it only removes the hole redb's doubling left), and the
+/// file's size before and after it.
+fn paged_full_sync(
+    pages: &[String],
+    durable: bool,
+) -> (
+    Duration,
+    Duration,
+    Duration,
+    Duration,
+    (f64, f64),
+    (f64, f64),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dp.redb");
+    let opts = DpStoreOptions {
+        durable,
+        ..DpStoreOptions::recommended()
+    };
+    let store = DpStore::open(&path, Arc::clone(Registry::builtin()), opts).unwrap();
+    let (cpu, start) = (cpu_time(), Instant::now());
+    let staged = stage_and_commit(&store, pages);
+    let took = start.elapsed();
+    drop(store);
+    let cpu = cpu_time() - cpu;
+    let before = file_mib(&path);
+    let start = Instant::now();
+    let mut db = Database::open(&path).unwrap();
+    while db.compact().unwrap() {}
+    drop(db);
+    let compaction = start.elapsed();
+    (took, cpu, staged, compaction, before, file_mib(&path))
+}
+
 /// A store holding the workspace and one service, at version 1.
 fn base_store(path: &Path) -> DpStore {
     let store = open(path);
@@ -181,8 +280,330 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Process CPU time (user + system) so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Latencies of one variant, and the process CPU time they cost.
+#[derive(Default)]
+struct Samples {
+    took: Vec<Duration>,
+    cpu: Duration,
+}
+
+impl Samples {
+    fn time(&mut self, f: impl FnOnce()) {
+        let (cpu, start) = (cpu_time(), Instant::now());
+        f();
+        self.took.push(start.elapsed());
+        self.cpu += cpu_time() - cpu;
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        let mut v = self.took.clone();
+        v.sort();
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+    }
+
+    fn line(&self, name: &str, floor: Option<&Samples>) -> String {
+        let cpu = self.cpu / self.took.len() as u32;
+        let ratio = floor.map_or(String::new(), |f| {
+            format!(
+                "; ours/floor p50 {:.2}, p99 {:.2}",
+                self.pct(0.5).as_secs_f64() / f.pct(0.5).as_secs_f64(),
+                self.pct(0.99).as_secs_f64() / f.pct(0.99).as_secs_f64()
+            )
+        });
+        format!(
+            "{name}: n {}, p50 {:.3} ms, p99 {:.3} ms, CPU {:.1} µs/commit{ratio}",
+            self.took.len(),
+            self.pct(0.5).as_secs_f64() * 1e3,
+            self.pct(0.99).as_secs_f64() * 1e3,
+            cpu.as_secs_f64() * 1e6,
+        )
+    }
+}
+
+const FLOOR_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("t");
+
+/// The disk's floor as redb offers it: durable commits of one ~1.1 KB row each (a new key), on
+/// a file already holding `rows` such rows; `two_phase` adds 2-phase commit with quick repair.
+fn floor_commit(db: &Database, key: u64, two_phase: bool) {
+    let mut txn = db.begin_write().unwrap();
+    txn.set_durability(Durability::Immediate).unwrap();
+    if two_phase {
+        txn.set_two_phase_commit(true);
+        txn.set_quick_repair(true);
+    }
+    {
+        let mut t = txn.open_table(FLOOR_TABLE).unwrap();
+        t.insert(format!("row-{key:012}").as_str(), [7u8; 1100].as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// A one-delta get_delta answer, as the CP writes it.
+fn answer_text(d: &Delta) -> String {
+    serde_json::to_string(&json!({"default": {"deltas": [d.to_wire()], "full_sync": false}}))
+        .unwrap()
+}
+
+/// Service `i` at `version` with `retries` changed: a PATCH of one field.
+fn patched(i: u64, version: i64) -> Delta {
+    let mut d = service(i, version);
+    d.entity.as_mut().unwrap()["retries"] = json!(version % 1000);
+    d
+}
+
+/// The floor and our one-version apply, interleaved in rounds so drift hits all alike: (a) a
+/// 1-row durable redb commit, (b) the same with 2-phase commit and quick repair, (c) one
+/// version of one delta (a service PATCH) through `begin`/`delta`/`commit`, and (d) the same
+/// version as get_delta answer text through `dp::v2::apply_stream` (the v2 session's path:
+/// parse, validate, write). Both files hold 1,000 rows / services first.
+fn floor_figures() {
+    const ROWS: u64 = 1000;
+    let rounds: usize = std::env::var("DP_APPLY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let per_round = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let db = redb::Builder::new()
+        .set_cache_size(64 << 20)
+        .create(dir.path().join("floor.redb"))
+        .unwrap();
+    {
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(FLOOR_TABLE).unwrap();
+            for i in 0..ROWS {
+                t.insert(format!("base-{i:012}").as_str(), [1u8; 1100].as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = open(&dir.path().join("dp.redb"));
+    store
+        .apply(
+            full_kind(1),
+            std::iter::once(workspace(1)).chain((0..ROWS).map(|i| service(i, 1))),
+        )
+        .unwrap();
+    let (mut one_pc, mut two_pc, mut ours, mut stream) = Default::default();
+    let mut key = 0;
+    for _ in 0..rounds {
+        for _ in 0..per_round {
+            key += 1;
+            Samples::time(&mut one_pc, || floor_commit(&db, key, false));
+        }
+        for _ in 0..per_round {
+            key += 1;
+            Samples::time(&mut two_pc, || floor_commit(&db, key, true));
+        }
+        for _ in 0..per_round {
+            let from = store.state().version;
+            let d = patched(from as u64 % ROWS, from + 1);
+            Samples::time(&mut ours, || {
+                let mut apply = store
+                    .begin(ApplyKind::Incremental {
+                        expect_from: from,
+                        latest: Some(from + 1),
+                    })
+                    .unwrap();
+                apply.delta(d).unwrap();
+                apply.commit().unwrap();
+            });
+        }
+        for _ in 0..per_round {
+            let from = store.state().version;
+            let text = answer_text(&patched(from as u64 % ROWS, from + 1));
+            Samples::time(&mut stream, || {
+                deltaplane::dp::v2::apply_stream(&store, &text, |_| {
+                    Some(ApplyKind::Incremental {
+                        expect_from: from,
+                        latest: Some(from + 1),
+                    })
+                })
+                .unwrap();
+            });
+        }
+    }
+    assert_eq!(
+        store.compute_state_hash().unwrap(),
+        store.state().state_hash
+    );
+    eprintln!(
+        "{}",
+        one_pc.line("floor: redb durable 1-row commit (1-phase)", None)
+    );
+    eprintln!(
+        "{}",
+        two_pc.line(
+            "redb durable 1-row commit, 2-phase + quick repair",
+            Some(&one_pc)
+        )
+    );
+    eprintln!(
+        "{}",
+        ours.line(
+            "ours: one version, one delta (service PATCH), begin/delta/commit",
+            Some(&one_pc)
+        )
+    );
+    eprintln!(
+        "{}",
+        stream.line(
+            "ours: the same as answer text through dp::v2::apply_stream",
+            Some(&one_pc)
+        )
+    );
+}
+
+fn wanted(section: &str) -> bool {
+    std::env::var("DP_APPLY_FIGURES").map_or(true, |v| v.split(',').any(|s| s == section))
+}
+
 /// One pass of each workload, printed, before criterion's repeated runs.
 fn figures() {
+    if wanted("floor") {
+        floor_figures();
+    }
+    if wanted("paged") {
+        paged_figures();
+    }
+    if wanted("crash") {
+        crash_figures();
+    }
+    if wanted("full") {
+        full_figures();
+    }
+    if wanted("incremental") {
+        incremental_figures();
+    }
+}
+
+/// The v2 session's full sync of 100k ~1.1 KB services (the load harness's `fullsync`
+/// configuration) as a paged transfer, durable and not, and the part of it that needs no
+/// table: decoding and validating the pages alone, on one thread, as the store's producer
+/// thread does it.
+fn paged_figures() {
+    let services: Vec<Delta> = std::iter::once(workspace(1))
+        .chain((0..100_000).map(|i| service(i, 1)))
+        .collect();
+    let json: usize = services
+        .iter()
+        .map(|d| serde_json::to_vec(&d.to_wire()).unwrap().len())
+        .sum();
+    let pages = pages_of(&services, 14 << 20);
+    drop(services);
+    let registry = Registry::builtin();
+    // The store's producer work alone, with the schema's verdict taken on a copy of each
+    // entity (`accepts_stored`, as the store did) and on the entity itself (as it does now).
+    for copy in [true, false] {
+        let (cpu, start) = (cpu_time(), Instant::now());
+        let mut n = 0;
+        for page in &pages {
+            deltaplane::proto::v2::for_each_delta(page, |v| {
+                let d = Delta::from_wire(v).unwrap();
+                let schema = registry.get(&d.entity_type).unwrap();
+                let entity = d.entity.unwrap();
+                let body = serde_json::to_vec(&entity).unwrap();
+                std::hint::black_box(schema.index_of(&entity));
+                if copy {
+                    registry.accepts_stored(schema, &entity).unwrap();
+                } else {
+                    registry
+                        .prepare(schema, entity, None, Mode::Insert, 0)
+                        .unwrap();
+                }
+                std::hint::black_box(deltaplane::proto::StateHash::of_entity_bytes(
+                    &d.entity_type,
+                    &d.ws_id,
+                    &d.id,
+                    &body,
+                ));
+                n += 1;
+                Ok(())
+            })
+            .unwrap();
+        }
+        eprintln!(
+            "paged 100k services, {:.1} MiB of wire JSON: decode + canonical bytes + index rows \
+             + validate ({}) + digest alone, one thread: {:.2?} ({n} deltas, CPU {:.2?})",
+            json as f64 / 1048576.0,
+            if copy { "on a copy" } else { "no copy" },
+            start.elapsed(),
+            cpu_time() - cpu
+        );
+    }
+    for durable in [true, false] {
+        let (took, cpu, staged, compaction, (len, alloc), (len_after, alloc_after)) =
+            paged_full_sync(&pages, durable);
+        eprintln!(
+            "paged full sync, 100k services in ~14 MiB pages (stage + stage_commit_with), \
+             durable {durable}: {took:.2?} (staging {staged:.2?}, \
+             CPU {cpu:.2?}); \
+             redb file {len:.0} MiB ({alloc:.0} MiB allocated), file / JSON {:.2} ({:.2}); \
+             compact() apart: {compaction:.2?} → {len_after:.0} MiB ({alloc_after:.0} MiB \
+             allocated)",
+            len * 1048576.0 / json as f64,
+            alloc * 1048576.0 / json as f64,
+        );
+    }
+}
+
+/// Reopening after a crash: a child process (this bench, re-run) applies the 100k-service
+/// paged full sync and aborts without closing the store; then the store is reopened here (redb
+/// repairs it: it verifies the checksums and rebuilds the allocator state), and once more
+/// after a clean close.
+fn crash_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dp.redb");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("DP_APPLY_CRASH_CHILD", &path)
+        .env_remove("DP_APPLY_FIGURES")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child aborts");
+    let start = Instant::now();
+    let store = open(&path);
+    let repaired = start.elapsed();
+    assert_eq!(store.state().n_entities, 100_001);
+    assert_eq!(
+        store.compute_state_hash().unwrap(),
+        store.state().state_hash
+    );
+    drop(store);
+    let start = Instant::now();
+    let store = open(&path);
+    let clean = start.elapsed();
+    assert_eq!(store.state().n_entities, 100_001);
+    let (len, _) = file_mib(&path);
+    eprintln!(
+        "reopen of a 100k-service store ({len:.0} MiB) after a crash (repair): {repaired:.2?}; \
+         after a clean close: {clean:.2?}"
+    );
+}
+
+/// The child of [`crash_figures`]: a paged full sync into `path`, then an abort.
+fn crash_child(path: &str) -> ! {
+    let services: Vec<Delta> = std::iter::once(workspace(1))
+        .chain((0..100_000).map(|i| service(i, 1)))
+        .collect();
+    let pages = pages_of(&services, 14 << 20);
+    let store = open(Path::new(path));
+    stage_and_commit(&store, &pages);
+    std::process::abort()
+}
+
+fn full_figures() {
     // First, while the process is small: a 100k full sync fed from a generator, as a client
     // that parses the get_delta answer incrementally would feed it. Peak RSS covers the store's
     // buffers, redb's cache and dirty pages (generation time is included in this one).
@@ -235,6 +656,9 @@ fn figures() {
         "full sync 10k: {took:.2?} ({:.0} entities/s)",
         10_001.0 / took.as_secs_f64()
     );
+}
+
+fn incremental_figures() {
     for per_txn in [1, 100] {
         let took = incremental(1000, per_txn);
         eprintln!(
@@ -273,4 +697,11 @@ fn benches(c: &mut Criterion) {
 }
 
 criterion_group!(dp_apply, benches);
-criterion_main!(dp_apply);
+
+fn main() {
+    if let Ok(path) = std::env::var("DP_APPLY_CRASH_CHILD") {
+        crash_child(&path);
+    }
+    dp_apply();
+    Criterion::default().configure_from_args().final_summary();
+}

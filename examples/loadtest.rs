@@ -91,13 +91,20 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
     },
-    /// Pre-filled CP (~1 KB services); fresh DP process start → in sync; peak RSS.
+    /// Pre-filled CP (~1 KB services); fresh DP process start → in sync; peak RSS, CPU, file.
     Fullsync {
         #[arg(long, default_value_t = 100_000)]
         entities: usize,
         /// PostgreSQL server URL (a fresh database is created and dropped); SQLite when unset
         #[arg(long)]
         pg: Option<String>,
+        /// SQLite only: reuse the filled CP database kept in this directory when it holds one
+        /// of --entities services, else fill one and keep a copy there (the fill takes ~50 s)
+        #[arg(long)]
+        seed: Option<PathBuf>,
+        /// Runs, each with a fresh DP process and an empty data dir, against the same CP
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// Pre-filled CP, one PATCH; get_delta(head - 1) answer size on the wire per encoding.
     Deltasize {
@@ -147,7 +154,12 @@ fn main() -> anyhow::Result<()> {
                 };
                 latency(&bins, &dps, runs, pg.as_deref(), &opts).await
             }
-            Scenario::Fullsync { entities, pg } => fullsync(&bins, entities, pg.as_deref()).await,
+            Scenario::Fullsync {
+                entities,
+                pg,
+                seed,
+                runs,
+            } => fullsync(&bins, entities, pg.as_deref(), seed.as_deref(), runs).await,
             Scenario::Deltasize { entities, pg } => deltasize(&bins, entities, pg.as_deref()).await,
             Scenario::V1push { entities, pg } => v1push(&bins, entities, pg.as_deref()).await,
         }
@@ -1027,43 +1039,26 @@ async fn fill(world: &World, entities: usize) -> anyhow::Result<Fill> {
 
 // === scenario: fullsync ===
 
-async fn fullsync(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Result<()> {
+async fn fullsync(
+    bins: &Bins,
+    entities: usize,
+    pg: Option<&str>,
+    seed: Option<&Path>,
+    runs: usize,
+) -> anyhow::Result<()> {
     ensure!(entities >= 1, "--entities ≥ 1");
-    let mut world = World::new(pg).await?;
-    let filled = fill(&world, entities).await?;
-    let cp = world.start_cp(bins).await?;
-    let (head, _) = world.cp_head(&cp).await?;
-    let cp_hwm_before = vm_hwm_kib(cp.pid)?;
-    let load_before = loadavg();
-    let t0 = Instant::now();
-    let dp = world.spawn_dps(bins, &cp, 1)?.remove(0);
-    let mut polls = 0u64;
-    let took = loop {
-        world.procs.check_alive()?;
-        polls += 1;
-        if let Ok(s) = world.dp_status(&dp).await
-            && s["version"].as_i64() == Some(head)
-        {
-            break t0.elapsed();
-        }
-        ensure!(
-            t0.elapsed() < Duration::from_secs(600),
-            "the DP did not reach version {head} in 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let dp_hwm = vm_hwm_kib(dp.pid)?;
-    let cp_hwm = vm_hwm_kib(cp.pid)?;
-    let s = world.dp_status(&dp).await?;
-    let (_, hash) = world.cp_head(&cp).await?;
     ensure!(
-        s["state_hash"] == hash.as_str(),
-        "the DP's state hash {} differs from the CP's {hash}",
-        s["state_hash"]
+        seed.is_none() || pg.is_none(),
+        "--seed keeps a SQLite database; not with --pg"
     );
-    let load_after = loadavg();
+    let mut world = World::new(pg).await?;
+    let filled = match seed {
+        Some(dir) => seeded_fill(&world, entities, dir).await?,
+        None => fill(&world, entities).await?,
+    };
+    let cp = world.start_cp(bins).await?;
+    let (head, hash) = world.cp_head(&cp).await?;
     let json = filled.json_bytes as f64;
-    let dp_bytes = dp_hwm as f64 * 1024.0;
     println!();
     println!(
         "### full sync, {}, {} services (~1 KB each), fresh DP process, durable, mTLS",
@@ -1071,40 +1066,160 @@ async fn fullsync(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Res
         filled.entities
     );
     println!();
-    println!("| figure | value |");
-    println!("|---|---|");
     println!(
-        "| config JSON (services, as stored) | {} ({} bytes) |",
+        "config JSON (services, as stored): {} ({} bytes, {:.0} bytes per service); fill {:.1} s \
+         (not part of the sync); CP head version {head}",
         mib(json),
-        filled.json_bytes
-    );
-    println!(
-        "| average service JSON | {:.0} bytes |",
-        json / filled.entities as f64
-    );
-    println!(
-        "| fill time (library, not part of the sync) | {:.1} s |",
+        filled.json_bytes,
+        json / filled.entities as f64,
         filled.secs
     );
-    println!("| CP head version | {head} |");
+    println!();
     println!(
-        "| DP process start → /status version = head | **{:.2} s** ({polls} polls, 10 ms apart) |",
-        took.as_secs_f64()
+        "| run | DP start → /status version = head | DP CPU | CP CPU | DP VmHWM | VmHWM / JSON \
+         | redb file (allocated) | file / JSON (allocated / JSON) | CP VmHWM | load average \
+         before → after |"
     );
-    println!("| DP peak RSS (VmHWM) after sync | **{}** |", mib(dp_bytes));
-    println!("| DP VmHWM / config JSON | **{:.2}** |", dp_bytes / json);
-    println!(
-        "| CP VmHWM (before DP start → after sync) | {} → {} |",
-        mib(cp_hwm_before as f64 * 1024.0),
-        mib(cp_hwm as f64 * 1024.0)
-    );
-    println!(
-        "| DP status after | full_syncs {}, incremental_syncs {}, paged_transfers {}, entities {} |",
-        s["full_syncs"], s["incremental_syncs"], s["paged_transfers"], s["entities"]
-    );
-    println!("| load average before DP start → after sync | {load_before} → {load_after} |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for run in 0..runs.max(1) {
+        let cp_cpu_before = cpu_ticks(cp.pid)?;
+        let load_before = loadavg();
+        let t0 = Instant::now();
+        let dp = world.spawn_dps(bins, &cp, 1)?.remove(0);
+        let took = loop {
+            world.procs.check_alive()?;
+            if let Ok(s) = world.dp_status(&dp).await
+                && s["version"].as_i64() == Some(head)
+            {
+                break t0.elapsed();
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(600),
+                "the DP did not reach version {head} in 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let dp_hwm = vm_hwm_kib(dp.pid)? as f64 * 1024.0;
+        let dp_cpu = cpu_ticks(dp.pid)?;
+        let cp_cpu = cpu_ticks(cp.pid)? - cp_cpu_before;
+        let cp_hwm = vm_hwm_kib(cp.pid)? as f64 * 1024.0;
+        // The session counts the transfer just after the store shows its version.
+        let s = loop {
+            let s = world.dp_status(&dp).await?;
+            let counted =
+                s["paged_transfers"].as_u64() == Some(1) || s["full_syncs"].as_u64() == Some(1);
+            ensure!(
+                counted || t0.elapsed() < took + Duration::from_secs(70),
+                "no full sync counted: {s}"
+            );
+            if counted {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        ensure!(
+            s["state_hash"] == hash.as_str(),
+            "the DP's state hash {} differs from the CP's {hash}",
+            s["state_hash"]
+        );
+        let file = world.tmp.path().join("dp-0").join("config.redb");
+        let meta = std::fs::metadata(&file).with_context(|| file.display().to_string())?;
+        let (len, alloc) = (meta.len() as f64, {
+            use std::os::unix::fs::MetadataExt as _;
+            (meta.blocks() * 512) as f64
+        });
+        let load_after = loadavg();
+        println!(
+            "| {run} | **{:.2} s** | {:.2} s | {:.2} s | **{}** | **{:.2}** | {} ({}) \
+             | **{:.2}** ({:.2}) | {} | {load_before} → {load_after} |",
+            took.as_secs_f64(),
+            dp_cpu,
+            cp_cpu,
+            mib(dp_hwm),
+            dp_hwm / json,
+            mib(len),
+            mib(alloc),
+            len / json,
+            alloc / json,
+            mib(cp_hwm),
+        );
+        // The next run starts from an empty data dir (a fresh DP), same ports scheme.
+        world.stop_dp(&dp)?;
+        std::fs::remove_dir_all(world.tmp.path().join("dp-0"))?;
+    }
     println!();
     Ok(())
+}
+
+/// `fill`, with the filled SQLite database kept in `dir` (for --entities services) and copied
+/// from there on later runs.
+async fn seeded_fill(world: &World, entities: usize, dir: &Path) -> anyhow::Result<Fill> {
+    let meta_file = dir.join(format!("seed-{entities}.json"));
+    let files = ["deltaplane.db", "deltaplane.db-wal", "deltaplane.db-shm"];
+    std::fs::create_dir_all(world.cp_dir())?;
+    if let Ok(text) = std::fs::read_to_string(&meta_file) {
+        let meta: Value = serde_json::from_str(&text)?;
+        for f in files {
+            let from = dir.join(format!("{entities}-{f}"));
+            if from.exists() {
+                std::fs::copy(&from, world.cp_dir().join(f))?;
+            }
+        }
+        println!(
+            "CP database of {entities} services copied from {}",
+            dir.display()
+        );
+        return Ok(Fill {
+            entities,
+            json_bytes: meta["json_bytes"].as_u64().context("json_bytes")? as usize,
+            secs: meta["secs"].as_f64().unwrap_or(0.0),
+            sample_name: meta["sample_name"].as_str().unwrap_or_default().to_owned(),
+        });
+    }
+    let filled = fill(world, entities).await?;
+    std::fs::create_dir_all(dir)?;
+    for f in files {
+        let from = world.cp_dir().join(f);
+        if from.exists() {
+            std::fs::copy(&from, dir.join(format!("{entities}-{f}")))?;
+        }
+    }
+    std::fs::write(
+        &meta_file,
+        json!({"json_bytes": filled.json_bytes, "secs": filled.secs, "sample_name": filled.sample_name})
+            .to_string(),
+    )?;
+    Ok(filled)
+}
+
+impl World {
+    /// Kills DP `dp` and waits for it, so a next run may reuse its name and data dir.
+    fn stop_dp(&mut self, dp: &Dp) -> anyhow::Result<()> {
+        if let Some(idx) = self
+            .procs
+            .children
+            .iter()
+            .position(|(_, child, _)| child.id() == dp.pid)
+        {
+            let (_, mut child, _) = self.procs.children.remove(idx);
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_ticks(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((utime + stime) / hz)
 }
 
 // === scenario: deltasize ===

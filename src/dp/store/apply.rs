@@ -15,10 +15,8 @@ use redb::{Durability, ReadableTable, WriteTransaction};
 
 use crate::dp::store::checks::{Checker, check_final_state};
 use crate::dp::store::feed::{Changed, Committed};
-use crate::dp::store::staging::clear_staged;
 use crate::dp::store::tables::{
-    ENTITIES, KEYS, META, REFS, STAGED, TRANSFERS, Tables, key_ws, parse_body, read_meta,
-    write_meta,
+    ENTITIES, KEYS, META, REFS, Tables, key_ws, parse_body, write_meta,
 };
 use crate::dp::store::{
     Applied, ApplyError, ApplyKind, DpState, DpStore, DpStoreError, VersionError,
@@ -38,8 +36,8 @@ pub struct Apply<'a> {
     pending: Vec<Pending>,
     pending_bytes: usize,
     work: Work,
-    /// A staged transfer whose rows go in the same transaction.
-    clear_transfer: Option<String>,
+    /// The commit of a paged transfer: it writes and publishes even when it has no deltas.
+    transfer: bool,
     /// This apply's turn among the store's applies, given back when it is dropped: after the
     /// transaction (declared above, so dropped first) and after the commit was published.
     _turn: WriterTurn<'a>,
@@ -77,7 +75,11 @@ pub(super) struct Upsert {
 pub(super) struct Work {
     pub(super) hash: StateHash,
     pub(super) n_entities: u64,
-    /// Foreign references written: `(parent_type, parent_id, child_type, field, child_id)`.
+    /// A full sync: every table was emptied at begin, so the commit checks every foreign
+    /// reference row rather than a list of those written.
+    pub(super) full: bool,
+    /// Foreign references written by an incremental apply: `(parent_type, parent_id,
+    /// child_type, field, child_id)`.
     pub(super) refs_written: Vec<[String; 5]>,
     /// Entities deleted: `(type, id)`.
     pub(super) deleted: Vec<(String, String)>,
@@ -121,10 +123,14 @@ impl DpStore {
         } else {
             Durability::None
         };
+        // One-phase commits without quick repair: redb's defaults, one fsync per commit. Quick
+        // repair (the allocator state saved by every commit, and a two-phase commit) cost a
+        // second fsync per version; what it saves is the repair on the first open after a
+        // crash, which verifies the checksums and rebuilds the allocator state once (timed in
+        // `benches/dp_apply.rs`).
         txn.set_durability(durability).map_err(DpStoreError::from)?;
-        // Commits record the allocator state, so reopening after a crash needs no full repair.
-        txn.set_quick_repair(true);
-        let stored = read_meta(&txn.open_table(META)?)?;
+        // The state of the last commit: this turn excludes any other commit until it ends.
+        let stored = self.state();
         let mut work = Work::default();
         let epoch = match &kind {
             ApplyKind::Incremental { expect_from, .. } => {
@@ -143,6 +149,7 @@ impl DpStore {
                 txn.delete_table(ENTITIES)?;
                 txn.delete_table(KEYS)?;
                 txn.delete_table(REFS)?;
+                work.full = true;
                 work.changed = Changed::All;
                 epoch.clone()
             }
@@ -155,7 +162,7 @@ impl DpStore {
             pending: Vec::with_capacity(CHUNK_DELTAS),
             pending_bytes: 0,
             work,
-            clear_transfer: None,
+            transfer: false,
             _turn: turn,
         })
     }
@@ -191,55 +198,79 @@ impl Apply<'_> {
         Ok(())
     }
 
-    /// [`Apply::delta`] for every delta `produce` feeds to its sink, with decoding and
-    /// validation on a second thread while this one writes what is already validated (at most
-    /// [`CHUNKS_AHEAD`] chunks ahead). `produce` must pass on the sink's errors. The first
-    /// error (the writer's before the producer's) is returned; the apply is then to be dropped.
+    /// [`Apply::delta`] for every delta `produce` feeds to its sink. `produce` runs (decoding,
+    /// with validation) on this thread; once it has filled a first chunk, a second thread
+    /// writes the validated chunks while it goes on (at most [`CHUNKS_AHEAD`] chunks ahead).
+    /// A batch that fits one chunk (one version, a few deltas) is written here, with no second
+    /// thread. `produce` must pass on the sink's errors. The first error (the writer's before
+    /// the producer's) is returned; the apply is then to be dropped.
     pub fn feed<P>(&mut self, produce: P) -> Result<(), ApplyError>
     where
         P: FnOnce(&mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
     {
         self.flush()?;
         let check = &mut self.check;
-        let (txn, work) = (&self.txn, &mut self.work);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Pending>>(CHUNKS_AHEAD);
+        let txn = &self.txn;
+        // Moved to the writer thread when it starts.
+        let mut work = Some(&mut self.work);
         std::thread::scope(|scope| {
-            let producer = scope.spawn(move || {
-                let mut chunk = Vec::with_capacity(CHUNK_DELTAS);
-                let mut bytes = 0;
-                let res = produce(&mut |d| {
-                    let Some(p) = check.check(d)? else {
-                        return Ok(());
-                    };
-                    bytes += p.size();
-                    chunk.push(p);
-                    if chunk.len() >= CHUNK_DELTAS || bytes >= CHUNK_BYTES {
-                        bytes = 0;
-                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_DELTAS));
-                        // The writer failed and said why; this only stops the producer.
-                        tx.send(full).map_err(|_| {
-                            ApplyError::Storage(DpStoreError::Corrupt("writer stopped".into()))
-                        })?;
-                    }
-                    Ok(())
-                });
-                if res.is_ok() && !chunk.is_empty() {
-                    let _ = tx.send(chunk);
+            type Writer<'s> = (
+                std::sync::mpsc::SyncSender<Vec<Pending>>,
+                std::thread::ScopedJoinHandle<'s, Result<(), ApplyError>>,
+            );
+            let mut writer: Option<Writer<'_>> = None;
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            let produced = produce(&mut |d| {
+                let Some(p) = check.check(d)? else {
+                    return Ok(());
+                };
+                bytes += p.size();
+                chunk.push(p);
+                if chunk.len() < CHUNK_DELTAS && bytes < CHUNK_BYTES {
+                    return Ok(());
                 }
-                res
+                bytes = 0;
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_DELTAS));
+                let (tx, _) = match &writer {
+                    Some(w) => w,
+                    None => {
+                        let Some(work) = work.take() else {
+                            unreachable!("the writer starts once, with the bookkeeping")
+                        };
+                        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Pending>>(CHUNKS_AHEAD);
+                        let handle = scope.spawn(move || {
+                            for chunk in rx {
+                                write_pending(txn, work, chunk)?;
+                            }
+                            Ok(())
+                        });
+                        writer.insert((tx, handle))
+                    }
+                };
+                // The writer failed and will say why; this only stops the producer.
+                tx.send(full).map_err(|_| {
+                    ApplyError::Storage(DpStoreError::Corrupt("writer stopped".into()))
+                })
             });
-            let mut written = Ok(());
-            for chunk in rx.iter() {
-                written = write_pending(txn, work, chunk);
-                if written.is_err() {
-                    break;
+            match writer {
+                // Everything fit one chunk: written here.
+                None => match (produced, work.take()) {
+                    (Ok(()), Some(work)) => write_pending(txn, work, chunk),
+                    (Ok(()), None) => unreachable!("no writer thread took the bookkeeping"),
+                    (Err(e), _) => Err(e),
+                },
+                Some((tx, handle)) => {
+                    if produced.is_ok() && !chunk.is_empty() {
+                        let _ = tx.send(chunk);
+                    }
+                    drop(tx);
+                    let written = handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    written.and(produced)
                 }
             }
-            drop(rx);
-            let produced = producer
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            written.and(produced)
         })
     }
 
@@ -283,9 +314,9 @@ impl Apply<'_> {
         }
         if self.check.n_deltas == 0
             && matches!(self.check.kind, ApplyKind::Incremental { .. })
-            && self.clear_transfer.is_none()
+            && !self.transfer
         {
-            // Nothing to write (an empty transfer still has to be cleared, below).
+            // Nothing to write (an empty transfer still commits, as a transfer always has).
             return Ok(Applied {
                 version,
                 state_hash: self.work.hash,
@@ -299,15 +330,7 @@ impl Apply<'_> {
             state_hash: self.work.hash,
             n_entities: self.work.n_entities,
         };
-        {
-            write_meta(&mut self.txn.open_table(META)?, &state)?;
-            if let Some(transfer_id) = &self.clear_transfer {
-                clear_staged(&mut self.txn.open_table(STAGED)?, transfer_id)?;
-                self.txn
-                    .open_table(TRANSFERS)?
-                    .remove(transfer_id.as_str())?;
-            }
-        }
+        write_meta(&mut self.txn.open_table(META)?, &state)?;
         let store = self.store;
         let n_deltas = self.check.n_deltas;
         crate::failpoint::hit("dp.apply.commit");
@@ -331,10 +354,10 @@ impl Apply<'_> {
         Ok(applied)
     }
 
-    /// Makes this apply the commit of paged transfer `transfer_id`: its staging is removed in
-    /// the same transaction, and the feed is told that everything may have changed.
-    pub(super) fn for_transfer(&mut self, transfer_id: &str) {
-        self.clear_transfer = Some(transfer_id.to_owned());
+    /// Makes this apply the commit of a paged transfer: the feed is told that everything may
+    /// have changed.
+    pub(super) fn for_transfer(&mut self) {
+        self.transfer = true;
         self.work.changed = Changed::All;
     }
 
@@ -358,52 +381,70 @@ impl Pending {
 
 impl Tables<'_> {
     /// Writes one validated delta with its index rows, and keeps the apply's bookkeeping.
+    ///
+    /// The replaced entity is read from its row in place (its digest and index computed from
+    /// the borrowed bytes), and index rows it shares with the new version are left as they
+    /// are: a version that changes one field of an entity rewrites its entity row only.
     fn write(&mut self, work: &mut Work, p: Pending) -> Result<(), ApplyError> {
-        let ty = p.schema.name.as_str();
+        let schema = &*p.schema;
+        let ty = schema.name.as_str();
         let id = p.id.as_str();
-        let old = match p.upsert {
-            // A delete of an entity stored in another workspace finds nothing, as in Kong.
-            None => {
-                let in_ws = match self.entities.get((ty, id))? {
-                    Some(row) => row.value().0 == p.ws,
-                    None => false,
-                };
-                if in_ws {
-                    self.entities.remove((ty, id))?.map(|row| {
-                        let (ws, body) = row.value();
-                        (ws.to_owned(), body.to_vec())
-                    })
-                } else {
-                    None
-                }
-            }
-            Some(ref u) => self
+        let old = match &p.upsert {
+            Some(u) => match self
                 .entities
                 .insert((ty, id), (p.ws.as_str(), u.body.as_slice()))?
-                .map(|row| {
-                    let (ws, body) = row.value();
-                    (ws.to_owned(), body.to_vec())
-                }),
+            {
+                Some(row) => Some(replaced(schema, id, row.value(), work)?),
+                None => None,
+            },
+            None => {
+                let mut other_ws = None;
+                let old = match self.entities.remove((ty, id))? {
+                    None => None,
+                    Some(row) => {
+                        let (ws, body) = row.value();
+                        if ws == p.ws {
+                            Some(replaced(schema, id, (ws, body), work)?)
+                        } else {
+                            other_ws = Some((ws.to_owned(), body.to_vec()));
+                            None
+                        }
+                    }
+                };
+                // In another workspace: Kong's delete finds nothing. Put it back.
+                if let Some((ws, body)) = other_ws {
+                    self.entities
+                        .insert((ty, id), (ws.as_str(), body.as_slice()))?;
+                }
+                old
+            }
         };
         if p.upsert.is_some() || old.is_some() {
             work.changed.note(ty, id);
         }
-        if let Some((old_ws, old_body)) = old {
-            // Stored bodies are canonical: written below from `Upsert::body`.
-            work.hash
-                .sub(&StateHash::of_entity_bytes(ty, &old_ws, id, &old_body));
-            let old_entity = parse_body(&old_body)?;
-            work.n_entities = work.n_entities.saturating_sub(1);
-            let old_index = p.schema.index_of(&old_entity);
-            let kws = key_ws(&p.schema, &old_ws);
+        let new_index = p.upsert.as_ref().map(|u| &u.index);
+        let new_kws = key_ws(schema, &p.ws);
+        // Index rows of the old version that the new one keeps (same workspace for keys).
+        let keeps_key = |old_kws: &str, field: &str, value: &str| {
+            old_kws == new_kws
+                && new_index.is_some_and(|n| n.keys.iter().any(|(f, v)| f == field && v == value))
+        };
+        if let Some((old_ws, old_index)) = &old {
+            let kws = key_ws(schema, old_ws);
             for (field, value) in &old_index.keys {
+                if keeps_key(kws, field, value) {
+                    continue;
+                }
                 let key = (ty, kws, field.as_str(), value.as_str());
                 let owned = self.keys.get(key)?.is_some_and(|row| row.value() == id);
                 if owned {
                     self.keys.remove(key)?;
                 }
             }
-            for (field, parent_ty, parent_id) in &old_index.refs {
+            for r @ (field, parent_ty, parent_id) in &old_index.refs {
+                if new_index.is_some_and(|n| n.refs.contains(r)) {
+                    continue;
+                }
                 self.refs.remove((
                     parent_ty.as_str(),
                     parent_id.as_str(),
@@ -421,15 +462,30 @@ impl Tables<'_> {
         };
         work.hash.add(hash);
         work.n_entities += 1;
-        let kws = key_ws(&p.schema, &p.ws);
         for (field, value) in &index.keys {
-            let key = (ty, kws, field.as_str(), value.as_str());
+            let key = (ty, new_kws, field.as_str(), value.as_str());
+            let kept = old.as_ref().is_some_and(|(old_ws, old_index)| {
+                old_index.keys.iter().any(|(f, v)| f == field && v == value)
+                    && key_ws(schema, old_ws) == new_kws
+            });
+            // A kept key is still ours unless another delta of this batch took it.
+            if kept && self.keys.get(key)?.is_some_and(|row| row.value() == id) {
+                continue;
+            }
             let displaced = self
                 .keys
                 .insert(key, id)?
                 .map(|other| other.value().to_owned())
                 .filter(|other| other != id);
-            let k = [ty.to_owned(), kws.to_owned(), field.clone(), value.clone()];
+            if displaced.is_none() && work.contested.is_empty() {
+                continue;
+            }
+            let k = [
+                ty.to_owned(),
+                new_kws.to_owned(),
+                field.clone(),
+                value.clone(),
+            ];
             if displaced.is_some() || work.contested.contains_key(&k) {
                 let holders = work.contested.entry(k).or_default();
                 for h in displaced.into_iter().chain(std::iter::once(id.to_owned())) {
@@ -439,7 +495,13 @@ impl Tables<'_> {
                 }
             }
         }
-        for (field, parent_ty, parent_id) in &index.refs {
+        for r @ (field, parent_ty, parent_id) in &index.refs {
+            if old
+                .as_ref()
+                .is_some_and(|(_, old_index)| old_index.refs.contains(r))
+            {
+                continue;
+            }
             self.refs.insert(
                 (
                     parent_ty.as_str(),
@@ -450,16 +512,35 @@ impl Tables<'_> {
                 ),
                 (),
             )?;
-            work.refs_written.push([
-                parent_ty.clone(),
-                parent_id.clone(),
-                ty.to_owned(),
-                field.clone(),
-                id.to_owned(),
-            ]);
+            // A full sync checks every row of the (new) table at commit instead.
+            if !work.full {
+                work.refs_written.push([
+                    parent_ty.clone(),
+                    parent_id.clone(),
+                    ty.to_owned(),
+                    field.clone(),
+                    id.to_owned(),
+                ]);
+            }
         }
         Ok(())
     }
+}
+
+/// The entity a write replaced or deleted, from its row: its digest leaves the state hash and
+/// its workspace and index rows are returned.
+fn replaced(
+    schema: &EntitySchema,
+    id: &str,
+    (ws, body): (&str, &[u8]),
+    work: &mut Work,
+) -> Result<(String, EntityIndex), ApplyError> {
+    // Stored bodies are canonical: written from `Upsert::body`.
+    work.hash
+        .sub(&StateHash::of_entity_bytes(&schema.name, ws, id, body));
+    work.n_entities = work.n_entities.saturating_sub(1);
+    let index = schema.index_of(&parse_body(body)?);
+    Ok((ws.to_owned(), index))
 }
 
 // === impl WriterSlot ===

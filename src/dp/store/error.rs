@@ -16,6 +16,9 @@ pub enum DpStoreError {
     UnknownTransfer(String),
     #[error("unknown entity type '{0}'")]
     UnknownType(String),
+    /// A paged transfer's pages could not be spooled or read back.
+    #[error("staging spool: {0}")]
+    Spool(String),
 }
 
 /// Why an apply was rejected. Nothing of it was written.

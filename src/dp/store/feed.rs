@@ -9,8 +9,9 @@
 //!   order. A rejected or aborted apply, and an incremental apply of no deltas (nothing is
 //!   written), publish nothing; staging pages publishes nothing.
 //! - An incremental apply names every `(type, id)` it wrote or deleted
-//!   ([`Changed::Entities`]). Versions coalesced into one transaction publish the union of
-//!   their changes once, with the final version. A delete that found nothing (absent, or in
+//!   ([`Changed::Entities`]). Versions coalesced into one transaction (see "Coalescing
+//!   versions" in the store's doc) publish the union of their changes once, with the final
+//!   version. A delete that found nothing (absent, or in
 //!   another workspace) changed nothing and is not named.
 //! - A full sync and a paged transfer's commit publish [`Changed::All`], and so does an
 //!   incremental apply that changed more than [`MAX_NAMED`] entities: the consumer rereads

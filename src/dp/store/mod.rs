@@ -11,6 +11,27 @@
 //! Readers take a [`Snapshot`]: one committed version, whatever commits meanwhile. Each commit
 //! is published on a change feed ([`DpStore::subscribe`]) with the entities it changed.
 //!
+//! # Coalescing versions
+//!
+//! Versions that arrive while a commit runs need not cost one commit each. Feed the deltas of
+//! several consecutive versions, in version order, into one apply:
+//!
+//! ```ignore
+//! let from = store.state().version;
+//! let mut apply = store.begin(ApplyKind::Incremental { expect_from: from, latest: Some(last) })?;
+//! for d in deltas_of_versions_from_plus_1_to_last { apply.delta(d)?; } // or apply.feed(..)
+//! let applied = apply.commit()?; // applied.version == last
+//! ```
+//!
+//! The version rules allow a batch to span versions (the first delta is `from + 1`, each next
+//! one equal to or one above the previous), which is what one `get_delta` answer spanning
+//! many versions already is. The result is one write transaction and one fsync, the state of
+//! the last version (the same state hash and rows as applying them one by one), and one
+//! [`Committed`] on the feed with the last version and the union of what the versions changed
+//! ([`Changed::All`] past [`MAX_NAMED`] entities). If any version is rejected, none is
+//! applied: the caller falls back to applying them one at a time (or to `get_delta`) to find
+//! the bad one. `latest: None` skips the check of the last version.
+//!
 //! # Layout
 //!
 //! - `mod.rs`: [`DpStore`], its options and state, opening (on a file or in memory).
@@ -28,8 +49,10 @@
 //! - `keys`: `(type, ws, field, canonical JSON value)` → id, for unique fields and the cache key
 //!   (`@cache_key`, a JSON array); `ws` is empty for types that are not workspaceable;
 //! - `refs`: `(parent_type, parent_id, child_type, field, child_id)`, the foreign-key index;
-//! - `meta`: version, epoch, state hash, entity count;
-//! - `staged`, `transfers`: paged transfers in progress (see [`DpStore::stage_begin`]).
+//! - `meta`: version, epoch, state hash, entity count.
+//!
+//! Paged transfers are staged outside redb (see `staging.rs`), so the file holds only the
+//! configuration; the tables `staged` and `transfers` of earlier releases are dropped on open.
 
 mod apply;
 mod checks;
@@ -56,6 +79,7 @@ pub use staging::STAGE_ROW_BYTES;
 use crate::proto::StateHash;
 use crate::schema::Registry;
 use apply::WriterSlot;
+use staging::Staging;
 use tables::{ENTITIES, KEYS, META, REFS, STAGED, TRANSFERS, read_meta};
 
 /// How a [`DpStore`] opens its file.
@@ -120,6 +144,8 @@ struct Inner {
     writer: WriterSlot,
     /// The change feed; a send with no subscriber is dropped.
     feed: broadcast::Sender<Arc<Committed>>,
+    /// Paged transfers being staged.
+    staging: Staging,
 }
 
 // === impl DpStoreOptions ===
@@ -147,7 +173,7 @@ impl DpStore {
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
             .create(path)?;
-        DpStore::init(db, registry, opts)
+        DpStore::init(db, registry, opts, Staging::beside(path))
     }
 
     /// A new, empty store in memory ([`redb::backends::InMemoryBackend`]): the same store with
@@ -169,7 +195,7 @@ impl DpStore {
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
             .create_with_backend(backend)?;
-        DpStore::init(db, registry, opts)
+        DpStore::init(db, registry, opts, Staging::in_memory())
     }
 
     /// Version, epoch, state hash and entity count as of the last commit. No I/O.
@@ -192,12 +218,13 @@ impl DpStore {
         self.inner.feed.subscribe()
     }
 
-    /// Discards staging left by an interrupted transfer, makes sure every table exists (so a
-    /// read never meets a missing one), and reads the stored state.
+    /// Drops the staging tables of earlier releases, makes sure every table exists (so a read
+    /// never meets a missing one), and reads the stored state.
     fn init(
         db: Database,
         registry: Arc<Registry>,
         opts: DpStoreOptions,
+        staging: Staging,
     ) -> Result<DpStore, DpStoreError> {
         let txn = db.begin_write()?;
         txn.delete_table(STAGED)?;
@@ -206,8 +233,6 @@ impl DpStore {
             txn.open_table(ENTITIES)?;
             txn.open_table(KEYS)?;
             txn.open_table(REFS)?;
-            txn.open_table(STAGED)?;
-            txn.open_table(TRANSFERS)?;
             read_meta(&txn.open_table(META)?)?
         };
         txn.commit()?;
@@ -219,6 +244,7 @@ impl DpStore {
                 state: RwLock::new(state),
                 writer: WriterSlot::new(),
                 feed: broadcast::channel(FEED_CAPACITY).0,
+                staging,
             }),
         })
     }

@@ -1,38 +1,164 @@
 //! Paged transfers: a snapshot or a version too large for one frame arrives as pages, each
-//! staged in its own transaction ([`DpStore::stage_begin`], [`DpStore::stage_page`],
+//! staged as it comes ([`DpStore::stage_begin`], [`DpStore::stage_page`],
 //! [`DpStore::stage_page_bytes`]), then applied all at once as one [`Apply`]
 //! ([`DpStore::stage_commit`], [`DpStore::stage_commit_with`]) or forgotten
-//! ([`DpStore::stage_discard`]). Also the encoding of a transfer's [`ApplyKind`].
+//! ([`DpStore::stage_discard`]).
+//!
+//! Staged pages live outside redb, in a spool: an unlinked file beside the store's file (or
+//! memory, for a store opened on a backend). Staging never survived a reopen (transfers are not
+//! resumable), so redb's transactions bought nothing for it, and its pages cost twice: written
+//! into the store file and read back, and left behind in it as free space redb never gives
+//! back (a 100k-entity transfer grew the file by the size of the whole configuration). Now
+//! only the final tables reach redb, in the one write transaction of [`Apply::commit`]; a crash
+//! at any point leaves the last committed configuration, and the kernel frees an unlinked
+//! spool when its process dies.
 //!
 //! [`Apply`]: crate::dp::store::Apply
+//! [`Apply::commit`]: crate::dp::store::Apply::commit
 
-use redb::{Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
-use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dp::store::tables::{STAGED, TRANSFERS};
+use serde_json::Value;
+
 use crate::dp::store::{Applied, ApplyError, ApplyKind, DeltaSink, DpStore, DpStoreError};
 use crate::proto::Delta;
 
-/// Staged page bytes are stored in rows of at most this size (a little under a power of two,
-/// so redb's page for one row is not twice the row).
+/// Staged page bytes used to be stored in redb rows of at most this size. Kept for callers
+/// that size pages by it; staging itself no longer splits pages.
 pub const STAGE_ROW_BYTES: usize = (1 << 20) - (16 << 10);
+
+/// The transfers being staged in one store.
+pub(super) struct Staging {
+    /// Spool files are `<store file>.staging-<pid>-<n>`, unlinked as soon as they are created;
+    /// `None` spools in memory.
+    spool_prefix: Option<PathBuf>,
+    next_spool: AtomicU64,
+    transfers: Mutex<HashMap<String, Transfer>>,
+}
+
+/// One transfer: its kind and its pages.
+struct Transfer {
+    kind: ApplyKind,
+    /// Created with the first page.
+    spool: Option<Spool>,
+    /// Page number → `(offset, length)` in the spool. A page staged again is appended anew.
+    pages: BTreeMap<u64, (u64, usize)>,
+}
+
+/// Where a transfer's page bytes are appended.
+enum Spool {
+    File { file: File, len: u64 },
+    Memory(Vec<u8>),
+}
+
+// === impl Staging ===
+
+impl Staging {
+    /// Staging for a store on the file `path`: spools beside it. Spools left by a process that
+    /// died between creating and unlinking one are removed.
+    pub(super) fn beside(path: &Path) -> Staging {
+        let prefix = PathBuf::from(format!("{}.staging-", path.display()));
+        remove_stale_spools(&prefix);
+        Staging {
+            spool_prefix: Some(prefix),
+            next_spool: AtomicU64::new(0),
+            transfers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Staging in memory, for a store opened on a backend.
+    pub(super) fn in_memory() -> Staging {
+        Staging {
+            spool_prefix: None,
+            next_spool: AtomicU64::new(0),
+            transfers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn transfers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Transfer>> {
+        self.transfers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_spool(&self) -> Result<Spool, DpStoreError> {
+        let Some(prefix) = &self.spool_prefix else {
+            return Ok(Spool::Memory(Vec::new()));
+        };
+        let n = self.next_spool.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("{}{}-{n}", prefix.display(), std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| spool_error(&path, e))?;
+        // Unlinked at once: nothing to clean up after a crash, the kernel frees it.
+        let _ = std::fs::remove_file(&path);
+        Ok(Spool::File { file, len: 0 })
+    }
+}
+
+// === impl Spool ===
+
+impl Spool {
+    /// Appends `bytes`; returns their offset.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<u64> {
+        match self {
+            Spool::File { file, len } => {
+                let offset = *len;
+                file.write_all(bytes)?;
+                *len += bytes.len() as u64;
+                Ok(offset)
+            }
+            Spool::Memory(buf) => {
+                let offset = buf.len() as u64;
+                buf.extend_from_slice(bytes);
+                Ok(offset)
+            }
+        }
+    }
+
+    /// The `len` bytes at `offset`, into `buf` (cleared first).
+    fn read(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        buf.clear();
+        match self {
+            Spool::File { file, .. } => {
+                buf.resize(len, 0);
+                file.read_exact_at(buf, offset)
+            }
+            Spool::Memory(bytes) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                let page = bytes
+                    .get(start..start.saturating_add(len))
+                    .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                buf.extend_from_slice(page);
+                Ok(())
+            }
+        }
+    }
+}
 
 // === impl DpStore ===
 
 impl DpStore {
     /// Starts (or restarts) a paged transfer: a snapshot or a version too large for one frame.
-    /// Pages are staged as opaque bytes, each in its own transaction, while the current
+    /// Pages are staged as opaque bytes outside the store's tables, while the current
     /// configuration stays readable and [`DpStore::state`] unchanged. Staging does not survive
-    /// a reopen, so its transactions skip the fsync; only [`DpStore::stage_commit`]'s is durable.
+    /// a reopen; only [`DpStore::stage_commit`] writes to the store.
     pub fn stage_begin(&self, transfer_id: &str, kind: ApplyKind) -> Result<(), DpStoreError> {
-        let txn = self.staging_txn()?;
-        {
-            let mut staged = txn.open_table(STAGED)?;
-            clear_staged(&mut staged, transfer_id)?;
-            let mut transfers = txn.open_table(TRANSFERS)?;
-            transfers.insert(transfer_id, encode_kind(&kind).as_slice())?;
-        }
-        txn.commit()?;
+        self.inner.staging.transfers().insert(
+            transfer_id.to_owned(),
+            Transfer {
+                kind,
+                spool: None,
+                pages: BTreeMap::new(),
+            },
+        );
         Ok(())
     }
 
@@ -76,9 +202,10 @@ impl DpStore {
         })
     }
 
-    /// Applies every staged page, in page order, as one apply (one write transaction), and
-    /// removes the staging in that same transaction. Pages must be contiguous from 0. A rejected
-    /// transfer is discarded. The change feed is told that everything may have changed.
+    /// Applies every staged page, in page order, as one apply (one write transaction). Pages
+    /// must be contiguous from 0. A rejected transfer (invalid, versions that do not fit,
+    /// missing pages) is discarded, and so is a committed one; after a storage error it stays
+    /// staged. The change feed is told that everything may have changed.
     ///
     /// `decode(page_no, bytes, sink)` turns one staged page back into deltas and feeds them to
     /// `sink` one at a time; its errors (and the sink's, which it must pass on) reject the
@@ -87,60 +214,65 @@ impl DpStore {
     where
         D: FnMut(u64, &[u8], &mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
     {
-        let res = self.stage_commit_inner(transfer_id, decode);
-        if matches!(
-            res,
-            Err(ApplyError::Invalid { .. } | ApplyError::Version(_) | ApplyError::Staging { .. })
-        ) {
-            self.stage_discard(transfer_id)?;
+        let Some(transfer) = self.inner.staging.transfers().remove(transfer_id) else {
+            return Err(DpStoreError::UnknownTransfer(transfer_id.to_owned()).into());
+        };
+        let res = self.stage_commit_inner(transfer_id, &transfer, decode);
+        if matches!(res, Err(ApplyError::Storage(_))) {
+            // Kept for a retry, unless a new transfer of that id began meanwhile.
+            self.inner
+                .staging
+                .transfers()
+                .entry(transfer_id.to_owned())
+                .or_insert(transfer);
         }
         res
     }
 
     /// Forgets a transfer and its staged pages.
     pub fn stage_discard(&self, transfer_id: &str) -> Result<(), DpStoreError> {
-        let txn = self.staging_txn()?;
-        {
-            clear_staged(&mut txn.open_table(STAGED)?, transfer_id)?;
-            txn.open_table(TRANSFERS)?.remove(transfer_id)?;
-        }
-        txn.commit()?;
+        self.inner.staging.transfers().remove(transfer_id);
         Ok(())
     }
 
-    /// Replaces the rows of one staged page; `None` leaves it unstaged.
+    /// Replaces one staged page; `None` leaves it unstaged.
     fn stage_rows(
         &self,
         transfer_id: &str,
         page_no: u64,
         bytes: Option<&[u8]>,
     ) -> Result<(), DpStoreError> {
-        let txn = self.staging_txn()?;
-        {
-            if txn.open_table(TRANSFERS)?.get(transfer_id)?.is_none() {
-                return Err(DpStoreError::UnknownTransfer(transfer_id.to_owned()));
+        let staging = &self.inner.staging;
+        let mut transfers = staging.transfers();
+        let Some(t) = transfers.get_mut(transfer_id) else {
+            return Err(DpStoreError::UnknownTransfer(transfer_id.to_owned()));
+        };
+        match bytes {
+            None => {
+                t.pages.remove(&page_no);
             }
-            let mut staged = txn.open_table(STAGED)?;
-            staged.retain_in(
-                (transfer_id, page_no, 0)..=(transfer_id, page_no, u64::MAX),
-                |_, _| false,
-            )?;
-            if let Some(bytes) = bytes {
-                // An empty page still gets a row, so it counts as staged.
-                let mut rows = bytes.chunks(STAGE_ROW_BYTES);
-                let first = rows.next().unwrap_or_default();
-                staged.insert((transfer_id, page_no, 0), first)?;
-                for (idx, row) in rows.enumerate() {
-                    staged.insert((transfer_id, page_no, idx as u64 + 1), row)?;
-                }
+            Some(bytes) => {
+                let spool = match &mut t.spool {
+                    Some(spool) => spool,
+                    None => t.spool.insert(staging.new_spool()?),
+                };
+                let offset = spool
+                    .append(bytes)
+                    .map_err(|e| spool_error(Path::new("spool"), e))?;
+                t.pages.insert(page_no, (offset, bytes.len()));
             }
         }
-        txn.commit()?;
+        drop(transfers);
         crate::failpoint::hit("dp.stage.page");
         Ok(())
     }
 
-    fn stage_commit_inner<D>(&self, transfer_id: &str, mut decode: D) -> Result<Applied, ApplyError>
+    fn stage_commit_inner<D>(
+        &self,
+        transfer_id: &str,
+        transfer: &Transfer,
+        mut decode: D,
+    ) -> Result<Applied, ApplyError>
     where
         D: FnMut(u64, &[u8], &mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
     {
@@ -148,55 +280,27 @@ impl DpStore {
             transfer_id: transfer_id.to_owned(),
             reason,
         };
-        // Staged pages are committed, so a read snapshot streams them while the apply writes.
-        let rtx = self.inner.db.begin_read().map_err(DpStoreError::from)?;
-        let kind = {
-            let transfers = rtx.open_table(TRANSFERS)?;
-            let Some(raw) = transfers.get(transfer_id)? else {
-                return Err(DpStoreError::UnknownTransfer(transfer_id.to_owned()).into());
-            };
-            decode_kind(raw.value()).ok_or_else(|| staging_err("corrupt transfer kind".into()))?
-        };
-        let staged = rtx.open_table(STAGED)?;
-        let mut apply = self.begin(kind)?;
-        apply.for_transfer(transfer_id);
+        let mut apply = self.begin(transfer.kind.clone())?;
+        apply.for_transfer();
         apply.feed(|sink| {
-            // One page at a time: its rows are joined, decoded, and dropped.
-            let mut page: Vec<u8> = Vec::new();
-            let mut current: Option<u64> = None;
-            for row in staged.range((transfer_id, 0, 0)..=(transfer_id, u64::MAX, u64::MAX))? {
-                let (key, value) = row?;
-                let (_, page_no, _) = key.value();
-                if Some(page_no) != current {
-                    if let Some(done) = current {
-                        decode(done, &page, sink)?;
-                        page.clear();
-                    }
-                    let next = current.map_or(0, |p| p + 1);
-                    if page_no != next {
-                        return Err(staging_err(format!(
-                            "page {page_no} staged but page {next} missing"
-                        )));
-                    }
-                    current = Some(page_no);
+            // One page at a time: read, decoded, and its buffer reused for the next.
+            let mut page = Vec::new();
+            for (expected, (&page_no, &(offset, len))) in (0u64..).zip(&transfer.pages) {
+                if page_no != expected {
+                    return Err(staging_err(format!(
+                        "page {page_no} staged but page {expected} missing"
+                    )));
                 }
-                page.extend_from_slice(value.value());
-            }
-            if let Some(done) = current {
-                decode(done, &page, sink)?;
+                if let Some(spool) = &transfer.spool {
+                    spool
+                        .read(offset, len, &mut page)
+                        .map_err(|e| staging_err(format!("reading page {page_no}: {e}")))?;
+                }
+                decode(page_no, &page, sink)?;
             }
             Ok(())
         })?;
         apply.commit()
-    }
-
-    /// A write transaction for staging: durable only when the store is, and even then without
-    /// an fsync of its own (staging is discarded on open; the durable commit that ends a
-    /// transfer persists what it needs).
-    fn staging_txn(&self) -> Result<WriteTransaction, DpStoreError> {
-        let mut txn = self.inner.db.begin_write()?;
-        txn.set_durability(Durability::None)?;
-        Ok(txn)
     }
 }
 
@@ -221,43 +325,31 @@ fn decode_delta_lines(
     Ok(())
 }
 
-/// Removes every staged row of `transfer_id`.
-pub(super) fn clear_staged(
-    staged: &mut Table<'_, (&'static str, u64, u64), &'static [u8]>,
-    transfer_id: &str,
-) -> Result<(), DpStoreError> {
-    staged.retain_in(
-        (transfer_id, 0, 0)..=(transfer_id, u64::MAX, u64::MAX),
-        |_, _| false,
-    )?;
-    Ok(())
+fn spool_error(path: &Path, e: std::io::Error) -> DpStoreError {
+    DpStoreError::Spool(format!("{}: {e}", path.display()))
 }
 
-/// A transfer's kind as its `transfers` row holds it (JSON).
-fn encode_kind(kind: &ApplyKind) -> Vec<u8> {
-    let v = match kind {
-        ApplyKind::Full { version, epoch } => {
-            json!({"full": {"version": version, "epoch": epoch}})
-        }
-        ApplyKind::Incremental {
-            expect_from,
-            latest,
-        } => json!({"incremental": {"expect_from": expect_from, "latest": latest}}),
+/// Removes `<prefix>*` files: spools of a process that died before unlinking its own.
+fn remove_stale_spools(prefix: &Path) {
+    let (Some(dir), Some(name)) = (prefix.parent(), prefix.file_name()) else {
+        return;
     };
-    serde_json::to_vec(&v).unwrap_or_default()
-}
-
-fn decode_kind(raw: &[u8]) -> Option<ApplyKind> {
-    let v: Value = serde_json::from_slice(raw).ok()?;
-    if let Some(full) = v.get("full") {
-        return Some(ApplyKind::Full {
-            version: full.get("version")?.as_i64()?,
-            epoch: full.get("epoch").and_then(Value::as_str).map(str::to_owned),
-        });
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(name.as_ref())
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
-    let inc = v.get("incremental")?;
-    Some(ApplyKind::Incremental {
-        expect_from: inc.get("expect_from")?.as_i64()?,
-        latest: inc.get("latest").and_then(Value::as_i64),
-    })
 }

@@ -24,9 +24,9 @@ pub(super) const REFS: TableDefinition<(&str, &str, &str, &str, &str), ()> =
     TableDefinition::new("refs");
 /// Version, epoch, state hash, entity count; see [`read_meta`].
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// `(transfer, page, row)` → bytes of a staged page.
+/// Staged pages of earlier releases (`(transfer, page, row)` → bytes), dropped on open.
 pub(super) const STAGED: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("staged");
-/// Transfer id → its encoded [`crate::dp::store::ApplyKind`].
+/// Transfers of earlier releases (transfer id → kind), dropped on open.
 pub(super) const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
 
 const META_VERSION: &str = "version";
