@@ -819,22 +819,37 @@ async fn dp_times(http: &reqwest::Client, dps: &[Dp]) -> anyhow::Result<DpTimes>
     Ok(sum)
 }
 
-/// The disk's floor on this machine: p50 / p99 of a 4 KiB append + `fdatasync`, in `dir`.
-fn fsync_floor(dir: &Path) -> anyhow::Result<Stat> {
-    use std::io::Write as _;
+/// The disk's floor on this machine, p50 / p99 of 200 samples each, in `dir`: a 4 KiB
+/// overwrite inside a preallocated, synced file + `fdatasync` (data only, as a reused WAL
+/// such as etcd's pays), and a 4 KiB append + `fdatasync` (the file size changes too).
+fn fsync_floor(dir: &Path) -> anyhow::Result<(Stat, Stat)> {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let block = [0x5au8; 4096];
     let path = dir.join("fsync-probe");
     let mut f = File::create(&path)?;
-    let block = [0x5au8; 4096];
-    let mut samples = Vec::with_capacity(200);
+    for _ in 0..200 {
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    f.seek(SeekFrom::Start(0))?;
+    let mut overwrite = Vec::with_capacity(200);
     for _ in 0..200 {
         let t = Instant::now();
         f.write_all(&block)?;
         f.sync_data()?;
-        samples.push(t.elapsed());
+        overwrite.push(t.elapsed());
+    }
+    f.seek(SeekFrom::End(0))?;
+    let mut append = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        append.push(t.elapsed());
     }
     drop(f);
     std::fs::remove_file(&path)?;
-    Ok(stat(&samples))
+    Ok((stat(&overwrite), stat(&append)))
 }
 
 async fn latency(
@@ -868,12 +883,15 @@ async fn latency(
     );
     {
         let tmp = tempfile::tempdir()?;
-        let f = fsync_floor(tmp.path())?;
+        let (over, append) = fsync_floor(tmp.path())?;
         println!(
-            "disk floor: 4 KiB append + fdatasync p50 {:.3} / p99 {:.3} ms (in {})",
-            f.p50,
-            f.p99,
-            std::env::temp_dir().display()
+            "disk floor in {}: 4 KiB overwrite + fdatasync p50 {:.3} / p99 {:.3} ms; 4 KiB \
+             append + fdatasync p50 {:.3} / p99 {:.3} ms",
+            std::env::temp_dir().display(),
+            over.p50,
+            over.p99,
+            append.p50,
+            append.p99
         );
     }
     let mut results: BTreeMap<usize, Vec<CellResult>> = BTreeMap::new();

@@ -26,7 +26,8 @@ if ! command -v "$etcd_bin" >/dev/null 2>&1; then
         if [ "$(id -u)" -ne 0 ]; then
             if command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; fi
         fi
-        if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2; then
+        apt_install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2; }
+        if ! apt_install && ! { $sudo apt-get update >&2 && apt_install; }; then
             why="apt-get install etcd-server failed (see above)"
         elif ! command -v etcd >/dev/null 2>&1; then
             why="etcd-server installed but no etcd on PATH"
@@ -46,7 +47,7 @@ fi
 bin_dir="$(mktemp -d -t bench-latency-bin.XXXXXX)"
 trap 'rm -rf "$bin_dir"' EXIT
 cargo build --release --bins --examples --message-format=json-render-diagnostics \
-    | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | while read -r exe; do
+    | { grep -o '"executable":"[^"]*"' || true; } | cut -d'"' -f4 | while read -r exe; do
         case "$(basename "$exe")" in
             deltaplane-cp | deltaplane-dp | loadtest) cp "$exe" "$bin_dir/" ;;
         esac
