@@ -38,11 +38,16 @@ use deltaplane::net::{dial, hello};
 use deltaplane::proto::codec::{self, Encoding};
 use deltaplane::proto::hello::{Hello, data_plane_conf};
 use deltaplane::proto::v2::{self, GetDelta};
-use deltaplane::proto::{CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Version, jsonrpc};
+use deltaplane::proto::{
+    CAP_DELTAPLANE_PUSH_V1, CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2, Version, jsonrpc,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+
+#[path = "loadtest/etcd.rs"]
+mod etcd;
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +95,18 @@ enum Scenario {
         /// Give up when a write has not reached every DP in this time
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
+        /// etcd binary (3.4+) run side by side as the peer: N watchers on a key prefix, one put
+        /// per Admin write, interleaved
+        #[arg(long, default_value = "etcd")]
+        etcd: PathBuf,
+        /// Skip the etcd comparison
+        #[arg(long)]
+        no_etcd: bool,
+        /// Also connect the harness as one more deltaplane-dialect DP that applies nothing and
+        /// times write → pushed deltas received (the CP's share of the latency; the CP then
+        /// serves N + 1 DPs)
+        #[arg(long)]
+        probe: bool,
     },
     /// Pre-filled CP (~1 KB services); fresh DP process start → in sync; peak RSS, CPU, file.
     Fullsync {
@@ -144,13 +161,33 @@ fn main() -> anyhow::Result<()> {
                 gap_ms,
                 services,
                 timeout_secs,
+                etcd,
+                no_etcd,
+                probe,
             } => {
+                let etcd = if no_etcd {
+                    println!("etcd comparison skipped: --no-etcd");
+                    None
+                } else {
+                    match etcd::probe(&etcd) {
+                        Ok(v) => {
+                            println!("etcd peer: {} ({v})", etcd.display());
+                            Some(etcd)
+                        }
+                        Err(why) => {
+                            println!("etcd comparison skipped: {why}");
+                            None
+                        }
+                    }
+                };
                 let opts = LatencyOpts {
                     writes,
                     warmup,
                     gap: Duration::from_millis(gap_ms),
                     services: services.max(1),
                     timeout: Duration::from_secs(timeout_secs),
+                    etcd,
+                    probe,
                 };
                 latency(&bins, &dps, runs, pg.as_deref(), &opts).await
             }
@@ -628,12 +665,73 @@ struct LatencyOpts {
     gap: Duration,
     services: usize,
     timeout: Duration,
+    /// The etcd binary of the side-by-side peer; `None`: deltaplane alone.
+    etcd: Option<PathBuf>,
+    /// Time write → push received on a harness-side DP too.
+    probe: bool,
+}
+
+/// Per write: the time to the first, the median and the last receiver, and every receiver.
+#[derive(Default)]
+struct Spread {
+    all: Vec<Duration>,
+    first: Vec<Duration>,
+    mid: Vec<Duration>,
+    last: Vec<Duration>,
+    /// The write's own request round trip (Admin PATCH, etcd put).
+    request: Vec<Duration>,
+}
+
+impl Spread {
+    fn push(&mut self, mut arrived: Vec<Duration>, request: Duration) {
+        arrived.sort();
+        self.first.push(arrived[0]);
+        // The lower median: for 10 receivers the 5th, for 1 the only one.
+        self.mid.push(arrived[(arrived.len() - 1) / 2]);
+        self.last.push(*arrived.last().expect("n ≥ 1"));
+        self.all.extend(arrived);
+        self.request.push(request);
+    }
+
+    fn stats(&self) -> SpreadStat {
+        SpreadStat {
+            all: stat(&self.all),
+            first: stat(&self.first),
+            mid: stat(&self.mid),
+            last: stat(&self.last),
+            request: stat(&self.request),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SpreadStat {
+    all: Stat,
+    first: Stat,
+    mid: Stat,
+    last: Stat,
+    request: Stat,
+}
+
+struct EtcdCell {
+    lat: SpreadStat,
+    /// etcd server CPU per put, ms.
+    cpu_per_write_ms: f64,
 }
 
 struct CellResult {
-    all: Stat,
-    last: Stat,
-    admin: Stat,
+    lat: SpreadStat,
+    /// `--probe`: write → pushed deltas received by the harness's own DP connection.
+    probe: Option<Stat>,
+    /// Mean per DP and version: learned (push received) → durably applied, and the apply alone
+    /// (parse, validate, write, commit), ms.
+    dp_learned_to_applied_ms: f64,
+    dp_apply_ms: f64,
+    /// CP process CPU per Admin write, ms.
+    cp_cpu_per_write_ms: f64,
+    /// DP processes' CPU per applied version (sum over DPs / (writes × N)), ms.
+    dp_cpu_per_version_ms: f64,
+    etcd: Option<EtcdCell>,
     load_start: String,
     load_end: String,
     worst: Vec<(Duration, usize, usize)>,
@@ -643,6 +741,127 @@ enum Event {
     Subscribed,
     Version(usize, i64, Instant),
     Closed(usize, String),
+}
+
+/// CPU time (user + system, all threads) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat` (clock ticks of `getconf CLK_TCK`).
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').context("/proc/pid/stat")? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    ensure!(f.len() > 13, "short /proc/{pid}/stat");
+    let utime: f64 = f[11].parse()?;
+    let stime: f64 = f[12].parse()?;
+    Ok((utime + stime) / ticks)
+}
+
+fn cpu_sum(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|&p| cpu_secs(p)).sum()
+}
+
+/// A DP's own timings, summed over its `/metrics` histograms: (incremental apply seconds,
+/// applies, learned → applied seconds, versions).
+#[derive(Clone, Copy, Default)]
+struct DpTimes {
+    apply_s: f64,
+    applies: f64,
+    learned_s: f64,
+    learned: f64,
+}
+
+impl std::ops::Sub for DpTimes {
+    type Output = DpTimes;
+    fn sub(self, o: DpTimes) -> DpTimes {
+        DpTimes {
+            apply_s: self.apply_s - o.apply_s,
+            applies: self.applies - o.applies,
+            learned_s: self.learned_s - o.learned_s,
+            learned: self.learned - o.learned,
+        }
+    }
+}
+
+impl std::ops::Add for DpTimes {
+    type Output = DpTimes;
+    fn add(self, o: DpTimes) -> DpTimes {
+        DpTimes {
+            apply_s: self.apply_s + o.apply_s,
+            applies: self.applies + o.applies,
+            learned_s: self.learned_s + o.learned_s,
+            learned: self.learned + o.learned,
+        }
+    }
+}
+
+async fn dp_times(http: &reqwest::Client, dps: &[Dp]) -> anyhow::Result<DpTimes> {
+    let mut sum = DpTimes::default();
+    for dp in dps {
+        let r = http
+            .get(format!("http://{}/metrics", dp.status))
+            .send()
+            .await?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            // An older DP without /metrics: the breakdown shows NaN.
+            return Ok(DpTimes::default());
+        }
+        let text = r.error_for_status()?.text().await?;
+        let get = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        sum = sum
+            + DpTimes {
+                apply_s: get("deltaplane_apply_duration_seconds_sum{kind=\"incremental\"}"),
+                applies: get("deltaplane_apply_duration_seconds_count{kind=\"incremental\"}"),
+                learned_s: get("deltaplane_version_learned_to_applied_seconds_sum"),
+                learned: get("deltaplane_version_learned_to_applied_seconds_count"),
+            };
+    }
+    Ok(sum)
+}
+
+/// The disk's floor on this machine, p50 / p99 of 200 samples each, in `dir`: a 4 KiB
+/// overwrite inside a preallocated, synced file + `fdatasync` (data only, as a reused WAL
+/// such as etcd's pays), and a 4 KiB append + `fdatasync` (the file size changes too).
+fn fsync_floor(dir: &Path) -> anyhow::Result<(Stat, Stat)> {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let block = [0x5au8; 4096];
+    let path = dir.join("fsync-probe");
+    let mut f = File::create(&path)?;
+    for _ in 0..200 {
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    f.seek(SeekFrom::Start(0))?;
+    let mut overwrite = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        overwrite.push(t.elapsed());
+    }
+    f.seek(SeekFrom::End(0))?;
+    let mut append = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        append.push(t.elapsed());
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok((stat(&overwrite), stat(&append)))
 }
 
 async fn latency(
@@ -663,9 +882,30 @@ async fn latency(
     let backend = if pg.is_some() { "postgres" } else { "sqlite" };
     println!(
         "latency: backend {backend}, DPs {dps:?}, {} writes per run (+{} warm-up), {runs} runs \
-         interleaved, gap {:?}, {} services",
-        opts.writes, opts.warmup, opts.gap, opts.services
+         interleaved, gap {:?}, {} services{}",
+        opts.writes,
+        opts.warmup,
+        opts.gap,
+        opts.services,
+        if opts.etcd.is_some() {
+            ", etcd peer with as many watchers (writes alternate deltaplane / etcd)"
+        } else {
+            ""
+        }
     );
+    {
+        let tmp = tempfile::tempdir()?;
+        let (over, append) = fsync_floor(tmp.path())?;
+        println!(
+            "disk floor in {}: 4 KiB overwrite + fdatasync p50 {:.3} / p99 {:.3} ms; 4 KiB \
+             append + fdatasync p50 {:.3} / p99 {:.3} ms",
+            std::env::temp_dir().display(),
+            over.p50,
+            over.p99,
+            append.p50,
+            append.p99
+        );
+    }
     let mut results: BTreeMap<usize, Vec<CellResult>> = BTreeMap::new();
     for run in 1..=runs {
         for &n in dps {
@@ -675,12 +915,36 @@ async fn latency(
             println!(
                 "run {run} N={n:>3}: write→each DP {} ms | write→last DP {} ms | admin {} ms \
                  (p50/p99/max; load {} → {})",
-                fmt3(&r.all),
-                fmt3(&r.last),
-                fmt3(&r.admin),
+                fmt3(&r.lat.all),
+                fmt3(&r.lat.last),
+                fmt3(&r.lat.request),
                 r.load_start,
                 r.load_end
             );
+            println!(
+                "    CPU: CP {:.3} ms per write, DPs {:.3} ms per applied version | DP mean: \
+                 learned→applied {:.3} ms, apply {:.3} ms",
+                r.cp_cpu_per_write_ms,
+                r.dp_cpu_per_version_ms,
+                r.dp_learned_to_applied_ms,
+                r.dp_apply_ms
+            );
+            if let Some(p) = &r.probe {
+                println!(
+                    "    probe: write → pushed deltas on the harness's DP socket {} ms",
+                    fmt3(p)
+                );
+            }
+            if let Some(e) = &r.etcd {
+                println!(
+                    "    etcd N={n:>3}: put→each watcher {} ms | put→last watcher {} ms | put {} \
+                     ms | etcd CPU {:.3} ms per put",
+                    fmt3(&e.lat.all),
+                    fmt3(&e.lat.last),
+                    fmt3(&e.lat.request),
+                    e.cpu_per_write_ms
+                );
+            }
             let worst: Vec<String> = r
                 .worst
                 .iter()
@@ -708,35 +972,128 @@ async fn latency(
                 "| {n} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} \
                  | {:.2} |",
                 i + 1,
-                r.all.n,
-                r.all.p50,
-                r.all.p99,
-                r.all.max,
-                r.last.p50,
-                r.last.p99,
-                r.last.max,
-                r.admin.p50,
-                r.admin.p99,
-                r.admin.max
+                r.lat.all.n,
+                r.lat.all.p50,
+                r.lat.all.p99,
+                r.lat.all.max,
+                r.lat.last.p50,
+                r.lat.last.p99,
+                r.lat.last.max,
+                r.lat.request.p50,
+                r.lat.request.p99,
+                r.lat.request.max
             );
         }
         let med = |f: &dyn Fn(&CellResult) -> f64| median(rs.iter().map(f).collect());
         println!(
             "| {n} | **median** | | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** | \
              **{:.2}** | **{:.2}** | **{:.2}** | **{:.2}** |",
-            med(&|r| r.all.p50),
-            med(&|r| r.all.p99),
-            med(&|r| r.all.max),
-            med(&|r| r.last.p50),
-            med(&|r| r.last.p99),
-            med(&|r| r.last.max),
-            med(&|r| r.admin.p50),
-            med(&|r| r.admin.p99),
-            med(&|r| r.admin.max),
+            med(&|r| r.lat.all.p50),
+            med(&|r| r.lat.all.p99),
+            med(&|r| r.lat.all.max),
+            med(&|r| r.lat.last.p50),
+            med(&|r| r.lat.last.p99),
+            med(&|r| r.lat.last.max),
+            med(&|r| r.lat.request.p50),
+            med(&|r| r.lat.request.p99),
+            med(&|r| r.lat.request.max),
+        );
+    }
+    println!();
+    if opts.etcd.is_none() {
+        return Ok(());
+    }
+    println!(
+        "### deltaplane vs etcd, same runs, writes alternating (ms; p50 / p99 / max; median over \
+         {runs} runs of each figure)"
+    );
+    println!();
+    println!(
+        "| N | system | first p50 / p99 / max | median p50 / p99 / max | last p50 / p99 / max | \
+         request p50 | server CPU per write | DP CPU per applied version |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (n, rs) in &results {
+        let med = |f: &dyn Fn(&CellResult) -> f64| median(rs.iter().map(f).collect());
+        let emed = |f: &dyn Fn(&EtcdCell) -> f64| {
+            median(rs.iter().filter_map(|r| r.etcd.as_ref()).map(f).collect())
+        };
+        let three = |p50: f64, p99: f64, max: f64| format!("{p50:.2} / {p99:.2} / {max:.2}");
+        println!(
+            "| {n} | deltaplane | {} | {} | {} | {:.2} | CP {:.3} ms | {:.3} ms |",
+            three(
+                med(&|r| r.lat.first.p50),
+                med(&|r| r.lat.first.p99),
+                med(&|r| r.lat.first.max)
+            ),
+            three(
+                med(&|r| r.lat.mid.p50),
+                med(&|r| r.lat.mid.p99),
+                med(&|r| r.lat.mid.max)
+            ),
+            three(
+                med(&|r| r.lat.last.p50),
+                med(&|r| r.lat.last.p99),
+                med(&|r| r.lat.last.max)
+            ),
+            med(&|r| r.lat.request.p50),
+            med(&|r| r.cp_cpu_per_write_ms),
+            med(&|r| r.dp_cpu_per_version_ms),
+        );
+        println!(
+            "| {n} | etcd | {} | {} | {} | {:.2} | etcd {:.3} ms | |",
+            three(
+                emed(&|e| e.lat.first.p50),
+                emed(&|e| e.lat.first.p99),
+                emed(&|e| e.lat.first.max)
+            ),
+            three(
+                emed(&|e| e.lat.mid.p50),
+                emed(&|e| e.lat.mid.p99),
+                emed(&|e| e.lat.mid.max)
+            ),
+            three(
+                emed(&|e| e.lat.last.p50),
+                emed(&|e| e.lat.last.p99),
+                emed(&|e| e.lat.last.max)
+            ),
+            emed(&|e| e.lat.request.p50),
+            emed(&|e| e.cpu_per_write_ms),
+        );
+    }
+    println!();
+    // The targets: 1 DP p50 ≤ 1.5× etcd's p50; 10 DPs: last DP p50 ≤ 2× etcd's last watcher p50.
+    // Ratios of each run's own pair (same run, same load), then their median.
+    for (n, rs) in &results {
+        let ratio = |f: &dyn Fn(&SpreadStat) -> f64| {
+            median(
+                rs.iter()
+                    .filter_map(|r| r.etcd.as_ref().map(|e| f(&r.lat) / f(&e.lat)))
+                    .collect(),
+            )
+        };
+        let last = ratio(&|s| s.last.p50);
+        let target = match n {
+            1 => " (target ≤ 1.5×)",
+            10 => " (target ≤ 2×)",
+            _ => "",
+        };
+        println!(
+            "ratio deltaplane / etcd, N={n}: last p50 {last:.2}×{target}, first p50 {:.2}×, \
+             last p99 {:.2}×",
+            ratio(&|s| s.first.p50),
+            ratio(&|s| s.last.p99)
         );
     }
     println!();
     Ok(())
+}
+
+/// Which system a write goes to.
+#[derive(Clone, Copy, PartialEq)]
+enum System {
+    Deltaplane,
+    Etcd,
 }
 
 async fn latency_cell(
@@ -762,6 +1119,16 @@ async fn latency_cell(
         ids.push(v["id"].as_str().context("service id")?.to_owned());
     }
     let dps = world.spawn_dps(bins, &cp, n)?;
+    let mut etcd = match &opts.etcd {
+        Some(bin) => {
+            let dir = world.tmp.path().join("etcd");
+            let log = world.tmp.path().join("etcd.log");
+            let mut e = etcd::Etcd::start(bin, &mut world.procs, &dir, &log).await?;
+            e.watch(n).await?;
+            Some(e)
+        }
+        None => None,
+    };
     world.wait_in_sync(&cp, &dps, 120 + n as u64).await?;
 
     // One watch_version subscription per DP.
@@ -830,13 +1197,24 @@ async fn latency_cell(
         }
     }
 
+    let dp_pids: Vec<u32> = dps.iter().map(|d| d.pid).collect();
     let mut head = world.cp_head(&cp).await?.0;
+    let (mut probe_rx, _probe_task) = if opts.probe {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = push_probe(&cp, head, tx).await.context("the push probe")?;
+        (Some(rx), Some(AbortOnDrop(vec![task])))
+    } else {
+        (None, None)
+    };
+    let mut probe_lat = Vec::new();
     let mut counter = 0u64;
-    let mut all = Vec::with_capacity(opts.writes * n);
-    let mut last = Vec::with_capacity(opts.writes);
-    let mut admin = Vec::with_capacity(opts.writes);
+    let mut dp_lat = Spread::default();
+    let mut etcd_lat = Spread::default();
     let mut worst: Vec<(Duration, usize, usize)> = Vec::new();
     let mut head_start = head;
+    // CPU at the start of the measured writes: (CP, DPs, etcd).
+    let mut cpu_start = (0.0, 0.0, 0.0);
+    let mut times_start = DpTimes::default();
     for w in 0..opts.warmup + opts.writes {
         let measured = w >= opts.warmup;
         if w == opts.warmup {
@@ -845,74 +1223,126 @@ async fn latency_cell(
                 head_start == head,
                 "head {head_start} after the warm-up, expected {head}"
             );
+            times_start = dp_times(&world.http, &dps).await?;
+            cpu_start = (
+                cpu_secs(cp.pid)?,
+                cpu_sum(&dp_pids)?,
+                match &etcd {
+                    Some(e) => cpu_secs(e.pid)?,
+                    None => 0.0,
+                },
+            );
         }
         counter += 1;
-        let expected = head + 1;
-        let id = &ids[w % ids.len()];
-        let body = json!({"path": format!("/loadtest/run-{run}/write-{counter}")});
-        let t0 = Instant::now();
-        let r = world
-            .http
-            .patch(format!("{}/services/{id}", cp.admin))
-            .json(&body)
-            .send()
-            .await?;
-        let status = r.status();
-        let _ = r.bytes().await?;
-        let t_admin = t0.elapsed();
-        ensure!(status == 200, "PATCH answered {status}");
-        let mut arrived: Vec<Option<Duration>> = vec![None; n];
-        let mut left = n;
-        let deadline = tokio::time::Instant::now() + opts.timeout;
-        while left > 0 {
-            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => bail!("all watchers gone"),
-                Err(_) => {
-                    let missing: Vec<usize> = (0..n).filter(|&i| arrived[i].is_none()).collect();
-                    world.procs.check_alive()?;
-                    bail!(
-                        "write {w} (version {expected}): {} DPs did not report it within {:?} \
-                         (e.g. dp-{} at {})",
-                        missing.len(),
-                        opts.timeout,
-                        missing[0],
-                        latest[missing[0]]
-                    );
+        // Alternate which system writes first, so neither always follows the other's write.
+        let order = if w % 2 == 0 {
+            [System::Deltaplane, System::Etcd]
+        } else {
+            [System::Etcd, System::Deltaplane]
+        };
+        for system in order {
+            if system == System::Etcd {
+                let Some(e) = etcd.as_mut() else { continue };
+                let key = format!("run-{run}/key-{}", w % opts.services);
+                let (arrived, t_put) = e
+                    .put(&key, &format!("write-{counter}"), opts.timeout)
+                    .await
+                    .with_context(|| format!("etcd write {w}"))?;
+                if measured {
+                    etcd_lat.push(arrived, t_put);
                 }
-            };
-            match ev {
-                Event::Version(i, v, at) => {
-                    latest[i] = latest[i].max(v);
-                    ensure!(
-                        v <= expected,
-                        "dp-{i} reported version {v} while write {w} should be {expected}: \
-                         another writer?"
-                    );
-                    if v == expected && arrived[i].is_none() {
-                        arrived[i] = Some(at.saturating_duration_since(t0));
-                        left -= 1;
+                tokio::time::sleep(opts.gap).await;
+                continue;
+            }
+            let expected = head + 1;
+            let id = &ids[w % ids.len()];
+            let body = json!({"path": format!("/loadtest/run-{run}/write-{counter}")});
+            let t0 = Instant::now();
+            let r = world
+                .http
+                .patch(format!("{}/services/{id}", cp.admin))
+                .json(&body)
+                .send()
+                .await?;
+            let status = r.status();
+            let _ = r.bytes().await?;
+            let t_admin = t0.elapsed();
+            ensure!(status == 200, "PATCH answered {status}");
+            let mut arrived: Vec<Option<Duration>> = vec![None; n];
+            let mut left = n;
+            let deadline = tokio::time::Instant::now() + opts.timeout;
+            while left > 0 {
+                let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => bail!("all watchers gone"),
+                    Err(_) => {
+                        let missing: Vec<usize> =
+                            (0..n).filter(|&i| arrived[i].is_none()).collect();
+                        world.procs.check_alive()?;
+                        bail!(
+                            "write {w} (version {expected}): {} DPs did not report it within \
+                             {:?} (e.g. dp-{} at {})",
+                            missing.len(),
+                            opts.timeout,
+                            missing[0],
+                            latest[missing[0]]
+                        );
                     }
+                };
+                match ev {
+                    Event::Version(i, v, at) => {
+                        latest[i] = latest[i].max(v);
+                        ensure!(
+                            v <= expected,
+                            "dp-{i} reported version {v} while write {w} should be {expected}: \
+                             another writer?"
+                        );
+                        if v == expected && arrived[i].is_none() {
+                            arrived[i] = Some(at.saturating_duration_since(t0));
+                            left -= 1;
+                        }
+                    }
+                    Event::Closed(i, why) => bail!("dp-{i} watch: {why}"),
+                    Event::Subscribed => {}
                 }
-                Event::Closed(i, why) => bail!("dp-{i} watch: {why}"),
-                Event::Subscribed => {}
             }
-        }
-        head = expected;
-        if measured {
-            let arrived: Vec<Duration> = arrived.into_iter().map(Option::unwrap).collect();
-            let max = *arrived.iter().max().expect("n ≥ 1");
-            for (i, d) in arrived.iter().enumerate() {
-                worst.push((*d, w - opts.warmup, i));
+            head = expected;
+            if let Some(prx) = probe_rx.as_mut() {
+                let at = loop {
+                    match tokio::time::timeout_at(deadline, prx.recv()).await {
+                        Ok(Some((v, at))) if v >= expected => break at,
+                        Ok(Some(_)) => {}
+                        Ok(None) => bail!("the push probe ended"),
+                        Err(_) => bail!("the push probe did not see version {expected}"),
+                    }
+                };
+                if measured {
+                    probe_lat.push(at.saturating_duration_since(t0));
+                }
             }
-            worst.sort_by_key(|w| std::cmp::Reverse(w.0));
-            worst.truncate(3);
-            all.extend(arrived);
-            last.push(max);
-            admin.push(t_admin);
+            if measured {
+                let arrived: Vec<Duration> = arrived.into_iter().map(Option::unwrap).collect();
+                for (i, d) in arrived.iter().enumerate() {
+                    worst.push((*d, w - opts.warmup, i));
+                }
+                worst.sort_by_key(|w| std::cmp::Reverse(w.0));
+                worst.truncate(3);
+                dp_lat.push(arrived, t_admin);
+            }
+            tokio::time::sleep(opts.gap).await;
         }
-        tokio::time::sleep(opts.gap).await;
     }
+    let writes = opts.writes as f64;
+    let cp_cpu_per_write_ms = (cpu_secs(cp.pid)? - cpu_start.0) / writes * 1e3;
+    let dp_cpu_per_version_ms = (cpu_sum(&dp_pids)? - cpu_start.1) / (writes * n as f64) * 1e3;
+    let times = dp_times(&world.http, &dps).await? - times_start;
+    let etcd_cell = match &etcd {
+        Some(e) => Some(EtcdCell {
+            lat: etcd_lat.stats(),
+            cpu_per_write_ms: (cpu_secs(e.pid)? - cpu_start.2) / writes * 1e3,
+        }),
+        None => None,
+    };
     let (head_end, hash_end) = world.cp_head(&cp).await?;
     ensure!(
         head_end - head_start == opts.writes as i64,
@@ -931,15 +1361,134 @@ async fn latency_cell(
         );
     }
     world.procs.check_alive()?;
+    drop(etcd);
     drop(world);
     Ok(CellResult {
-        all: stat(&all),
-        last: stat(&last),
-        admin: stat(&admin),
+        lat: dp_lat.stats(),
+        probe: opts.probe.then(|| stat(&probe_lat)),
+        dp_learned_to_applied_ms: times.learned_s / times.learned * 1e3,
+        dp_apply_ms: times.apply_s / times.applies * 1e3,
+        cp_cpu_per_write_ms,
+        dp_cpu_per_version_ms,
+        etcd: etcd_cell,
         load_start,
         load_end: loadavg(),
         worst,
     })
+}
+
+/// The harness as one more deltaplane-dialect DP (mTLS, hello announcing pushes): it asks
+/// once from `head`, then reports every version it is told of as held (it stores nothing),
+/// and sends `(version, arrival)` for each push (or `notify_new_version`).
+async fn push_probe(
+    cp: &Cp,
+    head: i64,
+    tx: mpsc::UnboundedSender<(i64, Instant)>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let tls = ClusterTls::load(&TlsSettings {
+        mode: MtlsMode::Shared,
+        cert: cp.dir.join("cluster.crt").display().to_string(),
+        key: cp.dir.join("cluster.key").display().to_string(),
+        ca_cert: None,
+        server_name: None,
+        allowed_common_names: Vec::new(),
+    })?;
+    let mut ws = dial::open_v2(
+        &tls,
+        &format!("127.0.0.1:{}", cp.cluster.port()),
+        Default::default(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let result = hello::client_handshake(
+        &mut ws,
+        &Hello {
+            rpc_capabilities: vec![
+                CAP_KONG_SYNC_V2.into(),
+                CAP_DELTAPLANE_SYNC_V1.into(),
+                CAP_DELTAPLANE_PUSH_V1.into(),
+            ],
+            rpc_frame_encodings: vec![Encoding::Zstd.name().into()],
+            kong_version: "3.10.0".into(),
+            kong_hostname: "loadtest-probe".into(),
+            kong_node_id: uuid::Uuid::new_v4().to_string(),
+            kong_conf: data_plane_conf(
+                &[],
+                1 << 30,
+                &deltaplane::schema::Registry::builtin()
+                    .plugins()
+                    .map(|p| (p.name.clone(), "3.10.0".to_owned()))
+                    .collect::<Vec<_>>(),
+            ),
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
+    let enc = result.encoding().context("probe: encoding")?;
+    let ask = GetDelta::new(Version::new(head), None).to_params();
+    ws.send(Message::binary(codec::encode(
+        enc,
+        &jsonrpc::request(1, v2::GET_DELTA, &ask),
+    )))
+    .await?;
+    Ok(tokio::spawn(async move {
+        let mut next_id = 2u64;
+        while let Some(Ok(msg)) = ws.next().await {
+            let at = Instant::now();
+            let Message::Binary(frame) = msg else {
+                continue;
+            };
+            let Ok(json) = codec::decode(enc, &frame, 256 << 20) else {
+                return;
+            };
+            let Ok(jsonrpc::Incoming::Single(jsonrpc::Message::Request(req))) =
+                jsonrpc::parse(&json, jsonrpc::DEFAULT_MAX_BATCH)
+            else {
+                continue;
+            };
+            let version = if req.method == v2::PUSH_DELTAS {
+                v2::read_push(req.params.get())
+                    .ok()
+                    .and_then(|p| v2::read_answer(p.answer).ok())
+                    .and_then(|a| a.latest_version)
+                    .map(Version::get)
+            } else if req.method == v2::NOTIFY_NEW_VERSION {
+                v2::NotifyNewVersion::from_params(&req.params_value())
+                    .ok()
+                    .map(|n| n.new_version.get())
+            } else {
+                None
+            };
+            if let Some(id) = &req.id {
+                let reply = jsonrpc::result(id, &Value::Bool(true));
+                if ws
+                    .send(Message::binary(codec::encode(enc, &reply)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let Some(v) = version else { continue };
+            let _ = tx.send((v, at));
+            // Report it as held, as a DP does after applying, so the CP pushes the next one.
+            let status = GetDelta::new(Version::new(v), None).to_params();
+            let msg = if req.method == v2::PUSH_DELTAS {
+                jsonrpc::notification(v2::GET_DELTA, &status)
+            } else {
+                next_id += 1;
+                jsonrpc::request(next_id, v2::GET_DELTA, &status)
+            };
+            if ws
+                .send(Message::binary(codec::encode(enc, &msg)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }))
 }
 
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
