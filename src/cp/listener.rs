@@ -182,7 +182,10 @@ async fn connection(
         anyhow::bail!("too many connections at once (--cluster-handshake-rate); refused");
     };
     tokio::time::sleep_until(at).await;
-    let (tls, identity) = tokio::time::timeout(timeout, tls.accept(tcp))
+    // The TLS and WebSocket handshakes are boxed: their state is needed only while they
+    // run, and this future lives as long as the connection (issue 11: memory per idle
+    // connection).
+    let (tls, identity) = tokio::time::timeout(timeout, Box::pin(tls.accept(tcp)))
         .await
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))
         .and_then(|r| r.map_err(|e| anyhow::anyhow!("TLS handshake refused: {e}")))
@@ -200,17 +203,31 @@ async fn connection(
         };
     let ws = tokio::time::timeout(
         timeout,
-        tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(ws_config)),
+        Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
+            tls,
+            callback,
+            Some(ws_config),
+        )),
     )
     .await
     .map_err(|_| anyhow::anyhow!("WebSocket handshake timed out"))
     .and_then(|r| r.map_err(|e| anyhow::anyhow!("WebSocket handshake failed: {e}")))
     .inspect_err(|_| refused(HandshakeRefusal::Upgrade))?;
+    // Boxed so this task holds only the session it runs: the two are inlined otherwise, and
+    // the task of every connection is as large as the larger of them.
     match route.into_inner().expect("route lock") {
         Some(Route::V1(query)) => {
-            super::v1::serve(ws, addr, cert_expiry, query, ctx.v1.clone(), stop).await
+            Box::pin(super::v1::serve(
+                ws,
+                addr,
+                cert_expiry,
+                query,
+                ctx.v1.clone(),
+                stop,
+            ))
+            .await
         }
-        Some(Route::V2) => super::v2::session(ws, addr, cert_expiry, ctx, stop).await,
+        Some(Route::V2) => Box::pin(super::v2::session(ws, addr, cert_expiry, ctx, stop)).await,
         None => anyhow::bail!("the upgrade succeeded without a route"),
     }
 }

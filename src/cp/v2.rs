@@ -52,9 +52,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = ctx.settings.handshake_timeout;
-    let epoch = ctx
-        .store
-        .version_info()
+    // Every rarely-run await below is boxed: this future lives as long as the connection,
+    // and inlined database futures made it some 14 KiB (issue 11: memory per idle DP).
+    let epoch = Box::pin(ctx.store.version_info())
         .await
         .map_err(|e| anyhow::anyhow!("reading the change log: {e}"))?
         .epoch;
@@ -74,20 +74,26 @@ where
     let cp_version = ctx.kong_compat_version.clone();
     let refused: Arc<Mutex<Option<(Hello, String)>>> = Arc::default();
     let refused_slot = refused.clone();
-    let handshake = hello::server_handshake(&mut ws, timeout, move |h: &Hello| {
-        if let Err(reason) = compat::kong_version_compatible(&cp_version, &h.kong_version) {
-            *refused_slot.lock().expect("refused lock") = Some((h.clone(), reason.clone()));
-            return Err(format!("kong_version_incompatible: {reason}"));
-        }
-        let enc = codec::choose(&h.rpc_frame_encodings)
-            .ok_or_else(|| "unknown encodings: no common frame encoding".to_owned())?;
-        Ok(HelloResult::from_control_plane(
-            caps_for_hello,
-            enc,
-            epoch,
-            cp_node,
-        ))
-    })
+    // Boxed: the handshake's state is needed only until the hello is answered, while this
+    // future lives as long as the connection (issue 11: memory per idle connection).
+    let handshake = Box::pin(hello::server_handshake(
+        &mut ws,
+        timeout,
+        move |h: &Hello| {
+            if let Err(reason) = compat::kong_version_compatible(&cp_version, &h.kong_version) {
+                *refused_slot.lock().expect("refused lock") = Some((h.clone(), reason.clone()));
+                return Err(format!("kong_version_incompatible: {reason}"));
+            }
+            let enc = codec::choose(&h.rpc_frame_encodings)
+                .ok_or_else(|| "unknown encodings: no common frame encoding".to_owned())?;
+            Ok(HelloResult::from_control_plane(
+                caps_for_hello,
+                enc,
+                epoch,
+                cp_node,
+            ))
+        },
+    ))
     .await;
     let identity = |h: &Hello| DpIdentity {
         protocol: SyncProtocol::V2,
@@ -110,7 +116,7 @@ where
                 HandshakeRefusal::Hello
             });
             if let Some((h, reason)) = refused {
-                ctx.fleet.record_refused(&identity(&h), &reason).await;
+                Box::pin(ctx.fleet.record_refused(&identity(&h), &reason)).await;
             }
             return Err(anyhow::anyhow!("hello failed: {e}"));
         }
@@ -128,6 +134,11 @@ where
         conn: conn.clone(),
         encoding,
     });
+    // The hello (its `kong_conf` as a `serde_json::Value`, some 30 KiB with a Kong node's
+    // plugin list) is not kept for the connection's lifetime: what the session needs was
+    // copied out above.
+    let peer_caps = hello.rpc_capabilities.clone();
+    drop(hello);
     let peer = Peer::start(
         ws,
         encoding,
@@ -136,12 +147,12 @@ where
             ..ctx.settings.peer_config()
         },
         our_caps,
-        hello.rpc_capabilities.clone(),
+        peer_caps,
         handler,
     );
     let _closer = CloseOnDrop(peer.clone());
     conn.attach(peer.clone());
-    let id = ctx.fleet.register(conn.clone()).await;
+    let id = Box::pin(ctx.fleet.register(conn.clone())).await;
     tracing::info!(
         node_id = %conn.who.node_id,
         hostname = %conn.who.hostname,
@@ -159,7 +170,7 @@ where
             "shutdown".to_owned()
         }
     };
-    ctx.fleet.unregister(id, &conn).await;
+    Box::pin(ctx.fleet.unregister(id, &conn)).await;
     tracing::info!(node_id = %conn.who.node_id, peer = %addr, %reason, "data plane disconnected");
     Ok(())
 }

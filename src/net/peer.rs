@@ -338,7 +338,10 @@ impl Peer {
                 driver: Mutex::new(None),
             }),
         };
-        let driver = tokio::spawn(drive(peer.clone(), ws, outbound_rx, handler));
+        // Split here, not in the driver: the halves share one heap copy of the stream, and
+        // the driver's task (as long-lived as the connection) holds no second, dead one.
+        let (sink, stream) = ws.split();
+        let driver = tokio::spawn(drive(peer.clone(), sink, stream, outbound_rx, handler));
         *lock(&peer.inner.driver) = Some(driver);
         peer
     }
@@ -619,13 +622,13 @@ impl Ending {
 
 async fn drive<S>(
     peer: Peer,
-    ws: WebSocketStream<S>,
+    mut sink: Sink<S>,
+    mut stream: Stream<S>,
     mut outbound: mpsc::Receiver<Outbound>,
     handler: Arc<dyn Handler>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sink, mut stream) = ws.split();
     let mut inflight = JoinSet::new();
     let ending = {
         let reader = Reader {
