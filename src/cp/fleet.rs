@@ -65,7 +65,8 @@ pub struct DpConn {
     pub who: DpIdentity,
     /// The plugins the DP can run (name → version), from `kong_conf.plugins` in its hello;
     /// `None` when it did not say (then it runs every plugin this CP knows).
-    pub plugins: Option<HashMap<String, Option<String>>>,
+    /// Shared by every DP that announced the same list ([`DpConn::new`] interns it).
+    pub plugins: Option<Arc<HashMap<String, Option<String>>>>,
     /// The DP follows an older Kong line: fields it does not know are removed before sending.
     pub older: bool,
     status: Mutex<DpStatus>,
@@ -358,6 +359,25 @@ pub fn health(r: &DataPlaneRow, head: i64, now: i64) -> &'static str {
     }
 }
 
+/// One copy of each distinct plugin list: a fleet of thousands announces a handful of lists,
+/// and each is about 4 KiB.
+fn intern_plugins(list: HashMap<String, Option<String>>) -> Arc<HashMap<String, Option<String>>> {
+    type Lists = Vec<std::sync::Weak<HashMap<String, Option<String>>>>;
+    static LISTS: Mutex<Lists> = Mutex::new(Vec::new());
+    let mut lists = LISTS.lock().unwrap_or_else(|e| e.into_inner());
+    lists.retain(|w| w.strong_count() > 0);
+    if let Some(shared) = lists
+        .iter()
+        .filter_map(|w| w.upgrade())
+        .find(|l| **l == list)
+    {
+        return shared;
+    }
+    let shared = Arc::new(list);
+    lists.push(Arc::downgrade(&shared));
+    shared
+}
+
 impl DpConn {
     /// A data plane that just connected, `sync_status` normal, nothing reported yet.
     pub fn new(
@@ -369,7 +389,7 @@ impl DpConn {
             older: crate::schema::version_cmp(&who.kong_version, cp_version)
                 == std::cmp::Ordering::Less,
             who,
-            plugins,
+            plugins: plugins.map(intern_plugins),
             status: Mutex::new(DpStatus {
                 sync_status: SyncStatus::Normal,
                 ..DpStatus::default()
