@@ -291,6 +291,8 @@ struct Inner {
     /// Latest version committed through this store (other CPs' commits arrive via `observe`).
     head_tx: watch::Sender<i64>,
     default_ws: std::sync::OnceLock<String>,
+    /// The connection write transactions run on, kept between them (`write::WriteSlot`).
+    write_slot: tokio::sync::Mutex<write::WriteSlot>,
 }
 
 fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
@@ -434,6 +436,7 @@ impl Store {
                 options,
                 head_tx,
                 default_ws: std::sync::OnceLock::new(),
+                write_slot: Default::default(),
             }),
         })
     }
@@ -535,6 +538,8 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        // The pool's close waits for every lent connection, the kept write connection too.
+        self.inner.write_slot.lock().await.discard();
         on_backend!(&self.inner.pool, p => p.close().await);
     }
 }

@@ -78,19 +78,95 @@ pub struct Outcome {
     pub invalid: Option<crate::schema::FieldErrors>,
 }
 
-/// A write transaction on either backend.
-pub(super) enum Txn {
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+/// A write transaction on either backend, with the write it holds back.
+///
+/// Round trips are the cost of the write path (each costs both processes a wake-up and a
+/// loopback send), so the last write of an operation is held back and sent with the next one:
+/// usually the operation's version, so an insert and its version cost one round trip. Every
+/// read, and every other write, sends what is held back first, so reads see every write
+/// before them, and the order of writes is kept.
+pub(super) struct Txn<'c> {
+    conn: &'c mut WriteConn,
+    /// At most one write, not yet sent.
+    pending: Option<Pending>,
+    /// True when a statement since the operation's savepoint wrote or failed, so the
+    /// savepoint must be released (or rolled back to) and taken again for the next operation.
+    dirty: bool,
+}
+
+/// The connection write transactions run on. It is kept between transactions (in
+/// [`WriteSlot`]) rather than taken from the pool each time, which would cost two more round
+/// trips per transaction (the pool pings a connection when it lends it and when it gets it
+/// back), and transactions are opened and closed by plain `BEGIN`/`COMMIT` text that rides
+/// with the first and last statements.
+pub(super) enum WriteConn {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+/// Where the store keeps its [`WriteConn`]; its mutex also orders this store's write
+/// transactions (they would queue on the version lock anyway).
+#[derive(Default)]
+pub(super) struct WriteSlot {
+    conn: Option<WriteConn>,
+    /// True from `BEGIN` until the transaction ended. Still true at the next write when a
+    /// write was cancelled halfway: that connection is closed, never reused.
+    in_txn: bool,
 }
 
 macro_rules! on_tx {
     ($t:expr, $c:ident => $body:expr) => {
         match $t {
-            Txn::Sqlite($c) => $body,
-            Txn::Postgres($c) => $body,
+            WriteConn::Sqlite($c) => $body,
+            WriteConn::Postgres($c) => $body,
         }
     };
+}
+
+impl WriteSlot {
+    /// Closes the kept connection (the server rolls back what it had open).
+    pub(super) fn discard(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            on_tx!(&mut conn, c => c.close_on_drop());
+        }
+        self.in_txn = false;
+    }
+}
+
+impl Drop for WriteSlot {
+    /// Never hands the connection back to the pool: it may be inside a transaction.
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.discard();
+        } else if let Some(conn) = self.conn.take() {
+            // Closing through the pool needs a runtime; dropping the bare connection closes
+            // its socket (or SQLite handle) here.
+            on_tx!(conn, c => drop(c.leak()));
+        }
+    }
+}
+
+/// A write held back by [`Txn`].
+enum Pending {
+    /// Insert or replace an entity with its index rows.
+    Put {
+        ty: String,
+        id: String,
+        ws: String,
+        body: String,
+        index: Indexed,
+        is_new: bool,
+    },
+    /// Remove an entity and its index rows.
+    Delete { ty: String, id: String },
+}
+
+/// One version of the change log, as [`Txn::append_version`] writes it.
+struct VersionRows<'a> {
+    version: i64,
+    hash: String,
+    now: i64,
+    deltas: &'a [Delta],
 }
 
 /// One entity as stored, with the derived index rows.
@@ -125,23 +201,395 @@ fn id_of(v: &Value) -> Option<&str> {
     v.get("id").and_then(Value::as_str)
 }
 
-impl Txn {
-    /// Runs one or more parameterless statements in a single round trip.
-    async fn raw(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
-        on_tx!(self, c => sqlx::raw_sql(sql).execute(&mut **c).await.map(|_| ()))
+/// SQL text and its bind values, built together so placeholders always match the values:
+/// `$n` on PostgreSQL, `?` (numbered per statement) on SQLite.
+struct Script<A> {
+    sql: String,
+    args: A,
+}
+
+impl<A: sqlx::Arguments> Script<A> {
+    fn new() -> Script<A> {
+        Script {
+            sql: String::with_capacity(1024),
+            args: A::default(),
+        }
     }
 
-    async fn lock_head(&mut self) -> Result<(i64, StateHash), StoreError> {
-        let (version, hash): (i64, String) = match self {
-            Txn::Sqlite(c) => {
-                sqlx::query_as("SELECT version, state_hash FROM dp_meta WHERE id = 1")
-                    .fetch_one(&mut **c)
-                    .await?
+    fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    /// Adds a value and writes its placeholder.
+    fn bind<'t, T>(&mut self, value: T) -> Result<&mut Self, sqlx::Error>
+    where
+        T: sqlx::Encode<'t, A::Database> + sqlx::Type<A::Database>,
+    {
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        self.args
+            .format_placeholder(&mut self.sql)
+            .map_err(|e| sqlx::Error::Encode(e.into()))?;
+        Ok(self)
+    }
+
+    /// Adds a value and returns its placeholder, for a statement that uses it more than once
+    /// (PostgreSQL only: SQLite's `?` takes the next value each time).
+    fn param<'t, T>(&mut self, value: T) -> Result<String, sqlx::Error>
+    where
+        T: sqlx::Encode<'t, A::Database> + sqlx::Type<A::Database>,
+    {
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        let mut placeholder = String::new();
+        self.args
+            .format_placeholder(&mut placeholder)
+            .map_err(|e| sqlx::Error::Encode(e.into()))?;
+        Ok(placeholder)
+    }
+
+    /// `(?, ?, ..), (?, ..)` for `rows`, each bound by `bind_row`.
+    fn values<R>(
+        &mut self,
+        rows: &[R],
+        mut bind_row: impl FnMut(&mut Self, &R) -> Result<(), sqlx::Error>,
+    ) -> Result<(), sqlx::Error> {
+        for (i, row) in rows.iter().enumerate() {
+            self.push(if i == 0 { "(" } else { ", (" });
+            bind_row(self, row)?;
+            self.push(")");
+        }
+        Ok(())
+    }
+}
+
+type PgScript = Script<sqlx::postgres::PgArguments>;
+type SqliteScript = Script<sqlx::sqlite::SqliteArguments>;
+
+/// The `pk` of a change-log row: the entity's primary key as canonical JSON.
+fn pk_json(id: &str) -> String {
+    canonical(&serde_json::json!({ "id": id }))
+}
+
+/// PostgreSQL: the writes as data-modifying CTEs of one statement, row sets as arrays, so
+/// each shape of write has one fixed statement text (prepared once per connection).
+///
+/// All CTEs of a statement see the same snapshot and run in no defined order, so no two of
+/// them may touch the same row: replacing an entity's index rows deletes only the old rows
+/// that are not also new, and inserts only the new rows that are not already there.
+fn pg_script(
+    pending: Option<&Pending>,
+    version: Option<&VersionRows>,
+) -> Result<PgScript, sqlx::Error> {
+    let mut s = PgScript::new();
+    s.push("WITH ");
+    match pending {
+        Some(Pending::Put {
+            ty,
+            id,
+            ws,
+            body,
+            index,
+            is_new,
+        }) => {
+            let ty = s.param(ty.as_str())?;
+            let id = s.param(id.as_str())?;
+            let ws = s.param(ws.as_str())?;
+            let body = s.param(body.as_str())?;
+            let (names, values): (Vec<&str>, Vec<&str>) = index
+                .keys
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .unzip();
+            let names = s.param(names)?;
+            let values = s.param(values)?;
+            let ref_fields: Vec<&str> = index.refs.iter().map(|r| r.0.as_str()).collect();
+            let ref_types: Vec<&str> = index.refs.iter().map(|r| r.1.as_str()).collect();
+            let ref_ids: Vec<&str> = index.refs.iter().map(|r| r.2.as_str()).collect();
+            let ref_fields = s.param(ref_fields)?;
+            let ref_types = s.param(ref_types)?;
+            let ref_ids = s.param(ref_ids)?;
+            let tags: Vec<&str> = index.tags.iter().map(String::as_str).collect();
+            let tags = s.param(tags)?;
+            s.push(&format!(
+                "e AS (INSERT INTO dp_entities (type, id, ws_id, body) VALUES ({ty}, {id}, {ws}, {body}) \
+                   ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body), \
+                 nk AS (SELECT * FROM UNNEST({names}::text[], {values}::text[]) AS nk(name, value)), \
+                 nr AS (SELECT * FROM UNNEST({ref_fields}::text[], {ref_types}::text[], {ref_ids}::text[]) \
+                   AS nr(field, parent_type, parent_id)), \
+                 nt AS (SELECT * FROM UNNEST({tags}::text[]) AS nt(tag)), "
+            ));
+            if *is_new {
+                // Nothing to replace: plain inserts, so a key taken meanwhile fails loudly.
+                s.push(&format!(
+                    "ki AS (INSERT INTO dp_keys (type, ws_id, name, value, id) \
+                       SELECT {ty}, {ws}, nk.name, nk.value, {id} FROM nk), \
+                     ri AS (INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) \
+                       SELECT nr.parent_type, nr.parent_id, {ty}, nr.field, {id} FROM nr), \
+                     ti AS (INSERT INTO dp_tags (type, tag, id) SELECT {ty}, nt.tag, {id} FROM nt)"
+                ));
+            } else {
+                // A key row is (type, ws_id, name, value) -> id, so a new key row that another
+                // entity holds is inserted, and fails, as above.
+                s.push(&format!(
+                    "kd AS (DELETE FROM dp_keys d WHERE d.type = {ty} AND d.id = {id} AND NOT EXISTS \
+                       (SELECT 1 FROM nk WHERE nk.name = d.name AND nk.value = d.value AND d.ws_id = {ws})), \
+                     ki AS (INSERT INTO dp_keys (type, ws_id, name, value, id) \
+                       SELECT {ty}, {ws}, nk.name, nk.value, {id} FROM nk WHERE NOT EXISTS (SELECT 1 FROM dp_keys d \
+                       WHERE d.type = {ty} AND d.ws_id = {ws} AND d.name = nk.name AND d.value = nk.value AND d.id = {id})), \
+                     rd AS (DELETE FROM dp_refs d WHERE d.child_type = {ty} AND d.child_id = {id} AND NOT EXISTS \
+                       (SELECT 1 FROM nr WHERE nr.field = d.field AND nr.parent_type = d.parent_type \
+                       AND nr.parent_id = d.parent_id)), \
+                     ri AS (INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) \
+                       SELECT nr.parent_type, nr.parent_id, {ty}, nr.field, {id} FROM nr ON CONFLICT DO NOTHING), \
+                     td AS (DELETE FROM dp_tags d WHERE d.type = {ty} AND d.id = {id} AND NOT EXISTS \
+                       (SELECT 1 FROM nt WHERE nt.tag = d.tag)), \
+                     ti AS (INSERT INTO dp_tags (type, tag, id) SELECT {ty}, nt.tag, {id} FROM nt ON CONFLICT DO NOTHING)"
+                ));
             }
-            Txn::Postgres(c) => {
-                sqlx::query_as("SELECT version, state_hash FROM dp_meta WHERE id = 1 FOR UPDATE")
-                    .fetch_one(&mut **c)
-                    .await?
+        }
+        Some(Pending::Delete { ty, id }) => {
+            let ty = s.param(ty.as_str())?;
+            let id = s.param(id.as_str())?;
+            s.push(&format!(
+                "de AS (DELETE FROM dp_entities WHERE type = {ty} AND id = {id}), \
+                 dk AS (DELETE FROM dp_keys WHERE type = {ty} AND id = {id}), \
+                 dr AS (DELETE FROM dp_refs WHERE child_type = {ty} AND child_id = {id}), \
+                 dt AS (DELETE FROM dp_tags WHERE type = {ty} AND id = {id})"
+            ));
+        }
+        None => {}
+    }
+    if let Some(v) = version {
+        if pending.is_some() {
+            s.push(", ");
+        }
+        let n = i32::try_from(v.deltas.len()).unwrap_or(i32::MAX);
+        let seqs: Vec<i32> = (0..n).collect();
+        let types: Vec<&str> = v.deltas.iter().map(|d| d.ty.as_str()).collect();
+        let pks: Vec<String> = v.deltas.iter().map(|d| pk_json(&d.id)).collect();
+        let wss: Vec<&str> = v.deltas.iter().map(|d| d.ws.as_str()).collect();
+        let entities: Vec<Option<String>> = v
+            .deltas
+            .iter()
+            .map(|d| d.entity.as_ref().map(canonical))
+            .collect();
+        let version = s.param(v.version)?;
+        let hash = s.param(v.hash.as_str())?;
+        let now = s.param(v.now)?;
+        let n = s.param(n)?;
+        let seqs = s.param(seqs)?;
+        let types = s.param(types)?;
+        let pks = s.param(pks)?;
+        let wss = s.param(wss)?;
+        let entities = s.param(entities)?;
+        s.push(&format!(
+            "v AS (INSERT INTO dp_versions (version, state_hash, created_at, n_deltas) \
+               VALUES ({version}, {hash}, {now}, {n})), \
+             c AS (INSERT INTO dp_changes (version, seq, type, pk, ws_id, entity) \
+               SELECT {version}, c.seq, c.type, c.pk, c.ws_id, c.entity FROM UNNEST({seqs}::int4[], \
+               {types}::text[], {pks}::text[], {wss}::text[], {entities}::text[]) AS c(seq, type, pk, ws_id, entity))"
+        ));
+    }
+    s.push(" SELECT 1");
+    Ok(s)
+}
+
+/// SQLite: the writes as consecutive statements of one script, run in order by one call
+/// into SQLite's thread. Rows go in chunks that stay under SQLite's bind-parameter limit.
+fn sqlite_script(
+    pending: Option<&Pending>,
+    version: Option<&VersionRows>,
+) -> Result<SqliteScript, sqlx::Error> {
+    const CHUNK: usize = 500;
+    let mut s = SqliteScript::new();
+    match pending {
+        Some(Pending::Put {
+            ty,
+            id,
+            ws,
+            body,
+            index,
+            is_new,
+        }) => {
+            s.push("INSERT INTO dp_entities (type, id, ws_id, body) VALUES (");
+            s.bind(ty.as_str())?
+                .push(", ")
+                .bind(id.as_str())?
+                .push(", ");
+            s.bind(ws.as_str())?.push(", ").bind(body.as_str())?;
+            s.push(") ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body;");
+            if !is_new {
+                s.push("DELETE FROM dp_keys WHERE type = ");
+                s.bind(ty.as_str())?.push(" AND id = ").bind(id.as_str())?;
+                s.push(";DELETE FROM dp_refs WHERE child_type = ");
+                s.bind(ty.as_str())?
+                    .push(" AND child_id = ")
+                    .bind(id.as_str())?;
+                s.push(";DELETE FROM dp_tags WHERE type = ");
+                s.bind(ty.as_str())?.push(" AND id = ").bind(id.as_str())?;
+                s.push(";");
+            }
+            for chunk in index.keys.chunks(CHUNK) {
+                s.push("INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ");
+                s.values(chunk, |s, (name, value)| {
+                    s.bind(ty.as_str())?
+                        .push(", ")
+                        .bind(ws.as_str())?
+                        .push(", ");
+                    s.bind(name.as_str())?
+                        .push(", ")
+                        .bind(value.as_str())?
+                        .push(", ");
+                    s.bind(id.as_str())?;
+                    Ok(())
+                })?;
+                s.push(";");
+            }
+            for chunk in index.refs.chunks(CHUNK) {
+                s.push("INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ");
+                s.values(chunk, |s, (field, parent_ty, parent_id)| {
+                    s.bind(parent_ty.as_str())?
+                        .push(", ")
+                        .bind(parent_id.as_str())?
+                        .push(", ");
+                    s.bind(ty.as_str())?
+                        .push(", ")
+                        .bind(field.as_str())?
+                        .push(", ");
+                    s.bind(id.as_str())?;
+                    Ok(())
+                })?;
+                s.push(";");
+            }
+            for chunk in index.tags.chunks(CHUNK) {
+                s.push("INSERT INTO dp_tags (type, tag, id) VALUES ");
+                s.values(chunk, |s, tag| {
+                    s.bind(ty.as_str())?
+                        .push(", ")
+                        .bind(tag.as_str())?
+                        .push(", ");
+                    s.bind(id.as_str())?;
+                    Ok(())
+                })?;
+                s.push(";");
+            }
+        }
+        Some(Pending::Delete { ty, id }) => {
+            s.push("DELETE FROM dp_entities WHERE type = ");
+            s.bind(ty.as_str())?.push(" AND id = ").bind(id.as_str())?;
+            s.push(";DELETE FROM dp_keys WHERE type = ");
+            s.bind(ty.as_str())?.push(" AND id = ").bind(id.as_str())?;
+            s.push(";DELETE FROM dp_refs WHERE child_type = ");
+            s.bind(ty.as_str())?
+                .push(" AND child_id = ")
+                .bind(id.as_str())?;
+            s.push(";DELETE FROM dp_tags WHERE type = ");
+            s.bind(ty.as_str())?.push(" AND id = ").bind(id.as_str())?;
+            s.push(";");
+        }
+        None => {}
+    }
+    if let Some(v) = version {
+        s.push("INSERT INTO dp_versions (version, state_hash, created_at, n_deltas) VALUES (");
+        s.bind(v.version)?
+            .push(", ")
+            .bind(v.hash.as_str())?
+            .push(", ");
+        s.bind(v.now)?
+            .push(", ")
+            .bind(v.deltas.len() as i32)?
+            .push(");");
+        for (chunk_idx, chunk) in v.deltas.chunks(CHUNK).enumerate() {
+            s.push("INSERT INTO dp_changes (version, seq, type, pk, ws_id, entity) VALUES ");
+            let mut seq = (chunk_idx * CHUNK) as i32;
+            s.values(chunk, |s, d| {
+                s.bind(v.version)?.push(", ").bind(seq)?.push(", ");
+                s.bind(d.ty.as_str())?
+                    .push(", ")
+                    .bind(pk_json(&d.id))?
+                    .push(", ");
+                s.bind(d.ws.as_str())?
+                    .push(", ")
+                    .bind(d.entity.as_ref().map(canonical))?;
+                seq += 1;
+                Ok(())
+            })?;
+            s.push(";");
+        }
+    }
+    Ok(s)
+}
+
+/// What [`Txn::probe`] found.
+#[derive(Default)]
+struct Probe {
+    /// The asked (type, id) pairs that exist.
+    found: std::collections::HashSet<(String, String)>,
+    /// The asked keys (name, value) that an entity holds, with its id.
+    owners: std::collections::HashMap<(String, String), String>,
+}
+
+/// The probe's one statement, the same on both backends: entities by (type, id) and key
+/// owners by (name, value), each an `OR` of index lookups.
+fn probe_script<A>(
+    entities: &[(&str, &str)],
+    ty: &str,
+    ws: &str,
+    keys: &[(String, String)],
+) -> Result<Script<A>, sqlx::Error>
+where
+    A: sqlx::Arguments,
+    for<'t> &'t str: sqlx::Encode<'t, A::Database> + sqlx::Type<A::Database>,
+{
+    let mut s = Script::<A>::new();
+    if !entities.is_empty() {
+        s.push("SELECT 0, type, id, CAST(NULL AS TEXT) FROM dp_entities WHERE ");
+        for (i, (ty, id)) in entities.iter().enumerate() {
+            s.push(if i == 0 { "(type = " } else { " OR (type = " });
+            s.bind(*ty)?.push(" AND id = ").bind(*id)?.push(")");
+        }
+    }
+    if !keys.is_empty() {
+        if !entities.is_empty() {
+            s.push(" UNION ALL ");
+        }
+        s.push("SELECT 1, name, value, id FROM dp_keys WHERE type = ");
+        s.bind(ty)?.push(" AND ws_id = ").bind(ws)?.push(" AND (");
+        for (i, (name, value)) in keys.iter().enumerate() {
+            s.push(if i == 0 { "(name = " } else { " OR (name = " });
+            s.bind(name.as_str())?
+                .push(" AND value = ")
+                .bind(value.as_str())?
+                .push(")");
+        }
+        s.push(")");
+    }
+    Ok(s)
+}
+
+impl Txn<'_> {
+    /// Opens the transaction, takes the version lock and the first operation's savepoint, in
+    /// one round trip.
+    async fn begin(conn: &mut WriteConn) -> Result<(i64, StateHash), StoreError> {
+        use sqlx::Row as _;
+        let (version, hash): (i64, String) = match conn {
+            WriteConn::Sqlite(c) => {
+                let rows = sqlx::raw_sql(
+                    "BEGIN IMMEDIATE; SELECT version, state_hash FROM dp_meta WHERE id = 1; SAVEPOINT dp_op",
+                )
+                .fetch_all(&mut **c)
+                .await?;
+                let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+                (row.try_get(0)?, row.try_get(1)?)
+            }
+            WriteConn::Postgres(c) => {
+                let rows = sqlx::raw_sql(
+                    "BEGIN; SELECT version, state_hash FROM dp_meta WHERE id = 1 FOR UPDATE; SAVEPOINT dp_op",
+                )
+                .fetch_all(&mut **c)
+                .await?;
+                let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+                (row.try_get(0)?, row.try_get(1)?)
             }
         };
         let hash = StateHash::from_hex(&hash)
@@ -149,29 +597,150 @@ impl Txn {
         Ok((version, hash))
     }
 
-    async fn set_head(&mut self, version: i64, hash: &StateHash) -> Result<(), sqlx::Error> {
-        on_tx!(self, c => sqlx::query("UPDATE dp_meta SET version = $1, state_hash = $2 WHERE id = 1")
-            .bind(version)
-            .bind(hash.to_hex())
-            .execute(&mut **c)
-            .await
-            .map(|_| ()))?;
-        if let Txn::Postgres(c) = self {
-            sqlx::query("SELECT pg_notify('deltaplane_versions', $1)") // fleet::VERSIONS_CHANNEL
-                .bind(version.to_string())
-                .execute(&mut **c)
-                .await?;
+    /// Moves the head to `head` (and, on PostgreSQL, sends the version notification) when the
+    /// transaction made versions, and commits, in one round trip.
+    async fn commit(&mut self, head: Option<(i64, &StateHash)>) -> Result<(), sqlx::Error> {
+        let Some((version, hash)) = head else {
+            return self.raw("COMMIT").await;
+        };
+        // Only an integer and a hex digest are formatted into the text: nothing to escape.
+        let hash = hash.to_hex();
+        let sql = match &*self.conn {
+            WriteConn::Sqlite(_) => format!(
+                "UPDATE dp_meta SET version = {version}, state_hash = '{hash}' WHERE id = 1; COMMIT"
+            ),
+            // fleet::VERSIONS_CHANNEL
+            WriteConn::Postgres(_) => format!(
+                "UPDATE dp_meta SET version = {version}, state_hash = '{hash}' WHERE id = 1; \
+                 SELECT pg_notify('deltaplane_versions', '{version}'); COMMIT"
+            ),
+        };
+        on_tx!(&mut *self.conn, c => sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **c).await.map(|_| ()))
+    }
+
+    /// Runs one or more parameterless statements in a single round trip.
+    async fn raw(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
+        on_tx!(&mut *self.conn, c => sqlx::raw_sql(sql).execute(&mut **c).await.map(|_| ()))
+    }
+
+    /// Ends an operation that succeeded: its savepoint is released and the next one's taken,
+    /// unless nothing was written since (then the savepoint still serves).
+    async fn next_op(&mut self) -> Result<(), StoreError> {
+        self.flush().await?;
+        if self.dirty {
+            self.raw("RELEASE SAVEPOINT dp_op; SAVEPOINT dp_op").await?;
+            self.dirty = false;
         }
         Ok(())
     }
 
+    /// Ends an operation that failed: what it held back is dropped and what it wrote undone.
+    async fn undo_op(&mut self, last: bool) -> Result<(), StoreError> {
+        self.pending = None;
+        if self.dirty {
+            self.raw(if last {
+                "ROLLBACK TO SAVEPOINT dp_op"
+            } else {
+                "ROLLBACK TO SAVEPOINT dp_op; RELEASE SAVEPOINT dp_op; SAVEPOINT dp_op"
+            })
+            .await?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Sends the held-back write, with `version` when given.
+    async fn send(&mut self, version: Option<&VersionRows<'_>>) -> Result<(), sqlx::Error> {
+        let pending = self.pending.take();
+        if pending.is_none() && version.is_none() {
+            return Ok(());
+        }
+        self.dirty = true;
+        match &mut *self.conn {
+            WriteConn::Sqlite(c) => {
+                let s = sqlite_script(pending.as_ref(), version)?;
+                sqlx::query_with(sqlx::AssertSqlSafe(s.sql), s.args)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            WriteConn::Postgres(c) => {
+                let s = pg_script(pending.as_ref(), version)?;
+                sqlx::query_with(sqlx::AssertSqlSafe(s.sql), s.args)
+                    .execute(&mut **c)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the held-back write, if any: before every read and every other write.
+    async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        if self.pending.is_some() {
+            self.send(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks the operation dirty when a read fails (PostgreSQL then refuses everything
+    /// until the savepoint is rolled back to).
+    fn read_failed<T>(&mut self, r: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if r.is_err() {
+            self.dirty = true;
+        }
+        r
+    }
+
+    /// In one round trip: which of `entities` exist, and which entity holds each of `keys`
+    /// (of type `ty` in workspace `ws`).
+    async fn probe(
+        &mut self,
+        entities: &[(&str, &str)],
+        ty: &str,
+        ws: &str,
+        keys: &[(String, String)],
+    ) -> Result<Probe, sqlx::Error> {
+        let mut probe = Probe::default();
+        if entities.is_empty() && keys.is_empty() {
+            return Ok(probe);
+        }
+        self.flush().await?;
+        type Row = (i32, String, String, Option<String>);
+        let rows: Result<Vec<Row>, sqlx::Error> = match &mut *self.conn {
+            WriteConn::Sqlite(c) => {
+                let s = probe_script::<sqlx::sqlite::SqliteArguments>(entities, ty, ws, keys)?;
+                sqlx::query_as_with(sqlx::AssertSqlSafe(s.sql), s.args)
+                    .fetch_all(&mut **c)
+                    .await
+            }
+            WriteConn::Postgres(c) => {
+                let s = probe_script::<sqlx::postgres::PgArguments>(entities, ty, ws, keys)?;
+                sqlx::query_as_with(sqlx::AssertSqlSafe(s.sql), s.args)
+                    .fetch_all(&mut **c)
+                    .await
+            }
+        };
+        for (kind, a, b, id) in self.read_failed(rows)? {
+            match (kind, id) {
+                (0, _) => {
+                    probe.found.insert((a, b));
+                }
+                (_, Some(id)) => {
+                    probe.owners.insert((a, b), id);
+                }
+                (_, None) => {}
+            }
+        }
+        Ok(probe)
+    }
+
     async fn get(&mut self, ty: &str, id: &str) -> Result<Option<(String, Value)>, StoreError> {
-        let row: Option<(String, String)> = on_tx!(self, c => sqlx::query_as("SELECT ws_id, body FROM dp_entities WHERE type = $1 AND id = $2")
+        self.flush().await?;
+        let row: Result<Option<(String, String)>, _> = on_tx!(&mut *self.conn, c => sqlx::query_as("SELECT ws_id, body FROM dp_entities WHERE type = $1 AND id = $2")
             .bind(ty)
             .bind(id)
             .fetch_optional(&mut **c)
-            .await?);
-        match row {
+            .await);
+        match self.read_failed(row)? {
             Some((ws, body)) => Ok(Some((
                 ws,
                 serde_json::from_str(&body)
@@ -188,13 +757,15 @@ impl Txn {
         name: &str,
         value: &str,
     ) -> Result<Option<String>, sqlx::Error> {
-        on_tx!(self, c => sqlx::query_scalar("SELECT id FROM dp_keys WHERE type = $1 AND ws_id = $2 AND name = $3 AND value = $4")
+        self.flush().await?;
+        let r = on_tx!(&mut *self.conn, c => sqlx::query_scalar("SELECT id FROM dp_keys WHERE type = $1 AND ws_id = $2 AND name = $3 AND value = $4")
             .bind(ty)
             .bind(ws)
             .bind(name)
             .bind(value)
             .fetch_optional(&mut **c)
-            .await)
+            .await);
+        self.read_failed(r)
     }
 
     /// Children of `parent` through `child_type.field`, as (child id).
@@ -205,74 +776,51 @@ impl Txn {
         child_ty: &str,
         field: &str,
     ) -> Result<Vec<String>, sqlx::Error> {
-        on_tx!(self, c => sqlx::query_scalar(
+        self.flush().await?;
+        let r = on_tx!(&mut *self.conn, c => sqlx::query_scalar(
             "SELECT child_id FROM dp_refs WHERE parent_type = $1 AND parent_id = $2 AND child_type = $3 AND field = $4 ORDER BY child_id")
             .bind(parent_ty)
             .bind(parent_id)
             .bind(child_ty)
             .bind(field)
             .fetch_all(&mut **c)
-            .await)
+            .await);
+        self.read_failed(r)
     }
 
+    /// Writes an entity with its index rows (held back until the next statement).
     async fn put(
         &mut self,
         ty: &str,
         id: &str,
         ws: &str,
         entity: &Value,
-        index: &Indexed,
+        index: Indexed,
         is_new: bool,
     ) -> Result<(), sqlx::Error> {
-        let body = canonical(entity);
-        on_tx!(self, c => {
-            sqlx::query("INSERT INTO dp_entities (type, id, ws_id, body) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body")
-                .bind(ty).bind(id).bind(ws).bind(&body)
-                .execute(&mut **c).await?;
-            if !is_new {
-                sqlx::query("DELETE FROM dp_keys WHERE type = $1 AND id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-                sqlx::query("DELETE FROM dp_refs WHERE child_type = $1 AND child_id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-                sqlx::query("DELETE FROM dp_tags WHERE type = $1 AND id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-            }
-            if !index.keys.is_empty() {
-                let sql = values_sql("INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ", 5, index.keys.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for (name, value) in &index.keys {
-                    q = q.bind(ty).bind(ws).bind(name).bind(value).bind(id);
-                }
-                q.execute(&mut **c).await?;
-            }
-            if !index.refs.is_empty() {
-                let sql = values_sql("INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ", 5, index.refs.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for (field, parent_ty, parent_id) in &index.refs {
-                    q = q.bind(parent_ty).bind(parent_id).bind(ty).bind(field).bind(id);
-                }
-                q.execute(&mut **c).await?;
-            }
-            if !index.tags.is_empty() {
-                let sql = values_sql("INSERT INTO dp_tags (type, tag, id) VALUES ", 3, index.tags.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for tag in &index.tags {
-                    q = q.bind(ty).bind(tag).bind(id);
-                }
-                q.execute(&mut **c).await?;
-            }
-            Ok(())
-        })
+        self.flush().await?;
+        self.pending = Some(Pending::Put {
+            ty: ty.to_owned(),
+            id: id.to_owned(),
+            ws: ws.to_owned(),
+            body: canonical(entity),
+            index,
+            is_new,
+        });
+        Ok(())
     }
 
+    /// Removes an entity with its index rows (held back until the next statement).
     async fn delete(&mut self, ty: &str, id: &str) -> Result<(), sqlx::Error> {
-        on_tx!(self, c => {
-            sqlx::query("DELETE FROM dp_entities WHERE type = $1 AND id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-            sqlx::query("DELETE FROM dp_keys WHERE type = $1 AND id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-            sqlx::query("DELETE FROM dp_refs WHERE child_type = $1 AND child_id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-            sqlx::query("DELETE FROM dp_tags WHERE type = $1 AND id = $2").bind(ty).bind(id).execute(&mut **c).await?;
-            Ok(())
-        })
+        self.flush().await?;
+        self.pending = Some(Pending::Delete {
+            ty: ty.to_owned(),
+            id: id.to_owned(),
+        });
+        Ok(())
     }
 
+    /// Appends a version with its deltas, together with the held-back write.
     async fn append_version(
         &mut self,
         version: i64,
@@ -280,49 +828,19 @@ impl Txn {
         now: i64,
         deltas: &[Delta],
     ) -> Result<(), sqlx::Error> {
-        on_tx!(self, c => {
-            sqlx::query("INSERT INTO dp_versions (version, state_hash, created_at, n_deltas) VALUES ($1, $2, $3, $4)")
-                .bind(version).bind(hash.to_hex()).bind(now).bind(deltas.len() as i32)
-                .execute(&mut **c).await?;
-            // Chunked so a large cascade stays under the backends' bind-parameter limits.
-            for (chunk_idx, chunk) in deltas.chunks(500).enumerate() {
-                let sql = values_sql("INSERT INTO dp_changes (version, seq, type, pk, ws_id, entity) VALUES ", 6, chunk.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for (i, d) in chunk.iter().enumerate() {
-                    let pk = canonical(&serde_json::json!({ "id": d.id }));
-                    q = q.bind(version).bind((chunk_idx * 500 + i) as i32).bind(&d.ty).bind(pk).bind(&d.ws).bind(d.entity.as_ref().map(canonical));
-                }
-                q.execute(&mut **c).await?;
-            }
-            Ok(())
-        })
+        self.send(Some(&VersionRows {
+            version,
+            hash: hash.to_hex(),
+            now,
+            deltas,
+        }))
+        .await
     }
-}
-
-/// `prefix ($1, $2, ..), ($n+1, ..)` for `rows` rows of `cols` columns.
-fn values_sql(prefix: &str, cols: usize, rows: usize) -> String {
-    let mut sql = String::with_capacity(prefix.len() + rows * cols * 5);
-    sql.push_str(prefix);
-    for r in 0..rows {
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('$');
-            sql.push_str(&(r * cols + c + 1).to_string());
-        }
-        sql.push(')');
-    }
-    sql
 }
 
 /// The state of one transaction while it applies operations.
-struct WriteCtx<'a> {
-    tx: &'a mut Txn,
+struct WriteCtx<'a, 'c> {
+    tx: &'a mut Txn<'c>,
     registry: &'a Registry,
     ws: String,
     now: i64,
@@ -358,23 +876,74 @@ impl Store {
             .expect("one result per op")
     }
 
-    async fn begin_write(&self) -> Result<Txn, StoreError> {
-        // Failing to get a connection and a transaction means nothing was written.
+    /// A connection from the pool for write transactions.
+    async fn acquire_write(&self) -> Result<WriteConn, StoreError> {
+        // Failing to get a connection means nothing was written.
         let unavailable = |e: sqlx::Error| StoreError::Unavailable(e.to_string());
         Ok(match self.pool() {
-            Pool::Sqlite(p) => {
-                Txn::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?)
-            }
-            Pool::Postgres(p) => Txn::Postgres(p.begin().await.map_err(unavailable)?),
+            Pool::Sqlite(p) => WriteConn::Sqlite(p.acquire().await.map_err(unavailable)?),
+            Pool::Postgres(p) => WriteConn::Postgres(p.acquire().await.map_err(unavailable)?),
         })
+    }
+
+    /// Opens a write transaction on the kept connection, or on a new one when there is none
+    /// or the kept one turns out dead (as the pool's test before lending would have found).
+    /// On PostgreSQL the first round trip is bounded like the pool's wait for a connection.
+    async fn begin_on(&self, slot: &mut WriteSlot) -> Result<(i64, StateHash), StoreError> {
+        if slot.in_txn {
+            slot.discard();
+        }
+        let timeout = self.inner.options.acquire_timeout;
+        loop {
+            let fresh = slot.conn.is_none();
+            let conn = match &mut slot.conn {
+                Some(conn) => conn,
+                None => slot.conn.insert(self.acquire_write().await?),
+            };
+            slot.in_txn = true;
+            let begun = match conn {
+                WriteConn::Sqlite(_) => Txn::begin(conn).await,
+                WriteConn::Postgres(_) => {
+                    match tokio::time::timeout(timeout, Txn::begin(conn)).await {
+                        Ok(begun) => begun,
+                        Err(_) => Err(StoreError::Unavailable(format!(
+                            "no answer from the database within {timeout:?}"
+                        ))),
+                    }
+                }
+            };
+            match begun {
+                Ok(head) => return Ok(head),
+                Err(e) => {
+                    slot.discard();
+                    if fresh || !matches!(e, StoreError::Unavailable(_)) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     async fn write_batch_inner(
         &self,
         ops: Vec<Op>,
     ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        match self.apply_all(&mut tx, ops).await {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut slot = self.inner.write_slot.lock().await;
+        let slot = &mut *slot;
+        // The version lock comes first: every check below runs serialised against other writers.
+        let (start, hash) = self.begin_on(slot).await?;
+        let Some(conn) = &mut slot.conn else {
+            return Err(StoreError::Internal("write connection missing".into()));
+        };
+        let mut tx = Txn {
+            conn,
+            pending: None,
+            dirty: false,
+        };
+        match self.apply_all(&mut tx, start, hash, ops).await {
             Ok((results, head)) => {
                 if let Some(hook) = &self.inner.options.before_commit {
                     let delay = hook();
@@ -382,53 +951,48 @@ impl Store {
                         tokio::time::sleep(delay).await;
                     }
                 }
-                let committed = on_tx!(tx, c => c.commit().await);
+                let committed = tx.commit(head.as_ref().map(|(v, h)| (*v, h))).await;
                 if let Err(e) = committed {
+                    slot.discard();
                     return Err(StoreError::CommitUnknown(e.to_string()));
                 }
-                if let Some(head) = head {
+                slot.in_txn = false;
+                if let Some((head, _)) = head {
                     self.observe(head);
                 }
                 Ok(results)
             }
             Err(e) => {
-                let _ = on_tx!(tx, c => c.rollback().await);
+                if tx.raw("ROLLBACK").await.is_ok() {
+                    slot.in_txn = false;
+                } else {
+                    slot.discard();
+                }
                 Err(e)
             }
         }
     }
 
     /// Runs every op; returns the results and the new head when at least one version was made.
+    ///
+    /// Round trips: per operation its reads, one for its writes with its version, and one to
+    /// renew the savepoint (the lock and the first savepoint come with `BEGIN`, the head's
+    /// move with `COMMIT`).
     async fn apply_all(
         &self,
-        tx: &mut Txn,
+        tx: &mut Txn<'_>,
+        start: i64,
+        mut hash: StateHash,
         ops: Vec<Op>,
-    ) -> Result<(Vec<Result<Outcome, StoreError>>, Option<i64>), StoreError> {
-        // The version lock comes first: every check below runs serialised against other writers.
-        let (start, mut hash) = tx.lock_head().await?;
+    ) -> Result<(Vec<Result<Outcome, StoreError>>, Option<(i64, StateHash)>), StoreError> {
         let mut head = start;
         // Bootstrap writes the workspace itself; afterwards the default workspace always exists.
         let ws = self.default_workspace_id().await?.unwrap_or_default();
         let now = now_secs();
         let mut results = Vec::with_capacity(ops.len());
         let n_ops = ops.len();
-        // Savepoint bookkeeping rides along in one round trip between operations.
-        if n_ops > 0 {
-            tx.raw("SAVEPOINT dp_op").await?;
-        }
         for (i, op) in ops.into_iter().enumerate() {
             let last = i + 1 == n_ops;
-            let (release, rollback) = if last {
-                (
-                    "RELEASE SAVEPOINT dp_op",
-                    "ROLLBACK TO SAVEPOINT dp_op; RELEASE SAVEPOINT dp_op",
-                )
-            } else {
-                (
-                    "RELEASE SAVEPOINT dp_op; SAVEPOINT dp_op",
-                    "ROLLBACK TO SAVEPOINT dp_op; RELEASE SAVEPOINT dp_op; SAVEPOINT dp_op",
-                )
-            };
             let mut ctx = WriteCtx {
                 tx: &mut *tx,
                 registry: self.registry(),
@@ -455,13 +1019,16 @@ impl Store {
                 }
                 other => other,
             };
-            match applied {
-                Ok(outcome) => {
-                    tx.raw(release).await?;
-                    results.push(Ok(outcome));
-                }
-                Err(e) => {
-                    tx.raw(rollback).await?;
+            // The last operation's savepoint ends with the transaction.
+            let ended = match &applied {
+                Ok(_) if last => tx.flush().await.map_err(StoreError::from),
+                Ok(_) => tx.next_op().await,
+                Err(_) => tx.undo_op(last).await,
+            };
+            match (applied, ended) {
+                (Ok(outcome), Ok(())) => results.push(Ok(outcome)),
+                (_, Err(e)) => return Err(e),
+                (Err(e), Ok(())) => {
                     if matches!(e, StoreError::Unavailable(_)) {
                         return Err(e);
                     }
@@ -469,11 +1036,7 @@ impl Store {
                 }
             }
         }
-        if head == start {
-            return Ok((results, None));
-        }
-        tx.set_head(head, &hash).await?;
-        Ok((results, Some(head)))
+        Ok((results, (head != start).then_some((head, hash))))
     }
 }
 
@@ -488,7 +1051,7 @@ fn fold_hash(hash: &mut StateHash, deltas: &[Delta]) {
     }
 }
 
-impl WriteCtx<'_> {
+impl WriteCtx<'_, '_> {
     /// The workspace an entity lives in; a workspace is its own.
     fn ws_for(&self, schema: &EntitySchema, id: &str) -> String {
         if schema.workspaceable {
@@ -516,17 +1079,9 @@ impl WriteCtx<'_> {
                     .registry
                     .prepare(&schema, input, None, Mode::Insert, self.now)
                     .map_err(StoreError::Schema)?;
-                let id = id_of(&prepared.entity).unwrap_or_default().to_owned();
-                if self.tx.get(&schema.name, &id).await?.is_some() {
-                    let mut fields = Map::new();
-                    fields.insert("id".into(), Value::String(id.clone()));
-                    return Err(StoreError::PrimaryKey {
-                        message: format!("primary key violation on key '{{id=\"{id}\"}}'"),
-                        fields,
-                    });
-                }
+                // The primary key is checked with the unique keys, in `save`.
                 let entity = self
-                    .save(&schema, prepared.entity, None, prepared.transient)
+                    .save(&schema, prepared.entity, None, prepared.transient, true)
                     .await?;
                 Ok(Outcome {
                     version: None,
@@ -575,7 +1130,13 @@ impl WriteCtx<'_> {
                 }
                 let created = existing.is_none();
                 let entity = self
-                    .save(&schema, prepared.entity, existing, prepared.transient)
+                    .save(
+                        &schema,
+                        prepared.entity,
+                        existing,
+                        prepared.transient,
+                        false,
+                    )
                     .await?;
                 Ok(Outcome {
                     version: None,
@@ -602,7 +1163,13 @@ impl WriteCtx<'_> {
                     .prepare(&schema, input, Some(&existing), Mode::Update, self.now)
                     .map_err(StoreError::Schema)?;
                 let entity = self
-                    .save(&schema, prepared.entity, Some(existing), prepared.transient)
+                    .save(
+                        &schema,
+                        prepared.entity,
+                        Some(existing),
+                        prepared.transient,
+                        false,
+                    )
                     .await?;
                 Ok(Outcome {
                     version: None,
@@ -635,7 +1202,9 @@ impl WriteCtx<'_> {
                     }
                 };
                 // No transient list is rewritten: only the entity's own fields.
-                let entity = self.save(&schema, body, Some(stored), Map::new()).await?;
+                let entity = self
+                    .save(&schema, body, Some(stored), Map::new(), false)
+                    .await?;
                 Ok(Outcome {
                     version: None,
                     entity: Some(entity),
@@ -857,14 +1426,16 @@ impl WriteCtx<'_> {
         }
     }
 
-    /// Writes `entity` (new or replacing `existing`) after key and reference checks, then its
-    /// transient children. Returns the entity as the Admin API shows it.
+    /// Writes `entity` (new or replacing `existing`) after key and reference checks (and,
+    /// with `check_pk`, that no entity has its id), then its transient children. Returns the
+    /// entity as the Admin API shows it.
     async fn save(
         &mut self,
         schema: &EntitySchema,
         entity: Value,
         existing: Option<Value>,
         transient: Map<String, Value>,
+        check_pk: bool,
     ) -> Result<Value, StoreError> {
         let id = id_of(&entity).unwrap_or_default().to_owned();
         let ws = self.ws_for(schema, &id);
@@ -878,10 +1449,9 @@ impl WriteCtx<'_> {
         };
         if !unchanged {
             let index = index_of(schema, &entity);
-            self.check_keys(schema, &id, &entity, &index).await?;
-            self.check_references(schema, &entity).await?;
+            self.check(schema, &id, &entity, &index, check_pk).await?;
             self.tx
-                .put(&schema.name, &id, &ws, &entity, &index, existing.is_none())
+                .put(&schema.name, &id, &ws, &entity, index, existing.is_none())
                 .await?;
             self.deltas.push(Delta {
                 ty: schema.name.clone(),
@@ -902,23 +1472,53 @@ impl WriteCtx<'_> {
         Ok(shown)
     }
 
-    async fn check_keys(
+    /// The checks before a write, in one round trip: the primary key is free (`check_pk`),
+    /// no other entity holds one of its unique or cache keys, and every foreign key names an
+    /// existing entity. The first failure is reported, in that order.
+    async fn check(
         &mut self,
         schema: &EntitySchema,
         id: &str,
         entity: &Value,
         index: &Indexed,
+        check_pk: bool,
     ) -> Result<(), StoreError> {
+        // (field, parent type, is_array, parent id), in the registry's order.
+        let mut refs: Vec<(String, String, bool, String)> = Vec::new();
+        for fk in self.registry.references_of(&schema.name) {
+            if fk.is_array {
+                let ids = entity.get(&fk.field).and_then(Value::as_array);
+                for pid in ids.into_iter().flatten().filter_map(Value::as_str) {
+                    refs.push((fk.field.clone(), fk.parent.clone(), true, pid.to_owned()));
+                }
+            } else if let Some(pid) = foreign_id(entity.get(&fk.field)) {
+                refs.push((fk.field.clone(), fk.parent.clone(), false, pid.to_owned()));
+            }
+        }
+        let mut entities: Vec<(&str, &str)> = Vec::with_capacity(refs.len() + 1);
+        if check_pk {
+            entities.push((&schema.name, id));
+        }
+        entities.extend(
+            refs.iter()
+                .map(|(_, parent, _, pid)| (parent.as_str(), pid.as_str())),
+        );
+        let probe = self
+            .tx
+            .probe(&entities, &schema.name, &self.ws, &index.keys)
+            .await?;
+        if check_pk && probe.found.contains(&(schema.name.clone(), id.to_owned())) {
+            let mut fields = Map::new();
+            fields.insert("id".into(), Value::String(id.to_owned()));
+            return Err(StoreError::PrimaryKey {
+                message: format!("primary key violation on key '{{id=\"{id}\"}}'"),
+                fields,
+            });
+        }
         for (name, value) in &index.keys {
-            let Some(other) = self
-                .tx
-                .find_key(&schema.name, &self.ws, name, value)
-                .await?
-            else {
-                continue;
-            };
-            if other == id {
-                continue;
+            match probe.owners.get(&(name.clone(), value.clone())) {
+                Some(other) if other != id => {}
+                _ => continue,
             }
             let mut fields = Map::new();
             if name == CACHE_KEY {
@@ -933,50 +1533,25 @@ impl WriteCtx<'_> {
             }
             return Err(StoreError::Unique(fields));
         }
-        Ok(())
-    }
-
-    async fn check_references(
-        &mut self,
-        schema: &EntitySchema,
-        entity: &Value,
-    ) -> Result<(), StoreError> {
-        for fk in self.registry.references_of(&schema.name) {
-            let ids: Vec<String> = if fk.is_array {
-                entity
-                    .get(&fk.field)
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            } else {
-                foreign_id(entity.get(&fk.field))
-                    .map(|s| vec![s.to_owned()])
-                    .unwrap_or_default()
-            };
-            for pid in ids {
-                if self.tx.get(&fk.parent, &pid).await?.is_none() {
-                    let mut fields = Map::new();
-                    let key = serde_json::json!({ "id": pid });
-                    let shown = if fk.is_array {
-                        Value::Array(vec![key.clone()])
-                    } else {
-                        key.clone()
-                    };
-                    fields.insert(fk.field.clone(), shown);
-                    let pretty = super::kong_pretty(key.as_object().expect("object"));
-                    return Err(StoreError::ForeignKey {
-                        message: format!(
-                            "the foreign key '{pretty}' does not reference an existing '{}' entity.",
-                            fk.parent
-                        ),
-                        fields,
-                    });
-                }
+        for (field, parent, is_array, pid) in refs {
+            if probe.found.contains(&(parent.clone(), pid.clone())) {
+                continue;
             }
+            let mut fields = Map::new();
+            let key = serde_json::json!({ "id": pid });
+            let shown = if is_array {
+                Value::Array(vec![key.clone()])
+            } else {
+                key.clone()
+            };
+            fields.insert(field, shown);
+            let pretty = super::kong_pretty(key.as_object().expect("object"));
+            return Err(StoreError::ForeignKey {
+                message: format!(
+                    "the foreign key '{pretty}' does not reference an existing '{parent}' entity."
+                ),
+                fields,
+            });
         }
         Ok(())
     }
@@ -1098,7 +1673,7 @@ impl WriteCtx<'_> {
                 .map_err(|e| {
                     StoreError::Schema(crate::schema::FieldErrors::single(name, Value::Object(e.0)))
                 })?;
-            Box::pin(self.save(&child_schema, prepared.entity, None, Map::new())).await?;
+            Box::pin(self.save(&child_schema, prepared.entity, None, Map::new(), false)).await?;
         }
         wanted_names.sort();
         Ok(wanted_names.into_iter().map(Value::String).collect())
@@ -1165,7 +1740,7 @@ impl WriteCtx<'_> {
                         }
                         let index = index_of(&child_schema, &updated);
                         self.tx
-                            .put(&fk.child, &cid, &self.ws.clone(), &updated, &index, false)
+                            .put(&fk.child, &cid, &self.ws.clone(), &updated, index, false)
                             .await?;
                         self.deltas.push(Delta {
                             ty: fk.child.clone(),
