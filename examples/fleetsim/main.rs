@@ -715,6 +715,7 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
     pump.drain();
     pump.tracker.record = true;
     let c0 = world.counters().await?;
+    let fan0 = fan_out_histogram(&world.http, &world.admin()).await;
     let cp_pid = world.cp_pid()?;
     let (cp0, sims0, self0) = (proc_cpu_secs(cp_pid), world.sims_cpu(), self_cpu_secs());
     let wall0 = Instant::now();
@@ -796,6 +797,10 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
         "write → last DP p50 / floor({floor_n}) median: {:.1}×",
         s_last.0 / fl.median
     );
+    let fan1 = fan_out_histogram(&world.http, &world.admin()).await;
+    if let (Some(a), Some(b)) = (fan0, fan1) {
+        print_fan_out(&a, &b, fl.median);
+    }
     let d: Vec<u64> = c1.iter().zip(c0).map(|(a, b)| a - b).collect();
     let d: [u64; 14] = d.try_into().unwrap_or([0; 14]);
     print_counters(&d);
@@ -1123,4 +1128,66 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|e| format!("unavailable ({e})"))
+}
+
+/// The CP's `deltaplane_fan_out_written_seconds` histogram (cumulative buckets `(le, count)`,
+/// sum, count) from its `/metrics`; `None` when it cannot be read.
+async fn fan_out_histogram(
+    http: &reqwest::Client,
+    admin: &str,
+) -> Option<(Vec<(f64, f64)>, f64, f64)> {
+    let text = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let name = "deltaplane_fan_out_written_seconds";
+    let mut buckets = Vec::new();
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value: f64 = value.parse().ok()?;
+        if let Some(rest) = series.strip_prefix(&format!("{name}_bucket{{le=\"")) {
+            let le = rest.trim_end_matches("\"}");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            buckets.push((le, value));
+        } else if series == format!("{name}_sum") {
+            sum = value;
+        } else if series == format!("{name}_count") {
+            count = value;
+        }
+    }
+    (!buckets.is_empty()).then_some((buckets, sum, count))
+}
+
+/// Commit seen → last frame written, for the versions of this run (the difference of two
+/// scrapes): mean, and p50 / p99 as the histogram bucket bounds they fall under.
+fn print_fan_out(a: &(Vec<(f64, f64)>, f64, f64), b: &(Vec<(f64, f64)>, f64, f64), floor_ms: f64) {
+    let n = b.2 - a.2;
+    if n <= 0.0 {
+        return;
+    }
+    let mean_ms = (b.1 - a.1) / n * 1e3;
+    let bound = |q: f64| {
+        b.0.iter()
+            .zip(&a.0)
+            .find(|((_, cb), (_, ca))| cb - ca >= q * n)
+            .map_or(f64::INFINITY, |((le, _), _)| le * 1e3)
+    };
+    println!(
+        "CP: head seen → last push/notification written to its socket, {n:.0} versions: mean \
+         {mean_ms:.1} ms ({:.1}× the floor's median), p50 ≤ {} ms, p99 ≤ {} ms (histogram buckets)",
+        mean_ms / floor_ms,
+        bound(0.5),
+        bound(0.99)
+    );
 }

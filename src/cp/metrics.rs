@@ -19,6 +19,7 @@ use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::fleet::health;
@@ -103,6 +104,9 @@ pub struct CpMetrics {
     delta_messages: [Counter; How::ALL.len()],
     full_syncs: [Counter; PROTOCOLS.len()],
     handshakes_refused: [Counter; HandshakeRefusal::ALL.len()],
+    /// From a new head seen by the fan-out to the last of its pushes and notifications
+    /// written to its socket.
+    fan_out_written: Histogram,
     /// Bytes and refusals of every JSON-RPC connection (and of sync v1's sockets).
     link: Arc<LinkStats>,
     /// Bytes of sync v1 pushes (gzip), reported beside the JSON-RPC encodings.
@@ -143,9 +147,19 @@ impl CpMetrics {
             "reason",
             HandshakeRefusal::ALL.map(HandshakeRefusal::as_str),
         );
+        let fan_out_written = Histogram::new(FAN_OUT_BUCKETS);
+        registry.register_with_unit(
+            "deltaplane_fan_out_written",
+            "Time from a new change-log head seen by the fan-out (right after its commit on \
+             this control plane) to the last of the pushes and notifications announcing it \
+             written to its data plane's socket",
+            prometheus_client::registry::Unit::Seconds,
+            fan_out_written.clone(),
+        );
         CpMetrics {
             registry,
             notifications,
+            fan_out_written,
             delta_messages,
             full_syncs,
             handshakes_refused,
@@ -171,6 +185,12 @@ impl CpMetrics {
         self.full_syncs[protocol_slot(protocol)].inc();
     }
 
+    /// A new head was announced to every data plane: the last frame was written `took` after
+    /// the fan-out saw the head.
+    pub fn fan_out_written(&self, took: std::time::Duration) {
+        self.fan_out_written.observe(took.as_secs_f64());
+    }
+
     /// A data plane's connection was refused before its session started.
     pub fn handshake_refused(&self, why: HandshakeRefusal) {
         self.handshakes_refused[why as usize].inc();
@@ -189,6 +209,11 @@ impl CpMetrics {
         &self.link
     }
 }
+
+/// 0.5 ms to about 4 s.
+const FAN_OUT_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0,
+];
 
 /// Registers a counter family with one label and every value of it, returning the counters
 /// in the order of `values`.

@@ -213,8 +213,36 @@ struct PushFrame {
     to: i64,
 }
 
+/// Records, when the last clone is dropped (every frame announcing a version written, or its
+/// connection gone), how long the announcement took from the head being seen.
+struct Written {
+    started: std::time::Instant,
+    metrics: Arc<super::metrics::CpMetrics>,
+    /// At least one frame was queued (an announcement to nobody is not recorded).
+    queued: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if *self.queued.get_mut() {
+            self.metrics.fan_out_written(self.started.elapsed());
+        }
+    }
+}
+
 async fn announce(ctx: &ClusterCtx, head: i64) {
     let started = std::time::Instant::now();
+    let written = Arc::new(Written {
+        started,
+        metrics: ctx.metrics.clone(),
+        queued: std::sync::atomic::AtomicBool::new(false),
+    });
+    let guard = || Some(Box::new(written.clone()) as crate::net::peer::Guard);
+    let queued = || {
+        written
+            .queued
+            .store(true, std::sync::atomic::Ordering::Relaxed)
+    };
     let conns = ctx.fleet.connected();
     let notify_params = NotifyNewVersion {
         new_version: Version::new(head),
@@ -246,8 +274,11 @@ async fn announce(ctx: &ClusterCtx, head: i64) {
                 .or_insert_with(|| push_frame(ctx, at, encoding));
             if let Some(p) = push
                 && p.frame.len() <= conn.frame_limit(ctx.settings.max_payload)
-                && peer.try_send_frame(PUSH_DELTAS, p.frame.clone()).is_ok()
+                && peer
+                    .try_send_frame(PUSH_DELTAS, p.frame.clone(), guard())
+                    .is_ok()
             {
+                queued();
                 conn.promised(p.to);
                 ctx.metrics.deltas_sent(How::Pushed);
                 pushed += 1;
@@ -255,8 +286,9 @@ async fn announce(ctx: &ClusterCtx, head: i64) {
             }
         }
         if conn.can_notify && conn.mark_notified(head) {
-            match peer.call_detached(NOTIFY_NEW_VERSION, &notify_params) {
+            match peer.call_detached(NOTIFY_NEW_VERSION, &notify_params, guard()) {
                 Ok(()) => {
+                    queued();
                     ctx.metrics.notification_sent();
                     notified += 1;
                 }

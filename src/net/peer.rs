@@ -430,17 +430,29 @@ impl Peer {
     /// Calls `method` without waiting for, or keeping, its answer (whatever the peer answers
     /// is dropped as an answer nobody waits for). Never waits: a full outbound queue means
     /// the peer is not reading, and the call is not sent (`Err(Timeout(0))`).
-    pub fn call_detached(&self, method: &str, params: &Value) -> Result<(), CallError> {
+    /// `guard` is dropped once the call is written (or the connection ends).
+    pub fn call_detached(
+        &self,
+        method: &str,
+        params: &Value,
+        guard: Option<Guard>,
+    ) -> Result<(), CallError> {
         self.check_capability(method)?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode(&jsonrpc::request(id, method, params))?;
-        self.try_queue(frame.into())
+        self.try_queue(frame.into(), guard)
     }
 
     /// Queues an already encoded frame (see [`Peer::encoding`]) for `method` without waiting;
     /// `Err(Timeout(0))` when the outbound queue is full. A frame shared by many connections
     /// is queued on each without a copy.
-    pub fn try_send_frame(&self, method: &str, frame: Bytes) -> Result<(), CallError> {
+    /// `guard` is dropped once the frame is written (or the connection ends).
+    pub fn try_send_frame(
+        &self,
+        method: &str,
+        frame: Bytes,
+        guard: Option<Guard>,
+    ) -> Result<(), CallError> {
         self.check_capability(method)?;
         if frame.len() > self.inner.cfg.max_payload {
             return Err(CallError::TooLarge {
@@ -448,12 +460,12 @@ impl Peer {
                 limit: self.inner.cfg.max_payload,
             });
         }
-        self.try_queue(frame)
+        self.try_queue(frame, guard)
     }
 
-    fn try_queue(&self, frame: Bytes) -> Result<(), CallError> {
+    fn try_queue(&self, frame: Bytes, guard: Option<Guard>) -> Result<(), CallError> {
         use mpsc::error::TrySendError;
-        match self.inner.outbound.try_send(Outbound::Frame(frame, None)) {
+        match self.inner.outbound.try_send(Outbound::Frame(frame, guard)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(CallError::Timeout(Duration::ZERO)),
             Err(TrySendError::Closed(_)) => Err(self.closed_error()),

@@ -409,5 +409,12 @@ async fn v2_pushes_and_applies_are_measured() {
     );
     assert!(dp_after.value(applies) >= dp_before.value(applies) + 3.0);
     assert!(dp_after.value(learned) >= dp_before.value(learned) + 3.0);
+    let written = "deltaplane_fan_out_written_seconds_count";
+    assert!(
+        cp_after.value(written) >= cp_before.value(written) + 3.0,
+        "{} → {}",
+        cp_before.value(written),
+        cp_after.value(written)
+    );
     cp.shutdown().await;
 }
