@@ -1147,11 +1147,13 @@ async fn fan_out_histogram(
     let name = "deltaplane_fan_out_written_seconds";
     let mut buckets = Vec::new();
     let (mut sum, mut count) = (0.0, 0.0);
-    for line in text.lines() {
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let value: f64 = value.parse().ok()?;
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         if let Some(rest) = series.strip_prefix(&format!("{name}_bucket{{le=\"")) {
             let le = rest.trim_end_matches("\"}");
             let le = if le == "+Inf" {
