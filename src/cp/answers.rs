@@ -85,6 +85,16 @@ impl Asker {
     }
 }
 
+/// An answer from the recent versions ([`Feed::recent_answer`]).
+pub struct RecentAnswer {
+    pub text: String,
+    pub decision: Decision,
+    /// The newest version the window held.
+    pub top: i64,
+    /// The change log's epoch.
+    pub epoch: std::sync::Arc<str>,
+}
+
 /// Why the feed could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -199,23 +209,34 @@ impl Feed {
             tracing::debug!(error = %e, "reading recent versions failed");
             return None;
         }
+        let a = self.recent_answer(after, asker)?;
+        (a.top >= head).then_some((a.text, a.decision))
+    }
+
+    /// The answer for `after` from the recent versions as they are (no read), if they cover
+    /// it: what [`Feed::get_delta`] answers from memory, and what a push carries.
+    pub fn recent_answer(&self, after: i64, asker: Asker) -> Option<RecentAnswer> {
         let j =
             self.recent
                 .deltas_after(after, self.frame_bytes(asker), self.limits.max_versions)?;
-        if j.top < head {
-            return None;
-        }
         let announced = asker.paging.then_some(j.top);
-        if j.to == after {
+        let (text, decision) = if j.to == after {
             let text = result_text(&[], false, j.top, None, announced);
-            return Some((text, Decision::UpToDate));
-        }
-        let text = result_text(&j.deltas, false, j.to, None, announced);
-        let decision = Decision::Incremental {
-            from: after + 1,
-            to: j.to,
+            (text, Decision::UpToDate)
+        } else {
+            let text = result_text(&j.deltas, false, j.to, None, announced);
+            let decision = Decision::Incremental {
+                from: after + 1,
+                to: j.to,
+            };
+            (text, decision)
         };
-        Some((text, decision))
+        Some(RecentAnswer {
+            text,
+            decision,
+            top: j.top,
+            epoch: j.epoch,
+        })
     }
 
     /// The answer for a data plane at `after` read from the change log.
@@ -225,11 +246,9 @@ impl Feed {
         asker: Asker,
         fits: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<(String, Decision), FeedError> {
-        {
-            match self.incremental_shared(after, asker, fits).await? {
-                Some(answer) => Ok(answer),
-                None => self.full(asker, fits).await,
-            }
+        match self.incremental_shared(after, asker, fits).await? {
+            Some(answer) => Ok(answer),
+            None => self.full(asker, fits).await,
         }
     }
 

@@ -23,8 +23,8 @@ use crate::proto::v2::{DeltaText, RawDelta};
 const MAX_READ_VERSIONS: i64 = 10_000;
 
 /// The deltas of one version as comma-separated JSON text ([`DeltaText`]).
-pub struct VersionText {
-    pub version: i64,
+struct VersionText {
+    version: i64,
     deltas: DeltaText,
 }
 
@@ -90,7 +90,7 @@ impl Recent {
     }
 
     /// The newest version held (the head as of the last fill).
-    pub fn top(&self) -> Option<i64> {
+    fn top(&self) -> Option<i64> {
         let w = self.lock();
         w.epoch.as_ref().map(|_| w.top())
     }
@@ -110,9 +110,7 @@ impl Recent {
         let Some(epoch) = epoch else {
             // First use: the window starts empty at the head (nothing older is needed by a
             // data plane that is up to date; older ones read the database as before).
-            let info = self.store.version_info().await?;
-            self.lock().reset(info.epoch, info.version);
-            return Ok(());
+            return self.restart_at_head().await;
         };
         if top >= head {
             return Ok(());
@@ -120,9 +118,7 @@ impl Recent {
         if head - top > MAX_READ_VERSIONS {
             // Far behind (the database was written by others while this control plane could
             // not read it): start again at the head rather than read a long history.
-            let info = self.store.version_info().await?;
-            self.lock().reset(info.epoch, info.version);
-            return Ok(());
+            return self.restart_at_head().await;
         }
         let mut read: Vec<VersionText> = Vec::new();
         let result = self
@@ -153,14 +149,9 @@ impl Recent {
             }
             Err(_) => {
                 drop(w);
-                let info = self.store.version_info().await?;
-                self.lock().reset(info.epoch, info.version);
-                return Ok(());
+                return self.restart_at_head().await;
             }
         };
-        if w.top() != top || w.epoch.as_deref() != Some(epoch.as_str()) {
-            return Ok(()); // reset meanwhile (cannot happen under `fill`, but stay safe)
-        }
         let upto = top.saturating_add((head - top).max(1)).min(info.version);
         // A version with no deltas cannot exist (every version is a write), but the window
         // must stay contiguous whatever the read returned.
@@ -185,6 +176,13 @@ impl Recent {
             w.base += 1;
         }
         w.joined.clear();
+        Ok(())
+    }
+
+    /// Empties the window and starts it at the current head.
+    async fn restart_at_head(&self) -> Result<(), StoreError> {
+        let info = self.store.version_info().await?;
+        self.lock().reset(info.epoch, info.version);
         Ok(())
     }
 
@@ -234,11 +232,5 @@ impl Recent {
             w.joined.insert((after, budget), joined.clone());
         }
         Some(joined)
-    }
-
-    /// Bytes of delta text held, and how many versions.
-    pub fn held(&self) -> (usize, usize) {
-        let w = self.lock();
-        (w.bytes, w.versions.len())
     }
 }

@@ -31,9 +31,9 @@ use crate::net::peer::{Handler, Peer, PeerConfig, Reply};
 use crate::proto::codec::{self, Encoding};
 use crate::proto::hello::{Hello, HelloResult};
 use crate::proto::jsonrpc::RpcError;
-use crate::proto::v2::{AnswerHead, PUSH_DELTAS, write_answer, write_push};
 use crate::proto::v2::{GET_DELTA, GET_PAGE, GetDelta, GetPage, NOTIFY_NEW_VERSION};
 use crate::proto::v2::{NOTIFY_VALIDATION_ERROR, NotifyNewVersion, NotifyValidationError};
+use crate::proto::v2::{PUSH_DELTAS, write_push};
 use crate::proto::{CAP_DELTAPLANE_PUSH_V1, CAP_DELTAPLANE_SYNC_V1, CAP_KONG_SYNC_V2};
 use crate::proto::{SyncProtocol, Version};
 
@@ -312,24 +312,21 @@ async fn announce(ctx: &ClusterCtx, head: i64) {
 /// The push for data planes at `after`, encoded once for every data plane that can take it;
 /// `None` when the recent versions do not cover `after` or the answer would not fit a frame.
 fn push_frame(ctx: &ClusterCtx, after: i64, encoding: Encoding) -> Option<PushFrame> {
-    let budget = ctx.settings.max_payload.saturating_sub(1024).max(1024);
-    let j = ctx.answers.recent().deltas_after(after, budget, 10_000)?;
-    if j.to == after {
+    // As a get_delta answer to one of our data planes at the control plane's frame limit.
+    let asker = Asker {
+        paging: true,
+        encoding: encoding.name(),
+        max_payload: ctx.settings.max_payload,
+    };
+    let a = ctx.answers.recent_answer(after, asker)?;
+    let Decision::Incremental { to, .. } = a.decision else {
         return None;
-    }
-    let answer = write_answer(
-        &j.deltas,
-        &AnswerHead {
-            latest_version: Version::new(j.to),
-            head: Some(Version::new(j.top)),
-            ..AnswerHead::default()
-        },
-    );
-    let message = write_push(Version::new(after), &j.epoch, &answer);
+    };
+    let message = write_push(Version::new(after), &a.epoch, &a.text);
     let frame = codec::try_encode(encoding, &message).ok()?;
     Some(PushFrame {
         frame: frame.into(),
-        to: j.to,
+        to,
     })
 }
 

@@ -278,8 +278,61 @@ async fn close_and_wait(peer: &Peer) {
 struct DpHandler {
     shared: Arc<DpShared>,
     notified: watch::Sender<i64>,
-    /// Pushed versions (the params' JSON text), for the session loop to apply in order.
-    pushes: tokio::sync::mpsc::Sender<Box<RawValue>>,
+    /// Pushed versions, for the session loop to apply in order.
+    pushes: tokio::sync::mpsc::Sender<QueuedPush>,
+}
+
+/// A pushed version as received: its text, and its head read once.
+struct QueuedPush {
+    text: Box<RawValue>,
+    /// `None`: unreadable, or not what a push may carry (a full sync, a transfer, no
+    /// `latest_version`): the data plane fetches instead.
+    head: Option<PushHead>,
+}
+
+struct PushHead {
+    after: i64,
+    latest: i64,
+    /// The newest version the push names: its `latest_version`, or the control plane's head
+    /// when that is further (a cut push).
+    announced: i64,
+    /// The control plane's epoch and the answer's namespace, as byte ranges of `text`.
+    epoch: std::ops::Range<usize>,
+    namespace: std::ops::Range<usize>,
+}
+
+impl QueuedPush {
+    fn read(text: Box<RawValue>) -> QueuedPush {
+        let all = text.get();
+        // `read_push` and `read_answer` return slices of `all`.
+        let range = |part: &str| {
+            let start = part.as_ptr() as usize - all.as_ptr() as usize;
+            start..start + part.len()
+        };
+        let head = v2::read_push(all).ok().and_then(|push| {
+            let answer = v2::read_answer(push.answer).ok()?;
+            if answer.full_sync || answer.transfer.is_some() {
+                return None;
+            }
+            let latest = answer.latest_version?.get();
+            Some(PushHead {
+                after: push.after.get(),
+                latest,
+                announced: answer.head.map_or(latest, |h| h.get().max(latest)),
+                epoch: range(push.epoch),
+                namespace: range(answer.namespace),
+            })
+        });
+        QueuedPush { text, head }
+    }
+
+    fn epoch(&self, head: &PushHead) -> &str {
+        &self.text.get()[head.epoch.clone()]
+    }
+
+    fn namespace(&self, head: &PushHead) -> &str {
+        &self.text.get()[head.namespace.clone()]
+    }
 }
 
 impl Handler for DpHandler {
@@ -298,32 +351,25 @@ impl Handler for DpHandler {
         params: Box<RawValue>,
         _notification: bool,
     ) -> BoxFuture<'static, Result<Reply, RpcError>> {
-        let result = match v2::read_push(params.get()) {
-            Err(e) => Err(RpcError::invalid_params().with_message(e)),
-            Ok(push) => {
-                let latest = v2::read_answer(push.answer)
-                    .ok()
-                    .and_then(|a| a.latest_version.max(a.head))
-                    .map(Version::get);
-                if let Some(l) = latest {
-                    self.shared.metrics.learned(l);
-                    self.shared
-                        .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
-                }
-                if let Err(e) = self.pushes.try_send(params) {
-                    // The loop is behind: the version is fetched instead.
-                    tracing::debug!(error = %e, "push queue full");
-                    if let Some(l) = latest {
-                        self.notified.send_if_modified(|cur| {
-                            let newer = l > *cur;
-                            *cur = (*cur).max(l);
-                            newer
-                        });
-                    }
-                }
-                Ok(Reply::Value(Value::Bool(true)))
+        let push = QueuedPush::read(params);
+        let latest = push.head.as_ref().map(|h| h.announced);
+        if let Some(l) = latest {
+            self.shared.metrics.learned(l);
+            self.shared
+                .update_link(|s| s.cp_version_seen = s.cp_version_seen.max(l));
+        }
+        if let Err(e) = self.pushes.try_send(push) {
+            // The loop is behind: the version is fetched instead.
+            tracing::debug!(error = %e, "push queue full");
+            if let Some(l) = latest {
+                self.notified.send_if_modified(|cur| {
+                    let newer = l > *cur;
+                    *cur = (*cur).max(l);
+                    newer
+                });
             }
-        };
+        }
+        let result = Ok(Reply::Value(Value::Bool(true)));
         Box::pin(async move { result })
     }
 
@@ -445,26 +491,14 @@ impl Syncer {
                     return Ok(());
                 }
                 Some((v, full)) => {
-                    self.shared.update_link(|l| {
+                    self.report_applied(v, |l| {
                         if full {
                             l.full_syncs += 1;
                         } else {
                             l.incremental_syncs += 1;
                         }
-                        l.last_sync_at = Some(crate::node::now_secs());
-                        l.last_error = None;
-                        l.cp_version_seen = l.cp_version_seen.max(v);
-                    });
-                    // Watchers see the version only once the status reflects it.
-                    self.shared.applied(v);
-                    // Tell the control plane where we are (Kong's status notification).
-                    // deltaplane control planes record the state hash too.
-                    let status = GetDelta::new(
-                        Version::new(v),
-                        self.paging
-                            .then(|| self.shared.store.state().state_hash.to_hex()),
-                    );
-                    let _ = self.peer.notify(GET_DELTA, status.to_params()).await;
+                    })
+                    .await;
                     // A deltaplane CP said where its head is: stop once there. (A Kong CP
                     // does not; ask again until an answer is empty.)
                     if self.paging && v >= self.shared.link().cp_version_seen {
@@ -558,7 +592,7 @@ impl Syncer {
     /// Applies pushed versions that continue this data plane's version, in order, all in one
     /// transaction (versions that arrived while the last commit ran are coalesced into the
     /// next), with the same checks as a `get_delta` answer and the same status report.
-    async fn apply_pushes(&self, batch: Vec<Box<RawValue>>) -> Result<Pushed, SyncError> {
+    async fn apply_pushes(&self, batch: Vec<QueuedPush>) -> Result<Pushed, SyncError> {
         let state = self.shared.store.state();
         if state.epoch.is_some() && state.epoch != self.cp_epoch {
             return Ok(Pushed::Fetch);
@@ -567,35 +601,24 @@ impl Syncer {
         let mut at = state.version;
         let mut chain = Vec::with_capacity(batch.len());
         let mut fetch = false;
-        for params in batch {
-            let Ok(push) = v2::read_push(params.get()) else {
+        for push in batch {
+            let Some(head) = &push.head else {
                 fetch = true;
                 break;
             };
-            let Ok(answer) = v2::read_answer(push.answer) else {
-                fetch = true;
-                break;
-            };
-            let Some(to) = answer.latest_version.map(Version::get) else {
-                fetch = true;
-                break;
-            };
-            if Some(push.epoch) != self.cp_epoch.as_deref()
-                || answer.full_sync
-                || answer.transfer.is_some()
-            {
+            if Some(push.epoch(head)) != self.cp_epoch.as_deref() {
                 fetch = true;
                 break;
             }
-            if to <= at {
+            if head.latest <= at {
                 continue; // already held (fetched meanwhile)
             }
-            if push.after.get() != at {
+            if head.after != at {
                 fetch = true;
                 break;
             }
-            at = to;
-            chain.push(params);
+            at = head.latest;
+            chain.push(push);
         }
         if chain.is_empty() {
             if fetch {
@@ -614,10 +637,12 @@ impl Syncer {
             };
             let mut apply = store.begin(kind)?;
             apply.feed(|sink| {
-                for params in &chain {
-                    let push = v2::read_push(params.get()).map_err(invalid)?;
-                    let ns = v2::answer_namespace(push.answer).map_err(invalid)?;
-                    feed_deltas(ns, sink)?;
+                for push in &chain {
+                    let head = push
+                        .head
+                        .as_ref()
+                        .expect("only readable pushes are chained");
+                    feed_deltas(push.namespace(head), sink)?;
                 }
                 Ok(())
             })?;
@@ -632,27 +657,39 @@ impl Syncer {
         self.shared
             .metrics
             .apply_duration(DpApplyKind::Incremental, started.elapsed());
-        self.shared.update_link(|l| {
+        self.report_applied(v, |l| {
             l.incremental_syncs += 1;
             l.pushes_applied += pushed;
             if fetch {
                 l.pushes_refused += 1;
             }
+        })
+        .await;
+        if fetch || self.shared.link().cp_version_seen > v {
+            return Ok(Pushed::Fetch);
+        }
+        Ok(Pushed::AtHead)
+    }
+
+    /// After a committed apply of `v`: the link's status (`count` adds the apply's kind),
+    /// watchers, and the status report to the control plane.
+    async fn report_applied(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
+        self.shared.update_link(|l| {
+            count(l);
             l.last_sync_at = Some(crate::node::now_secs());
             l.last_error = None;
             l.cp_version_seen = l.cp_version_seen.max(v);
         });
+        // Watchers see the version only once the status reflects it.
         self.shared.applied(v);
+        // Tell the control plane where we are (Kong's status notification); deltaplane
+        // control planes record the state hash too.
         let status = GetDelta::new(
             Version::new(v),
             self.paging
                 .then(|| self.shared.store.state().state_hash.to_hex()),
         );
         let _ = self.peer.notify(GET_DELTA, status.to_params()).await;
-        if fetch || self.shared.link().cp_version_seen > v {
-            return Ok(Pushed::Fetch);
-        }
-        Ok(Pushed::AtHead)
     }
 
     async fn paged(&self, t: &v2::TransferRef, kind: ApplyKind) -> Result<i64, SyncError> {

@@ -670,10 +670,16 @@ async fn drive<S>(
     let write_timeout = peer.inner.cfg.write_timeout;
     match (&ending.reason, ending.send_close) {
         (_, Some(frame)) => {
-            // Our close: send it, then read until the peer's reply ends the stream.
+            // Our close: send it, then read until the peer's reply ends the stream. A
+            // message we refused (too large, say) may still be arriving: its bytes are read
+            // and dropped too, so that closing the socket sends FIN, not a reset (which can
+            // discard our close frame before the peer reads it).
             let _ = tokio::time::timeout(write_timeout, async {
                 if sink.send(Message::Close(Some(frame))).await.is_ok() {
                     while let Some(Ok(_)) = stream.next().await {}
+                    if let Ok(mut ws) = sink.reunite(stream) {
+                        drain(ws.get_mut()).await;
+                    }
                 }
             })
             .await;
@@ -681,11 +687,23 @@ async fn drive<S>(
         (CloseReason::Remote { .. }, None) => {
             // tungstenite queued the reply to the peer's close; flush it.
             let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+            drop((sink, stream));
         }
-        _ => {}
+        _ => drop((sink, stream)),
     }
-    drop((sink, stream));
+    // The socket is closed (dropped in every arm above) before anyone hears the reason.
     peer.inner.closed.send_replace(Some(ending.reason));
+}
+
+/// Reads and drops what the peer still sends until it closes or fails.
+async fn drain<S: AsyncRead + Unpin>(io: &mut S) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = io.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 async fn write_loop<S>(

@@ -247,6 +247,20 @@ impl<A: sqlx::Arguments> Script<A> {
         Ok(placeholder)
     }
 
+    /// `?, ?, ..`: the values bound, comma-separated.
+    fn row(&mut self, values: &[&str]) -> Result<(), sqlx::Error>
+    where
+        for<'t> &'t str: sqlx::Encode<'t, A::Database> + sqlx::Type<A::Database>,
+    {
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(*v)?;
+        }
+        Ok(())
+    }
+
     /// `(?, ?, ..), (?, ..)` for `rows`, each bound by `bind_row`.
     fn values<R>(
         &mut self,
@@ -412,11 +426,7 @@ fn sqlite_script(
             is_new,
         }) => {
             s.push("INSERT INTO dp_entities (type, id, ws_id, body) VALUES (");
-            s.bind(ty.as_str())?
-                .push(", ")
-                .bind(id.as_str())?
-                .push(", ");
-            s.bind(ws.as_str())?.push(", ").bind(body.as_str())?;
+            s.row(&[ty, id, ws, body])?;
             s.push(") ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body;");
             if !is_new {
                 s.push("DELETE FROM dp_keys WHERE type = ");
@@ -431,46 +441,19 @@ fn sqlite_script(
             }
             for chunk in index.keys.chunks(CHUNK) {
                 s.push("INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ");
-                s.values(chunk, |s, (name, value)| {
-                    s.bind(ty.as_str())?
-                        .push(", ")
-                        .bind(ws.as_str())?
-                        .push(", ");
-                    s.bind(name.as_str())?
-                        .push(", ")
-                        .bind(value.as_str())?
-                        .push(", ");
-                    s.bind(id.as_str())?;
-                    Ok(())
-                })?;
+                s.values(chunk, |s, (name, value)| s.row(&[ty, ws, name, value, id]))?;
                 s.push(";");
             }
             for chunk in index.refs.chunks(CHUNK) {
                 s.push("INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ");
                 s.values(chunk, |s, (field, parent_ty, parent_id)| {
-                    s.bind(parent_ty.as_str())?
-                        .push(", ")
-                        .bind(parent_id.as_str())?
-                        .push(", ");
-                    s.bind(ty.as_str())?
-                        .push(", ")
-                        .bind(field.as_str())?
-                        .push(", ");
-                    s.bind(id.as_str())?;
-                    Ok(())
+                    s.row(&[parent_ty, parent_id, ty, field, id])
                 })?;
                 s.push(";");
             }
             for chunk in index.tags.chunks(CHUNK) {
                 s.push("INSERT INTO dp_tags (type, tag, id) VALUES ");
-                s.values(chunk, |s, tag| {
-                    s.bind(ty.as_str())?
-                        .push(", ")
-                        .bind(tag.as_str())?
-                        .push(", ");
-                    s.bind(id.as_str())?;
-                    Ok(())
-                })?;
+                s.values(chunk, |s, tag| s.row(&[ty, tag, id]))?;
                 s.push(";");
             }
         }
