@@ -6,6 +6,7 @@
 pub mod config;
 pub mod link;
 pub mod metrics;
+pub mod proxy;
 pub mod status;
 pub mod store;
 pub mod v1;

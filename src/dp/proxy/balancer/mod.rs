@@ -1,0 +1,1 @@
+//! Upstreams, targets and DNS.

@@ -1,0 +1,1 @@
+//! The plugins the data plane executes.

@@ -1,0 +1,1 @@
+//! Kong 3.10's `traditional_compatible` router.
