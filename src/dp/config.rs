@@ -94,6 +94,18 @@ pub struct RunArgs {
     /// Commit every applied version durably (fsync) [default: true]
     #[arg(long, env = "DELTAPLANE_DP_DURABLE", num_args = 0..=1, default_missing_value = "true")]
     pub durable: Option<bool>,
+    /// The proxy's plain HTTP listener, `host:port` or `off` (a sync-only data plane)
+    /// [default: 127.0.0.1:8000]
+    #[arg(long, env = "DELTAPLANE_DP_PROXY_LISTEN")]
+    pub proxy_listen: Option<String>,
+    /// The proxy's TLS listener (certificates by SNI from the configuration), `host:port` or
+    /// `off` [default: off]
+    #[arg(long, env = "DELTAPLANE_DP_PROXY_LISTEN_TLS")]
+    pub proxy_listen_tls: Option<String>,
+    /// Addresses or CIDR networks whose X-Forwarded-* headers the proxy trusts
+    /// (Kong's `trusted_ips`), comma-separated [default: none]
+    #[arg(long, env = "DELTAPLANE_DP_TRUSTED_IPS", value_delimiter = ',')]
+    pub trusted_ips: Option<Vec<String>>,
 }
 
 /// Resolved data-plane settings.
@@ -122,6 +134,27 @@ pub struct DpConfig {
     pub plugins: Option<Vec<String>>,
     /// Which sync protocol to speak.
     pub sync: SyncMode,
+    /// The proxy's listeners; `None` is off. [`DpConfig::new`] leaves both off (tests and
+    /// tools start several data planes on one machine); the `run` command's default for
+    /// the plain listener is `127.0.0.1:8000`.
+    pub proxy_listen: Option<SocketAddr>,
+    pub proxy_listen_tls: Option<SocketAddr>,
+    /// Kong's `trusted_ips`.
+    pub trusted_ips: Vec<crate::dp::proxy::ipnet::IpNet>,
+}
+
+/// The `run` command's plain proxy listener when none is given: loopback, where Kong listens
+/// on `0.0.0.0:8000` (a deliberate safe default, see the README).
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8000";
+
+/// `host:port`, or `off`.
+fn listen_or_off(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .with_context(|| format!("invalid --{flag} '{v}': expected host:port or off"))
 }
 
 /// `--sync`: which protocol the data plane speaks.
@@ -160,6 +193,9 @@ const KNOWN_KEYS: &[&str] = &[
     "durable",
     "plugins",
     "sync",
+    "proxy-listen",
+    "proxy-listen-tls",
+    "trusted-ips",
 ];
 
 impl DpConfig {
@@ -189,6 +225,9 @@ impl DpConfig {
             durable: true,
             plugins: None,
             sync: SyncMode::Auto,
+            proxy_listen: None,
+            proxy_listen_tls: None,
+            trusted_ips: Vec::new(),
         }
     }
 
@@ -255,6 +294,21 @@ impl DpConfig {
         if let Some(m) = layer.get(args.sync, "sync")? {
             cfg.sync = m;
         }
+        let proxy = layer
+            .get(args.proxy_listen.clone(), "proxy-listen")?
+            .unwrap_or_else(|| DEFAULT_PROXY_LISTEN.to_owned());
+        cfg.proxy_listen = listen_or_off("proxy-listen", &proxy)?;
+        if let Some(v) = layer.get(args.proxy_listen_tls.clone(), "proxy-listen-tls")? {
+            cfg.proxy_listen_tls = listen_or_off("proxy-listen-tls", &v)?;
+        }
+        if let Some(t) = layer.get(args.trusted_ips.clone().map(|v| v.join(",")), "trusted-ips")? {
+            cfg.trusted_ips = split_list(&t)
+                .iter()
+                .map(|n| n.parse().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()
+                .context("--trusted-ips")?;
+        }
+        cfg.check_plugins()?;
         Ok(cfg)
     }
 }
@@ -264,6 +318,14 @@ impl DpConfig {
     /// over either protocol: `--plugins` (a name without a version runs at
     /// `--kong-compat-version`), or every plugin this build has a schema for.
     pub fn announced_plugins(&self, registry: &crate::schema::Registry) -> Vec<(String, String)> {
+        if self.proxies() && self.plugins.is_none() {
+            // A data plane never silently skips a plugin: with the proxy on, it announces
+            // exactly what it executes, so a configuration using anything else is withheld.
+            return crate::dp::proxy::plugins::EXECUTED
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect();
+        }
         match &self.plugins {
             Some(list) => list
                 .iter()
@@ -277,6 +339,36 @@ impl DpConfig {
                 .map(|p| (p.name.clone(), self.kong_compat_version.clone()))
                 .collect(),
         }
+    }
+}
+
+impl DpConfig {
+    /// Whether this data plane runs the proxy.
+    pub fn proxies(&self) -> bool {
+        self.proxy_listen.is_some() || self.proxy_listen_tls.is_some()
+    }
+
+    /// With the proxy on, `--plugins` may only name plugins the proxy executes.
+    pub fn check_plugins(&self) -> anyhow::Result<()> {
+        let (true, Some(list)) = (self.proxies(), &self.plugins) else {
+            return Ok(());
+        };
+        let executed = crate::dp::proxy::plugins::EXECUTED;
+        for p in list {
+            let name = p.split_once(':').map_or(p.as_str(), |(n, _)| n);
+            anyhow::ensure!(
+                executed.iter().any(|(n, _)| *n == name),
+                "--plugins names '{name}', which this data plane's proxy does not execute \
+                 (it executes {}); remove it, or run a sync-only data plane with \
+                 --proxy-listen off",
+                executed
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
     }
 }
 

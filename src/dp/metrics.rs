@@ -264,6 +264,33 @@ fn scrape(dp: &DpShared) -> Registry {
         link.sync_requests,
     );
     m.link.register(&mut r, &[]);
+    if let Some(proxy) = dp.proxy() {
+        let st = proxy.status();
+        gauge(
+            &mut r,
+            "deltaplane_proxy_serving_version",
+            "The configuration version the proxy serves",
+            st.serving_version,
+        );
+        let by_class = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].into_iter().enumerate() {
+            by_class
+                .get_or_create(&[("class", class)])
+                .inc_by(proxy.proxy.stats.by_class[i].load(std::sync::atomic::Ordering::Relaxed));
+        }
+        r.register(
+            "deltaplane_proxy_responses",
+            "Responses the proxy sent, by status class",
+            by_class,
+        );
+        r.register_with_unit(
+            "deltaplane_proxy_upstream_latency",
+            "Upstream latency: connect to response header",
+            Unit::Seconds,
+            proxy.proxy.stats.upstream_latency.clone(),
+        );
+        proxy.exporter.register(&mut r);
+    }
     r
 }
 

@@ -64,6 +64,8 @@ pub struct DpShared {
     pub metrics: metrics::DpMetrics,
     link: Mutex<LinkStatus>,
     applied: watch::Sender<i64>,
+    /// The proxy, when this data plane runs one.
+    proxy: std::sync::OnceLock<Arc<proxy::ProxyHandle>>,
 }
 
 impl DpShared {
@@ -81,7 +83,13 @@ impl DpShared {
             metrics,
             link: Mutex::new(LinkStatus::default()),
             applied,
+            proxy: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The proxy, when this data plane runs one.
+    pub fn proxy(&self) -> Option<&Arc<proxy::ProxyHandle>> {
+        self.proxy.get()
     }
 
     pub fn link(&self) -> LinkStatus {
@@ -138,6 +146,30 @@ impl DpShared {
         m.insert("v1_skipped".into(), link.v1_skipped.into());
         m.insert("connects".into(), link.connects.into());
         m.insert("sync_requests".into(), link.sync_requests.into());
+        m.insert(
+            "proxy".into(),
+            match self.proxy() {
+                None => Value::Null,
+                Some(p) => {
+                    let st = p.status();
+                    serde_json::json!({
+                        "listen": st.listen.map(|a| a.to_string()),
+                        "listen_tls": st.listen_tls.map(|a| a.to_string()),
+                        "serving_version": st.serving_version,
+                        "stored_version": s.version,
+                        "routes": st.n_routes,
+                        "refused": st.refused,
+                        "problems": st.problems.iter().map(|p| serde_json::json!({
+                            "entity_type": p.entity_type,
+                            "id": p.id,
+                            "message": p.message,
+                        })).collect::<Vec<_>>(),
+                        "builds": st.builds,
+                        "full_builds": st.full_builds,
+                    })
+                }
+            },
+        );
         v
     }
 }
@@ -145,6 +177,9 @@ impl DpShared {
 /// A running data plane. Call [`RunningDp::shutdown`] to stop it.
 pub struct RunningDp {
     pub status_addr: SocketAddr,
+    /// The proxy's listeners, when on.
+    pub proxy_addr: Option<SocketAddr>,
+    pub proxy_tls_addr: Option<SocketAddr>,
     pub shared: Arc<DpShared>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -194,14 +229,98 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
             tracing::error!(error = %e, "status listener failed");
         }
     });
-    let client_task = tokio::spawn(link::run(cfg, tls, shared.clone(), shutdown_rx));
+    let mut tasks = vec![status_task];
+    let (proxy_addr, proxy_tls_addr) = if cfg.proxies() {
+        start_proxy(&cfg, &shared, &shutdown_rx, &mut tasks).await?
+    } else {
+        (None, None)
+    };
+    tasks.push(tokio::spawn(link::run(
+        cfg,
+        tls,
+        shared.clone(),
+        shutdown_rx,
+    )));
     Ok(RunningDp {
         status_addr,
+        proxy_addr,
+        proxy_tls_addr,
         shared,
         shutdown_tx,
-        tasks: vec![status_task, client_task],
+        tasks,
         _rpc: rpc_handle,
     })
+}
+
+/// Binds the proxy's listeners and starts following the store into it.
+async fn start_proxy(
+    cfg: &DpConfig,
+    shared: &Arc<DpShared>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<(Option<SocketAddr>, Option<SocketAddr>)> {
+    let exporter = proxy::plugins::Exporter::new();
+    let empty = proxy::gateway::Gateway::empty(&exporter);
+    let p = proxy::server::Proxy::new(empty, cfg.trusted_ips.clone());
+    let handle = proxy::ProxyHandle::new(p.clone(), exporter);
+    let plain = match cfg.proxy_listen {
+        None => None,
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the proxy listener on {addr} (--proxy-listen; `off` disables it)")
+        })?),
+    };
+    let tls = match cfg.proxy_listen_tls {
+        None => None,
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding the proxy TLS listener on {addr} (--proxy-listen-tls; `off` disables it)"
+            )
+        })?),
+    };
+    let plain_addr = plain.as_ref().map(|l| l.local_addr()).transpose()?;
+    let tls_addr = tls.as_ref().map(|l| l.local_addr()).transpose()?;
+    handle.set_listeners(plain_addr, tls_addr);
+    let _ = shared.proxy.set(handle.clone());
+    if let Some(l) = plain {
+        tasks.push(tokio::spawn(proxy::server::serve(
+            p.clone(),
+            l,
+            None,
+            shutdown.clone(),
+        )));
+    }
+    if let Some(l) = tls {
+        let default = proxy::tls::default_certificate().map_err(anyhow::Error::msg)?;
+        let current = {
+            let p = p.clone();
+            Arc::new(move || p.current().certificates.clone())
+        };
+        let resolver = proxy::tls::SniResolver::new(current, default);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tasks.push(tokio::spawn(proxy::server::serve(
+            p.clone(),
+            l,
+            Some(acceptor),
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(proxy::follow(
+        shared.store.clone(),
+        handle,
+        shutdown.clone(),
+    )));
+    tracing::info!(
+        listen = ?plain_addr,
+        listen_tls = ?tls_addr,
+        "proxy listening"
+    );
+    Ok((plain_addr, tls_addr))
 }
 
 fn open_store(data_dir: &Path, durable: bool) -> anyhow::Result<DpStore> {

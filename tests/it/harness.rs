@@ -359,6 +359,14 @@ impl TestCp {
         TestDp::start(cfg, dir).await
     }
 
+    /// Starts a data plane running the proxy on a loopback port of its own.
+    pub async fn start_proxy_dp(&self) -> TestDp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = self.dp_config(dir.path());
+        cfg.proxy_listen = Some("127.0.0.1:0".parse().unwrap());
+        TestDp::start(cfg, dir).await
+    }
+
     /// The control plane's (version, state hash).
     pub async fn head(&self) -> (i64, String) {
         let info = self.store().version_info().await.expect("version info");
@@ -414,6 +422,35 @@ impl TestDp {
             self.state(),
             self.shared().status_json()
         );
+    }
+
+    /// `http://<proxy listener>` of a data plane started with the proxy on.
+    pub fn proxy_url(&self) -> String {
+        let addr = self
+            .dp
+            .as_ref()
+            .expect("running")
+            .proxy_addr
+            .expect("the proxy is on");
+        format!("http://{addr}")
+    }
+
+    /// Waits until the proxy serves the control plane's head version (the store applied it,
+    /// and the proxy rebuilt from it); panics after `secs`.
+    pub async fn wait_serving(&self, cp: &TestCp, secs: u64) -> i64 {
+        let (v, _) = cp.head().await;
+        let mut rx = self
+            .shared()
+            .proxy()
+            .expect("the proxy is on")
+            .watch_serving();
+        let r = tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|s| *s >= v)).await;
+        assert!(
+            r.is_ok(),
+            "proxy stuck; wanted version {v}; status {}",
+            self.shared().status_json()
+        );
+        v
     }
 
     /// Waits until the data plane equals the control plane's head: same version, same hash.

@@ -133,6 +133,21 @@ impl Snapshot {
         parse_body(body).map(Some)
     }
 
+    /// The entity `id` of `entity_type` in whichever workspace holds it, with that
+    /// workspace (ids are unique per type across workspaces); for consumers of the change
+    /// feed, which names `(type, id)`.
+    pub fn get_by_id(
+        &self,
+        entity_type: &str,
+        id: &str,
+    ) -> Result<Option<(String, Value)>, DpStoreError> {
+        let Some(row) = self.entities.get((entity_type, id))? else {
+            return Ok(None);
+        };
+        let (ws, body) = row.value();
+        Ok(Some((ws.to_owned(), parse_body(body)?)))
+    }
+
     /// The entity whose unique field (or endpoint key) `field` is `value` in workspace `ws_id`:
     /// `services.name`, `consumers.username`, `keyauth_credentials.key`. `field` may also be
     /// `@cache_key` with `value` the array of the cache-key fields (foreign keys as ids).

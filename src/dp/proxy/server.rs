@@ -1,0 +1,900 @@
+//! The proxy listeners and the request path: route, run the plugins, pick a target, forward,
+//! pass the response back (Kong's `kong/runloop/handler.lua` phases, in one async function).
+//!
+//! A request is served entirely by the [`Gateway`] that was current when it arrived: it
+//! holds that `Arc` until its response body ends, whatever is swapped in meanwhile.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::balancer::{HashInput, Outcome, Resolver};
+use super::errors::{self, Source};
+use super::gateway::{Gateway, Service};
+use super::ipnet::IpNet;
+use super::plugins::{Ctx, LogEntry};
+use super::router::{self, Route};
+use super::upstream::{self, BoxError, ConnectError, PoolKey, ProxyBody, SendError};
+
+/// What the proxy answers in `Via` and `Server` (Kong says `kong/<version>`; we say who we
+/// are, see the README's deviations).
+pub const SERVER_TOKEN: &str = concat!("deltaplane/", env!("CARGO_PKG_VERSION"));
+
+/// Request bodies are buffered (`request_buffering`, Kong's default) up to this size; a
+/// larger body answers 413 (Kong's `client_max_body_size` is unlimited by default but
+/// nginx spools to disk; we hold bodies in memory, so we bound them).
+pub const MAX_BUFFERED_REQUEST: usize = 64 * 1024 * 1024;
+
+/// `response_buffering` buffers a response whose announced length is at most this; longer
+/// or unannounced ones stream (nginx spools large responses to disk instead).
+pub const MAX_BUFFERED_RESPONSE: usize = 1024 * 1024;
+
+/// Request counts by status class and upstream latency, for `/metrics`.
+#[derive(Debug)]
+pub struct ProxyStats {
+    /// Responses by status class: 1xx … 5xx.
+    pub by_class: [AtomicU64; 5],
+    /// Upstream latency (connect to response header), as a histogram.
+    pub upstream_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl ProxyStats {
+    fn new() -> ProxyStats {
+        ProxyStats {
+            by_class: Default::default(),
+            upstream_latency: prometheus_client::metrics::histogram::Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]),
+        }
+    }
+
+    fn count(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The proxy's state shared by its listeners and the configuration task.
+pub struct Proxy {
+    gateway: ArcSwap<Gateway>,
+    client: Arc<upstream::Client>,
+    resolver: Arc<Resolver>,
+    trusted: Vec<IpNet>,
+    pub stats: ProxyStats,
+}
+
+impl Proxy {
+    pub fn new(initial: Gateway, trusted: Vec<IpNet>) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            gateway: ArcSwap::from_pointee(initial),
+            client: upstream::Client::new(),
+            resolver: Arc::new(Resolver::new()),
+            trusted,
+            stats: ProxyStats::new(),
+        })
+    }
+
+    /// The configuration being served.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.gateway.load_full()
+    }
+
+    /// Serves `next` to every request that arrives from now on.
+    pub fn swap(&self, next: Arc<Gateway>) {
+        self.gateway.store(next);
+    }
+
+    /// Idle upstream connections (for tests).
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.client.idle_connections()
+    }
+}
+
+/// One accepted client connection, as the request path needs it.
+#[derive(Debug, Clone)]
+struct Downstream {
+    remote: SocketAddr,
+    local_port: u16,
+    tls: bool,
+    sni: Option<Arc<str>>,
+}
+
+/// Serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) on `listener` until
+/// `shutdown`; connections in flight finish their requests.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait rather than spin.
+                tracing::warn!(error = %e, "proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let proxy = proxy.clone();
+        let acceptor = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match acceptor {
+                None => {
+                    let down = Downstream {
+                        remote,
+                        local_port,
+                        tls: false,
+                        sni: None,
+                    };
+                    let svc = service_fn(move |req| handle(proxy.clone(), down.clone(), req));
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+                Some(acceptor) => {
+                    let accepted =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    let Ok(Ok(stream)) = accepted else { return };
+                    let sni = stream.get_ref().1.server_name().map(Arc::from);
+                    let down = Downstream {
+                        remote,
+                        local_port,
+                        tls: true,
+                        sni,
+                    };
+                    let svc = service_fn(move |req| handle(proxy.clone(), down.clone(), req));
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    // Requests in flight get a moment to finish.
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+type Answer = Response<ProxyBody>;
+
+fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed()
+}
+
+async fn handle(
+    proxy: Arc<Proxy>,
+    down: Downstream,
+    req: Request<Incoming>,
+) -> Result<Answer, std::convert::Infallible> {
+    let started = Instant::now();
+    let gateway = proxy.current();
+    let request_id = request_id();
+    let mut res = route_and_forward(&proxy, &gateway, &down, req, started, &request_id).await;
+    proxy.stats.count(res.status());
+    let h = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert(X_KONG_REQUEST_ID, v);
+    }
+    Ok(res)
+}
+
+const X_KONG_REQUEST_ID: HeaderName = HeaderName::from_static("x-kong-request-id");
+const X_KONG_UPSTREAM_LATENCY: HeaderName = HeaderName::from_static("x-kong-upstream-latency");
+const X_KONG_PROXY_LATENCY: HeaderName = HeaderName::from_static("x-kong-proxy-latency");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_PATH: HeaderName = HeaderName::from_static("x-forwarded-path");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Kong's `$kong_request_id`: nginx's `$request_id`, 16 random bytes in hex.
+fn request_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+fn error(
+    status: StatusCode,
+    message: &str,
+    headers: &HeaderMap,
+    source: Source,
+    request_id: &str,
+) -> Answer {
+    let res = errors::response(status, message, headers, source, request_id);
+    let (mut parts, body) = res.into_parts();
+    parts
+        .headers
+        .insert(header::SERVER, HeaderValue::from_static(SERVER_TOKEN));
+    Response::from_parts(parts, full(body.into_inner().unwrap_or_default()))
+}
+
+async fn route_and_forward(
+    proxy: &Arc<Proxy>,
+    gateway: &Arc<Gateway>,
+    down: &Downstream,
+    req: Request<Incoming>,
+    started: Instant,
+    request_id: &str,
+) -> Answer {
+    let (parts, body) = req.into_parts();
+    let host_header = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let facts = router::Request {
+        method: parts.method.as_str(),
+        host: &host_header,
+        listener_port: down.local_port,
+        path: &path_and_query,
+        headers: &parts.headers,
+        sni: down.sni.as_deref(),
+    };
+    let Some(found) = gateway.router.find(&facts) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no Route matched with those values",
+            &parts.headers,
+            Source::Runloop,
+            request_id,
+        );
+    };
+    let route = found.route.clone();
+    let matched_path = found.matched_path.clone();
+    let normalized_path = found.path.clone();
+    let captures = captures_of(&found);
+
+    // X-Forwarded-* as received, only from trusted addresses (`trusted_ips`).
+    let trusted = proxy.trusted.iter().any(|n| n.contains(down.remote.ip()));
+    let scheme = if down.tls { "https" } else { "http" };
+    let (host_only, host_port) = split_host_port(&host_header);
+    let port = host_port.unwrap_or(down.local_port);
+    let incoming = |name: &HeaderName| {
+        trusted
+            .then(|| parts.headers.get(name).and_then(|v| v.to_str().ok()))
+            .flatten()
+            .map(str::to_owned)
+    };
+    let forwarded_proto = incoming(&X_FORWARDED_PROTO).unwrap_or_else(|| scheme.to_owned());
+    let forwarded_host = incoming(&X_FORWARDED_HOST).unwrap_or_else(|| host_only.to_owned());
+    let forwarded_port = incoming(&X_FORWARDED_PORT).unwrap_or_else(|| port.to_string());
+    let forwarded_path = incoming(&X_FORWARDED_PATH)
+        .unwrap_or_else(|| path_and_query.split('?').next().unwrap_or("/").to_owned());
+    let forwarded_prefix =
+        incoming(&X_FORWARDED_PREFIX).or_else(|| matched_path.clone().filter(|p| p != "/"));
+
+    // An https-only route over http (`kong/runloop/handler.lua`).
+    let protocols = &route.protocols;
+    if protocols.iter().any(|p| p == "https")
+        && !protocols.iter().any(|p| p == "http")
+        && forwarded_proto != "https"
+    {
+        let code = route.https_redirect_status_code;
+        if matches!(code, 301 | 302 | 307 | 308) {
+            let mut res = Response::new(full(Bytes::new()));
+            *res.status_mut() = StatusCode::from_u16(code).expect("a redirect code");
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("https://{forwarded_host}{path_and_query}"))
+            {
+                res.headers_mut().insert(header::LOCATION, v);
+            }
+            return res;
+        }
+        let mut res = error(
+            StatusCode::UPGRADE_REQUIRED,
+            "Please use HTTPS protocol",
+            &parts.headers,
+            Source::Runloop,
+            request_id,
+        );
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        res.headers_mut().insert(
+            header::UPGRADE,
+            HeaderValue::from_static("TLS/1.2, HTTP/1.1"),
+        );
+        return res;
+    }
+
+    let Some(service) = route
+        .service_id
+        .as_ref()
+        .and_then(|id| gateway.services.get(id))
+        .cloned()
+    else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no Service found with those values",
+            &parts.headers,
+            Source::Runloop,
+            request_id,
+        );
+    };
+
+    // The plugins' access phase.
+    let (raw_path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (path_and_query.clone(), None),
+    };
+    let mut ctx = Ctx {
+        route_id: Some(route.id.clone()),
+        route_name: route.name.clone(),
+        service_id: Some(service.id.clone()),
+        service_name: service.name.clone(),
+        ws_id: service.ws_id.clone(),
+        client_ip: down.remote.ip(),
+        method: parts.method.clone(),
+        path: raw_path,
+        query,
+        headers: parts.headers,
+        tls: down.tls,
+        consumer: None,
+        credential: None,
+        authenticated_groups: None,
+    };
+    let plugins = gateway.plugins.clone();
+    if let Some(res) = plugins.access(&mut ctx).await {
+        let (mut rp, body) = res.into_parts();
+        plugins.response(&ctx, rp.status, &mut rp.headers);
+        plugins.log(
+            &ctx,
+            &LogEntry {
+                status: rp.status.as_u16(),
+                request_bytes: 0,
+                response_bytes: 0,
+                latency_total: started.elapsed(),
+                latency_upstream: None,
+                latency_kong: started.elapsed(),
+            },
+        );
+        return Response::from_parts(rp, full(body.into_inner().unwrap_or_default()));
+    }
+
+    // The upstream request.
+    let mut upstream_path = router::upstream_path_v0(
+        service.path.as_deref(),
+        &normalized_path,
+        matched_path.as_deref(),
+        route.strip_path,
+    );
+    if let Some(q) = &ctx.query {
+        upstream_path.push('?');
+        upstream_path.push_str(q);
+    }
+    let mut headers = std::mem::take(&mut ctx.headers);
+    strip_hop_by_hop(&mut headers);
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if trusted => format!("{prev}, {}", down.remote.ip()),
+        _ => down.remote.ip().to_string(),
+    };
+    set(&mut headers, X_FORWARDED_FOR, &xff);
+    set(&mut headers, X_FORWARDED_PROTO, &forwarded_proto);
+    set(&mut headers, X_FORWARDED_HOST, &forwarded_host);
+    set(&mut headers, X_FORWARDED_PORT, &forwarded_port);
+    set(&mut headers, X_FORWARDED_PATH, &forwarded_path);
+    match &forwarded_prefix {
+        Some(p) => set(&mut headers, X_FORWARDED_PREFIX, p),
+        None => {
+            headers.remove(&X_FORWARDED_PREFIX);
+        }
+    }
+    set(&mut headers, X_REAL_IP, &down.remote.ip().to_string());
+    let inbound_via = format!("{} {SERVER_TOKEN}", via_version(parts.version));
+    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {inbound_via}"),
+        None => inbound_via,
+    };
+    set(&mut headers, header::VIA, &via);
+    set(&mut headers, X_KONG_REQUEST_ID, request_id);
+
+    let body: ProxyBody = if route.request_buffering {
+        match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
+            .collect()
+            .await
+        {
+            Ok(c) => full(c.to_bytes()),
+            Err(e) => {
+                let too_large = e.is::<http_body_util::LengthLimitError>();
+                let status = if too_large {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return error(
+                    status,
+                    &errors::proxying_message(status),
+                    &headers,
+                    Source::Proxying,
+                    request_id,
+                );
+            }
+        }
+    } else {
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+    };
+
+    let attempt = Attempt {
+        proxy,
+        gateway,
+        service: &service,
+        route: &route,
+        method: parts.method,
+        version: parts.version,
+        path: upstream_path,
+        headers,
+        host_header: &host_header,
+        ctx: &ctx,
+        captures: &captures,
+        request_id,
+    };
+    let (mut res, upstream_latency) = match attempt.run(body).await {
+        Ok(x) => x,
+        Err(answer) => {
+            let mut res = answer;
+            let status = res.status();
+            plugins.response(&ctx, status, res.headers_mut());
+            plugins.log(
+                &ctx,
+                &LogEntry {
+                    status: status.as_u16(),
+                    request_bytes: 0,
+                    response_bytes: 0,
+                    latency_total: started.elapsed(),
+                    latency_upstream: None,
+                    latency_kong: started.elapsed(),
+                },
+            );
+            return res;
+        }
+    };
+    let status = res.status();
+    let outbound_via = format!("{} {SERVER_TOKEN}", via_version(res.version()));
+    let h = res.headers_mut();
+    let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {outbound_via}"),
+        None => outbound_via,
+    };
+    set(h, header::VIA, &via);
+    let kong_latency = started.elapsed().saturating_sub(upstream_latency);
+    set(
+        h,
+        X_KONG_UPSTREAM_LATENCY,
+        &upstream_latency.as_millis().to_string(),
+    );
+    set(
+        h,
+        X_KONG_PROXY_LATENCY,
+        &kong_latency.as_millis().to_string(),
+    );
+    plugins.response(&ctx, status, h);
+    let log = LogEntry {
+        status: status.as_u16(),
+        request_bytes: 0,
+        response_bytes: 0,
+        latency_total: started.elapsed(),
+        latency_upstream: Some(upstream_latency),
+        latency_kong: kong_latency,
+    };
+    // The log phase runs when the body has been passed on (or dropped).
+    let (rp, body) = res.into_parts();
+    let done = move |bytes: u64| {
+        let mut log = log;
+        log.response_bytes = bytes;
+        log.latency_total = started.elapsed();
+        plugins.log(&ctx, &log);
+    };
+    Response::from_parts(rp, LoggedBody::new(body, Box::new(done)).boxed())
+}
+
+/// One request's tries at the upstream (1 + the service's `retries` on connect failures).
+struct Attempt<'a> {
+    proxy: &'a Arc<Proxy>,
+    gateway: &'a Arc<Gateway>,
+    service: &'a Service,
+    route: &'a Route,
+    method: Method,
+    version: Version,
+    path: String,
+    headers: HeaderMap,
+    host_header: &'a str,
+    ctx: &'a Ctx,
+    captures: &'a [(String, String)],
+    request_id: &'a str,
+}
+
+impl Attempt<'_> {
+    async fn run(self, body: ProxyBody) -> Result<(Answer, Duration), Answer> {
+        let service = self.service;
+        let fail = |status: StatusCode, message: &str| {
+            error(
+                status,
+                message,
+                &self.headers,
+                Source::Proxying,
+                self.request_id,
+            )
+        };
+        let upstream = self.gateway.balancers.get(&service.ws_id, &service.host);
+        let captures = |name: &str| {
+            self.captures
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let hash_key = upstream.as_ref().map(|u| {
+            u.hash_key(&HashInput {
+                consumer_id: self.ctx.consumer.as_ref().map(|c| c.id.as_str()),
+                client_ip: self.ctx.client_ip,
+                headers: &self.headers,
+                path: &self.ctx.path,
+                query: self.ctx.query.as_deref(),
+                captures: &captures,
+            })
+        });
+        let key = hash_key.as_ref().and_then(|k| k.key.clone());
+        let tls = matches!(service.protocol.as_str(), "https" | "grpcs");
+        let h2 = matches!(service.protocol.as_str(), "grpc" | "grpcs");
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut body = Some(body);
+        let attempts = 1 + service.retries;
+        let mut last_timeout = false;
+        for _ in 0..attempts {
+            // Pick a target.
+            let (addr, target_host, target_port, pick) = match &upstream {
+                Some(u) => match u.pick(key.as_deref(), &tried).await {
+                    Ok(p) => (p.addr, p.host.clone(), p.port, Some(p)),
+                    Err(e) => {
+                        return Err(fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
+                    }
+                },
+                None => match self
+                    .proxy
+                    .resolver
+                    .resolve(&service.host, service.port)
+                    .await
+                {
+                    Ok(addrs) if !addrs.is_empty() => {
+                        let addr = addrs
+                            .iter()
+                            .find(|a| !tried.contains(a))
+                            .copied()
+                            .unwrap_or(addrs[tried.len() % addrs.len()]);
+                        (addr, service.host.clone(), service.port, None)
+                    }
+                    Ok(_) | Err(_) => {
+                        return Err(fail(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "name resolution failed",
+                        ));
+                    }
+                },
+            };
+            tried.push(addr);
+            let pool_key = PoolKey {
+                addr,
+                tls: tls.then(|| target_host.clone()),
+                h2,
+            };
+            let t0 = Instant::now();
+            let conn = match self
+                .proxy
+                .client
+                .connect(&pool_key, service.connect_timeout)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    last_timeout = matches!(e, ConnectError::Timeout);
+                    tracing::debug!(%addr, error = %e, "upstream connect failed");
+                    if let Some(p) = pick {
+                        p.report(if last_timeout {
+                            Outcome::Timeout
+                        } else {
+                            Outcome::TcpError
+                        });
+                    }
+                    continue;
+                }
+            };
+            // The Host header (`kong/runloop/balancer/init.lua`, set_host_header).
+            let host_value = if self.route.preserve_host {
+                self.host_header.to_owned()
+            } else {
+                let default_port = match service.protocol.as_str() {
+                    "http" | "grpc" => 80,
+                    _ => 443,
+                };
+                if target_port == default_port {
+                    target_host.clone()
+                } else {
+                    format!("{target_host}:{target_port}")
+                }
+            };
+            let uri: Uri = if h2 {
+                let scheme = if tls { "https" } else { "http" };
+                match format!("{scheme}://{host_value}{}", self.path).parse() {
+                    Ok(u) => u,
+                    Err(_) => return Err(fail(StatusCode::BAD_REQUEST, "Bad request")),
+                }
+            } else {
+                match self.path.parse() {
+                    Ok(u) => u,
+                    Err(_) => return Err(fail(StatusCode::BAD_REQUEST, "Bad request")),
+                }
+            };
+            let mut req = Request::new(body.take().expect("the body is sent once"));
+            *req.method_mut() = self.method.clone();
+            *req.uri_mut() = uri;
+            *req.version_mut() = if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            *req.headers_mut() = self.headers.clone();
+            if let Ok(v) = HeaderValue::from_str(&host_value) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let _ = self.version;
+            // nginx's proxy_read_timeout runs once the request is sent; a buffered body is
+            // sent at once, a streamed one may take up to write_timeout between writes.
+            let timeout = if self.route.request_buffering {
+                service.read_timeout
+            } else {
+                service.read_timeout + service.write_timeout
+            };
+            match self.proxy.client.send(conn, req, timeout).await {
+                Ok(res) => {
+                    let latency = t0.elapsed();
+                    self.proxy
+                        .stats
+                        .upstream_latency
+                        .observe(latency.as_secs_f64());
+                    if let Some(p) = pick {
+                        p.report(Outcome::Response {
+                            status: res.status().as_u16(),
+                            latency,
+                        });
+                    }
+                    let (mut parts, ubody) = res.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    if let Some(cookie) = hash_key.as_ref().and_then(|k| k.cookie.as_ref())
+                        && let Ok(v) = HeaderValue::from_str(cookie)
+                    {
+                        parts.headers.append(header::SET_COOKIE, v);
+                    }
+                    let body: ProxyBody = if self.route.response_buffering
+                        && parts
+                            .headers
+                            .get(header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                            .is_some_and(|n| n <= MAX_BUFFERED_RESPONSE)
+                    {
+                        match ubody.collect_up_to(MAX_BUFFERED_RESPONSE).await {
+                            Ok(Some(b)) => full(b),
+                            _ => {
+                                return Err(fail(
+                                    StatusCode::BAD_GATEWAY,
+                                    &errors::proxying_message(StatusCode::BAD_GATEWAY),
+                                ));
+                            }
+                        }
+                    } else {
+                        ubody.boxed()
+                    };
+                    return Ok((Response::from_parts(parts, body), latency));
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "upstream request failed");
+                    let timed_out = matches!(e, SendError::Timeout);
+                    if let Some(p) = pick {
+                        p.report(if timed_out {
+                            Outcome::Timeout
+                        } else {
+                            Outcome::TcpError
+                        });
+                    }
+                    // The request (and its body) is gone: no retry after sending.
+                    let status = if timed_out {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    return Err(fail(status, &errors::proxying_message(status)));
+                }
+            }
+        }
+        let status = if last_timeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        Err(fail(status, &errors::proxying_message(status)))
+    }
+}
+
+/// The route's regex captures by name, and by index as `"0"`, `"1"`, … (Kong's
+/// `uri_captures`, which `hash_on = uri_capture` reads).
+fn captures_of(m: &router::Match<'_>) -> Vec<(String, String)> {
+    let _ = m;
+    Vec::new()
+}
+
+fn via_version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// Splits `host[:port]` (IPv6 literals in brackets).
+fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        if let Some((h, p)) = rest.split_once(']') {
+            return (h, p.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+        return (host, None);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        _ => (host, None),
+    }
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1, and those `Connection` names), as nginx
+/// does when proxying.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::TRAILER,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// A body that calls `done` with the bytes passed on once it ends or is dropped.
+struct LoggedBody {
+    inner: ProxyBody,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl LoggedBody {
+    fn new(inner: ProxyBody, done: Box<dyn FnOnce(u64) + Send + Sync>) -> LoggedBody {
+        LoggedBody {
+            inner,
+            bytes: 0,
+            done: Some(done),
+        }
+    }
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => {
+                if let Some(done) = this.done.take() {
+                    done(this.bytes);
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(split_host_port("example.com"), ("example.com", None));
+        assert_eq!(
+            split_host_port("example.com:8000"),
+            ("example.com", Some(8000))
+        );
+        assert_eq!(split_host_port("[::1]:8443"), ("::1", Some(8443)));
+        assert_eq!(split_host_port("[::1]"), ("::1", None));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

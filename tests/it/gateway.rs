@@ -1,0 +1,371 @@
+//! The data plane's proxy, end to end: Admin API writes on a control plane, a data plane
+//! with the proxy on, requests through its real listener to local upstream servers.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, TestCp, TestDp};
+use crate::upstreams::Echo;
+
+async fn setup() -> (TestCp, TestDp, reqwest::Client) {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    let dp = cp.start_proxy_dp().await;
+    dp.wait_serving(&cp, 10).await;
+    (cp, dp, reqwest::Client::new())
+}
+
+async fn get(client: &reqwest::Client, url: String, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = client.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("proxy answers")
+}
+
+/// A route created on the control plane answers on the data plane's proxy once the version
+/// is served, and the request reaches the upstream as Kong forwards it: path stripped
+/// (`strip_path` defaults to true), the service path prefixed, the query kept, Kong's
+/// X-Forwarded-* (`kong/runloop/handler.lua`), Via and X-Kong-Request-Id headers added.
+#[tokio::test]
+async fn a_new_route_answers_on_the_proxy_as_kong_forwards_it() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create(
+        "/services",
+        json!({"name": "svc", "url": echo.url("/base")}),
+    )
+    .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"name": "r1", "paths": ["/api"]}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+    let res = get(
+        &client,
+        format!("{}/api/users?id=7", dp.proxy_url()),
+        &[("host", "gw.example:9000")],
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let rid = res.headers()["x-kong-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(rid.len(), 32);
+    assert!(
+        res.headers()["via"]
+            .to_str()
+            .unwrap()
+            .contains("deltaplane/")
+    );
+    assert!(res.headers().contains_key("x-kong-upstream-latency"));
+    assert!(res.headers().contains_key("x-kong-proxy-latency"));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["path"], "/base/users?id=7");
+    let h = &body["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "gw.example");
+    assert_eq!(h["x-forwarded-port"], "9000");
+    assert_eq!(h["x-forwarded-path"], "/api/users");
+    assert_eq!(h["x-forwarded-prefix"], "/api");
+    assert_eq!(h["x-kong-request-id"], rid.as_str());
+    assert!(h["via"].as_str().unwrap().starts_with("1.1 deltaplane/"));
+    // preserve_host is false: the upstream sees its own address as Host.
+    assert_eq!(h["host"], echo.addr.to_string().as_str());
+}
+
+/// Incoming X-Forwarded-* headers are not trusted from an address outside `trusted_ips`
+/// (Kong's default: none): X-Forwarded-For is replaced, not appended to.
+#[tokio::test]
+async fn forwarded_headers_from_untrusted_clients_are_replaced() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"paths": ["/"], "preserve_host": true}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+    let res = get(
+        &client,
+        format!("{}/x", dp.proxy_url()),
+        &[
+            ("host", "keep.example"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ],
+    )
+    .await;
+    let body: Value = res.json().await.unwrap();
+    let h = &body["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "keep.example");
+    assert_eq!(
+        h["host"], "keep.example",
+        "preserve_host keeps the Host header"
+    );
+}
+
+/// No route: 404 in Kong's JSON shape with the request id, or in the format the Accept
+/// header asks for (`kong/tools/http.lua` templates).
+#[tokio::test]
+async fn no_route_is_kongs_404_in_the_accepted_format() {
+    let (_cp, dp, client) = setup().await;
+    let res = get(&client, format!("{}/nothing", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(
+        res.headers()["content-type"],
+        "application/json; charset=utf-8"
+    );
+    let rid = res.headers()["x-kong-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"message": "no Route matched with those values", "request_id": rid})
+    );
+    let res = get(
+        &client,
+        format!("{}/nothing", dp.proxy_url()),
+        &[("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(res.headers()["content-type"], "text/html; charset=utf-8");
+    let text = res.text().await.unwrap();
+    assert!(
+        text.contains("<p>no Route matched with those values.</p>"),
+        "{text}"
+    );
+    let res = get(
+        &client,
+        format!("{}/nothing", dp.proxy_url()),
+        &[("accept", "text/plain")],
+    )
+    .await;
+    assert!(
+        res.text()
+            .await
+            .unwrap()
+            .starts_with("no Route matched with those values\nrequest_id: ")
+    );
+}
+
+/// A route without a service answers 503; the routes of a disabled service are left out of
+/// the router (404), and come back when it is enabled again.
+#[tokio::test]
+async fn serviceless_routes_503_and_disabled_services_404() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/routes", json!({"name": "lonely", "paths": ["/lonely"]}))
+        .await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/svc"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    let res = get(&client, format!("{}/lonely", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "no Service found with those values");
+    assert_eq!(
+        get(&client, format!("{}/svc", dp.proxy_url()), &[])
+            .await
+            .status(),
+        200
+    );
+    cp.patch("/services/svc", json!({"enabled": false})).await;
+    dp.wait_serving(&cp, 10).await;
+    assert_eq!(
+        get(&client, format!("{}/svc", dp.proxy_url()), &[])
+            .await
+            .status(),
+        404
+    );
+    cp.patch("/services/svc", json!({"enabled": true})).await;
+    dp.wait_serving(&cp, 10).await;
+    assert_eq!(
+        get(&client, format!("{}/svc", dp.proxy_url()), &[])
+            .await
+            .status(),
+        200
+    );
+}
+
+/// An https-only route hit over plain http answers 426 with Kong's headers, or redirects
+/// with the route's `https_redirect_status_code`.
+#[tokio::test]
+async fn https_only_routes_over_http_answer_426_or_redirect() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"paths": ["/secure"], "protocols": ["https"]}),
+    )
+    .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"paths": ["/moved"], "protocols": ["https"], "https_redirect_status_code": 301}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+    let res = get(&client, format!("{}/secure", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 426);
+    assert_eq!(res.headers()["upgrade"], "TLS/1.2, HTTP/1.1");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "Please use HTTPS protocol");
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let res = get(
+        &no_redirects,
+        format!("{}/moved/a?b=1", dp.proxy_url()),
+        &[("host", "site.example")],
+    )
+    .await;
+    assert_eq!(res.status(), 301);
+    assert_eq!(
+        res.headers()["location"],
+        "https://site.example/moved/a?b=1"
+    );
+}
+
+/// Upstream failures in Kong's words: nothing listening is 502, a response slower than
+/// `read_timeout` is 504, the bodies follow Accept then Content-Type then plain text
+/// (`kong/error_handlers.lua`).
+#[tokio::test]
+async fn upstream_failures_are_502_and_504_in_kongs_words() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    cp.create(
+        "/services",
+        json!({"name": "down", "url": format!("http://{closed}"), "retries": 2}),
+    )
+    .await;
+    cp.create("/services/down/routes", json!({"paths": ["/down"]}))
+        .await;
+    cp.create(
+        "/services",
+        json!({"name": "slow", "url": echo.url(""), "read_timeout": 200}),
+    )
+    .await;
+    cp.create("/services/slow/routes", json!({"paths": ["/slow"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    // reqwest sends `Accept: */*`, which Kong answers in JSON.
+    let res = get(&client, format!("{}/down", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 502);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body["message"],
+        "An invalid response was received from the upstream server"
+    );
+    let res = get(
+        &client,
+        format!("{}/down", dp.proxy_url()),
+        &[("accept", "text/plain")],
+    )
+    .await;
+    assert!(
+        res.text()
+            .await
+            .unwrap()
+            .starts_with("An invalid response was received from the upstream server\nrequest_id: ")
+    );
+    let started = Instant::now();
+    let res = get(
+        &client,
+        format!("{}/slow/delay=2000", dp.proxy_url()),
+        &[("accept", "application/json")],
+    )
+    .await;
+    assert_eq!(res.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "The upstream server is timing out");
+    // The upstream's own error statuses pass through untouched.
+    let res = get(&client, format!("{}/slow/status=503", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-echo-server"], "e1");
+}
+
+/// Upstream keep-alive: consecutive requests reuse one upstream connection, and a new
+/// configuration (another route) does not drop the pool.
+#[tokio::test]
+async fn upstream_connections_are_reused_across_configurations() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/a"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    for _ in 0..5 {
+        let res = get(&client, format!("{}/a", dp.proxy_url()), &[]).await;
+        assert_eq!(res.status(), 200);
+        res.bytes().await.unwrap();
+    }
+    cp.create("/services/svc/routes", json!({"paths": ["/b"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    for _ in 0..5 {
+        let res = get(&client, format!("{}/b", dp.proxy_url()), &[]).await;
+        assert_eq!(res.status(), 200);
+        res.bytes().await.unwrap();
+    }
+    assert_eq!(echo.hits(), 10);
+    assert_eq!(
+        echo.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one upstream connection served every request"
+    );
+}
+
+/// `/status` shows the version the proxy serves next to the stored one, and `/metrics`
+/// counts responses by status class.
+#[tokio::test]
+async fn status_and_metrics_show_the_proxy() {
+    let (cp, dp, client) = setup().await;
+    let v = dp.wait_serving(&cp, 10).await;
+    get(&client, format!("{}/none", dp.proxy_url()), &[]).await;
+    let addr = dp.dp.as_ref().unwrap().status_addr;
+    let status: Value = client
+        .get(format!("http://{addr}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["proxy"]["serving_version"], v);
+    assert_eq!(status["proxy"]["stored_version"], v);
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("deltaplane_proxy_responses_total{class=\"4xx\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("deltaplane_proxy_serving_version {v}")));
+}
