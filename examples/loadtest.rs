@@ -537,6 +537,7 @@ impl World {
                 .arg("--cluster-cert-key")
                 .arg(cp.dir.join("cluster.key"))
                 .args(["--status-listen", &status.to_string()])
+                .args(["--proxy-listen", "off"])
                 .args(["--durable", "true"]);
             let pid = self.procs.spawn(
                 &format!("dp-{i}"),

@@ -49,8 +49,17 @@ async fn status(State(dp): State<Arc<DpShared>>) -> Json<Value> {
     Json(dp.status_json())
 }
 
+/// Ready once a configuration is applied and, with the proxy on, served by it (Kong's
+/// `/status/ready` waits for the router and plugins to be built: `kong/api/routes/health.lua`).
 async fn ready(State(dp): State<Arc<DpShared>>) -> impl IntoResponse {
     let s = dp.store.state();
+    let serving = dp.proxy().map(|p| p.status().serving_version);
+    if serving.is_some_and(|v| v == 0) && s.version > 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "message": "the proxy is not serving a configuration yet" })),
+        );
+    }
     if s.version > 0 {
         (
             StatusCode::OK,

@@ -147,6 +147,8 @@ async fn cp_and_dp_binaries_sync() {
     let cp_dir = dir.path().join("cp");
     let dp_dir = dir.path().join("dp");
     let (admin, cluster, status) = (free_port(), free_port(), free_port());
+    let proxy = free_port();
+    let echo = crate::upstreams::Echo::start("quick").await;
     let _cp = Proc(
         Command::new(env!("CARGO_BIN_EXE_deltaplane-cp"))
             .args(["serve", "--data-dir"])
@@ -173,6 +175,7 @@ async fn cp_and_dp_binaries_sync() {
             .arg("--cluster-cert-key")
             .arg(cp_dir.join("cluster.key"))
             .args(["--status-listen", &format!("127.0.0.1:{status}")])
+            .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         c
@@ -184,7 +187,7 @@ async fn cp_and_dp_binaries_sync() {
     for _ in 0..200 {
         if let Ok(r) = client
             .post(format!("{admin_url}/services"))
-            .json(&serde_json::json!({"name": "quick", "url": "http://example.com"}))
+            .json(&serde_json::json!({"name": "quick", "url": echo.url("/up")}))
             .send()
             .await
         {
@@ -195,6 +198,13 @@ async fn cp_and_dp_binaries_sync() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(created);
+    let r = client
+        .post(format!("{admin_url}/services/quick/routes"))
+        .json(&serde_json::json!({"paths": ["/quick"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
     let cp_status = || {
         json_of(
             Command::new(env!("CARGO_BIN_EXE_deltaplane-cp"))
@@ -248,6 +258,19 @@ async fn cp_and_dp_binaries_sync() {
     })
     .await;
     assert!(ready);
+    let mut ready = false;
+    for _ in 0..100 {
+        let r = client
+            .get(format!("http://127.0.0.1:{status}/status/ready"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the restarted DP never became ready");
     let v = json_of(dp_status());
     assert_eq!(v["version"], head["version"]);
     assert_eq!(v["state_hash"], head["state_hash"]);
@@ -258,6 +281,15 @@ async fn cp_and_dp_binaries_sync() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // ... and proxies traffic by it.
+    let r = client
+        .get(format!("http://127.0.0.1:{proxy}/quick/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["path"], "/up/x");
     drop(dp);
 }
 

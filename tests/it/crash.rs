@@ -123,6 +123,7 @@ fn dp_command(cp: &TestCp, data_dir: &Path, status: u16, failpoint: Option<Strin
         .args(["--cluster-control-plane", &addr])
         .args(["--cluster-cert", &crt, "--cluster-cert-key", &key])
         .args(["--status-listen", &status])
+        .args(["--proxy-listen", "off"])
         .args([
             "--cluster-ping-interval",
             "2s",

@@ -369,3 +369,68 @@ async fn status_and_metrics_show_the_proxy() {
     );
     assert!(text.contains(&format!("deltaplane_proxy_serving_version {v}")));
 }
+
+/// Churn: one configuration change per second for 60 s while a fixed-rate load runs. Every
+/// request the configuration should serve succeeds (zero failures), and each new route
+/// answers as soon as its version is served.
+#[tokio::test]
+async fn churn_under_load_fails_no_request() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/stable"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    let url = format!("{}/stable", dp.proxy_url());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            // 50 requests per second, each sent at its intended time.
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok += 1;
+                        let _ = r.bytes().await;
+                    }
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let secs = 60;
+    for i in 0..secs {
+        let started = Instant::now();
+        cp.create(
+            "/services/svc/routes",
+            json!({"name": format!("r{i}"), "paths": [format!("/churn{i}")]}),
+        )
+        .await;
+        if i >= 2 {
+            cp.delete(&format!("/routes/r{}", i - 2)).await;
+        }
+        dp.wait_serving(&cp, 10).await;
+        let r = get(&client, format!("{}/churn{i}", dp.proxy_url()), &[]).await;
+        assert_eq!(r.status(), 200, "route r{i} does not answer once served");
+        if i >= 2 {
+            let r = get(&client, format!("{}/churn{}", dp.proxy_url(), i - 2), &[]).await;
+            assert_eq!(r.status(), 404, "deleted route r{} still answers", i - 2);
+        }
+        tokio::time::sleep(Duration::from_secs(1).saturating_sub(started.elapsed())).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "{} failed requests: {failed:?}", failed.len());
+    assert!(ok >= 50 * secs / 2, "the load ran: {ok} requests");
+    let status = dp.shared().proxy().unwrap().status();
+    assert!(status.builds >= secs, "one build per change: {}", status.builds);
+    // From scratch only at start and for the first (full) sync; every change after that
+    // was an incremental update.
+    assert_eq!(status.full_builds, 2, "builds from scratch: {status:?}");
+}
