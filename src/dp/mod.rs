@@ -230,6 +230,13 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
         }
     });
     let mut tasks = vec![status_task];
+    if cfg.proxies() {
+        // The proxy executes only these: a version enabling another is rejected.
+        let registry = crate::schema::Registry::builtin();
+        shared
+            .store
+            .only_plugins(cfg.announced_plugins(registry).into_iter().map(|(n, _)| n));
+    }
     let (proxy_addr, proxy_tls_addr) = if cfg.proxies() {
         start_proxy(&cfg, &shared, &shutdown_rx, &mut tasks).await?
     } else {

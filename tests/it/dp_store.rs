@@ -860,3 +860,58 @@ async fn full_sync_to_a_lower_version() {
             .is_none()
     );
 }
+
+/// A data plane that says which plugins it runs (its proxy executes only those) rejects a
+/// version enabling another, with Kong's words for a plugin missing from its `plugins`
+/// property (`kong/db/schema/entities/plugins.lua`), and keeps its configuration; a disabled
+/// plugin of that name is stored (it never runs), and a runnable one applies.
+#[tokio::test]
+async fn plugins_the_data_plane_cannot_run_are_rejected() {
+    let env = Env::new().await;
+    env.dp.only_plugins(["key-auth".to_owned()]);
+    env.create("services", json!({"name": "s", "url": "http://a.example"}))
+        .await;
+    env.full_sync().await;
+    let before = env.dp.state();
+    env.create("plugins", json!({"name": "correlation-id"}))
+        .await;
+    let from = env.dp.state().version;
+    let (deltas, latest) = env.changes_after(from).await;
+    let err = env
+        .dp
+        .apply(
+            ApplyKind::Incremental {
+                expect_from: from,
+                latest: Some(latest),
+            },
+            deltas,
+        )
+        .unwrap_err();
+    let text = format!("{err:?}");
+    assert!(
+        text.contains(
+            "plugin 'correlation-id' not enabled; add it to the 'plugins' configuration property"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        env.dp.state(),
+        before,
+        "nothing of the rejected version is stored"
+    );
+    env.patch("plugins", &plugin_id(&env).await, json!({"enabled": false}))
+        .await;
+    env.create("plugins", json!({"name": "key-auth"})).await;
+    // The DP catches up from its own version: both versions in one apply.
+    env.incremental_sync().await;
+    env.assert_synced().await;
+}
+
+async fn plugin_id(env: &Env) -> String {
+    let (deltas, _) = env.snapshot().await;
+    deltas
+        .iter()
+        .find(|d| d.entity_type == "plugins")
+        .map(|d| d.id.clone())
+        .unwrap()
+}

@@ -426,11 +426,195 @@ async fn churn_under_load_fails_no_request() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
-    assert!(failed.is_empty(), "{} failed requests: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {failed:?}",
+        failed.len()
+    );
     assert!(ok >= 50 * secs / 2, "the load ran: {ok} requests");
     let status = dp.shared().proxy().unwrap().status();
-    assert!(status.builds >= secs, "one build per change: {}", status.builds);
+    assert!(
+        status.builds >= secs,
+        "one build per change: {}",
+        status.builds
+    );
     // From scratch only at start and for the first (full) sync; every change after that
     // was an incremental update.
     assert_eq!(status.full_builds, 2, "builds from scratch: {status:?}");
+}
+
+/// Connects to the proxy's TLS listener with `sni` (none when `None`), returns the leaf
+/// certificate presented and the answer to `GET path`.
+async fn tls_get(
+    addr: std::net::SocketAddr,
+    sni: Option<&str>,
+    path: &str,
+) -> (Vec<u8>, http::StatusCode, Value) {
+    use std::sync::{Arc, Mutex};
+    #[derive(Debug)]
+    struct Capture(Mutex<Vec<u8>>);
+    impl rustls::client::danger::ServerCertVerifier for Capture {
+        fn verify_server_cert(
+            &self,
+            end_entity: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            *self.0.lock().unwrap() = end_entity.to_vec();
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let capture = Arc::new(Capture(Mutex::new(Vec::new())));
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(capture.clone())
+    .with_no_client_auth();
+    config.enable_sni = sni.is_some();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.unwrap_or("localhost").to_owned()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", sni.unwrap_or("localhost"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let leaf = capture.0.lock().unwrap().clone();
+    (
+        leaf,
+        status,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// The TLS listener presents the certificate whose SNI matches (exact, then wildcard), the
+/// generated default one otherwise, and serves https-only routes (no 426 over TLS).
+#[tokio::test]
+async fn tls_listener_picks_certificates_by_sni() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cp.dp_config(dir.path());
+    cfg.proxy_listen = None;
+    cfg.proxy_listen_tls = Some("127.0.0.1:0".parse().unwrap());
+    let dp = TestDp::start(cfg, dir).await;
+    let addr = dp.dp.as_ref().unwrap().proxy_tls_addr.unwrap();
+    let echo = Echo::start("e1").await;
+    let (exact_cert, exact_key) = crate::harness::cert_and_key("api.example");
+    let (wild_cert, wild_key) = crate::harness::cert_and_key("*.wild.example");
+    cp.create(
+        "/certificates",
+        json!({"cert": exact_cert, "key": exact_key, "snis": ["api.example"]}),
+    )
+    .await;
+    cp.create(
+        "/certificates",
+        json!({"cert": wild_cert, "key": wild_key, "snis": ["*.wild.example"]}),
+    )
+    .await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"paths": ["/"], "protocols": ["https"]}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+    let der = |pem: &str| {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    let (leaf, status, body) = tls_get(addr, Some("api.example"), "/hello").await;
+    assert_eq!(leaf, der(&exact_cert));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+    let (leaf, _, _) = tls_get(addr, Some("a.wild.example"), "/").await;
+    assert_eq!(leaf, der(&wild_cert));
+    let (leaf, _, _) = tls_get(addr, Some("other.example"), "/").await;
+    assert!(leaf != der(&exact_cert) && leaf != der(&wild_cert) && !leaf.is_empty());
+    let (default_leaf, status, _) = tls_get(addr, None, "/").await;
+    assert_eq!(
+        default_leaf, leaf,
+        "no SNI gets the default certificate too"
+    );
+    assert_eq!(status, 200);
+}
+
+/// With the proxy on, a data plane announces exactly the plugins it executes, so a
+/// deltaplane control plane withholds a configuration using another
+/// (`plugin_set_incompatible`); the proxy keeps serving the last configuration it had.
+#[tokio::test]
+async fn configurations_using_plugins_the_proxy_cannot_run_are_withheld() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/a"]}))
+        .await;
+    let served = dp.wait_serving(&cp, 10).await;
+    let announced = dp
+        .cfg
+        .announced_plugins(deltaplane::schema::Registry::builtin());
+    assert!(!announced.iter().any(|(n, _)| n == "correlation-id"));
+    cp.create("/plugins", json!({"name": "correlation-id"}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = dp.shared().link().last_error.unwrap_or_default();
+        if err.contains("correlation-id") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never withheld: {err:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = dp.shared().proxy().unwrap().status();
+    assert_eq!(status.serving_version, served);
+    assert_eq!(
+        get(&client, format!("{}/a", dp.proxy_url()), &[])
+            .await
+            .status(),
+        200
+    );
 }

@@ -158,7 +158,12 @@ impl DpStore {
             store: self,
             txn,
             epoch,
-            check: Checker::new(Arc::clone(&self.inner.registry), kind, stored.version),
+            check: Checker::new(
+                Arc::clone(&self.inner.registry),
+                kind,
+                stored.version,
+                self.inner.runnable_plugins.get().cloned(),
+            ),
             pending: Vec::with_capacity(CHUNK_DELTAS),
             pending_bytes: 0,
             work,
@@ -309,6 +314,7 @@ impl Apply<'_> {
                 &mut self.check.errors,
             )?;
         }
+        self.check.check_runnable();
         if !self.check.errors.is_empty() {
             return Err(std::mem::take(&mut self.check.errors).into_error());
         }

@@ -29,6 +29,14 @@ pub(super) struct Checker {
     pub(super) errors: Errors,
     pub(super) version_error: Option<VersionError>,
     pub(super) n_deltas: u64,
+    /// The plugins this data plane runs, when it says ([`DpStore::only_plugins`]).
+    ///
+    /// [`DpStore::only_plugins`]: crate::dp::store::DpStore::only_plugins
+    pub(super) runnable_plugins: Option<Arc<std::collections::HashSet<String>>>,
+    /// Enabled plugins of this apply that this data plane cannot run, by id, as of the
+    /// latest delta naming them: the final state is what counts (a later version of the
+    /// batch may disable or delete one).
+    pub(super) unrunnable: std::collections::BTreeMap<String, String>,
 }
 
 /// Validation errors collected Kong-style.
@@ -42,7 +50,12 @@ pub(super) struct Errors {
 // === impl Checker ===
 
 impl Checker {
-    pub(super) fn new(registry: Arc<Registry>, kind: ApplyKind, stored_version: i64) -> Checker {
+    pub(super) fn new(
+        registry: Arc<Registry>,
+        kind: ApplyKind,
+        stored_version: i64,
+        runnable_plugins: Option<Arc<std::collections::HashSet<String>>>,
+    ) -> Checker {
         Checker {
             registry,
             kind,
@@ -51,6 +64,45 @@ impl Checker {
             errors: Errors::default(),
             version_error: None,
             n_deltas: 0,
+            runnable_plugins,
+            unrunnable: Default::default(),
+        }
+    }
+
+    /// Tracks whether plugin `id`, as this delta leaves it (`None`: deleted), is one this
+    /// data plane cannot run.
+    fn note_plugin(&mut self, id: &str, entity: Option<&Value>) {
+        let Some(runnable) = &self.runnable_plugins else {
+            return;
+        };
+        let name = entity
+            .filter(|e| e["enabled"].as_bool() != Some(false))
+            .and_then(|e| e["name"].as_str())
+            .filter(|n| !runnable.contains(*n));
+        match name {
+            Some(n) => {
+                self.unrunnable.insert(id.to_owned(), n.to_owned());
+            }
+            None => {
+                self.unrunnable.remove(id);
+            }
+        }
+    }
+
+    /// Reports the plugins the batch leaves enabled that this data plane cannot run, in
+    /// Kong's words for a plugin missing from its `plugins` property
+    /// (`kong/db/schema/entities/plugins.lua`).
+    pub(super) fn check_runnable(&mut self) {
+        for (id, name) in std::mem::take(&mut self.unrunnable) {
+            let message = format!(
+                "plugin '{name}' not enabled; add it to the 'plugins' configuration property"
+            );
+            self.errors.push(
+                crate::schema::PLUGINS,
+                &id,
+                None,
+                json!({ "name": message }),
+            );
         }
     }
 
@@ -83,11 +135,17 @@ impl Checker {
             );
             return Ok(None);
         }
+        if d.entity.is_none() && schema.name == crate::schema::PLUGINS {
+            self.note_plugin(&d.id, None);
+        }
         let upsert = match d.entity {
             None => None,
             Some(entity) => {
                 // What is derived from the value first: validation consumes it (no copy).
                 let body = serde_json::to_vec(&entity).unwrap_or_default();
+                if schema.name == crate::schema::PLUGINS {
+                    self.note_plugin(&d.id, Some(&entity));
+                }
                 let index = schema.index_of(&entity);
                 if let Err(tree) = check_entity(&self.registry, &schema, &d.id, entity) {
                     let entity: Value = serde_json::from_slice(&body).unwrap_or_default();

@@ -146,6 +146,9 @@ struct Inner {
     feed: broadcast::Sender<Arc<Committed>>,
     /// Paged transfers being staged.
     staging: Staging,
+    /// The plugins this data plane can run, when it says (its proxy executes only these):
+    /// a version whose enabled plugins name another is rejected like an invalid entity.
+    runnable_plugins: std::sync::OnceLock<Arc<std::collections::HashSet<String>>>,
 }
 
 // === impl DpStoreOptions ===
@@ -214,6 +217,17 @@ impl DpStore {
     /// Subscribes to the change feed: from now on, one [`Committed`] per committed apply, in
     /// commit order. A subscriber that falls more than [`FEED_CAPACITY`] messages behind is told
     /// it lagged and must resync from [`DpStore::snapshot`] (see `feed.rs` for the contract).
+    /// From now on, rejects a version that enables a plugin not in `names`, as Kong's schema
+    /// rejects a plugin missing from its `plugins` property
+    /// (`kong/db/schema/entities/plugins.lua`). Set once, before the first apply; later
+    /// calls are ignored.
+    pub fn only_plugins(&self, names: impl IntoIterator<Item = String>) {
+        let _ = self
+            .inner
+            .runnable_plugins
+            .set(Arc::new(names.into_iter().collect()));
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
         self.inner.feed.subscribe()
     }
@@ -245,6 +259,7 @@ impl DpStore {
                 writer: WriterSlot::new(),
                 feed: broadcast::channel(FEED_CAPACITY).0,
                 staging,
+                runnable_plugins: std::sync::OnceLock::new(),
             }),
         })
     }
