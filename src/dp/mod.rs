@@ -125,6 +125,8 @@ impl DpShared {
             "in_sync": connected && s.version > 0 && s.version == link.cp_version_seen,
             "protocol": link.protocol.unwrap_or(crate::proto::SyncProtocol::V2).as_str(),
             "last_error": link.last_error,
+            "proxy_serving_version": self.proxy().map(|p| p.status().serving_version),
+            "proxy_refused": self.proxy().and_then(|p| p.status().refused),
         })
     }
 

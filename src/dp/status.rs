@@ -101,6 +101,20 @@ pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
             "not in sync"
         }
     );
+    match v["proxy_serving_version"].as_i64() {
+        None => println!("proxy: off"),
+        Some(p) => println!(
+            "proxy: serving version {p}{}",
+            if Some(p) == v["version"].as_i64() {
+                " (the stored one)".to_owned()
+            } else {
+                format!(" (stored: {})", v["version"])
+            }
+        ),
+    }
+    if let Some(r) = v["proxy_refused"].as_str() {
+        println!("proxy refused: {r}");
+    }
     if let Some(e) = v["last_error"].as_str() {
         println!("last error: {e}");
     }

@@ -243,7 +243,9 @@ async fn cp_and_dp_binaries_sync() {
         .args(["status", "--rpc", &format!("http://127.0.0.1:{status}/rpc")])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("in sync"));
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(summary.contains("in sync"), "{summary}");
+    assert!(summary.contains("proxy: serving version"), "{summary}");
 
     // Without a CP, a restarted DP serves what it stored.
     drop(_cp);

@@ -40,6 +40,31 @@ const RULES: &[(&str, &str, &str)] = &[
         "shared settings know neither plane",
     ),
     (
+        "dp/proxy/router",
+        r"\btokio\b|\bhyper\b|\bredb\b|\bstore::",
+        "the router does no I/O and never reads the store",
+    ),
+    (
+        "dp/proxy/server.rs",
+        r"\bredb\b|\bstore::",
+        "the request path never reads the store: a request sees only its Gateway",
+    ),
+    (
+        "dp/proxy/upstream.rs",
+        r"\bredb\b|\bstore::",
+        "the request path never reads the store: a request sees only its Gateway",
+    ),
+    (
+        "dp/proxy/plugins",
+        r"\bredb\b|\bstore::",
+        "plugins see entities handed to them, never the store",
+    ),
+    (
+        "dp/proxy/balancer",
+        r"\bredb\b|\bstore::",
+        "balancers see entities handed to them, never the store",
+    ),
+    (
         "node.rs",
         r"\bcp::|\bdp::|\bsqlx\b|\bredb\b",
         "node helpers know neither plane",
