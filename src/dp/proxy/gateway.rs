@@ -1,14 +1,16 @@
 //! One configuration as the proxy serves it: the router, the services, the balancers, the
 //! plugin table and the certificates of one applied version, immutable once built.
 //!
-//! A [`Gateway`] is built from a store [`Snapshot`] and then derived from its predecessor for
-//! each committed apply ([`Gateway::update`]): only what the change feed names is reread,
-//! the router is updated incrementally (unchanged routes keep their compiled matchers), and
-//! the balancers and plugins are rebuilt with the previous ones lending their runtime state
+//! A [`Builder`], owned by the task that follows the store, keeps what derivation needs
+//! (every route by id, routes by service, the problems found) and turns each committed
+//! apply into the next [`Gateway`]: only what the change feed names is reread, the router
+//! is updated incrementally (unchanged routes keep their compiled matchers), the services
+//! map is copied only when a service changed, and the balancers and plugins are rebuilt
+//! only when their inputs changed, with the previous ones lending their runtime state
 //! (health, counters). The proxy swaps the new one in atomically; a request holds the
 //! `Arc<Gateway>` it started with until it ends.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +38,7 @@ pub struct Service {
     pub id: String,
     pub name: Option<String>,
     pub ws_id: String,
-    /// `http`, `https`, `grpc`, `grpcs`, (stream protocols are not proxied here).
+    /// `http`, `https`, `grpc`, `grpcs` (stream protocols are not proxied here).
     pub protocol: String,
     pub host: String,
     pub port: u16,
@@ -46,8 +48,6 @@ pub struct Service {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub enabled: bool,
-    /// `tls_verify`: null means Kong's default (`nginx_proxy_ssl_verify` off).
-    pub tls_verify: bool,
 }
 
 impl Service {
@@ -56,6 +56,18 @@ impl Service {
         let str_field = |f: &str| v[f].as_str().map(str::to_owned);
         let ms = |f: &str, default: u64| Duration::from_millis(v[f].as_u64().unwrap_or(default));
         let protocol = str_field("protocol").unwrap_or_else(|| "http".into());
+        if !matches!(protocol.as_str(), "http" | "https" | "grpc" | "grpcs") {
+            return Err(format!(
+                "protocol {protocol} is not proxied by this data plane (HTTP and gRPC only)"
+            ));
+        }
+        if v["tls_verify"].as_bool() == Some(true) {
+            return Err(
+                "tls_verify is not supported by this data plane's proxy yet: upstream \
+                 certificates are not verified (Kong's default)"
+                    .into(),
+            );
+        }
         let default_port = if protocol.ends_with('s') { 443 } else { 80 };
         Ok(Service {
             id: str_field("id").ok_or("a service without an id")?,
@@ -72,7 +84,6 @@ impl Service {
             write_timeout: ms("write_timeout", 60_000),
             read_timeout: ms("read_timeout", 60_000),
             enabled: v["enabled"].as_bool().unwrap_or(true),
-            tls_verify: v["tls_verify"].as_bool().unwrap_or(false),
             protocol,
         })
     }
@@ -90,21 +101,17 @@ pub struct Problem {
 pub struct Gateway {
     /// The store version this configuration is the state of.
     pub version: i64,
-    pub router: Router,
-    pub services: HashMap<String, Arc<Service>>,
+    pub router: Arc<Router>,
+    pub services: Arc<HashMap<String, Arc<Service>>>,
     pub balancers: Arc<Balancers>,
     pub plugins: Arc<Plugins>,
     pub certificates: Arc<Certificates>,
-    /// Every stored HTTP route by id, in the router or not (a disabled service's routes).
-    routes: HashMap<String, Arc<Route>>,
-    /// Route ids by service id, to re-evaluate a service's routes when it changes.
-    routes_by_service: HashMap<String, HashSet<String>>,
-    /// Route, service, upstream, plugin and certificate problems of this configuration.
-    pub problems: Vec<Problem>,
+    /// What this configuration left out, and why.
+    pub problems: Arc<Vec<Problem>>,
 }
 
 impl Gateway {
-    /// A configuration with nothing in it (before the first apply).
+    /// A configuration with nothing in it (before the first build).
     pub fn empty(exporter: &Arc<Exporter>) -> Gateway {
         let (router, _) = Router::new(std::iter::empty());
         let (balancers, _) = Balancers::new(&[], &[], None);
@@ -112,198 +119,275 @@ impl Gateway {
         let (certificates, _) = Certificates::new(&[], &[]);
         Gateway {
             version: 0,
-            router,
-            services: HashMap::new(),
+            router: Arc::new(router),
+            services: Arc::default(),
             balancers: Arc::new(balancers),
             plugins: Arc::new(plugins),
             certificates: Arc::new(certificates),
+            problems: Arc::default(),
+        }
+    }
+
+    /// Whether this configuration may be served: it uses no plugin this data plane cannot
+    /// run (the proxy never silently skips one).
+    pub fn refusal(&self) -> Option<String> {
+        let refused: Vec<String> = self
+            .problems
+            .iter()
+            .filter(|p| p.entity_type == "plugins")
+            .map(|p| format!("plugin {}: {}", p.id, p.message))
+            .collect();
+        (!refused.is_empty()).then(|| refused.join("; "))
+    }
+}
+
+/// Problems by (entity type, id).
+type Problems = BTreeMap<(&'static str, String), String>;
+
+/// Derives each configuration from the previous one and a committed apply.
+pub struct Builder {
+    exporter: Arc<Exporter>,
+    /// Every stored HTTP route by id, in the router or not (a disabled service's routes).
+    routes: HashMap<String, Arc<Route>>,
+    /// Route ids by service id, to re-evaluate a service's routes when it changes.
+    routes_by_service: HashMap<String, HashSet<String>>,
+    problems: Problems,
+    current: Arc<Gateway>,
+}
+
+impl Builder {
+    pub fn new(exporter: Arc<Exporter>) -> Builder {
+        let current = Arc::new(Gateway::empty(&exporter));
+        Builder {
+            exporter,
             routes: HashMap::new(),
             routes_by_service: HashMap::new(),
-            problems: Vec::new(),
+            problems: Problems::new(),
+            current,
         }
     }
 
-    /// Builds everything from one snapshot; `previous` lends runtime state.
-    pub fn build(
-        snapshot: &Snapshot,
-        previous: Option<&Gateway>,
-        exporter: &Arc<Exporter>,
-    ) -> Result<Gateway, DpStoreError> {
-        let mut problems = Vec::new();
-        let mut services = HashMap::new();
-        snapshot.for_each("services", &mut |ws, _, v| {
-            match Service::from_entity(ws, &v) {
-                Ok(s) => {
-                    services.insert(s.id.clone(), Arc::new(s));
-                }
-                Err(message) => problems.push(problem("services", &v, message)),
-            }
-            true
-        })?;
-        let mut routes = HashMap::new();
-        let mut routes_by_service: HashMap<String, HashSet<String>> = HashMap::new();
-        snapshot.for_each("routes", &mut |_, _, v| {
-            match Route::from_entity(&v) {
-                Ok(r) => {
-                    if let Some(s) = &r.service_id {
-                        routes_by_service
-                            .entry(s.clone())
-                            .or_default()
-                            .insert(r.id.clone());
-                    }
-                    routes.insert(r.id.clone(), Arc::new(r));
-                }
-                Err(message) => problems.push(problem("routes", &v, message)),
-            }
-            true
-        })?;
-        let routable = routes
-            .values()
-            .filter(|r| routable(r, &services))
-            .cloned()
-            .collect::<Vec<_>>();
-        let (router, errors) = Router::new(routable);
-        problems.extend(errors.into_iter().map(|(id, message)| Problem {
-            entity_type: "routes",
-            id,
-            message,
-        }));
-        let balancers = balancers(snapshot, previous, &mut problems)?;
-        let plugins = plugins(snapshot, previous, exporter, &mut problems)?;
-        let certificates = certificates(snapshot, &mut problems)?;
-        Ok(Gateway {
-            version: snapshot.state().version,
-            router,
-            services,
-            balancers,
-            plugins,
-            certificates,
-            routes,
-            routes_by_service,
-            problems,
-        })
+    /// The configuration built last.
+    pub fn current(&self) -> &Arc<Gateway> {
+        &self.current
     }
 
-    /// The configuration after one committed apply: `changed` names what it changed.
+    /// Rebuilds everything from one snapshot (the previous configuration still lends its
+    /// balancers' and plugins' runtime state).
+    pub fn build(&mut self, snapshot: &Snapshot) -> Result<Arc<Gateway>, DpStoreError> {
+        self.update(snapshot, &Changed::All)
+    }
+
+    /// The configuration after a committed apply that changed `changed`, read from
+    /// `snapshot` (taken after that apply).
     pub fn update(
-        &self,
+        &mut self,
         snapshot: &Snapshot,
         changed: &Changed,
-        exporter: &Arc<Exporter>,
-    ) -> Result<Gateway, DpStoreError> {
-        let Changed::Entities(keys) = changed else {
-            return Gateway::build(snapshot, Some(self), exporter);
-        };
-        let mut services = self.services.clone();
-        let mut routes = self.routes.clone();
-        let mut routes_by_service = self.routes_by_service.clone();
-        let mut problems: Vec<Problem> = Vec::new();
-        // Routes to re-evaluate: changed ones, and those of a changed service.
+    ) -> Result<Arc<Gateway>, DpStoreError> {
+        let prev = self.current.clone();
+        let full = matches!(changed, Changed::All);
         let mut touched_routes: HashSet<String> = HashSet::new();
-        let mut touched_types: HashSet<&str> = HashSet::new();
-        for (ty, id) in keys {
-            match ty.as_str() {
-                "services" => {
-                    match snapshot.get_by_id("services", id)? {
-                        Some((ws, v)) => match Service::from_entity(&ws, &v) {
-                            Ok(s) => {
-                                services.insert(id.clone(), Arc::new(s));
-                            }
-                            Err(message) => {
-                                services.remove(id);
-                                problems.push(problem("services", &v, message));
-                            }
-                        },
-                        None => {
-                            services.remove(id);
-                        }
+        let mut services_changed = false;
+        let mut rebuild = Rebuild::default();
+        let mut services: HashMap<String, Arc<Service>>;
+        if full {
+            services = HashMap::new();
+            self.routes.clear();
+            self.routes_by_service.clear();
+            self.problems
+                .retain(|(ty, _), _| !matches!(*ty, "services" | "routes"));
+            let problems = &mut self.problems;
+            snapshot.for_each("services", &mut |ws, id, v| {
+                match Service::from_entity(ws, &v) {
+                    Ok(s) => {
+                        services.insert(s.id.clone(), Arc::new(s));
                     }
-                    if let Some(ids) = routes_by_service.get(id) {
-                        touched_routes.extend(ids.iter().cloned());
+                    Err(m) => {
+                        problems.insert(("services", id.to_owned()), m);
                     }
                 }
-                "routes" => {
-                    if let Some(old) = routes.remove(id)
-                        && let Some(s) = &old.service_id
-                        && let Some(set) = routes_by_service.get_mut(s)
-                    {
-                        set.remove(id);
-                    }
-                    if let Some((_, v)) = snapshot.get_by_id("routes", id)? {
-                        match Route::from_entity(&v) {
-                            Ok(r) => {
-                                if let Some(s) = &r.service_id {
-                                    routes_by_service
-                                        .entry(s.clone())
-                                        .or_default()
-                                        .insert(r.id.clone());
+                true
+            })?;
+            services_changed = true;
+            let mut routes = Vec::new();
+            snapshot.for_each("routes", &mut |_, id, v| {
+                routes.push((id.to_owned(), v));
+                true
+            })?;
+            for (id, v) in routes {
+                self.put_route(&id, Some(&v));
+            }
+            rebuild = Rebuild {
+                balancers: true,
+                plugins: true,
+                certificates: true,
+            };
+        } else {
+            let Changed::Entities(keys) = changed else {
+                unreachable!("All is handled above")
+            };
+            services = HashMap::new();
+            let mut services_copy: Option<HashMap<String, Arc<Service>>> = None;
+            for (ty, id) in keys {
+                match ty.as_str() {
+                    "services" => {
+                        let map = services_copy.get_or_insert_with(|| (*prev.services).clone());
+                        self.problems.remove(&("services", id.clone()));
+                        map.remove(id);
+                        if let Some((ws, v)) = snapshot.get_by_id("services", id)? {
+                            match Service::from_entity(&ws, &v) {
+                                Ok(s) => {
+                                    map.insert(id.clone(), Arc::new(s));
                                 }
-                                routes.insert(id.clone(), Arc::new(r));
+                                Err(m) => {
+                                    self.problems.insert(("services", id.clone()), m);
+                                }
                             }
-                            Err(message) => problems.push(problem("routes", &v, message)),
+                        }
+                        if let Some(ids) = self.routes_by_service.get(id) {
+                            touched_routes.extend(ids.iter().cloned());
                         }
                     }
-                    touched_routes.insert(id.clone());
-                }
-                other => {
-                    touched_types.insert(match other {
-                        "upstreams" | "targets" => "balancers",
-                        "certificates" | "snis" => "certificates",
-                        t if PLUGIN_INPUTS.contains(&t) => "plugins",
-                        _ => "other",
-                    });
+                    "routes" => {
+                        let v = snapshot.get_by_id("routes", id)?.map(|(_, v)| v);
+                        self.put_route(id, v.as_ref());
+                        touched_routes.insert(id.clone());
+                    }
+                    "upstreams" | "targets" => rebuild.balancers = true,
+                    "certificates" | "snis" => rebuild.certificates = true,
+                    t if PLUGIN_INPUTS.contains(&t) => rebuild.plugins = true,
+                    _ => {}
                 }
             }
+            if let Some(map) = services_copy {
+                services = map;
+                services_changed = true;
+            }
         }
-        let removed: Vec<&str> = touched_routes.iter().map(String::as_str).collect();
-        let upserted = touched_routes
-            .iter()
-            .filter_map(|id| routes.get(id))
-            .filter(|r| routable(r, &services))
-            .cloned()
-            .collect::<Vec<_>>();
-        let (router, errors) = self.router.update(&removed, upserted);
-        // Problems of untouched entities carry over; touched ones were re-evaluated.
-        let rechecked = |p: &Problem| {
-            (p.entity_type == "routes" && touched_routes.contains(&p.id))
-                || (p.entity_type == "services"
-                    && keys.contains(&("services".into(), p.id.clone())))
-                || (p.entity_type == "upstreams" && touched_types.contains("balancers"))
-                || (p.entity_type == "plugins" && touched_types.contains("plugins"))
-                || (p.entity_type == "certificates" && touched_types.contains("certificates"))
-        };
-        problems.extend(self.problems.iter().filter(|p| !rechecked(p)).cloned());
-        problems.extend(errors.into_iter().map(|(id, message)| Problem {
-            entity_type: "routes",
-            id,
-            message,
-        }));
-        let balancers = if touched_types.contains("balancers") {
-            balancers(snapshot, Some(self), &mut problems)?
+        let services = if services_changed {
+            Arc::new(services)
         } else {
-            self.balancers.clone()
+            prev.services.clone()
         };
-        let plugins = if touched_types.contains("plugins") {
-            plugins(snapshot, Some(self), exporter, &mut problems)?
+        let router = if full {
+            let routable = self
+                .routes
+                .values()
+                .filter(|r| routable(r, &services))
+                .cloned()
+                .collect::<Vec<_>>();
+            let (router, errors) = Router::new(routable);
+            self.note_route_errors(errors);
+            Arc::new(router)
+        } else if touched_routes.is_empty() {
+            prev.router.clone()
         } else {
-            self.plugins.clone()
+            let removed: Vec<&str> = touched_routes.iter().map(String::as_str).collect();
+            let upserted = touched_routes
+                .iter()
+                .filter_map(|id| self.routes.get(id))
+                .filter(|r| routable(r, &services))
+                .cloned()
+                .collect::<Vec<_>>();
+            for id in &touched_routes {
+                self.problems.remove(&("routes", id.clone()));
+            }
+            let (router, errors) = prev.router.update(&removed, upserted);
+            self.note_route_errors(errors);
+            Arc::new(router)
         };
-        let certificates = if touched_types.contains("certificates") {
-            certificates(snapshot, &mut problems)?
+        let balancers = if rebuild.balancers {
+            self.problems.retain(|(ty, _), _| *ty != "upstreams");
+            let (b, errors) = Balancers::new(
+                &snapshot.list("upstreams")?,
+                &snapshot.list("targets")?,
+                Some(&prev.balancers),
+            );
+            self.note("upstreams", errors);
+            Arc::new(b)
         } else {
-            self.certificates.clone()
+            prev.balancers.clone()
         };
-        Ok(Gateway {
+        let plugins = if rebuild.plugins {
+            self.problems.retain(|(ty, _), _| *ty != "plugins");
+            let mut lists: HashMap<&str, Vec<Value>> = HashMap::new();
+            for ty in PLUGIN_INPUTS {
+                lists.insert(ty, snapshot.list(ty)?);
+            }
+            let entities = |ty: &str| lists.get(ty).cloned().unwrap_or_default();
+            let (p, errors) = Plugins::new(&entities, Some(&prev.plugins), &self.exporter);
+            self.note("plugins", errors);
+            Arc::new(p)
+        } else {
+            prev.plugins.clone()
+        };
+        let certificates = if rebuild.certificates {
+            self.problems.retain(|(ty, _), _| *ty != "certificates");
+            let (c, errors) =
+                Certificates::new(&snapshot.list("certificates")?, &snapshot.list("snis")?);
+            self.note("certificates", errors);
+            Arc::new(c)
+        } else {
+            prev.certificates.clone()
+        };
+        let problems = Arc::new(
+            self.problems
+                .iter()
+                .map(|((ty, id), m)| Problem {
+                    entity_type: ty,
+                    id: id.clone(),
+                    message: m.clone(),
+                })
+                .collect(),
+        );
+        let gw = Arc::new(Gateway {
             version: snapshot.state().version,
             router,
             services,
             balancers,
             plugins,
             certificates,
-            routes,
-            routes_by_service,
             problems,
-        })
+        });
+        self.current = gw.clone();
+        Ok(gw)
+    }
+
+    /// Records route `id` as stored now (`None`: deleted).
+    fn put_route(&mut self, id: &str, v: Option<&Value>) {
+        if let Some(old) = self.routes.remove(id)
+            && let Some(s) = &old.service_id
+            && let Some(set) = self.routes_by_service.get_mut(s)
+        {
+            set.remove(id);
+        }
+        self.problems.remove(&("routes", id.to_owned()));
+        let Some(v) = v else { return };
+        match Route::from_entity(v) {
+            Ok(r) => {
+                if let Some(s) = &r.service_id {
+                    self.routes_by_service
+                        .entry(s.clone())
+                        .or_default()
+                        .insert(r.id.clone());
+                }
+                self.routes.insert(id.to_owned(), Arc::new(r));
+            }
+            Err(m) => {
+                self.problems.insert(("routes", id.to_owned()), m);
+            }
+        }
+    }
+
+    fn note_route_errors(&mut self, errors: Vec<(String, String)>) {
+        self.note("routes", errors);
+    }
+
+    fn note(&mut self, ty: &'static str, errors: Vec<(String, String)>) {
+        for (id, m) in errors {
+            self.problems.insert((ty, id), m);
+        }
     }
 
     /// Every stored HTTP route, in the router or not.
@@ -312,70 +396,20 @@ impl Gateway {
     }
 }
 
+/// Which derived tables an apply makes stale.
+#[derive(Default)]
+struct Rebuild {
+    balancers: bool,
+    plugins: bool,
+    certificates: bool,
+}
+
 /// Whether a route goes into the router: Kong leaves out the routes of a disabled service
-/// (`kong/router/utils.lua` and `kong/runloop/handler.lua` build the router from routes whose
-/// service is enabled); a route without a service stays (it answers 503).
+/// (`kong/runloop/handler.lua` builds the router from routes whose service is enabled); a
+/// route without a service stays (it answers 503).
 fn routable(route: &Route, services: &HashMap<String, Arc<Service>>) -> bool {
     match &route.service_id {
         None => true,
         Some(id) => services.get(id).is_some_and(|s| s.enabled),
-    }
-}
-
-fn balancers(
-    snapshot: &Snapshot,
-    previous: Option<&Gateway>,
-    problems: &mut Vec<Problem>,
-) -> Result<Arc<Balancers>, DpStoreError> {
-    let upstreams = snapshot.list("upstreams")?;
-    let targets = snapshot.list("targets")?;
-    let (balancers, errors) = Balancers::new(&upstreams, &targets, previous.map(|p| &*p.balancers));
-    problems.extend(errors.into_iter().map(|(id, message)| Problem {
-        entity_type: "upstreams",
-        id,
-        message,
-    }));
-    Ok(Arc::new(balancers))
-}
-
-fn plugins(
-    snapshot: &Snapshot,
-    previous: Option<&Gateway>,
-    exporter: &Arc<Exporter>,
-    problems: &mut Vec<Problem>,
-) -> Result<Arc<Plugins>, DpStoreError> {
-    let mut lists: HashMap<&str, Vec<Value>> = HashMap::new();
-    for ty in PLUGIN_INPUTS {
-        lists.insert(ty, snapshot.list(ty)?);
-    }
-    let entities = |ty: &str| lists.get(ty).cloned().unwrap_or_default();
-    let (plugins, errors) = Plugins::new(&entities, previous.map(|p| &*p.plugins), exporter);
-    problems.extend(errors.into_iter().map(|(id, message)| Problem {
-        entity_type: "plugins",
-        id,
-        message,
-    }));
-    Ok(Arc::new(plugins))
-}
-
-fn certificates(
-    snapshot: &Snapshot,
-    problems: &mut Vec<Problem>,
-) -> Result<Arc<Certificates>, DpStoreError> {
-    let (certificates, errors) =
-        Certificates::new(&snapshot.list("certificates")?, &snapshot.list("snis")?);
-    problems.extend(errors.into_iter().map(|(id, message)| Problem {
-        entity_type: "certificates",
-        id,
-        message,
-    }));
-    Ok(Arc::new(certificates))
-}
-
-fn problem(entity_type: &'static str, v: &Value, message: String) -> Problem {
-    Problem {
-        entity_type,
-        id: v["id"].as_str().unwrap_or("").to_owned(),
-        message,
     }
 }

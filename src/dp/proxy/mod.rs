@@ -28,7 +28,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
 use crate::dp::store::{Changed, DpStore};
-use gateway::{Gateway, Problem};
+use gateway::{Builder, Gateway, Problem};
 use plugins::Exporter;
 use server::Proxy;
 
@@ -85,35 +85,28 @@ impl ProxyHandle {
     /// Serves `gw` unless it uses a plugin this data plane cannot run, in which case the
     /// previous configuration stays and the refusal is shown.
     fn offer(&self, gw: Arc<Gateway>, full: bool) {
-        let refusal: Vec<&Problem> = gw
-            .problems
-            .iter()
-            .filter(|p| p.entity_type == "plugins")
-            .collect();
         let mut s = self.status.lock().expect("proxy status lock");
         s.builds += 1;
         s.full_builds += u64::from(full);
-        if refusal.is_empty() {
-            s.serving_version = gw.version;
-            s.refused = None;
-            s.problems = gw.problems.clone();
-            s.n_routes = gw.router.len();
-            drop(s);
-            let version = gw.version;
-            self.proxy.swap(gw);
-            self.serving.send_replace(version);
-        } else {
-            let why = refusal
-                .iter()
-                .map(|p| format!("plugin {}: {}", p.id, p.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            tracing::error!(
-                version = gw.version,
-                serving = s.serving_version,
-                "the proxy keeps serving its previous configuration: {why}"
-            );
-            s.refused = Some(format!("version {} not served: {why}", gw.version));
+        match gw.refusal() {
+            None => {
+                s.serving_version = gw.version;
+                s.refused = None;
+                s.problems = (*gw.problems).clone();
+                s.n_routes = gw.router.len();
+                drop(s);
+                let version = gw.version;
+                self.proxy.swap(gw);
+                self.serving.send_replace(version);
+            }
+            Some(why) => {
+                tracing::error!(
+                    version = gw.version,
+                    serving = s.serving_version,
+                    "the proxy keeps serving its previous configuration: {why}"
+                );
+                s.refused = Some(format!("version {} not served: {why}", gw.version));
+            }
         }
     }
 }
@@ -124,36 +117,35 @@ impl ProxyHandle {
 /// never on the request path.
 pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watch::Receiver<bool>) {
     let mut feed = store.subscribe();
-    let mut latest: Option<Arc<Gateway>> = None;
+    let mut builder = Some(Builder::new(handle.exporter.clone()));
     let mut pending: Option<Changed> = Some(Changed::All);
     loop {
         if let Some(changed) = pending.take() {
             let store = store.clone();
-            let exporter = handle.exporter.clone();
-            let prev = latest.clone();
-            let full = matches!(changed, Changed::All) || prev.is_none();
+            let mut b = builder
+                .take()
+                .expect("the builder is back after each build");
+            let full = matches!(changed, Changed::All);
             let built = tokio::task::spawn_blocking(move || {
-                let snapshot = store.snapshot()?;
-                match (&prev, &changed) {
-                    (Some(p), Changed::Entities(_)) => p.update(&snapshot, &changed, &exporter),
-                    (p, _) => Gateway::build(&snapshot, p.as_deref(), &exporter),
-                }
+                let r = store.snapshot().and_then(|snap| b.update(&snap, &changed));
+                (b, r)
             })
             .await;
             match built {
-                Ok(Ok(gw)) => {
-                    let gw = Arc::new(gw);
-                    latest = Some(gw.clone());
+                Ok((b, Ok(gw))) => {
+                    builder = Some(b);
                     handle.offer(gw, full);
                 }
-                Ok(Err(e)) => {
+                Ok((b, Err(e))) => {
                     tracing::error!(error = %e, "could not read the store to rebuild the proxy");
+                    builder = Some(b);
                     pending = Some(Changed::All);
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "the proxy's rebuild panicked");
+                    tracing::error!(error = %e, "the proxy's rebuild panicked; starting over");
+                    builder = Some(Builder::new(handle.exporter.clone()));
                     pending = Some(Changed::All);
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
