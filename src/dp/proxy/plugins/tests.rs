@@ -1,0 +1,1 @@
+//! Unit tests of the plugins (see the Kong spec files cited per test).
