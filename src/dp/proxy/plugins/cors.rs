@@ -239,10 +239,7 @@ fn configure_credentials(
 pub(super) fn access(conf: &CorsConf, ctx: &mut Ctx) -> Option<Response<Full<Bytes>>> {
     let origin = header_first(&ctx.headers, "origin").filter(|o| !o.is_empty());
     let request_method = header_first(&ctx.headers, "access-control-request-method");
-    let Some(origin) = origin.filter(|_| ctx.method == Method::OPTIONS && request_method.is_some())
-    else {
-        return None;
-    };
+    let origin = origin.filter(|_| ctx.method == Method::OPTIONS && request_method.is_some())?;
     ctx.cors_skip = true;
     if conf.preflight_continue {
         return None;
