@@ -114,7 +114,8 @@ fn refuse(conf: &IpConf, ip: IpAddr) -> Option<Response<Full<Bytes>>> {
 
 /// The access phase: deny first, then allow.
 pub(super) fn access(conf: &IpConf, ctx: &mut Ctx) -> Option<Response<Full<Bytes>>> {
-    let ip = ctx.client_ip;
+    // An IPv4 client seen on a dual-stack socket (`::ffff:a.b.c.d`) is the IPv4 address.
+    let ip = ctx.client_ip.to_canonical();
     if conf.deny.iter().any(|c| c.contains(ip)) {
         return refuse(conf, ip);
     }

@@ -188,6 +188,8 @@ struct Jwt {
 enum Failure {
     /// A 401 with `{"message"}` and a `WWW-Authenticate` header (base or with error).
     Unauthorized(String, bool),
+    /// A 401 with `{"message"}` and no `WWW-Authenticate` (the consumer of a secret is gone).
+    NoConsumer(String),
     /// A 401 with the claim errors as the body (`kong.response.exit`).
     Claims(BTreeMap<String, Value>),
     /// A Lua error in Kong (an assertion): 500 "An unexpected error occurred".
@@ -416,10 +418,9 @@ fn authenticate(plugins: &Plugins, conf: &JwtConf, ctx: &mut Ctx) -> Result<(), 
     verify_claims(conf, &jwt, plugins.clock.now_secs())?;
     let credential = secret.credential.clone();
     let Some(consumer) = credential_consumer(plugins, ctx, &credential) else {
-        return Err(Failure::Unauthorized(
-            format!("Could not find consumer for '{claim}={key}'"),
-            false,
-        ));
+        return Err(Failure::NoConsumer(format!(
+            "Could not find consumer for '{claim}={key}'"
+        )));
     };
     set_consumer(ctx, consumer, Some(credential));
     Ok(())
@@ -472,6 +473,11 @@ pub(super) fn access(
                 &[("www-authenticate", www)],
             ))
         }
+        Failure::NoConsumer(message) => Some(json_response(
+            401,
+            &serde_json::json!({ "message": message }),
+            &[],
+        )),
         Failure::Claims(errors) => {
             let body = Value::Object(errors.into_iter().collect());
             Some(json_response(

@@ -5,13 +5,14 @@
 //! - `kong_http_requests_total{service,route,code,source,workspace,consumer}` (`status_code_metrics`)
 //! - `kong_kong_latency_ms`, `kong_upstream_latency_ms`, `kong_request_latency_ms`
 //!   `{service,route,workspace}` histograms (`latency_metrics`)
-//! - `kong_bandwidth_bytes_total{service,route,direction,workspace,consumer}` (`bandwidth_metrics`;
-//!   Kong's name is `kong_bandwidth_bytes`: the `_total` suffix is the crate's, for counters)
+//! - `kong_bandwidth_bytes{service,route,direction,workspace,consumer}` (`bandwidth_metrics`):
+//!   a counter in Kong; typed `gauge` here because `prometheus_client` appends `_total` to every
+//!   counter's name, and Kong's dashboards query the name without it
 //! - `kong_upstream_target_health{upstream,target,address,state,subsystem}`, fed by the
 //!   balancer through [`Exporter::set_target_health`] when any instance sets
 //!   `upstream_health_metrics`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -78,8 +79,8 @@ pub struct Exporter {
     upstream_latency: Histograms,
     /// `kong_request_latency_ms`.
     total_latency: Histograms,
-    /// `kong_bandwidth_bytes`.
-    bandwidth: Family<Labels, Counter>,
+    /// `kong_bandwidth_bytes` (only ever incremented).
+    bandwidth: Family<Labels, Gauge<u64, AtomicU64>>,
     /// `kong_upstream_target_health`.
     target_health: Family<Labels, Gauge>,
     /// Whether any prometheus instance of the current table sets `upstream_health_metrics`.

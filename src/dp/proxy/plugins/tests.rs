@@ -738,6 +738,25 @@ async fn jwt_failures() {
         err,
     )
     .await;
+    // A secret whose consumer is missing: 401 without WWW-Authenticate.
+    let mut orphan = secret("o", "HS256", Some("s"), None);
+    orphan["consumer"] = json!({"id": "99999999-0000-0000-0000-000000000000"});
+    let t = jwt_table(json!({}), vec![orphan], 1000);
+    let tok = token("HS256", json!({"iss": "o"}), &sign);
+    let (status, headers, b) = body(
+        t.access(&mut get(&[("authorization", &bearer(&tok))]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, b),
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"message": "Could not find consumer for 'iss=o'"})
+        )
+    );
+    assert_eq!(h(&headers, "www-authenticate"), None);
     // The key claim may be in the header, and another claim name can be configured.
     let t = jwt_table(
         json!({"key_claim_name": "kid"}),
@@ -1545,8 +1564,8 @@ async fn prometheus_metrics() {
     for line in [
         r#"kong_http_requests_total{service="upstream.test",route="r1",code="200",source="service",workspace="default",consumer="alice"} 1"#,
         r#"kong_http_requests_total{service="upstream.test",route="r1",code="401",source="kong",workspace="default",consumer="alice"} 1"#,
-        r#"kong_bandwidth_bytes_total{service="upstream.test",route="r1",direction="egress",workspace="default",consumer="alice"} 4000"#,
-        r#"kong_bandwidth_bytes_total{service="upstream.test",route="r1",direction="ingress",workspace="default",consumer="alice"} 200"#,
+        r#"kong_bandwidth_bytes{service="upstream.test",route="r1",direction="egress",workspace="default",consumer="alice"} 4000"#,
+        r#"kong_bandwidth_bytes{service="upstream.test",route="r1",direction="ingress",workspace="default",consumer="alice"} 200"#,
         r#"kong_request_latency_ms_count{service="upstream.test",route="r1",workspace="default"} 2"#,
         r#"kong_upstream_latency_ms_count{service="upstream.test",route="r1",workspace="default"} 1"#,
         r#"kong_kong_latency_ms_bucket{le="5.0",service="upstream.test",route="r1",workspace="default"} 2"#,
