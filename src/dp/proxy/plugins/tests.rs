@@ -1618,3 +1618,63 @@ async fn rate_limiting_tie_reports_longer_window() {
     assert_eq!(h(&headers, "ratelimit-remaining"), Some("0"));
     assert_eq!(h(&headers, "ratelimit-reset"), Some("870"));
 }
+
+/// The table is shared across connections, and the access future runs on tokio's
+/// multi-threaded runtime: all of it must be Send (and the table Sync).
+#[test]
+fn table_and_futures_are_send() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let t = table(vec![plugin("key-auth", json!({"key_in_body": true}))]);
+    send_sync(&t);
+    let mut c = get(&[]);
+    send(&c);
+    let fut = t.access(&mut c);
+    send(&fut);
+}
+
+/// A rough per-request cost of the access, response and log phases with a typical set of
+/// plugins (run with `--ignored --nocapture`; debug builds are much slower than release).
+#[tokio::test]
+#[ignore]
+async fn measure_phases() {
+    let mut t = table(vec![
+        plugin(
+            "cors",
+            json!({"origins": ["http://a.com", "(.*[.])?b\\.com"]}),
+        ),
+        plugin("key-auth", json!({})),
+        plugin("acl", json!({"allow": ["admin"]})),
+        plugin(
+            "rate-limiting",
+            json!({"second": 1_000_000_000u64, "hour": 1_000_000_000u64}),
+        ),
+        plugin(
+            "prometheus",
+            json!({"status_code_metrics": true, "latency_metrics": true, "bandwidth_metrics": true}),
+        ),
+    ]);
+    t.set_clock(Clock::manual(1_709_214_330_000));
+    let entry = LogEntry {
+        status: 200,
+        source: ResponseSource::Service,
+        request_bytes: 100,
+        response_bytes: 2000,
+        latency_total: Duration::from_millis(30),
+        latency_upstream: Some(Duration::from_millis(20)),
+        latency_kong: Duration::from_millis(3),
+        upstream_target: None,
+    };
+    let n = 20_000;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let mut c = get(&[("apikey", "alice-key"), ("origin", "http://x.b.com")]);
+        c.route_name = Some("r".into());
+        assert!(t.access(&mut c).await.is_none());
+        let mut headers = HeaderMap::new();
+        t.response(&c, StatusCode::OK, &mut headers);
+        t.log(&c, &entry);
+    }
+    let per = start.elapsed() / n;
+    println!("access+response+log: {per:?} per request ({n} requests)");
+}
