@@ -90,8 +90,10 @@ pub struct Ctx {
     pub headers: HeaderMap,
     /// Whether the request came over TLS.
     pub tls: bool,
-    /// Reads the request body once, when a plugin needs it (key-auth's `key_in_body`).
-    pub body_source: Option<BodyFuture>,
+    /// Reads the request body once, when a plugin needs it (key-auth's `key_in_body`); set
+    /// with [`Ctx::set_body_source`]. In a mutex only so that `Ctx` is `Sync` with a future
+    /// that is only `Send` (it is never locked: `&mut self` reaches it).
+    body_source: std::sync::Mutex<Option<BodyFuture>>,
     /// The body once read (by [`Ctx::body`]).
     body: Option<Option<Bytes>>,
     /// The body to send upstream instead of the original one, when a plugin changed it.
@@ -135,7 +137,7 @@ impl Ctx {
             query: None,
             headers: HeaderMap::new(),
             tls: false,
-            body_source: None,
+            body_source: std::sync::Mutex::new(None),
             body: None,
             new_body: None,
             consumer: None,
@@ -148,10 +150,31 @@ impl Ctx {
         }
     }
 
-    /// The request body, read from `body_source` on the first call and kept.
+    /// Gives the future that reads the request body; plugins await it at most once, and only
+    /// when their config asks for the body. The proxy then sends `new_body` if a plugin set
+    /// it, else the body that future read (see [`Ctx::read_body`]), else the original stream.
+    pub fn set_body_source(&mut self, source: BodyFuture) {
+        *self
+            .body_source
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// The body a plugin read, if one did (`Some(None)`: read, but there was none or reading
+    /// failed); the proxy forwards it instead of the (consumed) stream.
+    pub fn read_body(&self) -> Option<Option<Bytes>> {
+        self.body.clone()
+    }
+
+    /// The request body, read from the body source on the first call and kept.
     pub async fn body(&mut self) -> Option<Bytes> {
         if self.body.is_none() {
-            let read = match self.body_source.take() {
+            let source = self
+                .body_source
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let read = match source {
                 Some(source) => source.await,
                 None => None,
             };
