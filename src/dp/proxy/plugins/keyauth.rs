@@ -201,7 +201,14 @@ async fn authenticate(plugins: &Plugins, conf: &KeyAuthConf, ctx: &mut Ctx) -> R
         Some(key) if !key.is_empty() => key,
         _ => return Err(unauthorized("No API key found in request")),
     };
-    let Some(credential) = plugins.ws_data(&ctx.ws_id).keyauth.get(&key).cloned() else {
+    let now_ms = plugins.clock.now_ms();
+    let Some(credential) = plugins
+        .ws_data(&ctx.ws_id)
+        .keyauth
+        .get(&key)
+        .filter(|k| k.expires_ms.is_none_or(|at| at > now_ms))
+        .map(|k| k.credential.clone())
+    else {
         return Err(unauthorized("Unauthorized"));
     };
     let Some(consumer) = credential_consumer(plugins, ctx, &credential) else {

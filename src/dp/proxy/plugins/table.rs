@@ -103,6 +103,16 @@ pub(super) struct BasicCredential {
     pub(super) password_hash: String,
 }
 
+/// A key-auth credential, with its expiry when the entity has a `ttl`.
+pub(super) struct KeyCredential {
+    /// The credential.
+    pub(super) credential: Credential,
+    /// When it expires (ms since the epoch): the table's build time plus the entity's `ttl`
+    /// seconds, as `ttl` is the time left when the entity is read. A `ttl` of 0 is expired
+    /// (key-auth's `load_credential`).
+    pub(super) expires_ms: Option<u64>,
+}
+
 /// A jwt secret (`jwt_secrets` entity).
 pub(super) struct JwtSecret {
     /// The credential (identifier: the key).
@@ -123,7 +133,7 @@ pub(super) struct WsData {
     /// Consumers by username.
     pub(super) consumers_by_username: HashMap<String, Arc<Consumer>>,
     /// key-auth credentials by key.
-    pub(super) keyauth: HashMap<String, Credential>,
+    pub(super) keyauth: HashMap<String, KeyCredential>,
     /// basic-auth credentials by username.
     pub(super) basicauth: HashMap<String, BasicCredential>,
     /// jwt secrets by key.
@@ -197,8 +207,12 @@ impl Plugins {
     ) -> (Plugins, Vec<(String, String)>) {
         let mut errors = Vec::new();
         let mut data: HashMap<String, WsData> = HashMap::new();
+        let (counters, clock) = match previous {
+            Some(previous) => (previous.counters.clone(), previous.clock.clone()),
+            None => (Arc::new(Counters::default()), Clock::system()),
+        };
         load_consumers(entities, &mut data);
-        load_credentials(entities, &mut data);
+        load_credentials(entities, &mut data, clock.now_ms());
 
         let mut plugins: HashMap<String, WsPlugins> = HashMap::new();
         let mut has_plugins = false;
@@ -268,10 +282,6 @@ impl Plugins {
         }
         exporter.set_upstream_health_enabled(upstream_health);
 
-        let (counters, clock) = match previous {
-            Some(previous) => (previous.counters.clone(), previous.clock.clone()),
-            None => (Arc::new(Counters::default()), Clock::system()),
-        };
         let table = Plugins {
             plugins,
             data,
@@ -452,7 +462,11 @@ fn load_consumers(entities: &dyn Fn(&str) -> Vec<Value>, data: &mut HashMap<Stri
 
 /// Indexes credentials and ACL groups, per workspace. Entities missing their key fields are
 /// skipped (logged): they cannot authenticate anything.
-fn load_credentials(entities: &dyn Fn(&str) -> Vec<Value>, data: &mut HashMap<String, WsData>) {
+fn load_credentials(
+    entities: &dyn Fn(&str) -> Vec<Value>,
+    data: &mut HashMap<String, WsData>,
+    now_ms: u64,
+) {
     let base = |e: &Value, identifier: Option<&str>| -> Option<Credential> {
         let id = e.get("id").and_then(Value::as_str)?;
         let consumer_id = foreign_id(e, "consumer")?;
@@ -466,10 +480,17 @@ fn load_credentials(entities: &dyn Fn(&str) -> Vec<Value>, data: &mut HashMap<St
         let key = e.get("key").and_then(Value::as_str);
         match (key, base(&e, None)) {
             (Some(key), Some(credential)) => {
-                data.entry(ws_of(&e))
-                    .or_default()
-                    .keyauth
-                    .insert(key.to_owned(), credential);
+                let expires_ms = e
+                    .get("ttl")
+                    .and_then(Value::as_f64)
+                    .map(|ttl| now_ms.saturating_add((ttl.max(0.0) * 1000.0) as u64));
+                data.entry(ws_of(&e)).or_default().keyauth.insert(
+                    key.to_owned(),
+                    KeyCredential {
+                        credential,
+                        expires_ms,
+                    },
+                );
             }
             _ => tracing::warn!("keyauth_credential without key, id or consumer skipped"),
         }

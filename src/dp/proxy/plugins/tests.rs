@@ -87,6 +87,8 @@ fn credentials() -> HashMap<&'static str, Vec<Value>> {
         vec![
             json!({"id": "ka-1", "key": "alice-key", "consumer": {"id": ALICE}, "ws_id": WS, "ttl": null}),
             json!({"id": "ka-2", "key": "bob-key", "consumer": {"id": BOB}, "ws_id": WS, "ttl": null}),
+            json!({"id": "ka-3", "key": "temp-key", "consumer": {"id": BOB}, "ws_id": WS, "ttl": 10}),
+            json!({"id": "ka-4", "key": "gone-key", "consumer": {"id": BOB}, "ws_id": WS, "ttl": 0}),
         ],
     );
     m.insert(
@@ -396,6 +398,40 @@ async fn key_auth_body_and_hide_credentials() {
     let mut c = ctx(Method::POST, &[("content-type", "application/json")]);
     c.set_body_source(Box::pin(async { panic!("body read") }));
     assert_eq!(t.access(&mut c).await.unwrap().status(), 401);
+}
+
+/// Credentials with a ttl expire (key-auth handler.lua `load_credential`: ttl 0 is expired).
+#[tokio::test]
+async fn key_auth_ttl() {
+    let clock = Clock::manual(1_000_000);
+    let seed = {
+        let mut t = table(vec![]);
+        t.set_clock(clock.clone());
+        t
+    };
+    let (t, errors) = table_with(vec![plugin("key-auth", json!({}))], vec![], Some(&seed));
+    assert!(errors.is_empty());
+    assert!(
+        t.access(&mut get(&[("apikey", "temp-key")]))
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        t.access(&mut get(&[("apikey", "gone-key")]))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    clock.set_ms(1_010_000);
+    assert_eq!(
+        t.access(&mut get(&[("apikey", "temp-key")]))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert!(t.access(&mut get(&[("apikey", "bob-key")])).await.is_none());
 }
 
 /// run_on_preflight = false lets OPTIONS through unauthenticated.
