@@ -26,7 +26,8 @@ pub enum Format {
 }
 
 impl Format {
-    fn content_type(self) -> Option<&'static str> {
+    /// The `Content-Type` of a body in this format (none for gRPC).
+    pub fn content_type(self) -> Option<&'static str> {
         match self {
             Format::Json => Some("application/json; charset=utf-8"),
             Format::Html => Some("text/html; charset=utf-8"),

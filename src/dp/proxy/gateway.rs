@@ -106,6 +106,8 @@ pub struct Gateway {
     pub balancers: Arc<Balancers>,
     pub plugins: Arc<Plugins>,
     pub certificates: Arc<Certificates>,
+    /// Workspace names by id (prometheus labels by name).
+    pub workspaces: Arc<HashMap<String, String>>,
     /// What this configuration left out, and why.
     pub problems: Arc<Vec<Problem>>,
 }
@@ -124,8 +126,14 @@ impl Gateway {
             balancers: Arc::new(balancers),
             plugins: Arc::new(plugins),
             certificates: Arc::new(certificates),
+            workspaces: Arc::default(),
             problems: Arc::default(),
         }
+    }
+
+    /// The name of workspace `ws_id` (`default` when unknown).
+    pub fn workspace_name(&self, ws_id: &str) -> &str {
+        self.workspaces.get(ws_id).map_or("default", String::as_str)
     }
 
     /// Whether this configuration may be served: it uses no plugin this data plane cannot
@@ -222,6 +230,7 @@ impl Builder {
                 balancers: true,
                 plugins: true,
                 certificates: true,
+                workspaces: true,
             };
         } else {
             let Changed::Entities(keys) = changed else {
@@ -256,6 +265,7 @@ impl Builder {
                     }
                     "upstreams" | "targets" => rebuild.balancers = true,
                     "certificates" | "snis" => rebuild.certificates = true,
+                    "workspaces" => rebuild.workspaces = true,
                     t if PLUGIN_INPUTS.contains(&t) => rebuild.plugins = true,
                     _ => {}
                 }
@@ -331,6 +341,18 @@ impl Builder {
         } else {
             prev.certificates.clone()
         };
+        let workspaces = if rebuild.workspaces {
+            let mut names = HashMap::new();
+            snapshot.for_each("workspaces", &mut |_, id, v| {
+                if let Some(n) = v["name"].as_str() {
+                    names.insert(id.to_owned(), n.to_owned());
+                }
+                true
+            })?;
+            Arc::new(names)
+        } else {
+            prev.workspaces.clone()
+        };
         let problems = Arc::new(
             self.problems
                 .iter()
@@ -348,6 +370,7 @@ impl Builder {
             balancers,
             plugins,
             certificates,
+            workspaces,
             problems,
         });
         self.current = gw.clone();
@@ -402,6 +425,7 @@ struct Rebuild {
     balancers: bool,
     plugins: bool,
     certificates: bool,
+    workspaces: bool,
 }
 
 /// Whether a route goes into the router: Kong leaves out the routes of a disabled service

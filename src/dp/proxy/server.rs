@@ -25,7 +25,7 @@ use super::balancer::{HashInput, Outcome, Resolver};
 use super::errors::{self, Source};
 use super::gateway::{Gateway, Service};
 use super::ipnet::IpNet;
-use super::plugins::{Ctx, LogEntry};
+use super::plugins::{Ctx, LogEntry, PluginMessage, ResponseSource};
 use super::router::{self, Route};
 use super::upstream::{self, BoxError, ConnectError, PoolKey, ProxyBody, SendError};
 
@@ -349,39 +349,73 @@ async fn route_and_forward(
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
         None => (path_and_query.clone(), None),
     };
-    let mut ctx = Ctx {
-        route_id: Some(route.id.clone()),
-        route_name: route.name.clone(),
-        service_id: Some(service.id.clone()),
-        service_name: service.name.clone(),
-        ws_id: service.ws_id.clone(),
-        client_ip: down.remote.ip(),
-        method: parts.method.clone(),
-        path: raw_path,
-        query,
-        headers: parts.headers,
-        tls: down.tls,
-        consumer: None,
-        credential: None,
-        authenticated_groups: None,
-    };
+    let mut ctx = Ctx::new(
+        service.ws_id.clone(),
+        down.remote.ip(),
+        parts.method.clone(),
+        raw_path,
+    );
+    ctx.route_id = Some(route.id.clone());
+    ctx.route_name = route.name.clone();
+    ctx.service_id = Some(service.id.clone());
+    ctx.service_name = service.name.clone();
+    ctx.service_host = Some(service.host.clone());
+    ctx.workspace_name = gateway.workspace_name(&service.ws_id).to_owned();
+    ctx.query = query;
+    ctx.headers = parts.headers;
+    ctx.tls = down.tls;
+    // The body, for a plugin that reads it (key-auth's key_in_body); left in its slot
+    // (and streamed) when none does.
+    let slot = Arc::new(std::sync::Mutex::new(Some(body)));
+    {
+        let slot = slot.clone();
+        ctx.set_body_source(Box::pin(async move {
+            let body = slot.lock().expect("body slot").take()?;
+            http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
+                .collect()
+                .await
+                .ok()
+                .map(|c| c.to_bytes())
+        }));
+    }
     let plugins = gateway.plugins.clone();
     if let Some(res) = plugins.access(&mut ctx).await {
         let (mut rp, body) = res.into_parts();
+        let body = match rp.extensions.get::<PluginMessage>() {
+            // `kong.response.error`: the body follows the request's Accept.
+            Some(PluginMessage(message)) => {
+                let format = errors::format_for(&ctx.headers, Source::Runloop);
+                if let Some(ct) = format.content_type() {
+                    rp.headers
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                }
+                rp.headers.remove(header::CONTENT_LENGTH);
+                Bytes::from(errors::body(format, message, request_id))
+            }
+            None => body.into_inner().unwrap_or_default(),
+        };
         plugins.response(&ctx, rp.status, &mut rp.headers);
         plugins.log(
             &ctx,
             &LogEntry {
                 status: rp.status.as_u16(),
+                source: ResponseSource::Kong,
                 request_bytes: 0,
-                response_bytes: 0,
+                response_bytes: body.len() as u64,
                 latency_total: started.elapsed(),
                 latency_upstream: None,
                 latency_kong: started.elapsed(),
+                upstream_target: None,
             },
         );
-        return Response::from_parts(rp, full(body.into_inner().unwrap_or_default()));
+        return Response::from_parts(rp, full(body));
     }
+    let body: Option<Incoming> = slot.lock().expect("body slot").take();
+    let replaced = match (ctx.new_body.take(), ctx.read_body()) {
+        (Some(b), _) => Some(b),
+        (None, Some(read)) => Some(read.unwrap_or_default()),
+        (None, None) => None,
+    };
 
     // The upstream request.
     let mut upstream_path = router::upstream_path_v0(
@@ -420,8 +454,12 @@ async fn route_and_forward(
     set(&mut headers, header::VIA, &via);
     set(&mut headers, X_KONG_REQUEST_ID, request_id);
 
-    let body: ProxyBody = if route.request_buffering {
-        match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
+    let body: ProxyBody = match (replaced, body) {
+        (Some(b), _) => {
+            headers.remove(header::CONTENT_LENGTH);
+            full(b)
+        }
+        (None, Some(body)) if route.request_buffering => match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
             .collect()
             .await
         {
@@ -441,9 +479,9 @@ async fn route_and_forward(
                     request_id,
                 );
             }
-        }
-    } else {
-        body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+        },
+        (None, Some(body)) => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        (None, None) => full(Bytes::new()),
     };
 
     let attempt = Attempt {
@@ -460,7 +498,7 @@ async fn route_and_forward(
         captures: &captures,
         request_id,
     };
-    let (mut res, upstream_latency) = match attempt.run(body).await {
+    let (mut res, upstream_latency, target) = match attempt.run(body).await {
         Ok(x) => x,
         Err(answer) => {
             let mut res = answer;
@@ -470,11 +508,13 @@ async fn route_and_forward(
                 &ctx,
                 &LogEntry {
                     status: status.as_u16(),
+                    source: ResponseSource::Error,
                     request_bytes: 0,
                     response_bytes: 0,
                     latency_total: started.elapsed(),
                     latency_upstream: None,
                     latency_kong: started.elapsed(),
+                    upstream_target: None,
                 },
             );
             return res;
@@ -502,11 +542,13 @@ async fn route_and_forward(
     plugins.response(&ctx, status, h);
     let log = LogEntry {
         status: status.as_u16(),
+        source: ResponseSource::Service,
         request_bytes: 0,
         response_bytes: 0,
         latency_total: started.elapsed(),
         latency_upstream: Some(upstream_latency),
         latency_kong: kong_latency,
+        upstream_target: Some(target.to_string()),
     };
     // The log phase runs when the body has been passed on (or dropped).
     let (rp, body) = res.into_parts();
@@ -536,7 +578,7 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    async fn run(self, body: ProxyBody) -> Result<(Answer, Duration), Answer> {
+    async fn run(self, body: ProxyBody) -> Result<(Answer, Duration, SocketAddr), Answer> {
         let service = self.service;
         let fail = |status: StatusCode, message: &str| {
             error(
@@ -714,7 +756,7 @@ impl Attempt<'_> {
                     } else {
                         ubody.boxed()
                     };
-                    return Ok((Response::from_parts(parts, body), latency));
+                    return Ok((Response::from_parts(parts, body), latency, addr));
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "upstream request failed");

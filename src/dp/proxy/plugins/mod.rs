@@ -1,82 +1,45 @@
-//! The plugins the data plane executes. (Temporary stand-in: none.)
+//! The plugins the data plane executes, and the plugin table of one configuration.
+//!
+//! The behaviour follows Kong 3.10: which configuration of a plugin applies to a request comes
+//! from `kong/runloop/plugins_iterator.lua`, each plugin from its `kong/plugins/<name>/handler.lua`.
+//!
+//! - `table`: [`Plugins`], the plugin table (configs, consumers, credentials, ACL groups).
+//! - `request`: [`Ctx`], [`LogEntry`] and the responses plugins answer with.
+//! - one file per plugin: `cors`, `jwt`, `keyauth`, `basicauth`, `ip`, `acl`, `ratelimit`,
+//!   `prometheus`; `auth` holds what the three auth plugins share (consumer headers, anonymous).
+//! - `clock`: the time source (settable in tests).
 
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
+mod acl;
+mod auth;
+mod basicauth;
+mod clock;
+mod cors;
+mod ip;
+mod jwt;
+mod keyauth;
+mod prometheus;
+mod ratelimit;
+mod request;
+mod table;
+mod util;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use serde_json::Value;
+#[cfg(test)]
+mod tests;
 
-/// The plugins this data plane executes.
-pub const EXECUTED: &[(&str, &str)] = &[];
+pub use clock::Clock;
+pub use prometheus::Exporter;
+pub use request::{BodyFuture, Consumer, Credential, Ctx, LogEntry, PluginMessage, ResponseSource};
+pub use table::Plugins;
 
-/// A consumer.
-#[derive(Debug)]
-pub struct Consumer {
-    pub id: String,
-}
-
-/// A credential.
-#[derive(Debug, Clone)]
-pub struct Credential {
-    pub id: String,
-}
-
-/// One request as the plugins see it.
-pub struct Ctx {
-    pub route_id: Option<String>,
-    pub route_name: Option<String>,
-    pub service_id: Option<String>,
-    pub service_name: Option<String>,
-    pub ws_id: String,
-    pub client_ip: IpAddr,
-    pub method: http::Method,
-    pub path: String,
-    pub query: Option<String>,
-    pub headers: http::HeaderMap,
-    pub tls: bool,
-    pub consumer: Option<Arc<Consumer>>,
-    pub credential: Option<Credential>,
-    pub authenticated_groups: Option<Vec<String>>,
-}
-
-/// The log phase's facts.
-pub struct LogEntry {
-    pub status: u16,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub latency_total: Duration,
-    pub latency_upstream: Option<Duration>,
-    pub latency_kong: Duration,
-}
-
-/// The plugin table.
-#[derive(Default)]
-pub struct Plugins {}
-
-impl Plugins {
-    pub fn new(
-        _entities: &dyn Fn(&str) -> Vec<Value>,
-        _previous: Option<&Plugins>,
-        _exporter: &Arc<Exporter>,
-    ) -> (Plugins, Vec<(String, String)>) {
-        (Plugins {}, Vec::new())
-    }
-    pub async fn access(&self, _ctx: &mut Ctx) -> Option<http::Response<Full<Bytes>>> {
-        None
-    }
-    pub fn response(&self, _ctx: &Ctx, _status: http::StatusCode, _headers: &mut http::HeaderMap) {}
-    pub fn log(&self, _ctx: &Ctx, _log: &LogEntry) {}
-}
-
-/// Prometheus request metrics.
-#[derive(Default)]
-pub struct Exporter {}
-
-impl Exporter {
-    pub fn new() -> Arc<Exporter> {
-        Arc::new(Exporter {})
-    }
-    pub fn register(&self, _registry: &mut prometheus_client::registry::Registry) {}
-}
+/// The plugins this data plane executes, with their versions (Kong 3.10's handler
+/// VERSIONs: the DP announces these to the CP).
+pub const EXECUTED: &[(&str, &str)] = &[
+    ("cors", "3.10.0"),
+    ("jwt", "3.10.0"),
+    ("key-auth", "3.10.0"),
+    ("basic-auth", "3.10.0"),
+    ("ip-restriction", "3.10.0"),
+    ("acl", "3.10.0"),
+    ("rate-limiting", "3.10.0"),
+    ("prometheus", "3.10.0"),
+];
