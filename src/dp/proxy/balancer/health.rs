@@ -11,7 +11,7 @@
 //! - reports matching the current full state are ignored.
 //!
 //! Active probes: connect (timeout → timeout, error → TCP failure); `tcp` stops there
-//! (success); `http` sends `GET <http_path> HTTP/1.1` with `Connection: close`, the configured
+//! (success); `https` then shakes hands (failure → TCP failure); `http` and `https` send `GET <http_path> HTTP/1.1` with `Connection: close`, the configured
 //! headers and `Host`, reads the status line, and reports the status (a bad status line
 //! counts as an HTTP failure). Healthy targets are probed every `healthy.interval`, unhealthy
 //! ones every `unhealthy.interval`.
@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
 use super::config::{ActiveConfig, ProbeType};
+use super::tls;
 use super::{Target, Upstream};
 
 /// lua-resty-healthcheck's internal health of a target.
@@ -145,12 +146,6 @@ pub(super) fn spawn_active(upstream: &Arc<Upstream>) -> Option<tokio::task::Abor
         );
         return None;
     };
-    if upstream.config.health.active.probe == ProbeType::Https {
-        tracing::warn!(
-            upstream = %upstream.config.name,
-            "https active health checks are not supported yet: probing over plain TCP+TLS is skipped, targets are probed with a TCP connect only"
-        );
-    }
     let weak = Arc::downgrade(upstream);
     Some(runtime.spawn(run_active(weak)).abort_handle())
 }
@@ -264,9 +259,28 @@ async fn probe(addr: SocketAddr, active: &ActiveConfig, host_header: &str) -> Pr
         Ok(Ok(stream)) => stream,
     };
     match active.probe {
-        // https is not probed over TLS yet (see `spawn_active`): the connection counts.
-        ProbeType::Tcp | ProbeType::Https => ProbeOutcome::Report(Report::Success),
+        ProbeType::Tcp => ProbeOutcome::Report(Report::Success),
         ProbeType::Http => http_probe(stream, active, host_header).await,
+        ProbeType::Https => {
+            // Kong's SNI: `https_sni`, else the host header (the upstream's `host_header`,
+            // else the target's name). A failed handshake is a TCP failure.
+            let sni = active.https_sni.as_deref().unwrap_or(host_header);
+            let (Some(config), Some(name)) = (
+                tls::client_config(active.https_verify_certificate),
+                tls::server_name(sni),
+            ) else {
+                return ProbeOutcome::Report(Report::TcpFailure);
+            };
+            let connector = tokio_rustls::TlsConnector::from(config);
+            match timeout(limit, connector.connect(name, stream)).await {
+                Err(_) => ProbeOutcome::Report(Report::Timeout),
+                Ok(Err(err)) => {
+                    tracing::debug!(%addr, sni, %err, "active health check: TLS handshake failed");
+                    ProbeOutcome::Report(Report::TcpFailure)
+                }
+                Ok(Ok(tls)) => http_probe(tls, active, host_header).await,
+            }
+        }
     }
 }
 
@@ -331,6 +345,64 @@ fn parse_status_line(line: &str) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local TLS server (self-signed for `localhost`) answering 200 to every request.
+    async fn tls_server() -> SocketAddr {
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use tokio::io::AsyncReadExt;
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        local
+    }
+
+    fn https_config(verify: bool) -> ActiveConfig {
+        let up = super::super::config::parse_upstream(&serde_json::json!({
+            "id": "u", "name": "u",
+            "healthchecks": {"active": {"type": "https", "https_verify_certificate": verify}},
+        }))
+        .unwrap();
+        up.health.active
+    }
+
+    #[tokio::test]
+    async fn https_probes_honour_certificate_verification() {
+        let server = tls_server().await;
+        // Not verified: the handshake passes and the status counts.
+        let outcome = probe(server, &https_config(false), "localhost").await;
+        assert_eq!(outcome, ProbeOutcome::Status(200));
+        // Verified: a self-signed certificate fails the handshake, a TCP failure.
+        let outcome = probe(server, &https_config(true), "localhost").await;
+        assert_eq!(outcome, ProbeOutcome::Report(Report::TcpFailure));
+    }
 
     #[test]
     fn status_lines() {

@@ -19,6 +19,7 @@ mod config;
 mod hash;
 pub mod health;
 mod resolver;
+mod tls;
 
 #[cfg(test)]
 mod tests;
