@@ -368,6 +368,9 @@ impl Upstream {
             .map(|(cfg, _)| Arc::new(Target::new(cfg)))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then(a.port.cmp(&b.port)));
+        // Without a health checker (Kong creates none when every interval and unhealthy
+        // threshold is 0) every target is healthy, whatever the previous state.
+        let previous = previous.filter(|_| config.health.enabled());
         if let Some(previous) = previous {
             for target in &list {
                 let old = previous

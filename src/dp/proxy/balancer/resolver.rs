@@ -22,14 +22,22 @@ use super::BalancerError;
 /// The shared future of one lookup in flight.
 type PendingLookup = Shared<BoxFuture<'static, Result<Arc<[IpAddr]>, String>>>;
 
-/// One cache slot: an answer with its expiry, or a lookup in flight.
+/// One cache slot: an answer with its expiry, a recent failure, or a lookup in flight.
 enum Slot {
     Ready {
         ips: Arc<[IpAddr]>,
         expires: Instant,
     },
+    Failed {
+        error: String,
+        expires: Instant,
+    },
     Pending(PendingLookup),
 }
+
+/// How long a failed lookup is remembered (Kong's `dns_error_ttl` default: 1 s), so a bad
+/// name does not send one query per request.
+const ERROR_TTL: Duration = Duration::from_secs(1);
 
 /// A caching A/AAAA resolver shared by the whole process (pass one `Arc<Resolver>` to every
 /// [`super::Balancers::new`] and to the proxy for plain service hosts).
@@ -142,6 +150,9 @@ impl Resolver {
                 Some(Slot::Ready { ips, expires }) if *expires > Instant::now() => {
                     return Ok(ips.clone());
                 }
+                Some(Slot::Failed { error, expires }) if *expires > Instant::now() => {
+                    return Err(BalancerError::NameResolution(error.clone()));
+                }
                 Some(Slot::Pending(pending)) => pending.clone(),
                 _ => {
                     let Some(inner) = self.inner.clone() else {
@@ -173,8 +184,9 @@ impl Resolver {
                 Ok(answer) => {
                     let ips: Arc<[IpAddr]> = answer.iter().collect();
                     if ips.is_empty() {
-                        cache.remove(&key);
-                        return Err(format!("{key}: empty record received"));
+                        let error = format!("{key}: empty record received");
+                        cache.insert(key, failed(error.clone()));
+                        return Err(error);
                     }
                     let now = Instant::now();
                     let ttl = answer
@@ -191,13 +203,22 @@ impl Resolver {
                     Ok(ips)
                 }
                 Err(err) => {
-                    cache.remove(&key);
-                    Err(format!("{key}: {err}"))
+                    let error = format!("{key}: {err}");
+                    cache.insert(key, failed(error.clone()));
+                    Err(error)
                 }
             }
         }
         .boxed()
         .shared()
+    }
+}
+
+/// A failure slot, kept for [`ERROR_TTL`].
+fn failed(error: String) -> Slot {
+    Slot::Failed {
+        error,
+        expires: Instant::now() + ERROR_TTL,
     }
 }
 

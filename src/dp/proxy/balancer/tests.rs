@@ -802,3 +802,56 @@ async fn concurrent_lookups_of_one_name_are_shared() {
     }
     assert_eq!(r.lookups(), 1);
 }
+
+#[test]
+fn shared_types_are_send_and_sync_and_pick_is_send() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<Balancers>();
+    send_sync::<Upstream>();
+    send_sync::<Resolver>();
+    send_sync::<Pick>();
+    let r = resolver();
+    let b = build(&[upstream("u", "svc", json!({}))], &ip_targets("u", 1), &r);
+    let up = b.get(WS, "svc").unwrap();
+    send(&up.pick(None, &[]));
+    send(&r.resolve("localhost", 80));
+}
+
+#[tokio::test]
+async fn failed_lookups_are_remembered_briefly() {
+    let r = Resolver::new();
+    assert!(r.resolve("does-not-exist.invalid", 80).await.is_err());
+    assert!(r.resolve("does-not-exist.invalid", 80).await.is_err());
+    assert_eq!(r.lookups(), 1);
+}
+
+#[tokio::test]
+async fn disabling_health_checks_clears_the_previous_state() {
+    let r = resolver();
+    let targets = ip_targets("u", 1);
+    let first = build(&[upstream("u", "svc", passive(1))], &targets, &r);
+    let up = first.get(WS, "svc").unwrap();
+    up.pick(None, &[]).await.unwrap().report(Outcome::TcpError);
+    assert!(up.pick(None, &[]).await.is_err());
+    // Same checks, another entity field changed: still down.
+    let mut changed = passive(1);
+    changed["slots"] = json!(100);
+    let (second, _) = Balancers::new(&[upstream("u", "svc", changed)], &targets, Some(&first), &r);
+    assert!(
+        second
+            .get(WS, "svc")
+            .unwrap()
+            .pick(None, &[])
+            .await
+            .is_err()
+    );
+    // Health checks off: every target usable again.
+    let (third, _) = Balancers::new(
+        &[upstream("u", "svc", json!({}))],
+        &targets,
+        Some(&second),
+        &r,
+    );
+    assert!(third.get(WS, "svc").unwrap().pick(None, &[]).await.is_ok());
+}
