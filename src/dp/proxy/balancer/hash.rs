@@ -40,8 +40,13 @@ pub(super) fn input_value(
 
 /// All values of a header joined with `", "`, as nginx's `$http_*` variables give them
 /// since nginx 1.23 (Kong's comment in `get_value_to_hash`).
+/// nginx names the variable with dashes as underscores, so a configured `x_user` also reads
+/// the `x-user` header.
 fn header_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() && name.contains('_') {
+        values = headers.get_all(name.replace('_', "-")).iter().peekable();
+    }
     values.peek()?;
     let joined: Vec<String> = values
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())

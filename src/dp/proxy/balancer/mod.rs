@@ -230,7 +230,8 @@ pub struct Pick {
     /// The address to connect to.
     pub addr: SocketAddr,
     /// The target's host name (for the upstream Host header when not preserve_host, unless
-    /// the upstream sets host_header: see [`Upstream::host_header`]).
+    /// the upstream sets host_header: see [`Upstream::host_header`]); an IPv6 target is in
+    /// brackets, ready for a Host header.
     pub host: String,
     /// The target's port.
     pub port: u16,
@@ -563,7 +564,7 @@ impl Upstream {
                     target.connections.fetch_add(1, Ordering::AcqRel);
                     return Ok(Pick {
                         addr,
-                        host: target.host.clone(),
+                        host: target.name.clone(),
                         port: target.port,
                         upstream: Arc::clone(self),
                         target: Arc::clone(target),
@@ -589,19 +590,23 @@ impl Upstream {
             let t = &self.targets[i];
             !failed[i] && t.weight > 0 && t.available()
         };
-        let was_tried: Vec<bool> = self
-            .targets
-            .iter()
-            .map(|t| {
-                !tried.is_empty()
-                    && self
-                        .resolver
+        // Empty on a first attempt, which then costs no allocation or lookup here.
+        let was_tried: Vec<bool> = if tried.is_empty() {
+            Vec::new()
+        } else {
+            self.targets
+                .iter()
+                .map(|t| {
+                    self.resolver
                         .cached(&t.host, t.port)
                         .is_some_and(|addrs| addrs.iter().all(|a| tried.contains(a)))
-            })
-            .collect();
-        let any_fresh = (0..self.targets.len()).any(|i| usable(i) && !was_tried[i]);
-        let ok = |i: usize| usable(i) && (!any_fresh || !was_tried[i]);
+                })
+                .collect()
+        };
+        let tried_target = |i: usize| was_tried.get(i).copied().unwrap_or(false);
+        let any_fresh =
+            !was_tried.is_empty() && (0..self.targets.len()).any(|i| usable(i) && !tried_target(i));
+        let ok = |i: usize| usable(i) && !(any_fresh && tried_target(i));
         match &self.algo {
             Algo::RoundRobin { wheel, pointer } => {
                 let n = wheel.len();
@@ -660,7 +665,7 @@ impl Upstream {
                 // Kong gives up when every available address was tried (`latency.lua`).
                 candidates
                     .into_iter()
-                    .filter(|&i| !was_tried[i])
+                    .filter(|&i| !tried_target(i))
                     .map(|i| {
                         let t = &self.targets[i];
                         let e = *t.ewma.lock().unwrap_or_else(|e| e.into_inner());

@@ -292,6 +292,10 @@ fn hash_key_reads_each_input() {
         plain("one, two")
     );
     assert_eq!(
+        key(json!({"hash_on": "header", "hash_on_header": "x_user"})),
+        plain("alice")
+    );
+    assert_eq!(
         key(json!({"hash_on": "cookie", "hash_on_cookie": "sess"})),
         plain("xyz")
     );
@@ -854,4 +858,47 @@ async fn disabling_health_checks_clears_the_previous_state() {
         &r,
     );
     assert!(third.get(WS, "svc").unwrap().pick(None, &[]).await.is_ok());
+}
+
+#[tokio::test]
+async fn ipv6_targets_keep_brackets_in_the_host() {
+    let r = resolver();
+    let b = build(
+        &[upstream("u", "svc", json!({}))],
+        &[target("a", "u", "[::1]:8080", 100)],
+        &r,
+    );
+    let pick = b.get(WS, "svc").unwrap().pick(None, &[]).await.unwrap();
+    assert_eq!(pick.addr, addr("[::1]:8080"));
+    assert_eq!(pick.host, "[::1]");
+}
+
+/// Pick cost, printed; run with `cargo test --lib dp::proxy::balancer::tests::pick_cost --
+/// --ignored --nocapture` (add `--release` for representative numbers).
+#[tokio::test]
+#[ignore]
+async fn pick_cost() {
+    let r = resolver();
+    for algorithm in [
+        "round-robin",
+        "consistent-hashing",
+        "least-connections",
+        "latency",
+    ] {
+        let b = build(
+            &[upstream("u", "svc", json!({"algorithm": algorithm}))],
+            &ip_targets("u", 100),
+            &r,
+        );
+        let up = b.get(WS, "svc").unwrap();
+        let n = 200_000;
+        let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            let pick = up.pick(Some(&keys[i % keys.len()]), &[]).await.unwrap();
+            std::hint::black_box(pick.addr);
+        }
+        let per_pick = start.elapsed() / n as u32;
+        println!("{algorithm}: {per_pick:?} per pick (100 targets)");
+    }
 }
