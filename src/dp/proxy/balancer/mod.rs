@@ -33,7 +33,10 @@ use std::time::{Duration, Instant};
 use rand::seq::SliceRandom;
 use serde_json::Value;
 
-pub use config::{Algorithm, HashOn, UpstreamConfig};
+pub use config::{
+    ActiveConfig, Algorithm, HashOn, HealthConfig, PassiveConfig, ProbeType, Thresholds,
+    UpstreamConfig,
+};
 pub use resolver::Resolver;
 
 use health::{Health, Report};

@@ -902,3 +902,14 @@ async fn pick_cost() {
         println!("{algorithm}: {per_pick:?} per pick (100 targets)");
     }
 }
+
+#[test]
+fn continuum_hash_is_luaxxhash() {
+    // luaxxhash's README (the library Kong's `consistent_hashing.lua` requires): its default
+    // seed gives 1710037756 for this string.
+    assert_eq!(
+        xxhash_rust::xxh32::xxh32(b"Cats are interesting.", 0),
+        1_710_037_756
+    );
+    assert_eq!(continuum_index("Cats are interesting.", 1000), 756);
+}
