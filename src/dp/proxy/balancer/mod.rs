@@ -5,9 +5,14 @@
 //!
 //! - [`Balancers`]: every upstream of one configuration, by workspace and name, rebuilt per
 //!   configuration version and reusing the runtime state of the previous one.
-//! - [`Upstream`]: one upstream's targets, algorithm ([`config::Algorithm`]), health
-//!   ([`health`]) and hashing ([`Upstream::hash_key`]).
+//! - [`Upstream`]: one upstream's targets, algorithm ([`Algorithm`]), health (passive
+//!   counting through [`Pick::report`], active probes in a task per upstream: `health.rs`)
+//!   and hashing ([`Upstream::hash_key`]).
 //! - [`Resolver`]: A/AAAA resolution with a TTL cache, shared by the whole process.
+//!
+//! **Round-robin and `slots`.** Kong 3.10's wheel has `total_weight / gcd` slots
+//! (`round_robin.lua`); `slots` sizes only the consistent-hashing continuum. We follow the
+//! source.
 //!
 //! **Unit of balancing.** Kong balances over *addresses*: each A record of a target's host
 //! name becomes its own wheel entry with the target's weight, and health is kept per
@@ -17,7 +22,7 @@
 
 mod config;
 mod hash;
-pub mod health;
+mod health;
 mod resolver;
 mod tls;
 
