@@ -10,6 +10,18 @@
 //!   and hashing ([`Upstream::hash_key`]).
 //! - [`Resolver`]: A/AAAA resolution with a TTL cache, shared by the whole process.
 //!
+//! **Use from the proxy**, per request whose service host names an upstream
+//! ([`Balancers::get`] with the service's workspace):
+//! 1. `let key = upstream.hash_key(&input)`; when `key.cookie` is set, add its
+//!    [`HashCookie::set_cookie`] to the response.
+//! 2. `let pick = upstream.pick(key.key.as_deref(), &tried).await?` (an error is a 503 with
+//!    its `Display` text); connect to `pick.addr`, with Host `upstream.host_header()`, else
+//!    `pick.host` (plus the port when not the default), unless the route preserves the host.
+//! 3. `pick.report(outcome)` once the attempt is over; on a retry push `pick.addr` to `tried`
+//!    and pick again (a dropped, unreported Pick only releases its connection).
+//!
+//! Other service hosts go through [`Resolver::resolve`].
+//!
 //! **Round-robin and `slots`.** Kong 3.10's wheel has `total_weight / gcd` slots
 //! (`round_robin.lua`); `slots` sizes only the consistent-hashing continuum. We follow the
 //! source.
