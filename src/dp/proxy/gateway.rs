@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::balancer::Balancers;
+use super::balancer::{Balancers, Resolver};
 use super::plugins::{Exporter, Plugins};
 use super::router::{Route, Router};
 use super::tls::Certificates;
@@ -116,7 +116,7 @@ impl Gateway {
     /// A configuration with nothing in it (before the first build).
     pub fn empty(exporter: &Arc<Exporter>) -> Gateway {
         let (router, _) = Router::new(std::iter::empty());
-        let (balancers, _) = Balancers::new(&[], &[], None);
+        let balancers = Balancers::default();
         let (plugins, _) = Plugins::new(&|_| Vec::new(), None, exporter);
         let (certificates, _) = Certificates::new(&[], &[]);
         Gateway {
@@ -155,6 +155,7 @@ type Problems = BTreeMap<(&'static str, String), String>;
 /// Derives each configuration from the previous one and a committed apply.
 pub struct Builder {
     exporter: Arc<Exporter>,
+    resolver: Arc<Resolver>,
     /// Every stored HTTP route by id, in the router or not (a disabled service's routes).
     routes: HashMap<String, Arc<Route>>,
     /// Route ids by service id, to re-evaluate a service's routes when it changes.
@@ -164,10 +165,11 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(exporter: Arc<Exporter>) -> Builder {
+    pub fn new(exporter: Arc<Exporter>, resolver: Arc<Resolver>) -> Builder {
         let current = Arc::new(Gateway::empty(&exporter));
         Builder {
             exporter,
+            resolver,
             routes: HashMap::new(),
             routes_by_service: HashMap::new(),
             problems: Problems::new(),
@@ -313,6 +315,7 @@ impl Builder {
                 &snapshot.list("upstreams")?,
                 &snapshot.list("targets")?,
                 Some(&prev.balancers),
+                &self.resolver,
             );
             self.note("upstreams", errors);
             Arc::new(b)

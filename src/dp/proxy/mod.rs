@@ -117,7 +117,7 @@ impl ProxyHandle {
 /// never on the request path.
 pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watch::Receiver<bool>) {
     let mut feed = store.subscribe();
-    let mut builder = Some(Builder::new(handle.exporter.clone()));
+    let mut builder = Some(Builder::new(handle.exporter.clone(), handle.proxy.resolver().clone()));
     let mut pending: Option<Changed> = Some(Changed::All);
     loop {
         if let Some(changed) = pending.take() {
@@ -145,7 +145,7 @@ pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watc
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the proxy's rebuild panicked; starting over");
-                    builder = Some(Builder::new(handle.exporter.clone()));
+                    builder = Some(Builder::new(handle.exporter.clone(), handle.proxy.resolver().clone()));
                     pending = Some(Changed::All);
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;

@@ -98,6 +98,11 @@ impl Proxy {
         self.gateway.store(next);
     }
 
+    /// The process's DNS resolver (shared with the balancers).
+    pub fn resolver(&self) -> &Arc<Resolver> {
+        &self.resolver
+    }
+
     /// Idle upstream connections (for tests).
     pub fn idle_upstream_connections(&self) -> usize {
         self.client.idle_connections()
@@ -617,7 +622,14 @@ impl Attempt<'_> {
             // Pick a target.
             let (addr, target_host, target_port, pick) = match &upstream {
                 Some(u) => match u.pick(key.as_deref(), &tried).await {
-                    Ok(p) => (p.addr, p.host.clone(), p.port, Some(p)),
+                    // The upstream's host_header, else the target's name
+                    // (`kong/runloop/balancer/init.lua`).
+                    Ok(p) => (
+                        p.addr,
+                        u.host_header().unwrap_or(&p.host).to_owned(),
+                        p.port,
+                        Some(p),
+                    ),
                     Err(e) => {
                         return Err(fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
                     }
@@ -733,7 +745,7 @@ impl Attempt<'_> {
                     let (mut parts, ubody) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     if let Some(cookie) = hash_key.as_ref().and_then(|k| k.cookie.as_ref())
-                        && let Ok(v) = HeaderValue::from_str(cookie)
+                        && let Ok(v) = HeaderValue::from_str(&cookie.set_cookie())
                     {
                         parts.headers.append(header::SET_COOKIE, v);
                     }
