@@ -618,3 +618,404 @@ async fn configurations_using_plugins_the_proxy_cannot_run_are_withheld() {
         200
     );
 }
+
+// --- upstreams and targets (kong/runloop/balancer/*.lua) ---
+
+async fn echo_servers(n: usize) -> Vec<Echo> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(Echo::start(&format!("t{i}")).await);
+    }
+    v
+}
+
+async fn server_of(res: reqwest::Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    (status, body["server"].as_str().unwrap_or("").to_owned())
+}
+
+/// Round robin follows the targets' weights (Kong's weighted wheel), a weight-0 target gets
+/// nothing, and an upstream with no usable target answers 503 in Kong's words.
+#[tokio::test]
+async fn round_robin_follows_weights() {
+    let (cp, dp, client) = setup().await;
+    let t = echo_servers(3).await;
+    cp.create("/upstreams", json!({"name": "pool"})).await;
+    for (i, w) in [(0, 1), (1, 3), (2, 0)] {
+        cp.create(
+            "/upstreams/pool/targets",
+            json!({"target": t[i].addr.to_string(), "weight": w}),
+        )
+        .await;
+    }
+    cp.create("/upstreams", json!({"name": "empty"})).await;
+    cp.create(
+        "/services",
+        json!({"name": "svc", "host": "pool", "port": 80}),
+    )
+    .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/rr"]}))
+        .await;
+    cp.create("/services", json!({"name": "none", "host": "empty"}))
+        .await;
+    cp.create("/services/none/routes", json!({"paths": ["/none"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    for _ in 0..400 {
+        let (status, _) =
+            server_of(get(&client, format!("{}/rr", dp.proxy_url()), &[]).await).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(t[0].hits() + t[1].hits(), 400);
+    assert_eq!(t[2].hits(), 0, "weight 0 is skipped");
+    // One full turn of the wheel is 1:3 exactly; 400 requests are 100 turns.
+    assert_eq!(t[0].hits(), 100);
+    assert_eq!(t[1].hits(), 300);
+    let res = get(&client, format!("{}/none", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body["message"],
+        "failure to get a peer from the ring-balancer"
+    );
+}
+
+/// Consistent hashing on a header sends one key to one target, and adding a target moves
+/// only a share of the keys near 1/n.
+#[tokio::test]
+async fn consistent_hashing_is_stable_when_a_target_is_added() {
+    let (cp, dp, client) = setup().await;
+    let t = echo_servers(5).await;
+    cp.create(
+        "/upstreams",
+        json!({"name": "hashed", "hash_on": "header", "hash_on_header": "x-user"}),
+    )
+    .await;
+    for e in &t[..4] {
+        cp.create(
+            "/upstreams/hashed/targets",
+            json!({"target": e.addr.to_string()}),
+        )
+        .await;
+    }
+    cp.create("/services", json!({"name": "svc", "host": "hashed"}))
+        .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/h"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let mut before = Vec::new();
+    for k in &keys {
+        let (_, s1) =
+            server_of(get(&client, format!("{}/h", dp.proxy_url()), &[("x-user", k)]).await).await;
+        let (_, s2) =
+            server_of(get(&client, format!("{}/h", dp.proxy_url()), &[("x-user", k)]).await).await;
+        assert_eq!(s1, s2, "one key, one target");
+        before.push(s1);
+    }
+    cp.create(
+        "/upstreams/hashed/targets",
+        json!({"target": t[4].addr.to_string()}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+    let mut moved = 0;
+    for (k, was) in keys.iter().zip(&before) {
+        let (_, now) =
+            server_of(get(&client, format!("{}/h", dp.proxy_url()), &[("x-user", k)]).await).await;
+        if &now != was {
+            moved += 1;
+            assert_eq!(now, "t4", "a moved key goes to the new target");
+        }
+    }
+    // 1/5 of 200 is 40.
+    assert!((15..=70).contains(&moved), "{moved} of 200 keys moved");
+}
+
+/// A target that refuses connections is retried on another (the service's `retries`), and
+/// passive health checks take a failing target out: it gets no traffic afterwards.
+#[tokio::test]
+async fn retries_and_passive_health_avoid_broken_targets() {
+    let (cp, dp, client) = setup().await;
+    let live = Echo::start("live").await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    cp.create(
+        "/upstreams",
+        json!({"name": "pool", "healthchecks": {"passive": {"unhealthy": {"tcp_failures": 1}}}}),
+    )
+    .await;
+    for target in [live.addr, closed] {
+        cp.create(
+            "/upstreams/pool/targets",
+            json!({"target": target.to_string()}),
+        )
+        .await;
+    }
+    cp.create(
+        "/services",
+        json!({"name": "svc", "host": "pool", "retries": 3}),
+    )
+    .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/p"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    for _ in 0..20 {
+        let (status, server) =
+            server_of(get(&client, format!("{}/p", dp.proxy_url()), &[]).await).await;
+        assert_eq!((status, server.as_str()), (200, "live"));
+    }
+    assert_eq!(live.hits(), 20);
+    let upstream = dp
+        .shared()
+        .proxy()
+        .unwrap()
+        .proxy
+        .current()
+        .balancers
+        .get("", "pool")
+        .or_else(|| {
+            let gw = dp.shared().proxy().unwrap().proxy.current();
+            let ws = gw.workspaces.keys().next().cloned().unwrap_or_default();
+            gw.balancers.get(&ws, "pool")
+        })
+        .expect("the upstream");
+    let health = upstream.target_health();
+    assert!(
+        health.iter().any(|(t, ok)| t == &closed.to_string() && !ok),
+        "the refusing target is marked unhealthy: {health:?}"
+    );
+}
+
+// --- plugins through the listener ---
+
+/// key-auth answers 401 with Kong's body and `WWW-Authenticate`, passes with a key (the
+/// consumer headers set, the key hidden when `hide_credentials`); rate-limiting on the
+/// route answers 429 with Kong's headers once the limit is reached; the route's plugin
+/// config takes precedence over the global one (`kong/runloop/plugins_iterator.lua`).
+#[tokio::test]
+async fn auth_and_rate_limits_run_with_kongs_precedence() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    let route = cp
+        .create(
+            "/services/svc/routes",
+            json!({"name": "r", "paths": ["/k"]}),
+        )
+        .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"name": "open", "paths": ["/open"]}),
+    )
+    .await;
+    cp.create(
+        "/routes/r/plugins",
+        json!({"name": "key-auth", "config": {"hide_credentials": true}}),
+    )
+    .await;
+    cp.create(
+        "/consumers",
+        json!({"username": "alice", "custom_id": "a-1"}),
+    )
+    .await;
+    cp.create("/consumers/alice/key-auth", json!({"key": "secret-key"}))
+        .await;
+    // Global: 100 per minute; on the route: 3 per minute.
+    cp.create(
+        "/plugins",
+        json!({"name": "rate-limiting", "config": {"minute": 100, "policy": "local"}}),
+    )
+    .await;
+    cp.create(
+        "/routes/r/plugins",
+        json!({"name": "rate-limiting", "config": {"minute": 3, "policy": "local"}}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+    let _ = route;
+
+    let res = get(&client, format!("{}/k", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 401);
+    // No `realm` configured: Kong 3.10 says just `Key` (kong/plugins/key-auth/handler.lua).
+    assert!(
+        res.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Key")
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "No API key found in request");
+
+    let res = get(
+        &client,
+        format!("{}/k", dp.proxy_url()),
+        &[("apikey", "wrong")],
+    )
+    .await;
+    assert_eq!(res.status(), 401);
+
+    let mut last = None;
+    for i in 0..3 {
+        let res = get(
+            &client,
+            format!("{}/k", dp.proxy_url()),
+            &[("apikey", "secret-key")],
+        )
+        .await;
+        assert_eq!(res.status(), 200, "request {i}");
+        assert_eq!(res.headers()["x-ratelimit-limit-minute"], "3");
+        last = Some(res.json::<Value>().await.unwrap());
+    }
+    let h = &last.unwrap()["headers"];
+    assert_eq!(h["x-consumer-username"], "alice");
+    assert_eq!(h["x-consumer-custom-id"], "a-1");
+    assert!(h["x-consumer-id"].is_string());
+    assert!(
+        h["apikey"].is_null(),
+        "hide_credentials removes the key: {h}"
+    );
+    let res = get(
+        &client,
+        format!("{}/k", dp.proxy_url()),
+        &[("apikey", "secret-key")],
+    )
+    .await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-ratelimit-remaining-minute"], "0");
+    assert!(res.headers().contains_key("retry-after"));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "API rate limit exceeded");
+    // The other route has only the global limit.
+    let res = get(&client, format!("{}/open", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-limit-minute"], "100");
+}
+
+/// ip-restriction and acl refuse with 403 and Kong's messages; cors answers a preflight;
+/// the prometheus plugin's request metrics appear on the data plane's /metrics.
+#[tokio::test]
+async fn ip_restriction_acl_cors_and_prometheus() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"name": "ip", "paths": ["/ip"]}),
+    )
+    .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"name": "acl", "paths": ["/acl"]}),
+    )
+    .await;
+    cp.create(
+        "/services/svc/routes",
+        json!({"name": "cors", "paths": ["/cors"]}),
+    )
+    .await;
+    cp.create(
+        "/routes/ip/plugins",
+        json!({"name": "ip-restriction", "config": {"deny": ["127.0.0.0/8"]}}),
+    )
+    .await;
+    cp.create("/routes/acl/plugins", json!({"name": "basic-auth"}))
+        .await;
+    cp.create(
+        "/routes/acl/plugins",
+        json!({"name": "acl", "config": {"allow": ["admins"]}}),
+    )
+    .await;
+    cp.create("/consumers", json!({"username": "bob"})).await;
+    cp.create(
+        "/consumers/bob/basic-auth",
+        json!({"username": "bob", "password": "pw"}),
+    )
+    .await;
+    cp.create("/consumers/bob/acls", json!({"group": "users"}))
+        .await;
+    cp.create(
+        "/routes/cors/plugins",
+        json!({"name": "cors", "config": {"origins": ["https://app.example"]}}),
+    )
+    .await;
+    // Kong 3.x counts statuses only when asked (`status_code_metrics` defaults to false).
+    cp.create(
+        "/plugins",
+        json!({"name": "prometheus", "config": {"status_code_metrics": true}}),
+    )
+    .await;
+    dp.wait_serving(&cp, 10).await;
+
+    let res = get(&client, format!("{}/ip", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 403, "{}", dp.shared().status_json());
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "IP address not allowed: 127.0.0.1");
+
+    let auth = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "bob:pw")
+    );
+    let res = get(
+        &client,
+        format!("{}/acl", dp.proxy_url()),
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(res.status(), 403);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "You cannot consume this service");
+    let res = get(&client, format!("{}/acl", dp.proxy_url()), &[]).await;
+    assert_eq!(res.status(), 401);
+
+    let res = client
+        .request(reqwest::Method::OPTIONS, format!("{}/cors", dp.proxy_url()))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(echo.hits(), 0, "a preflight is answered by the plugin");
+    let res = get(
+        &client,
+        format!("{}/cors", dp.proxy_url()),
+        &[("origin", "https://app.example")],
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+
+    let addr = dp.dp.as_ref().unwrap().status_addr;
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("kong_http_requests_total") && l.contains("route=\"cors\""))
+        .unwrap_or_else(|| {
+            let kong: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("kong_http") || l.contains("kong_bandwidth"))
+                .collect();
+            panic!("no request metric for route cors:\n{}", kong.join("\n"))
+        });
+    assert!(line.contains("service=\"svc\""), "{line}");
+}

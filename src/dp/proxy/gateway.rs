@@ -312,8 +312,8 @@ impl Builder {
         let balancers = if rebuild.balancers {
             self.problems.retain(|(ty, _), _| *ty != "upstreams");
             let (b, errors) = Balancers::new(
-                &snapshot.list("upstreams")?,
-                &snapshot.list("targets")?,
+                &list(snapshot, "upstreams")?,
+                &list(snapshot, "targets")?,
                 Some(&prev.balancers),
                 &self.resolver,
             );
@@ -326,7 +326,7 @@ impl Builder {
             self.problems.retain(|(ty, _), _| *ty != "plugins");
             let mut lists: HashMap<&str, Vec<Value>> = HashMap::new();
             for ty in PLUGIN_INPUTS {
-                lists.insert(ty, snapshot.list(ty)?);
+                lists.insert(ty, list(snapshot, ty)?);
             }
             let entities = |ty: &str| lists.get(ty).cloned().unwrap_or_default();
             let (p, errors) = Plugins::new(&entities, Some(&prev.plugins), &self.exporter);
@@ -338,7 +338,7 @@ impl Builder {
         let certificates = if rebuild.certificates {
             self.problems.retain(|(ty, _), _| *ty != "certificates");
             let (c, errors) =
-                Certificates::new(&snapshot.list("certificates")?, &snapshot.list("snis")?);
+                Certificates::new(&list(snapshot, "certificates")?, &list(snapshot, "snis")?);
             self.note("certificates", errors);
             Arc::new(c)
         } else {
@@ -420,6 +420,22 @@ impl Builder {
     pub fn n_routes(&self) -> usize {
         self.routes.len()
     }
+}
+
+/// Every entity of a type with its `ws_id` (the store keeps the workspace beside the body;
+/// the plugin table and the balancers index by it, as Kong's entities carry it).
+fn list(snapshot: &Snapshot, entity_type: &str) -> Result<Vec<Value>, DpStoreError> {
+    let mut out = Vec::new();
+    snapshot.for_each(entity_type, &mut |ws, _, mut v| {
+        if let Some(m) = v.as_object_mut()
+            && !ws.is_empty()
+        {
+            m.insert("ws_id".into(), Value::String(ws.to_owned()));
+        }
+        out.push(v);
+        true
+    })?;
+    Ok(out)
 }
 
 /// Which derived tables an apply makes stale.

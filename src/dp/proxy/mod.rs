@@ -117,7 +117,10 @@ impl ProxyHandle {
 /// never on the request path.
 pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watch::Receiver<bool>) {
     let mut feed = store.subscribe();
-    let mut builder = Some(Builder::new(handle.exporter.clone(), handle.proxy.resolver().clone()));
+    let mut builder = Some(Builder::new(
+        handle.exporter.clone(),
+        handle.proxy.resolver().clone(),
+    ));
     let mut pending: Option<Changed> = Some(Changed::All);
     loop {
         if let Some(changed) = pending.take() {
@@ -145,7 +148,10 @@ pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watc
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the proxy's rebuild panicked; starting over");
-                    builder = Some(Builder::new(handle.exporter.clone(), handle.proxy.resolver().clone()));
+                    builder = Some(Builder::new(
+                        handle.exporter.clone(),
+                        handle.proxy.resolver().clone(),
+                    ));
                     pending = Some(Changed::All);
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;

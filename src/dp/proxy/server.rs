@@ -464,27 +464,29 @@ async fn route_and_forward(
             headers.remove(header::CONTENT_LENGTH);
             full(b)
         }
-        (None, Some(body)) if route.request_buffering => match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
-            .collect()
-            .await
-        {
-            Ok(c) => full(c.to_bytes()),
-            Err(e) => {
-                let too_large = e.is::<http_body_util::LengthLimitError>();
-                let status = if too_large {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
-                return error(
-                    status,
-                    &errors::proxying_message(status),
-                    &headers,
-                    Source::Proxying,
-                    request_id,
-                );
+        (None, Some(body)) if route.request_buffering => {
+            match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
+                .collect()
+                .await
+            {
+                Ok(c) => full(c.to_bytes()),
+                Err(e) => {
+                    let too_large = e.is::<http_body_util::LengthLimitError>();
+                    let status = if too_large {
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    };
+                    return error(
+                        status,
+                        &errors::proxying_message(status),
+                        &headers,
+                        Source::Proxying,
+                        request_id,
+                    );
+                }
             }
-        },
+        }
         (None, Some(body)) => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
         (None, None) => full(Bytes::new()),
     };
