@@ -53,7 +53,7 @@ pub fn upstream_path_v0(
     let postfix = sanitize_postfix(&rest);
     let req_ends_with_slash = request_path.ends_with('/');
 
-    if base.ends_with('/') {
+    if let Some(base_no_slash) = base.strip_suffix('/') {
         if !strip_path {
             // Keep the incoming path, after the base, without its first slash.
             let tail = request_path.get(1..).unwrap_or("");
@@ -63,10 +63,10 @@ pub fn upstream_path_v0(
             if base == "/" || req_ends_with_slash {
                 return base.to_string();
             }
-            return base[..base.len() - 1].to_string();
+            return base_no_slash.to_string();
         }
         if postfix.starts_with('/') {
-            return format!("{}{postfix}", &base[..base.len() - 1]);
+            return format!("{base_no_slash}{postfix}");
         }
         return format!("{base}{postfix}");
     }
@@ -182,9 +182,8 @@ fn normalize_bytes(uri: &str) -> Cow<'_, [u8]> {
             input = b"";
         } else if input.starts_with(b"../") {
             input = &input[3..];
-        } else if input.starts_with(b"./") {
-            input = &input[2..];
-        } else if input.starts_with(b"/./") {
+        } else if input.starts_with(b"./") || input.starts_with(b"/./") {
+            // `./` goes, and `/./` becomes `/`.
             input = &input[2..];
         } else if input.starts_with(b"/../") {
             input = &input[3..];
