@@ -1914,3 +1914,80 @@ fn header_regex_captures_merge() {
         assert_eq!(c.unnamed.get(&1).map(String::as_str), Some("7"));
     });
 }
+
+// --- tests/it/router_cases.rs, replayed without the proxy ----------------------------------
+
+#[path = "../../../../tests/it/router_cases.rs"]
+mod router_cases;
+
+#[test]
+fn end_to_end_cases_agree() {
+    // The proxy's end-to-end table must hold for the router alone, whatever ids the Admin
+    // API assigns: replay it with four id assignments (ascending, descending, two shuffles).
+    let cases = router_cases::cases();
+    let n_requests: usize = cases.iter().map(|c| c.requests.len()).sum();
+    assert!(n_requests >= 80, "{n_requests} requests");
+    for case in &cases {
+        let n = case.routes.len();
+        for seed in 0..4usize {
+            let routes: Vec<Arc<Route>> = case
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(idx, body)| {
+                    let rank = match seed {
+                        0 => idx,
+                        1 => n - 1 - idx,
+                        s => (idx * 7 + s * 3) % n.max(1),
+                    };
+                    let mut entity = body.clone();
+                    entity["id"] = json!(format!(
+                        "00000000-0000-4000-8000-{:012x}",
+                        rank * 1000 + idx
+                    ));
+                    if body.get("service").is_some() {
+                        entity["service"] = json!({"id": "3f2e0a53-0000-4000-8000-000000000001"});
+                    }
+                    Arc::new(Route::from_entity(&entity).expect("route parses"))
+                })
+                .collect();
+            let (router, errors) = Router::new(routes);
+            assert!(errors.is_empty(), "{}: {errors:?}", case.name);
+            for r in &case.requests {
+                let headers = header_map(&r.headers);
+                let request = Request {
+                    method: r.method,
+                    host: r.host.unwrap_or("127.0.0.1:8000"),
+                    listener_port: 8000,
+                    path: r.path,
+                    headers: &headers,
+                    sni: None,
+                };
+                let got = router.find(&request).map(|m| {
+                    let mut upstream = upstream_path_v0(
+                        case.service_path,
+                        &m.path,
+                        m.matched_path.as_deref(),
+                        m.route.strip_path,
+                    );
+                    if let Some(q) = r.path.find('?') {
+                        upstream.push_str(&r.path[q..]);
+                    }
+                    (m.route.name.clone().unwrap_or_default(), upstream)
+                });
+                let want = match &r.expect {
+                    router_cases::Expect::Route {
+                        name,
+                        upstream_path,
+                    } => Some((name.to_string(), upstream_path.to_string())),
+                    router_cases::Expect::NotFound => None,
+                };
+                assert_eq!(
+                    got, want,
+                    "{} (ids {seed}): {} {:?} {}",
+                    case.name, r.method, r.host, r.path
+                );
+            }
+        }
+    }
+}
