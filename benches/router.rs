@@ -94,6 +94,17 @@ fn requests() -> Vec<(&'static str, String, String, bool)> {
     out
 }
 
+fn plain_request<'a>(path: &'a str, headers: &'a HeaderMap) -> Request<'a> {
+    Request {
+        method: "GET",
+        host: "unknown.example.org",
+        listener_port: 8000,
+        path,
+        headers,
+        sni: None,
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -189,6 +200,60 @@ fn figures() {
     );
 }
 
+/// The same mix with every regex under one literal (`~/api/v\\d+/r<i>/...`): the worst case
+/// for the literal index, served by the bucket's `RegexSet` prefilter.
+fn shared_literal_figures() {
+    let all: Vec<Arc<Route>> = (0..N_ROUTES)
+        .map(|i| {
+            let mut v = entity(i, 0);
+            if i % 20 >= 17 {
+                v["paths"] = json!([format!("~/api/v\\d+/r{i}/(?<id>\\d+)$")]);
+            }
+            Arc::new(Route::from_entity(&v).expect("route parses"))
+        })
+        .collect();
+    let started = Instant::now();
+    let (router, errors) = Router::new(all.iter().cloned());
+    assert!(errors.is_empty());
+    println!(
+        "router (shared regex literal): build {:?}",
+        started.elapsed()
+    );
+    let headers = HeaderMap::new();
+    let paths: Vec<(String, bool)> = (0..N_ROUTES)
+        .step_by(37)
+        .filter(|i| i % 20 >= 17)
+        .flat_map(|i| {
+            [
+                (format!("/api/v2/r{i}/77"), true),
+                (format!("/api/v2/r{i}/x"), false),
+            ]
+        })
+        .collect();
+    let started = Instant::now();
+    assert!(router.find(&plain_request(&paths[0].0, &headers)).is_some());
+    println!(
+        "router (shared regex literal): first find (builds the RegexSet) {:?}",
+        started.elapsed()
+    );
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        for (path, want) in &paths {
+            let r = plain_request(path, &headers);
+            let started = Instant::now();
+            let found = black_box(router.find(black_box(&r)));
+            times.push(started.elapsed());
+            assert_eq!(found.is_some(), *want, "{path}");
+        }
+    }
+    times.sort();
+    println!(
+        "router (shared regex literal): find p50 {:?} p99 {:?}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+}
+
 fn benches(c: &mut Criterion) {
     let all = routes();
     let (router, _) = Router::new(all.iter().cloned());
@@ -228,6 +293,7 @@ criterion_group!(router_benches, benches);
 
 fn main() {
     figures();
+    shared_literal_figures();
     let skip = std::env::args().any(|a| a == "none");
     if !skip {
         router_benches();

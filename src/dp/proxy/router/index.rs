@@ -8,9 +8,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use crate::dp::proxy::router::matcher::{Key, Matcher, Prepared};
+use regex::RegexSet;
+
+use crate::dp::proxy::router::matcher::{Key, Matcher, PathPat, Prepared};
 
 /// The multiply-rotate hash of rustc (FxHash): keys come from configuration, lookups from
 /// requests never insert, so flooding is not a concern and speed is.
@@ -97,6 +99,12 @@ impl<V: Clone> ShardedMap<V> {
         self.shards[self.shard_of(key)].get(key)
     }
 
+    /// Every value, in no order (tests only).
+    #[cfg(test)]
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.shards.iter().flat_map(|shard| shard.values())
+    }
+
     /// The number of keys.
     pub fn len(&self) -> usize {
         self.len
@@ -136,10 +144,76 @@ impl<V: Clone> ShardedMap<V> {
     }
 }
 
+/// Buckets with at least this many matchers get [`RegexSet`] prefilters.
+const PREFILTER_AT: usize = 8;
+
 /// Matchers sorted by key, greatest first.
 #[derive(Clone, Default)]
 pub(crate) struct Bucket {
     matchers: Vec<Arc<Matcher>>,
+    /// Built on the first scan of a large bucket and dropped by any change, so an update
+    /// never compiles a set.
+    prefilter: OnceLock<Prefilter>,
+}
+
+/// `RegexSet`s over the path regexes of a bucket's matchers, one per chunk of
+/// [`CHUNK`] matchers, so that a request with many regexes under one literal (e.g.
+/// `~/api/v\d+/...`) runs one search per chunk, not one per route. Small sets keep the
+/// lazy DFA effective; one set over thousands of patterns falls back to a slow engine.
+#[derive(Clone)]
+struct Prefilter {
+    chunks: Vec<Chunk>,
+}
+
+/// Matchers in one chunk of a bucket.
+const CHUNK: usize = 32;
+
+#[derive(Clone)]
+struct Chunk {
+    /// `None` when the chunk has too few regexes to be worth it, or the set failed to build.
+    set: Option<RegexSet>,
+    /// For the chunk's matcher `j`, its patterns are `starts[j]..starts[j + 1]` of the set.
+    starts: Vec<usize>,
+    /// Whether the chunk's matcher `j` has only regex paths (otherwise it is always evaluated).
+    regex_only: Vec<bool>,
+}
+
+// === impl Prefilter ===
+
+impl Prefilter {
+    fn build(matchers: &[Arc<Matcher>]) -> Prefilter {
+        let chunks = matchers
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut patterns = Vec::new();
+                let mut starts = Vec::with_capacity(chunk.len() + 1);
+                let mut regex_only = Vec::with_capacity(chunk.len());
+                for m in chunk {
+                    starts.push(patterns.len());
+                    let mut only = true;
+                    for p in m.paths.iter() {
+                        match p {
+                            PathPat::Regex { regex, .. } => patterns.push(regex.as_str()),
+                            PathPat::Prefix(_) => only = false,
+                        }
+                    }
+                    regex_only.push(only && !m.paths.is_empty());
+                }
+                starts.push(patterns.len());
+                let set = if patterns.len() >= 2 {
+                    RegexSet::new(patterns).ok()
+                } else {
+                    None
+                };
+                Chunk {
+                    set,
+                    starts,
+                    regex_only,
+                }
+            })
+            .collect();
+        Prefilter { chunks }
+    }
 }
 
 // === impl Bucket ===
@@ -148,10 +222,12 @@ impl Bucket {
     fn insert(&mut self, m: Arc<Matcher>) {
         let pos = self.matchers.partition_point(|x| x.key > m.key);
         self.matchers.insert(pos, m);
+        self.prefilter = OnceLock::new();
     }
 
     fn remove(&mut self, key: Key) {
         self.matchers.retain(|x| x.key != key);
+        self.prefilter = OnceLock::new();
     }
 
     fn is_empty(&self) -> bool {
@@ -160,11 +236,36 @@ impl Bucket {
 
     /// Finds the first (best) matcher that beats `best` and matches.
     fn scan<'a>(&'a self, req: &Prepared<'_>, best: &mut Option<&'a Arc<Matcher>>) {
-        for m in &self.matchers {
+        let prefilter = if self.matchers.len() >= PREFILTER_AT {
+            Some(
+                self.prefilter
+                    .get_or_init(|| Prefilter::build(&self.matchers)),
+            )
+        } else {
+            None
+        };
+        // The set matches of the chunk being walked, computed when the walk reaches it.
+        let mut hits: Option<(usize, regex::SetMatches)> = None;
+        for (idx, m) in self.matchers.iter().enumerate() {
             if let Some(b) = best
                 && b.key >= m.key
             {
                 return;
+            }
+            if let Some(pf) = prefilter {
+                let (chunk_idx, j) = (idx / CHUNK, idx % CHUNK);
+                let chunk = &pf.chunks[chunk_idx];
+                if let Some(set) = &chunk.set
+                    && chunk.regex_only[j]
+                {
+                    let chunk_hits = match &hits {
+                        Some((at, h)) if *at == chunk_idx => h,
+                        _ => &hits.insert((chunk_idx, set.matches(req.path))).1,
+                    };
+                    if !(chunk.starts[j]..chunk.starts[j + 1]).any(|p| chunk_hits.matched(p)) {
+                        continue;
+                    }
+                }
             }
             if m.is_match(req) {
                 *best = Some(m);

@@ -227,6 +227,30 @@ impl Router {
             .map(|m| &m.route)
     }
 
+    /// The winner by brute force: every matcher, greatest key first (tests only).
+    #[cfg(test)]
+    fn find_linear(&self, req: &Request<'_>) -> Option<String> {
+        let path = path::normalize_for_match(req.path)?;
+        let host_lower = matcher::lower(req.host);
+        let (host, port) = matcher::split_host_port(&host_lower);
+        let prepared = Prepared {
+            method: req.method,
+            host,
+            port: port.unwrap_or(u32::from(req.listener_port)),
+            path: &path,
+            headers: req.headers,
+            sni: req.sni,
+        };
+        let mut all: Vec<Arc<Matcher>> = Vec::new();
+        for shard in self.routes.values() {
+            all.extend(shard.iter().cloned());
+        }
+        all.sort_by_key(|m| std::cmp::Reverse(m.key));
+        all.iter()
+            .find(|m| m.is_match(&prepared))
+            .map(|m| m.route.id.clone())
+    }
+
     fn add_route(&mut self, id: &str, matchers: Arc<[Arc<Matcher>]>) {
         for m in matchers.iter() {
             for slot in host_slots(m) {

@@ -1991,3 +1991,63 @@ fn end_to_end_cases_agree() {
         }
     }
 }
+
+#[test]
+fn prefilter_and_brute_force_agree() {
+    // Many regexes under one literal (`/api/v`) use a bucket's RegexSet prefilter; the
+    // winner must be the brute-force one (every matcher, greatest key first), before and
+    // after updates that drop the prefilter.
+    let mut entities = Vec::new();
+    for i in 0..60u32 {
+        let fields = match i % 4 {
+            0 => {
+                json!({"paths": [format!("~/api/v\\d+/svc{}/(?<id>\\d+)$", i % 15)], "regex_priority": i % 3})
+            }
+            1 => {
+                json!({"paths": [format!("~/api/v{}/items", i % 5), "~/api/v\\d+/other"], "methods": ["GET"]})
+            }
+            2 => json!({"paths": ["/api/v1", format!("~/api/v[12]/svc{}", i % 15)]}),
+            _ => json!({"hosts": ["a.test"], "paths": [format!("~/api/v\\d/svc{}$", i % 15)]}),
+        };
+        entities.push(route(&format!("{i:03x}"), fields));
+    }
+    let parse = |v: &Value| Arc::new(Route::from_entity(v).unwrap());
+    let (mut router, errors) = Router::new(entities.iter().map(parse));
+    assert!(errors.is_empty(), "{errors:?}");
+    let paths: Vec<String> = (0..40u32)
+        .map(|i| match i % 5 {
+            0 => format!("/api/v{}/svc{}/{}", i % 3, i % 15, i),
+            1 => format!("/api/v{}/items", i % 6),
+            2 => format!("/api/v{}/svc{}", i % 3, i % 15),
+            3 => "/api/v2/other".to_string(),
+            _ => format!("/api/v1x/{i}"),
+        })
+        .collect();
+    for step in 0..4 {
+        for path in &paths {
+            for (method, host) in [("GET", "a.test"), ("POST", "b.test")] {
+                let headers = HeaderMap::new();
+                let request = Request {
+                    method,
+                    host,
+                    listener_port: 80,
+                    path,
+                    headers: &headers,
+                    sni: None,
+                };
+                let fast = router.find(&request).map(|m| m.route.id.clone());
+                assert_eq!(
+                    fast,
+                    router.find_linear(&request),
+                    "step {step}: {method} {host} {path}"
+                );
+            }
+        }
+        let changed = route(
+            &format!("{:03x}", step * 4),
+            json!({"paths": ["~/api/v\\d+/svc1/(\\d+)$"], "regex_priority": 9}),
+        );
+        let removed = format!("{ID_PREFIX}{:03x}", step * 4 + 1);
+        router = router.update(&[&removed], [parse(&changed)]).0;
+    }
+}
