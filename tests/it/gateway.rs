@@ -1019,3 +1019,78 @@ async fn ip_restriction_acl_cors_and_prometheus() {
         });
     assert!(line.contains("service=\"svc\""), "{line}");
 }
+
+// --- router conformance through the listener ---
+
+/// Every case of `router_cases.rs` (built from Kong's `spec/01-unit/08-router_spec.lua`
+/// and `spec/fixtures/router_path_handling_tests.lua`) through the real proxy: each route
+/// gets its own echo upstream (so the answer names the route that matched), the request
+/// goes through the listener, and the route and the path the upstream received are checked.
+#[tokio::test]
+async fn router_conformance_through_the_listener() {
+    let (cp, dp, client) = setup().await;
+    let mut n_requests = 0;
+    let mut previous: Vec<String> = Vec::new();
+    for case in crate::router_cases::cases() {
+        for name in previous.drain(..) {
+            cp.delete(&format!("/routes/{name}")).await;
+            cp.delete(&format!("/services/svc-{name}")).await;
+        }
+        let mut echoes = Vec::new();
+        for route in &case.routes {
+            let name = route["name"].as_str().unwrap().to_owned();
+            let echo = Echo::start(&name).await;
+            let mut body = route.clone();
+            if body.get("service").is_some() {
+                cp.create(
+                    "/services",
+                    json!({
+                        "name": format!("svc-{name}"),
+                        "url": echo.url(case.service_path.unwrap_or("")),
+                    }),
+                )
+                .await;
+                body["service"] = json!({"name": format!("svc-{name}")});
+            }
+            cp.create("/routes", body).await;
+            previous.push(name);
+            echoes.push(echo);
+        }
+        dp.wait_serving(&cp, 10).await;
+        for req in &case.requests {
+            n_requests += 1;
+            let mut r = client.request(
+                reqwest::Method::from_bytes(req.method.as_bytes()).unwrap(),
+                format!("{}{}", dp.proxy_url(), req.path),
+            );
+            if let Some(h) = req.host {
+                r = r.header("host", h);
+            }
+            for (k, v) in &req.headers {
+                r = r.header(*k, *v);
+            }
+            let res = r.send().await.unwrap();
+            let status = res.status();
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            let what = format!(
+                "case {:?}: {} {} {:?}",
+                case.name, req.method, req.path, req.host
+            );
+            match &req.expect {
+                crate::router_cases::Expect::NotFound => {
+                    assert_eq!(status, 404, "{what}: {body}");
+                    assert_eq!(body["message"], "no Route matched with those values");
+                }
+                crate::router_cases::Expect::Route {
+                    name,
+                    upstream_path,
+                } => {
+                    assert_eq!(status, 200, "{what}: {body}");
+                    assert_eq!(body["server"], *name, "{what}: wrong route");
+                    assert_eq!(body["path"], *upstream_path, "{what}: upstream path");
+                }
+            }
+        }
+    }
+    assert!(n_requests >= 80, "only {n_requests} requests");
+}

@@ -27,6 +27,7 @@ mod plugin_schemas;
 mod plugins;
 mod proxy;
 mod rawpeer;
+mod router_cases;
 mod sync;
 mod upgrade;
 mod upstreams;

@@ -423,12 +423,13 @@ async fn route_and_forward(
     };
 
     // The upstream request.
-    let mut upstream_path = router::upstream_path_v0(
+    let mut upstream_path = escape_path(&router::upstream_path_v0(
         service.path.as_deref(),
         &normalized_path,
         matched_path.as_deref(),
         route.strip_path,
-    );
+    ))
+    .into_owned();
     if let Some(q) = &ctx.query {
         upstream_path.push('?');
         upstream_path.push_str(q);
@@ -804,8 +805,33 @@ impl Attempt<'_> {
 /// The route's regex captures by name, and by index as `"0"`, `"1"`, … (Kong's
 /// `uri_captures`, which `hash_on = uri_capture` reads).
 fn captures_of(m: &router::Match<'_>) -> Vec<(String, String)> {
-    let _ = m;
-    Vec::new()
+    let Some(c) = &m.captures else {
+        return Vec::new();
+    };
+    c.unnamed
+        .iter()
+        .map(|(i, v)| (i.to_string(), v.clone()))
+        .chain(c.named.iter().map(|(n, v)| (n.clone(), v.clone())))
+        .collect()
+}
+
+/// Kong's `kong.tools.uri.escape` of the upstream path (`kong/tools/uri.lua`): every byte
+/// outside the reserved and unreserved characters (and `%`) is percent-encoded; the path the
+/// router matched is decoded, so this is where it is encoded again for the upstream.
+fn escape_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |b: u8| b.is_ascii_alphanumeric() || b"!#$&'()*+,/:;=?@[]-_.~%".contains(&b);
+    if path.bytes().all(keep) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len() + 8);
+    for b in path.bytes() {
+        if keep(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn via_version(v: Version) -> &'static str {
@@ -927,6 +953,20 @@ impl Drop for LoggedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `kong/tools/uri.lua` escape: reserved and unreserved characters stay, others are
+    /// percent-encoded.
+    #[test]
+    fn upstream_paths_are_escaped_as_kong() {
+        assert_eq!(escape_path("/a/b-c_d.e~f"), "/a/b-c_d.e~f");
+        assert_eq!(escape_path("/a b"), "/a%20b");
+        assert_eq!(escape_path("/é"), "/%C3%A9");
+        assert_eq!(
+            escape_path("/x;y=1,z@h:p!$&'()*+[]"),
+            "/x;y=1,z@h:p!$&'()*+[]"
+        );
+        assert_eq!(escape_path("/q\"<>"), "/q%22%3C%3E");
+    }
 
     #[test]
     fn host_and_port_split() {
