@@ -12,7 +12,8 @@
 //!   JSON-RPC peer, the operator JSON-RPC endpoint, and what both planes' `/metrics` share.
 //! - [`settings`] and [`node`]: flags both binaries accept; node id, clock, shutdown signal.
 //! - [`cp`] (feature `cp`): the control plane: its SQL store, Admin API, cluster listener.
-//! - [`dp`] (feature `dp`): the data plane: its redb store, sync link, status listener.
+//! - [`dp`] (feature `dp`): the data plane: its redb store, sync link, status listener, and the
+//!   proxy that serves traffic by the synced configuration (router, balancer, plugins).
 
 pub mod cli;
 #[cfg(feature = "cp")]
