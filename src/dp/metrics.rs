@@ -289,6 +289,24 @@ fn scrape(dp: &DpShared) -> Registry {
             Unit::Seconds,
             proxy.proxy.stats.upstream_latency.clone(),
         );
+        // `kong_upstream_target_health`, read from the balancers being served when a
+        // prometheus instance asks for it (`upstream_health_metrics`).
+        if proxy.exporter.upstream_health_enabled() {
+            proxy.exporter.reset_target_health();
+            for up in proxy.proxy.current().balancers.iter() {
+                let checked = up.config().health.enabled();
+                for (target, usable) in up.target_health() {
+                    let state = match (checked, usable) {
+                        (false, _) => "healthchecks_off",
+                        (true, true) => "healthy",
+                        (true, false) => "unhealthy",
+                    };
+                    proxy
+                        .exporter
+                        .set_target_health(up.name(), &target, &target, state);
+                }
+            }
+        }
         proxy.exporter.register(&mut r);
     }
     r

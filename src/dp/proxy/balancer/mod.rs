@@ -820,6 +820,11 @@ impl Balancers {
         self.by_id.len()
     }
 
+    /// Every upstream of this configuration, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.by_id.values()
+    }
+
     /// Whether this configuration has no upstream.
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
