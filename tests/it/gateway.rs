@@ -1136,3 +1136,110 @@ async fn router_conformance_through_the_listener() {
     }
     assert!(n_requests >= 80, "only {n_requests} requests");
 }
+
+/// Active health checks bring a target back: a target whose port refuses is marked down by
+/// the probes, gets no traffic, and serves again once it listens (a passive-only setup
+/// never does that, in Kong either).
+#[tokio::test]
+async fn active_health_checks_bring_a_target_back() {
+    let (cp, dp, client) = setup().await;
+    let live = Echo::start("live").await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    cp.create(
+        "/upstreams",
+        json!({"name": "pool", "healthchecks": {"active": {
+            "type": "http",
+            "http_path": "/",
+            "healthy": {"interval": 0.1, "successes": 1},
+            "unhealthy": {"interval": 0.1, "tcp_failures": 1, "http_failures": 1}
+        }}}),
+    )
+    .await;
+    for target in [live.addr.to_string(), format!("127.0.0.1:{port}")] {
+        cp.create("/upstreams/pool/targets", json!({"target": target}))
+            .await;
+    }
+    cp.create(
+        "/services",
+        json!({"name": "svc", "host": "pool", "retries": 0}),
+    )
+    .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/a"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    let health = || {
+        let gw = dp.shared().proxy().unwrap().proxy.current();
+        let ws = gw.workspaces.keys().next().cloned().unwrap_or_default();
+        gw.balancers.get(&ws, "pool").unwrap().target_health()
+    };
+    let down = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !health().iter().any(|(t, ok)| *t == down && !ok) {
+        assert!(
+            Instant::now() < deadline,
+            "never marked down: {:?}",
+            health()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Down: every request goes to the live target, none fails.
+    for _ in 0..10 {
+        let (status, server) =
+            server_of(get(&client, format!("{}/a", dp.proxy_url()), &[]).await).await;
+        assert_eq!((status, server.as_str()), (200, "live"));
+    }
+    // The target comes up on its port; the probes bring it back.
+    let back = crate::upstreams::Echo::start_on(port, "back").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !health().iter().any(|(t, ok)| *t == down && *ok) {
+        assert!(Instant::now() < deadline, "never back: {:?}", health());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let res = get(&client, format!("{}/a", dp.proxy_url()), &[]).await;
+        assert_eq!(res.status(), 200);
+    }
+    assert!(back.hits() > 0, "the recovered target serves again");
+}
+
+/// HTTP/2 with prior knowledge on the plain listener (hyper's auto server).
+#[tokio::test]
+async fn http2_prior_knowledge_is_served() {
+    let (cp, dp, _client) = setup().await;
+    let echo = Echo::start("e1").await;
+    cp.create("/services", json!({"name": "svc", "url": echo.url("")}))
+        .await;
+    cp.create("/services/svc/routes", json!({"paths": ["/h2"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    let addr = dp.dp.as_ref().unwrap().proxy_addr.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/h2/x"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["path"], "/x");
+    assert!(
+        v["headers"]["via"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 deltaplane/")
+    );
+}

@@ -39,7 +39,14 @@ impl Drop for Echo {
 
 impl Echo {
     pub async fn start(name: &str) -> Echo {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Echo::start_on(0, name).await
+    }
+
+    /// An echo server on a chosen port of 127.0.0.1 (0: any).
+    pub async fn start_on(port: u16, name: &str) -> Echo {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
