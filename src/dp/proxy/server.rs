@@ -231,12 +231,23 @@ fn error(
     source: Source,
     request_id: &str,
 ) -> Answer {
-    let res = errors::response(status, message, headers, source, request_id);
-    let (mut parts, body) = res.into_parts();
-    parts
-        .headers
-        .insert(header::SERVER, HeaderValue::from_static(SERVER_TOKEN));
-    Response::from_parts(parts, full(body.into_inner().unwrap_or_default()))
+    error_as(
+        status,
+        message,
+        errors::format_for(headers, source),
+        request_id,
+    )
+}
+
+fn error_as(status: StatusCode, message: &str, format: errors::Format, request_id: &str) -> Answer {
+    let mut res = Response::new(full(errors::body(format, message, request_id)));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    if let Some(ct) = format.content_type() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    }
+    h.insert(header::SERVER, HeaderValue::from_static(SERVER_TOKEN));
+    res
 }
 
 async fn route_and_forward(
@@ -586,17 +597,14 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    async fn run(self, body: ProxyBody) -> Result<(Answer, Duration, SocketAddr), Answer> {
+    async fn run(mut self, body: ProxyBody) -> Result<(Answer, Duration, SocketAddr), Answer> {
         let service = self.service;
-        let fail = |status: StatusCode, message: &str| {
-            error(
-                status,
-                message,
-                &self.headers,
-                Source::Proxying,
-                self.request_id,
-            )
-        };
+        // The headers move into the one request sent (retries happen before it is built).
+        let mut headers = Some(std::mem::take(&mut self.headers));
+        let format = errors::format_for(headers.as_ref().expect("set"), Source::Proxying);
+        let request_id = self.request_id;
+        let fail =
+            |status: StatusCode, message: &str| error_as(status, message, format, request_id);
         let upstream = self.gateway.balancers.get(&service.ws_id, &service.host);
         let captures = |name: &str| {
             self.captures
@@ -608,7 +616,7 @@ impl Attempt<'_> {
             u.hash_key(&HashInput {
                 consumer_id: self.ctx.consumer.as_ref().map(|c| c.id.as_str()),
                 client_ip: self.ctx.client_ip,
-                headers: &self.headers,
+                headers: headers.as_ref().expect("not sent yet"),
                 path: &self.ctx.path,
                 query: self.ctx.query.as_deref(),
                 captures: &captures,
@@ -720,7 +728,7 @@ impl Attempt<'_> {
             } else {
                 Version::HTTP_11
             };
-            *req.headers_mut() = self.headers.clone();
+            *req.headers_mut() = headers.take().expect("one request is built");
             if let Ok(v) = HeaderValue::from_str(&host_value) {
                 req.headers_mut().insert(header::HOST, v);
             }
