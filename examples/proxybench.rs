@@ -78,6 +78,11 @@ struct Cli {
     /// Admin writes measured by the propagation scenario [default: 200; --quick: 30]
     #[arg(long)]
     writes: Option<usize>,
+    /// Nice value for this harness and the proxies under test (and the CP, which inherits
+    /// it), e.g. -10 so that other work on a shared machine (builds) takes less of their
+    /// cores; 0 leaves it unchanged. Needs root (or CAP_SYS_NICE) below 0
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    nice: i32,
     /// Skip scenario 2 and 3 (efficiency only)
     #[arg(long)]
     efficiency_only: bool,
@@ -127,6 +132,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         false
     };
+    if cli.nice != 0 {
+        renice(cli.nice).with_context(|| format!("--nice {}", cli.nice))?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -164,12 +172,30 @@ fn pin(tid: libc::pid_t, core: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Makes `cmd`'s process run on `core` only (set in the child between fork and exec).
-fn pin_command(cmd: &mut Command, core: usize) {
-    // SAFETY: the closure only makes the sched_setaffinity system call, which is
-    // async-signal-safe, and allocates nothing.
+/// Sets the nice value of the calling thread (and of the threads it creates after).
+fn renice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority has no memory preconditions; `which`/`who` name the caller.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `cmd`'s process run on `core` only, at nice value `nice` when it is not 0 (both
+/// set in the child between fork and exec).
+fn place_command(cmd: &mut Command, core: Option<usize>, nice: i32) {
+    // SAFETY: the closure only makes the sched_setaffinity and setpriority system calls,
+    // which are async-signal-safe, and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || pin(0, core));
+        cmd.pre_exec(move || {
+            if let Some(core) = core {
+                pin(0, core)?;
+            }
+            if nice != 0 {
+                renice(nice)?;
+            }
+            Ok(())
+        });
     }
 }
 
@@ -335,6 +361,8 @@ struct Bench {
     cluster: SocketAddr,
     upstream: SocketAddr,
     proxy_core: Option<usize>,
+    /// The nice value of the proxies under test (`--nice`).
+    nice: i32,
 }
 
 /// The DP process under test.
@@ -358,6 +386,7 @@ impl Bench {
         upstream: SocketAddr,
         keep: bool,
         proxy_core: Option<usize>,
+        nice: i32,
     ) -> anyhow::Result<Bench> {
         let tmp = tempfile::Builder::new()
             .prefix("proxybench-")
@@ -387,6 +416,7 @@ impl Bench {
             cluster,
             upstream,
             proxy_core,
+            nice,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -457,9 +487,7 @@ impl Bench {
             .arg(self.cp_dir.join("cluster.key"))
             .args(["--status-listen", &status.to_string()])
             .args(["--proxy-listen", &proxy.to_string()]);
-        if let Some(core) = self.proxy_core {
-            pin_command(&mut cmd, core);
-        }
+        place_command(&mut cmd, self.proxy_core, self.nice);
         let pid = self
             .procs
             .spawn("dp", cmd, &self.tmp.path().join("dp.log"))?;
@@ -515,9 +543,7 @@ impl Bench {
             .arg("-c")
             .arg(&conf_path)
             .args(["-g", "daemon off;"]);
-        if let Some(core) = self.proxy_core {
-            pin_command(&mut cmd, core);
-        }
+        place_command(&mut cmd, self.proxy_core, self.nice);
         let master = self
             .procs
             .spawn("nginx", cmd, &self.tmp.path().join("nginx.log"))?;
@@ -648,7 +674,8 @@ async fn propagation(bench: &Bench, dp: &Dp, writes: usize) -> anyhow::Result<Pr
     let mut errors = Vec::new();
     let run = rand::random::<u32>();
     for i in 0..writes + 3 {
-        let path = format!("/prop-{run:08x}-{i}");
+        // A trailing slash: `/prop-…-1/` must not prefix-match `/prop-…-10/`.
+        let path = format!("/prop-{run:08x}-{i}/");
         let mut conn = Conn::new(&target);
         // The connection is open and the path answers 404 before the write is sent.
         let first = conn.get(&path).await?;
@@ -748,12 +775,13 @@ async fn churn(
         for i in 0..n {
             tokio::time::sleep_until(start + Duration::from_secs(i as u64)).await;
             let name = format!("churn-{}", i / 2);
+            let path = format!("/{name}/");
             let res = if i % 2 == 0 {
                 bench
                     .admin_write(
                         reqwest::Method::POST,
                         "/services/s/routes",
-                        json!({"name": name, "paths": [format!("/{name}")]}),
+                        json!({"name": name, "paths": [path]}),
                     )
                     .await
             } else {
@@ -804,6 +832,10 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
             cli.proxy_core, cli.load_core
         );
     }
+    println!(
+        "nice value of the harness, the CP and the proxies: {}",
+        cli.nice
+    );
     let nginx = if cli.no_nginx {
         println!("nginx comparison skipped: --no-nginx");
         None
@@ -822,7 +854,7 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
 
     let upstream = load::start_upstream().await?;
     let proxy_core = pinned.then_some(cli.proxy_core);
-    let mut bench = Bench::start(&cp_bin, upstream, cli.keep, proxy_core).await?;
+    let mut bench = Bench::start(&cp_bin, upstream, cli.keep, proxy_core, cli.nice).await?;
     let dp = bench.start_dp(&dp_bin).await?;
     let ngx = match &nginx {
         Some(bin) => Some(bench.start_nginx(bin).await?),
@@ -1033,6 +1065,11 @@ fn summary(
         s,
         "| capacity, req/s (closed loop) | {a} | {b} | {c} | {} | | |",
         ratio(dp.capacity.rps(), ngx.map(|n| n.capacity.rps()))
+    );
+    let (_, b, c) = col(&|e| format!("{:.2}", e.capacity_cpu / e.capacity.secs));
+    let _ = writeln!(
+        s,
+        "| proxy CPU share during capacity run (1.00 = its core was all its own) | – | {b} | {c} | | | |"
     );
     let (a, b, c) = col(&|e| format!("{:.2}", e.capacity_harness_cpu / e.capacity.secs));
     let _ = writeln!(
