@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -83,6 +84,10 @@ struct Cli {
     /// cores; 0 leaves it unchanged. Needs root (or CAP_SYS_NICE) below 0
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     nice: i32,
+    /// Rounds of scenario 1 (each runs direct, deltaplane, nginx in turn) and of scenario 3
+    /// (each runs without, then with churn); the rounds' samples are pooled
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Skip scenario 2 and 3 (efficiency only)
     #[arg(long)]
     efficiency_only: bool,
@@ -604,6 +609,8 @@ struct Efficiency {
     /// Proxy CPU-seconds over the fixed-rate window.
     fixed_cpu: f64,
     lat: Pct,
+    /// Connections the upstream accepted during this system's runs (capacity and fixed).
+    upstream_conns: u64,
 }
 
 impl Efficiency {
@@ -760,6 +767,7 @@ async fn churn(
     conns: usize,
     rate: f64,
     d: &Durations,
+    round: u32,
 ) -> anyhow::Result<Churn> {
     let target = Target {
         addr: dp.proxy,
@@ -774,7 +782,7 @@ async fn churn(
         let n = d.churn.as_secs() as usize;
         for i in 0..n {
             tokio::time::sleep_until(start + Duration::from_secs(i as u64)).await;
-            let name = format!("churn-{}", i / 2);
+            let name = format!("churn-{round}-{}", i / 2);
             let path = format!("/{name}/");
             let res = if i % 2 == 0 {
                 bench
@@ -898,20 +906,38 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
         "\n## 1. Efficiency\ncapacity: closed loop, {} connections, {:?} each",
         cli.capacity_conns, d.capacity
     );
-    let mut caps = Vec::new();
-    for sys in &systems {
-        let (cap, cpu, harness) = capacity_of(sys, cli.capacity_conns, &d).await?;
-        bench.procs.check_alive()?;
-        println!(
-            "  {:<10} {:>9.0} req/s  failed {}  proxy CPU {:.2} s  harness CPU {:.2} s / {:.2} s",
-            sys.name,
-            cap.rps(),
-            cap.failed,
-            cpu,
-            harness,
-            cap.secs
-        );
-        caps.push((cap, cpu, harness));
+    // Each round runs every system once, in turn, so that the machine's other load
+    // spreads over all of them alike; the rounds are pooled.
+    let mut caps: Vec<(Capacity, f64, f64)> = Vec::new();
+    let mut upstream_conns: Vec<u64> = vec![0; systems.len()];
+    for round in 0..cli.runs {
+        for (k, sys) in systems.iter().enumerate() {
+            let accepted = load::UPSTREAM_ACCEPTED.load(Ordering::Relaxed);
+            let (cap, cpu, harness) = capacity_of(sys, cli.capacity_conns, &d).await?;
+            upstream_conns[k] += load::UPSTREAM_ACCEPTED.load(Ordering::Relaxed) - accepted;
+            bench.procs.check_alive()?;
+            println!(
+                "  {:<10} run {}: {:>9.0} req/s  failed {}  proxy CPU {:.2} s  harness CPU \
+                 {:.2} s / {:.2} s",
+                sys.name,
+                round + 1,
+                cap.rps(),
+                cap.failed,
+                cpu,
+                harness,
+                cap.secs
+            );
+            if round == 0 {
+                caps.push((cap, cpu, harness));
+            } else {
+                let c = &mut caps[k];
+                c.0.ok += cap.ok;
+                c.0.failed += cap.failed;
+                c.0.secs += cap.secs;
+                c.1 += cpu;
+                c.2 += harness;
+            }
+        }
     }
     let slower = caps[1..]
         .iter()
@@ -920,35 +946,53 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
     let rate = (slower * cli.load).max(1.0);
     println!(
         "fixed rate: {rate:.0} req/s ({:.0}% of the slower proxy's capacity), {} connections, \
-         {:?} measured after {:?}",
+         {:?} measured after {:?}, {} round(s)",
         cli.load * 100.0,
         cli.conns,
         d.fixed,
-        d.warmup
+        d.warmup,
+        cli.runs
     );
+    let mut fixed: Vec<Option<(OpenLoop, f64)>> = systems.iter().map(|_| None).collect();
+    for round in 0..cli.runs {
+        for (k, sys) in systems.iter().enumerate() {
+            let accepted = load::UPSTREAM_ACCEPTED.load(Ordering::Relaxed);
+            let (run, cpu) = fixed_rate_of(sys, cli.conns, rate, &d).await?;
+            upstream_conns[k] += load::UPSTREAM_ACCEPTED.load(Ordering::Relaxed) - accepted;
+            bench.procs.check_alive()?;
+            let lat = pct(&run.latencies);
+            println!(
+                "  {:<10} run {}: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ok {} \
+                 ({:.0} req/s of {} scheduled)  failed {}  proxy CPU {:.2} s{}",
+                sys.name,
+                round + 1,
+                lat.p50,
+                lat.p90,
+                lat.p99,
+                lat.max,
+                run.ok,
+                run.ok as f64 / run.secs,
+                run.scheduled,
+                run.failed,
+                cpu,
+                run.errors
+                    .first()
+                    .map(|e| format!("  (first error: {e})"))
+                    .unwrap_or_default()
+            );
+            match &mut fixed[k] {
+                None => fixed[k] = Some((run, cpu)),
+                Some((all, all_cpu)) => {
+                    all.merge(run);
+                    *all_cpu += cpu;
+                }
+            }
+        }
+    }
     let mut effs = Vec::new();
-    for (sys, (cap, ccpu, hcpu)) in systems.iter().zip(caps) {
-        let (fixed, cpu) = fixed_rate_of(sys, cli.conns, rate, &d).await?;
-        bench.procs.check_alive()?;
+    for (((cap, ccpu, hcpu), f), conns) in caps.into_iter().zip(fixed).zip(upstream_conns) {
+        let (fixed, cpu) = f.context("no fixed-rate run")?;
         let lat = pct(&fixed.latencies);
-        println!(
-            "  {:<10} p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ok {} ({:.0} req/s of {} \
-             scheduled)  failed {}  proxy CPU {:.2} s{}",
-            sys.name,
-            lat.p50,
-            lat.p99,
-            lat.max,
-            fixed.ok,
-            fixed.ok as f64 / fixed.secs,
-            fixed.scheduled,
-            fixed.failed,
-            cpu,
-            fixed
-                .errors
-                .first()
-                .map(|e| format!("  (first error: {e})"))
-                .unwrap_or_default()
-        );
         effs.push(Efficiency {
             capacity: cap,
             capacity_cpu: ccpu,
@@ -957,6 +1001,7 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
             fixed_rate: rate,
             fixed_cpu: cpu,
             lat,
+            upstream_conns: conns,
         });
     }
     if let Some(_n) = ngx {
@@ -990,8 +1035,33 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
             d.churn,
             d.churn
         );
-        let c = churn(&bench, &dp, cli.conns, dp_rate, &d).await?;
-        bench.procs.check_alive()?;
+        let mut c: Option<Churn> = None;
+        for round in 0..cli.runs {
+            let r = churn(&bench, &dp, cli.conns, dp_rate, &d, round).await?;
+            bench.procs.check_alive()?;
+            for (what, o) in [("no churn", &r.quiet), ("churn", &r.churned)] {
+                let l = pct(&o.latencies);
+                println!(
+                    "  run {}: {what:<9} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+                    round + 1,
+                    l.p50,
+                    l.p90,
+                    l.p99,
+                    l.max
+                );
+            }
+            match &mut c {
+                None => c = Some(r),
+                Some(all) => {
+                    all.quiet.merge(r.quiet);
+                    all.churned.merge(r.churned);
+                    all.changes += r.changes;
+                    all.change_errors.extend(r.change_errors);
+                }
+            }
+        }
+        let c = c.context("no churn run")?;
+        println!("  pooled:");
         for (what, o) in [("no churn", &c.quiet), ("churn", &c.churned)] {
             let l = pct(&o.latencies);
             println!(
@@ -1097,6 +1167,8 @@ fn summary(
     );
     let (a, b, c) = col(&|e| format!("{:.3}", e.lat.p50));
     let _ = writeln!(s, "| p50 latency, ms | {a} | {b} | {c} | | | |");
+    let (a, b, c) = col(&|e| format!("{:.3}", e.lat.p90));
+    let _ = writeln!(s, "| p90 latency, ms | {a} | {b} | {c} | | | |");
     let (a, b, c) = col(&|e| format!("{:.3}", e.lat.p99));
     let _ = writeln!(s, "| p99 latency, ms | {a} | {b} | {c} | | | |");
     let (a, b, c) = col(&|e| format!("{:.3}", e.lat.max));
@@ -1130,6 +1202,11 @@ fn summary(
         "| req per proxy CPU-second at the fixed rate | – | {b} | {c} | {} | ≥ 0.80 | {} |",
         ratio(dp.req_per_cpu(), ngx.map(|n| n.req_per_cpu())),
         per_cpu.map(|r| yes(r >= 0.8)).unwrap_or("n/a")
+    );
+    let (a, b, c) = col(&|e| format!("{}", e.upstream_conns));
+    let _ = writeln!(
+        s,
+        "| upstream connections opened (all runs) | {a} | {b} | {c} | | | |"
     );
     let (a, b, c) = col(&|e| format!("{}", e.fixed.failed + e.capacity.failed));
     let _ = writeln!(

@@ -27,6 +27,10 @@ pub const BODY: &[u8; 100] =
 /// How long one request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connections the upstream has accepted so far (a proxy that does not keep its upstream
+/// connections alive shows here).
+pub static UPSTREAM_ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
 /// Starts the upstream on a free loopback port: every request gets `200` and [`BODY`].
 /// It runs on the caller's runtime until the process exits.
 pub async fn start_upstream() -> anyhow::Result<SocketAddr> {
@@ -39,6 +43,7 @@ pub async fn start_upstream() -> anyhow::Result<SocketAddr> {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
+            UPSTREAM_ACCEPTED.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|_req| async {
                     let mut res = Response::new(Full::new(Bytes::from_static(BODY)));
@@ -214,6 +219,22 @@ pub struct OpenLoop {
     pub secs: f64,
 }
 
+impl OpenLoop {
+    /// Adds `other`'s samples and counts to these (pooling runs).
+    pub fn merge(&mut self, other: OpenLoop) {
+        self.latencies.extend(other.latencies);
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.scheduled += other.scheduled;
+        self.secs += other.secs;
+        for e in other.errors {
+            if self.errors.len() < 5 {
+                self.errors.push(e);
+            }
+        }
+    }
+}
+
 /// Open loop at a fixed rate: a pacing thread schedules request `i` at `start + i / rate`
 /// (woken by `nanosleep` with a 1 ns timer slack, not tokio's millisecond timer) and hands
 /// its intended send time to whichever of the `conns` connections is free. Latency is
@@ -338,6 +359,7 @@ fn pace(tx: mpsc::UnboundedSender<Instant>, start: Instant, interval: Duration, 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pct {
     pub p50: f64,
+    pub p90: f64,
     pub p99: f64,
     pub max: f64,
     pub n: usize,
@@ -356,6 +378,7 @@ pub fn pct(samples: &[Duration]) -> Pct {
     };
     Pct {
         p50: rank(0.50),
+        p90: rank(0.90),
         p99: rank(0.99),
         max: rank(1.0),
         n: ms.len(),
