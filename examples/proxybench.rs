@@ -88,6 +88,12 @@ struct Cli {
     /// (each runs without, then with churn); the rounds' samples are pooled
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// Run the proxies under test and this harness under SCHED_FIFO (priority 1; the pacing
+    /// thread 2), so that other work on a shared machine (builds) cannot delay their
+    /// wake-ups by a time slice; the kernel's RT throttling still leaves others 5%. Needs
+    /// root (or CAP_SYS_NICE). The CP, spawned from the harness, inherits it
+    #[arg(long)]
+    realtime: bool,
     /// Skip scenario 2 and 3 (efficiency only)
     #[arg(long)]
     efficiency_only: bool,
@@ -140,6 +146,10 @@ fn main() -> anyhow::Result<()> {
     if cli.nice != 0 {
         renice(cli.nice).with_context(|| format!("--nice {}", cli.nice))?;
     }
+    if cli.realtime {
+        load::set_fifo(1).context("--realtime: SCHED_FIFO for the harness")?;
+        load::REALTIME.store(true, Ordering::Relaxed);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -186,11 +196,12 @@ fn renice(nice: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Makes `cmd`'s process run on `core` only, at nice value `nice` when it is not 0 (both
-/// set in the child between fork and exec).
-fn place_command(cmd: &mut Command, core: Option<usize>, nice: i32) {
-    // SAFETY: the closure only makes the sched_setaffinity and setpriority system calls,
-    // which are async-signal-safe, and allocates nothing.
+/// Makes `cmd`'s process run on `core` only, at nice value `nice` when it is not 0, and
+/// under SCHED_FIFO at `realtime` priority when it is not 0 (all set in the child between
+/// fork and exec).
+fn place_command(cmd: &mut Command, core: Option<usize>, nice: i32, realtime: i32) {
+    // SAFETY: the closure only makes the sched_setaffinity, setpriority and
+    // sched_setscheduler system calls, which are async-signal-safe, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(core) = core {
@@ -198,6 +209,9 @@ fn place_command(cmd: &mut Command, core: Option<usize>, nice: i32) {
             }
             if nice != 0 {
                 renice(nice)?;
+            }
+            if realtime != 0 {
+                load::set_fifo(realtime)?;
             }
             Ok(())
         });
@@ -368,6 +382,8 @@ struct Bench {
     proxy_core: Option<usize>,
     /// The nice value of the proxies under test (`--nice`).
     nice: i32,
+    /// Their SCHED_FIFO priority, 0 for none (`--realtime`).
+    realtime: i32,
 }
 
 /// The DP process under test.
@@ -392,6 +408,7 @@ impl Bench {
         keep: bool,
         proxy_core: Option<usize>,
         nice: i32,
+        realtime: i32,
     ) -> anyhow::Result<Bench> {
         let tmp = tempfile::Builder::new()
             .prefix("proxybench-")
@@ -422,6 +439,7 @@ impl Bench {
             upstream,
             proxy_core,
             nice,
+            realtime,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -492,7 +510,7 @@ impl Bench {
             .arg(self.cp_dir.join("cluster.key"))
             .args(["--status-listen", &status.to_string()])
             .args(["--proxy-listen", &proxy.to_string()]);
-        place_command(&mut cmd, self.proxy_core, self.nice);
+        place_command(&mut cmd, self.proxy_core, self.nice, self.realtime);
         let pid = self
             .procs
             .spawn("dp", cmd, &self.tmp.path().join("dp.log"))?;
@@ -548,7 +566,7 @@ impl Bench {
             .arg("-c")
             .arg(&conf_path)
             .args(["-g", "daemon off;"]);
-        place_command(&mut cmd, self.proxy_core, self.nice);
+        place_command(&mut cmd, self.proxy_core, self.nice, self.realtime);
         let master = self
             .procs
             .spawn("nginx", cmd, &self.tmp.path().join("nginx.log"))?;
@@ -841,8 +859,13 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
         );
     }
     println!(
-        "nice value of the harness, the CP and the proxies: {}",
-        cli.nice
+        "scheduling of the harness, the CP and the proxies: nice {}, {}",
+        cli.nice,
+        if cli.realtime {
+            "SCHED_FIFO (--realtime)"
+        } else {
+            "SCHED_OTHER"
+        }
     );
     let nginx = if cli.no_nginx {
         println!("nginx comparison skipped: --no-nginx");
@@ -862,7 +885,15 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
 
     let upstream = load::start_upstream().await?;
     let proxy_core = pinned.then_some(cli.proxy_core);
-    let mut bench = Bench::start(&cp_bin, upstream, cli.keep, proxy_core, cli.nice).await?;
+    let mut bench = Bench::start(
+        &cp_bin,
+        upstream,
+        cli.keep,
+        proxy_core,
+        cli.nice,
+        if cli.realtime { 1 } else { 0 },
+    )
+    .await?;
     let dp = bench.start_dp(&dp_bin).await?;
     let ngx = match &nginx {
         Some(bin) => Some(bench.start_nginx(bin).await?),
