@@ -38,7 +38,7 @@ use serde_json::json;
 #[path = "proxybench/load.rs"]
 mod load;
 
-use load::{Capacity, Conn, OpenLoop, Pct, Target, pct};
+use load::{Capacity, Conn, OpenLoop, Pct, Target, median_pct, pct};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -772,6 +772,9 @@ async fn propagation(bench: &Bench, dp: &Dp, writes: usize) -> anyhow::Result<Pr
 struct Churn {
     quiet: OpenLoop,
     churned: OpenLoop,
+    /// Each round's latencies without and with churn.
+    quiet_rounds: Vec<Pct>,
+    churned_rounds: Vec<Pct>,
     /// Route changes made (and failed) during the churn window.
     changes: usize,
     change_errors: Vec<String>,
@@ -829,6 +832,8 @@ async fn churn(
     let (churned, (made, change_errors)) =
         load::open_loop(&target, conns, rate, d.warmup, d.churn, || {}, changes).await?;
     Ok(Churn {
+        quiet_rounds: vec![pct(&quiet.latencies)],
+        churned_rounds: vec![pct(&churned.latencies)],
         quiet,
         churned,
         changes: made,
@@ -985,6 +990,7 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
         cli.runs
     );
     let mut fixed: Vec<Option<(OpenLoop, f64)>> = systems.iter().map(|_| None).collect();
+    let mut rounds: Vec<Vec<Pct>> = systems.iter().map(|_| Vec::new()).collect();
     for round in 0..cli.runs {
         for (k, sys) in systems.iter().enumerate() {
             let accepted = load::UPSTREAM_ACCEPTED.load(Ordering::Relaxed);
@@ -992,6 +998,7 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
             upstream_conns[k] += load::UPSTREAM_ACCEPTED.load(Ordering::Relaxed) - accepted;
             bench.procs.check_alive()?;
             let lat = pct(&run.latencies);
+            rounds[k].push(lat);
             println!(
                 "  {:<10} run {}: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ok {} \
                  ({:.0} req/s of {} scheduled)  failed {}  proxy CPU {:.2} s{}",
@@ -1021,9 +1028,11 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
         }
     }
     let mut effs = Vec::new();
-    for (((cap, ccpu, hcpu), f), conns) in caps.into_iter().zip(fixed).zip(upstream_conns) {
+    for ((((cap, ccpu, hcpu), f), conns), rounds) in
+        caps.into_iter().zip(fixed).zip(upstream_conns).zip(rounds)
+    {
         let (fixed, cpu) = f.context("no fixed-rate run")?;
-        let lat = pct(&fixed.latencies);
+        let lat = median_pct(&rounds);
         effs.push(Efficiency {
             capacity: cap,
             capacity_cpu: ccpu,
@@ -1087,17 +1096,29 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
                     all.quiet.merge(r.quiet);
                     all.churned.merge(r.churned);
                     all.changes += r.changes;
+                    all.quiet_rounds.extend(r.quiet_rounds);
+                    all.churned_rounds.extend(r.churned_rounds);
                     all.change_errors.extend(r.change_errors);
                 }
             }
         }
         let c = c.context("no churn run")?;
-        println!("  pooled:");
-        for (what, o) in [("no churn", &c.quiet), ("churn", &c.churned)] {
+        println!("  all rounds (pooled samples; median of the rounds' p99):");
+        for (what, o, rounds) in [
+            ("no churn", &c.quiet, &c.quiet_rounds),
+            ("churn", &c.churned, &c.churned_rounds),
+        ] {
             let l = pct(&o.latencies);
             println!(
-                "  {what:<9} p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ok {}  failed {}",
-                l.p50, l.p99, l.max, o.ok, o.failed
+                "  {what:<9} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms (median {:.3} ms)  max \
+                 {:.3} ms  ok {}  failed {}",
+                l.p50,
+                l.p90,
+                l.p99,
+                median_pct(rounds).p99,
+                l.max,
+                o.ok,
+                o.failed
             );
             for e in &o.errors {
                 println!("    error: {e}");
@@ -1268,8 +1289,8 @@ fn summary(
         );
     }
     if let Some(c) = ch {
-        let q = pct(&c.quiet.latencies);
-        let w = pct(&c.churned.latencies);
+        let q = median_pct(&c.quiet_rounds);
+        let w = median_pct(&c.churned_rounds);
         let _ = writeln!(s, "| p99 without churn, ms | | {:.3} | | | | |", q.p99);
         let _ = writeln!(
             s,
@@ -1289,6 +1310,12 @@ fn summary(
             yes(failed == 0)
         );
     }
+    let _ = writeln!(
+        s,
+        "\nLatency is measured from each request's intended send time (open loop). p50, p90 \
+         and p99 are the median over the rounds of each round's percentile; max is over all \
+         rounds. Request counts and CPU time are summed over the rounds."
+    );
     let _ = writeln!(s, "\ncommand: `{command_line}`");
     let _ = writeln!(
         s,

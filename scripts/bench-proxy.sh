@@ -5,6 +5,9 @@
 #   scripts/bench-proxy.sh             # efficiency vs nginx, Admin write → route served, churn
 #   scripts/bench-proxy.sh --quick     # short durations (a smoke run)
 #   scripts/bench-proxy.sh --keep      # other arguments go to `proxybench` (see --help)
+#   scripts/bench-proxy.sh --realtime --runs 3   # on a machine shared with builds: SCHED_FIFO
+#                                                # for the harness and the proxies (root), and
+#                                                # 3 interleaved rounds (medians)
 #
 # nginx comes from Debian's `nginx-light` package (installed here when `nginx` is missing and
 # apt-get is usable); without it the deltaplane side still runs and the comparison is skipped

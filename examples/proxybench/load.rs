@@ -405,3 +405,24 @@ pub fn pct(samples: &[Duration]) -> Pct {
         n: ms.len(),
     }
 }
+
+/// Rounds summarised: the median of the rounds' p50, p90 and p99 (one disturbed round, on a
+/// shared machine, does not decide them), the largest max, and all samples counted.
+pub fn median_pct(rounds: &[Pct]) -> Pct {
+    let med = |f: fn(&Pct) -> f64| {
+        let mut xs: Vec<f64> = rounds.iter().map(f).collect();
+        xs.sort_by(f64::total_cmp);
+        match xs.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => xs[n / 2],
+            n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+        }
+    };
+    Pct {
+        p50: med(|p| p.p50),
+        p90: med(|p| p.p90),
+        p99: med(|p| p.p99),
+        max: rounds.iter().map(|p| p.max).fold(f64::NAN, f64::max),
+        n: rounds.iter().map(|p| p.n).sum(),
+    }
+}
