@@ -66,7 +66,9 @@ pub async fn start_upstream() -> anyhow::Result<SocketAddr> {
 /// Where a generator sends its requests: `GET http://addr{path}`.
 #[derive(Clone, Debug)]
 pub struct Target {
+    /// The listener (the proxy under test, or the upstream itself).
     pub addr: SocketAddr,
+    /// The request path, e.g. `/bench`.
     pub path: String,
 }
 
@@ -143,8 +145,11 @@ impl Conn {
 /// What a closed-loop run measured.
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
+    /// Requests answered 200 in the measured window.
     pub ok: u64,
+    /// Requests that failed in the measured window.
     pub failed: u64,
+    /// The measured window's length.
     pub secs: f64,
 }
 
@@ -210,13 +215,19 @@ pub async fn closed_loop(
 pub struct OpenLoop {
     /// Latency of each successful request, from its intended send time to its full answer.
     pub latencies: Vec<Duration>,
+    /// Requests answered 200.
     pub ok: u64,
+    /// Requests that failed (transport error, timeout, status other than 200).
     pub failed: u64,
     /// The first few failures, as text.
     pub errors: Vec<String>,
     /// Requests scheduled in the measured window.
     pub scheduled: u64,
+    /// The measured window's length (summed when runs are merged).
     pub secs: f64,
+    /// CPU-seconds this harness (generator, upstream, pacing) used in the window: near
+    /// `secs`, the harness's own queueing is in the latencies.
+    pub harness_cpu: f64,
 }
 
 impl OpenLoop {
@@ -227,6 +238,7 @@ impl OpenLoop {
         self.failed += other.failed;
         self.scheduled += other.scheduled;
         self.secs += other.secs;
+        self.harness_cpu += other.harness_cpu;
         for e in other.errors {
             if self.errors.len() < 5 {
                 self.errors.push(e);
@@ -295,6 +307,7 @@ where
             errors: Vec::new(),
             scheduled: 0,
             secs: dur.as_secs_f64(),
+            harness_cpu: 0.0,
         };
         while let Some((intended, res)) = done_rx.recv().await {
             if intended < measure_from || intended >= end {
@@ -317,24 +330,24 @@ where
         out
     };
     let collector = tokio::spawn(collect);
+    let harness = || crate::cpu_secs(std::process::id()).unwrap_or(f64::NAN);
     tokio::time::sleep_until(measure_from.into()).await;
     window();
+    let harness_start = harness();
     let during = during.await;
     tokio::time::sleep_until(end.into()).await;
     window();
+    let harness_cpu = harness() - harness_start;
     pacer
         .join()
         .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
     for t in tasks {
         t.await.context("an open-loop worker panicked")?;
     }
-    let out = collector.await.context("the collector panicked")?;
+    let mut out = collector.await.context("the collector panicked")?;
+    out.harness_cpu = harness_cpu;
     Ok((out, during))
 }
-
-/// Whether the harness runs under SCHED_FIFO (`--realtime`): the pacing thread then takes
-/// a priority above the runtime's thread, so that it is not queued behind it.
-pub static REALTIME: AtomicBool = AtomicBool::new(false);
 
 /// Puts the calling thread (and the threads and processes it creates after) under
 /// SCHED_FIFO at `priority`.
@@ -356,10 +369,6 @@ fn pace(tx: mpsc::UnboundedSender<Instant>, start: Instant, interval: Duration, 
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
     }
-    if REALTIME.load(Ordering::Relaxed) {
-        // Best effort: the harness itself already runs under SCHED_FIFO 1.
-        let _ = set_fifo(2);
-    }
     let mut next = start;
     while next < end {
         let now = Instant::now();
@@ -379,10 +388,15 @@ fn pace(tx: mpsc::UnboundedSender<Instant>, start: Instant, interval: Duration, 
 /// Latency percentiles (nearest rank), in milliseconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pct {
+    /// The median.
     pub p50: f64,
+    /// The 90th percentile.
     pub p90: f64,
+    /// The 99th percentile.
     pub p99: f64,
+    /// The largest sample.
     pub max: f64,
+    /// How many samples.
     pub n: usize,
 }
 
