@@ -362,12 +362,20 @@ pub fn set_fifo(priority: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether the harness runs under SCHED_FIFO (`--realtime`): the pacing thread then takes
+/// a priority above the runtime's thread, so that it is not queued behind it.
+pub static REALTIME: AtomicBool = AtomicBool::new(false);
+
 /// The pacing thread: sends each intended send time once it has come, then sleeps until the
 /// next one. Returns when every time before `end` was sent (dropping `tx` ends the workers).
 fn pace(tx: mpsc::UnboundedSender<Instant>, start: Instant, interval: Duration, end: Instant) {
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+    if REALTIME.load(Ordering::Relaxed) {
+        // Best effort: the harness itself already runs under SCHED_FIFO 1.
+        let _ = set_fifo(2);
     }
     let mut next = start;
     while next < end {
