@@ -275,9 +275,13 @@ fn children_of(parent: u32) -> Vec<u32> {
 }
 
 /// Child processes, killed (SIGKILL) and reaped on drop: on success, error and panic alike.
+/// Their own children listed in `grandchildren` (nginx's workers, which outlive a killed
+/// master) are killed too.
 #[derive(Default)]
 struct Procs {
     children: Vec<(String, Child, PathBuf)>,
+    /// (pid, command name) of processes our children started.
+    grandchildren: Vec<(u32, String)>,
 }
 
 impl Procs {
@@ -313,24 +317,58 @@ impl Procs {
         Ok(())
     }
 
-    /// Kills and reaps the child `name` now.
+    /// Stops the child `name` now: SIGTERM (nginx's fast shutdown, which also ends its
+    /// workers), then SIGKILL after 3 s; reaps it.
     fn stop(&mut self, name: &str) {
         if let Some(i) = self.children.iter().position(|(n, _, _)| n == name) {
             let (_, mut child, _) = self.children.remove(i);
+            // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        self.kill_grandchildren();
+    }
+
+    /// SIGKILLs the listed grandchildren still running under their recorded name.
+    fn kill_grandchildren(&mut self) {
+        for (pid, comm) in self.grandchildren.drain(..) {
+            let now = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if now.trim() == comm {
+                // SAFETY: kill has no memory preconditions; the pid was checked just above
+                // to still be the process we recorded.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
         }
     }
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
+        let names: Vec<String> = self
+            .children
+            .iter()
+            .filter(|(n, _, _)| n == "nginx")
+            .map(|(n, _, _)| n.clone())
+            .collect();
+        for n in names {
+            self.stop(&n);
+        }
         for (_, child, _) in &mut self.children {
             let _ = child.kill();
         }
         for (_, child, _) in &mut self.children {
             let _ = child.wait();
         }
+        self.kill_grandchildren();
     }
 }
 
@@ -941,7 +979,12 @@ async fn run(cli: &Cli, pinned: bool, cores: &[usize]) -> anyhow::Result<()> {
     ];
     if let Some(n) = &ngx {
         let mut pids = vec![n.master];
-        pids.extend(children_of(n.master));
+        let workers = children_of(n.master);
+        bench
+            .procs
+            .grandchildren
+            .extend(workers.iter().map(|&w| (w, "nginx".to_owned())));
+        pids.extend(workers);
         ensure!(pids.len() >= 2, "nginx has no worker process");
         println!("nginx pids (master, workers): {pids:?}");
         systems.push(System {
