@@ -476,6 +476,8 @@ async fn route_and_forward(
             headers.remove(header::CONTENT_LENGTH);
             full(b)
         }
+        // Nothing to read (a GET): no buffer to fill.
+        (None, Some(body)) if hyper::body::Body::is_end_stream(&body) => full(Bytes::new()),
         (None, Some(body)) if route.request_buffering => {
             match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
                 .collect()
