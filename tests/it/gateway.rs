@@ -1243,3 +1243,45 @@ async fn http2_prior_knowledge_is_served() {
             .starts_with("2 deltaplane/")
     );
 }
+
+/// What the proxy cannot serve is left out and said in `/status`, never served wrongly: here
+/// a service asking for upstream certificate verification (not supported yet); the rest of
+/// the configuration serves. (A route whose regex does not compile cannot pass the CP's
+/// validation; the router's unit tests cover it.)
+#[tokio::test]
+async fn what_the_proxy_cannot_serve_is_listed_in_status() {
+    let (cp, dp, client) = setup().await;
+    let echo = Echo::start("e1").await;
+    let verified = cp
+        .create(
+            "/services",
+            json!({"name": "verified", "url": "https://127.0.0.1:1", "tls_verify": true}),
+        )
+        .await;
+    cp.create("/services/verified/routes", json!({"paths": ["/v"]}))
+        .await;
+    cp.create("/services", json!({"name": "ok", "url": echo.url("")}))
+        .await;
+    cp.create("/services/ok/routes", json!({"paths": ["/ok"]}))
+        .await;
+    dp.wait_serving(&cp, 10).await;
+    assert_eq!(
+        get(&client, format!("{}/v", dp.proxy_url()), &[])
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        get(&client, format!("{}/ok", dp.proxy_url()), &[])
+            .await
+            .status(),
+        200
+    );
+    let problems = dp.shared().status_json()["proxy"]["problems"].clone();
+    let listed = problems.as_array().unwrap().iter().any(|p| {
+        p["entity_type"] == "services"
+            && p["id"] == verified["id"]
+            && p["message"].as_str().unwrap().contains("tls_verify")
+    });
+    assert!(listed, "{problems}");
+}
