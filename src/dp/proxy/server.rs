@@ -382,8 +382,10 @@ async fn route_and_forward(
     ctx.tls = down.tls;
     // The body, for a plugin that reads it (key-auth's key_in_body); left in its slot
     // (and streamed) when none does.
+    let plugins = gateway.plugins.clone();
+    let no_plugins = plugins.is_empty();
     let slot = Arc::new(std::sync::Mutex::new(Some(body)));
-    {
+    if !no_plugins {
         let slot = slot.clone();
         ctx.set_body_source(Box::pin(async move {
             let body = slot.lock().expect("body slot").take()?;
@@ -394,7 +396,6 @@ async fn route_and_forward(
                 .map(|c| c.to_bytes())
         }));
     }
-    let plugins = gateway.plugins.clone();
     if let Some(res) = plugins.access(&mut ctx).await {
         let (mut rp, body) = res.into_parts();
         let body = match rp.extensions.get::<PluginMessage>() {
@@ -463,12 +464,15 @@ async fn route_and_forward(
         }
     }
     set(&mut headers, X_REAL_IP, &down.remote.ip().to_string());
-    let inbound_via = format!("{} {SERVER_TOKEN}", via_version(parts.version));
-    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {inbound_via}"),
-        None => inbound_via,
-    };
-    set(&mut headers, header::VIA, &via);
+    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            let via = format!("{prev}, {} {SERVER_TOKEN}", via_version(parts.version));
+            set(&mut headers, header::VIA, &via);
+        }
+        None => {
+            headers.insert(header::VIA, via_value(parts.version));
+        }
+    }
     set(&mut headers, X_KONG_REQUEST_ID, request_id);
 
     let body: ProxyBody = match (replaced, body) {
@@ -542,13 +546,17 @@ async fn route_and_forward(
         }
     };
     let status = res.status();
-    let outbound_via = format!("{} {SERVER_TOKEN}", via_version(res.version()));
+    let version = res.version();
     let h = res.headers_mut();
-    let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {outbound_via}"),
-        None => outbound_via,
-    };
-    set(h, header::VIA, &via);
+    match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            let via = format!("{prev}, {} {SERVER_TOKEN}", via_version(version));
+            set(h, header::VIA, &via);
+        }
+        None => {
+            h.insert(header::VIA, via_value(version));
+        }
+    }
     let kong_latency = started.elapsed().saturating_sub(upstream_latency);
     set(
         h,
@@ -560,6 +568,10 @@ async fn route_and_forward(
         X_KONG_PROXY_LATENCY,
         &kong_latency.as_millis().to_string(),
     );
+    if no_plugins {
+        // No header filter or log phase to run: the body goes out as it is.
+        return res;
+    }
     plugins.response(&ctx, status, h);
     let log = LogEntry {
         status: status.as_u16(),
@@ -842,6 +854,16 @@ fn escape_path(path: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// `Via` for a hop of HTTP version `v` with nothing before it, without formatting.
+fn via_value(v: Version) -> HeaderValue {
+    HeaderValue::from_static(match v {
+        Version::HTTP_10 => concat!("1.0 deltaplane/", env!("CARGO_PKG_VERSION")),
+        Version::HTTP_2 => concat!("2 deltaplane/", env!("CARGO_PKG_VERSION")),
+        Version::HTTP_3 => concat!("3 deltaplane/", env!("CARGO_PKG_VERSION")),
+        _ => concat!("1.1 deltaplane/", env!("CARGO_PKG_VERSION")),
+    })
 }
 
 fn via_version(v: Version) -> &'static str {

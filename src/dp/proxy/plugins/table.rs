@@ -341,6 +341,11 @@ impl Plugins {
     ///
     /// The proxy passes the returned response (or the upstream's) through
     /// [`Plugins::response`] exactly once, as Kong runs `header_filter` on both.
+    /// Whether no plugin is configured at all: the proxy then skips every phase.
+    pub fn is_empty(&self) -> bool {
+        !self.has_plugins
+    }
+
     pub async fn access(&self, ctx: &mut Ctx) -> Option<Response<Full<Bytes>>> {
         if !self.has_plugins {
             return None;
