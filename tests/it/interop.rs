@@ -598,3 +598,127 @@ async fn a_kong_dp_with_bundled_plugins_gets_the_configuration() {
     );
     cp.shutdown().await;
 }
+
+/// A Kong control plane over sync v2 does not check a data plane's plugins. A data plane
+/// running the proxy then rejects, itself, a configuration enabling a plugin its proxy does
+/// not execute: `kong.sync.v2.notify_validation_error` with Kong's message, nothing stored,
+/// the proxy serving nothing of it; the next configuration without that plugin applies and
+/// is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxying_dp_rejects_plugins_it_cannot_run_from_a_kong_cp() {
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    let (_sid, _route) = small_config(&cp).await;
+    let unrunnable = cp
+        .create("/plugins", json!({"name": "correlation-id"}))
+        .await;
+    let unrunnable_id = unrunnable["id"].as_str().unwrap().to_owned();
+    let mut changes = Vec::new();
+    cp.store()
+        .snapshot(|c| {
+            changes.push(c);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    cp.shutdown().await;
+    let kong_delta = |c: &deltaplane::cp::store::Change, version: &str| {
+        let mut entity = c.entity.clone().unwrap();
+        entity.as_object_mut().unwrap().remove("ws_id");
+        json!({"type": c.entity_type, "entity": entity, "version": version, "ws_id": c.ws_id})
+    };
+    let v5 = version_string(5);
+    let v6 = version_string(6);
+    let with_it: Vec<Value> = changes.iter().map(|c| kong_delta(c, &v5)).collect();
+    let without_it: Vec<Value> = changes
+        .iter()
+        .filter(|c| c.id != unrunnable_id)
+        .map(|c| kong_delta(c, &v6))
+        .collect();
+
+    let mut fake = FakeKongCp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = deltaplane::dp::DpConfig::new(
+        dir.path(),
+        fake.addr.to_string(),
+        fake.crt.clone(),
+        fake.key.clone(),
+    );
+    cfg.status_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.proxy_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.durable = false;
+    cfg.reconnect_min = Duration::from_millis(50);
+    cfg.reconnect_max = Duration::from_millis(500);
+    cfg.invalid_backoff = Duration::from_millis(200);
+    cfg.sync_poll_interval = Duration::from_secs(600);
+    short_timers(&mut cfg.cluster);
+    let dp = TestDp::start(cfg, dir).await;
+    let mut kong = fake.next_conn().await;
+    let hello = kong.next_json().await;
+    let plugins = hello["params"][0]["kong_conf"]["plugins"].clone();
+    assert!(
+        !plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "correlation-id"),
+        "the proxy announces only what it executes: {plugins}"
+    );
+    kong.send_raw(
+        &br#"{"jsonrpc":"2.0","id":1,"result":{"rpc_capabilities":["kong.sync.v2"],"rpc_frame_encoding":"x-snappy-framed"}}"#[..],
+    )
+    .await;
+    kong.encoding = Some(Encoding::SnappyFramed);
+
+    let (id, _, _) = until_get_delta(&mut kong, None).await;
+    kong.send(&json!({"jsonrpc": "2.0", "id": id, "result": {"default": {"deltas": with_it, "wipe": true}}}))
+        .await;
+    // The data plane reports the rejection and asks again after its back-off.
+    let report = loop {
+        let m = kong.next_json().await;
+        if m["method"] == "kong.sync.v2.notify_validation_error" {
+            break m;
+        }
+    };
+    let text = report.to_string();
+    assert!(
+        text.contains(
+            "plugin 'correlation-id' not enabled; add it to the 'plugins' configuration property"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        dp.state().0,
+        0,
+        "nothing of the rejected configuration is stored"
+    );
+    let proxy = dp.shared().proxy().unwrap().status();
+    assert_eq!(proxy.serving_version, 0);
+
+    // Kong's operator removes the plugin; the next answer applies and is served.
+    let (id, version, _) = loop {
+        let m = kong.next_json().await;
+        if m["method"] == "kong.sync.v2.get_delta" && m.get("id").is_some() {
+            let v = m["params"][0]["default"]["version"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            break (m["id"].clone(), v, ());
+        }
+        // An answer to the notify (Kong answers notifications it got as calls).
+        if let Some(mid) = m.get("id")
+            && m["method"] == "kong.sync.v2.notify_validation_error"
+        {
+            kong.send(&json!({"jsonrpc": "2.0", "id": mid, "result": true}))
+                .await;
+        }
+    };
+    assert_eq!(version, EMPTY_VERSION);
+    kong.send(&json!({"jsonrpc": "2.0", "id": id, "result": {"default": {"deltas": without_it, "wipe": true}}}))
+        .await;
+    dp.wait_version(6, 5).await;
+    let mut serving = dp.shared().proxy().unwrap().watch_serving();
+    tokio::time::timeout(Duration::from_secs(5), serving.wait_for(|v| *v == 6))
+        .await
+        .expect("the proxy serves the configuration without the plugin")
+        .unwrap();
+}
