@@ -8,10 +8,8 @@
 //! 504) fall back to the request's `Content-Type` when there is no `Accept`. Without either,
 //! Kong's `error_default_type` (`text/plain`) applies to the latter and JSON to the former.
 
-use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 
 /// A body format Kong renders errors in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,24 +163,6 @@ fn escape_markup(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A complete error response: status, body by the request's headers, content type.
-pub fn response(
-    status: StatusCode,
-    message: &str,
-    request_headers: &HeaderMap,
-    source: Source,
-    request_id: &str,
-) -> Response<Full<Bytes>> {
-    let format = format_for(request_headers, source);
-    let mut res = Response::new(Full::new(Bytes::from(body(format, message, request_id))));
-    *res.status_mut() = status;
-    if let Some(ct) = format.content_type() {
-        res.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-    }
-    res
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,7 +172,7 @@ mod tests {
         for (k, v) in pairs {
             h.insert(
                 http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
             );
         }
         h

@@ -290,7 +290,7 @@ impl Builder {
                 .cloned()
                 .collect::<Vec<_>>();
             let (router, errors) = Router::new(routable);
-            self.note_route_errors(errors);
+            self.note("routes", errors);
             Arc::new(router)
         } else if touched_routes.is_empty() {
             prev.router.clone()
@@ -306,7 +306,7 @@ impl Builder {
                 self.problems.remove(&("routes", id.clone()));
             }
             let (router, errors) = prev.router.update(&removed, upserted);
-            self.note_route_errors(errors);
+            self.note("routes", errors);
             Arc::new(router)
         };
         let balancers = if rebuild.balancers {
@@ -406,19 +406,10 @@ impl Builder {
         }
     }
 
-    fn note_route_errors(&mut self, errors: Vec<(String, String)>) {
-        self.note("routes", errors);
-    }
-
     fn note(&mut self, ty: &'static str, errors: Vec<(String, String)>) {
         for (id, m) in errors {
             self.problems.insert((ty, id), m);
         }
-    }
-
-    /// Every stored HTTP route, in the router or not.
-    pub fn n_routes(&self) -> usize {
-        self.routes.len()
     }
 }
 

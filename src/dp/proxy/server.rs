@@ -102,11 +102,6 @@ impl Proxy {
     pub fn resolver(&self) -> &Arc<Resolver> {
         &self.resolver
     }
-
-    /// Idle upstream connections (for tests).
-    pub fn idle_upstream_connections(&self) -> usize {
-        self.client.idle_connections()
-    }
 }
 
 /// One accepted client connection, as the request path needs it.

@@ -184,3 +184,55 @@ pub fn default_certificate() -> Result<Arc<CertifiedKey>, String> {
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     certified(Some(&cert.pem()), Some(&key.serialize_pem()))
 }
+
+/// A client-side verifier that accepts any server certificate but still checks the
+/// handshake signatures: Kong's default towards upstreams (`tls_verify` unset,
+/// `nginx_proxy_proxy_ssl_verify` off) and active probes with
+/// `https_verify_certificate = false`.
+#[derive(Debug)]
+pub(crate) struct AcceptAnyCert {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl AcceptAnyCert {
+    pub(crate) fn new() -> AcceptAnyCert {
+        AcceptAnyCert {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

@@ -25,6 +25,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::tls::AcceptAnyCert;
+
 /// The error type of bodies the proxy sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -114,7 +116,7 @@ impl Client {
                 .with_safe_default_protocol_versions()
                 .expect("ring supports the default protocol versions")
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify))
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert::new()))
                 .with_no_client_auth();
             config.alpn_protocols = vec![alpn.to_vec()];
             tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -258,17 +260,6 @@ impl Client {
             });
         }
     }
-
-    /// Idle HTTP/1.1 connections kept, over every key (for tests and `/status`).
-    pub fn idle_connections(&self) -> usize {
-        self.pools
-            .lock()
-            .expect("pool lock")
-            .h1
-            .values()
-            .map(Vec::len)
-            .sum()
-    }
 }
 
 async fn handshake<T>(h2: bool, io: T) -> Result<Sender, ConnectError>
@@ -376,58 +367,5 @@ impl UpstreamBody {
         }
         let collected = self.collect().await?.to_bytes();
         Ok(Some(collected))
-    }
-}
-
-/// Kong does not verify upstream certificates unless `tls_verify` says so
-/// (`nginx_proxy_proxy_ssl_verify` is off by default); verification is refused as a
-/// configuration problem elsewhere.
-#[derive(Debug)]
-struct NoVerify;
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

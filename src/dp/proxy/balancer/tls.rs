@@ -8,11 +8,12 @@
 
 use std::sync::{Arc, OnceLock};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use crate::dp::proxy::tls::AcceptAnyCert;
 
 /// Where distributions keep their CA bundle.
 const CA_BUNDLES: &[&str] = &[
@@ -62,10 +63,9 @@ pub(super) fn client_config(verify: bool) -> Option<Arc<ClientConfig>> {
                 .with_root_certificates(system_roots())
                 .with_no_client_auth()
         } else {
-            let algorithms = provider().signature_verification_algorithms;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { algorithms }))
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert::new()))
                 .with_no_client_auth()
         };
         Some(Arc::new(config))
@@ -80,45 +80,4 @@ pub(super) fn client_config(verify: bool) -> Option<Arc<ClientConfig>> {
 /// The server name to send: an IP address or a DNS name; `None` when neither parses.
 pub(super) fn server_name(sni: &str) -> Option<ServerName<'static>> {
     ServerName::try_from(sni.to_owned()).ok()
-}
-
-/// `https_verify_certificate = false`: any certificate, signatures still checked.
-#[derive(Debug)]
-struct AcceptAnyCert {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }

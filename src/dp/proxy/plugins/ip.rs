@@ -9,69 +9,22 @@ use serde_json::Value;
 
 use super::request::{Ctx, error_response};
 use super::util::{opt_num, opt_str, opt_str_list};
+use crate::dp::proxy::ipnet::IpNet;
 
-/// One allow or deny entry: an address and a prefix length (the full length for a plain IP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cidr {
-    /// The network address.
-    addr: IpAddr,
-    /// The prefix length.
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `1.2.3.4`, `1.2.3.0/24`, `::1`, `2001:db8::/32`.
-    fn parse(entry: &str) -> Result<Cidr, String> {
-        let (ip, prefix) = match entry.split_once('/') {
-            Some((ip, prefix)) => (ip, Some(prefix)),
-            None => (entry, None),
-        };
-        let addr: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| format!("invalid ip or cidr range: '{entry}'"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.trim().parse::<u8>() {
-                Ok(p) if p <= max => p,
-                _ => return Err(format!("invalid ip or cidr range: '{entry}'")),
-            },
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    /// Whether `ip` is inside the range (an IPv4 client never matches an IPv6 range, as in
-    /// `resty.ipmatcher`).
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - u32::from(self.prefix))
-                };
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - u32::from(self.prefix))
-                };
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
+/// Parses one allow or deny entry (`1.2.3.4`, `1.2.3.0/24`, `::1`, `2001:db8::/32`) with
+/// Kong's message for a bad one.
+fn cidr(entry: &str) -> Result<IpNet, String> {
+    entry
+        .parse()
+        .map_err(|_| format!("invalid ip or cidr range: '{entry}'"))
 }
 
 /// ip-restriction's config.
 pub(super) struct IpConf {
     /// Allowed ranges (empty: no allow list).
-    allow: Vec<Cidr>,
+    allow: Vec<IpNet>,
     /// Denied ranges.
-    deny: Vec<Cidr>,
+    deny: Vec<IpNet>,
     /// The status of a refusal (default 403).
     status: Option<u16>,
     /// The message of a refusal (default "IP address not allowed: <ip>").
@@ -81,11 +34,11 @@ pub(super) struct IpConf {
 impl IpConf {
     /// Parses the config (Kong's shape, defaults filled); a malformed range is an error.
     pub(super) fn parse(conf: &Value) -> Result<IpConf, String> {
-        let list = |field: &str| -> Result<Vec<Cidr>, String> {
+        let list = |field: &str| -> Result<Vec<IpNet>, String> {
             opt_str_list(conf, field)?
                 .unwrap_or_default()
                 .iter()
-                .map(|e| Cidr::parse(e).map_err(|m| format!("config.{field}: {m}")))
+                .map(|e| cidr(e).map_err(|m| format!("config.{field}: {m}")))
                 .collect()
         };
         let status = match opt_num(conf, "status") {
@@ -132,26 +85,26 @@ mod tests {
     /// CIDR parsing and matching, v4 and v6 (cases from spec/03-plugins/17-ip-restriction).
     #[test]
     fn cidrs() {
-        let c = Cidr::parse("127.0.0.0/24").unwrap();
+        let c = cidr("127.0.0.0/24").unwrap();
         assert!(c.contains("127.0.0.9".parse().unwrap()));
         assert!(!c.contains("127.0.1.1".parse().unwrap()));
         assert!(!c.contains("::1".parse().unwrap()));
-        let c = Cidr::parse("fe80::/64").unwrap();
+        let c = cidr("fe80::/64").unwrap();
         assert!(c.contains("fe80::1".parse().unwrap()));
         assert!(!c.contains("fe81::1".parse().unwrap()));
-        let c = Cidr::parse("0.0.0.0/0").unwrap();
+        let c = cidr("0.0.0.0/0").unwrap();
         assert!(c.contains("8.8.8.8".parse().unwrap()));
         assert!(
-            Cidr::parse("10.0.0.1")
+            cidr("10.0.0.1")
                 .unwrap()
                 .contains("10.0.0.1".parse().unwrap())
         );
         assert!(
-            !Cidr::parse("10.0.0.1")
+            !cidr("10.0.0.1")
                 .unwrap()
                 .contains("10.0.0.2".parse().unwrap())
         );
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("nope").is_err());
+        assert!(cidr("10.0.0.0/33").is_err());
+        assert!(cidr("nope").is_err());
     }
 }
