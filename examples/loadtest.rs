@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -48,6 +48,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[path = "loadtest/etcd.rs"]
 mod etcd;
+#[path = "common/procs.rs"]
+mod procs;
+use procs::{Procs, cpu_secs, free_ports, loadavg};
 
 #[derive(Parser)]
 #[command(
@@ -244,75 +247,6 @@ impl Bins {
         }
         Ok(bins)
     }
-}
-
-/// Child processes, killed (SIGKILL) and reaped on drop: on success, error and panic alike.
-#[derive(Default)]
-struct Procs {
-    children: Vec<(String, Child, PathBuf)>,
-}
-
-impl Procs {
-    /// Spawns `cmd` with stdout discarded and stderr to `log`; returns its pid.
-    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<u32> {
-        // Defaults only: no DELTAPLANE_* setting from the caller's environment leaks in.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("DELTAPLANE_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(log)?)
-            .spawn()
-            .with_context(|| format!("spawning {name}"))?;
-        let pid = child.id();
-        self.children
-            .push((name.to_owned(), child, log.to_path_buf()));
-        Ok(pid)
-    }
-
-    /// Fails if any child has exited, with the tail of its log.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, child, log) in &mut self.children {
-            if let Some(status) = child.try_wait()? {
-                let text = std::fs::read_to_string(&*log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!("{name} exited ({status}); log tail:\n{}", tail.join("\n"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, child, _) in &mut self.children {
-            let _ = child.kill();
-        }
-        for (_, child, _) in &mut self.children {
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Free loopback ports: all bound at once (so they are distinct), then released.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|e| format!("unavailable ({e})"))
 }
 
 /// Peak resident set size (`VmHWM`) of a process, in KiB.
@@ -744,28 +678,7 @@ enum Event {
     Closed(usize, String),
 }
 
-/// CPU time (user + system, all threads) a process has used so far, in seconds, from
-/// `/proc/<pid>/stat` (clock ticks of `getconf CLK_TCK`).
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let ticks = *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    });
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')').context("/proc/pid/stat")? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    ensure!(f.len() > 13, "short /proc/{pid}/stat");
-    let utime: f64 = f[11].parse()?;
-    let stime: f64 = f[12].parse()?;
-    Ok((utime + stime) / ticks)
-}
-
+/// CPU time (user + system) the processes have used so far, in seconds, summed.
 fn cpu_sum(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&p| cpu_secs(p)).sum()
 }
@@ -1632,7 +1545,7 @@ async fn fullsync(
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for run in 0..runs.max(1) {
-        let cp_cpu_before = cpu_ticks(cp.pid)?;
+        let cp_cpu_before = cpu_secs(cp.pid)?;
         let load_before = loadavg();
         let t0 = Instant::now();
         let dp = world.spawn_dps(bins, &cp, 1)?.remove(0);
@@ -1650,8 +1563,8 @@ async fn fullsync(
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let dp_hwm = vm_hwm_kib(dp.pid)? as f64 * 1024.0;
-        let dp_cpu = cpu_ticks(dp.pid)?;
-        let cp_cpu = cpu_ticks(cp.pid)? - cp_cpu_before;
+        let dp_cpu = cpu_secs(dp.pid)?;
+        let cp_cpu = cpu_secs(cp.pid)? - cp_cpu_before;
         let cp_hwm = vm_hwm_kib(cp.pid)? as f64 * 1024.0;
         // The session counts the transfer just after the store shows its version.
         let s = loop {
@@ -1745,31 +1658,8 @@ async fn seeded_fill(world: &World, entities: usize, dir: &Path) -> anyhow::Resu
 impl World {
     /// Kills DP `dp` and waits for it, so a next run may reuse its name and data dir.
     fn stop_dp(&mut self, dp: &Dp) -> anyhow::Result<()> {
-        if let Some(idx) = self
-            .procs
-            .children
-            .iter()
-            .position(|(_, child, _)| child.id() == dp.pid)
-        {
-            let (_, mut child, _) = self.procs.children.remove(idx);
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        self.procs.kill(dp.pid)
     }
-}
-
-/// CPU time (user + system) a process has used so far, in seconds.
-fn cpu_ticks(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11).context("utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("stime")?.parse()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((utime + stime) / hz)
 }
 
 // === scenario: deltasize ===

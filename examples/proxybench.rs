@@ -30,11 +30,10 @@
 //! Every child process is killed when the harness exits (also on error or panic).
 
 use std::fmt::Write as _;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -45,8 +44,11 @@ use serde_json::json;
 
 #[path = "proxybench/load.rs"]
 mod load;
+#[path = "common/procs.rs"]
+mod procs;
 
 use load::{Capacity, Conn, OpenLoop, Pct, Target, median_pct, pct};
+use procs::{Procs, cpu_secs, free_ports, loadavg};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -231,25 +233,6 @@ fn place_command(cmd: &mut Command, core: Option<usize>, nice: i32, realtime: i3
     }
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|e| format!("unavailable ({e})"))
-}
-
-/// CPU time (user + system, all threads) a process has used so far, in seconds.
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11).context("utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("stime")?.parse()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((utime + stime) / hz)
-}
-
 /// The pids whose parent is `parent` (nginx's workers).
 fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -272,115 +255,6 @@ fn children_of(parent: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-/// Child processes, killed (SIGKILL) and reaped on drop: on success, error and panic alike.
-/// Their own children listed in `grandchildren` (nginx's workers, which outlive a killed
-/// master) are killed too.
-#[derive(Default)]
-struct Procs {
-    children: Vec<(String, Child, PathBuf)>,
-    /// (pid, command name) of processes our children started.
-    grandchildren: Vec<(u32, String)>,
-}
-
-impl Procs {
-    /// Spawns `cmd` with stdout discarded and stderr to `log`; returns its pid.
-    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<u32> {
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("DELTAPLANE_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(log)?)
-            .spawn()
-            .with_context(|| format!("spawning {name}"))?;
-        let pid = child.id();
-        self.children
-            .push((name.to_owned(), child, log.to_path_buf()));
-        Ok(pid)
-    }
-
-    /// Fails if any child has exited, with the tail of its log.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, child, log) in &mut self.children {
-            if let Some(status) = child.try_wait()? {
-                let text = std::fs::read_to_string(&*log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!("{name} exited ({status}); log tail:\n{}", tail.join("\n"));
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops the child `name` now: SIGTERM (nginx's fast shutdown, which also ends its
-    /// workers), then SIGKILL after 3 s; reaps it.
-    fn stop(&mut self, name: &str) {
-        if let Some(i) = self.children.iter().position(|(n, _, _)| n == name) {
-            let (_, mut child, _) = self.children.remove(i);
-            // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.kill_grandchildren();
-    }
-
-    /// SIGKILLs the listed grandchildren still running under their recorded name.
-    fn kill_grandchildren(&mut self) {
-        for (pid, comm) in self.grandchildren.drain(..) {
-            let now = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if now.trim() == comm {
-                // SAFETY: kill has no memory preconditions; the pid was checked just above
-                // to still be the process we recorded.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        let names: Vec<String> = self
-            .children
-            .iter()
-            .filter(|(n, _, _)| n == "nginx")
-            .map(|(n, _, _)| n.clone())
-            .collect();
-        for n in names {
-            self.stop(&n);
-        }
-        for (_, child, _) in &mut self.children {
-            let _ = child.kill();
-        }
-        for (_, child, _) in &mut self.children {
-            let _ = child.wait();
-        }
-        self.kill_grandchildren();
-    }
-}
-
-/// Free loopback ports: all bound at once (so they are distinct), then released.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
 }
 
 fn locate_bins(dir: Option<&Path>) -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -620,7 +494,7 @@ impl Bench {
         place_command(&mut cmd, self.proxy_core, self.nice, self.realtime);
         let master = self
             .procs
-            .spawn("nginx", cmd, &self.tmp.path().join("nginx.log"))?;
+            .spawn_graceful("nginx", cmd, &self.tmp.path().join("nginx.log"))?;
         self.wait_answering(listen, "nginx").await?;
         Ok(Nginx { master, listen })
     }
