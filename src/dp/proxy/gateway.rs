@@ -324,12 +324,19 @@ impl Builder {
         };
         let plugins = if rebuild.plugins {
             self.problems.retain(|(ty, _), _| *ty != "plugins");
-            let mut lists: HashMap<&str, Vec<Value>> = HashMap::new();
-            for ty in PLUGIN_INPUTS {
-                lists.insert(ty, list(snapshot, ty)?);
-            }
-            let entities = |ty: &str| lists.get(ty).cloned().unwrap_or_default();
+            // Each type is read when the table asks for it, once, without a copy; a read
+            // error is kept and returned after.
+            let failed: std::cell::RefCell<Option<DpStoreError>> = Default::default();
+            let entities = |ty: &str| {
+                list(snapshot, ty).unwrap_or_else(|e| {
+                    failed.borrow_mut().get_or_insert(e);
+                    Vec::new()
+                })
+            };
             let (p, errors) = Plugins::new(&entities, Some(&prev.plugins), &self.exporter);
+            if let Some(e) = failed.into_inner() {
+                return Err(e);
+            }
             self.note("plugins", errors);
             Arc::new(p)
         } else {
