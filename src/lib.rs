@@ -6,6 +6,8 @@
 //! Two planes as siblings over shared, plane-neutral layers (ARCHITECTURE.md draws it):
 //!
 //! - [`schema`]: entity descriptions (`schema/*.json`) and the generic validation engine.
+//! - [`declarative`]: Kong's declarative files (`_format_version`) read into entities and
+//!   written back, with no I/O; both planes use it.
 //! - [`proto`]: the cluster protocol with no I/O: versions, deltas, the state hash, frame
 //!   codecs, JSON-RPC, the hello, typed sync v2 messages, sync v1 messages and hash.
 //! - [`net`]: the runtime pieces of a cluster link: mTLS, the hello exchange, the symmetric
@@ -18,6 +20,7 @@
 pub mod cli;
 #[cfg(feature = "cp")]
 pub mod cp;
+pub mod declarative;
 #[cfg(feature = "dp")]
 pub mod dp;
 #[doc(hidden)]

@@ -30,6 +30,11 @@ const RULES: &[(&str, &str, &str)] = &[
         "the schema does no I/O and knows neither the wire nor a store",
     ),
     (
+        "declarative",
+        r"\btokio\b|\bsqlx\b|\bredb\b|\baxum\b|\bhyper\b|crate::(net|cp|dp|settings|node)\b",
+        "declarative files are text in, entities out: no I/O, no plane",
+    ),
+    (
         "net",
         r"\bcp::|\bdp::|\bsqlx\b|\bredb\b",
         "the shared runtime pieces know neither plane",
