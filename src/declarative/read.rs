@@ -113,7 +113,6 @@ pub(crate) fn parse(
         by_key: HashMap::new(),
     };
     let (transform, select_tags) = reader.top_level(root);
-    reader.select_tags = select_tags.clone();
     reader.index();
     reader.references();
     let entities = reader.prepare(options.now, transform);
@@ -275,6 +274,7 @@ impl<'r> Reader<'r, '_> {
             );
         }
 
+        self.select_tags = select_tags.clone();
         for ty in 0..self.types.list.len() {
             if let Some(list) = root.remove(self.types.list[ty].name.as_str()) {
                 self.walk_list(ty, list, &[], None);

@@ -442,3 +442,296 @@ fn nested_write_is_decks_shape() {
     assert_eq!(v["certificates"][0]["snis"].as_array().unwrap().len(), 2);
     assert!(v.get("snis").is_none() && v.get("routes").is_none() && v.get("targets").is_none());
 }
+
+fn body(text: &str, flatten: bool) -> Value {
+    match parse(reg(), text.as_bytes(), &opts()) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.kong_body(flatten),
+    }
+}
+
+#[test]
+fn format_version_missing_unknown_and_wrong_type() {
+    let b = body("services: []\n", false);
+    assert_eq!(b["code"], 14);
+    assert_eq!(b["name"], "invalid declarative configuration");
+    assert_eq!(
+        b["fields"],
+        json!({"_format_version": "required field missing"})
+    );
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("declarative config is invalid: ")
+    );
+    let b = body("_format_version: \"2.0\"\n", false);
+    assert_eq!(
+        b["fields"],
+        json!({"_format_version": "expected one of: 1.1, 2.1, 3.0"})
+    );
+    let b = body("_format_version: 3\n_transform: maybe\n", false);
+    assert_eq!(
+        b["fields"],
+        json!({"_format_version": "expected a string", "_transform": "expected a boolean"})
+    );
+}
+
+#[test]
+fn unknown_keys_at_every_level() {
+    let text = r#"_format_version: "3.0"
+foo: bar
+services:
+- name: s1
+  host: example.test
+  colour: blue
+  routes:
+  - name: r1
+    paths: [/]
+    bogus: 1
+"#;
+    let b = body(text, false);
+    assert_eq!(
+        b["fields"],
+        json!({
+            "foo": "unknown field",
+            "services": [{"colour": "unknown field", "routes": [{"bogus": "unknown field"}]}],
+        })
+    );
+    let f = body(text, true);
+    assert_eq!(f["fields"], json!({"foo": "unknown field"}));
+    let flat = f["flattened_errors"].as_array().unwrap();
+    assert_eq!(flat.len(), 2);
+    // The child's entry first (Kong's recursion), then its parent's.
+    assert_eq!(flat[0]["entity_type"], "route");
+    assert_eq!(flat[0]["entity_name"], "r1");
+    assert_eq!(
+        flat[0]["errors"],
+        json!([{"type": "field", "field": "bogus", "message": "unknown field"}])
+    );
+    assert_eq!(
+        flat[0]["entity"],
+        json!({"name": "r1", "paths": ["/"], "bogus": 1})
+    );
+    assert_eq!(flat[1]["entity_type"], "service");
+    assert!(flat[1]["entity"].get("routes").is_none());
+    let Err(e) = parse(reg(), text.as_bytes(), &opts()) else {
+        unreachable!()
+    };
+    let shown = e.to_string();
+    assert!(
+        shown.contains("line 8: route 'r1': bogus: unknown field"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("line 4: service 's1': colour: unknown field"),
+        "{shown}"
+    );
+    assert!(shown.contains("foo: unknown field"), "{shown}");
+}
+
+#[test]
+fn wrong_types() {
+    let b = body(
+        "_format_version: \"3.0\"\nservices: nope\nconsumers:\n- 12\n- username: ok\n",
+        true,
+    );
+    assert_eq!(
+        b["fields"],
+        json!({"services": "expected an array", "consumers": ["expected a record"]})
+    );
+    assert_eq!(b["flattened_errors"], json!([]));
+    let b = body(
+        "_format_version: \"3.0\"\nservices:\n- host: example.test\n  port: eighty\n  retries: -1\n",
+        false,
+    );
+    let errs = &b["fields"]["services"][0];
+    assert!(errs["port"].is_string(), "{b}");
+    assert!(errs["retries"].is_string(), "{b}");
+}
+
+/// `spec/01-unit/01-db/01-schema/11-declarative_config/03-flatten_spec.lua`: "fails with
+/// missing foreign relationships".
+#[test]
+fn dangling_references() {
+    let b = body(
+        r#"_format_version: "1.1"
+plugins:
+  - name: http-log
+    service: svc1
+    consumer: my-consumer
+    config:
+      http_endpoint: https://example.com
+"#,
+        false,
+    );
+    assert_eq!(
+        b["fields"],
+        json!({"plugins": [[
+            "invalid reference 'consumer: my-consumer' (no such entry in 'consumers')",
+            "invalid reference 'service: svc1' (no such entry in 'services')",
+        ]]})
+    );
+    let f = body(
+        "_format_version: \"3.0\"\nroutes:\n- name: r\n  paths: [/]\n  service:\n    id: 769bdf51-16df-5476-9830-ef26800b5448\n",
+        true,
+    );
+    assert_eq!(
+        f["flattened_errors"][0]["errors"],
+        json!([{"type": "entity", "message": "invalid reference 'service: {\"id\":\"769bdf51-16df-5476-9830-ef26800b5448\"}' (no such entry in 'services')"}])
+    );
+}
+
+#[test]
+fn duplicates() {
+    let b = body(
+        r#"_format_version: "3.0"
+services:
+- name: s
+  host: a.test
+- name: s
+  host: b.test
+consumers:
+- username: u
+  custom_id: c
+- username: v
+  custom_id: c
+- id: 5b1b4e3a-2b2a-4a8b-9a59-4d1d2f8e2b10
+  username: w
+- id: 5b1b4e3a-2b2a-4a8b-9a59-4d1d2f8e2b10
+  username: x
+"#,
+        false,
+    );
+    assert_eq!(
+        b["fields"],
+        json!({
+            "services": [null, "uniqueness violation: 'services' entity with name set to 's' already declared"],
+            "consumers": [
+                null,
+                "uniqueness violation: 'consumers' entity with custom_id set to 'c' already declared",
+                null,
+                "uniqueness violation: 'consumers' entity with primary key set to '5b1b4e3a-2b2a-4a8b-9a59-4d1d2f8e2b10' already declared",
+            ],
+        })
+    );
+}
+
+#[test]
+fn invalid_yaml_has_its_line() {
+    let text = "_format_version: \"3.0\"\nservices:\n- name: a\n  host: [unclosed\n";
+    let Err(Error::Syntax { line, message, .. }) = parse(reg(), text.as_bytes(), &opts()) else {
+        panic!("not a syntax error")
+    };
+    assert!(
+        message.starts_with("failed parsing declarative configuration: "),
+        "{message}"
+    );
+    assert!(line.is_some_and(|l| (4..=5).contains(&l)), "{line:?}");
+    let Err(e) = parse(
+        reg(),
+        b"{\"_format_version\": \"3.0\",\n \"services\": [}",
+        &opts(),
+    ) else {
+        panic!()
+    };
+    let b = e.kong_body(false);
+    assert_eq!(b["code"], 14);
+    assert!(
+        b["fields"]["error"].as_str().unwrap().contains("line 2"),
+        "{b}"
+    );
+    assert!(e.to_string().starts_with("line 2: "), "{e}");
+    let Err(e) = parse(reg(), b"- just\n- a list\n", &opts()) else {
+        panic!()
+    };
+    assert_eq!(
+        e.kong_body(false)["fields"]["error"],
+        "failed parsing declarative configuration: expected an object"
+    );
+}
+
+#[test]
+fn deck_keys() {
+    let c = ok(r#"_format_version: "3.0"
+_workspace: default
+_info:
+  select_tags: [managed, team-a]
+services:
+- name: s
+  host: a.test
+  tags: [team-a, own]
+  routes:
+  - paths: [/]
+"#);
+    assert_eq!(
+        c.select_tags,
+        vec!["managed".to_owned(), "team-a".to_owned()]
+    );
+    for e in &c.entities {
+        let tags: Vec<&str> = e.body["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert!(
+            tags.contains(&"managed") && tags.contains(&"team-a"),
+            "{tags:?}"
+        );
+    }
+    assert_eq!(
+        c.entities[0].body["tags"],
+        json!(["team-a", "own", "managed"])
+    );
+    let b = body(
+        r#"_format_version: "3.0"
+_workspace: other
+_info:
+  defaults: {}
+  default_lookup_tags: {}
+_plugin_configs: {}
+_konnect: {}
+workspaces: []
+"#,
+        false,
+    );
+    let f = b["fields"].as_object().unwrap();
+    for key in ["_workspace", "_plugin_configs", "_konnect", "workspaces"] {
+        assert!(f[key].is_string(), "{key}: {b}");
+    }
+    assert!(f["_info"]["defaults"].is_string() && f["_info"]["default_lookup_tags"].is_string());
+}
+
+#[test]
+fn comments_and_ignore_are_dropped() {
+    let c = ok(r#"_format_version: "3.0"
+_comment: top
+_ignore: [1, 2]
+services:
+- name: s
+  host: a.test
+  _comment: on an entity
+  _ignore:
+  - whatever: true
+"#);
+    assert!(c.entities[0].body.get("_comment").is_none());
+    assert!(c.entities[0].body.get("_ignore").is_none());
+}
+
+#[test]
+fn transform_false_keeps_passwords() {
+    let c = ok(r#"_format_version: "3.0"
+_transform: false
+consumers:
+- username: u
+  basicauth_credentials:
+  - username: u
+    password: already-hashed
+"#);
+    assert!(!c.transform);
+    assert_eq!(
+        of_type(&c, "basicauth_credentials")[0].body["password"],
+        "already-hashed"
+    );
+}
