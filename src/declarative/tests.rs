@@ -735,3 +735,323 @@ consumers:
         "already-hashed"
     );
 }
+
+/// A file of `n` groups shaped as burst.yml's (a service with a route and an ip-restriction
+/// plugin, an upstream with a target): `5 * n` entities.
+pub(crate) fn big_file(n: usize) -> String {
+    let mut out = String::from("_format_version: \"1.1\"\nservices:\n");
+    for i in 0..n {
+        out.push_str(&format!(
+            r#"- connect_timeout: 60000
+  host: svc-{i}.4test-any.svc
+  name: 4test-any.svc-{i}.80
+  path: /
+  port: 80
+  protocol: http
+  read_timeout: 60000
+  retries: 5
+  write_timeout: 60000
+  routes:
+  - hosts:
+    - svc-{i}.example.test
+    name: 4test-any.svc-{i}-ingress.00
+    paths:
+    - /something/{i}
+    preserve_host: true
+    protocols:
+    - http
+    - https
+    regex_priority: 0
+    strip_path: true
+    https_redirect_status_code: 426
+    plugins:
+    - name: ip-restriction
+      config:
+        deny: null
+        allow:
+        - 0.0.0.0/0
+      enabled: true
+      protocols:
+      - grpc
+      - grpcs
+      - http
+      - https
+"#
+        ));
+    }
+    out.push_str("upstreams:\n");
+    for i in 0..n {
+        out.push_str(&format!(
+            r#"- name: svc-{i}.4test-any.svc
+  algorithm: round-robin
+  slots: 10000
+  healthchecks:
+    active:
+      concurrency: 10
+      healthy:
+        http_statuses: [200, 302]
+        interval: 0
+        successes: 0
+      http_path: /
+      https_verify_certificate: true
+      type: http
+      timeout: 1
+    threshold: 0
+  hash_on: none
+  hash_fallback: none
+  targets:
+  - target: 10.{}.{}.{}:80
+    weight: 100
+"#,
+            i / 65536,
+            (i / 256) % 256,
+            i % 256
+        ));
+    }
+    out
+}
+
+/// 30,000 entities (no timing assertion: the release timing goes in the report).
+#[test]
+fn thirty_thousand_entities() {
+    let text = big_file(6000);
+    let started = std::time::Instant::now();
+    let c = parse(reg(), text.as_bytes(), &opts()).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "30k entities: {} bytes parsed in {:?}",
+        text.len(),
+        started.elapsed()
+    );
+    assert_eq!(c.entities.len(), 30_000);
+    let started = std::time::Instant::now();
+    let out = write(
+        reg(),
+        c.entities.iter().map(|e| (e.entity_type.as_str(), &e.body)),
+        WriteOptions {
+            format: OutputFormat::Yaml,
+            nested: false,
+        },
+    );
+    eprintln!(
+        "30k entities: {} bytes written in {:?}",
+        out.len(),
+        started.elapsed()
+    );
+}
+
+/// `spec/01-unit/01-db/01-schema/11-declarative_config/04-on-the-fly-migration_spec.lua`:
+/// "routes handling for format version …", both configurations, all three versions.
+#[test]
+fn regex_paths_migrate_for_old_formats() {
+    for version in ["1.1", "2.1", "3.0"] {
+        let configs = [
+            format!(
+                r#"_format_version: "{version}"
+services:
+- name: foo
+  host: example.com
+  protocol: https
+  enabled: false
+  _comment: my comment
+  _ignore:
+  - foo: bar
+- name: bar
+  host: example.test
+  port: 3000
+  _comment: my comment
+  _ignore:
+  - foo: bar
+  tags: [hello, world]
+routes:
+- name: foo
+  path_handling: v0
+  protocols: ["https"]
+  paths: ["/regex.+", "/prefix" ]
+  snis:
+  - "example.com"
+  service: foo
+"#
+            ),
+            format!(
+                r#"_format_version: "{version}"
+services:
+- name: foo
+  host: example.com
+  protocol: https
+  enabled: false
+  _comment: my comment
+  _ignore:
+  - foo: bar
+  routes:
+  - name: foo
+    path_handling: v0
+    protocols: ["https"]
+    paths: ["/regex.+", "/prefix" ]
+    snis:
+    - "example.com"
+- name: bar
+  host: example.test
+  port: 3000
+  _comment: my comment
+  _ignore:
+  - foo: bar
+  tags: [hello, world]
+"#
+            ),
+        ];
+        for text in &configs {
+            let c = ok(text);
+            let services = of_type(&c, "services");
+            let bar = services.iter().find(|s| s.body["name"] == "bar").unwrap();
+            assert_eq!(bar.body["host"], "example.test");
+            assert_eq!(bar.body["protocol"], "http");
+            assert_eq!(bar.body["port"], 3000);
+            let foo = services.iter().find(|s| s.body["name"] == "foo").unwrap();
+            assert_eq!(foo.body["protocol"], "https");
+            assert_eq!(foo.body["enabled"], false);
+            let route = &of_type(&c, "routes")[0];
+            assert_eq!(route.body["protocols"], json!(["https"]));
+            assert_eq!(route.body["service"], json!({ "id": foo.id }));
+            let expected = if version == "3.0" {
+                json!(["/regex.+", "/prefix"])
+            } else {
+                json!(["~/regex.+", "/prefix"])
+            };
+            assert_eq!(route.body["paths"], expected, "{version}");
+        }
+    }
+}
+
+/// Same spec: "validation should happens after migration".
+#[test]
+fn validation_happens_after_migration() {
+    let text = r#"_format_version: "2.1"
+services:
+- name: foo
+  host: example.com
+  protocol: https
+  enabled: false
+  _comment: my comment
+- name: bar
+  host: example.test
+  port: 3000
+  _comment: my comment
+  routes:
+  - name: foo
+    path_handling: v0
+    protocols: ["https"]
+    paths: ["/regex.+(", "/prefix" ]
+    snis:
+    - "example.com"
+"#;
+    let inv = invalid(text);
+    // Our router validation reports it on the entity (Kong: on `paths`).
+    let msg = inv.fields["services"][1]["routes"][0].to_string();
+    assert!(msg.contains("invalid regex"), "{msg}");
+    assert!(msg.contains("/regex.+("), "{msg}");
+}
+
+/// `migrate_path_280_300.lua` on single paths.
+#[test]
+fn migrate_path_cases() {
+    use super::migrate::migrate_path;
+    let cases = [
+        ("/prefix", "/prefix"),
+        ("/", "/"),
+        ("/a//b/./c/../d", "/a/b/d"),
+        ("/caf%C3%A9", "/café"),
+        ("/a%2Fb", "/a%2Fb"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/users/\\d+", "~/users/\\d+"),
+        ("/regex.+", "~/regex.+"),
+        ("/x(%41|%2e|%2f)$", "~/x(A|\\.|%2F)$"),
+        ("/v1/*", "~/v1/*"),
+    ];
+    for (given, expected) in cases {
+        assert_eq!(migrate_path(given), expected, "{given}");
+    }
+}
+
+#[test]
+fn yaml_scalars_follow_lyaml() {
+    use super::syntax::plain_scalar;
+    let s = |t: &str| plain_scalar(t.to_owned());
+    for t in ["~", "null", "Null", "NULL", ""] {
+        assert_eq!(s(t), Value::Null, "{t}");
+    }
+    for t in ["true", "True", "TRUE", "yes", "Yes", "on", "ON"] {
+        assert_eq!(s(t), json!(true), "{t}");
+    }
+    for t in ["false", "no", "NO", "off", "Off"] {
+        assert_eq!(s(t), json!(false), "{t}");
+    }
+    assert_eq!(s("80"), json!(80));
+    assert_eq!(s("-3"), json!(-3));
+    assert_eq!(s("0x1F"), json!(31));
+    assert_eq!(s("010"), json!(8));
+    assert_eq!(s("1_000"), json!(1000));
+    assert_eq!(s("1.5"), json!(1.5));
+    assert_eq!(s("1e3"), json!(1000.0));
+    for t in [
+        "y",
+        "n",
+        "1.2.3",
+        "10.0.0.1:80",
+        "/path",
+        "abc",
+        "0x",
+        "1:30",
+    ] {
+        assert_eq!(s(t), json!(t), "{t}");
+    }
+    // Quoted scalars are strings.
+    let c = ok("_format_version: \"3.0\"\nservices:\n- name: \"yes\"\n  host: 'on'\n");
+    assert_eq!(c.entities[0].body["name"], "yes");
+    assert_eq!(c.entities[0].body["host"], "on");
+}
+
+/// Strings that would read back as something else are quoted by the writer.
+#[test]
+fn written_strings_read_back_as_strings() {
+    let tricky = [
+        "yes",
+        "no",
+        "on",
+        "null",
+        "~",
+        "",
+        "80",
+        "0x10",
+        "1e3",
+        "1:30",
+        "- x",
+        "a: b",
+        "#c",
+        "x #y",
+        " lead",
+        "trail ",
+        "multi\nline",
+        "quote\"d",
+        "tab\tx",
+        "*star",
+        "&amp",
+        "!bang",
+        "%pct",
+        "@at",
+        "`tick",
+        "{brace",
+        "[bracket",
+        "café",
+        ".inf",
+        "-.5",
+        "+1",
+    ];
+    let mut out = String::new();
+    for (i, t) in tricky.iter().enumerate() {
+        super::syntax::emit_entry(&mut out, &format!("k{i}"), &json!(t), 0);
+    }
+    let v = super::syntax::load(&out, &Default::default()).unwrap();
+    for (i, t) in tricky.iter().enumerate() {
+        assert_eq!(v[format!("k{i}")], json!(t), "{out}");
+    }
+}
