@@ -410,6 +410,7 @@ impl<'r> Reader<'r, '_> {
 
     /// Duplicate endpoint keys and primary keys within the file (`populate_references`).
     fn index(&mut self) {
+        use std::collections::hash_map::Entry;
         let mut by_id = std::mem::take(&mut self.by_id);
         let mut by_key = std::mem::take(&mut self.by_key);
         for idx in 0..self.items.len() {
@@ -420,25 +421,31 @@ impl<'r> Reader<'r, '_> {
                 && schema.field(ek).is_some_and(|f| f.unique)
                 && let Some(Value::String(key)) = item.input.get(ek)
             {
-                if by_key.contains_key(&(item.ty, key.clone())) {
-                    let msg = uniqueness_msg(&schema.name, ek, key);
-                    let path = item.path.clone();
-                    self.errors.entity(&path, msg);
-                    failed = true;
-                } else {
-                    by_key.insert((item.ty, key.clone()), idx);
+                match by_key.entry((item.ty, key.clone())) {
+                    Entry::Occupied(_) => {
+                        let msg = uniqueness_msg(&schema.name, ek, key);
+                        let path = item.path.clone();
+                        self.errors.entity(&path, msg);
+                        failed = true;
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(idx);
+                    }
                 }
             }
             let item = &self.items[idx];
             if !item.id.is_empty() {
-                if by_id.contains_key(&(item.ty, item.id.clone())) {
-                    if !failed {
-                        let msg = uniqueness_msg(&schema.name, "primary key", &item.id);
-                        let path = item.path.clone();
-                        self.errors.entity(&path, msg);
+                match by_id.entry((item.ty, item.id.clone())) {
+                    Entry::Occupied(_) => {
+                        if !failed {
+                            let msg = uniqueness_msg(&schema.name, "primary key", &item.id);
+                            let path = item.path.clone();
+                            self.errors.entity(&path, msg);
+                        }
                     }
-                } else {
-                    by_id.insert((item.ty, item.id.clone()), idx);
+                    Entry::Vacant(slot) => {
+                        slot.insert(idx);
+                    }
                 }
             }
         }
