@@ -485,6 +485,7 @@ impl<'r> Reader<'r, '_> {
             let ty = self.items[idx].ty;
             let schema_name = self.types.list[ty].name.as_str();
             let mut problems: Vec<String> = Vec::new();
+            let mut field_errors: Vec<(String, &str)> = Vec::new();
             let mut resolved: Vec<(String, Value)> = Vec::new();
             for fk in self.registry.references_of(schema_name) {
                 let Some(&pty) = self.types.by_name.get(fk.parent.as_str()) else {
@@ -516,6 +517,22 @@ impl<'r> Reader<'r, '_> {
                 let pk = self.types.list[pty].primary_key.clone();
                 match given {
                     None | Some(Value::Null) => {}
+                    // Kong's nested records carry their foreign keys with `eq = null`
+                    // (`copy_record`): a nested child names no other entity, not even its
+                    // parent (01-validate_spec.lua, "does not accept additional foreign
+                    // keys").
+                    Some(_) if item.parent.is_some() => {
+                        field_errors.push((fk.field.clone(), "value must be null"));
+                        resolved.push((fk.field.clone(), Value::Null));
+                    }
+                    // The file schema types a top-level foreign key as a string.
+                    Some(Value::Bool(_) | Value::Number(_) | Value::Array(_)) => {
+                        field_errors.push((fk.field.clone(), "expected a string"));
+                        resolved.push((
+                            fk.field.clone(),
+                            serde_json::json!({ pk.clone(): UNRESOLVED }),
+                        ));
+                    }
                     Some(v) => match self.find(pty, v) {
                         Some(found) => {
                             let id = self.items[found].id.clone();
@@ -533,6 +550,12 @@ impl<'r> Reader<'r, '_> {
                 }
                 if let Some(parent_id) = from_parent {
                     resolved.push((fk.field.clone(), serde_json::json!({ pk: parent_id })));
+                }
+            }
+            if !field_errors.is_empty() {
+                let path = self.items[idx].path.clone();
+                for (field, msg) in field_errors {
+                    self.errors.field(&path, &field, msg.into());
                 }
             }
             let item = &mut self.items[idx];

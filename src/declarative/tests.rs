@@ -1055,3 +1055,173 @@ fn written_strings_read_back_as_strings() {
         assert_eq!(v[format!("k{i}")], json!(t), "{out}");
     }
 }
+
+/// Kong's inline declarative-config cases: `(spec, case, file, expected fields or null for a
+/// valid file)`. `V` is `spec/01-unit/01-db/01-schema/11-declarative_config/01-validate_spec.lua`.
+/// Kong's `validate` checks the schema only; its valid cases that reference entities absent
+/// from the file are left out (`parse` resolves references too).
+#[test]
+fn kong_validate_spec_table() {
+    const V: &str = "01-validate_spec.lua";
+    let cases: Vec<(&str, &str, &str, Value)> = vec![
+        (
+            V,
+            "version is a string",
+            "_format_version: 1.1\n",
+            json!({"_format_version": "expected a string"}),
+        ),
+        (
+            V,
+            "version is known",
+            "_format_version: \"foobar\"\n",
+            json!({"_format_version": "expected one of: 1.1, 2.1, 3.0"}),
+        ),
+        (V, "1.1", "_format_version: \"1.1\"\n", Value::Null),
+        (V, "2.1", "_format_version: \"2.1\"\n", Value::Null),
+        (
+            V,
+            "_comment",
+            "_format_version: \"1.1\"\n_comment: foo\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "_ignore",
+            "_format_version: \"1.1\"\n_ignore:\n- foo: bar\n- 1\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "services: required",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n",
+            json!({"services": [{"host": "required field missing"}]}),
+        ),
+        (
+            V,
+            "services: regular validations",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  retries: -1\n  protocol: foo\n  host: 1234\n  port: 99999\n  path: /foo//bar/\n",
+            json!({"services": [{
+                "host": "expected a string",
+                "path": "must not have empty segments",
+                "port": "value should be between 0 and 65535",
+                "protocol": "expected one of: grpc, grpcs, http, https, tcp, tls, tls_passthrough, udp",
+                "retries": "value should be between 0 and 32767",
+            }]}),
+        ),
+        (
+            V,
+            "services: url shorthand",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  # url shorthand also works\n  url: https://example.com:8000/hello/world\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins: empty list",
+            "_format_version: \"1.1\"\nplugins:\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins: entities",
+            "_format_version: \"1.1\"\nplugins:\n  - name: key-auth\n    _comment: my comment\n    _ignore:\n    - foo: bar\n  - name: http-log\n    config:\n      http_endpoint: https://example.com\n    _comment: my comment\n    _ignore:\n    - foo: bar\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins in services: empty list",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  plugins: []\n  host: example.com\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins in services: entities",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  host: example.com\n  protocol: https\n  _comment: my comment\n  _ignore:\n  - foo: bar\n  plugins:\n    - name: key-auth\n      _comment: my comment\n      _ignore:\n      - foo: bar\n    - name: http-log\n      config:\n        http_endpoint: https://example.com\n- name: bar\n  host: example.test\n  port: 3000\n  plugins:\n  - name: basic-auth\n  - name: tcp-log\n    config:\n      host: 127.0.0.1\n      port: 10000\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins in services: required",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  plugins:\n  - enabled: true\n",
+            json!({"services": [{"plugins": [{"name": "required field missing"}]}]}),
+        ),
+        (
+            V,
+            "plugins in services: unknown plugin",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  plugins:\n  - name: foo\n",
+            json!({"services": [{"plugins": [{"name": "plugin 'foo' not enabled; add it to the 'plugins' configuration property"}]}]}),
+        ),
+        (
+            V,
+            "plugins in services: no other foreign keys",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  plugins:\n  - name: key-auth\n    consumer: foo\n",
+            json!({"services": [{"plugins": [{"consumer": "value must be null"}]}]}),
+        ),
+        (
+            V,
+            "routes in services: empty list",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  routes: []\n  host: example.com\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "routes in services: entities",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  host: example.com\n  protocol: https\n  routes:\n    - paths:\n      - /path\n    - hosts:\n      - example.com\n    - methods: [\"GET\", \"POST\"]\n- name: bar\n  host: example.test\n  port: 3000\n  routes:\n    - paths:\n      - /path\n      hosts:\n      - example.com\n      methods: [\"GET\", \"POST\"]\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "routes in services: required",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  routes:\n  - preserve_host: true\n",
+            json!({"services": [{"routes": [{"@entity": ["must set one of 'methods', 'hosts', 'headers', 'paths', 'snis' when 'protocols' is 'https'"]}]}]}),
+        ),
+        (
+            V,
+            "routes in services: regular validations",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  routes:\n  - name: foo\n    paths:\n    - bla\n",
+            json!({"services": [{"routes": [{"paths": ["should start with: / (fixed path) or ~/ (regex path)"]}]}]}),
+        ),
+        (
+            V,
+            "plugins in routes in services: empty list",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  host: example.com\n  routes:\n  - name: foo\n    methods: [\"GET\"]\n    plugins: []\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins in routes in services: entities",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  host: example.com\n  protocol: https\n  routes:\n  - name: foo\n    methods: [\"GET\"]\n    plugins:\n      - name: key-auth\n      - name: http-log\n        config:\n          http_endpoint: https://example.com\n- name: bar\n  host: example.test\n  port: 3000\n  routes:\n  - name: bar\n    paths:\n    - /\n    plugins:\n    - name: basic-auth\n    - name: tcp-log\n      config:\n        host: 127.0.0.1\n        port: 10000\n",
+            Value::Null,
+        ),
+        (
+            V,
+            "plugins in routes in services: required",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  routes:\n  - paths:\n    - /\n    plugins:\n    - enabled: true\n",
+            json!({"services": [{"routes": [{"plugins": [{"name": "required field missing"}]}]}]}),
+        ),
+        (
+            V,
+            "plugins in routes in services: unknown plugin",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  routes:\n  - paths:\n    - /\n    plugins:\n    - name: foo\n",
+            json!({"services": [{"routes": [{"plugins": [{"name": "plugin 'foo' not enabled; add it to the 'plugins' configuration property"}]}]}]}),
+        ),
+        (
+            V,
+            "plugins in routes in services: no other foreign keys",
+            "_format_version: \"1.1\"\nservices:\n- name: foo\n  url: https://example.com\n  routes:\n  - paths:\n    - /\n    plugins:\n    - name: key-auth\n      route: foo\n",
+            json!({"services": [{"routes": [{"plugins": [{"route": "value must be null"}]}]}]}),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (spec, case, text, expected) in cases {
+        let got = match parse(reg(), text.as_bytes(), &opts()) {
+            Ok(_) => Value::Null,
+            Err(e) => e.kong_body(false)["fields"].clone(),
+        };
+        if got != expected {
+            failures.push(format!(
+                "{spec} {case}:\n  expected {expected}\n  got      {got}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
