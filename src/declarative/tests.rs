@@ -1225,3 +1225,261 @@ fn kong_validate_spec_table() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `spec/01-unit/01-db/01-schema/11-declarative_config/05-error-flattening_spec.lua`, the
+/// first case's input (less vaults, which deltaplane has not, and its certificates and
+/// inline client certificate), read by `parse`: the flattened entries' structure (type,
+/// name, tags, id, fields with errors) as the spec expects, in any order as the spec
+/// compares them.
+#[test]
+fn kong_error_flattening_spec() {
+    let text = r#"_format_version: "3.0"
+_transform: true
+consumers:
+- tags: [consumer-01]
+  username: valid_user
+- not_allowed: true
+  tags: [consumer-02]
+  username: bobby_in_json_body
+- tags: [consumer-03]
+  username: super_valid_user
+- basicauth_credentials:
+  - password: hard2guess
+    tags: [basicauth_credentials-01, consumer-04]
+    username: superduper
+  - extra_field: NO!
+    password: "12354"
+    tags: [basicauth_credentials-02, consumer-04]
+    username: dont-add-extra-fields-yo
+  tags: [consumer-04]
+  username: credentials
+plugins:
+- config:
+    http_endpoint: invalid::#//url
+  name: http-log
+  tags: [global_plugin-01]
+services:
+- host: localhost
+  name: nope
+  port: 1234
+  protocol: nope
+  routes:
+  - hosts: [test]
+    methods: [GET]
+    name: valid.route
+    protocols: [http, https]
+    tags: [route_service-01, service-01]
+  - name: nope.route
+    protocols: [tcp]
+    tags: [route_service-02, service-01]
+  tags: [service-01]
+- host: localhost
+  name: mis-matched
+  path: /path
+  protocol: tcp
+  routes:
+  - hosts: [test]
+    methods: [GET]
+    name: invalid
+    protocols: [http, https]
+    tags: [route_service-03, service-02]
+  tags: [service-02]
+- name: okay
+  routes:
+  - hosts: [test]
+    methods: [GET]
+    name: probably-valid
+    plugins:
+    - config:
+        not_endpoint: anything
+      name: http-log
+      tags: [route_service_plugin-01, route_service-04, service-03]
+    protocols: [http, https]
+    tags: [route_service-04, service-03]
+  tags: [service-03]
+  url: http://localhost:1234
+- name: bad-service-plugins
+  plugins:
+  - config: {}
+    name: i-dont-exist
+    tags: [service_plugin-01, service-04]
+  - config:
+      deeply:
+        nested:
+          undefined: true
+      port: 1234
+    name: tcp-log
+    tags: [service_plugin-02, service-04]
+  tags: [service-04]
+  url: http://localhost:1234
+- id: 123456
+  name: invalid-id
+  tags: [service-06, invalid-id]
+  url: https://localhost:1234
+- name: invalid-tags
+  tags: [service-07, invalid-tags, [1, 2, 3], true]
+  url: https://localhost:1234
+- name: ""
+  tags: [service-08, invalid_service_name-01]
+  url: https://localhost:1234
+- name: 1234
+  tags: [service-09, invalid_service_name-02]
+  url: https://localhost:1234
+upstreams:
+- hash_on: ip
+  name: ok
+  tags: [upstream-01]
+- hash_on: ip
+  healthchecks:
+    active:
+      concurrency: -1
+      healthy:
+        interval: 0
+        successes: 0
+      http_path: /
+      https_sni: example.com
+      https_verify_certificate: true
+      timeout: 1
+      type: http
+      unhealthy:
+        http_failures: 0
+        interval: 0
+  host_header: 123
+  name: bad
+  tags: [upstream-02]
+- name: ok-bad-targets
+  tags: [upstream-03]
+  targets:
+  - tags: [upstream_target-01, upstream-03]
+    target: 127.0.0.1:99
+  - tags: [upstream_target-02, upstream-03]
+    target: hostname:1.0
+"#;
+    // (entity_type, entity_name, first tag, ["field" or "@entity"] sorted) per the spec's
+    // expected `flattened_errors`.
+    let expected = vec![
+        (
+            "basicauth_credential",
+            None,
+            "basicauth_credentials-02",
+            vec!["extra_field"],
+        ),
+        ("consumer", None, "consumer-02", vec!["not_allowed"]),
+        (
+            "plugin",
+            Some("http-log"),
+            "global_plugin-01",
+            vec!["config.http_endpoint"],
+        ),
+        (
+            "plugin",
+            Some("http-log"),
+            "route_service_plugin-01",
+            vec!["config.http_endpoint", "config.not_endpoint"],
+        ),
+        (
+            "plugin",
+            Some("i-dont-exist"),
+            "service_plugin-01",
+            vec!["name"],
+        ),
+        (
+            "plugin",
+            Some("tcp-log"),
+            "service_plugin-02",
+            vec!["config.deeply", "config.host"],
+        ),
+        (
+            "route",
+            Some("nope.route"),
+            "route_service-02",
+            vec!["@entity"],
+        ),
+        ("service", None, "service-08", vec!["name"]),
+        ("service", None, "service-09", vec!["name"]),
+        ("service", Some("invalid-id"), "service-06", vec!["id"]),
+        (
+            "service",
+            Some("invalid-tags"),
+            "-",
+            vec!["tags.3", "tags.4"],
+        ), // no entity_tags: invalid
+        (
+            "service",
+            Some("mis-matched"),
+            "service-02",
+            vec!["@entity", "path"],
+        ),
+        ("service", Some("nope"), "service-01", vec!["protocol"]),
+        ("target", None, "upstream_target-02", vec!["target"]),
+        (
+            "upstream",
+            Some("bad"),
+            "upstream-02",
+            vec!["healthchecks.active.concurrency", "host_header"],
+        ),
+    ];
+    let b = body(text, true);
+    assert_eq!(b["fields"], json!({}), "{b:#}");
+    let mut got: Vec<(String, Option<String>, String, Vec<String>)> = b["flattened_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut fields: Vec<String> = e["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| {
+                    x.get("field")
+                        .and_then(Value::as_str)
+                        .unwrap_or("@entity")
+                        .to_owned()
+                })
+                .collect();
+            fields.sort();
+            let tag = e["entity_tags"][0].as_str().unwrap_or("-").to_owned();
+            (
+                e["entity_type"].as_str().unwrap().to_owned(),
+                e.get("entity_name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                tag,
+                fields,
+            )
+        })
+        .collect();
+    got.sort();
+    let mut expected: Vec<(String, Option<String>, String, Vec<String>)> = expected
+        .into_iter()
+        .map(|(t, n, tag, f)| {
+            (
+                t.to_owned(),
+                n.map(str::to_owned),
+                tag.to_owned(),
+                f.into_iter().map(str::to_owned).collect(),
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    // Entities as given: the nested target without its siblings, no parent id (the parent
+    // gave none), invalid tags left out of entity_tags.
+    let flat = b["flattened_errors"].as_array().unwrap();
+    let target = flat.iter().find(|e| e["entity_type"] == "target").unwrap();
+    assert_eq!(
+        target["entity"],
+        json!({"tags": ["upstream_target-02", "upstream-03"], "target": "hostname:1.0"})
+    );
+    let tags = flat
+        .iter()
+        .find(|e| e["entity_name"] == "invalid-tags")
+        .unwrap();
+    assert!(tags.get("entity_tags").is_none());
+    assert!(tags["entity"]["tags"].as_array().unwrap().len() == 4);
+    let mis = flat
+        .iter()
+        .find(|e| e["entity_name"] == "mis-matched")
+        .unwrap();
+    assert!(mis["entity"].get("routes").is_none());
+}
