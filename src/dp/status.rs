@@ -102,20 +102,31 @@ pub async fn print(args: &StatusArgs) -> anyhow::Result<()> {
         v["protocol"].as_str().unwrap_or("?")
     );
     println!("state hash: {}", v["state_hash"].as_str().unwrap_or("?"));
-    println!(
-        "control plane: {} (last version seen {}), {}",
-        if v["connected"].as_bool() == Some(true) {
-            "connected"
-        } else {
-            "not connected"
-        },
-        v["cp_version_seen"],
-        if v["in_sync"].as_bool() == Some(true) {
-            "in sync"
-        } else {
-            "not in sync"
-        }
-    );
+    if v["source"].as_str() == Some("file") {
+        println!(
+            "source: declarative file, {}",
+            if v["in_sync"].as_bool() == Some(true) {
+                "applied"
+            } else {
+                "not applied (see last error)"
+            }
+        );
+    } else {
+        println!(
+            "control plane: {} (last version seen {}), {}",
+            if v["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            v["cp_version_seen"],
+            if v["in_sync"].as_bool() == Some(true) {
+                "in sync"
+            } else {
+                "not in sync"
+            }
+        );
+    }
     match v["proxy_serving_version"].as_i64() {
         None => println!("proxy: off"),
         Some(p) => println!(
