@@ -118,6 +118,8 @@ async fn proxy_get(dp: &TestDp, path: &str) -> (StatusCode, Value) {
 async fn a_file_is_applied_served_and_proxied() {
     let echo = Echo::start("file").await;
     let (dp, file) = start_file_dp(&file_text(&echo.url("/up"), &["/a"]), true, None).await;
+    // Ready once the proxy serves the applied file.
+    wait_proxy(&dp).await;
     let (code, ready) = get_json(&format!("{}/status/ready", status_url(&dp))).await;
     assert_eq!(code, StatusCode::OK, "{ready}");
     let v = rpc(&dp).await;
