@@ -260,27 +260,35 @@ impl From<ApplyError> for LoadError {
 
 // === loading ===
 
+/// When a load happens: at startup a failure stops the data plane, later it is reported and
+/// the last good configuration stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Startup,
+    Reload,
+}
+
 /// Reads the file and applies it (blocking: run it on a blocking thread).
-pub fn load_file(shared: &DpShared) -> Result<Loaded, LoadError> {
+pub fn load_file(shared: &DpShared, when: When) -> Result<Loaded, LoadError> {
     let fm = shared.file().expect("a data plane in file mode");
     let text = std::fs::read(fm.path()).map_err(|error| LoadError::Read {
         path: fm.path().to_owned(),
         error,
     });
     let result = text.and_then(|text| load_text(shared, &text, false));
-    report(shared, Source::File, &result);
+    report(shared, Source::File, when, &result);
     result
 }
 
 /// Applies a posted configuration (blocking: run it on a blocking thread).
 pub fn load_posted(shared: &DpShared, text: &[u8]) -> Result<Loaded, LoadError> {
     let result = load_text(shared, text, true);
-    report(shared, Source::Post, &result);
+    report(shared, Source::Post, When::Reload, &result);
     result
 }
 
 /// Records a load's outcome in the status and the log.
-fn report(shared: &DpShared, source: Source, result: &Result<Loaded, LoadError>) {
+fn report(shared: &DpShared, source: Source, when: When, result: &Result<Loaded, LoadError>) {
     let Some(fm) = shared.file() else { return };
     let now = crate::node::now_secs();
     match result {
@@ -317,11 +325,17 @@ fn report(shared: &DpShared, source: Source, result: &Result<Loaded, LoadError>)
                 Source::File => format!("{}: {e}", fm.path().display()),
                 Source::Post => format!("POST /config: {e}"),
             };
-            tracing::error!(
-                source = source.as_str(),
-                error = %shown,
-                "declarative configuration refused; the last good configuration is still served"
-            );
+            match when {
+                // `dp::start` fails with it, and the binary prints it.
+                When::Startup => {
+                    tracing::debug!(error = %shown, "declarative configuration refused")
+                }
+                When::Reload => tracing::error!(
+                    source = source.as_str(),
+                    error = %shown,
+                    "declarative configuration refused; the last good configuration is still served"
+                ),
+            }
             fm.update(|s| {
                 s.last_error = Some(shown);
                 s.last_error_at = Some(now);
@@ -424,7 +438,24 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
             entity: Some(body),
         })?;
     }
-    let applied = apply.commit()?;
+    let applied = apply.commit().map_err(|e| {
+        let mut e = LoadError::from(e);
+        if let (LoadError::Refused { message, .. }, Some(_)) = (&mut e, shared.proxy())
+            && message.contains("not enabled")
+        {
+            // The store words it as Kong; say what this data plane can do about it.
+            message.push_str(&format!(
+                " (this data plane's proxy executes only {}; a data plane started with \
+                 --proxy-listen off stores any plugin without executing it)",
+                super::proxy::plugins::EXECUTED
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        e
+    })?;
     let changed = !(applied.n_deltas == 0 && applied.version == before.version);
     if changed {
         shared
@@ -504,7 +535,7 @@ pub async fn run(
         tracing::info!("SIGHUP: reading the declarative configuration again");
         let s = shared.clone();
         // The outcome is in the status and the log.
-        let _ = tokio::task::spawn_blocking(move || load_file(&s)).await;
+        let _ = tokio::task::spawn_blocking(move || load_file(&s, When::Reload)).await;
     }
 }
 

@@ -315,9 +315,10 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
             // The stored configuration is served meanwhile; a file that cannot be applied
             // stops the data plane, as Kong refuses to start on an invalid one.
             let s = shared.clone();
-            let first = tokio::task::spawn_blocking(move || file::load_file(&s))
-                .await
-                .context("loading the declarative configuration")?;
+            let first =
+                tokio::task::spawn_blocking(move || file::load_file(&s, file::When::Startup))
+                    .await
+                    .context("loading the declarative configuration")?;
             if let Err(e) = first {
                 let _ = shutdown_tx.send(true);
                 for t in tasks {

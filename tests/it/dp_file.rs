@@ -156,6 +156,11 @@ async fn a_file_is_applied_served_and_proxied() {
         .await
         .unwrap();
     assert!(
+        text.contains("deltaplane_declarative_last_load_failed 0")
+            && text.contains("deltaplane_declarative_loads_total{result=\"applied\"} 1"),
+        "{text}"
+    );
+    assert!(
         text.contains("deltaplane_applied_version 1"),
         "{}",
         &text[..text.len().min(2000)]
@@ -254,6 +259,12 @@ async fn a_plugin_the_proxy_does_not_execute_is_refused_by_name() {
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["code"], 14);
     assert!(body.to_string().contains("request-transformer"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--proxy-listen off")),
+        "{body}"
+    );
     assert_eq!(dp.shared().store.state().version, 1);
     let st = dp.shared().status_json();
     let last = st["declarative"]["last_error"].as_str().unwrap_or_default();
@@ -354,6 +365,20 @@ async fn post_config_is_guarded_and_answers_as_kong() {
     assert!(st["declarative"]["last_error"].is_string(), "{st}");
     assert!(st["declarative"]["last_error_at"].is_i64(), "{st}");
     assert_eq!(st["declarative"]["last_applied_version"], 3);
+    let text = reqwest::get(format!("{}/metrics", status_url(&dp)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("deltaplane_declarative_last_load_failed 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("deltaplane_declarative_loads_total{result=\"failed\"} 2"),
+        "{text}"
+    );
     let v = rpc(&dp).await;
     assert_eq!(v["in_sync"], false, "{v}");
     assert!(v["last_error"].is_string());
