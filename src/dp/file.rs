@@ -471,6 +471,29 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
     })
 }
 
+/// The served configuration as a file in Kong's `db_export` shape (YAML), for `GET /config`.
+pub fn export(shared: &DpShared) -> Result<String, DpStoreError> {
+    let registry = shared.store.registry();
+    let snapshot = shared.store.snapshot()?;
+    let mut entities = Vec::new();
+    for schema in registry.entities() {
+        for mut v in snapshot.list(&schema.name)? {
+            if let Value::Object(m) = &mut v {
+                m.remove("ws_id");
+            }
+            entities.push((schema.name.clone(), v));
+        }
+    }
+    Ok(declarative::write(
+        registry,
+        entities.iter().map(|(t, v)| (t.as_str(), v)),
+        declarative::WriteOptions {
+            format: declarative::OutputFormat::Yaml,
+            nested: false,
+        },
+    ))
+}
+
 /// The stored entity `id` of `entity_type`, when it is in workspace `ws_id`.
 fn stored_in(
     snapshot: &super::store::Snapshot,

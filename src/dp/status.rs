@@ -46,7 +46,7 @@ pub fn router(
     if let Some(fm) = shared.file()
         && fm.token().is_some()
     {
-        app = app.route("/config", axum::routing::post(post_config));
+        app = app.route("/config", axum::routing::post(post_config).get(get_config));
     }
     let app = app.with_state(shared).merge(rpc_router);
     Ok((app, handle))
@@ -160,30 +160,10 @@ async fn post_config(
     State(dp): State<Arc<DpShared>>,
     request: axum::extract::Request,
 ) -> axum::response::Response {
-    let Some(fm) = dp.file().cloned() else {
-        return message(StatusCode::NOT_FOUND, "Not found");
+    let fm = match guard(&dp, request.headers()) {
+        Ok(fm) => fm,
+        Err(resp) => return resp,
     };
-    let Some(token) = fm.token() else {
-        return message(StatusCode::NOT_FOUND, "Not found");
-    };
-    let authorized = request
-        .headers()
-        .get_all(axum::http::header::AUTHORIZATION)
-        .iter()
-        .filter_map(|v| v.to_str().ok()?.strip_prefix("Bearer "))
-        .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
-    if !authorized {
-        let mut resp = message(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized: POST /config requires the data plane's --config-token, sent as \
-             'Authorization: Bearer <token>'",
-        );
-        resp.headers_mut().insert(
-            axum::http::header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static("Bearer"),
-        );
-        return resp;
-    }
     let (parts, body) = request.into_parts();
     let too_large = || {
         message(
@@ -265,6 +245,66 @@ async fn post_config(
             )
         }
     }
+}
+
+/// `GET /config`, as Kong's DB-less one: `{"config": "<YAML>"}`, the served configuration
+/// in Kong's `db_export` shape (`declarative::write`). Behind the same token as `POST`.
+async fn get_config(
+    State(dp): State<Arc<DpShared>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if let Err(resp) = guard(&dp, &headers) {
+        return resp;
+    }
+    let shared = dp.clone();
+    match tokio::task::spawn_blocking(move || super::file::export(&shared)).await {
+        Ok(Ok(yaml)) => {
+            (StatusCode::OK, Json(serde_json::json!({ "config": yaml }))).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "GET /config: reading the store failed");
+            message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "An unexpected error occurred",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "GET /config: the export task failed");
+            message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "An unexpected error occurred",
+            )
+        }
+    }
+}
+
+/// The file mode, when the request carries its `--config-token` as a bearer token; else the
+/// answer (404 without file mode or token, 401 with a missing or wrong token).
+fn guard(
+    dp: &DpShared,
+    headers: &axum::http::HeaderMap,
+) -> Result<Arc<super::file::FileMode>, axum::response::Response> {
+    let not_found = || message(StatusCode::NOT_FOUND, "Not found");
+    let fm = dp.file().cloned().ok_or_else(not_found)?;
+    let token = fm.token().ok_or_else(not_found)?;
+    let authorized = headers
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.strip_prefix("Bearer "))
+        .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+    if !authorized {
+        let mut resp = message(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: /config requires the data plane's --config-token, sent as \
+             'Authorization: Bearer <token>'",
+        );
+        resp.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return Err(resp);
+    }
+    Ok(fm)
 }
 
 /// What a `POST /config` carries.

@@ -297,6 +297,34 @@ async fn post_config_is_guarded_and_answers_as_kong() {
     wait_proxy(&dp).await;
     let (code, _) = proxy_get(&dp, "/b").await;
     assert_eq!(code, StatusCode::OK);
+    // GET /config: the served configuration as Kong's {"config": "<YAML>"}, behind the
+    // token; posting it back changes nothing.
+    let r = reqwest::Client::new()
+        .get(format!("{}/config", status_url(&dp)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let exported: Value = reqwest::Client::new()
+        .get(format!("{}/config", status_url(&dp)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let yaml = exported["config"].as_str().expect("config text").to_owned();
+    assert!(yaml.contains("/b"), "{yaml}");
+    let (code, _) = post_config(
+        &dp,
+        "?check_hash=1",
+        Some(TOKEN),
+        "application/x-yaml",
+        yaml,
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_MODIFIED);
     // The file on disk is not rewritten.
     assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
     // The same configuration under check_hash=1: 304, nothing applied.
