@@ -162,7 +162,7 @@ async fn post_config(
 ) -> axum::response::Response {
     let fm = match guard(&dp, request.headers()) {
         Ok(fm) => fm,
-        Err(resp) => return resp,
+        Err(refused) => return refused.into_response(),
     };
     let (parts, body) = request.into_parts();
     let too_large = || {
@@ -253,8 +253,8 @@ async fn get_config(
     State(dp): State<Arc<DpShared>>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if let Err(resp) = guard(&dp, &headers) {
-        return resp;
+    if let Err(refused) = guard(&dp, &headers) {
+        return refused.into_response();
     }
     let shared = dp.clone();
     match tokio::task::spawn_blocking(move || super::file::export(&shared)).await {
@@ -278,33 +278,50 @@ async fn get_config(
     }
 }
 
-/// The file mode, when the request carries its `--config-token` as a bearer token; else the
-/// answer (404 without file mode or token, 401 with a missing or wrong token).
+/// The file mode, when the request carries its `--config-token` as a bearer token.
 fn guard(
     dp: &DpShared,
     headers: &axum::http::HeaderMap,
-) -> Result<Arc<super::file::FileMode>, axum::response::Response> {
-    let not_found = || message(StatusCode::NOT_FOUND, "Not found");
-    let fm = dp.file().cloned().ok_or_else(not_found)?;
-    let token = fm.token().ok_or_else(not_found)?;
+) -> Result<Arc<super::file::FileMode>, Refused> {
+    let fm = dp.file().cloned().ok_or(Refused::NotFound)?;
+    let token = fm.token().ok_or(Refused::NotFound)?;
     let authorized = headers
         .get_all(axum::http::header::AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok()?.strip_prefix("Bearer "))
         .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
     if !authorized {
-        let mut resp = message(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized: /config requires the data plane's --config-token, sent as \
-             'Authorization: Bearer <token>'",
-        );
-        resp.headers_mut().insert(
-            axum::http::header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static("Bearer"),
-        );
-        return Err(resp);
+        return Err(Refused::Unauthorized);
     }
     Ok(fm)
+}
+
+/// Why [`guard`] refused a `/config` request.
+enum Refused {
+    /// Not in file mode, or no token configured: the endpoint does not exist.
+    NotFound,
+    /// A missing or wrong token.
+    Unauthorized,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            Refused::NotFound => message(StatusCode::NOT_FOUND, "Not found"),
+            Refused::Unauthorized => {
+                let mut resp = message(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized: /config requires the data plane's --config-token, sent as \
+                     'Authorization: Bearer <token>'",
+                );
+                resp.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+                resp
+            }
+        }
+    }
 }
 
 /// What a `POST /config` carries.
