@@ -629,3 +629,32 @@ async fn the_binary_reloads_on_sighup() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("kong.yml"), "{stderr}");
 }
+
+/// Kong's DB-less fixture `spec/fixtures/burst.yml` (format 1.1, no ids) runs a proxying data
+/// plane: every entity stored, ip-restriction and prometheus executed, and a restart on the
+/// same file keeps the version (its generated ids are stable).
+#[tokio::test]
+async fn kongs_burst_fixture_runs_a_proxying_data_plane() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kong/burst.yml");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = file_config(dir.path(), &fixture, true, None);
+    let started = Instant::now();
+    let mut dp = TestDp::start(cfg, dir).await;
+    let took = started.elapsed();
+    let snapshot = dp.shared().store.snapshot().unwrap();
+    let count = |ty: &str| snapshot.list(ty).unwrap().len();
+    assert_eq!(count("services"), 236);
+    assert_eq!(count("routes"), 286);
+    assert_eq!(count("upstreams"), 236);
+    assert_eq!(count("targets"), 237);
+    assert_eq!(count("plugins"), 95);
+    drop(snapshot);
+    wait_proxy(&dp).await;
+    let st = dp.shared().status_json();
+    assert_eq!(st["proxy"]["refused"], Value::Null, "{st}");
+    eprintln!("burst.yml: applied in {took:?} (start included)");
+    let before = dp.state();
+    assert_eq!(before.0, 1);
+    dp.restart().await;
+    assert_eq!(dp.state(), before);
+}
