@@ -468,6 +468,29 @@ async fn a_file_cannot_be_combined_with_a_control_plane() {
         msg.contains("--declarative-config") && msg.contains("--cluster-control-plane"),
         "{msg}"
     );
+    // The TOML file's keys, as for every flag.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("dp.toml");
+    std::fs::write(
+        &toml,
+        "declarative-config = \"/etc/kong.yml\"\nconfig-token = \"t\"\nconfig-max-body = 2048\n",
+    )
+    .unwrap();
+    let args = deltaplane::dp::config::RunArgs {
+        config: Some(toml.clone()),
+        ..Default::default()
+    };
+    let cfg = DpConfig::from_args(&args).unwrap();
+    assert_eq!(cfg.declarative_config, Some(PathBuf::from("/etc/kong.yml")));
+    assert!(cfg.control_planes.is_empty());
+    assert_eq!(cfg.config_token.as_deref(), Some("t"));
+    assert_eq!(cfg.config_max_body, 2048);
+    std::fs::write(
+        &toml,
+        "declarative-config = \"/etc/kong.yml\"\ncluster-control-plane = \"cp:8005\"\n",
+    )
+    .unwrap();
+    assert!(DpConfig::from_args(&args).is_err());
     // The library refuses it too.
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = DpConfig::declarative(dir.path(), dir.path().join("kong.yml"));
