@@ -1,7 +1,8 @@
 //! The data plane: its redb store, the sync client, and the status listener.
 //!
 //! [`start`] opens the store (serving the stored configuration at once, CP or not), binds the
-//! status listener, and spawns the sync client that follows the control plane(s).
+//! status listener, and spawns the sync client that follows the control plane(s), or, with
+//! `--declarative-config`, applies a file instead and re-reads it on SIGHUP ([`file`]).
 
 pub mod config;
 pub mod file;

@@ -644,6 +644,14 @@ async fn the_binary_reloads_on_sighup() {
     let v = version().await.unwrap();
     assert_eq!(v["version"], 2);
     assert!(routed("/b").await);
+    // `deltaplane-dp status` says where the configuration comes from.
+    let out = Command::new(env!("CARGO_BIN_EXE_deltaplane-dp"))
+        .args(["status", "--rpc", &format!("{base}/rpc")])
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(summary.contains("source: declarative file"), "{summary}");
+    assert!(summary.contains("last error:"), "{summary}");
     drop(dp);
 
     // Restarted on the broken file: exits non-zero, saying why.
