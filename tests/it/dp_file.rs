@@ -689,3 +689,20 @@ async fn kongs_burst_fixture_runs_a_proxying_data_plane() {
     dp.restart().await;
     assert_eq!(dp.state(), before);
 }
+
+/// A key-auth credential whose key the file omits gets a generated key once: re-reading the
+/// same file keeps it (and makes no version), as decK and Kong's importer keep stored values.
+#[tokio::test]
+async fn generated_values_survive_a_reload() {
+    let text = "_format_version: \"3.0\"\nconsumers:\n- username: alice\n  keyauth_credentials:\n  - tags: [\"k\"]\n";
+    let (mut dp, _file) = start_file_dp(text, false, None).await;
+    let key = |dp: &TestDp| {
+        let creds = dp.shared().store.list("keyauth_credentials").unwrap();
+        assert_eq!(creds.len(), 1);
+        (creds[0]["id"].clone(), creds[0]["key"].clone())
+    };
+    let before = (dp.state(), key(&dp));
+    assert!(before.1.1.as_str().is_some_and(|k| !k.is_empty()));
+    dp.restart().await;
+    assert_eq!((dp.state(), key(&dp)), before);
+}
