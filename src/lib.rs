@@ -15,7 +15,8 @@
 //! - [`settings`] and [`node`]: flags both binaries accept; node id, clock, shutdown signal.
 //! - [`cp`] (feature `cp`): the control plane: its SQL store, Admin API, cluster listener.
 //! - [`dp`] (feature `dp`): the data plane: its redb store, sync link, status listener, and the
-//!   proxy that serves traffic by the synced configuration (router, balancer, plugins).
+//!   proxy that serves traffic by the synced configuration (router, balancer, plugins); or,
+//!   with no control plane, the configuration of a declarative file (`dp::file`).
 
 pub mod cli;
 #[cfg(feature = "cp")]

@@ -106,6 +106,17 @@ pub struct RunArgs {
     /// (Kong's `trusted_ips`), comma-separated [default: none]
     #[arg(long, env = "DELTAPLANE_DP_TRUSTED_IPS", value_delimiter = ',')]
     pub trusted_ips: Option<Vec<String>>,
+    /// Run from this declarative file (Kong's DB-less `declarative_config`, YAML or JSON)
+    /// instead of following a control plane; re-read on SIGHUP
+    #[arg(long, env = "DELTAPLANE_DP_DECLARATIVE_CONFIG")]
+    pub declarative_config: Option<PathBuf>,
+    /// With --declarative-config: enables `POST /config` on the status listener, guarded by
+    /// `Authorization: Bearer <token>` [default: off, no `POST /config`]
+    #[arg(long, env = "DELTAPLANE_DP_CONFIG_TOKEN", hide_env_values = true)]
+    pub config_token: Option<String>,
+    /// Largest `POST /config` body in bytes; larger ones get 413 [default: 67108864]
+    #[arg(long, env = "DELTAPLANE_DP_CONFIG_MAX_BODY")]
+    pub config_max_body: Option<usize>,
 }
 
 /// Resolved data-plane settings.
@@ -141,7 +152,19 @@ pub struct DpConfig {
     pub proxy_listen_tls: Option<SocketAddr>,
     /// Kong's `trusted_ips`.
     pub trusted_ips: Vec<crate::dp::proxy::ipnet::IpNet>,
+    /// Run from this file instead of a control plane (`control_planes` is then empty).
+    pub declarative_config: Option<PathBuf>,
+    /// `POST /config` is served (file mode only) when set; requests must carry it as a
+    /// bearer token.
+    pub config_token: Option<String>,
+    /// Largest `POST /config` body.
+    pub config_max_body: usize,
+    /// File mode: re-read the file on SIGHUP.
+    pub reload_on_sighup: bool,
 }
+
+/// `--config-max-body`'s default: 64 MiB, as the control plane's `/config`.
+pub const DEFAULT_CONFIG_MAX_BODY: usize = 64 << 20;
 
 /// The `run` command's plain proxy listener when none is given: loopback, where Kong listens
 /// on `0.0.0.0:8000` (a deliberate safe default, see the README).
@@ -196,6 +219,9 @@ const KNOWN_KEYS: &[&str] = &[
     "proxy-listen",
     "proxy-listen-tls",
     "trusted-ips",
+    "declarative-config",
+    "config-token",
+    "config-max-body",
 ];
 
 impl DpConfig {
@@ -228,20 +254,53 @@ impl DpConfig {
             proxy_listen: None,
             proxy_listen_tls: None,
             trusted_ips: Vec::new(),
+            declarative_config: None,
+            config_token: None,
+            config_max_body: DEFAULT_CONFIG_MAX_BODY,
+            reload_on_sighup: true,
         }
+    }
+
+    /// A data plane that runs from `file` with no control plane (Kong's DB-less mode):
+    /// defaults for everything else, data under `data_dir`.
+    pub fn declarative(data_dir: impl Into<PathBuf>, file: impl Into<PathBuf>) -> DpConfig {
+        let mut cfg = DpConfig::new(data_dir, "", "", "");
+        cfg.control_planes.clear();
+        cfg.declarative_config = Some(file.into());
+        cfg
+    }
+
+    /// Whether this data plane runs from a declarative file rather than a control plane.
+    pub fn file_mode(&self) -> bool {
+        self.declarative_config.is_some()
     }
 
     pub fn from_args(args: &RunArgs) -> anyhow::Result<DpConfig> {
         let file = Layer::read_file(args.config.as_deref(), &[KNOWN_KEYS, CLUSTER_KEYS].concat())?;
         let layer = Layer { file: &file };
-        let cps = layer
-            .get(
-                args.cluster_control_plane.clone().map(|v| v.join(",")),
-                "cluster-control-plane",
-            )?
-            .map(|s| split_list(&s))
-            .unwrap_or_else(|| vec!["127.0.0.1:8005".into()]);
-        anyhow::ensure!(!cps.is_empty(), "--cluster-control-plane is empty");
+        let declarative: Option<PathBuf> =
+            layer.get(args.declarative_config.clone(), "declarative-config")?;
+        let given_cps = layer.get(
+            args.cluster_control_plane.clone().map(|v| v.join(",")),
+            "cluster-control-plane",
+        )?;
+        if let (Some(path), Some(cps)) = (&declarative, &given_cps) {
+            anyhow::bail!(
+                "--declarative-config {} cannot be combined with --cluster-control-plane {cps}: \
+                 a data plane either runs from a file (Kong's DB-less mode) or follows a \
+                 control plane; remove one of them",
+                path.display()
+            );
+        }
+        let cps = match (&declarative, given_cps) {
+            (Some(_), _) => Vec::new(),
+            (None, Some(s)) => split_list(&s),
+            (None, None) => vec!["127.0.0.1:8005".into()],
+        };
+        anyhow::ensure!(
+            declarative.is_some() || !cps.is_empty(),
+            "--cluster-control-plane is empty"
+        );
         for cp in &cps {
             anyhow::ensure!(
                 cp.rsplit_once(':')
@@ -260,7 +319,7 @@ impl DpConfig {
         let key = link
             .key
             .unwrap_or_else(|| "deltaplane-cp/cluster.key".into());
-        let mut cfg = DpConfig::new(data_dir, cps[0].clone(), cert, key);
+        let mut cfg = DpConfig::new(data_dir, "", cert, key);
         cfg.cluster = cluster;
         cfg.cluster_mtls = link.mtls;
         cfg.cluster_ca_cert = link.ca_cert;
@@ -308,6 +367,13 @@ impl DpConfig {
                 .collect::<anyhow::Result<_>>()
                 .context("--trusted-ips")?;
         }
+        cfg.declarative_config = declarative;
+        cfg.config_token = layer.get(args.config_token.clone(), "config-token")?;
+        if let Some(n) = layer.get(args.config_max_body, "config-max-body")? {
+            anyhow::ensure!(n > 0, "--config-max-body must be at least 1 byte");
+            cfg.config_max_body = n;
+        }
+        cfg.check_file_mode()?;
         cfg.check_plugins()?;
         Ok(cfg)
     }
@@ -343,6 +409,36 @@ impl DpConfig {
 }
 
 impl DpConfig {
+    /// The file-mode settings fit together: a file or control planes, not both; a token only
+    /// with a file.
+    pub fn check_file_mode(&self) -> anyhow::Result<()> {
+        match &self.declarative_config {
+            Some(path) => anyhow::ensure!(
+                self.control_planes.is_empty(),
+                "--declarative-config {} cannot be combined with --cluster-control-plane {}: \
+                 a data plane either runs from a file (Kong's DB-less mode) or follows a \
+                 control plane; remove one of them",
+                path.display(),
+                self.control_planes.join(",")
+            ),
+            None => {
+                anyhow::ensure!(
+                    self.config_token.is_none(),
+                    "--config-token enables POST /config, which only a data plane running \
+                     from --declarative-config serves"
+                );
+                anyhow::ensure!(
+                    !self.control_planes.is_empty(),
+                    "no --cluster-control-plane and no --declarative-config: nothing to run from"
+                );
+            }
+        }
+        if let Some(t) = &self.config_token {
+            anyhow::ensure!(!t.is_empty(), "--config-token is empty");
+        }
+        Ok(())
+    }
+
     /// Whether this data plane runs the proxy.
     pub fn proxies(&self) -> bool {
         self.proxy_listen.is_some() || self.proxy_listen_tls.is_some()

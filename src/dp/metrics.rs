@@ -264,6 +264,28 @@ fn scrape(dp: &DpShared) -> Registry {
         link.sync_requests,
     );
     m.link.register(&mut r, &[]);
+    if let Some(file) = dp.file() {
+        let st = file.status();
+        let loads = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        for (result, n) in [
+            ("applied", st.applied),
+            ("unchanged", st.unchanged),
+            ("failed", st.failed),
+        ] {
+            loads.get_or_create(&[("result", result)]).inc_by(n);
+        }
+        r.register(
+            "deltaplane_declarative_loads",
+            "Declarative configurations loaded (file or POST /config), by result",
+            loads,
+        );
+        gauge(
+            &mut r,
+            "deltaplane_declarative_last_load_failed",
+            "1 when the last declarative load failed (the previous configuration is served)",
+            i64::from(st.last_error.is_some()),
+        );
+    }
     if let Some(proxy) = dp.proxy() {
         let st = proxy.status();
         gauge(

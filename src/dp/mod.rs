@@ -1,9 +1,11 @@
 //! The data plane: its redb store, the sync client, and the status listener.
 //!
 //! [`start`] opens the store (serving the stored configuration at once, CP or not), binds the
-//! status listener, and spawns the sync client that follows the control plane(s).
+//! status listener, and spawns the sync client that follows the control plane(s), or, with
+//! `--declarative-config`, applies a file instead and re-reads it on SIGHUP ([`file`]).
 
 pub mod config;
+pub mod file;
 pub mod link;
 pub mod metrics;
 pub mod proxy;
@@ -66,6 +68,8 @@ pub struct DpShared {
     applied: watch::Sender<i64>,
     /// The proxy, when this data plane runs one.
     proxy: std::sync::OnceLock<Arc<proxy::ProxyHandle>>,
+    /// The declarative file, when this data plane runs from one instead of a control plane.
+    file: std::sync::OnceLock<Arc<file::FileMode>>,
 }
 
 impl DpShared {
@@ -84,7 +88,18 @@ impl DpShared {
             link: Mutex::new(LinkStatus::default()),
             applied,
             proxy: std::sync::OnceLock::new(),
+            file: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The declarative file, when this data plane runs from one (no control plane).
+    pub fn file(&self) -> Option<&Arc<file::FileMode>> {
+        self.file.get()
+    }
+
+    /// Puts this data plane in file mode; once, before it serves.
+    pub fn set_file(&self, mode: file::FileMode) {
+        let _ = self.file.set(Arc::new(mode));
     }
 
     /// The proxy, when this data plane runs one.
@@ -110,21 +125,45 @@ impl DpShared {
         self.applied.send_replace(version);
     }
 
-    /// `deltaplane.sync_version` on the data plane.
+    /// `deltaplane.sync_version` on the data plane. `source` is `control_plane`, or `file`
+    /// for a data plane running from a declarative file, whose `protocol` is `file` too and
+    /// which is `in_sync` when it holds a configuration from the file and its last load
+    /// succeeded.
     pub fn sync_version(&self) -> Value {
         let s = self.store.state();
         let link = self.link();
         let connected = link.connected_to.is_some();
+        let (source, protocol, in_sync, last_error) = match self.file() {
+            Some(f) => {
+                let st = f.status();
+                let from_file = s.epoch.as_deref() == Some(file::FILE_EPOCH);
+                (
+                    "file",
+                    "file",
+                    from_file && s.version > 0 && st.last_error.is_none(),
+                    st.last_error,
+                )
+            }
+            None => (
+                "control_plane",
+                link.protocol
+                    .unwrap_or(crate::proto::SyncProtocol::V2)
+                    .as_str(),
+                connected && s.version > 0 && s.version == link.cp_version_seen,
+                link.last_error,
+            ),
+        };
         serde_json::json!({
             "version": s.version,
             "version_string": crate::proto::version_string(s.version),
             "epoch": s.epoch,
             "state_hash": s.state_hash.to_hex(),
+            "source": source,
             "cp_version_seen": link.cp_version_seen,
             "connected": connected,
-            "in_sync": connected && s.version > 0 && s.version == link.cp_version_seen,
-            "protocol": link.protocol.unwrap_or(crate::proto::SyncProtocol::V2).as_str(),
-            "last_error": link.last_error,
+            "in_sync": in_sync,
+            "protocol": protocol,
+            "last_error": last_error,
             "proxy_serving_version": self.proxy().map(|p| p.status().serving_version),
             "proxy_refused": self.proxy().and_then(|p| p.status().refused),
         })
@@ -148,6 +187,10 @@ impl DpShared {
         m.insert("v1_skipped".into(), link.v1_skipped.into());
         m.insert("connects".into(), link.connects.into());
         m.insert("sync_requests".into(), link.sync_requests.into());
+        m.insert(
+            "declarative".into(),
+            self.file().map_or(Value::Null, |f| f.status_json()),
+        );
         m.insert(
             "proxy".into(),
             match self.proxy() {
@@ -197,10 +240,17 @@ impl RunningDp {
     }
 }
 
-/// Opens the store, binds the status listener, and starts following the control plane.
+/// Opens the store, binds the status listener, and starts following the control plane, or,
+/// with `declarative_config`, applies the file (failing when it cannot be applied) and
+/// re-reads it on SIGHUP (`dp::file`).
 pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
-    // The certificate first: a data plane that cannot load it leaves nothing behind.
-    let tls = link::tls_for(&cfg)?;
+    cfg.check_file_mode()?;
+    // The certificate first: a data plane that cannot load it leaves nothing behind. A data
+    // plane running from a file has no control plane and needs none.
+    let tls = match cfg.file_mode() {
+        true => None,
+        false => Some(link::tls_for(&cfg)?),
+    };
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let node_id = crate::node::persistent_node_id(&cfg.data_dir)?;
@@ -213,9 +263,18 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
         %node_id,
         "data plane store opened"
     );
-    let metrics =
-        metrics::DpMetrics::new(cfg.kong_compat_version.clone(), tls.identity().not_after);
+    let metrics = metrics::DpMetrics::new(
+        cfg.kong_compat_version.clone(),
+        tls.as_ref().map_or(0, |t| t.identity().not_after),
+    );
     let shared = Arc::new(DpShared::new(store, node_id, hostname, metrics));
+    if let Some(path) = &cfg.declarative_config {
+        shared.set_file(file::FileMode::new(
+            path.clone(),
+            cfg.config_token.clone(),
+            cfg.config_max_body,
+        ));
+    }
     let (app, rpc_handle) = status::router(shared.clone())?;
     let listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await
@@ -244,12 +303,43 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
     } else {
         (None, None)
     };
-    tasks.push(tokio::spawn(link::run(
-        cfg,
-        tls,
-        shared.clone(),
-        shutdown_rx,
-    )));
+    match (tls, &cfg.declarative_config) {
+        (_, Some(path)) => {
+            // Installed before the first load, so a SIGHUP sent once we answer is not lost.
+            let hangup = match cfg.reload_on_sighup {
+                true => Some(
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .context("installing the SIGHUP handler")?,
+                ),
+                false => None,
+            };
+            // The stored configuration is served meanwhile; a file that cannot be applied
+            // stops the data plane, as Kong refuses to start on an invalid one.
+            let s = shared.clone();
+            let first =
+                tokio::task::spawn_blocking(move || file::load_file(&s, file::When::Startup))
+                    .await
+                    .context("loading the declarative configuration")?;
+            if let Err(e) = first {
+                let _ = shutdown_tx.send(true);
+                for t in tasks {
+                    let _ = t.await;
+                }
+                anyhow::bail!(
+                    "the declarative configuration {} cannot be applied: {e}",
+                    path.display()
+                );
+            }
+            tasks.push(tokio::spawn(file::run(shared.clone(), hangup, shutdown_rx)));
+        }
+        (Some(tls), None) => tasks.push(tokio::spawn(link::run(
+            cfg,
+            tls,
+            shared.clone(),
+            shutdown_rx,
+        ))),
+        (None, None) => unreachable!("the certificate is loaded without a file"),
+    }
     Ok(RunningDp {
         status_addr,
         proxy_addr,

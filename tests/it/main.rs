@@ -10,6 +10,7 @@ mod binaries;
 mod changelog;
 mod crash;
 mod diagnostics;
+mod dp_file;
 mod dp_store;
 mod fanout;
 mod faults;

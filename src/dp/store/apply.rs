@@ -38,6 +38,8 @@ pub struct Apply<'a> {
     work: Work,
     /// The commit of a paged transfer: it writes and publishes even when it has no deltas.
     transfer: bool,
+    /// Commit nothing when the result equals the stored state ([`Apply::skip_if_unchanged`]).
+    skip_unchanged: bool,
     /// This apply's turn among the store's applies, given back when it is dropped: after the
     /// transaction (declared above, so dropped first) and after the commit was published.
     _turn: WriterTurn<'a>,
@@ -168,6 +170,7 @@ impl DpStore {
             pending_bytes: 0,
             work,
             transfer: false,
+            skip_unchanged: false,
             _turn: turn,
         })
     }
@@ -318,6 +321,22 @@ impl Apply<'_> {
         if !self.check.errors.is_empty() {
             return Err(std::mem::take(&mut self.check.errors).into_error());
         }
+        if self.skip_unchanged {
+            // This apply's turn excludes every other commit: the stored state is current.
+            let stored = self.store.state();
+            if stored.version > 0
+                && stored.epoch == self.epoch
+                && stored.state_hash == self.work.hash
+                && stored.n_entities == self.work.n_entities
+            {
+                return Ok(Applied {
+                    version: stored.version,
+                    state_hash: stored.state_hash,
+                    n_entities: stored.n_entities,
+                    n_deltas: 0,
+                });
+            }
+        }
         if self.check.n_deltas == 0
             && matches!(self.check.kind, ApplyKind::Incremental { .. })
             && !self.transfer
@@ -358,6 +377,14 @@ impl Apply<'_> {
             }));
         }
         Ok(applied)
+    }
+
+    /// Makes [`Apply::commit`] write nothing when the checked result has the stored epoch,
+    /// state hash and entity count (the same configuration, read again): it then returns
+    /// the stored version with `n_deltas == 0`, and the feed hears nothing. A data plane
+    /// running from a file uses it so that re-reading an unchanged file makes no version.
+    pub fn skip_if_unchanged(&mut self) {
+        self.skip_unchanged = true;
     }
 
     /// Makes this apply the commit of a paged transfer: the feed is told that everything may

@@ -105,6 +105,41 @@ fn an_in_memory_store_applies_and_reads() {
     assert!(dp.get("consumers", WS, &consumer_id(1)).unwrap().is_none());
 }
 
+/// `skip_if_unchanged`: a full apply equal to the stored state under the same epoch commits
+/// nothing (same version, nothing on the feed); another epoch, or other content, commits.
+#[test]
+fn skip_if_unchanged_commits_only_a_change() {
+    let dp = memory_store();
+    let mut feed = dp.subscribe();
+    let apply_full = |version: i64, epoch: &str, names: &[&str]| {
+        let kind = ApplyKind::Full {
+            version,
+            epoch: Some(epoch.into()),
+        };
+        let mut a = dp.begin(kind).unwrap();
+        a.skip_if_unchanged();
+        for (i, n) in names.iter().enumerate() {
+            let idx = u32::try_from(i).unwrap() + 1;
+            a.delta(upsert(version, "consumers", WS, consumer(idx, n)))
+                .unwrap();
+        }
+        a.commit().unwrap()
+    };
+    assert_eq!(apply_full(1, "f", &["a", "b"]).version, 1);
+    next(&mut feed);
+    // The same entities, the same epoch: nothing.
+    let same = apply_full(2, "f", &["a", "b"]);
+    assert_eq!((same.version, same.n_deltas), (1, 0));
+    assert_eq!(dp.state().version, 1);
+    assert!(matches!(feed.try_recv(), Err(TryRecvError::Empty)));
+    // One entity fewer: a version.
+    assert_eq!(apply_full(2, "f", &["a"]).version, 2);
+    next(&mut feed);
+    // The same entities under another epoch: a version too.
+    assert_eq!(apply_full(3, "other", &["a"]).version, 3);
+    assert_eq!(dp.state().epoch.as_deref(), Some("other"));
+}
+
 /// A snapshot keeps showing its version, state and entities while later applies (incremental
 /// and full) commit, and while an apply is still open; a new snapshot shows the new version.
 #[test]
