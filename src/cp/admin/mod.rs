@@ -331,6 +331,11 @@ pub fn error_response(e: StoreError) -> Response {
             message,
             None,
         ),
+        StoreError::InvalidConfig(invalid) => (
+            StatusCode::BAD_REQUEST,
+            Json(crate::declarative::Error::Invalid(*invalid).kong_body(false)),
+        )
+            .into_response(),
         StoreError::NotFound => message(StatusCode::NOT_FOUND, "Not found"),
         StoreError::BadRequest(m) => message(StatusCode::BAD_REQUEST, &m),
         StoreError::Unavailable(cause) => {
