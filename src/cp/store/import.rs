@@ -192,7 +192,7 @@ impl Store {
         let now = now_secs();
 
         let mut stored = load_entities(tx.conn).await?;
-        let mut problems = Problems::default();
+        let mut problems = ConfigProblems::default();
         let mut plans: Vec<Planned> = Vec::new();
         let mut entities = Vec::with_capacity(config.entities.len());
         // (type, id the file gave or the reader generated) -> stored id, for random ids.
@@ -519,7 +519,7 @@ async fn check_final_state(
     plans: &[Planned],
     deleted: &HashSet<(String, String)>,
     file_ids: &HashSet<(String, String)>,
-    problems: &mut Problems,
+    problems: &mut ConfigProblems,
 ) -> Result<(), StoreError> {
     let changed: HashSet<(&str, &str)> = plans
         .iter()
@@ -621,9 +621,11 @@ async fn check_final_state(
     Ok(())
 }
 
-/// The problems of the final state, in Kong's declarative error shapes.
+/// Problems of a declarative configuration found after reading it (the final state's keys
+/// and references; plugins a control plane does not accept), in Kong's declarative error
+/// shapes: `fields` as `{type: {id: {field: message}}}` and one flattened entry per problem.
 #[derive(Default)]
-struct Problems {
+pub struct ConfigProblems {
     /// type -> id -> field (or `@entity`) -> messages.
     fields: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<String>>>>,
     flattened: Vec<Value>,
@@ -632,13 +634,13 @@ struct Problems {
 /// At most this many problems are reported.
 const MAX_PROBLEMS: usize = 1000;
 
-impl Problems {
-    fn is_empty(&self) -> bool {
+impl ConfigProblems {
+    pub fn is_empty(&self) -> bool {
         self.flattened.is_empty()
     }
 
     /// One problem of entity `id`, on `field` or (None) the entity.
-    fn entity(
+    pub fn entity(
         &mut self,
         schema: &EntitySchema,
         id: &str,
@@ -682,7 +684,7 @@ impl Problems {
             .push(message);
     }
 
-    fn into_invalid(self) -> declarative::Invalid {
+    pub fn into_invalid(self) -> declarative::Invalid {
         let mut fields = Map::new();
         for (ty, by_id) in self.fields {
             let mut ids = Map::new();

@@ -27,7 +27,7 @@ use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
 pub use fleet::DataPlaneRow;
-pub use import::{ImportMode, ImportOutcome, ImportedEntity, TypeCounts};
+pub use import::{ConfigProblems, ImportMode, ImportOutcome, ImportedEntity, TypeCounts};
 pub use read::{
     BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, TagPage, TagRow, VersionInfo,
 };
