@@ -6,8 +6,18 @@
 //! Kong's source is the specification: `kong/db/schema/others/declarative_config.lua`,
 //! `kong/db/declarative/*.lua`, `kong/db/errors.lua`.
 //!
-//! STATUS: this file fixes the public API the planes code against (issue 13); the bodies are
-//! being written (`read.rs`, `ids.rs`, `errors.rs`, `write.rs`).
+//! Modules: `syntax` (YAML/JSON text to values and back), `read` (the reader's passes),
+//! `ids` (Kong's generated ids), `migrate` (1.1/2.1 route paths), `errors` (Kong's error
+//! shapes), `write` (db_export and decK shapes).
+
+mod errors;
+pub mod ids;
+mod migrate;
+mod read;
+mod syntax;
+#[cfg(test)]
+mod tests;
+mod write;
 
 use serde_json::Value;
 
@@ -87,14 +97,17 @@ pub struct Invalid {
     /// Per flattened entry, the 1-based line of the entity in the source file, when the
     /// parser gave it.
     pub lines: Vec<Option<usize>>,
+    /// What stays in `fields` when the errors are flattened: problems that are not an
+    /// entity's (top-level keys, a type's value that is not an array, an entry that is not a
+    /// record).
+    pub unflattened: Value,
 }
 
 impl Error {
     /// The Admin API body: Kong's code 14 `invalid declarative configuration`, with
     /// `flattened_errors` (and `fields: {}`) when `flatten` is asked for.
     pub fn kong_body(&self, flatten: bool) -> Value {
-        let _ = flatten;
-        todo!("issue 13: errors.rs")
+        errors::kong_body(self, flatten)
     }
 }
 
@@ -106,7 +119,7 @@ impl std::fmt::Display for Error {
                 Some(l) => write!(f, "line {l}: {message}"),
                 None => f.write_str(message),
             },
-            Error::Invalid(_) => f.write_str("declarative config is invalid"),
+            Error::Invalid(inv) => errors::display(inv, f),
         }
     }
 }
@@ -115,8 +128,7 @@ impl std::error::Error for Error {}
 
 /// Reads a file (YAML or JSON; JSON is YAML too) into a [`Config`], or every problem.
 pub fn parse(registry: &Registry, text: &[u8], options: &ParseOptions) -> Result<Config, Error> {
-    let _ = (registry, text, options);
-    todo!("issue 13: read.rs")
+    read::parse(registry, text, options)
 }
 
 /// Kong's generated id for an entity of `entity_type` the file gives without one, when it
@@ -147,6 +159,5 @@ pub fn write<'a>(
     entities: impl IntoIterator<Item = (&'a str, &'a Value)>,
     options: WriteOptions,
 ) -> String {
-    let _ = (registry, entities.into_iter().count(), options);
-    todo!("issue 13: write.rs")
+    write::write(registry, entities, options)
 }

@@ -453,6 +453,12 @@ pub fn apply_shorthand(name: &str, input: &mut Map<String, Value>, errors: &mut 
 
 /// Runs a field's `transform` on an entity that passed validation. `carried` says whether the
 /// request carried the field.
+/// Whether transform `name` is one of Kong's schema `transformations` (which a declarative
+/// file's `_transform: false` skips) rather than a normalisation Kong's DAO always applies.
+pub fn is_schema_transformation(name: &str) -> bool {
+    matches!(name, "basicauth_password" | "ca_cert_digest")
+}
+
 pub fn apply_transform(
     name: &str,
     field: &str,

@@ -157,6 +157,23 @@ impl Registry {
         mode: Mode,
         now: i64,
     ) -> Result<Prepared, FieldErrors> {
+        self.prepare_with(schema, input, existing, mode, now, true)
+    }
+
+    /// [`Registry::prepare`], with Kong's schema `transformations` (basic-auth password
+    /// hashing, the CA certificate digest) skipped when `transform` is false: a declarative
+    /// file's `_transform: false` (`kong/db/schema/others/declarative_config.lua`) says its
+    /// values are already transformed, as `db_export` writes them. Normalisations that Kong
+    /// does outside schema transformations (a target's `host:port`) still apply.
+    pub fn prepare_with(
+        &self,
+        schema: &EntitySchema,
+        input: Value,
+        existing: Option<&Value>,
+        mode: Mode,
+        now: i64,
+        transform: bool,
+    ) -> Result<Prepared, FieldErrors> {
         let Value::Object(mut input) = input else {
             return Err(FieldErrors::single(
                 "@entity",
@@ -329,15 +346,11 @@ impl Registry {
                 entity.entry(field.name.clone()).or_insert(Value::Null);
             }
             for field in &schema.fields {
-                if let Some(transform) = &field.transform {
+                if let Some(name) = &field.transform
+                    && (transform || !checks::is_schema_transformation(name))
+                {
                     let carried = input_keys.iter().any(|k| k == &field.name);
-                    checks::apply_transform(
-                        transform,
-                        &field.name,
-                        carried,
-                        &mut entity,
-                        &mut errors,
-                    );
+                    checks::apply_transform(name, &field.name, carried, &mut entity, &mut errors);
                 }
             }
         }

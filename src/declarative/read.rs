@@ -1,0 +1,644 @@
+//! The reader: a parsed file's tree into validated entities, or every problem at once.
+//!
+//! Kong's `DeclarativeConfig.flatten` (`kong/db/schema/others/declarative_config.lua`) in
+//! passes over one tree that is consumed as it goes (entities are moved out of it, never
+//! copied):
+//! 1. the top-level keys (`_format_version`, `_transform`, `_comment`, `_ignore`, decK's
+//!    keys, one array per entity type);
+//! 2. a walk that lifts nested children out of their parents (the nesting comes from the
+//!    registry's foreign keys, as Kong's `foreign_children`), gives every entity its id
+//!    (`ids.rs`) parents first, and migrates 1.1/2.1 regex paths;
+//! 3. uniqueness of endpoint keys and ids within the file (`populate_references`);
+//! 4. foreign keys by id or endpoint key, resolved within the file (`validate_references`);
+//! 5. each entity through the registry (`Registry::prepare_with`), then the other unique
+//!    fields across the file.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::errors::{ErrorSet, PathSeg};
+use super::ids::{self, ContentIds, ParentRef};
+use super::syntax::{self, LINE_KEY};
+use super::{Config, Entity, Error, FormatVersion, ParseOptions};
+use crate::schema::{EntitySchema, Mode, Registry, WORKSPACES};
+
+/// Where a foreign key that did not resolve points meanwhile (its error is reported).
+const UNRESOLVED: &str = "00000000-0000-0000-0000-000000000000";
+
+pub(crate) struct Item<'r> {
+    pub ty: usize,
+    /// `(type, index)` pairs from the top of the file down to this entity.
+    pub path: Vec<PathSeg>,
+    pub line: Option<usize>,
+    pub input: Map<String, Value>,
+    /// The parent item and this child's back-reference field, for a nested child.
+    pub parent: Option<(usize, &'r str)>,
+    pub id: String,
+}
+
+/// The entity types a file may declare, in registry order, and how they nest.
+pub(crate) struct Types<'r> {
+    pub list: Vec<&'r Arc<EntitySchema>>,
+    pub by_name: HashMap<&'r str, usize>,
+    /// Per type: `(child type, back-reference field)` of the children that may nest in it.
+    pub children: Vec<Vec<(usize, &'r str)>>,
+}
+
+impl<'r> Types<'r> {
+    pub(crate) fn new(registry: &'r Registry) -> Types<'r> {
+        let list: Vec<_> = registry
+            .entities()
+            .filter(|s| s.name != WORKSPACES)
+            .collect();
+        let by_name: HashMap<&str, usize> = list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let children = list
+            .iter()
+            .map(|parent| {
+                let mut kids: Vec<(usize, &str)> = Vec::new();
+                for fk in registry.referencing(&parent.name) {
+                    if fk.is_array {
+                        continue;
+                    }
+                    // Kong: a parent's own (non-transient) field of that name wins.
+                    if parent.field(&fk.child).is_some()
+                        && !parent.transient_fields.iter().any(|t| t == &fk.child)
+                    {
+                        continue;
+                    }
+                    let Some(&child) = by_name.get(fk.child.as_str()) else {
+                        continue;
+                    };
+                    if !kids.iter().any(|(c, _)| *c == child) {
+                        kids.push((child, fk.field.as_str()));
+                    }
+                }
+                kids.sort_by_key(|(c, _)| *c);
+                kids
+            })
+            .collect();
+        Types {
+            list,
+            by_name,
+            children,
+        }
+    }
+
+    pub(crate) fn names(&self) -> HashSet<&'r str> {
+        self.by_name.keys().copied().collect()
+    }
+}
+
+pub(crate) fn parse(
+    registry: &Registry,
+    text: &[u8],
+    options: &ParseOptions,
+) -> Result<Config, Error> {
+    let types = Types::new(registry);
+    let root = load_root(text, &types)?;
+    let mut reader = Reader {
+        registry,
+        types: &types,
+        errors: ErrorSet::default(),
+        items: Vec::new(),
+        content_ids: ContentIds::default(),
+        format_version: FormatVersion::V3_0,
+        select_tags: Vec::new(),
+        by_id: HashMap::new(),
+        by_key: HashMap::new(),
+    };
+    let (transform, select_tags) = reader.top_level(root);
+    reader.select_tags = select_tags.clone();
+    reader.index();
+    reader.references();
+    let entities = reader.prepare(options.now, transform);
+    if !reader.errors.is_empty() {
+        let root = load_root(text, &types).ok();
+        return Err(Error::Invalid(reader.errors.finish(
+            &types,
+            &reader.items,
+            root,
+        )));
+    }
+    Ok(Config {
+        format_version: reader.format_version,
+        transform,
+        select_tags,
+        entities,
+    })
+}
+
+pub(crate) fn load_root(text: &[u8], types: &Types<'_>) -> Result<Map<String, Value>, Error> {
+    let text = std::str::from_utf8(text).map_err(|e| Error::Syntax {
+        message: format!("failed parsing declarative configuration: invalid UTF-8 ({e})"),
+        line: None,
+        column: None,
+    })?;
+    match syntax::load(text, &types.names())? {
+        Value::Object(m) => Ok(m),
+        _ => Err(Error::Syntax {
+            message: "failed parsing declarative configuration: expected an object".into(),
+            line: None,
+            column: None,
+        }),
+    }
+}
+
+struct Reader<'r, 't> {
+    registry: &'r Registry,
+    types: &'t Types<'r>,
+    errors: ErrorSet,
+    items: Vec<Item<'r>>,
+    content_ids: ContentIds,
+    format_version: FormatVersion,
+    select_tags: Vec<String>,
+    /// `(type, id)` and `(type, endpoint key value)` to the item.
+    by_id: HashMap<(usize, String), usize>,
+    by_key: HashMap<(usize, String), usize>,
+}
+
+impl<'r> Reader<'r, '_> {
+    /// The top-level keys; walks every entity array. Returns `_transform` and decK's
+    /// select tags.
+    fn top_level(&mut self, mut root: Map<String, Value>) -> (bool, Vec<String>) {
+        match root.remove("_format_version") {
+            None | Some(Value::Null) => self
+                .errors
+                .top("_format_version", "required field missing".into()),
+            Some(Value::String(v)) => match v.as_str() {
+                "1.1" => self.format_version = FormatVersion::V1_1,
+                "2.1" => self.format_version = FormatVersion::V2_1,
+                "3.0" => self.format_version = FormatVersion::V3_0,
+                _ => self
+                    .errors
+                    .top("_format_version", "expected one of: 1.1, 2.1, 3.0".into()),
+            },
+            Some(_) => self
+                .errors
+                .top("_format_version", "expected a string".into()),
+        }
+        let transform = match root.remove("_transform") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => b,
+            Some(_) => {
+                self.errors.top("_transform", "expected a boolean".into());
+                true
+            }
+        };
+        self.extras(&mut root, None);
+
+        // decK's keys.
+        match root.remove("_workspace") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(ws)) if ws == "default" => {}
+            Some(Value::String(ws)) => self.errors.top(
+                "_workspace",
+                format!(
+                    "workspace '{ws}' cannot be configured: deltaplane serves the default \
+                     workspace only"
+                )
+                .into(),
+            ),
+            Some(_) => self.errors.top("_workspace", "expected a string".into()),
+        }
+        let mut select_tags = Vec::new();
+        match root.remove("_info") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(info)) => {
+                let mut errs = Map::new();
+                for (k, v) in info {
+                    match k.as_str() {
+                        "select_tags" => match v {
+                            Value::Null => {}
+                            Value::Array(tags) if tags.iter().all(Value::is_string) => {
+                                for t in tags {
+                                    if let Value::String(t) = t
+                                        && !select_tags.contains(&t)
+                                    {
+                                        select_tags.push(t);
+                                    }
+                                }
+                            }
+                            _ => {
+                                errs.insert(k, "expected an array of strings".into());
+                            }
+                        },
+                        "defaults" => {
+                            errs.insert(
+                                k,
+                                "decK's defaults are not supported: give every field in the \
+                                 entities themselves"
+                                    .into(),
+                            );
+                        }
+                        "default_lookup_tags" => {
+                            errs.insert(
+                                k,
+                                "decK's default_lookup_tags are not supported: a file must \
+                                 declare every entity it references"
+                                    .into(),
+                            );
+                        }
+                        _ => {
+                            errs.insert(k, "unknown field".into());
+                        }
+                    }
+                }
+                if !errs.is_empty() {
+                    self.errors.top("_info", Value::Object(errs));
+                }
+            }
+            Some(_) => self.errors.top("_info", "expected a record".into()),
+        }
+        if root.remove("_plugin_configs").is_some() {
+            self.errors.top(
+                "_plugin_configs",
+                "decK's _plugin_configs are not supported: give each plugin its config".into(),
+            );
+        }
+        if root.remove("_konnect").is_some() {
+            self.errors.top(
+                "_konnect",
+                "decK's _konnect is not supported: this is not a Konnect control plane".into(),
+            );
+        }
+        if root.remove(WORKSPACES).is_some() {
+            self.errors.top(
+                WORKSPACES,
+                "workspaces cannot be declared: deltaplane serves the default workspace only"
+                    .into(),
+            );
+        }
+
+        for ty in 0..self.types.list.len() {
+            if let Some(list) = root.remove(self.types.list[ty].name.as_str()) {
+                self.walk_list(ty, list, &[], None);
+            }
+        }
+        for key in root.keys() {
+            self.errors.top(key, "unknown field".into());
+        }
+        (transform, select_tags)
+    }
+
+    /// `_comment` (a string) and `_ignore` (an array) are dropped wherever they are.
+    fn extras(&mut self, m: &mut Map<String, Value>, at: Option<&[PathSeg]>) {
+        let mut bad = Vec::new();
+        match m.remove("_comment") {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(_) => bad.push(("_comment", "expected a string")),
+        }
+        match m.remove("_ignore") {
+            None | Some(Value::Null) | Some(Value::Array(_)) => {}
+            Some(_) => bad.push(("_ignore", "expected an array")),
+        }
+        for (k, msg) in bad {
+            match at {
+                None => self.errors.top(k, msg.into()),
+                Some(path) => self.errors.field(path, k, msg.into()),
+            }
+        }
+    }
+
+    fn walk_list(
+        &mut self,
+        ty: usize,
+        list: Value,
+        prefix: &[PathSeg],
+        parent: Option<(usize, &'r str)>,
+    ) {
+        match list {
+            Value::Null => {}
+            Value::Array(items) => {
+                for (i, v) in items.into_iter().enumerate() {
+                    let mut path = prefix.to_vec();
+                    path.push(PathSeg { ty, index: i });
+                    self.walk_item(ty, v, path, parent);
+                }
+            }
+            _ => self
+                .errors
+                .list_error(prefix, ty, "expected an array".into()),
+        }
+    }
+
+    fn walk_item(
+        &mut self,
+        ty: usize,
+        v: Value,
+        path: Vec<PathSeg>,
+        parent: Option<(usize, &'r str)>,
+    ) {
+        let Value::Object(mut m) = v else {
+            self.errors.at(&path, "expected a record".into());
+            return;
+        };
+        let line = m
+            .remove(LINE_KEY)
+            .and_then(|l| l.as_u64())
+            .map(|l| l as usize);
+        self.extras(&mut m, Some(&path));
+        let schema = self.types.list[ty];
+
+        // Nested children come out first: the entity's own content is what its id comes from.
+        let mut kids = Vec::new();
+        for &(child, field) in &self.types.children[ty] {
+            if let Some(list) = m.remove(self.types.list[child].name.as_str()) {
+                kids.push((child, field, list));
+            }
+        }
+
+        // Kong's route_path migration (`kong/db/declarative/migrations/route_path.lua`):
+        // paths of top-level routes and of routes nested in top-level services, for files
+        // of format 1.1 and 2.1. The migration names these two types itself.
+        if self.format_version != FormatVersion::V3_0
+            && schema.name == "routes"
+            && (path.len() == 1
+                || (path.len() == 2 && self.types.list[path[0].ty].name == "services"))
+            && let Some(Value::Array(paths)) = m.get_mut("paths")
+        {
+            for p in paths.iter_mut() {
+                if let Value::String(s) = p {
+                    *s = super::migrate::migrate_path(s);
+                }
+            }
+        }
+
+        let parent_ref = parent.map(|(pi, field)| (self.items[pi].id.clone(), field));
+        let id = match m.get("id") {
+            Some(Value::String(id)) => id.clone(),
+            Some(v) if !v.is_null() => String::new(), // prepare reports the type
+            _ => {
+                let pr = parent_ref
+                    .as_ref()
+                    .map(|(id, field)| ParentRef { field, id });
+                let uuid = match ids::kong_key(schema, &m, pr) {
+                    Some(key) => ids::kong_uuid(&schema.name, &key),
+                    None => self.content_ids.id(
+                        &schema.name,
+                        &m,
+                        parent_ref.as_ref().map(|(id, _)| id.as_str()),
+                    ),
+                };
+                let id = uuid.to_string();
+                m.insert(schema.primary_key.clone(), Value::String(id.clone()));
+                id
+            }
+        };
+        if !self.select_tags.is_empty() && schema.has_tags() {
+            add_tags(&mut m, &self.select_tags);
+        }
+        let idx = self.items.len();
+        self.items.push(Item {
+            ty,
+            path,
+            line,
+            input: m,
+            parent,
+            id,
+        });
+        for (child, field, list) in kids {
+            let path = self.items[idx].path.clone();
+            self.walk_list(child, list, &path, Some((idx, field)));
+        }
+    }
+
+    /// Duplicate endpoint keys and primary keys within the file (`populate_references`).
+    fn index(&mut self) {
+        let mut by_id = std::mem::take(&mut self.by_id);
+        let mut by_key = std::mem::take(&mut self.by_key);
+        for idx in 0..self.items.len() {
+            let item = &self.items[idx];
+            let schema = self.types.list[item.ty];
+            let mut failed = false;
+            if let Some(ek) = schema.endpoint_key.as_deref()
+                && schema.field(ek).is_some_and(|f| f.unique)
+                && let Some(Value::String(key)) = item.input.get(ek)
+            {
+                if by_key.contains_key(&(item.ty, key.clone())) {
+                    let msg = uniqueness_msg(&schema.name, ek, key);
+                    let path = item.path.clone();
+                    self.errors.entity(&path, msg);
+                    failed = true;
+                } else {
+                    by_key.insert((item.ty, key.clone()), idx);
+                }
+            }
+            let item = &self.items[idx];
+            if !item.id.is_empty() {
+                if by_id.contains_key(&(item.ty, item.id.clone())) {
+                    if !failed {
+                        let msg = uniqueness_msg(&schema.name, "primary key", &item.id);
+                        let path = item.path.clone();
+                        self.errors.entity(&path, msg);
+                    }
+                } else {
+                    by_id.insert((item.ty, item.id.clone()), idx);
+                }
+            }
+        }
+        self.by_id = by_id;
+        self.by_key = by_key;
+    }
+
+    /// Finds the entity of type `ty` a reference names: by endpoint key, then by id
+    /// (Kong's `find_entity`); `{"id": …}` or `{"<endpoint key>": …}` objects too.
+    fn find(&self, ty: usize, v: &Value) -> Option<usize> {
+        let schema = self.types.list[ty];
+        match v {
+            Value::String(s) => self
+                .by_key
+                .get(&(ty, s.clone()))
+                .or_else(|| self.by_id.get(&(ty, s.clone())))
+                .copied(),
+            Value::Object(o) => {
+                if let Some(Value::String(id)) = o.get(&schema.primary_key) {
+                    return self.by_id.get(&(ty, id.clone())).copied();
+                }
+                match schema.endpoint_key.as_deref().and_then(|ek| o.get(ek)) {
+                    Some(Value::String(k)) if o.len() == 1 => {
+                        self.by_key.get(&(ty, k.clone())).copied()
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Foreign keys resolved within the file (`validate_references`); a nested child's
+    /// back-reference is its parent.
+    fn references(&mut self) {
+        for idx in 0..self.items.len() {
+            let ty = self.items[idx].ty;
+            let schema_name = self.types.list[ty].name.as_str();
+            let mut problems: Vec<String> = Vec::new();
+            let mut resolved: Vec<(String, Value)> = Vec::new();
+            for fk in self.registry.references_of(schema_name) {
+                let Some(&pty) = self.types.by_name.get(fk.parent.as_str()) else {
+                    continue;
+                };
+                let item = &self.items[idx];
+                let given = item.input.get(&fk.field);
+                let from_parent = item
+                    .parent
+                    .filter(|(_, field)| *field == fk.field)
+                    .map(|(pi, _)| self.items[pi].id.clone());
+                if fk.is_array {
+                    let Some(Value::Array(list)) = given else {
+                        continue;
+                    };
+                    let mut ids = Vec::with_capacity(list.len());
+                    for v in list {
+                        match self.find(pty, v) {
+                            Some(found) => ids.push(Value::String(self.items[found].id.clone())),
+                            None => {
+                                problems.push(reference_msg(&fk.field, v, &fk.parent));
+                                ids.push(v.clone());
+                            }
+                        }
+                    }
+                    resolved.push((fk.field.clone(), Value::Array(ids)));
+                    continue;
+                }
+                let pk = self.types.list[pty].primary_key.clone();
+                match given {
+                    None | Some(Value::Null) => {}
+                    Some(v) => match self.find(pty, v) {
+                        Some(found) => {
+                            let id = self.items[found].id.clone();
+                            resolved
+                                .push((fk.field.clone(), serde_json::json!({ pk.clone(): id })));
+                        }
+                        None => {
+                            problems.push(reference_msg(&fk.field, v, &fk.parent));
+                            resolved.push((
+                                fk.field.clone(),
+                                serde_json::json!({ pk.clone(): UNRESOLVED }),
+                            ));
+                        }
+                    },
+                }
+                if let Some(parent_id) = from_parent {
+                    resolved.push((fk.field.clone(), serde_json::json!({ pk: parent_id })));
+                }
+            }
+            let item = &mut self.items[idx];
+            for (k, v) in resolved {
+                item.input.insert(k, v);
+            }
+            if !problems.is_empty() {
+                // Kong lists them in `pairs` order; sorted here so the output is stable.
+                problems.sort();
+                let path = item.path.clone();
+                for p in problems {
+                    self.errors.reference(&path, p);
+                }
+            }
+        }
+    }
+
+    /// Every entity through the registry, then the unique fields across the file.
+    fn prepare(&mut self, now: i64, transform: bool) -> Vec<Entity> {
+        let mut per_type: Vec<Vec<Entity>> =
+            (0..self.types.list.len()).map(|_| Vec::new()).collect();
+        let mut uniques: HashSet<(usize, String, String)> = HashSet::new();
+        for idx in 0..self.items.len() {
+            let ty = self.items[idx].ty;
+            let schema = self.types.list[ty];
+            let input = std::mem::take(&mut self.items[idx].input);
+            let generated: Vec<String> = schema
+                .fields
+                .iter()
+                .filter(|f| f.generate.is_some() && input.get(&f.name).is_none_or(Value::is_null))
+                .map(|f| f.name.clone())
+                .collect();
+            match self.registry.prepare_with(
+                schema,
+                Value::Object(input),
+                None,
+                Mode::Insert,
+                now,
+                transform,
+            ) {
+                Ok(prepared) => {
+                    let entity = prepared.entity;
+                    for field in schema.unique_fields() {
+                        if Some(field.name.as_str()) == schema.endpoint_key.as_deref()
+                            && matches!(entity.get(&field.name), Some(Value::String(_)))
+                        {
+                            continue; // checked on the file's values by `index`
+                        }
+                        let Some(v) = entity.get(&field.name).filter(|v| !v.is_null()) else {
+                            continue;
+                        };
+                        let text = match v {
+                            Value::String(s) => s.clone(),
+                            Value::Object(o) => o
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned)
+                                .unwrap_or_else(|| v.to_string()),
+                            other => other.to_string(),
+                        };
+                        if !uniques.insert((ty, field.name.clone(), text.clone())) {
+                            let path = self.items[idx].path.clone();
+                            self.errors
+                                .entity(&path, uniqueness_msg(&schema.name, &field.name, &text));
+                        }
+                    }
+                    if self.errors.is_empty() {
+                        let id = self.items[idx].id.clone();
+                        per_type[ty].push(Entity {
+                            entity_type: schema.name.clone(),
+                            id,
+                            body: entity,
+                            generated,
+                        });
+                    }
+                }
+                Err(errors) => {
+                    let path = self.items[idx].path.clone();
+                    self.errors.schema(&path, errors.0);
+                }
+            }
+        }
+        if !self.errors.is_empty() {
+            return Vec::new();
+        }
+        per_type.into_iter().flatten().collect()
+    }
+}
+
+/// Kong's `validate_references` message.
+fn reference_msg(field: &str, v: &Value, parent: &str) -> String {
+    let shown = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    format!("invalid reference '{field}: {shown}' (no such entry in '{parent}')")
+}
+
+fn add_tags(m: &mut Map<String, Value>, tags: &[String]) {
+    let slot = m.entry("tags").or_insert_with(|| Value::Array(Vec::new()));
+    if slot.is_null() {
+        *slot = Value::Array(Vec::new());
+    }
+    if let Value::Array(list) = slot {
+        for t in tags {
+            if !list.iter().any(|x| x.as_str() == Some(t)) {
+                list.push(Value::String(t.clone()));
+            }
+        }
+    }
+}
+
+/// Kong's `uniqueness_error_msg`.
+pub(crate) fn uniqueness_msg(entity: &str, key: &str, value: &str) -> String {
+    format!("uniqueness violation: '{entity}' entity with {key} set to '{value}' already declared")
+}
