@@ -707,6 +707,7 @@ impl ConfigProblems {
             fields: Value::Object(fields),
             flattened: self.flattened,
             lines,
+            unflattened: Value::Object(Map::new()),
         }
     }
 }
