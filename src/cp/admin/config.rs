@@ -103,7 +103,7 @@ pub(super) async fn post(State(state): State<Arc<AdminState>>, req: Request) -> 
         )
             .into_response();
     }
-    let body = success_body(&outcome);
+    let body = success_body(outcome);
     (
         StatusCode::CREATED,
         [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
@@ -123,40 +123,64 @@ fn summary(outcome: &ImportOutcome) -> Value {
 }
 
 /// Kong's 201 body (`config.lua`: the entities by type, then by id, without workspaces and
-/// `ws_id`), written from the stored text, plus `_deltaplane`.
-fn success_body(outcome: &ImportOutcome) -> String {
-    let size: usize = outcome.entities.iter().map(|e| e.body.len() + 48).sum();
-    let mut out = String::with_capacity(size + 256);
-    out.push('{');
-    let mut current: Option<&str> = None;
-    let mut types_seen: Vec<&str> = Vec::new();
-    // Entities come grouped by type (registry order); a type seen again is merged by
-    // collecting its entries first.
-    let mut by_type: Vec<(&str, Vec<&crate::cp::store::ImportedEntity>)> = Vec::new();
-    for e in &outcome.entities {
-        if current != Some(e.entity_type.as_str()) {
-            current = Some(&e.entity_type);
-            if !types_seen.contains(&e.entity_type.as_str()) {
-                types_seen.push(&e.entity_type);
-                by_type.push((&e.entity_type, Vec::new()));
-            }
+/// `ws_id`), written from the stored text, plus `_deltaplane`. Streamed in chunks, so a large
+/// import's answer is never one more copy of the configuration in memory.
+fn success_body(outcome: ImportOutcome) -> axum::body::Body {
+    let chunks = SuccessChunks {
+        outcome,
+        next: 0,
+        done: false,
+    };
+    axum::body::Body::from_stream(futures::stream::iter(
+        chunks.map(Ok::<_, std::convert::Infallible>),
+    ))
+}
+
+/// The chunks of [`success_body`]: entities arrive grouped by type (registry order).
+struct SuccessChunks {
+    outcome: ImportOutcome,
+    /// The next entity to write.
+    next: usize,
+    done: bool,
+}
+
+impl Iterator for SuccessChunks {
+    type Item = axum::body::Bytes;
+
+    fn next(&mut self) -> Option<axum::body::Bytes> {
+        const CHUNK: usize = 64 * 1024;
+        if self.done {
+            return None;
         }
-        if let Some((_, list)) = by_type.iter_mut().find(|(t, _)| *t == e.entity_type) {
-            list.push(e);
+        let entities = &self.outcome.entities;
+        let mut out = String::with_capacity(CHUNK + 1024);
+        if self.next == 0 {
+            out.push('{');
         }
-    }
-    for (ty, list) in by_type {
-        let _ = write!(out, "{}:{{", Value::String(ty.to_owned()));
-        for (i, e) in list.iter().enumerate() {
-            if i > 0 {
+        while self.next < entities.len() && out.len() < CHUNK {
+            let e = &entities[self.next];
+            let first_of_type =
+                self.next == 0 || entities[self.next - 1].entity_type != e.entity_type;
+            if first_of_type {
+                let _ = write!(out, "{}:{{", Value::String(e.entity_type.clone()));
+            } else {
                 out.push(',');
             }
             let _ = write!(out, "{}:{}", Value::String(e.id.clone()), e.body);
+            self.next += 1;
+            let last_of_type = entities
+                .get(self.next)
+                .is_none_or(|n| n.entity_type != e.entity_type);
+            if last_of_type {
+                out.push_str("},");
+            }
         }
-        out.push_str("},");
+        if self.next >= entities.len() {
+            let _ = write!(out, "\"_deltaplane\":{}}}", summary(&self.outcome));
+            self.done = true;
+        }
+        Some(axum::body::Bytes::from(out))
     }
-    let _ = write!(out, "\"_deltaplane\":{}}}", summary(outcome));
-    out
 }
 
 /// The file's text: the body itself, or its `config` field (JSON, form or multipart).

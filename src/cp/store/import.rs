@@ -28,6 +28,7 @@
 //!   so a file without ids imports again as a no-op.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
@@ -88,8 +89,8 @@ impl ImportOutcome {
 pub struct ImportedEntity {
     pub entity_type: String,
     pub id: String,
-    /// Canonical JSON text, as stored.
-    pub body: String,
+    /// Canonical JSON text, as stored (shared with the write that stored it).
+    pub body: Arc<str>,
 }
 
 /// A stored entity, as read at the start of the import.
@@ -108,7 +109,7 @@ struct Planned {
     /// The stored workspace and text before the change, `None` when new.
     old: Option<(String, String)>,
     /// The text after the change, `None` when deleted.
-    new: Option<String>,
+    new: Option<Arc<str>>,
     /// The new index rows (created and updated entities).
     index: Option<Indexed>,
 }
@@ -256,14 +257,14 @@ impl Store {
                     keep_stored_fields(&mut body, &previous, &entity.generated);
                     let same = canonical(&body);
                     if same == old.body {
-                        same
+                        Arc::from(same)
                     } else {
                         if let Some(Value::Number(_)) = body.get("updated_at")
                             && let Value::Object(m) = &mut body
                         {
                             m.insert("updated_at".into(), Value::from(now));
                         }
-                        let text = canonical(&body);
+                        let text: Arc<str> = Arc::from(canonical(&body));
                         plans.push(Planned {
                             ty: ty.to_owned(),
                             id: id.clone(),
@@ -276,7 +277,7 @@ impl Store {
                     }
                 }
                 None => {
-                    let text = canonical(&body);
+                    let text: Arc<str> = Arc::from(canonical(&body));
                     plans.push(Planned {
                         ty: ty.to_owned(),
                         id: id.clone(),
