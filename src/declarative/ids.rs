@@ -145,7 +145,9 @@ pub(crate) fn kong_key(
 /// Counts identical contents for the content-derived ids.
 #[derive(Default)]
 pub(crate) struct ContentIds {
-    seen: HashMap<(String, String), u32>,
+    /// Keyed by the id of the content's first occurrence (not the content itself, which
+    /// would hold a second copy of such entities).
+    seen: HashMap<Uuid, u32>,
 }
 
 impl ContentIds {
@@ -172,10 +174,7 @@ impl ContentIds {
             serde_json::to_string(&content).expect("a JSON value serialises"),
             parent_id.unwrap_or("")
         );
-        let n = self
-            .seen
-            .entry((entity_type.to_owned(), text.clone()))
-            .or_insert(0);
+        let n = self.seen.entry(kong_uuid(entity_type, &text)).or_insert(0);
         let key = format!("{text}:{n}");
         *n += 1;
         kong_uuid(entity_type, &key)

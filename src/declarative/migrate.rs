@@ -78,9 +78,8 @@ fn normalize(uri: &str) -> String {
             input = b"";
         } else if input.starts_with(b"../") {
             input = &input[3..];
-        } else if input.starts_with(b"./") {
-            input = &input[2..];
-        } else if input.starts_with(b"/./") {
+        } else if input.starts_with(b"./") || input.starts_with(b"/./") {
+            // `./` goes, and `/./` becomes `/`.
             input = &input[2..];
         } else if input.starts_with(b"/../") {
             input = &input[3..];

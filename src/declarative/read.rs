@@ -113,7 +113,6 @@ pub(crate) fn parse(
         by_key: HashMap::new(),
     };
     let (transform, select_tags) = reader.top_level(root);
-    reader.select_tags = select_tags.clone();
     reader.index();
     reader.references();
     let entities = reader.prepare(options.now, transform);
@@ -275,6 +274,7 @@ impl<'r> Reader<'r, '_> {
             );
         }
 
+        self.select_tags = select_tags.clone();
         for ty in 0..self.types.list.len() {
             if let Some(list) = root.remove(self.types.list[ty].name.as_str()) {
                 self.walk_list(ty, list, &[], None);
@@ -410,6 +410,7 @@ impl<'r> Reader<'r, '_> {
 
     /// Duplicate endpoint keys and primary keys within the file (`populate_references`).
     fn index(&mut self) {
+        use std::collections::hash_map::Entry;
         let mut by_id = std::mem::take(&mut self.by_id);
         let mut by_key = std::mem::take(&mut self.by_key);
         for idx in 0..self.items.len() {
@@ -420,25 +421,31 @@ impl<'r> Reader<'r, '_> {
                 && schema.field(ek).is_some_and(|f| f.unique)
                 && let Some(Value::String(key)) = item.input.get(ek)
             {
-                if by_key.contains_key(&(item.ty, key.clone())) {
-                    let msg = uniqueness_msg(&schema.name, ek, key);
-                    let path = item.path.clone();
-                    self.errors.entity(&path, msg);
-                    failed = true;
-                } else {
-                    by_key.insert((item.ty, key.clone()), idx);
+                match by_key.entry((item.ty, key.clone())) {
+                    Entry::Occupied(_) => {
+                        let msg = uniqueness_msg(&schema.name, ek, key);
+                        let path = item.path.clone();
+                        self.errors.entity(&path, msg);
+                        failed = true;
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(idx);
+                    }
                 }
             }
             let item = &self.items[idx];
             if !item.id.is_empty() {
-                if by_id.contains_key(&(item.ty, item.id.clone())) {
-                    if !failed {
-                        let msg = uniqueness_msg(&schema.name, "primary key", &item.id);
-                        let path = item.path.clone();
-                        self.errors.entity(&path, msg);
+                match by_id.entry((item.ty, item.id.clone())) {
+                    Entry::Occupied(_) => {
+                        if !failed {
+                            let msg = uniqueness_msg(&schema.name, "primary key", &item.id);
+                            let path = item.path.clone();
+                            self.errors.entity(&path, msg);
+                        }
                     }
-                } else {
-                    by_id.insert((item.ty, item.id.clone()), idx);
+                    Entry::Vacant(slot) => {
+                        slot.insert(idx);
+                    }
                 }
             }
         }
@@ -478,6 +485,7 @@ impl<'r> Reader<'r, '_> {
             let ty = self.items[idx].ty;
             let schema_name = self.types.list[ty].name.as_str();
             let mut problems: Vec<String> = Vec::new();
+            let mut field_errors: Vec<(String, &str)> = Vec::new();
             let mut resolved: Vec<(String, Value)> = Vec::new();
             for fk in self.registry.references_of(schema_name) {
                 let Some(&pty) = self.types.by_name.get(fk.parent.as_str()) else {
@@ -509,6 +517,22 @@ impl<'r> Reader<'r, '_> {
                 let pk = self.types.list[pty].primary_key.clone();
                 match given {
                     None | Some(Value::Null) => {}
+                    // Kong's nested records carry their foreign keys with `eq = null`
+                    // (`copy_record`): a nested child names no other entity, not even its
+                    // parent (01-validate_spec.lua, "does not accept additional foreign
+                    // keys").
+                    Some(_) if item.parent.is_some() => {
+                        field_errors.push((fk.field.clone(), "value must be null"));
+                        resolved.push((fk.field.clone(), Value::Null));
+                    }
+                    // The file schema types a top-level foreign key as a string.
+                    Some(Value::Bool(_) | Value::Number(_) | Value::Array(_)) => {
+                        field_errors.push((fk.field.clone(), "expected a string"));
+                        resolved.push((
+                            fk.field.clone(),
+                            serde_json::json!({ pk.clone(): UNRESOLVED }),
+                        ));
+                    }
                     Some(v) => match self.find(pty, v) {
                         Some(found) => {
                             let id = self.items[found].id.clone();
@@ -526,6 +550,12 @@ impl<'r> Reader<'r, '_> {
                 }
                 if let Some(parent_id) = from_parent {
                     resolved.push((fk.field.clone(), serde_json::json!({ pk: parent_id })));
+                }
+            }
+            if !field_errors.is_empty() {
+                let path = self.items[idx].path.clone();
+                for (field, msg) in field_errors {
+                    self.errors.field(&path, &field, msg.into());
                 }
             }
             let item = &mut self.items[idx];

@@ -7,9 +7,12 @@
 //! id (Kong pages by primary key). No `ws_id`: everything is in the default workspace.
 //!
 //! Nested is decK's shape: an entity whose only foreign key names an entity of the output
-//! that may nest it (the reader's rule, from the registry's foreign keys) is written under
-//! its parent, in an array named after its type, without the back-reference; anything else
-//! stays at the top level (a plugin on a service and a consumer, say).
+//! that may nest it is written under its parent, in an array named after its type, without
+//! the back-reference; anything else stays at the top level (a plugin on a service and a
+//! consumer, say). The reader takes children nested through any foreign key (as Kong); the
+//! writer nests only through a "belongs to" key, one named after its parent type
+//! (`routes.service`, `snis.certificate`, `targets.upstream`), not through a key that names
+//! a role (`services.client_certificate`), which is decK's choice expressed generically.
 
 use std::collections::HashMap;
 
@@ -128,9 +131,10 @@ fn nested(
             let Some(&pty) = types.by_name.get(fk.parent.as_str()) else {
                 continue;
             };
-            let nestable = types.children[pty]
-                .iter()
-                .any(|(c, f)| *c == ty && *f == fk.field);
+            let nestable = fk.field == super::errors::singular(&fk.parent)
+                && types.children[pty]
+                    .iter()
+                    .any(|(c, f)| *c == ty && *f == fk.field);
             if nestable && present.contains_key(&(pty, *parent_id)) {
                 kids.entry((pty, parent_id)).or_default().push((ty, pos));
                 nested_field.insert((ty, pos), fk.field.as_str());
