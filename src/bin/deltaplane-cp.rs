@@ -56,5 +56,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(args) => cp::status::print(&args).await,
+        Command::Config(command) => cp::config_cmd::run(command).await,
     }
 }

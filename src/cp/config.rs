@@ -36,6 +36,60 @@ pub enum Command {
     Certs(CertsCommand),
     /// Show the control plane's sync version and its data planes (calls /rpc)
     Status(StatusArgs),
+    /// Declarative files (Kong's `_format_version`): import, export, validate
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Make a file the whole configuration (one version), through the running control
+    /// plane's Admin API (`POST /config`), or the database when no control plane runs
+    Import {
+        /// The file (YAML or JSON), or `-` for standard input
+        file: String,
+        /// Upsert only, never delete (Kong's `kong config db_import`)
+        #[arg(long)]
+        upsert: bool,
+        /// Print the difference without writing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        target: ConfigTarget,
+    },
+    /// Write the configuration as a file (Kong's `db_export`; `--nested`: decK's shape)
+    Export {
+        /// Output file; standard output when absent
+        file: Option<PathBuf>,
+        /// yaml or json
+        #[arg(long, default_value = "yaml")]
+        format: String,
+        /// Children nested under their parents (decK)
+        #[arg(long)]
+        nested: bool,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: ConfigTarget,
+    },
+    /// Check a file and print its problems with line numbers (Kong's `kong config parse`)
+    Validate {
+        /// The file (YAML or JSON), or `-` for standard input
+        file: String,
+    },
+}
+
+/// Where `config import` / `export` find the configuration: the Admin API at `--admin-url`
+/// (default: the `--admin-listen` address the control plane's settings give), or, when
+/// nothing answers there, the database those settings name.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigTarget {
+    /// The running control plane's Admin API [default: http://<admin-listen>]
+    #[arg(long, env = "DELTAPLANE_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +151,9 @@ pub struct ServeArgs {
     /// Largest accepted Admin API request body in bytes [default: 4194304]
     #[arg(long, env = "DELTAPLANE_ADMIN_BODY_LIMIT")]
     pub admin_body_limit: Option<usize>,
+    /// Largest accepted `POST /config` body (a declarative file) in bytes [default: 67108864]
+    #[arg(long, env = "DELTAPLANE_ADMIN_CONFIG_MAX_BODY")]
+    pub admin_config_max_body: Option<usize>,
     /// Keep change-log versions at least this long (e.g. 24h, 7d) [default: 24h]
     #[arg(long, env = "DELTAPLANE_CHANGELOG_RETENTION_AGE")]
     pub changelog_retention_age: Option<String>,
@@ -162,6 +219,8 @@ pub struct CpConfig {
     pub admin_token: Option<String>,
     pub admin_insecure: bool,
     pub body_limit: usize,
+    /// Largest `POST /config` body (`--admin-config-max-body`).
+    pub config_body_limit: usize,
     pub changelog_retention_age: Duration,
     pub changelog_retention_versions: i64,
     pub purge_interval: Duration,
@@ -193,6 +252,7 @@ impl CpConfig {
             admin_token: None,
             admin_insecure: false,
             body_limit: 4 * 1024 * 1024,
+            config_body_limit: 64 * 1024 * 1024,
             changelog_retention_age: Duration::from_secs(24 * 3600),
             changelog_retention_versions: 100_000,
             purge_interval: Duration::from_secs(60),
@@ -244,6 +304,9 @@ impl CpConfig {
             .unwrap_or(false);
         if let Some(n) = layer.get(args.admin_body_limit, "admin-body-limit")? {
             cfg.body_limit = n;
+        }
+        if let Some(n) = layer.get(args.admin_config_max_body, "admin-config-max-body")? {
+            cfg.config_body_limit = n;
         }
         if let Some(a) = layer.get(
             args.changelog_retention_age.clone(),
@@ -385,6 +448,7 @@ const KNOWN_KEYS: &[&str] = &[
     "admin-listen",
     "admin-token",
     "admin-insecure",
+    "admin-config-max-body",
     "admin-body-limit",
     "changelog-retention-age",
     "changelog-retention-versions",

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod answers;
 pub mod compat;
 pub mod config;
+pub mod config_cmd;
 pub mod fleet;
 pub mod listener;
 pub mod metrics;
@@ -47,6 +48,9 @@ pub struct RunningCp {
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     _rpc: jsonrpsee::server::ServerHandle,
+    /// Held while this control plane runs on an embedded SQLite database, so that
+    /// `deltaplane-cp config import` never writes that database behind its back.
+    _data_dir_lock: Option<config_cmd::DataDirLock>,
 }
 
 impl RunningCp {
@@ -76,6 +80,24 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
     cfg.check_admin_exposure()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let data_dir_lock = if cfg.database_url.is_none() {
+        match config_cmd::DataDirLock::try_acquire(&cfg.data_dir) {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => {
+                tracing::warn!(
+                    data_dir = %cfg.data_dir.display(),
+                    "another control plane holds this data directory's lock"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not lock the data directory");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let store = Store::open(store_options(&cfg))
         .await
         .map_err(|e| anyhow::anyhow!("opening the database: {e}"))?;
@@ -115,6 +137,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         },
         admin_token: cfg.admin_token.clone(),
         body_limit: cfg.body_limit,
+        config_body_limit: cfg.config_body_limit,
         requests: AtomicU64::new(0),
         enabled_plugins: Arc::new(cfg.enabled_plugins(store.registry())?),
         invalid_in_store: Arc::new(invalid),
@@ -184,6 +207,7 @@ pub async fn start(cfg: CpConfig) -> anyhow::Result<RunningCp> {
         shutdown_tx,
         tasks: vec![admin_task, purge_task, cluster_task, follow_task],
         _rpc: rpc_handle,
+        _data_dir_lock: data_dir_lock,
     })
 }
 

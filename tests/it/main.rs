@@ -9,6 +9,7 @@ mod bad_input;
 mod binaries;
 mod changelog;
 mod crash;
+mod declarative;
 mod diagnostics;
 mod dp_file;
 mod dp_store;

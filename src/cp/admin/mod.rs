@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod clustering;
+pub mod config;
 mod schemas;
 mod tags;
 
@@ -37,6 +38,8 @@ pub struct AdminState {
     pub node: NodeInfo,
     pub admin_token: Option<String>,
     pub body_limit: usize,
+    /// Largest `POST /config` body.
+    pub config_body_limit: usize,
     pub requests: AtomicU64,
     /// The plugins this control plane accepts (`--plugins`).
     pub enabled_plugins: Arc<std::collections::BTreeSet<String>>,
@@ -57,6 +60,7 @@ pub fn router(state: Arc<AdminState>, extra: Router) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/status", get(status))
+        .route("/config", get(config::get).post(config::post))
         .route("/plugins/enabled", get(enabled_plugins))
         .route("/endpoints", get(endpoints))
         .route("/tags", get(tags::all))
@@ -83,6 +87,7 @@ const FIXED_PATHS: &[&str] = &[
     "/",
     "/status",
     "/endpoints",
+    "/config",
     "/tags",
     "/tags/{tags}",
     "/schemas/{name}",
@@ -331,6 +336,11 @@ pub fn error_response(e: StoreError) -> Response {
             message,
             None,
         ),
+        StoreError::InvalidConfig(invalid) => (
+            StatusCode::BAD_REQUEST,
+            Json(crate::declarative::Error::Invalid(*invalid).kong_body(false)),
+        )
+            .into_response(),
         StoreError::NotFound => message(StatusCode::NOT_FOUND, "Not found"),
         StoreError::BadRequest(m) => message(StatusCode::BAD_REQUEST, &m),
         StoreError::Unavailable(cause) => {
@@ -581,7 +591,7 @@ async fn multipart_parts(content_type: &str, body: Bytes) -> Result<Vec<(String,
 }
 
 /// The media type of a `Content-Type` value, lower-cased, without parameters.
-fn mime_of(content_type: &str) -> String {
+pub(crate) fn mime_of(content_type: &str) -> String {
     content_type
         .split(';')
         .next()
@@ -590,7 +600,7 @@ fn mime_of(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // The limit error may sit a few sources down (axum wraps hyper's body error).
         let too_large =

@@ -7,6 +7,7 @@
 //! lock taken first, one savepoint and one version per operation.
 
 mod fleet;
+mod import;
 mod read;
 mod revalidate;
 mod write;
@@ -26,6 +27,7 @@ use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
 pub use fleet::DataPlaneRow;
+pub use import::{ConfigProblems, ImportMode, ImportOutcome, ImportedEntity, TypeCounts};
 pub use read::{
     BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, TagPage, TagRow, VersionInfo,
 };
@@ -115,6 +117,10 @@ pub enum StoreError {
     },
     #[error("Not found")]
     NotFound,
+    /// A declarative import whose final state breaks unique keys or references: every
+    /// problem, in the declarative error shape (Kong's code 14).
+    #[error("declarative config is invalid")]
+    InvalidConfig(Box<crate::declarative::Invalid>),
     #[error("{0}")]
     BadRequest(String),
     /// The database could not be reached in time; nothing was written. Holds the cause, for logs.

@@ -86,7 +86,7 @@ pub struct Outcome {
 /// read, and every other write, sends what is held back first, so reads see every write
 /// before them, and the order of writes is kept.
 pub(super) struct Txn<'c> {
-    conn: &'c mut WriteConn,
+    pub(super) conn: &'c mut WriteConn,
     /// At most one write, not yet sent.
     pending: Option<Pending>,
     /// True when a statement since the operation's savepoint wrote or failed, so the
@@ -108,10 +108,10 @@ pub(super) enum WriteConn {
 /// transactions (they would queue on the version lock anyway).
 #[derive(Default)]
 pub(super) struct WriteSlot {
-    conn: Option<WriteConn>,
+    pub(super) conn: Option<WriteConn>,
     /// True from `BEGIN` until the transaction ended. Still true at the next write when a
     /// write was cancelled halfway: that connection is closed, never reused.
-    in_txn: bool,
+    pub(super) in_txn: bool,
 }
 
 macro_rules! on_tx {
@@ -170,14 +170,14 @@ struct VersionRows<'a> {
 }
 
 /// One entity as stored, with the derived index rows.
-struct Indexed {
-    keys: Vec<(String, String)>,
-    refs: Vec<(String, String, String)>,
-    tags: Vec<String>,
+pub(super) struct Indexed {
+    pub(super) keys: Vec<(String, String)>,
+    pub(super) refs: Vec<(String, String, String)>,
+    pub(super) tags: Vec<String>,
 }
 
 /// Index rows of an entity: unique and cache keys, foreign references (`schema::index`), tags.
-fn index_of(schema: &EntitySchema, entity: &Value) -> Indexed {
+pub(super) fn index_of(schema: &EntitySchema, entity: &Value) -> Indexed {
     let EntityIndex { keys, refs } = schema.index_of(entity);
     Indexed {
         keys,
@@ -203,26 +203,26 @@ fn id_of(v: &Value) -> Option<&str> {
 
 /// SQL text and its bind values, built together so placeholders always match the values:
 /// `$n` on PostgreSQL, `?` (numbered per statement) on SQLite.
-struct Script<A> {
-    sql: String,
-    args: A,
+pub(super) struct Script<A> {
+    pub(super) sql: String,
+    pub(super) args: A,
 }
 
 impl<A: sqlx::Arguments> Script<A> {
-    fn new() -> Script<A> {
+    pub(super) fn new() -> Script<A> {
         Script {
             sql: String::with_capacity(1024),
             args: A::default(),
         }
     }
 
-    fn push(&mut self, sql: &str) -> &mut Self {
+    pub(super) fn push(&mut self, sql: &str) -> &mut Self {
         self.sql.push_str(sql);
         self
     }
 
     /// Adds a value and writes its placeholder.
-    fn bind<'t, T>(&mut self, value: T) -> Result<&mut Self, sqlx::Error>
+    pub(super) fn bind<'t, T>(&mut self, value: T) -> Result<&mut Self, sqlx::Error>
     where
         T: sqlx::Encode<'t, A::Database> + sqlx::Type<A::Database>,
     {
@@ -262,7 +262,7 @@ impl<A: sqlx::Arguments> Script<A> {
     }
 
     /// `(?, ?, ..), (?, ..)` for `rows`, each bound by `bind_row`.
-    fn values<R>(
+    pub(super) fn values<R>(
         &mut self,
         rows: &[R],
         mut bind_row: impl FnMut(&mut Self, &R) -> Result<(), sqlx::Error>,
@@ -276,11 +276,11 @@ impl<A: sqlx::Arguments> Script<A> {
     }
 }
 
-type PgScript = Script<sqlx::postgres::PgArguments>;
-type SqliteScript = Script<sqlx::sqlite::SqliteArguments>;
+pub(super) type PgScript = Script<sqlx::postgres::PgArguments>;
+pub(super) type SqliteScript = Script<sqlx::sqlite::SqliteArguments>;
 
 /// The `pk` of a change-log row: the entity's primary key as canonical JSON.
-fn pk_json(id: &str) -> String {
+pub(super) fn pk_json(id: &str) -> String {
     canonical(&serde_json::json!({ "id": id }))
 }
 
@@ -550,7 +550,16 @@ where
     Ok(s)
 }
 
-impl Txn<'_> {
+impl<'c> Txn<'c> {
+    /// A transaction on `conn`, already begun ([`Store::begin_on`]).
+    pub(super) fn on(conn: &'c mut WriteConn) -> Txn<'c> {
+        Txn {
+            conn,
+            pending: None,
+            dirty: false,
+        }
+    }
+
     /// Opens the transaction, takes the version lock and the first operation's savepoint, in
     /// one round trip.
     async fn begin(conn: &mut WriteConn) -> Result<(i64, StateHash), StoreError> {
@@ -582,7 +591,10 @@ impl Txn<'_> {
 
     /// Moves the head to `head` (and, on PostgreSQL, sends the version notification) when the
     /// transaction made versions, and commits, in one round trip.
-    async fn commit(&mut self, head: Option<(i64, &StateHash)>) -> Result<(), sqlx::Error> {
+    pub(super) async fn commit(
+        &mut self,
+        head: Option<(i64, &StateHash)>,
+    ) -> Result<(), sqlx::Error> {
         let Some((version, hash)) = head else {
             return self.raw("COMMIT").await;
         };
@@ -602,7 +614,7 @@ impl Txn<'_> {
     }
 
     /// Runs one or more parameterless statements in a single round trip.
-    async fn raw(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
+    pub(super) async fn raw(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
         on_tx!(&mut *self.conn, c => sqlx::raw_sql(sql).execute(&mut **c).await.map(|_| ()))
     }
 
@@ -872,7 +884,10 @@ impl Store {
     /// Opens a write transaction on the kept connection, or on a new one when there is none
     /// or the kept one turns out dead (as the pool's test before lending would have found).
     /// On PostgreSQL the first round trip is bounded like the pool's wait for a connection.
-    async fn begin_on(&self, slot: &mut WriteSlot) -> Result<(i64, StateHash), StoreError> {
+    pub(super) async fn begin_on(
+        &self,
+        slot: &mut WriteSlot,
+    ) -> Result<(i64, StateHash), StoreError> {
         if slot.in_txn {
             slot.discard();
         }
