@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::router::FxHasher;
 use super::tls::AcceptAnyCert;
 
 /// The error type of bodies the proxy sends.
@@ -94,10 +95,13 @@ struct Idle {
     since: Instant,
 }
 
+/// Pool maps hash with FxHash: looked up twice per request, keyed by addresses.
+type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
+
 #[derive(Default)]
 struct Pools {
-    h1: HashMap<PoolKey, Vec<Idle>>,
-    h2: HashMap<PoolKey, http2::SendRequest<ProxyBody>>,
+    h1: HashMap<PoolKey, Vec<Idle>, FxBuild>,
+    h2: HashMap<PoolKey, http2::SendRequest<ProxyBody>, FxBuild>,
 }
 
 /// Every upstream connection of the proxy, shared by all configurations.
