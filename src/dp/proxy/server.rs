@@ -27,7 +27,7 @@ use super::gateway::{Gateway, Service};
 use super::ipnet::IpNet;
 use super::plugins::{Ctx, LogEntry, PluginMessage, ResponseSource};
 use super::router::{self, Route};
-use super::upstream::{self, BoxError, ConnectError, PoolKey, ProxyBody, SendError};
+use super::upstream::{self, BoxError, ConnectError, OutBody, PoolKey, ProxyBody, SendError};
 
 /// What the proxy answers in `Via` and `Server` (Kong says `kong/<version>`; we say who we
 /// are, see the README's deviations).
@@ -551,19 +551,21 @@ async fn route_and_forward(
     }
     headers.insert(X_KONG_REQUEST_ID, request_id.value.clone());
 
-    let body: ProxyBody = match (replaced, body) {
+    let body: OutBody = match (replaced, body) {
         (Some(b), _) => {
             headers.remove(header::CONTENT_LENGTH);
-            full(b)
+            OutBody::Full(b)
         }
         // Nothing to read (a GET): no buffer to fill.
-        (None, Some(body)) if hyper::body::Body::is_end_stream(&body) => full(Bytes::new()),
+        (None, Some(body)) if hyper::body::Body::is_end_stream(&body) => {
+            OutBody::Full(Bytes::new())
+        }
         (None, Some(body)) if route.request_buffering => {
             match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
                 .collect()
                 .await
             {
-                Ok(c) => full(c.to_bytes()),
+                Ok(c) => OutBody::Full(c.to_bytes()),
                 Err(e) => {
                     let too_large = e.is::<http_body_util::LengthLimitError>();
                     let status = if too_large {
@@ -581,8 +583,10 @@ async fn route_and_forward(
                 }
             }
         }
-        (None, Some(body)) => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-        (None, None) => full(Bytes::new()),
+        (None, Some(body)) => {
+            OutBody::Stream(body.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+        }
+        (None, None) => OutBody::Full(Bytes::new()),
     };
 
     let attempt = Attempt {
@@ -696,7 +700,7 @@ impl Attempt<'_> {
     /// target that answered; or the error answer.
     async fn run(
         mut self,
-        body: ProxyBody,
+        body: OutBody,
     ) -> Result<(Answer, Duration, Instant, SocketAddr), Answer> {
         let service = self.service;
         // The headers move into the one request sent (retries happen before it is built).
@@ -840,7 +844,12 @@ impl Attempt<'_> {
             } else {
                 service.read_timeout + service.write_timeout
             };
-            match self.proxy.client.send(conn, req, timeout).await {
+            match self
+                .proxy
+                .client
+                .send(conn, req, timeout, service.connect_timeout)
+                .await
+            {
                 Ok(res) => {
                     let mut answered = Instant::now();
                     let latency = answered.saturating_duration_since(t0);
@@ -887,7 +896,10 @@ impl Attempt<'_> {
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "upstream request failed");
-                    let timed_out = matches!(e, SendError::Timeout);
+                    let timed_out = matches!(
+                        e,
+                        SendError::Timeout | SendError::Reconnect(ConnectError::Timeout)
+                    );
                     if let Some(p) = pick {
                         p.report(if timed_out {
                             Outcome::Timeout
