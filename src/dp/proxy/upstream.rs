@@ -403,43 +403,24 @@ impl Client {
 
     fn give_back(&self, key: PoolKey, conn: H1Conn) {
         let now = Instant::now();
-        let swept = {
-            let mut pools = self.pools.lock().expect("pool lock");
-            let list = pools.h1.entry(key).or_default();
-            if list.len() < POOL_SIZE {
-                list.push(Idle { conn, since: now });
-            }
-            if now.duration_since(pools.swept) < SWEEP_EVERY {
-                return;
-            }
-            pools.swept = now;
-            // Take the idle connections out to check them without the lock.
-            std::mem::take(&mut pools.h1)
-        };
-        let mut kept: HashMap<PoolKey, Vec<Idle>, FxBuild> = HashMap::default();
-        for (key, list) in swept {
-            let list: Vec<Idle> = list
-                .into_iter()
-                .filter_map(|mut idle| {
-                    let keep =
-                        now.duration_since(idle.since) <= IDLE_TIMEOUT && idle.conn.is_idle_alive();
-                    keep.then_some(idle)
-                })
-                .collect();
-            if !list.is_empty() {
-                kept.insert(key, list);
-            }
-        }
         let mut pools = self.pools.lock().expect("pool lock");
-        for (key, mut list) in kept {
-            let now_pooled = pools.h1.entry(key).or_default();
-            // Oldest first, as pushed: the newest are taken first and kept here.
-            list.append(now_pooled);
-            if list.len() > POOL_SIZE {
-                list.drain(..list.len() - POOL_SIZE);
-            }
-            *now_pooled = list;
+        let list = pools.h1.entry(key).or_default();
+        if list.len() < POOL_SIZE {
+            list.push(Idle { conn, since: now });
         }
+        if now.duration_since(pools.swept) < SWEEP_EVERY {
+            return;
+        }
+        // Every few seconds, close what expired or what the upstream closed, so that a
+        // pool nobody checks out from does not keep its sockets (at most one non-blocking
+        // read per connection the reactor saw become readable).
+        pools.swept = now;
+        pools.h1.retain(|_, list| {
+            list.retain_mut(|idle| {
+                now.duration_since(idle.since) <= IDLE_TIMEOUT && idle.conn.is_idle_alive()
+            });
+            !list.is_empty()
+        });
     }
 }
 
@@ -1615,6 +1596,30 @@ mod tests {
         assert_eq!((&body[..], reused), (&b"c"[..], true));
         assert_eq!(up.accepts.load(Ordering::SeqCst), 2);
         assert_eq!(up.requests.lock().unwrap().len(), 3);
+    }
+
+    /// A pooled connection the upstream closed is dropped by the next sweep, whichever
+    /// pool the connection that triggers it goes back to.
+    #[tokio::test]
+    async fn sweeps_close_what_upstreams_closed() {
+        let closed = upstream(vec![closing(&[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        ])])
+        .await;
+        let open = upstream(vec![answer(&[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        ])])
+        .await;
+        let client = Client::new();
+        exchange(&client, &closed, get("/")).await.unwrap();
+        assert!(client.pools.lock().unwrap().h1.contains_key(&closed.key));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let due = Instant::now().checked_sub(SWEEP_EVERY).unwrap();
+        client.pools.lock().unwrap().swept = due;
+        exchange(&client, &open, get("/")).await.unwrap();
+        let pools = client.pools.lock().unwrap();
+        assert!(!pools.h1.contains_key(&closed.key));
+        assert_eq!(pools.h1[&open.key].len(), 1);
     }
 
     #[tokio::test]
