@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::balancer::{Balancers, Resolver};
 use super::plugins::{Exporter, Plugins};
+use super::router::FxHasher;
 use super::router::{Route, Router};
 use super::tls::Certificates;
 use crate::dp::store::{Changed, DpStoreError, Snapshot};
@@ -31,6 +32,10 @@ const PLUGIN_INPUTS: [&str; 6] = [
     "jwt_secrets",
     "acls",
 ];
+
+/// Services by id. Looked up once per request: FxHash rather than SipHash (the keys come
+/// from configuration, requests never insert).
+pub type ServiceMap = HashMap<String, Arc<Service>, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// A service as the proxy forwards to it (`kong/db/schema/entities/services.lua`).
 #[derive(Debug)]
@@ -102,7 +107,7 @@ pub struct Gateway {
     /// The store version this configuration is the state of.
     pub version: i64,
     pub router: Arc<Router>,
-    pub services: Arc<HashMap<String, Arc<Service>>>,
+    pub services: Arc<ServiceMap>,
     pub balancers: Arc<Balancers>,
     pub plugins: Arc<Plugins>,
     pub certificates: Arc<Certificates>,
@@ -200,9 +205,9 @@ impl Builder {
         let mut touched_routes: HashSet<String> = HashSet::new();
         let mut services_changed = false;
         let mut rebuild = Rebuild::default();
-        let mut services: HashMap<String, Arc<Service>>;
+        let mut services: ServiceMap;
         if full {
-            services = HashMap::new();
+            services = ServiceMap::default();
             self.routes.clear();
             self.routes_by_service.clear();
             self.problems
@@ -238,8 +243,8 @@ impl Builder {
             let Changed::Entities(keys) = changed else {
                 unreachable!("All is handled above")
             };
-            services = HashMap::new();
-            let mut services_copy: Option<HashMap<String, Arc<Service>>> = None;
+            services = ServiceMap::default();
+            let mut services_copy: Option<ServiceMap> = None;
             for (ty, id) in keys {
                 match ty.as_str() {
                     "services" => {
@@ -448,7 +453,7 @@ struct Rebuild {
 /// Whether a route goes into the router: Kong leaves out the routes of a disabled service
 /// (`kong/runloop/handler.lua` builds the router from routes whose service is enabled); a
 /// route without a service stays (it answers 503).
-fn routable(route: &Route, services: &HashMap<String, Arc<Service>>) -> bool {
+fn routable(route: &Route, services: &ServiceMap) -> bool {
     match &route.service_id {
         None => true,
         Some(id) => services.get(id).is_some_and(|s| s.enabled),

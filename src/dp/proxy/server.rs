@@ -27,7 +27,7 @@ use super::gateway::{Gateway, Service};
 use super::ipnet::IpNet;
 use super::plugins::{Ctx, LogEntry, PluginMessage, ResponseSource};
 use super::router::{self, Route};
-use super::upstream::{self, BoxError, ConnectError, PoolKey, ProxyBody, SendError};
+use super::upstream::{self, BoxError, ConnectError, OutBody, PoolKey, ProxyBody, SendError};
 
 /// What the proxy answers in `Via` and `Server` (Kong says `kong/<version>`; we say who we
 /// are, see the README's deviations).
@@ -104,13 +104,42 @@ impl Proxy {
     }
 }
 
-/// One accepted client connection, as the request path needs it.
-#[derive(Debug, Clone)]
+/// One accepted client connection, as the request path needs it, with the forwarding
+/// header values that are the same for each of its requests.
+#[derive(Debug)]
 struct Downstream {
     remote: SocketAddr,
     local_port: u16,
     tls: bool,
     sni: Option<Arc<str>>,
+    /// Whether the client's address is in `trusted_ips` (its X-Forwarded-* are kept).
+    trusted: bool,
+    /// The client's address as a header value (X-Real-IP; X-Forwarded-For when untrusted).
+    remote_ip: HeaderValue,
+    /// The listener's port as a header value (X-Forwarded-Port when Host has no port).
+    local_port_value: HeaderValue,
+}
+
+impl Downstream {
+    fn new(
+        proxy: &Proxy,
+        remote: SocketAddr,
+        local_port: u16,
+        tls: bool,
+        sni: Option<Arc<str>>,
+    ) -> Arc<Downstream> {
+        let ip = remote.ip();
+        Arc::new(Downstream {
+            remote,
+            local_port,
+            tls,
+            sni,
+            trusted: proxy.trusted.iter().any(|n| n.contains(ip)),
+            remote_ip: HeaderValue::from_str(&ip.to_string())
+                .expect("an IP address is a valid header value"),
+            local_port_value: HeaderValue::from(local_port),
+        })
+    }
 }
 
 /// Serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) on `listener` until
@@ -145,12 +174,7 @@ pub async fn serve(
             let builder = auto::Builder::new(TokioExecutor::new());
             match acceptor {
                 None => {
-                    let down = Downstream {
-                        remote,
-                        local_port,
-                        tls: false,
-                        sni: None,
-                    };
+                    let down = Downstream::new(&proxy, remote, local_port, false, None);
                     let svc = service_fn(move |req| handle(proxy.clone(), down.clone(), req));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                     let _ = watcher.watch(conn).await;
@@ -160,12 +184,7 @@ pub async fn serve(
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
                     let Ok(Ok(stream)) = accepted else { return };
                     let sni = stream.get_ref().1.server_name().map(Arc::from);
-                    let down = Downstream {
-                        remote,
-                        local_port,
-                        tls: true,
-                        sni,
-                    };
+                    let down = Downstream::new(&proxy, remote, local_port, true, sni);
                     let svc = service_fn(move |req| handle(proxy.clone(), down.clone(), req));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     let _ = watcher.watch(conn).await;
@@ -186,21 +205,23 @@ fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .boxed()
 }
 
-async fn handle(
-    proxy: Arc<Proxy>,
-    down: Downstream,
-    req: Request<Incoming>,
-) -> Result<Answer, std::convert::Infallible> {
-    let started = Instant::now();
-    let gateway = proxy.current();
-    let request_id = request_id();
-    let mut res = route_and_forward(&proxy, &gateway, &down, req, started, &request_id).await;
-    proxy.stats.count(res.status());
-    let h = res.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        h.insert(X_KONG_REQUEST_ID, v);
-    }
-    Ok(res)
+/// The future of one request, boxed once: hyper's dispatcher moves the future it is given,
+/// and the request path's state machine is several kilobytes.
+type Handling = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Answer, std::convert::Infallible>> + Send>,
+>;
+
+fn handle(proxy: Arc<Proxy>, down: Arc<Downstream>, req: Request<Incoming>) -> Handling {
+    Box::pin(async move {
+        let started = Instant::now();
+        let gateway = proxy.current();
+        let request_id = RequestId::new();
+        let mut res = route_and_forward(&proxy, &gateway, &down, req, started, &request_id).await;
+        proxy.stats.count(res.status());
+        res.headers_mut()
+            .insert(X_KONG_REQUEST_ID, request_id.value.clone());
+        Ok(res)
+    })
 }
 
 const X_KONG_REQUEST_ID: HeaderName = HeaderName::from_static("x-kong-request-id");
@@ -215,8 +236,27 @@ const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-pref
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Kong's `$kong_request_id`: nginx's `$request_id`, 16 random bytes in hex.
-fn request_id() -> String {
-    hex::encode(rand::random::<[u8; 16]>())
+struct RequestId {
+    text: [u8; 32],
+    /// The same, as the header value sent upstream and to the client.
+    value: HeaderValue,
+}
+
+impl RequestId {
+    fn new() -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 32];
+        for (i, b) in rand::random::<[u8; 16]>().into_iter().enumerate() {
+            text[2 * i] = HEX[usize::from(b >> 4)];
+            text[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        let value = HeaderValue::from_bytes(&text).expect("hex digits are a valid header value");
+        RequestId { text, value }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text).expect("hex digits are ASCII")
+    }
 }
 
 fn error(
@@ -251,16 +291,22 @@ async fn route_and_forward(
     down: &Downstream,
     req: Request<Incoming>,
     started: Instant,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> Answer {
+    let request_id_str = request_id.as_str();
     let (parts, body) = req.into_parts();
-    let host_header = parts
+    let host_from_header = parts
         .headers
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
-        .unwrap_or_default();
+        .filter(|h| h.to_str().is_ok());
+    let host_header = match host_from_header {
+        Some(h) => h.to_str().unwrap_or_default().to_owned(),
+        None => parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default(),
+    };
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -280,7 +326,7 @@ async fn route_and_forward(
             "no Route matched with those values",
             &parts.headers,
             Source::Runloop,
-            request_id,
+            request_id_str,
         );
     };
     let route = found.route.clone();
@@ -288,35 +334,51 @@ async fn route_and_forward(
     let normalized_path = found.path.clone();
     let captures = captures_of(&found);
 
-    // X-Forwarded-* as received, only from trusted addresses (`trusted_ips`).
-    let trusted = proxy.trusted.iter().any(|n| n.contains(down.remote.ip()));
-    let scheme = if down.tls { "https" } else { "http" };
+    // X-Forwarded-* as received, only from trusted addresses (`trusted_ips`); the values
+    // that are the same for every request of the connection are computed once per
+    // connection (`Downstream`).
+    let trusted = down.trusted;
     let (host_only, host_port) = split_host_port(&host_header);
-    let port = host_port.unwrap_or(down.local_port);
     let incoming = |name: &HeaderName| {
         trusted
-            .then(|| parts.headers.get(name).and_then(|v| v.to_str().ok()))
+            .then(|| parts.headers.get(name).filter(|v| v.to_str().is_ok()))
             .flatten()
-            .map(str::to_owned)
+            .cloned()
     };
-    let forwarded_proto = incoming(&X_FORWARDED_PROTO).unwrap_or_else(|| scheme.to_owned());
-    let forwarded_host = incoming(&X_FORWARDED_HOST).unwrap_or_else(|| host_only.to_owned());
-    let forwarded_port = incoming(&X_FORWARDED_PORT).unwrap_or_else(|| port.to_string());
+    let forwarded_proto = incoming(&X_FORWARDED_PROTO)
+        .unwrap_or_else(|| HeaderValue::from_static(if down.tls { "https" } else { "http" }));
+    let forwarded_host = incoming(&X_FORWARDED_HOST).or_else(|| match host_from_header {
+        // The Host header as it came, when it has no port: no copy.
+        Some(h) if host_only.len() == host_header.len() => Some(h.clone()),
+        _ => HeaderValue::from_str(host_only).ok(),
+    });
+    let forwarded_port = incoming(&X_FORWARDED_PORT).unwrap_or_else(|| match host_port {
+        Some(p) => HeaderValue::from(p),
+        None => down.local_port_value.clone(),
+    });
     let forwarded_path = incoming(&X_FORWARDED_PATH)
-        .unwrap_or_else(|| path_and_query.split('?').next().unwrap_or("/").to_owned());
-    let forwarded_prefix =
-        incoming(&X_FORWARDED_PREFIX).or_else(|| matched_path.clone().filter(|p| p != "/"));
+        .or_else(|| HeaderValue::from_str(path_and_query.split('?').next().unwrap_or("/")).ok());
+    let forwarded_prefix = incoming(&X_FORWARDED_PREFIX).or_else(|| {
+        matched_path
+            .as_deref()
+            .filter(|p| *p != "/")
+            .and_then(|p| HeaderValue::from_str(p).ok())
+    });
 
     // An https-only route over http (`kong/runloop/handler.lua`).
     let protocols = &route.protocols;
     if protocols.iter().any(|p| p == "https")
         && !protocols.iter().any(|p| p == "http")
-        && forwarded_proto != "https"
+        && forwarded_proto.as_bytes() != b"https"
     {
         let code = route.https_redirect_status_code;
         if matches!(code, 301 | 302 | 307 | 308) {
             let mut res = Response::new(full(Bytes::new()));
             *res.status_mut() = StatusCode::from_u16(code).expect("a redirect code");
+            let forwarded_host = forwarded_host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(host_only);
             if let Ok(v) =
                 HeaderValue::from_str(&format!("https://{forwarded_host}{path_and_query}"))
             {
@@ -329,7 +391,7 @@ async fn route_and_forward(
             "Please use HTTPS protocol",
             &parts.headers,
             Source::Runloop,
-            request_id,
+            request_id_str,
         );
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -351,7 +413,7 @@ async fn route_and_forward(
             "no Service found with those values",
             &parts.headers,
             Source::Runloop,
-            request_id,
+            request_id_str,
         );
     };
 
@@ -360,37 +422,46 @@ async fn route_and_forward(
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
         None => (path_and_query.clone(), None),
     };
+    let plugins = gateway.plugins.clone();
+    let no_plugins = plugins.is_empty();
+    // Without plugins, the context carries only what the balancer's hash reads.
     let mut ctx = Ctx::new(
-        service.ws_id.clone(),
+        if no_plugins {
+            String::new()
+        } else {
+            service.ws_id.clone()
+        },
         down.remote.ip(),
         parts.method.clone(),
         raw_path,
     );
-    ctx.route_id = Some(route.id.clone());
-    ctx.route_name = route.name.clone();
-    ctx.service_id = Some(service.id.clone());
-    ctx.service_name = service.name.clone();
-    ctx.service_host = Some(service.host.clone());
-    ctx.workspace_name = gateway.workspace_name(&service.ws_id).to_owned();
     ctx.query = query;
     ctx.headers = parts.headers;
     ctx.tls = down.tls;
     // The body, for a plugin that reads it (key-auth's key_in_body); left in its slot
     // (and streamed) when none does.
-    let plugins = gateway.plugins.clone();
-    let no_plugins = plugins.is_empty();
-    let slot = Arc::new(std::sync::Mutex::new(Some(body)));
-    if !no_plugins {
-        let slot = slot.clone();
+    let mut body = Some(body);
+    let slot = if no_plugins {
+        None
+    } else {
+        ctx.route_id = Some(route.id.clone());
+        ctx.route_name = route.name.clone();
+        ctx.service_id = Some(service.id.clone());
+        ctx.service_name = service.name.clone();
+        ctx.service_host = Some(service.host.clone());
+        ctx.workspace_name = gateway.workspace_name(&service.ws_id).to_owned();
+        let slot = Arc::new(std::sync::Mutex::new(body.take()));
+        let source = slot.clone();
         ctx.set_body_source(Box::pin(async move {
-            let body = slot.lock().expect("body slot").take()?;
+            let body = source.lock().expect("body slot").take()?;
             http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
                 .collect()
                 .await
                 .ok()
                 .map(|c| c.to_bytes())
         }));
-    }
+        Some(slot)
+    };
     if let Some(res) = plugins.access(&mut ctx).await {
         let (mut rp, body) = res.into_parts();
         let body = match rp.extensions.get::<PluginMessage>() {
@@ -402,7 +473,7 @@ async fn route_and_forward(
                         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
                 }
                 rp.headers.remove(header::CONTENT_LENGTH);
-                Bytes::from(errors::body(format, message, request_id))
+                Bytes::from(errors::body(format, message, request_id_str))
             }
             None => body.into_inner().unwrap_or_default(),
         };
@@ -422,7 +493,10 @@ async fn route_and_forward(
         );
         return Response::from_parts(rp, full(body));
     }
-    let body: Option<Incoming> = slot.lock().expect("body slot").take();
+    let body: Option<Incoming> = match slot {
+        Some(slot) => slot.lock().expect("body slot").take(),
+        None => body,
+    };
     let replaced = match (ctx.new_body.take(), ctx.read_body()) {
         (Some(b), _) => Some(b),
         (None, Some(read)) => Some(read.unwrap_or_default()),
@@ -444,21 +518,28 @@ async fn route_and_forward(
     let mut headers = std::mem::take(&mut ctx.headers);
     strip_hop_by_hop(&mut headers);
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if trusted => format!("{prev}, {}", down.remote.ip()),
-        _ => down.remote.ip().to_string(),
+        Some(prev) if trusted => HeaderValue::from_str(&format!("{prev}, {}", down.remote.ip()))
+            .unwrap_or_else(|_| down.remote_ip.clone()),
+        _ => down.remote_ip.clone(),
     };
-    set(&mut headers, X_FORWARDED_FOR, &xff);
-    set(&mut headers, X_FORWARDED_PROTO, &forwarded_proto);
-    set(&mut headers, X_FORWARDED_HOST, &forwarded_host);
-    set(&mut headers, X_FORWARDED_PORT, &forwarded_port);
-    set(&mut headers, X_FORWARDED_PATH, &forwarded_path);
-    match &forwarded_prefix {
-        Some(p) => set(&mut headers, X_FORWARDED_PREFIX, p),
+    headers.insert(X_FORWARDED_FOR, xff);
+    headers.insert(X_FORWARDED_PROTO, forwarded_proto);
+    if let Some(v) = forwarded_host {
+        headers.insert(X_FORWARDED_HOST, v);
+    }
+    headers.insert(X_FORWARDED_PORT, forwarded_port);
+    if let Some(v) = forwarded_path {
+        headers.insert(X_FORWARDED_PATH, v);
+    }
+    match forwarded_prefix {
+        Some(p) => {
+            headers.insert(X_FORWARDED_PREFIX, p);
+        }
         None => {
             headers.remove(&X_FORWARDED_PREFIX);
         }
     }
-    set(&mut headers, X_REAL_IP, &down.remote.ip().to_string());
+    headers.insert(X_REAL_IP, down.remote_ip.clone());
     match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
         Some(prev) => {
             let via = format!("{prev}, {} {SERVER_TOKEN}", via_version(parts.version));
@@ -468,21 +549,23 @@ async fn route_and_forward(
             headers.insert(header::VIA, via_value(parts.version));
         }
     }
-    set(&mut headers, X_KONG_REQUEST_ID, request_id);
+    headers.insert(X_KONG_REQUEST_ID, request_id.value.clone());
 
-    let body: ProxyBody = match (replaced, body) {
+    let body: OutBody = match (replaced, body) {
         (Some(b), _) => {
             headers.remove(header::CONTENT_LENGTH);
-            full(b)
+            OutBody::Full(b)
         }
         // Nothing to read (a GET): no buffer to fill.
-        (None, Some(body)) if hyper::body::Body::is_end_stream(&body) => full(Bytes::new()),
+        (None, Some(body)) if hyper::body::Body::is_end_stream(&body) => {
+            OutBody::Full(Bytes::new())
+        }
         (None, Some(body)) if route.request_buffering => {
             match http_body_util::Limited::new(body, MAX_BUFFERED_REQUEST)
                 .collect()
                 .await
             {
-                Ok(c) => full(c.to_bytes()),
+                Ok(c) => OutBody::Full(c.to_bytes()),
                 Err(e) => {
                     let too_large = e.is::<http_body_util::LengthLimitError>();
                     let status = if too_large {
@@ -495,13 +578,15 @@ async fn route_and_forward(
                         &errors::proxying_message(status),
                         &headers,
                         Source::Proxying,
-                        request_id,
+                        request_id_str,
                     );
                 }
             }
         }
-        (None, Some(body)) => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-        (None, None) => full(Bytes::new()),
+        (None, Some(body)) => {
+            OutBody::Stream(body.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+        }
+        (None, None) => OutBody::Full(Bytes::new()),
     };
 
     let attempt = Attempt {
@@ -516,9 +601,9 @@ async fn route_and_forward(
         host_header: &host_header,
         ctx: &ctx,
         captures: &captures,
-        request_id,
+        request_id: request_id_str,
     };
-    let (mut res, upstream_latency, target) = match attempt.run(body).await {
+    let (mut res, upstream_latency, answered, target) = match attempt.run(body).await {
         Ok(x) => x,
         Err(answer) => {
             let mut res = answer;
@@ -552,16 +637,16 @@ async fn route_and_forward(
             h.insert(header::VIA, via_value(version));
         }
     }
-    let kong_latency = started.elapsed().saturating_sub(upstream_latency);
-    set(
-        h,
+    let kong_latency = answered
+        .saturating_duration_since(started)
+        .saturating_sub(upstream_latency);
+    h.insert(
         X_KONG_UPSTREAM_LATENCY,
-        &upstream_latency.as_millis().to_string(),
+        HeaderValue::from(millis(upstream_latency)),
     );
-    set(
-        h,
+    h.insert(
         X_KONG_PROXY_LATENCY,
-        &kong_latency.as_millis().to_string(),
+        HeaderValue::from(millis(kong_latency)),
     );
     if no_plugins {
         // No header filter or log phase to run: the body goes out as it is.
@@ -589,6 +674,11 @@ async fn route_and_forward(
     Response::from_parts(rp, LoggedBody::new(body, Box::new(done)).boxed())
 }
 
+/// Whole milliseconds, as Kong's latency headers.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// One request's tries at the upstream (1 + the service's `retries` on connect failures).
 struct Attempt<'a> {
     proxy: &'a Arc<Proxy>,
@@ -606,7 +696,12 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    async fn run(mut self, body: ProxyBody) -> Result<(Answer, Duration, SocketAddr), Answer> {
+    /// The response, the upstream latency, when the response was ready to pass on, and the
+    /// target that answered; or the error answer.
+    async fn run(
+        mut self,
+        body: OutBody,
+    ) -> Result<(Answer, Duration, Instant, SocketAddr), Answer> {
         let service = self.service;
         // The headers move into the one request sent (retries happen before it is built).
         let mut headers = Some(std::mem::take(&mut self.headers));
@@ -749,9 +844,15 @@ impl Attempt<'_> {
             } else {
                 service.read_timeout + service.write_timeout
             };
-            match self.proxy.client.send(conn, req, timeout).await {
+            match self
+                .proxy
+                .client
+                .send(conn, req, timeout, service.connect_timeout)
+                .await
+            {
                 Ok(res) => {
-                    let latency = t0.elapsed();
+                    let mut answered = Instant::now();
+                    let latency = answered.saturating_duration_since(t0);
                     self.proxy
                         .stats
                         .upstream_latency
@@ -777,7 +878,10 @@ impl Attempt<'_> {
                             .is_some_and(|n| n <= MAX_BUFFERED_RESPONSE)
                     {
                         match ubody.collect_up_to(MAX_BUFFERED_RESPONSE).await {
-                            Ok(Some(b)) => full(b),
+                            Ok(Some(b)) => {
+                                answered = Instant::now();
+                                full(b)
+                            }
                             _ => {
                                 return Err(fail(
                                     StatusCode::BAD_GATEWAY,
@@ -788,11 +892,14 @@ impl Attempt<'_> {
                     } else {
                         ubody.boxed()
                     };
-                    return Ok((Response::from_parts(parts, body), latency, addr));
+                    return Ok((Response::from_parts(parts, body), latency, answered, addr));
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "upstream request failed");
-                    let timed_out = matches!(e, SendError::Timeout);
+                    let timed_out = matches!(
+                        e,
+                        SendError::Timeout | SendError::Reconnect(ConnectError::Timeout)
+                    );
                     if let Some(p) = pick {
                         p.report(if timed_out {
                             Outcome::Timeout
@@ -892,7 +999,13 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1, and those `Connection` names), as nginx
 /// does when proxying.
+///
+/// One pass over the names finds them; the map is changed only when there is one (most
+/// requests and responses carry none).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -903,18 +1016,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::TRAILER,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for n in present {
         headers.remove(n);
     }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers removed whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::TRAILER
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
 }
 
 /// A body that calls `done` with the bytes passed on once it ends or is dropped.

@@ -17,7 +17,7 @@ use crate::dp::proxy::router::matcher::{Key, Matcher, PathPat, Prepared};
 /// The multiply-rotate hash of rustc (FxHash): keys come from configuration, lookups from
 /// requests never insert, so flooding is not a concern and speed is.
 #[derive(Default, Clone, Copy)]
-pub(crate) struct FxHasher {
+pub struct FxHasher {
     hash: u64,
 }
 

@@ -17,6 +17,8 @@
 //! - `path.rs`: [`normalize_path`] and [`upstream_path_v0`].
 
 mod index;
+/// The hasher of the request path's maps (see [`index::FxHasher`]).
+pub use index::FxHasher;
 mod matcher;
 mod path;
 mod route;
