@@ -813,6 +813,13 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, SendError> {
         // HTTP/1.0 closes unless it says otherwise; we close it either way.
         keep_alive = false;
     }
+    if transfer_encoded && length.is_some() {
+        // Both framings: Transfer-Encoding wins, the Content-Length is not passed on (the
+        // client would frame the decoded body by it), and the connection is not reused
+        // (RFC 9112 §6.3: a possible response-splitting attempt; close after it).
+        headers.remove(header::CONTENT_LENGTH);
+        keep_alive = false;
+    }
     let framing = if transfer_encoded {
         if chunked {
             Framing::Chunked(Chunk::Size)
@@ -1475,6 +1482,29 @@ mod tests {
             assert!(!reused);
         }
         assert_eq!(up.accepts.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_content_length_and_closes() {
+        let up = upstream(vec![
+            answer(&[
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"5\r\nhello\r\n0\r\n\r\n",
+            ]),
+            answer(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
+        ])
+        .await;
+        let client = Client::new();
+        let (parts, body, _, _) = exchange(&client, &up, get("/")).await.unwrap();
+        assert_eq!(body, "hello");
+        assert!(parts.headers.get(header::CONTENT_LENGTH).is_none());
+        let (_, body, _, reused) = exchange(&client, &up, get("/")).await.unwrap();
+        assert_eq!(body, "ok");
+        assert!(
+            !reused,
+            "a response with both framings closes its connection"
+        );
+        assert_eq!(up.accepts.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
