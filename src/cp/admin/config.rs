@@ -85,14 +85,13 @@ pub(super) async fn post(State(state): State<Arc<AdminState>>, req: Request) -> 
     } else {
         ImportMode::Sync
     };
-    let outcome = match state.store.import(&config, mode, dry_run).await {
+    let outcome = match state.store.import(config, mode, dry_run).await {
         Ok(o) => o,
         Err(StoreError::InvalidConfig(invalid)) => {
             return invalid_response(&declarative::Error::Invalid(*invalid), flatten);
         }
         Err(e) => return error_response(e),
     };
-    drop(config);
     if check_hash && outcome.version.is_none() {
         return StatusCode::NOT_MODIFIED.into_response();
     }
@@ -246,13 +245,14 @@ fn refuse_disabled_plugins(
         .iter()
         .filter(|e| e.entity_type == crate::schema::PLUGINS)
     {
-        if let Some(name) = e.body.get("name").and_then(Value::as_str)
+        let body = e.value();
+        if let Some(name) = body.get("name").and_then(Value::as_str)
             && !state.enabled_plugins.contains(name)
         {
             problems.entity(
                 schema,
                 &e.id,
-                &e.body,
+                &body,
                 Some("name"),
                 format!(
                     "plugin '{name}' not enabled; add it to the 'plugins' configuration property"
