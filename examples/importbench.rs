@@ -9,10 +9,70 @@
 //! `cargo run --release --example importbench -- [groups]` (5 entities per group; default
 //! 6000 groups = 30,000 entities). Linux only (reads `/proc/self/status`).
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use deltaplane::cp::{self, CpConfig};
 use deltaplane::dp::{self, DpConfig};
+
+/// Counts the live heap bytes and their peak, to attribute memory to the import's phases
+/// (RSS alone also counts what the allocator keeps after a free).
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is `System::alloc`'s.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed)
+                    + (new_size - layout.size());
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The live heap now; resets the heap peak to it.
+fn heap_mark() -> usize {
+    let live = LIVE.load(Ordering::Relaxed);
+    PEAK.store(live, Ordering::Relaxed);
+    live
+}
+
+/// `(peak since the mark, live now)`, both above `base`, in MiB.
+fn heap_since(base: usize) -> (f64, f64) {
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    let live = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+    (mib(peak as u64), mib(live as u64))
+}
 
 /// `n` groups of five entities, spelled as burst.yml spells them (its service, route,
 /// upstream, target and ip-restriction plugin fields).
@@ -131,8 +191,10 @@ async fn main() -> anyhow::Result<()> {
     println!("file: {} entities, {:.1} MiB", groups * 5, mib(size));
     let rss_before = status_kb("VmRSS:");
     let can_reset = reset_peak();
+    let heap0 = heap_mark();
     let (status, summary, elapsed) = post(&client, &base, &file).await?;
     let peak = status_kb("VmHWM:");
+    let (heap_peak, heap_held) = heap_since(heap0);
     anyhow::ensure!(status == 201, "import answered {status}: {summary}");
     let growth = peak.saturating_sub(rss_before);
     println!("import: {:.2} s, {summary}", elapsed.as_secs_f64());
@@ -142,6 +204,10 @@ async fn main() -> anyhow::Result<()> {
             mib(growth),
             growth as f64 / size as f64,
             mib(rss_before)
+        );
+        println!(
+            "  heap: peak growth {heap_peak:.1} MiB = {:.1}x the file; held after the answer {heap_held:.1} MiB",
+            heap_peak * 1024.0 * 1024.0 / size as f64
         );
     } else {
         println!(
@@ -206,5 +272,52 @@ async fn main() -> anyhow::Result<()> {
         );
         drop(config);
     }
+    breakdown(&file, dir.path()).await
+}
+
+/// The import's phases on a fresh control plane, by live heap: the reader, the store's
+/// import (the parsed file held), what stays after (the recent-versions window).
+async fn breakdown(file: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let size = file.len() as f64;
+    let x = |m: f64| m * 1024.0 * 1024.0 / size;
+    let mut cfg = CpConfig::new(dir.join("cp2"));
+    cfg.admin_listen = "127.0.0.1:0".parse()?;
+    cfg.cluster_listen = "127.0.0.1:0".parse()?;
+    let cp = cp::start(cfg).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    println!("phases (live heap above the idle control plane; x = times the file):");
+    let base = heap_mark();
+    let config = deltaplane::declarative::parse(
+        cp.store.registry(),
+        file.as_bytes(),
+        &deltaplane::declarative::ParseOptions { now: 0 },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (p, h) = heap_since(base);
+    println!(
+        "  parse: peak {p:.1} MiB ({:.1}x), the Config holds {h:.1} MiB ({:.1}x)",
+        x(p),
+        x(h)
+    );
+    heap_mark();
+    let outcome = cp
+        .store
+        .import(config, deltaplane::cp::store::ImportMode::Sync, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (p, h) = heap_since(base);
+    println!(
+        "  import (consuming the parsed file): peak {p:.1} MiB ({:.1}x), the outcome holds {h:.1} MiB ({:.1}x)",
+        x(p),
+        x(h)
+    );
+    drop(outcome);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, h) = heap_since(base);
+    println!(
+        "  after the import, nothing held by the caller: {h:.1} MiB ({:.1}x) (the recent-versions window)",
+        x(h)
+    );
+    cp.shutdown().await;
     Ok(())
 }

@@ -281,7 +281,7 @@ async fn import(
     } else {
         ImportMode::Sync
     };
-    let result = store.import(&config, mode, dry_run).await;
+    let result = store.import(config, mode, dry_run).await;
     store.close().await;
     match result {
         Ok(outcome) => {

@@ -156,7 +156,8 @@ impl Recent {
         // A version with no deltas cannot exist (every version is a write), but the window
         // must stay contiguous whatever the read returned.
         let mut next = top + 1;
-        for v in read {
+        for mut v in read {
+            v.deltas.shrink_to_fit();
             if v.version != next || v.version > upto {
                 w.reset(epoch.clone(), info.version);
                 return Ok(());

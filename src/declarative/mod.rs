@@ -59,18 +59,31 @@ pub struct Config {
 }
 
 /// One entity of a [`Config`].
+///
+/// The body is kept as the canonical JSON text the control plane stores
+/// (`schema::index::canonical`), not as a `serde_json::Value` tree: a prepared entity's tree
+/// is about six times its text, and a large file's entities are all held at once. Callers
+/// parse a body back ([`Entity::value`]) one entity at a time, where they need its fields.
 #[derive(Debug, Clone)]
 pub struct Entity {
     /// The registry's type name (`services`).
     pub entity_type: String,
     /// Its primary key (`body["id"]`).
     pub id: String,
-    /// The complete entity.
-    pub body: Value,
+    /// The complete entity, as canonical JSON text.
+    pub body: Box<str>,
     /// Top-level fields the file did not give that the registry generated at random (a
     /// key-auth `key`): an importer keeps the stored entity's value for these, so importing
     /// the same file again changes nothing.
     pub generated: Vec<String>,
+}
+
+impl Entity {
+    /// The body as a JSON value. The text was written by the reader from a value, so it
+    /// always parses.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.body).expect("an entity body is JSON written by the reader")
+    }
 }
 
 /// Why a file was not accepted. Nothing is written for any of them.

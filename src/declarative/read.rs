@@ -627,7 +627,7 @@ impl<'r> Reader<'r, '_> {
                         per_type[ty].push(Entity {
                             entity_type: schema.name.clone(),
                             id,
-                            body: entity,
+                            body: crate::schema::index::canonical(&entity).into_boxed_str(),
                             generated,
                         });
                     }

@@ -52,7 +52,7 @@ fn service_id_from_its_name() {
         "_format_version: \"3.0\"\nservices:\n- name: billing\n  url: http://billing.internal\n",
     );
     assert_eq!(c.entities[0].id, "aa93ac78-2b4d-59d0-9897-62a161ae6928");
-    assert_eq!(c.entities[0].body["host"], "billing.internal");
+    assert_eq!(c.entities[0].value()["host"], "billing.internal");
 }
 
 /// Cache-key types: `build_cache_key` is `<type>:<ws or *>:<cache-key values>`, an absent
@@ -78,7 +78,7 @@ plugins:
     let svc = "aa93ac78-2b4d-59d0-9897-62a161ae6928";
     let up = kong_id("upstreams", "up");
     let plugins = of_type(&c, "plugins");
-    let by_name = |n: &str| plugins.iter().find(|p| p.body["name"] == n).unwrap();
+    let by_name = |n: &str| plugins.iter().find(|p| p.value()["name"] == n).unwrap();
     // plugins: cache_key = { "name", "route", "service", "consumer" }
     assert_eq!(
         by_name("key-auth").id,
@@ -94,14 +94,14 @@ plugins:
         by_name("cors").id,
         kong_id("plugins", "plugins:*:cors::billing:")
     );
-    assert_eq!(by_name("cors").body["service"], json!({ "id": svc }));
+    assert_eq!(by_name("cors").value()["service"], json!({ "id": svc }));
     // targets: cache_key = { "upstream", "target" }
     let t = &of_type(&c, "targets")[0];
     assert_eq!(
         t.id,
         kong_id("targets", &format!("targets:*:{up}:10.0.0.1:80"))
     );
-    assert_eq!(t.body["upstream"], json!({ "id": up }));
+    assert_eq!(t.value()["upstream"], json!({ "id": up }));
 }
 
 #[test]
@@ -160,14 +160,14 @@ fn burst_fixture() {
     let plugins = of_type(&c, "plugins");
     let global: Vec<_> = plugins
         .iter()
-        .filter(|p| p.body["service"].is_null() && p.body["route"].is_null())
+        .filter(|p| p.value()["service"].is_null() && p.value()["route"].is_null())
         .collect();
     assert_eq!(global.len(), 1);
-    assert_eq!(global[0].body["name"], "prometheus");
+    assert_eq!(global[0].value()["name"], "prometheus");
     assert_eq!(
         plugins
             .iter()
-            .filter(|p| p.body["name"] == "ip-restriction")
+            .filter(|p| p.value()["name"] == "ip-restriction")
             .count(),
         94
     );
@@ -270,12 +270,20 @@ plugins:
     )
 }
 
+/// The entities as `(type, value)`, as `write` takes them.
+fn values(c: &Config) -> Vec<(&str, Value)> {
+    c.entities
+        .iter()
+        .map(|e| (e.entity_type.as_str(), e.value()))
+        .collect()
+}
+
 fn comparable(c: &Config) -> Vec<(String, String, Value)> {
     let mut out: Vec<_> = c
         .entities
         .iter()
         .map(|e| {
-            let mut body = e.body.clone();
+            let mut body = e.value();
             // Kong's process_auto_fields sets updated_at on every insert.
             body.as_object_mut().unwrap().remove("updated_at");
             (e.entity_type.clone(), e.id.clone(), body)
@@ -304,30 +312,30 @@ fn every_type_parses_with_nesting() {
     assert_eq!(count("plugins"), 5);
     let alice = kong_id("consumers", "alice");
     let basic = &of_type(&c, "basicauth_credentials")[0];
-    assert_eq!(basic.body["consumer"], json!({ "id": alice }));
+    assert_eq!(basic.value()["consumer"], json!({ "id": alice }));
     // _transform defaults to true: the password is hashed with the consumer id.
     let mut h = <sha1::Sha1 as sha1::Digest>::new();
     sha1::Digest::update(&mut h, format!("secret{alice}").as_bytes());
     assert_eq!(
-        basic.body["password"],
+        basic.value()["password"],
         hex::encode(sha1::Digest::finalize(h))
     );
     let sni = &of_type(&c, "snis")[0];
     assert_eq!(
-        sni.body["certificate"],
+        sni.value()["certificate"],
         json!({ "id": "4e3ad2e4-0bc4-4638-8e34-c84a417ba39b" })
     );
     let route = of_type(&c, "routes")
         .into_iter()
-        .find(|r| r.body["name"] == "billing-route")
+        .find(|r| r.value()["name"] == "billing-route")
         .unwrap();
     let cors = of_type(&c, "plugins")
         .into_iter()
-        .find(|p| p.body["name"] == "cors")
+        .find(|p| p.value()["name"] == "cors")
         .unwrap();
-    assert_eq!(cors.body["route"], json!({ "id": route.id }));
+    assert_eq!(cors.value()["route"], json!({ "id": route.id }));
     let target = &of_type(&c, "targets")[1];
-    assert_eq!(target.body["target"], "10.0.0.2:8000");
+    assert_eq!(target.value()["target"], "10.0.0.2:8000");
 }
 
 #[test]
@@ -338,10 +346,7 @@ fn write_then_parse_gives_the_same_entities() {
         for nested in [false, true] {
             let text = write(
                 reg(),
-                first
-                    .entities
-                    .iter()
-                    .map(|e| (e.entity_type.as_str(), &e.body)),
+                values(&first).iter().map(|(t, v)| (*t, v)),
                 WriteOptions { format, nested },
             );
             let again = parse(reg(), text.as_bytes(), &opts())
@@ -355,10 +360,7 @@ fn write_then_parse_gives_the_same_entities() {
             // And once more: the output is a fixed point.
             let text2 = write(
                 reg(),
-                again
-                    .entities
-                    .iter()
-                    .map(|e| (e.entity_type.as_str(), &e.body)),
+                values(&again).iter().map(|(t, v)| (*t, v)),
                 WriteOptions { format, nested },
             );
             let strip = |t: &str| {
@@ -377,7 +379,7 @@ fn flat_write_is_kong_db_export() {
     let c = ok(&every_type_file());
     let text = write(
         reg(),
-        c.entities.iter().map(|e| (e.entity_type.as_str(), &e.body)),
+        values(&c).iter().map(|(t, v)| (*t, v)),
         WriteOptions {
             format: OutputFormat::Yaml,
             nested: false,
@@ -405,7 +407,7 @@ fn nested_write_is_decks_shape() {
     let c = ok(&every_type_file());
     let text = write(
         reg(),
-        c.entities.iter().map(|e| (e.entity_type.as_str(), &e.body)),
+        values(&c).iter().map(|(t, v)| (*t, v)),
         WriteOptions {
             format: OutputFormat::Json,
             nested: true,
@@ -669,7 +671,8 @@ services:
         vec!["managed".to_owned(), "team-a".to_owned()]
     );
     for e in &c.entities {
-        let tags: Vec<&str> = e.body["tags"]
+        let body = e.value();
+        let tags: Vec<&str> = body["tags"]
             .as_array()
             .unwrap()
             .iter()
@@ -681,7 +684,7 @@ services:
         );
     }
     assert_eq!(
-        c.entities[0].body["tags"],
+        c.entities[0].value()["tags"],
         json!(["team-a", "own", "managed"])
     );
     let b = body(
@@ -715,8 +718,8 @@ services:
   _ignore:
   - whatever: true
 "#);
-    assert!(c.entities[0].body.get("_comment").is_none());
-    assert!(c.entities[0].body.get("_ignore").is_none());
+    assert!(c.entities[0].value().get("_comment").is_none());
+    assert!(c.entities[0].value().get("_ignore").is_none());
 }
 
 #[test]
@@ -731,7 +734,7 @@ consumers:
 "#);
     assert!(!c.transform);
     assert_eq!(
-        of_type(&c, "basicauth_credentials")[0].body["password"],
+        of_type(&c, "basicauth_credentials")[0].value()["password"],
         "already-hashed"
     );
 }
@@ -826,7 +829,7 @@ fn thirty_thousand_entities() {
     let started = std::time::Instant::now();
     let out = write(
         reg(),
-        c.entities.iter().map(|e| (e.entity_type.as_str(), &e.body)),
+        values(&c).iter().map(|(t, v)| (*t, v)),
         WriteOptions {
             format: OutputFormat::Yaml,
             nested: false,
@@ -902,22 +905,28 @@ services:
         for text in &configs {
             let c = ok(text);
             let services = of_type(&c, "services");
-            let bar = services.iter().find(|s| s.body["name"] == "bar").unwrap();
-            assert_eq!(bar.body["host"], "example.test");
-            assert_eq!(bar.body["protocol"], "http");
-            assert_eq!(bar.body["port"], 3000);
-            let foo = services.iter().find(|s| s.body["name"] == "foo").unwrap();
-            assert_eq!(foo.body["protocol"], "https");
-            assert_eq!(foo.body["enabled"], false);
+            let bar = services
+                .iter()
+                .find(|s| s.value()["name"] == "bar")
+                .unwrap();
+            assert_eq!(bar.value()["host"], "example.test");
+            assert_eq!(bar.value()["protocol"], "http");
+            assert_eq!(bar.value()["port"], 3000);
+            let foo = services
+                .iter()
+                .find(|s| s.value()["name"] == "foo")
+                .unwrap();
+            assert_eq!(foo.value()["protocol"], "https");
+            assert_eq!(foo.value()["enabled"], false);
             let route = &of_type(&c, "routes")[0];
-            assert_eq!(route.body["protocols"], json!(["https"]));
-            assert_eq!(route.body["service"], json!({ "id": foo.id }));
+            assert_eq!(route.value()["protocols"], json!(["https"]));
+            assert_eq!(route.value()["service"], json!({ "id": foo.id }));
             let expected = if version == "3.0" {
                 json!(["/regex.+", "/prefix"])
             } else {
                 json!(["~/regex.+", "/prefix"])
             };
-            assert_eq!(route.body["paths"], expected, "{version}");
+            assert_eq!(route.value()["paths"], expected, "{version}");
         }
     }
 }
@@ -1006,8 +1015,8 @@ fn yaml_scalars_follow_lyaml() {
     }
     // Quoted scalars are strings.
     let c = ok("_format_version: \"3.0\"\nservices:\n- name: \"yes\"\n  host: 'on'\n");
-    assert_eq!(c.entities[0].body["name"], "yes");
-    assert_eq!(c.entities[0].body["host"], "on");
+    assert_eq!(c.entities[0].value()["name"], "yes");
+    assert_eq!(c.entities[0].value()["host"], "on");
 }
 
 /// Strings that would read back as something else are quoted by the writer.

@@ -369,7 +369,7 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
         .iter()
         .find(|e| {
             e.entity_type == crate::schema::WORKSPACES
-                && e.body.get("name").and_then(Value::as_str) == Some("default")
+                && e.value().get("name").and_then(Value::as_str) == Some("default")
         })
         .map(|e| e.id.clone());
     let mut entities: Vec<(String, String, String, Value)> =
@@ -409,7 +409,8 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
             e.id.clone()
         };
         let stored = stored_in(&snapshot, &e.entity_type, &ws, &e.id)?;
-        let body = settle(e.body, &e.generated, stored.as_ref());
+        // Parsed back one entity at a time.
+        let body = settle(e.value(), &e.generated, stored.as_ref());
         entities.push((e.entity_type, e.id, ws, body));
     }
     drop(snapshot);

@@ -269,6 +269,13 @@ impl DeltaText {
         out.push(b'}');
     }
 
+    /// Gives back the growth slack (up to half of a large version's text) once no more
+    /// deltas will be pushed.
+    pub fn shrink_to_fit(&mut self) {
+        self.bytes.shrink_to_fit();
+        self.starts.shrink_to_fit();
+    }
+
     /// The number of deltas.
     pub fn len(&self) -> usize {
         self.starts.len()

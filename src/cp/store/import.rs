@@ -96,7 +96,9 @@ pub struct ImportedEntity {
 /// A stored entity, as read at the start of the import.
 struct Stored {
     ws: String,
-    body: String,
+    /// Shared with the outcome (unchanged entities) and the plans (the text before a change),
+    /// so one stored text is held once.
+    body: Arc<str>,
     /// Named by the file (kept, updated or replaced), so never deleted.
     in_file: bool,
 }
@@ -107,7 +109,7 @@ struct Planned {
     id: String,
     ws: String,
     /// The stored workspace and text before the change, `None` when new.
-    old: Option<(String, String)>,
+    old: Option<(String, Arc<str>)>,
     /// The text after the change, `None` when deleted.
     new: Option<Arc<str>>,
     /// The new index rows (created and updated entities).
@@ -136,7 +138,7 @@ impl Store {
     /// nothing is written.
     pub async fn import(
         &self,
-        config: &declarative::Config,
+        config: declarative::Config,
         mode: ImportMode,
         dry_run: bool,
     ) -> Result<ImportOutcome, StoreError> {
@@ -182,7 +184,7 @@ impl Store {
     async fn import_in(
         &self,
         tx: &mut Txn<'_>,
-        config: &declarative::Config,
+        config: declarative::Config,
         mode: ImportMode,
         dry_run: bool,
         start: i64,
@@ -195,14 +197,21 @@ impl Store {
         let mut stored = load_entities(tx.conn).await?;
         let mut problems = ConfigProblems::default();
         let mut plans: Vec<Planned> = Vec::new();
-        let mut entities = Vec::with_capacity(config.entities.len());
+        let declarative::Config {
+            entities: file_entities,
+            select_tags,
+            ..
+        } = config;
+        let mut entities = Vec::with_capacity(file_entities.len());
         // (type, id the file gave or the reader generated) -> stored id, for random ids.
         let mut remap: HashMap<(String, String), String> = HashMap::new();
         // Per type, stored entities by content, built when a file entity has a random id.
         let mut by_content: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
         let mut file_ids: HashSet<(String, String)> = HashSet::new();
 
-        for entity in &config.entities {
+        // The file's entities are consumed one at a time: each body is parsed, compared and
+        // dropped, so the file's texts and the planned ones are never both held whole.
+        for entity in file_entities {
             let ty = entity.entity_type.as_str();
             if ty == WORKSPACES {
                 // The file's entities all live in the default workspace.
@@ -213,7 +222,7 @@ impl Store {
                     "unknown entity type '{ty}'"
                 )));
             };
-            let mut body = entity.body.clone();
+            let mut body = entity.value();
             remap_references(&registry, &schema, &mut body, &remap);
             let mut id = entity.id.clone();
             if entity.generated.iter().any(|g| *g == schema.primary_key) {
@@ -255,9 +264,10 @@ impl Store {
                         StoreError::Internal(format!("corrupt entity {ty}/{id}: {e}"))
                     })?;
                     keep_stored_fields(&mut body, &previous, &entity.generated);
-                    let same = canonical(&body);
-                    if same == old.body {
-                        Arc::from(same)
+                    drop(previous);
+                    if canonical(&body) == *old.body {
+                        // Unchanged: the stored text itself, shared.
+                        old.body.clone()
                     } else {
                         if let Some(Value::Number(_)) = body.get("updated_at")
                             && let Value::Object(m) = &mut body
@@ -277,7 +287,14 @@ impl Store {
                     }
                 }
                 None => {
-                    let text: Arc<str> = Arc::from(canonical(&body));
+                    // The reader's text unless a reference was remapped above.
+                    let text = canonical(&body);
+                    let text: Arc<str> = if text == *entity.body {
+                        drop(text);
+                        Arc::from(entity.body)
+                    } else {
+                        Arc::from(text)
+                    };
                     plans.push(Planned {
                         ty: ty.to_owned(),
                         id: id.clone(),
@@ -303,12 +320,12 @@ impl Store {
                 .iter()
                 .filter(|((ty, _), s)| !s.in_file && ty != WORKSPACES)
                 .collect();
-            if !config.select_tags.is_empty() {
+            if !select_tags.is_empty() {
                 gone.retain(|(_, s)| {
                     let tags = serde_json::from_str::<Value>(&s.body)
                         .map(|v| crate::schema::index::tags_of(&v))
                         .unwrap_or_default();
-                    config.select_tags.iter().all(|t| tags.contains(t))
+                    select_tags.iter().all(|t| tags.contains(t))
                 });
             }
             // Children first, for readers of the log that apply in order.
@@ -502,7 +519,7 @@ async fn load_entities(
                 (ty, id),
                 Stored {
                     ws,
-                    body,
+                    body: Arc::from(body),
                     in_file: false,
                 },
             )
@@ -963,7 +980,7 @@ mod tests {
         Entity {
             entity_type: ty.into(),
             id: prepared.entity["id"].as_str().expect("id").into(),
-            body: prepared.entity,
+            body: canonical(&prepared.entity).into_boxed_str(),
             generated: Vec::new(),
         }
     }
@@ -1015,7 +1032,7 @@ mod tests {
         let store = store(&dir).await;
         let head = store.version_info().await.unwrap().version;
         let first = store
-            .import(&config(base(&store, 100)), ImportMode::Sync, false)
+            .import(config(base(&store, 100)), ImportMode::Sync, false)
             .await
             .unwrap();
         assert_eq!(first.version, Some(head + 1));
@@ -1026,7 +1043,7 @@ mod tests {
 
         // The same file later: timestamps differ, nothing else: no version.
         let again = store
-            .import(&config(base(&store, 200)), ImportMode::Sync, false)
+            .import(config(base(&store, 200)), ImportMode::Sync, false)
             .await
             .unwrap();
         assert_eq!(again.version, None);
@@ -1043,7 +1060,7 @@ mod tests {
             300,
         );
         let changed = store
-            .import(&config(next), ImportMode::Sync, false)
+            .import(config(next), ImportMode::Sync, false)
             .await
             .unwrap();
         assert_eq!(changed.version, Some(head + 2));
@@ -1091,7 +1108,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         store
-            .import(&config(base(&store, 100)), ImportMode::Sync, false)
+            .import(config(base(&store, 100)), ImportMode::Sync, false)
             .await
             .unwrap();
         let head = store.version_info().await.unwrap();
@@ -1102,7 +1119,7 @@ mod tests {
             100,
         )];
         let dry = store
-            .import(&config(only.clone()), ImportMode::Sync, true)
+            .import(config(only.clone()), ImportMode::Sync, true)
             .await
             .unwrap();
         assert!(dry.dry_run);
@@ -1115,7 +1132,7 @@ mod tests {
         assert!(store.get("routes", R1).await.unwrap().is_some());
 
         let up = store
-            .import(&config(only), ImportMode::Upsert, false)
+            .import(config(only), ImportMode::Upsert, false)
             .await
             .unwrap();
         assert_eq!(counts(&up, "services"), (0, 1, 0));
@@ -1128,7 +1145,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         store
-            .import(&config(base(&store, 100)), ImportMode::Sync, false)
+            .import(config(base(&store, 100)), ImportMode::Sync, false)
             .await
             .unwrap();
         let head = store.version_info().await.unwrap().version;
@@ -1140,7 +1157,7 @@ mod tests {
             100,
         )];
         let err = store
-            .import(&config(clash.clone()), ImportMode::Upsert, false)
+            .import(config(clash.clone()), ImportMode::Upsert, false)
             .await
             .unwrap_err();
         let StoreError::InvalidConfig(invalid) = err else {
@@ -1152,7 +1169,7 @@ mod tests {
         assert_eq!(store.version_info().await.unwrap().version, head);
         // In sync mode the old `billing` goes with its route, so the name is free.
         let replaced = store
-            .import(&config(clash), ImportMode::Sync, false)
+            .import(config(clash), ImportMode::Sync, false)
             .await
             .unwrap();
         assert_eq!(counts(&replaced, "services"), (1, 0, 2));
@@ -1183,14 +1200,14 @@ mod tests {
             100,
         );
         store
-            .import(&config(vec![svc, other, route]), ImportMode::Sync, false)
+            .import(config(vec![svc, other, route]), ImportMode::Sync, false)
             .await
             .unwrap();
         let head = store.version_info().await.unwrap().version;
         let mut tagged = config(Vec::new());
         tagged.select_tags = vec!["team-a".into()];
         let err = store
-            .import(&tagged, ImportMode::Sync, false)
+            .import(tagged.clone(), ImportMode::Sync, false)
             .await
             .unwrap_err();
         let StoreError::InvalidConfig(invalid) = err else {
@@ -1208,7 +1225,7 @@ mod tests {
             .await
             .unwrap();
         let done = store
-            .import(&tagged, ImportMode::Sync, false)
+            .import(tagged.clone(), ImportMode::Sync, false)
             .await
             .unwrap();
         assert_eq!(counts(&done, "services"), (0, 0, 1));
@@ -1248,12 +1265,12 @@ mod tests {
             config(vec![svc, route, consumer, key])
         };
         let first = store
-            .import(&file(&store), ImportMode::Sync, false)
+            .import(file(&store), ImportMode::Sync, false)
             .await
             .unwrap();
         assert!(first.version.is_some());
         let again = store
-            .import(&file(&store), ImportMode::Sync, false)
+            .import(file(&store), ImportMode::Sync, false)
             .await
             .unwrap();
         assert_eq!(again.version, None, "{:?}", again.counts);
