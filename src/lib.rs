@@ -12,6 +12,8 @@
 //!   codecs, JSON-RPC, the hello, typed sync v2 messages, sync v1 messages and hash.
 //! - [`net`]: the runtime pieces of a cluster link: mTLS, the hello exchange, the symmetric
 //!   JSON-RPC peer, the operator JSON-RPC endpoint, and what both planes' `/metrics` share.
+//! - [`uri`]: Kong's URI normalisation (`kong/tools/uri.lua`), for the router and the
+//!   declarative reader.
 //! - [`settings`] and [`node`]: flags both binaries accept; node id, clock, shutdown signal.
 //! - [`cp`] (feature `cp`): the control plane: its SQL store, Admin API, cluster listener.
 //! - [`dp`] (feature `dp`): the data plane: its redb store, sync link, status listener, and the
@@ -34,3 +36,4 @@ pub mod node;
 pub mod proto;
 pub mod schema;
 pub mod settings;
+pub mod uri;

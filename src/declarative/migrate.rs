@@ -6,6 +6,8 @@
 //! percent-encoded triplets decoded (reserved characters kept encoded, upper-cased; regex
 //! metacharacters decoded escaped).
 
+use crate::uri::hex_pair;
+
 /// One path as Kong's `migrate_path` rewrites it.
 pub fn migrate_path(path: &str) -> String {
     let plain = path
@@ -17,89 +19,9 @@ pub fn migrate_path(path: &str) -> String {
     format!("~{}", normalize_regex(path))
 }
 
-const RESERVED: &[u8] = b"!*'();:@&=+$,/?%#[]";
-
-fn hex_pair(b: &[u8]) -> Option<u8> {
-    if b.len() < 2 {
-        return None;
-    }
-    let s = std::str::from_utf8(&b[..2]).ok()?;
-    u8::from_str_radix(s, 16).ok()
-}
-
-/// `normalize_decode` triplets: reserved characters stay encoded (upper-cased), the rest
-/// are decoded.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(n) = hex_pair(&b[i + 1..])
-        {
-            if RESERVED.contains(&n) {
-                out.push(b'%');
-                out.extend(b[i + 1..i + 3].to_ascii_uppercase());
-            } else {
-                out.push(n);
-            }
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-/// `kong/tools/uri.lua` `normalize(uri, true)`: percent-decoding, dot segments removed,
-/// repeated slashes merged.
+/// `kong/tools/uri.lua` `normalize(uri, true)` as text.
 fn normalize(uri: &str) -> String {
-    if uri.is_empty() || uri == "/" {
-        return uri.to_owned();
-    }
-    let decoded = if uri.contains('%') {
-        percent_decode(uri)
-    } else {
-        uri.as_bytes().to_vec()
-    };
-    if !decoded.contains(&b'.') && !decoded.windows(2).any(|w| w == b"//") {
-        return String::from_utf8_lossy(&decoded).into_owned();
-    }
-    let mut segments: Vec<&[u8]> = Vec::new();
-    let mut input: &[u8] = &decoded;
-    while !input.is_empty() {
-        if input == b"/." {
-            input = b"/";
-        } else if input == b"/.." {
-            input = b"/";
-            segments.pop();
-        } else if input == b"." || input == b".." {
-            input = b"";
-        } else if input.starts_with(b"../") {
-            input = &input[3..];
-        } else if input.starts_with(b"./") || input.starts_with(b"/./") {
-            // `./` goes, and `/./` becomes `/`.
-            input = &input[2..];
-        } else if input.starts_with(b"/../") {
-            input = &input[3..];
-            segments.pop();
-        } else if input.starts_with(b"//") {
-            input = &input[1..];
-        } else {
-            match input.iter().skip(1).position(|&b| b == b'/') {
-                Some(p) => {
-                    segments.push(&input[..p + 1]);
-                    input = &input[p + 1..];
-                }
-                None => {
-                    segments.push(input);
-                    input = b"";
-                }
-            }
-        }
-    }
-    String::from_utf8_lossy(&segments.concat()).into_owned()
+    String::from_utf8_lossy(&crate::uri::normalize(uri)).into_owned()
 }
 
 /// `normalize_regex`: triplets of reserved characters upper-cased, of regex metacharacters

@@ -70,6 +70,11 @@ const RULES: &[(&str, &str, &str)] = &[
         "balancers see entities handed to them, never the store",
     ),
     (
+        "uri.rs",
+        r"\btokio\b|\bsqlx\b|\bredb\b|\bhyper\b|crate::(net|cp|dp|proto|declarative)\b",
+        "Kong's URI tools are pure functions",
+    ),
+    (
         "node.rs",
         r"\bcp::|\bdp::|\bsqlx\b|\bredb\b",
         "node helpers know neither plane",

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 /// (RFC 3986) and merges repeated slashes. Bytes that decode to invalid UTF-8 are replaced
 /// (lossy) here; the router itself answers no match for such a path, as Kong does.
 pub fn normalize_path(raw: &str) -> Cow<'_, str> {
-    match normalize_bytes(strip_query(raw)) {
+    match crate::uri::normalize(strip_query(raw)) {
         Cow::Borrowed(b) => String::from_utf8_lossy(b),
         Cow::Owned(v) => Cow::Owned(String::from_utf8_lossy(&v).into_owned()),
     }
@@ -26,7 +26,7 @@ pub fn normalize_path(raw: &str) -> Cow<'_, str> {
 /// Kong's router then fails with "invalid utf-8 sequence" and answers 404
 /// (`spec/01-unit/08-router_spec.lua`, "gracefully handles invalid utf-8 sequences").
 pub(crate) fn normalize_for_match(raw: &str) -> Option<Cow<'_, str>> {
-    match normalize_bytes(strip_query(raw)) {
+    match crate::uri::normalize(strip_query(raw)) {
         Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
         Cow::Owned(v) => String::from_utf8(v).ok().map(Cow::Owned),
     }
@@ -110,98 +110,4 @@ fn strip_query(raw: &str) -> &str {
         Some(idx) => &raw[..idx + 1],
         None => raw,
     }
-}
-
-/// Reserved characters stay percent-encoded (`RESERVED_CHARS` in `kong/tools/uri.lua`).
-fn is_reserved(b: u8) -> bool {
-    b"!*'();:@&=+$,/?%#[]".contains(&b)
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-fn percent_decode(uri: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(uri.len());
-    let mut i = 0;
-    while i < uri.len() {
-        if uri[i] == b'%'
-            && i + 2 < uri.len()
-            && let (Some(hi), Some(lo)) = (hex_val(uri[i + 1]), hex_val(uri[i + 2]))
-        {
-            let byte = hi * 16 + lo;
-            if is_reserved(byte) {
-                out.push(b'%');
-                out.push(uri[i + 1].to_ascii_uppercase());
-                out.push(uri[i + 2].to_ascii_uppercase());
-            } else {
-                out.push(byte);
-            }
-            i += 3;
-            continue;
-        }
-        out.push(uri[i]);
-        i += 1;
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `normalize(uri, true)` from `kong/tools/uri.lua`, on bytes.
-fn normalize_bytes(uri: &str) -> Cow<'_, [u8]> {
-    let bytes = uri.as_bytes();
-    if bytes.is_empty() || bytes == b"/" {
-        return Cow::Borrowed(bytes);
-    }
-    let decoded: Cow<'_, [u8]> = if bytes.contains(&b'%') {
-        Cow::Owned(percent_decode(bytes))
-    } else {
-        Cow::Borrowed(bytes)
-    };
-    if !decoded.contains(&b'.') && !contains(&decoded, b"//") {
-        return decoded;
-    }
-
-    let mut segments: Vec<&[u8]> = Vec::new();
-    let mut input: &[u8] = &decoded;
-    while !input.is_empty() {
-        if input == b"/." {
-            input = b"/";
-        } else if input == b"/.." {
-            input = b"/";
-            segments.pop();
-        } else if input == b"." || input == b".." {
-            input = b"";
-        } else if input.starts_with(b"../") {
-            input = &input[3..];
-        } else if input.starts_with(b"./") || input.starts_with(b"/./") {
-            // `./` goes, and `/./` becomes `/`.
-            input = &input[2..];
-        } else if input.starts_with(b"/../") {
-            input = &input[3..];
-            segments.pop();
-        } else if input.starts_with(b"//") {
-            input = &input[1..];
-        } else {
-            match input.iter().skip(1).position(|&b| b == b'/') {
-                Some(idx) => {
-                    segments.push(&input[..idx + 1]);
-                    input = &input[idx + 1..];
-                }
-                None => {
-                    segments.push(input);
-                    input = b"";
-                }
-            }
-        }
-    }
-    Cow::Owned(segments.concat())
 }
