@@ -144,6 +144,37 @@ pub fn parse(registry: &Registry, text: &[u8], options: &ParseOptions) -> Result
     read::parse(registry, text, options)
 }
 
+/// Settles a file's entity against the stored entity of the same type and id, as both planes
+/// import a file: the timestamps and the fields the reader generated at random (`generated`)
+/// are the stored ones, so they never count as changes. When anything else differs,
+/// `updated_at` (where the type has one) becomes `now`. Returns whether the entity changed;
+/// when it did not, `body` equals `stored`.
+pub fn settle(body: &mut Value, stored: &Value, generated: &[String], now: i64) -> bool {
+    let Value::Object(m) = body else {
+        return *body != *stored;
+    };
+    for name in generated
+        .iter()
+        .map(String::as_str)
+        .chain(["created_at", "updated_at"])
+    {
+        if let Some(v) = stored.get(name)
+            && m.contains_key(name)
+        {
+            m.insert(name.to_owned(), v.clone());
+        }
+    }
+    if *body == *stored {
+        return false;
+    }
+    if let Some(updated) = body.get_mut("updated_at")
+        && updated.is_number()
+    {
+        *updated = Value::from(now);
+    }
+    true
+}
+
 /// Kong's generated id for an entity of `entity_type` the file gives without one, when it
 /// has a natural key (`get_key_for_uuid_gen`): `uuid5(uuid5(NS, type), key)`.
 pub const UUID_NAMESPACE: &str = "fd02801f-0957-4a15-a55a-c8d9606f30b5";

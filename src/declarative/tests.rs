@@ -1492,3 +1492,27 @@ upstreams:
         .unwrap();
     assert!(mis["entity"].get("routes").is_none());
 }
+
+#[test]
+fn settle_keeps_stored_timestamps_and_generated_values() {
+    let stored =
+        json!({"id": "a", "key": "k-stored", "tags": null, "created_at": 1, "updated_at": 2});
+    // Only timestamps and generated values differ: the stored entity, as it was.
+    let mut read =
+        json!({"id": "a", "key": "k-random", "tags": null, "created_at": 9, "updated_at": 9});
+    assert!(!super::settle(&mut read, &stored, &["key".into()], 50));
+    assert_eq!(read, stored);
+    // Something else changed: the stored key and created_at, updated_at now.
+    let mut read =
+        json!({"id": "a", "key": "k-random", "tags": ["x"], "created_at": 9, "updated_at": 9});
+    assert!(super::settle(&mut read, &stored, &["key".into()], 50));
+    assert_eq!(
+        read,
+        json!({"id": "a", "key": "k-stored", "tags": ["x"], "created_at": 1, "updated_at": 50})
+    );
+    // A key the file gives is not generated: a different one is a change.
+    let mut read =
+        json!({"id": "a", "key": "k-file", "tags": null, "created_at": 9, "updated_at": 9});
+    assert!(super::settle(&mut read, &stored, &[], 50));
+    assert_eq!(read["key"], json!("k-file"));
+}

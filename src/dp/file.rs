@@ -51,10 +51,6 @@ pub const FILE_EPOCH: &str = "declarative-file";
 /// (`DECLARATIVE_DEFAULT_WORKSPACE_ID`, `kong/constants.lua`).
 pub const DEFAULT_WORKSPACE_ID: &str = "0dc6f45b-8f8d-40d2-a504-473544ee190b";
 
-/// Fields the store's entities carry as Kong's auto timestamps: a file that does not fix them
-/// gets `now`, which is no change.
-const TIMESTAMPS: [&str; 2] = ["created_at", "updated_at"];
-
 /// Where a configuration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -374,11 +370,11 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
         .map(|e| e.id.clone());
     let mut entities: Vec<(String, String, String, Value)> =
         Vec::with_capacity(config.entities.len() + 1);
+    let now = crate::node::now_secs();
     let ws_id = match default_ws {
         Some(id) => id,
         None => {
             let id = DEFAULT_WORKSPACE_ID.to_owned();
-            let now = crate::node::now_secs();
             let body = json!({
                 "id": id,
                 "name": "default",
@@ -389,7 +385,7 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
                 "updated_at": now,
             });
             let stored = stored_in(&snapshot, crate::schema::WORKSPACES, &id, &id)?;
-            let body = settle(body, &[], stored.as_ref());
+            let body = settle(body, &[], stored.as_ref(), now);
             entities.push((
                 crate::schema::WORKSPACES.into(),
                 id.clone(),
@@ -410,7 +406,7 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
         };
         let stored = stored_in(&snapshot, &e.entity_type, &ws, &e.id)?;
         // Parsed back one entity at a time.
-        let body = settle(e.value(), &e.generated, stored.as_ref());
+        let body = settle(e.value(), &e.generated, stored.as_ref(), now);
         entities.push((e.entity_type, e.id, ws, body));
     }
     drop(snapshot);
@@ -507,29 +503,11 @@ fn stored_in(
         .and_then(|(ws, v)| (ws == ws_id).then_some(v)))
 }
 
-/// The entity to store for `body` (as the reader gave it) when `stored` is the entity of the
-/// same type and id already stored: the stored one when they differ only in timestamps and
-/// in values the reader generated at random; else `body` with the stored generated values
-/// and `created_at`.
-fn settle(mut body: Value, generated: &[String], stored: Option<&Value>) -> Value {
-    let (Some(Value::Object(old)), Value::Object(new)) = (stored, &mut body) else {
-        return body;
-    };
-    for field in generated {
-        if let Some(v) = old.get(field) {
-            new.insert(field.clone(), v.clone());
-        }
-    }
-    fn without_timestamps(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
-        m.iter()
-            .filter(|(k, _)| !TIMESTAMPS.contains(&k.as_str()))
-            .collect()
-    }
-    if without_timestamps(old) == without_timestamps(new) {
-        return Value::Object(old.clone());
-    }
-    if let (Some(created), true) = (old.get("created_at"), new.contains_key("created_at")) {
-        new.insert("created_at".into(), created.clone());
+/// The entity to store for `body` (as the reader gave it) given the stored entity of the
+/// same type and id: see [`declarative::settle`].
+fn settle(mut body: Value, generated: &[String], stored: Option<&Value>, now: i64) -> Value {
+    if let Some(stored) = stored {
+        declarative::settle(&mut body, stored, generated, now);
     }
     body
 }
@@ -560,36 +538,5 @@ pub async fn run(
         let s = shared.clone();
         // The outcome is in the status and the log.
         let _ = tokio::task::spawn_blocking(move || load_file(&s, When::Reload)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settle_keeps_stored_timestamps_and_generated_values() {
-        let stored =
-            json!({"id": "a", "key": "k-stored", "tags": null, "created_at": 1, "updated_at": 2});
-        // Only timestamps and generated values differ: the stored entity, as it was.
-        let read =
-            json!({"id": "a", "key": "k-random", "tags": null, "created_at": 9, "updated_at": 9});
-        assert_eq!(settle(read, &["key".into()], Some(&stored)), stored.clone());
-        // Something else changed: the new entity, with the stored key and created_at.
-        let read =
-            json!({"id": "a", "key": "k-random", "tags": ["x"], "created_at": 9, "updated_at": 9});
-        assert_eq!(
-            settle(read, &["key".into()], Some(&stored)),
-            json!({"id": "a", "key": "k-stored", "tags": ["x"], "created_at": 1, "updated_at": 9})
-        );
-        // A key the file gives is not generated: a different one is a change.
-        let read =
-            json!({"id": "a", "key": "k-file", "tags": null, "created_at": 9, "updated_at": 9});
-        assert_eq!(
-            settle(read.clone(), &[], Some(&stored))["key"],
-            json!("k-file")
-        );
-        // Nothing stored: as read.
-        assert_eq!(settle(read.clone(), &["key".into()], None), read);
     }
 }

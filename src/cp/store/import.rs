@@ -263,17 +263,12 @@ impl Store {
                     let previous: Value = serde_json::from_str(&old.body).map_err(|e| {
                         StoreError::Internal(format!("corrupt entity {ty}/{id}: {e}"))
                     })?;
-                    keep_stored_fields(&mut body, &previous, &entity.generated);
+                    let changed = declarative::settle(&mut body, &previous, &entity.generated, now);
                     drop(previous);
-                    if canonical(&body) == *old.body {
+                    if !changed {
                         // Unchanged: the stored text itself, shared.
                         old.body.clone()
                     } else {
-                        if let Some(Value::Number(_)) = body.get("updated_at")
-                            && let Value::Object(m) = &mut body
-                        {
-                            m.insert("updated_at".into(), Value::from(now));
-                        }
                         let text: Arc<str> = Arc::from(canonical(&body));
                         plans.push(Planned {
                             ty: ty.to_owned(),
@@ -402,27 +397,6 @@ impl Store {
         }
         write_plans(tx.conn, &plans, version, &hash, now).await?;
         Ok((outcome, Some((version, hash))))
-    }
-}
-
-/// Sets the fields an import keeps from the stored entity: `created_at` and `updated_at`
-/// (compared as unchanged; `updated_at` moves only when something else changed) and the
-/// fields the reader generated at random.
-fn keep_stored_fields(body: &mut Value, stored: &Value, generated: &[String]) {
-    let Value::Object(m) = body else { return };
-    for name in generated
-        .iter()
-        .map(String::as_str)
-        .chain(["created_at", "updated_at"])
-    {
-        if name == "id" {
-            continue;
-        }
-        if let Some(v) = stored.get(name)
-            && m.contains_key(name)
-        {
-            m.insert(name.to_owned(), v.clone());
-        }
     }
 }
 
