@@ -289,7 +289,7 @@ fn guard(
         .get_all(axum::http::header::AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok()?.strip_prefix("Bearer "))
-        .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+        .any(|given| crate::net::constant_time_eq(given.as_bytes(), token.as_bytes()));
     if !authorized {
         return Err(Refused::Unauthorized);
     }
@@ -430,11 +430,4 @@ impl PostedConfig {
 
 fn message(status: StatusCode, msg: &str) -> axum::response::Response {
     (status, Json(serde_json::json!({ "message": msg }))).into_response()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

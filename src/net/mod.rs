@@ -8,6 +8,7 @@
 //! - [`operator`]: the operator JSON-RPC (`/rpc` over HTTP and WebSocket) and its client.
 //! - [`stats`]: transport counters (bytes sent per encoding, frames refused) for the planes'
 //!   metrics.
+//! - [`constant_time_eq`]: comparing a presented bearer token with the configured one.
 
 pub mod dial;
 pub mod hello;
@@ -15,3 +16,12 @@ pub mod operator;
 pub mod peer;
 pub mod stats;
 pub mod tls;
+
+/// Compares a presented secret (a bearer token) with the configured one in time that does
+/// not depend on where they differ; only the length may show.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -164,7 +164,7 @@ async fn guard(
             .iter()
             .filter_map(|v| v.to_str().ok());
         let mut given = bearer.chain(kong);
-        if !given.any(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        if !given.any(|g| crate::net::constant_time_eq(g.as_bytes(), token.as_bytes())) {
             let mut resp = message(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized: this Admin API requires its admin token, sent as \
@@ -176,13 +176,6 @@ async fn guard(
         }
     }
     next.run(req).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn message(status: StatusCode, msg: &str) -> Response {
