@@ -442,12 +442,25 @@ impl DpConn {
 
     /// A v2 report (a get_delta request or status notification): the DP holds `version` (with
     /// `state_hash`, from a deltaplane DP); `None`: no valid version (it has no configuration).
-    pub fn report_v2(&self, version: Option<Version>, state_hash: Option<String>) {
+    ///
+    /// A connection's messages are handled concurrently, so a request sent before an apply
+    /// may be handled after the status notification that followed the apply. A request
+    /// therefore never moves the recorded version down; a notification (`after_apply`, sent
+    /// once a version is committed) is where the DP is, also after a full sync to a lower one.
+    pub fn report_v2(
+        &self,
+        version: Option<Version>,
+        state_hash: Option<String>,
+        after_apply: bool,
+    ) {
         let Some(v) = version.map(Version::get) else {
             self.reported.send_replace(0);
             return;
         };
         let mut st = self.status.lock().expect("status lock");
+        if !after_apply && v < st.version {
+            return;
+        }
         // Progress: whatever failed before has been overcome.
         let recovered = v > st.version && st.last_error.take().is_some();
         st.version = v;

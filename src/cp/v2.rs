@@ -420,7 +420,7 @@ async fn get_delta(
         version,
         state_hash,
     } = GetDelta::from_params(params)?;
-    conn.report_v2(version, state_hash);
+    conn.report_v2(version, state_hash, notification);
     if notification {
         // A status report (Kong sends get_delta as a notification after applying): record
         // it, build nothing — the answer would be thrown away.
