@@ -2,12 +2,16 @@
 //! route and an ip-restriction plugin, upstreams with a target) posted to a control plane's
 //! `POST /config`, on the default SQLite store (`synchronous=FULL`).
 //!
-//! Reports the import time, the peak RSS growth during the import against the file's size
-//! (VmHWM reset through `/proc/self/clear_refs` just before), a no-op re-import, and that a
-//! data plane that was stopped before the import catches up with a delta, not a full sync.
+//! First the real `deltaplane-cp serve` binary, as a child process: the import time and its
+//! peak RSS growth against the file's size (the child's VmHWM, reset through
+//! `/proc/<pid>/clear_refs` just before the import; the client here is another process, so
+//! none of its memory counts). Then, in this process: a no-op re-import, a data plane that
+//! was stopped before the import catching up with a delta, not a full sync, and the import's
+//! phases by live heap (a counting allocator).
 //!
-//! `cargo run --release --example importbench -- [groups]` (5 entities per group; default
-//! 6000 groups = 30,000 entities). Linux only (reads `/proc/self/status`).
+//! `cargo build --release --bins --example importbench && target/release/examples/importbench
+//! [groups]` (5 entities per group; default 6000 groups = 30,000 entities). Linux only (reads
+//! `/proc/<pid>/status`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,7 +109,12 @@ fn generated_file(n: usize) -> String {
 
 /// A `kB` field of `/proc/self/status`, in bytes.
 fn status_kb(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    proc_status_kb("self", field)
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn proc_status_kb(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
@@ -156,6 +165,82 @@ async fn post(
     Ok((status, summary, elapsed))
 }
 
+/// The import into the real `deltaplane-cp` binary (next to this example), a child process.
+async fn binary(file: &str) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe()?;
+    let cp_bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("deltaplane-cp"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "deltaplane-cp not found next to this example: run `cargo build --release --bins --example importbench` first"
+            )
+        })?;
+    let dir = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(&cp_bin)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--sqlite-synchronous", "full"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id().to_string();
+    let stdout = child.stdout.take().expect("piped");
+    let base = tokio::task::spawn_blocking(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if let Some(url) = line?.strip_prefix("deltaplane-cp: Admin API on ") {
+                return Ok(url.trim().to_owned());
+            }
+        }
+        anyhow::bail!("deltaplane-cp exited before listening")
+    });
+    let base = match tokio::time::timeout(Duration::from_secs(60), base).await {
+        Ok(started) => started??,
+        Err(_) => {
+            let _ = child.kill();
+            anyhow::bail!("deltaplane-cp did not listen within 60 s");
+        }
+    };
+    let client = reqwest::Client::new();
+    client
+        .get(format!("{base}/"))
+        .send()
+        .await?
+        .error_for_status()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let size = file.len() as u64;
+    let rss_before = proc_status_kb(&pid, "VmRSS:");
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    let (status, summary, elapsed) = post(&client, &base, file).await?;
+    let peak = proc_status_kb(&pid, "VmHWM:");
+    anyhow::ensure!(status == 201, "import answered {status}: {summary}");
+    let growth = peak.saturating_sub(rss_before);
+    println!(
+        "deltaplane-cp binary: import {:.2} s; peak RSS growth {:.1} MiB = {:.1}x the file (RSS before {:.1} MiB)",
+        elapsed.as_secs_f64(),
+        mib(growth),
+        growth as f64 / size as f64,
+        mib(rss_before)
+    );
+    let (status, summary, elapsed) = post(&client, &base, file).await?;
+    println!(
+        "deltaplane-cp binary: re-import {status} in {:.2} s, {summary}",
+        elapsed.as_secs_f64()
+    );
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let groups: usize = std::env::args()
@@ -163,6 +248,16 @@ async fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(6000);
+    {
+        let file = generated_file(groups);
+        println!(
+            "file: {} entities, {:.1} MiB",
+            groups * 5,
+            mib(file.len() as u64)
+        );
+        binary(&file).await?;
+    }
+    println!("in this process (the client's memory counts here too):");
     let dir = tempfile::tempdir()?;
     let mut cfg = CpConfig::new(dir.path().join("cp"));
     cfg.admin_listen = "127.0.0.1:0".parse()?;
@@ -188,7 +283,6 @@ async fn main() -> anyhow::Result<()> {
 
     let file = generated_file(groups);
     let size = file.len() as u64;
-    println!("file: {} entities, {:.1} MiB", groups * 5, mib(size));
     let rss_before = status_kb("VmRSS:");
     let can_reset = reset_peak();
     let heap0 = heap_mark();

@@ -56,6 +56,24 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Caps glibc's malloc arenas at the number of CPUs (glibc's default is eight per CPU),
+/// unless `MALLOC_ARENA_MAX` is set. A thread allocates from its own arena and memory freed
+/// in one arena is not reused by another, so a large request whose parse runs on one thread
+/// and whose write runs on others (a declarative import) held up to twice its memory; with
+/// two arenas on this 2-core machine a 30,000-entity import's peak RSS fell by about half
+/// (README, "Declarative import at scale"). Call before the runtime starts its threads.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arenas = libc::c_int::try_from(cpus.max(2)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only changes a glibc malloc parameter; no pointer is involved.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+}
+
 /// Raises this process's open-files soft limit to its hard limit (every cluster connection is
 /// a socket); returns the limit now in force, or `None` where it cannot be read.
 pub fn raise_open_files_limit() -> Option<u64> {

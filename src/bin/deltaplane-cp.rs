@@ -5,6 +5,7 @@ use deltaplane::cp::config::{CertsCommand, Cli, Command};
 use deltaplane::cp::{self, CpConfig};
 
 fn main() -> std::process::ExitCode {
+    deltaplane::node::limit_malloc_arenas();
     let cli = Cli::parse();
     deltaplane::cli::main("deltaplane-cp", "info,sqlx=warn", run(cli))
 }

@@ -22,6 +22,13 @@ use crate::proto::v2::{DeltaText, RawDelta};
 /// Most versions read in one catch-up; further behind, the window restarts at the head.
 const MAX_READ_VERSIONS: i64 = 10_000;
 
+/// Most deltas of one version the window keeps. A larger version is a bulk change (a
+/// declarative import): the window restarts after it, without reading it whole, and data
+/// planes that need it read it from the database (paged when large), as data planes further
+/// behind do. The window is for the steady state, small versions sent to many data planes;
+/// holding a bulk version would be one more copy of a large configuration in memory.
+const MAX_VERSION_DELTAS: usize = 4096;
+
 /// The deltas of one version as comma-separated JSON text ([`DeltaText`]).
 struct VersionText {
     version: i64,
@@ -103,6 +110,13 @@ impl Recent {
             return Ok(());
         }
         let _filling = self.fill.lock().await;
+        while self.fill_once(head).await? {}
+        Ok(())
+    }
+
+    /// One read towards `head`; true when the window restarted after a bulk version and
+    /// should read on.
+    async fn fill_once(&self, head: i64) -> Result<bool, StoreError> {
         let (epoch, top) = {
             let w = self.lock();
             (w.epoch.clone(), w.top())
@@ -110,17 +124,18 @@ impl Recent {
         let Some(epoch) = epoch else {
             // First use: the window starts empty at the head (nothing older is needed by a
             // data plane that is up to date; older ones read the database as before).
-            return self.restart_at_head().await;
+            return self.restart_at_head().await.map(|()| false);
         };
         if top >= head {
-            return Ok(());
+            return Ok(false);
         }
         if head - top > MAX_READ_VERSIONS {
             // Far behind (the database was written by others while this control plane could
             // not read it): start again at the head rather than read a long history.
-            return self.restart_at_head().await;
+            return self.restart_at_head().await.map(|()| false);
         }
         let mut read: Vec<VersionText> = Vec::new();
+        let mut bulk: Option<i64> = None;
         let result = self
             .store
             .changes_after_raw(top, (head - top).max(1), |c| {
@@ -130,10 +145,13 @@ impl Recent {
                         deltas: DeltaText::new(),
                     });
                 }
-                read.last_mut()
-                    .expect("pushed above")
-                    .deltas
-                    .push(&RawDelta::from(&c));
+                let last = read.last_mut().expect("pushed above");
+                if last.deltas.len() >= MAX_VERSION_DELTAS {
+                    bulk = Some(c.version);
+                    read.pop();
+                    return ControlFlow::Break(());
+                }
+                last.deltas.push(&RawDelta::from(&c));
                 ControlFlow::Continue(())
             })
             .await?;
@@ -145,11 +163,11 @@ impl Recent {
             Ok(info) => {
                 tracing::info!(epoch = %info.epoch, "change log epoch changed: recent versions dropped");
                 w.reset(info.epoch, info.version);
-                return Ok(());
+                return Ok(false);
             }
             Err(_) => {
                 drop(w);
-                return self.restart_at_head().await;
+                return self.restart_at_head().await.map(|()| false);
             }
         };
         let upto = top.saturating_add((head - top).max(1)).min(info.version);
@@ -160,16 +178,24 @@ impl Recent {
             v.deltas.shrink_to_fit();
             if v.version != next || v.version > upto {
                 w.reset(epoch.clone(), info.version);
-                return Ok(());
+                return Ok(false);
             }
             next += 1;
             w.bytes += v.deltas.byte_len();
             w.versions.push_back(Arc::new(v));
         }
+        if let Some(bulk) = bulk.filter(|b| *b == next) {
+            tracing::debug!(
+                version = bulk,
+                "a version of more than {MAX_VERSION_DELTAS} deltas: recent versions restart after it"
+            );
+            w.reset(epoch, bulk);
+            return Ok(bulk < head);
+        }
         if next <= upto {
             // Versions the read did not return: do not guess, start at the head.
             w.reset(epoch, info.version);
-            return Ok(());
+            return Ok(false);
         }
         while w.bytes > self.max_bytes && !w.versions.is_empty() {
             let old = w.versions.pop_front().expect("not empty");
@@ -177,7 +203,7 @@ impl Recent {
             w.base += 1;
         }
         w.joined.clear();
-        Ok(())
+        Ok(false)
     }
 
     /// Empties the window and starts it at the current head.

@@ -32,10 +32,24 @@ pub(crate) struct Item<'r> {
     /// `(type, index)` pairs from the top of the file down to this entity.
     pub path: Vec<PathSeg>,
     pub line: Option<usize>,
-    pub input: Map<String, Value>,
+    /// The entity's fields as the file gives them (children lifted out, id given), as JSON
+    /// text: a large file's items are all held until every reference is resolved, and a tree
+    /// per item would be several times the file.
+    pub input: Box<str>,
+    /// The value of its unique endpoint key, when the file gives one as a string.
+    pub key: Option<String>,
+    /// Foreign keys as resolved by `references`, replacing the file's values.
+    pub resolved: Vec<(String, Value)>,
     /// The parent item and this child's back-reference field, for a nested child.
     pub parent: Option<(usize, &'r str)>,
     pub id: String,
+}
+
+impl Item<'_> {
+    /// The fields as the file gives them.
+    fn input(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.input).expect("an item's input is JSON written by the reader")
+    }
 }
 
 /// The entity types a file may declare, in registry order, and how they nest.
@@ -100,7 +114,6 @@ pub(crate) fn parse(
     options: &ParseOptions,
 ) -> Result<Config, Error> {
     let types = Types::new(registry);
-    let root = load_root(text, &types)?;
     let mut reader = Reader {
         registry,
         types: &types,
@@ -111,10 +124,22 @@ pub(crate) fn parse(
         select_tags: Vec::new(),
         by_id: HashMap::new(),
         by_key: HashMap::new(),
+        listed: vec![0; types.list.len()],
     };
+    // The entities are walked as the file is read; what is left of the tree is its
+    // top-level keys.
+    let root = root_object(syntax::load_streaming(
+        utf8(text)?,
+        &types.names(),
+        &mut reader,
+    )?)?;
     let (transform, select_tags) = reader.top_level(root);
+    reader.order_items();
     reader.index();
     reader.references();
+    // The indexes of the file's keys are done with: freed before the entities are written.
+    reader.by_id = HashMap::new();
+    reader.by_key = HashMap::new();
     let entities = reader.prepare(options.now, transform);
     if !reader.errors.is_empty() {
         let root = load_root(text, &types).ok();
@@ -133,12 +158,19 @@ pub(crate) fn parse(
 }
 
 pub(crate) fn load_root(text: &[u8], types: &Types<'_>) -> Result<Map<String, Value>, Error> {
-    let text = std::str::from_utf8(text).map_err(|e| Error::Syntax {
+    root_object(syntax::load(utf8(text)?, &types.names())?)
+}
+
+fn utf8(text: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(text).map_err(|e| Error::Syntax {
         message: format!("failed parsing declarative configuration: invalid UTF-8 ({e})"),
         line: None,
         column: None,
-    })?;
-    match syntax::load(text, &types.names())? {
+    })
+}
+
+fn root_object(root: Value) -> Result<Map<String, Value>, Error> {
+    match root {
         Value::Object(m) => Ok(m),
         _ => Err(Error::Syntax {
             message: "failed parsing declarative configuration: expected an object".into(),
@@ -159,6 +191,37 @@ struct Reader<'r, 't> {
     /// `(type, id)` and `(type, endpoint key value)` to the item.
     by_id: HashMap<(usize, String), usize>,
     by_key: HashMap<(usize, String), usize>,
+    /// Per type, how many elements its top-level list has had so far.
+    listed: Vec<usize>,
+}
+
+/// The file's entities arrive here while it is read (`syntax::load_streaming`).
+impl syntax::Sink for Reader<'_, '_> {
+    fn format_version(&mut self, v: Option<&Value>) {
+        // Only what the walk needs (the route path migration); `top_level` checks the value.
+        self.format_version = match v.and_then(Value::as_str) {
+            Some("1.1") => FormatVersion::V1_1,
+            Some("2.1") => FormatVersion::V2_1,
+            _ => FormatVersion::V3_0,
+        };
+    }
+
+    fn entity(&mut self, key: &str, v: Value) {
+        let Some(&ty) = self.types.by_name.get(key) else {
+            return;
+        };
+        let index = self.listed[ty];
+        self.listed[ty] += 1;
+        self.walk_item(ty, v, vec![PathSeg { ty, index }], None);
+    }
+
+    fn reset(&mut self) {
+        self.errors = ErrorSet::default();
+        self.items.clear();
+        self.content_ids = ContentIds::default();
+        self.format_version = FormatVersion::V3_0;
+        self.listed.iter_mut().for_each(|n| *n = 0);
+    }
 }
 
 impl<'r> Reader<'r, '_> {
@@ -390,15 +453,25 @@ impl<'r> Reader<'r, '_> {
                 id
             }
         };
-        if !self.select_tags.is_empty() && schema.has_tags() {
-            add_tags(&mut m, &self.select_tags);
-        }
+        let key = schema
+            .endpoint_key
+            .as_deref()
+            .filter(|ek| schema.field(ek).is_some_and(|f| f.unique))
+            .and_then(|ek| m.get(ek))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let input = serde_json::to_string(&m)
+            .expect("a JSON value serialises")
+            .into_boxed_str();
+        drop(m);
         let idx = self.items.len();
         self.items.push(Item {
             ty,
             path,
             line,
-            input: m,
+            input,
+            key,
+            resolved: Vec::new(),
             parent,
             id,
         });
@@ -406,6 +479,36 @@ impl<'r> Reader<'r, '_> {
             let path = self.items[idx].path.clone();
             self.walk_list(child, list, &path, Some((idx, field)));
         }
+    }
+
+    /// Puts the items in registry order of their top-level lists (file order within one),
+    /// as if the lists had been walked in that order: the file's own order of its top-level
+    /// keys changes neither the entities' order nor which duplicate is reported.
+    fn order_items(&mut self) {
+        let top = |item: &Item<'_>| item.path.first().map_or(0, |p| p.ty);
+        if self.items.windows(2).all(|w| top(&w[0]) <= top(&w[1])) {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.items.len()).collect();
+        order.sort_by_key(|&i| top(&self.items[i]));
+        let mut new_index = vec![0; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_index[old] = new;
+        }
+        let mut slots: Vec<Option<Item<'r>>> = std::mem::take(&mut self.items)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.items = order
+            .iter()
+            .map(|&old| {
+                let mut item = slots[old].take().expect("each item is moved once");
+                if let Some((parent, _)) = &mut item.parent {
+                    *parent = new_index[*parent];
+                }
+                item
+            })
+            .collect();
     }
 
     /// Duplicate endpoint keys and primary keys within the file (`populate_references`).
@@ -418,8 +521,7 @@ impl<'r> Reader<'r, '_> {
             let schema = self.types.list[item.ty];
             let mut failed = false;
             if let Some(ek) = schema.endpoint_key.as_deref()
-                && schema.field(ek).is_some_and(|f| f.unique)
-                && let Some(Value::String(key)) = item.input.get(ek)
+                && let Some(key) = &item.key
             {
                 match by_key.entry((item.ty, key.clone())) {
                     Entry::Occupied(_) => {
@@ -484,6 +586,7 @@ impl<'r> Reader<'r, '_> {
         for idx in 0..self.items.len() {
             let ty = self.items[idx].ty;
             let schema_name = self.types.list[ty].name.as_str();
+            let input = self.items[idx].input();
             let mut problems: Vec<String> = Vec::new();
             let mut field_errors: Vec<(String, &str)> = Vec::new();
             let mut resolved: Vec<(String, Value)> = Vec::new();
@@ -492,7 +595,7 @@ impl<'r> Reader<'r, '_> {
                     continue;
                 };
                 let item = &self.items[idx];
-                let given = item.input.get(&fk.field);
+                let given = input.get(&fk.field);
                 let from_parent = item
                     .parent
                     .filter(|(_, field)| *field == fk.field)
@@ -559,9 +662,7 @@ impl<'r> Reader<'r, '_> {
                 }
             }
             let item = &mut self.items[idx];
-            for (k, v) in resolved {
-                item.input.insert(k, v);
-            }
+            item.resolved = resolved;
             if !problems.is_empty() {
                 // Kong lists them in `pairs` order; sorted here so the output is stable.
                 problems.sort();
@@ -581,7 +682,14 @@ impl<'r> Reader<'r, '_> {
         for idx in 0..self.items.len() {
             let ty = self.items[idx].ty;
             let schema = self.types.list[ty];
-            let input = std::mem::take(&mut self.items[idx].input);
+            let mut input = self.items[idx].input();
+            self.items[idx].input = Box::default();
+            for (k, v) in std::mem::take(&mut self.items[idx].resolved) {
+                input.insert(k, v);
+            }
+            if !self.select_tags.is_empty() && schema.has_tags() {
+                add_tags(&mut input, &self.select_tags);
+            }
             let generated: Vec<String> = schema
                 .fields
                 .iter()

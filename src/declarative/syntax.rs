@@ -23,17 +23,58 @@ use super::Error;
 /// come from a file: keys starting with NUL are refused by [`load`].
 pub(crate) const LINE_KEY: &str = "\u{0}line";
 
+/// Receives a file's top-level entities one at a time, while the file is read, so a large
+/// file is never one tree in memory.
+pub(crate) trait Sink {
+    /// The top-level `_format_version` (`None`: the file has none). Called once, before the
+    /// first [`Sink::entity`]: entities that come before it in the file are held until it is
+    /// known (Kong's and decK's writers put it first).
+    fn format_version(&mut self, v: Option<&Value>);
+    /// The next element of the top-level list `key` (an entity type's name), as read.
+    fn entity(&mut self, key: &str, v: Value);
+    /// Forget everything received: the text is read again another way (JSON that turned out
+    /// to be YAML).
+    fn reset(&mut self);
+}
+
 /// Parses `text` (JSON when it starts with `{`, else YAML). Entity mappings (elements of a
 /// sequence under a key in `entity_keys`, at the top level or inside another entity) get
 /// their source line under [`LINE_KEY`] (YAML only).
 pub(crate) fn load(text: &str, entity_keys: &HashSet<&str>) -> Result<Value, Error> {
+    load_inner(text, entity_keys, None)
+}
+
+/// [`load`], handing each element of a top-level entity list to `sink` as soon as it is read
+/// instead of keeping it: such a list stays in the returned tree as an empty array. A key
+/// given twice at the top level is refused (its first list has been handed over already).
+pub(crate) fn load_streaming(
+    text: &str,
+    entity_keys: &HashSet<&str>,
+    sink: &mut dyn Sink,
+) -> Result<Value, Error> {
+    load_inner(text, entity_keys, Some(sink))
+}
+
+fn load_inner(
+    text: &str,
+    entity_keys: &HashSet<&str>,
+    mut sink: Option<&mut dyn Sink>,
+) -> Result<Value, Error> {
     let trimmed = text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n']);
     if trimmed.starts_with('{') {
-        match serde_json::from_str::<Value>(trimmed) {
+        let json = match sink.as_deref_mut() {
+            None => serde_json::from_str::<Value>(trimmed),
+            Some(sink) => json::load(trimmed, entity_keys, sink),
+        };
+        match json {
             Ok(v) => return Ok(v),
             Err(json_err) => {
                 // Kong tries cjson, then lyaml: a file that is YAML after all is accepted.
-                if let Ok(v) = load_yaml(text, entity_keys) {
+                if let Some(sink) = sink.as_deref_mut() {
+                    sink.reset();
+                }
+                let again = sink.as_mut().map(|s| &mut **s as &mut dyn Sink);
+                if let Ok(v) = load_yaml(text, entity_keys, again) {
                     return Ok(v);
                 }
                 return Err(Error::Syntax {
@@ -47,7 +88,7 @@ pub(crate) fn load(text: &str, entity_keys: &HashSet<&str>) -> Result<Value, Err
             }
         }
     }
-    load_yaml(text, entity_keys)
+    load_yaml(text, entity_keys, sink)
 }
 
 /// Lines before the first non-blank character (the JSON parser counts from there).
@@ -65,13 +106,18 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-fn load_yaml(text: &str, entity_keys: &HashSet<&str>) -> Result<Value, Error> {
+fn load_yaml(
+    text: &str,
+    entity_keys: &HashSet<&str>,
+    sink: Option<&mut dyn Sink>,
+) -> Result<Value, Error> {
     let mut builder = Builder {
         entity_keys,
         stack: Vec::new(),
         anchors: HashMap::new(),
         root: None,
         error: None,
+        stream: sink.map(Stream::new),
     };
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, false) {
@@ -104,25 +150,103 @@ enum Frame {
     Seq {
         items: Vec<Value>,
         entity_list: bool,
+        /// A top-level entity list whose elements go to the sink.
+        streamed: bool,
         anchor: usize,
     },
 }
 
-struct Builder<'a> {
+/// Hands top-level entities to a [`Sink`], holding them until `_format_version` is known.
+pub(crate) struct Stream<'s> {
+    sink: &'s mut dyn Sink,
+    format_known: bool,
+    held: Vec<(String, Value)>,
+    /// Top-level keys seen so far.
+    keys: HashSet<String>,
+}
+
+impl<'s> Stream<'s> {
+    pub(crate) fn new(sink: &'s mut dyn Sink) -> Stream<'s> {
+        Stream {
+            sink,
+            format_known: false,
+            held: Vec::new(),
+            keys: HashSet::new(),
+        }
+    }
+
+    fn entity(&mut self, key: &str, v: Value) {
+        if self.format_known {
+            self.sink.entity(key, v);
+        } else {
+            self.held.push((key.to_owned(), v));
+        }
+    }
+
+    fn format_version(&mut self, v: Option<&Value>) {
+        if self.format_known {
+            return;
+        }
+        self.format_known = true;
+        self.sink.format_version(v);
+        for (key, v) in std::mem::take(&mut self.held) {
+            self.sink.entity(&key, v);
+        }
+    }
+
+    /// A top-level key: `Err` when it was given already.
+    fn key(&mut self, key: &str) -> Result<(), String> {
+        if self.keys.insert(key.to_owned()) {
+            Ok(())
+        } else {
+            Err(format!("duplicate top-level key '{key}'"))
+        }
+    }
+
+    /// The top-level value of `key` was read.
+    fn top_value(&mut self, key: &str, v: &Value) {
+        if key == "_format_version" {
+            self.format_version(Some(v));
+        }
+    }
+
+    /// The end of the file.
+    fn finish(&mut self) {
+        self.format_version(None);
+    }
+}
+
+struct Builder<'a, 's> {
     entity_keys: &'a HashSet<&'a str>,
     stack: Vec<Frame>,
     anchors: HashMap<usize, Value>,
     root: Option<Value>,
     error: Option<(String, Marker)>,
+    stream: Option<Stream<'s>>,
 }
 
-impl Builder<'_> {
+impl Builder<'_, '_> {
     fn push_value(&mut self, v: Value, mark: Marker) {
         if self.error.is_some() {
             return;
         }
+        let depth = self.stack.len();
+        if let Some(Frame::Seq { streamed: true, .. }) = self.stack.last() {
+            let Some(Frame::Map { key: Some(k), .. }) = self.stack.first() else {
+                unreachable!("a streamed list is a value of the root mapping");
+            };
+            if let Some(stream) = &mut self.stream {
+                stream.entity(k, v);
+            }
+            return;
+        }
         match self.stack.last_mut() {
-            None => self.root = Some(v),
+            None => {
+                self.root = Some(v);
+                if let Some(stream) = &mut self.stream {
+                    stream.finish();
+                }
+            }
             Some(Frame::Seq { items, .. }) => items.push(v),
             Some(Frame::Map { map, key, .. }) => match key.take() {
                 None => {
@@ -140,9 +264,21 @@ impl Builder<'_> {
                         self.error = Some(("mapping keys cannot start with NUL".into(), mark));
                         return;
                     }
+                    if depth == 1
+                        && let Some(stream) = &mut self.stream
+                        && let Err(e) = stream.key(&k)
+                    {
+                        self.error = Some((e, mark));
+                        return;
+                    }
                     *key = Some(k);
                 }
                 Some(k) => {
+                    if depth == 1
+                        && let Some(stream) = &mut self.stream
+                    {
+                        stream.top_value(&k, &v);
+                    }
                     map.insert(k, v);
                 }
             },
@@ -173,7 +309,7 @@ impl Builder<'_> {
     }
 }
 
-impl MarkedEventReceiver for Builder<'_> {
+impl MarkedEventReceiver for Builder<'_, '_> {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         if self.error.is_some() {
             return;
@@ -195,9 +331,11 @@ impl MarkedEventReceiver for Builder<'_> {
             }
             Event::SequenceStart(anchor, _) => {
                 let entity_list = self.next_is_entity_list();
+                let streamed = entity_list && self.stack.len() == 1 && self.stream.is_some();
                 self.stack.push(Frame::Seq {
                     items: Vec::new(),
                     entity_list,
+                    streamed,
                     anchor,
                 });
             }
@@ -483,4 +621,137 @@ fn looks_numeric(s: &str) -> bool {
         && b.chars().filter(|c| c.is_ascii_alphabetic()).all(
             |c| matches!(c, 'e' | 'E' | 'x' | 'X' | 'o' | 'b' | 'a'..='f' | 'A'..='F' | 'n' | 'i'),
         )
+}
+
+/// JSON read with serde_json, top-level entity lists handed to a [`Sink`] element by element.
+mod json {
+    use std::collections::HashSet;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    use super::{Sink, Stream};
+
+    pub(super) fn load(
+        text: &str,
+        entity_keys: &HashSet<&str>,
+        sink: &mut dyn Sink,
+    ) -> Result<Value, serde_json::Error> {
+        let mut stream = Stream::new(sink);
+        let mut de = serde_json::Deserializer::from_str(text);
+        let root = Root {
+            entity_keys,
+            stream: &mut stream,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        stream.finish();
+        Ok(root)
+    }
+
+    struct Root<'a, 's> {
+        entity_keys: &'a HashSet<&'a str>,
+        stream: &'a mut Stream<'s>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Root<'_, '_> {
+        type Value = Value;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Root<'_, '_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                self.stream.key(&key).map_err(de::Error::custom)?;
+                let v = if self.entity_keys.contains(key.as_str()) {
+                    map.next_value_seed(List {
+                        key: &key,
+                        stream: self.stream,
+                    })?
+                } else {
+                    map.next_value::<Value>()?
+                };
+                self.stream.top_value(&key, &v);
+                out.insert(key, v);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+
+    /// A top-level entity list: its elements go to the sink and it reads as `[]`. Any other
+    /// value is kept as it is, for the reader to refuse.
+    struct List<'a, 's> {
+        key: &'a str,
+        stream: &'a mut Stream<'s>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for List<'_, '_> {
+        type Value = Value;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for List<'_, '_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            while let Some(v) = seq.next_element::<Value>()? {
+                self.stream.entity(self.key, v);
+            }
+            Ok(Value::Array(Vec::new()))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+            serde::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
+        }
+
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+    }
 }

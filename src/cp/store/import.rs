@@ -110,10 +110,27 @@ struct Planned {
     ws: String,
     /// The stored workspace and text before the change, `None` when new.
     old: Option<(String, Arc<str>)>,
-    /// The text after the change, `None` when deleted.
+    /// The text after the change, `None` when deleted. Its index rows are computed from it
+    /// where they are needed (the final-state check, the writes, a chunk at a time) rather
+    /// than held for every change: a large import's rows would be one more copy of it.
     new: Option<Arc<str>>,
+}
+
+impl Planned {
     /// The new index rows (created and updated entities).
-    index: Option<Indexed>,
+    fn index(&self, registry: &Registry) -> Result<Option<(Value, Indexed)>, StoreError> {
+        let (Some(new), Some(schema)) = (&self.new, registry.get(&self.ty)) else {
+            return Ok(None);
+        };
+        let body: Value = serde_json::from_str(new).map_err(|e| {
+            StoreError::Internal(format!(
+                "entity {}/{} written unreadable: {e}",
+                self.ty, self.id
+            ))
+        })?;
+        let index = index_of(schema, &body);
+        Ok(Some((body, index)))
+    }
 }
 
 /// Most bind parameters in one statement: SQLite's limit is 32766, PostgreSQL's 65535.
@@ -276,7 +293,6 @@ impl Store {
                             ws: ws.clone(),
                             old: Some((old.ws.clone(), old.body.clone())),
                             new: Some(text.clone()),
-                            index: Some(index_of(&schema, &body)),
                         });
                         text
                     }
@@ -296,7 +312,6 @@ impl Store {
                         ws: ws.clone(),
                         old: None,
                         new: Some(text.clone()),
-                        index: Some(index_of(&schema, &body)),
                     });
                     text
                 }
@@ -334,7 +349,6 @@ impl Store {
                     ws: s.ws.clone(),
                     old: Some((s.ws.clone(), s.body.clone())),
                     new: None,
-                    index: None,
                 });
             }
             deletes.append(&mut plans);
@@ -395,7 +409,7 @@ impl Store {
                 ));
             }
         }
-        write_plans(tx.conn, &plans, version, &hash, now).await?;
+        write_plans(tx.conn, &registry, &plans, version, &hash, now).await?;
         Ok((outcome, Some((version, hash))))
     }
 }
@@ -533,13 +547,13 @@ async fn check_final_state(
         file_ids.contains(&k) || (stored.contains_key(&k) && !deleted.contains(&k))
     };
     for p in plans {
-        let (Some(new), Some(index)) = (&p.new, &p.index) else {
+        let Some((body, index)) = p.index(registry)? else {
             continue;
         };
         let Some(schema) = registry.get(&p.ty) else {
             continue;
         };
-        let body = || serde_json::from_str::<Value>(new).unwrap_or(Value::Null);
+        let body = || body.clone();
         for (name, value) in &index.keys {
             let k = (p.ty.clone(), p.ws.clone(), name.clone(), value.clone());
             match keys.get(&k) {
@@ -704,14 +718,18 @@ impl ConfigProblems {
     }
 }
 
-/// Writes the planned changes and the version, in multi-row statements.
+/// The changes, written a chunk of entities at a time: the statements' rows (and the index
+/// rows computed from each text) exist for one chunk, never for the whole import.
 async fn write_plans(
     conn: &mut WriteConn,
+    registry: &Registry,
     plans: &[Planned],
     version: i64,
     hash: &StateHash,
     now: i64,
 ) -> Result<(), StoreError> {
+    /// Entities per chunk.
+    const CHUNK: usize = 1000;
     // Index rows of every updated or deleted entity go; deleted entities too.
     let mut old_by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut gone_by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -731,79 +749,7 @@ async fn write_plans(
         delete_ids(conn, "dp_refs", "child_type", "child_id", ty, ids).await?;
         delete_ids(conn, "dp_tags", "type", "id", ty, ids).await?;
     }
-    let written: Vec<(&Planned, &str, &Indexed)> = plans
-        .iter()
-        .filter_map(|p| Some((p, p.new.as_deref()?, p.index.as_ref()?)))
-        .collect();
-    let rows: Vec<Vec<Arg>> = written
-        .iter()
-        .map(|(p, body, _)| {
-            vec![
-                Arg::Text(&p.ty),
-                Arg::Text(&p.id),
-                Arg::Text(&p.ws),
-                Arg::Text(body),
-            ]
-        })
-        .collect();
-    bulk(
-        conn,
-        "INSERT INTO dp_entities (type, id, ws_id, body) VALUES ",
-        &rows,
-        " ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body",
-    )
-    .await?;
-    let mut rows: Vec<Vec<Arg>> = Vec::new();
-    for (p, _, index) in &written {
-        for (name, value) in &index.keys {
-            rows.push(vec![
-                Arg::Text(&p.ty),
-                Arg::Text(&p.ws),
-                Arg::Text(name),
-                Arg::Text(value),
-                Arg::Text(&p.id),
-            ]);
-        }
-    }
-    bulk(
-        conn,
-        "INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ",
-        &rows,
-        "",
-    )
-    .await?;
-    let mut rows: Vec<Vec<Arg>> = Vec::new();
-    for (p, _, index) in &written {
-        for (field, parent_ty, parent_id) in &index.refs {
-            rows.push(vec![
-                Arg::Text(parent_ty),
-                Arg::Text(parent_id),
-                Arg::Text(&p.ty),
-                Arg::Text(field),
-                Arg::Text(&p.id),
-            ]);
-        }
-    }
-    bulk(
-        conn,
-        "INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ",
-        &rows,
-        "",
-    )
-    .await?;
-    let mut rows: Vec<Vec<Arg>> = Vec::new();
-    for (p, _, index) in &written {
-        for tag in &index.tags {
-            rows.push(vec![Arg::Text(&p.ty), Arg::Text(tag), Arg::Text(&p.id)]);
-        }
-    }
-    bulk(
-        conn,
-        "INSERT INTO dp_tags (type, tag, id) VALUES ",
-        &rows,
-        "",
-    )
-    .await?;
+    drop((old_by_type, gone_by_type));
 
     let n = i32::try_from(plans.len())
         .map_err(|_| StoreError::BadRequest("too many changes for one version".into()))?;
@@ -820,29 +766,108 @@ async fn write_plans(
         "",
     )
     .await?;
-    let pks: Vec<String> = plans.iter().map(|p| pk_json(&p.id)).collect();
-    let rows: Vec<Vec<Arg>> = plans
-        .iter()
-        .zip(&pks)
-        .enumerate()
-        .map(|(seq, (p, pk))| {
-            vec![
-                Arg::Int(version),
-                Arg::Int4(seq as i32),
-                Arg::Text(&p.ty),
-                Arg::Text(pk),
-                Arg::Text(&p.ws),
-                Arg::OptText(p.new.as_deref()),
-            ]
-        })
-        .collect();
-    bulk(
-        conn,
-        "INSERT INTO dp_changes (version, seq, type, pk, ws_id, entity) VALUES ",
-        &rows,
-        "",
-    )
-    .await?;
+
+    for (c, chunk) in plans.chunks(CHUNK).enumerate() {
+        let mut written: Vec<(&Planned, &str, Indexed)> = Vec::with_capacity(chunk.len());
+        for p in chunk {
+            if let (Some(new), Some((_, index))) = (p.new.as_deref(), p.index(registry)?) {
+                written.push((p, new, index));
+            }
+        }
+        let rows: Vec<Vec<Arg>> = written
+            .iter()
+            .map(|(p, body, _)| {
+                vec![
+                    Arg::Text(&p.ty),
+                    Arg::Text(&p.id),
+                    Arg::Text(&p.ws),
+                    Arg::Text(body),
+                ]
+            })
+            .collect();
+        bulk(
+            conn,
+            "INSERT INTO dp_entities (type, id, ws_id, body) VALUES ",
+            &rows,
+            " ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body",
+        )
+        .await?;
+        let mut rows: Vec<Vec<Arg>> = Vec::new();
+        for (p, _, index) in &written {
+            for (name, value) in &index.keys {
+                rows.push(vec![
+                    Arg::Text(&p.ty),
+                    Arg::Text(&p.ws),
+                    Arg::Text(name),
+                    Arg::Text(value),
+                    Arg::Text(&p.id),
+                ]);
+            }
+        }
+        bulk(
+            conn,
+            "INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ",
+            &rows,
+            "",
+        )
+        .await?;
+        let mut rows: Vec<Vec<Arg>> = Vec::new();
+        for (p, _, index) in &written {
+            for (field, parent_ty, parent_id) in &index.refs {
+                rows.push(vec![
+                    Arg::Text(parent_ty),
+                    Arg::Text(parent_id),
+                    Arg::Text(&p.ty),
+                    Arg::Text(field),
+                    Arg::Text(&p.id),
+                ]);
+            }
+        }
+        bulk(
+            conn,
+            "INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ",
+            &rows,
+            "",
+        )
+        .await?;
+        let mut rows: Vec<Vec<Arg>> = Vec::new();
+        for (p, _, index) in &written {
+            for tag in &index.tags {
+                rows.push(vec![Arg::Text(&p.ty), Arg::Text(tag), Arg::Text(&p.id)]);
+            }
+        }
+        bulk(
+            conn,
+            "INSERT INTO dp_tags (type, tag, id) VALUES ",
+            &rows,
+            "",
+        )
+        .await?;
+
+        let pks: Vec<String> = chunk.iter().map(|p| pk_json(&p.id)).collect();
+        let rows: Vec<Vec<Arg>> = chunk
+            .iter()
+            .zip(&pks)
+            .enumerate()
+            .map(|(i, (p, pk))| {
+                vec![
+                    Arg::Int(version),
+                    Arg::Int4((c * CHUNK + i) as i32),
+                    Arg::Text(&p.ty),
+                    Arg::Text(pk),
+                    Arg::Text(&p.ws),
+                    Arg::OptText(p.new.as_deref()),
+                ]
+            })
+            .collect();
+        bulk(
+            conn,
+            "INSERT INTO dp_changes (version, seq, type, pk, ws_id, entity) VALUES ",
+            &rows,
+            "",
+        )
+        .await?;
+    }
     Ok(())
 }
 
