@@ -70,8 +70,10 @@ pub struct Entity {
     pub entity_type: String,
     /// Its primary key (`body["id"]`).
     pub id: String,
-    /// The complete entity, as canonical JSON text.
-    pub body: Box<str>,
+    /// The complete entity, as canonical JSON text; the control plane's import stores and
+    /// answers with this very text (shared, never copied: a large file's texts are most of
+    /// its import's memory).
+    pub body: std::sync::Arc<str>,
     /// Top-level fields the file did not give that the registry generated at random (a
     /// key-auth `key`): an importer keeps the stored entity's value for these, so importing
     /// the same file again changes nothing.

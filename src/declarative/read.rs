@@ -38,8 +38,6 @@ pub(crate) struct Item<'r> {
     pub input: Box<str>,
     /// The value of its unique endpoint key, when the file gives one as a string.
     pub key: Option<String>,
-    /// Foreign keys as resolved by `references`, replacing the file's values.
-    pub resolved: Vec<(String, Value)>,
     /// The parent item and this child's back-reference field, for a nested child.
     pub parent: Option<(usize, &'r str)>,
     pub id: String,
@@ -471,7 +469,6 @@ impl<'r> Reader<'r, '_> {
             line,
             input,
             key,
-            resolved: Vec::new(),
             parent,
             id,
         });
@@ -662,7 +659,17 @@ impl<'r> Reader<'r, '_> {
                 }
             }
             let item = &mut self.items[idx];
-            item.resolved = resolved;
+            if !resolved.is_empty() {
+                // The resolved references replace the file's values in the item's text (a
+                // tree per reference would be held for every entity until `prepare`).
+                let mut input = input;
+                for (k, v) in resolved {
+                    input.insert(k, v);
+                }
+                item.input = serde_json::to_string(&input)
+                    .expect("a JSON value serialises")
+                    .into_boxed_str();
+            }
             if !problems.is_empty() {
                 // Kong lists them in `pairs` order; sorted here so the output is stable.
                 problems.sort();
@@ -676,17 +683,14 @@ impl<'r> Reader<'r, '_> {
 
     /// Every entity through the registry, then the unique fields across the file.
     fn prepare(&mut self, now: i64, transform: bool) -> Vec<Entity> {
-        let mut per_type: Vec<Vec<Entity>> =
-            (0..self.types.list.len()).map(|_| Vec::new()).collect();
+        // (type, entity), sorted by type at the end (stable: file order within a type).
+        let mut out: Vec<(usize, Entity)> = Vec::with_capacity(self.items.len());
         let mut uniques: HashSet<(usize, String, String)> = HashSet::new();
         for idx in 0..self.items.len() {
             let ty = self.items[idx].ty;
             let schema = self.types.list[ty];
             let mut input = self.items[idx].input();
             self.items[idx].input = Box::default();
-            for (k, v) in std::mem::take(&mut self.items[idx].resolved) {
-                input.insert(k, v);
-            }
             if !self.select_tags.is_empty() && schema.has_tags() {
                 add_tags(&mut input, &self.select_tags);
             }
@@ -731,13 +735,21 @@ impl<'r> Reader<'r, '_> {
                         }
                     }
                     if self.errors.is_empty() {
-                        let id = self.items[idx].id.clone();
-                        per_type[ty].push(Entity {
-                            entity_type: schema.name.clone(),
-                            id,
-                            body: crate::schema::index::canonical(&entity).into_boxed_str(),
-                            generated,
-                        });
+                        // With no problem so far, nothing reads this item again (a later
+                        // problem is another item's): what it still holds is freed.
+                        let item = &mut self.items[idx];
+                        let id = std::mem::take(&mut item.id);
+                        item.path = Vec::new();
+                        item.key = None;
+                        out.push((
+                            ty,
+                            Entity {
+                                entity_type: schema.name.clone(),
+                                id,
+                                body: crate::schema::index::canonical(&entity).into(),
+                                generated,
+                            },
+                        ));
                     }
                 }
                 Err(errors) => {
@@ -749,7 +761,8 @@ impl<'r> Reader<'r, '_> {
         if !self.errors.is_empty() {
             return Vec::new();
         }
-        per_type.into_iter().flatten().collect()
+        out.sort_by_key(|(ty, _)| *ty);
+        out.into_iter().map(|(_, e)| e).collect()
     }
 }
 

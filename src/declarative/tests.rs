@@ -1516,3 +1516,74 @@ fn settle_keeps_stored_timestamps_and_generated_values() {
     assert!(super::settle(&mut read, &stored, &[], 50));
     assert_eq!(read["key"], json!("k-file"));
 }
+
+/// The reader streams top-level entities (`syntax::Sink`): the file's key order changes
+/// nothing, entities before `_format_version` still get its migration, JSON reads as YAML.
+#[test]
+fn streamed_reading_is_order_independent() {
+    let format_first = r#"_format_version: "1.1"
+services:
+- name: a
+  host: a.test
+  routes:
+  - name: ra
+    paths: ["/x.+"]
+routes:
+- name: rb
+  service: a
+  paths: ["/y.+"]
+"#;
+    let format_last = r#"routes:
+- name: rb
+  service: a
+  paths: ["/y.+"]
+services:
+- name: a
+  host: a.test
+  routes:
+  - name: ra
+    paths: ["/x.+"]
+_format_version: "1.1"
+"#;
+    let a = ok(format_first);
+    let b = ok(format_last);
+    let bodies = |c: &Config| -> Vec<(String, String)> {
+        c.entities
+            .iter()
+            .map(|e| (e.entity_type.clone(), e.body.to_string()))
+            .collect()
+    };
+    assert_eq!(bodies(&a), bodies(&b));
+    // Registry order: the nested route (walked with its service) before the top-level one.
+    let routes = of_type(&b, "routes");
+    assert_eq!(routes[0].value()["name"], "ra");
+    assert_eq!(routes[0].value()["paths"][0], "~/x.+");
+    assert_eq!(routes[1].value()["paths"][0], "~/y.+");
+
+    let json = serde_json::json!({
+        "_format_version": "1.1",
+        "services": [{"name": "a", "host": "a.test", "routes": [{"name": "ra", "paths": ["/x.+"]}]}],
+        "routes": [{"name": "rb", "service": "a", "paths": ["/y.+"]}],
+    })
+    .to_string();
+    assert_eq!(bodies(&ok(&json)), bodies(&a));
+}
+
+/// A top-level key given twice is refused (its first list was already read), in YAML and
+/// JSON alike.
+#[test]
+fn duplicate_top_level_keys_are_refused() {
+    let yaml = "_format_version: \"3.0\"\nservices:\n- name: a\n  host: a.test\nservices:\n- name: b\n  host: b.test\n";
+    let json = r#"{"_format_version": "3.0", "services": [{"name": "a", "host": "a.test"}], "services": []}"#;
+    for text in [yaml, json] {
+        match parse(reg(), text.as_bytes(), &opts()) {
+            Err(Error::Syntax { message, .. }) => {
+                assert!(
+                    message.contains("duplicate top-level key 'services'"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+}

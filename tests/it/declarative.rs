@@ -449,7 +449,10 @@ plugins:
     assert_eq!(ids(&first.body), ids(&third.body));
 }
 
-/// A 3,000-entity file imported while a DP follows: the DP catches up with a delta.
+/// A 5,000-entity file imported while a DP follows: the DP catches up with a delta. The version
+/// is larger than the CP's recent-versions window keeps (4,096 deltas), so it is read from the
+/// change log, and the window restarts after it: the next, one-delta import reaches the DP
+/// as a delta too.
 #[tokio::test]
 async fn a_large_import_reaches_a_following_dp_as_a_delta() {
     let Some(cp) = TestCp::start(Backend::Sqlite).await else {
@@ -458,7 +461,7 @@ async fn a_large_import_reaches_a_following_dp_as_a_delta() {
     let dp = cp.start_dp().await;
     dp.converge(&cp, 20).await;
     let full_before = full_syncs(&dp);
-    let file = generated_file(600);
+    let file = generated_file(1000);
     let done = import(&cp, &file).await;
     let n: u64 = done["changes"]
         .as_object()
@@ -466,7 +469,7 @@ async fn a_large_import_reaches_a_following_dp_as_a_delta() {
         .values()
         .map(|c| c["created"].as_u64().unwrap())
         .sum();
-    assert_eq!(n, 3000, "{done}");
+    assert_eq!(n, 5000, "{done}");
     dp.converge(&cp, 60).await;
     assert_eq!(full_syncs(&dp), full_before, "a delta, not a full sync");
     // One service changed: one delta.

@@ -188,11 +188,11 @@ impl Iterator for SuccessChunks {
             let first_of_type =
                 self.next == 0 || entities[self.next - 1].entity_type != e.entity_type;
             if first_of_type {
-                let _ = write!(out, "{}:{{", Value::String(e.entity_type.clone()));
+                let _ = write!(out, "{}:{{", Value::String(e.entity_type.to_string()));
             } else {
                 out.push(',');
             }
-            let _ = write!(out, "{}:{}", Value::String(e.id.clone()), e.body);
+            let _ = write!(out, "{}:{}", Value::String(e.id.to_string()), e.body);
             self.next += 1;
             let last_of_type = entities
                 .get(self.next)

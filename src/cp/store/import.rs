@@ -87,15 +87,24 @@ impl ImportOutcome {
 /// One entity of the file after an import.
 #[derive(Debug, Clone)]
 pub struct ImportedEntity {
-    pub entity_type: String,
-    pub id: String,
+    /// Shared by every entity of the type.
+    pub entity_type: Arc<str>,
+    /// Shared with the import's own record of the change.
+    pub id: Arc<str>,
     /// Canonical JSON text, as stored (shared with the write that stored it).
     pub body: Arc<str>,
 }
 
+/// `(type, id)` of an entity the file names.
+type FileKey = (Arc<str>, Arc<str>);
+
+fn file_key(ty: &str, id: &str) -> FileKey {
+    (Arc::from(ty), Arc::from(id))
+}
+
 /// A stored entity, as read at the start of the import.
 struct Stored {
-    ws: String,
+    ws: Arc<str>,
     /// Shared with the outcome (unchanged entities) and the plans (the text before a change),
     /// so one stored text is held once.
     body: Arc<str>,
@@ -105,11 +114,11 @@ struct Stored {
 
 /// One change the import makes.
 struct Planned {
-    ty: String,
-    id: String,
-    ws: String,
+    ty: Arc<str>,
+    id: Arc<str>,
+    ws: Arc<str>,
     /// The stored workspace and text before the change, `None` when new.
-    old: Option<(String, Arc<str>)>,
+    old: Option<(Arc<str>, Arc<str>)>,
     /// The text after the change, `None` when deleted. Its index rows are computed from it
     /// where they are needed (the final-state check, the writes, a chunk at a time) rather
     /// than held for every change: a large import's rows would be one more copy of it.
@@ -208,12 +217,14 @@ impl Store {
         mut hash: StateHash,
     ) -> Result<(ImportOutcome, Option<(i64, StateHash)>), StoreError> {
         let registry = self.registry().clone();
-        let ws_default = self.ws().await?;
+        let ws_default: Arc<str> = self.ws().await?.into();
         let now = now_secs();
+        // One shared name per type: a large import holds a type and id per change.
+        let mut type_names: HashMap<String, Arc<str>> = HashMap::new();
 
         let mut stored = load_entities(tx.conn).await?;
         let mut problems = ConfigProblems::default();
-        let mut plans: Vec<Planned> = Vec::new();
+        let mut plans: Vec<Planned> = Vec::with_capacity(config.entities.len());
         let declarative::Config {
             entities: file_entities,
             select_tags,
@@ -224,7 +235,8 @@ impl Store {
         let mut remap: HashMap<(String, String), String> = HashMap::new();
         // Per type, stored entities by content, built when a file entity has a random id.
         let mut by_content: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
-        let mut file_ids: HashSet<(String, String)> = HashSet::new();
+        // Shares the type names and ids the plans and the outcome hold.
+        let mut file_ids: HashSet<FileKey> = HashSet::new();
 
         // The file's entities are consumed one at a time: each body is parsed, compared and
         // dropped, so the file's texts and the planned ones are never both held whole.
@@ -257,7 +269,13 @@ impl Store {
                     id = stored_id;
                 }
             }
-            if !file_ids.insert((ty.to_owned(), id.clone())) {
+            let text_key = (ty.to_owned(), id.clone());
+            let ty_name = type_names
+                .entry(ty.to_owned())
+                .or_insert_with(|| Arc::from(ty))
+                .clone();
+            let id: Arc<str> = Arc::from(id);
+            if !file_ids.insert((ty_name.clone(), id.clone())) {
                 problems.entity(
                     &schema,
                     &id,
@@ -274,7 +292,7 @@ impl Store {
             } else {
                 id.clone()
             };
-            let text = match stored.get_mut(&(ty.to_owned(), id.clone())) {
+            let text = match stored.get_mut(&text_key) {
                 Some(old) => {
                     old.in_file = true;
                     let previous: Value = serde_json::from_str(&old.body).map_err(|e| {
@@ -288,7 +306,7 @@ impl Store {
                     } else {
                         let text: Arc<str> = Arc::from(canonical(&body));
                         plans.push(Planned {
-                            ty: ty.to_owned(),
+                            ty: ty_name.clone(),
                             id: id.clone(),
                             ws: ws.clone(),
                             old: Some((old.ws.clone(), old.body.clone())),
@@ -302,12 +320,12 @@ impl Store {
                     let text = canonical(&body);
                     let text: Arc<str> = if text == *entity.body {
                         drop(text);
-                        Arc::from(entity.body)
+                        entity.body
                     } else {
                         Arc::from(text)
                     };
                     plans.push(Planned {
-                        ty: ty.to_owned(),
+                        ty: ty_name.clone(),
                         id: id.clone(),
                         ws: ws.clone(),
                         old: None,
@@ -316,8 +334,9 @@ impl Store {
                     text
                 }
             };
+            drop(text_key);
             entities.push(ImportedEntity {
-                entity_type: ty.to_owned(),
+                entity_type: ty_name,
                 id,
                 body: text,
             });
@@ -344,15 +363,17 @@ impl Store {
             for ((ty, id), s) in gone {
                 deleted.insert((ty.clone(), id.clone()));
                 deletes.push(Planned {
-                    ty: ty.clone(),
-                    id: id.clone(),
+                    ty: Arc::from(ty.as_str()),
+                    id: Arc::from(id.as_str()),
                     ws: s.ws.clone(),
                     old: Some((s.ws.clone(), s.body.clone())),
                     new: None,
                 });
             }
-            deletes.append(&mut plans);
-            plans = deletes;
+            if !deletes.is_empty() {
+                deletes.append(&mut plans);
+                plans = deletes;
+            }
         }
 
         check_final_state(
@@ -371,7 +392,7 @@ impl Store {
 
         let mut counts: BTreeMap<String, TypeCounts> = BTreeMap::new();
         for p in &plans {
-            let c = counts.entry(p.ty.clone()).or_default();
+            let c = counts.entry(p.ty.to_string()).or_default();
             match (&p.old, &p.new) {
                 (None, _) => c.created += 1,
                 (Some(_), Some(_)) => c.updated += 1,
@@ -434,12 +455,12 @@ fn content_key(schema: &EntitySchema, body: &Value, generated: &[String]) -> Str
 fn content_index(
     schema: &EntitySchema,
     stored: &HashMap<(String, String), Stored>,
-    file_ids: &HashSet<(String, String)>,
+    file_ids: &HashSet<FileKey>,
     generated: &[String],
 ) -> HashMap<String, Vec<String>> {
     let mut index: HashMap<String, Vec<String>> = HashMap::new();
     for ((ty, id), s) in stored {
-        if *ty != schema.name || file_ids.contains(&(ty.clone(), id.clone())) {
+        if *ty != schema.name || file_ids.contains(&file_key(ty, id)) {
             continue;
         }
         if let Ok(v) = serde_json::from_str::<Value>(&s.body) {
@@ -506,7 +527,7 @@ async fn load_entities(
             (
                 (ty, id),
                 Stored {
-                    ws,
+                    ws: ws.into(),
                     body: Arc::from(body),
                     in_file: false,
                 },
@@ -524,29 +545,42 @@ async fn check_final_state(
     stored: &HashMap<(String, String), Stored>,
     plans: &[Planned],
     deleted: &HashSet<(String, String)>,
-    file_ids: &HashSet<(String, String)>,
+    file_ids: &HashSet<FileKey>,
     problems: &mut ConfigProblems,
 ) -> Result<(), StoreError> {
-    let changed: HashSet<(&str, &str)> = plans
-        .iter()
-        .map(|p| (p.ty.as_str(), p.id.as_str()))
-        .collect();
+    // Built only when keys are stored (a first import has none).
+    let mut changed: HashSet<(&str, &str)> = HashSet::new();
     // (type, ws, name, value) -> id, of entities the import leaves as they are.
     const KEYS: &str = "SELECT type, ws_id, name, value, id FROM dp_keys";
     let rows: Vec<(String, String, String, String, String)> = match conn {
         WriteConn::Sqlite(c) => sqlx::query_as(KEYS).fetch_all(&mut **c).await?,
         WriteConn::Postgres(c) => sqlx::query_as(KEYS).fetch_all(&mut **c).await?,
     };
-    let mut keys: HashMap<(String, String, String, String), String> = rows
+    // One joined text per key (`type NUL ws NUL name NUL value`): a large import adds a key
+    // or two per entity.
+    let joined = |ty: &str, ws: &str, name: &str, value: &str| -> Box<str> {
+        [ty, ws, name, value].join("\0").into_boxed_str()
+    };
+    if !rows.is_empty() {
+        changed = plans.iter().map(|p| (&*p.ty, &*p.id)).collect();
+    }
+    let kept: HashMap<Box<str>, Arc<str>> = rows
         .into_iter()
         .filter(|(ty, _, _, _, id)| !changed.contains(&(ty.as_str(), id.as_str())))
-        .map(|(ty, ws, name, value, id)| ((ty, ws, name, value), id))
+        .map(|(ty, ws, name, value, id)| (joined(&ty, &ws, &name, &value), Arc::from(id)))
         .collect();
+    drop(changed);
+    // The file's own keys, by a hash of the joined key to the plan holding it: a match is
+    // compared exactly (the other plan's keys are computed again), so the hash only saves
+    // holding every key's text. Keys that differ but share a hash go to `spill`, exactly.
+    let hasher = std::hash::RandomState::new();
+    let mut file_keys: HashMap<u64, u32> = HashMap::with_capacity(plans.len());
+    let mut spill: HashMap<Box<str>, Arc<str>> = HashMap::new();
     let exists = |ty: &str, id: &str| -> bool {
         let k = (ty.to_owned(), id.to_owned());
-        file_ids.contains(&k) || (stored.contains_key(&k) && !deleted.contains(&k))
+        file_ids.contains(&file_key(ty, id)) || (stored.contains_key(&k) && !deleted.contains(&k))
     };
-    for p in plans {
+    for (pi, p) in plans.iter().enumerate() {
         let Some((body, index)) = p.index(registry)? else {
             continue;
         };
@@ -555,9 +589,42 @@ async fn check_final_state(
         };
         let body = || body.clone();
         for (name, value) in &index.keys {
-            let k = (p.ty.clone(), p.ws.clone(), name.clone(), value.clone());
-            match keys.get(&k) {
-                Some(other) if *other != p.id => {
+            let k = joined(&p.ty, &p.ws, name, value);
+            let other: Option<Arc<str>> = match kept.get(&k) {
+                Some(other) => Some(other.clone()),
+                None => {
+                    use std::collections::hash_map::Entry;
+                    match file_keys.entry(std::hash::BuildHasher::hash_one(&hasher, &*k)) {
+                        Entry::Vacant(slot) => {
+                            slot.insert(u32::try_from(pi).map_err(|_| {
+                                StoreError::BadRequest("too many changes for one version".into())
+                            })?);
+                            None
+                        }
+                        Entry::Occupied(slot) => {
+                            let q = &plans[*slot.get() as usize];
+                            let same = q.ty == p.ty
+                                && q.ws == p.ws
+                                && q.index(registry)?.is_some_and(|(_, ix)| {
+                                    ix.keys.iter().any(|(n, v)| n == name && v == value)
+                                });
+                            if same {
+                                Some(q.id.clone())
+                            } else {
+                                match spill.get(&k) {
+                                    Some(other) => Some(other.clone()),
+                                    None => {
+                                        spill.insert(k, p.id.clone());
+                                        None
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            match other {
+                Some(other) if *other != *p.id => {
                     let what = if name == crate::schema::index::CACHE_KEY {
                         "cache key".to_owned()
                     } else {
@@ -576,10 +643,7 @@ async fn check_final_state(
                         ),
                     );
                 }
-                Some(_) => {}
-                None => {
-                    keys.insert(k, p.id.clone());
-                }
+                _ => {}
             }
         }
         for (field, parent, pid) in &index.refs {
@@ -605,7 +669,7 @@ async fn check_final_state(
             let child = (child_ty.clone(), child_id.clone());
             if !deleted.contains(&(parent_ty.clone(), parent_id.clone()))
                 || deleted.contains(&child)
-                || file_ids.contains(&child)
+                || file_ids.contains(&file_key(&child.0, &child.1))
             {
                 continue;
             }
@@ -979,7 +1043,7 @@ mod tests {
         Entity {
             entity_type: ty.into(),
             id: prepared.entity["id"].as_str().expect("id").into(),
-            body: canonical(&prepared.entity).into_boxed_str(),
+            body: canonical(&prepared.entity).into(),
             generated: Vec::new(),
         }
     }
@@ -1274,7 +1338,7 @@ mod tests {
             .unwrap();
         assert_eq!(again.version, None, "{:?}", again.counts);
         let ids = |o: &ImportOutcome| -> Vec<String> {
-            o.entities.iter().map(|e| e.id.clone()).collect()
+            o.entities.iter().map(|e| e.id.to_string()).collect()
         };
         assert_eq!(ids(&first), ids(&again));
     }
