@@ -27,7 +27,7 @@ use super::compat;
 use super::fleet::{DpConn, DpIdentity};
 use super::listener::ClusterCtx;
 use super::metrics::{HandshakeRefusal, How};
-use crate::net::hello;
+use crate::net::hello::{self, HelloGate};
 use crate::net::peer::{Handler, Peer, PeerConfig, Reply};
 use crate::proto::codec::{self, Encoding};
 use crate::proto::hello::{Hello, HelloResult};
@@ -48,7 +48,7 @@ const CP_METHODS: &[&str] = &[GET_DELTA, NOTIFY_VALIDATION_ERROR, GET_PAGE];
 /// the connection holds only the handles it waits on. As one `async fn` the socket alone
 /// (moved into the peer, but an argument's slot stays) made it some 4 KiB.
 pub(super) fn session<S>(
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<HelloGate<S>>,
     addr: SocketAddr,
     cert_expiry: Option<i64>,
     ctx: Arc<ClusterCtx>,
@@ -85,7 +85,7 @@ struct Running {
 
 /// The hello, then the peer started on `ws` and the data plane registered in the fleet.
 async fn set_up<S>(
-    mut ws: WebSocketStream<S>,
+    mut ws: WebSocketStream<HelloGate<S>>,
     addr: SocketAddr,
     cert_expiry: Option<i64>,
     ctx: Arc<ClusterCtx>,
@@ -175,6 +175,9 @@ where
     // above.
     let peer_caps = hello.rpc_capabilities.clone();
     drop(hello);
+    // The WebSocket that read the hello keeps a read buffer of the hello's size (a Kong
+    // node's is its whole configuration); the connection goes on under a fresh one.
+    let ws = hello::fresh_after_hello(ws).await;
     let peer = Peer::start(
         ws,
         encoding,
