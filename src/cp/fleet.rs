@@ -241,9 +241,9 @@ impl Fleet {
             match cache.as_ref().filter(|(v, _)| *v == head) {
                 Some((_, used)) => used.clone(),
                 None => {
-                    let (v, used) = self
-                        .store
-                        .plugins_in_use(true)
+                    // Boxed: read once per version, and this future is part of every
+                    // get_delta's (issue 11: memory per DP).
+                    let (v, used) = Box::pin(self.store.plugins_in_use(true))
                         .await
                         .map_err(|e| format!("database unavailable: {e}"))?;
                     let used = Arc::new(used);

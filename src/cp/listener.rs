@@ -204,7 +204,7 @@ async fn connection(
     let ws = tokio::time::timeout(
         timeout,
         Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
-            tls,
+            crate::net::hello::HelloGate::new(tls),
             callback,
             Some(ws_config),
         )),

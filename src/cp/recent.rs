@@ -109,6 +109,13 @@ impl Recent {
         if self.max_bytes == 0 || self.top().is_some_and(|t| t >= head) {
             return Ok(());
         }
+        // Boxed: the read runs once per version, while this future is part of every
+        // get_delta's, thousands at once after a notification (issue 11: memory per DP).
+        Box::pin(self.fill_to(head)).await
+    }
+
+    /// [`Recent::catch_up`] past its quick check.
+    async fn fill_to(&self, head: i64) -> Result<(), StoreError> {
         let _filling = self.fill.lock().await;
         while self.fill_once(head).await? {}
         Ok(())

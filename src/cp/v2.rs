@@ -10,6 +10,7 @@
 //! frames are queued without blocking, and a full queue means "notify later".
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +27,7 @@ use super::compat;
 use super::fleet::{DpConn, DpIdentity};
 use super::listener::ClusterCtx;
 use super::metrics::{HandshakeRefusal, How};
-use crate::net::hello;
+use crate::net::hello::{self, HelloGate};
 use crate::net::peer::{Handler, Peer, PeerConfig, Reply};
 use crate::proto::codec::{self, Encoding};
 use crate::proto::hello::{Hello, HelloResult};
@@ -41,20 +42,61 @@ use crate::proto::{SyncProtocol, Version};
 const CP_METHODS: &[&str] = &[GET_DELTA, NOTIFY_VALIDATION_ERROR, GET_PAGE];
 
 /// Runs one `/v2/outlet` connection from the hello until it closes or `stop`.
-pub(super) async fn session<S>(
-    mut ws: WebSocketStream<S>,
+///
+/// Two futures (issue 11: memory per idle DP): the setup, boxed and freed once the connection
+/// runs, holds the socket, the hello and the handshake's state; the one that lives as long as
+/// the connection holds only the handles it waits on. As one `async fn` the socket alone
+/// (moved into the peer, but an argument's slot stays) made it some 4 KiB.
+pub(super) fn session<S>(
+    ws: WebSocketStream<HelloGate<S>>,
     addr: SocketAddr,
     cert_expiry: Option<i64>,
     ctx: Arc<ClusterCtx>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()>
+) -> impl Future<Output = anyhow::Result<()>> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let setup = Box::pin(set_up(ws, addr, cert_expiry, ctx.clone()));
+    async move {
+        let Running { closer, conn, id } = setup.await?;
+        let peer = &closer.0;
+        let reason = tokio::select! {
+            r = peer.closed() => format!("{r:?}"),
+            _ = stop.wait_for(|s| *s) => {
+                peer.close(1001, "control plane shutting down");
+                "shutdown".to_owned()
+            }
+        };
+        Box::pin(ctx.fleet.unregister(id, &conn)).await;
+        tracing::info!(node_id = %conn.who.node_id, peer = %addr, %reason, "data plane disconnected");
+        Ok(())
+    }
+}
+
+/// A connection past its setup.
+struct Running {
+    /// The peer, closed when the session ends however it ends.
+    closer: CloseOnDrop,
+    conn: Arc<DpConn>,
+    /// Its key in the fleet.
+    id: u64,
+}
+
+/// The hello, then the peer started on `ws` and the data plane registered in the fleet.
+async fn set_up<S>(
+    mut ws: WebSocketStream<HelloGate<S>>,
+    addr: SocketAddr,
+    cert_expiry: Option<i64>,
+    ctx: Arc<ClusterCtx>,
+) -> anyhow::Result<Running>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = ctx.settings.handshake_timeout;
-    // Every rarely-run await below is boxed: this future lives as long as the connection,
-    // and inlined database futures made it some 14 KiB (issue 11: memory per idle DP).
-    let epoch = Box::pin(ctx.store.version_info())
+    let epoch = ctx
+        .store
+        .version_info()
         .await
         .map_err(|e| anyhow::anyhow!("reading the change log: {e}"))?
         .epoch;
@@ -74,26 +116,20 @@ where
     let cp_version = ctx.kong_compat_version.clone();
     let refused: Arc<Mutex<Option<(Hello, String)>>> = Arc::default();
     let refused_slot = refused.clone();
-    // Boxed: the handshake's state is needed only until the hello is answered, while this
-    // future lives as long as the connection (issue 11: memory per idle connection).
-    let handshake = Box::pin(hello::server_handshake(
-        &mut ws,
-        timeout,
-        move |h: &Hello| {
-            if let Err(reason) = compat::kong_version_compatible(&cp_version, &h.kong_version) {
-                *refused_slot.lock().expect("refused lock") = Some((h.clone(), reason.clone()));
-                return Err(format!("kong_version_incompatible: {reason}"));
-            }
-            let enc = codec::choose(&h.rpc_frame_encodings)
-                .ok_or_else(|| "unknown encodings: no common frame encoding".to_owned())?;
-            Ok(HelloResult::from_control_plane(
-                caps_for_hello,
-                enc,
-                epoch,
-                cp_node,
-            ))
-        },
-    ))
+    let handshake = hello::server_handshake(&mut ws, timeout, move |h: &Hello| {
+        if let Err(reason) = compat::kong_version_compatible(&cp_version, &h.kong_version) {
+            *refused_slot.lock().expect("refused lock") = Some((h.clone(), reason.clone()));
+            return Err(format!("kong_version_incompatible: {reason}"));
+        }
+        let enc = codec::choose(&h.rpc_frame_encodings)
+            .ok_or_else(|| "unknown encodings: no common frame encoding".to_owned())?;
+        Ok(HelloResult::from_control_plane(
+            caps_for_hello,
+            enc,
+            epoch,
+            cp_node,
+        ))
+    })
     .await;
     let identity = |h: &Hello| DpIdentity {
         protocol: SyncProtocol::V2,
@@ -116,7 +152,7 @@ where
                 HandshakeRefusal::Hello
             });
             if let Some((h, reason)) = refused {
-                Box::pin(ctx.fleet.record_refused(&identity(&h), &reason)).await;
+                ctx.fleet.record_refused(&identity(&h), &reason).await;
             }
             return Err(anyhow::anyhow!("hello failed: {e}"));
         }
@@ -135,10 +171,13 @@ where
         encoding,
     });
     // The hello (its `kong_conf` as a `serde_json::Value`, some 30 KiB with a Kong node's
-    // plugin list) is not kept for the connection's lifetime: what the session needs was
-    // copied out above.
+    // plugin list) is dropped before the peer starts: what the session needs was copied out
+    // above.
     let peer_caps = hello.rpc_capabilities.clone();
     drop(hello);
+    // The WebSocket that read the hello keeps a read buffer of the hello's size (a Kong
+    // node's is its whole configuration); the connection goes on under a fresh one.
+    let ws = hello::fresh_after_hello(ws).await;
     let peer = Peer::start(
         ws,
         encoding,
@@ -150,9 +189,9 @@ where
         peer_caps,
         handler,
     );
-    let _closer = CloseOnDrop(peer.clone());
     conn.attach(peer.clone());
-    let id = Box::pin(ctx.fleet.register(conn.clone())).await;
+    let closer = CloseOnDrop(peer);
+    let id = ctx.fleet.register(conn.clone()).await;
     tracing::info!(
         node_id = %conn.who.node_id,
         hostname = %conn.who.hostname,
@@ -162,17 +201,7 @@ where
         caps = ?conn.who.capabilities,
         "data plane connected"
     );
-
-    let reason = tokio::select! {
-        r = peer.closed() => format!("{r:?}"),
-        _ = stop.wait_for(|s| *s) => {
-            peer.close(1001, "control plane shutting down");
-            "shutdown".to_owned()
-        }
-    };
-    Box::pin(ctx.fleet.unregister(id, &conn)).await;
-    tracing::info!(node_id = %conn.who.node_id, peer = %addr, %reason, "data plane disconnected");
-    Ok(())
+    Ok(Running { closer, conn, id })
 }
 
 /// Closes the connection when the task that owns it ends, however it ends (a connection

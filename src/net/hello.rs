@@ -3,12 +3,15 @@
 //! The messages themselves are `proto::hello`; everything after the hello goes through
 //! [`crate::net::peer`].
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message, protocol::frame::coding::CloseCode};
 
 use crate::net::peer;
@@ -64,6 +67,210 @@ where
 {
     let res = server_exchange(ws, timeout, decide).await;
     fail_closed(ws, res, timeout).await
+}
+
+// === the control plane's gate ===
+
+/// The control plane's stream under the WebSocket until the hello is read: it hands
+/// tungstenite the upgrade request and then the first message, and not one byte more, so
+/// that [`fresh_after_hello`] can put a new WebSocket on the stream without losing input.
+///
+/// Why (issue 11: memory per idle DP): tungstenite grows its read buffer to the largest
+/// message read and keeps it for the connection's lifetime, and a Kong node's hello (its
+/// whole configuration as `kong_conf`) is the largest message a control plane reads.
+/// Reads are only ever cut shorter, never held back or buffered here, and from the first
+/// read past the first message (a v1 connection's second message, say) everything passes.
+#[derive(Debug)]
+pub struct HelloGate<S> {
+    io: S,
+    at: Gate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// In the upgrade request: how much of its final `\r\n\r\n` the last bytes matched.
+    Request { matched: u8 },
+    /// In a frame header: its bytes so far.
+    Header { bytes: [u8; 14], have: u8 },
+    /// In a frame's payload: the bytes left, and whether the frame ends its message.
+    Payload { left: u64, fin: bool },
+    /// The first message was handed out, and nothing after it.
+    Held,
+    /// Everything passes: a fresh WebSocket took over, or a read went past the first message.
+    Open,
+}
+
+impl<S> HelloGate<S> {
+    pub fn new(io: S) -> HelloGate<S> {
+        HelloGate {
+            io,
+            at: Gate::Request { matched: 0 },
+        }
+    }
+}
+
+impl Gate {
+    /// At most this many bytes may be read now (`None`: any number).
+    fn limit(&self) -> Option<u64> {
+        match *self {
+            // The request cannot end sooner than that.
+            Gate::Request { matched } => Some(4 - u64::from(matched)),
+            Gate::Header { bytes, have } => Some(u64::from(header_len(&bytes, have) - have)),
+            Gate::Payload { left, .. } => Some(left),
+            Gate::Held | Gate::Open => None,
+        }
+    }
+
+    /// Follows bytes just read: never more than [`Gate::limit`], so all in one state.
+    fn consume(&mut self, read: &[u8]) {
+        match self {
+            Gate::Payload { left, .. } => *left -= read.len() as u64,
+            _ => read.iter().for_each(|&b| self.step(b)),
+        }
+        // A frame ends with its payload, or with its header when it has none.
+        if let Gate::Payload { left: 0, fin } = *self {
+            *self = if fin {
+                Gate::Held
+            } else {
+                Gate::Header {
+                    bytes: [0; 14],
+                    have: 0,
+                }
+            };
+        }
+    }
+
+    /// Follows one byte of the upgrade request or of a frame header.
+    fn step(&mut self, b: u8) {
+        match self {
+            Gate::Request { matched } => {
+                const END: &[u8; 4] = b"\r\n\r\n";
+                *matched = if b == END[usize::from(*matched)] {
+                    *matched + 1
+                } else {
+                    u8::from(b == b'\r')
+                };
+                if *matched == 4 {
+                    *self = Gate::Header {
+                        bytes: [0; 14],
+                        have: 0,
+                    };
+                }
+            }
+            Gate::Header { bytes, have } => {
+                bytes[usize::from(*have)] = b;
+                *have += 1;
+                if *have == header_len(bytes, *have) {
+                    let len = match bytes[1] & 0x7f {
+                        126 => u64::from(u16::from_be_bytes([bytes[2], bytes[3]])),
+                        127 => u64::from_be_bytes(bytes[2..10].try_into().expect("8 bytes")),
+                        len => u64::from(len),
+                    };
+                    *self = Gate::Payload {
+                        left: len,
+                        fin: bytes[0] & 0x80 != 0,
+                    };
+                }
+            }
+            Gate::Payload { .. } | Gate::Held | Gate::Open => {}
+        }
+    }
+}
+
+/// The length of a frame header whose first `have` bytes are in `bytes` (RFC 6455 §5.2):
+/// 2 until the second byte is known.
+fn header_len(bytes: &[u8; 14], have: u8) -> u8 {
+    if have < 2 {
+        return 2;
+    }
+    let extended = match bytes[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if bytes[1] & 0x80 != 0 { 4 } else { 0 };
+    2 + extended + mask
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for HelloGate<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at == Gate::Held {
+            // Asked past the first message: tungstenite may now hold input of its own.
+            this.at = Gate::Open;
+        }
+        let Some(limit) = this.at.limit() else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut part = buf.take(limit);
+        let start = part.filled().as_ptr();
+        ready!(Pin::new(&mut this.io).poll_read(cx, &mut part))?;
+        assert_eq!(
+            part.filled().as_ptr(),
+            start,
+            "the reader replaced the buffer"
+        );
+        let n = part.filled().len();
+        this.at.consume(part.filled());
+        // SAFETY: the inner reader initialised (filled) these `n` bytes of `buf`'s unfilled
+        // part, the same memory `part` borrows (checked above).
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HelloGate<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// After [`server_handshake`] on a gated stream: the same connection under a new WebSocket
+/// (same configuration, fresh buffers), when the gate shows that tungstenite read nothing
+/// past the hello; `ws` as it is otherwise. The hello's answer has been flushed by then.
+pub async fn fresh_after_hello<S>(
+    ws: WebSocketStream<HelloGate<S>>,
+) -> WebSocketStream<HelloGate<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if ws.get_ref().at != Gate::Held {
+        return ws;
+    }
+    let config = *ws.get_config();
+    let mut io = ws.into_inner();
+    io.at = Gate::Open;
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
 }
 
 // === the exchanges ===
@@ -219,6 +426,112 @@ mod tests {
                 rpc_frame_encoding: encoding.name().to_owned(),
                 extra: Map::new(),
             })
+        }
+    }
+
+    /// A client frame (masked) holding `payload`.
+    fn masked_frame(payload: &[u8]) -> Vec<u8> {
+        const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+        let mut frame = vec![0x82];
+        match payload.len() {
+            n @ 0..=125 => frame.push(0x80 | n as u8),
+            n @ 126..=0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend((n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend((n as u64).to_be_bytes());
+            }
+        }
+        frame.extend(MASK);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+        frame
+    }
+
+    /// The upgrade request, the hello and two more messages in one write, before any answer
+    /// (the most a client can send ahead): the gate hands tungstenite the hello and nothing
+    /// more, and the fresh WebSocket reads the rest, whatever the hello's length encoding
+    /// and however the pipe cuts the bytes.
+    #[tokio::test]
+    async fn a_fresh_websocket_after_the_hello_loses_no_input() {
+        let cfg = peer::PeerConfig::default();
+        for pad in [0, 300, 70_000] {
+            for pipe in [7, 256 * 1024] {
+                let mut hello = kong_hello();
+                hello.kong_conf = json!({"pad": "x".repeat(pad)});
+                let mut input = b"GET /v2/outlet HTTP/1.1\r\nHost: localhost\r\n\
+                    Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                    .to_vec();
+                input.extend(masked_frame(&hello_request(&hello)));
+                input.extend(masked_frame(b"second"));
+                input.extend(masked_frame(&[7; 200]));
+                let (dp, cp) = tokio::io::duplex(pipe);
+                let client = tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let (mut r, mut w) = tokio::io::split(dp);
+                    let _ = tokio::join!(w.write_all(&input), async {
+                        let mut sink = Vec::new();
+                        let _ = r.read_to_end(&mut sink).await;
+                    });
+                });
+                let mut ws = tokio_tungstenite::accept_async_with_config(
+                    HelloGate::new(cp),
+                    Some(peer::ws_config(&cfg)),
+                )
+                .await
+                .unwrap();
+                let long = Duration::from_secs(10);
+                let (seen, _) = server_handshake(&mut ws, long, cp_decide(&[]))
+                    .await
+                    .unwrap();
+                assert_eq!(seen, hello, "pad {pad}, pipe {pipe}");
+                assert_eq!(ws.get_ref().at, Gate::Held, "pad {pad}, pipe {pipe}");
+                let mut ws = fresh_after_hello(ws).await;
+                assert_eq!(ws.get_ref().at, Gate::Open);
+                for expected in [b"second".to_vec(), vec![7; 200]] {
+                    match tokio::time::timeout(long, ws.next()).await.unwrap() {
+                        Some(Ok(Message::Binary(got))) => assert_eq!(got, expected),
+                        other => panic!("pad {pad}, pipe {pipe}: {other:?}"),
+                    }
+                }
+                drop(ws);
+                client.await.unwrap();
+            }
+        }
+    }
+
+    /// A read past the first message opens the gate: the WebSocket is then kept as it is.
+    #[tokio::test]
+    async fn reading_past_the_first_message_keeps_the_websocket() {
+        let cfg = peer::PeerConfig::default();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (dp, cp) = tokio::join!(
+            tokio_tungstenite::client_async_with_config(
+                "ws://localhost/v1/outlet",
+                a,
+                Some(peer::ws_config(&cfg))
+            ),
+            tokio_tungstenite::accept_async_with_config(
+                HelloGate::new(b),
+                Some(peer::ws_config(&cfg))
+            ),
+        );
+        let (mut dp, mut cp) = (dp.unwrap().0, cp.unwrap());
+        for n in 0..3u8 {
+            dp.send(Message::binary(vec![n; 10])).await.unwrap();
+            match cp.next().await {
+                Some(Ok(Message::Binary(got))) => assert_eq!(got, vec![n; 10]),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(cp.get_ref().at, Gate::Open);
+        let mut cp = fresh_after_hello(cp).await;
+        dp.send(Message::binary(b"more".to_vec())).await.unwrap();
+        match cp.next().await {
+            Some(Ok(Message::Binary(got))) => assert_eq!(got, b"more".to_vec()),
+            other => panic!("{other:?}"),
         }
     }
 
