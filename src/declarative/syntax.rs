@@ -331,7 +331,9 @@ impl MarkedEventReceiver for Builder<'_, '_> {
             }
             Event::SequenceStart(anchor, _) => {
                 let entity_list = self.next_is_entity_list();
-                let streamed = entity_list && self.stack.len() == 1 && self.stream.is_some();
+                // An anchored list is kept whole: an alias may repeat it.
+                let streamed =
+                    entity_list && self.stack.len() == 1 && self.stream.is_some() && anchor == 0;
                 self.stack.push(Frame::Seq {
                     items: Vec::new(),
                     entity_list,

@@ -1587,3 +1587,28 @@ fn duplicate_top_level_keys_are_refused() {
         }
     }
 }
+
+/// A top-level list with an anchor is read whole, not streamed: an alias may repeat it (here
+/// the global plugins, again under a service).
+#[test]
+fn anchored_top_level_lists_are_read_whole() {
+    let c = ok(r#"_format_version: "3.0"
+plugins: &shared
+- name: ip-restriction
+  config:
+    allow: [10.0.0.0/8]
+services:
+- name: a
+  host: a.test
+  plugins: *shared
+"#);
+    let plugins = of_type(&c, "plugins");
+    assert_eq!(plugins.len(), 2, "{plugins:?}");
+    assert_eq!(
+        plugins
+            .iter()
+            .filter(|p| p.value()["service"].is_object())
+            .count(),
+        1
+    );
+}
