@@ -368,7 +368,9 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
                 && e.value().get("name").and_then(Value::as_str) == Some("default")
         })
         .map(|e| e.id.clone());
-    let mut entities: Vec<(String, String, String, Value)> =
+    // Settled bodies are held as JSON text until the write transaction takes them one at a
+    // time: a tree per entity would be several times the configuration.
+    let mut entities: Vec<(String, String, String, String)> =
         Vec::with_capacity(config.entities.len() + 1);
     let now = crate::node::now_secs();
     let ws_id = match default_ws {
@@ -390,7 +392,7 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
                 crate::schema::WORKSPACES.into(),
                 id.clone(),
                 id.clone(),
-                body,
+                body.to_string(),
             ));
             id
         }
@@ -407,7 +409,7 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
         let stored = stored_in(&snapshot, &e.entity_type, &ws, &e.id)?;
         // Parsed back one entity at a time.
         let body = settle(e.value(), &e.generated, stored.as_ref(), now);
-        entities.push((e.entity_type, e.id, ws, body));
+        entities.push((e.entity_type, e.id, ws, body.to_string()));
     }
     drop(snapshot);
     let mut apply = store.begin(ApplyKind::Full {
@@ -416,7 +418,11 @@ fn load_text(shared: &DpShared, text: &[u8], want_entities: bool) -> Result<Load
     })?;
     apply.skip_if_unchanged();
     let mut out = want_entities.then(Map::new);
-    for (entity_type, id, ws_id, body) in entities {
+    for (entity_type, id, ws_id, text) in entities {
+        let body: Value = serde_json::from_str(&text).map_err(|e| {
+            LoadError::Storage(format!("settled entity {entity_type}/{id} unreadable: {e}"))
+        })?;
+        drop(text);
         if let Some(out) = &mut out
             && entity_type != crate::schema::WORKSPACES
         {
