@@ -56,7 +56,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Caps glibc's malloc arenas at the number of CPUs (glibc's default is eight per CPU),
+/// Caps glibc's malloc arenas at the number of CPUs, at least two (glibc's default is eight per CPU),
 /// unless `MALLOC_ARENA_MAX` is set. A thread allocates from its own arena and memory freed
 /// in one arena is not reused by another, so a large request whose parse runs on one thread
 /// and whose write runs on others (a declarative import) held up to twice its memory; with

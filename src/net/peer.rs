@@ -307,21 +307,15 @@ enum Outbound {
 }
 
 impl Peer {
-    /// Runs the protocol on `ws` (after the hello) in a new task. Must be called inside a
-    /// tokio runtime.
-    pub fn start<S>(
-        ws: WebSocketStream<S>,
-        encoding: Encoding,
+    /// A peer whose frames go to `outbound`, before its driver runs.
+    fn unstarted(
         cfg: PeerConfig,
+        encoding: Encoding,
         our_caps: Vec<String>,
         peer_caps: Vec<String>,
-        handler: Arc<dyn Handler>,
-    ) -> Peer
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (outbound, outbound_rx) = mpsc::channel(cfg.outbound_queue.max(1));
-        let peer = Peer {
+        outbound: mpsc::Sender<Outbound>,
+    ) -> Peer {
+        Peer {
             inner: Arc::new(Inner {
                 cfg,
                 encoding,
@@ -337,7 +331,24 @@ impl Peer {
                 close_request: watch::Sender::new(None),
                 driver: Mutex::new(None),
             }),
-        };
+        }
+    }
+
+    /// Runs the protocol on `ws` (after the hello) in a new task. Must be called inside a
+    /// tokio runtime.
+    pub fn start<S>(
+        ws: WebSocketStream<S>,
+        encoding: Encoding,
+        cfg: PeerConfig,
+        our_caps: Vec<String>,
+        peer_caps: Vec<String>,
+        handler: Arc<dyn Handler>,
+    ) -> Peer
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (outbound, outbound_rx) = mpsc::channel(cfg.outbound_queue.max(1));
+        let peer = Peer::unstarted(cfg, encoding, our_caps, peer_caps, outbound);
         // Split here, not in the driver: the halves share one heap copy of the stream, and
         // the driver's task (as long-lived as the connection) holds no second, dead one.
         let (sink, stream) = ws.split();
@@ -2061,23 +2072,7 @@ pub(crate) mod tests {
         let cfg = PeerConfig::default();
         let (_client, server) = ws_pair(&cfg).await;
         let (outbound, outbound_rx) = mpsc::channel(1);
-        let peer = Peer {
-            inner: Arc::new(Inner {
-                cfg,
-                encoding: Encoding::Zstd,
-                our_caps: Vec::new(),
-                peer_caps: Vec::new(),
-                next_id: AtomicU64::new(0),
-                outbound,
-                state: Mutex::new(State {
-                    pending: HashMap::new(),
-                    ended: None,
-                }),
-                closed: watch::Sender::new(None),
-                close_request: watch::Sender::new(None),
-                driver: Mutex::new(None),
-            }),
-        };
+        let peer = Peer::unstarted(cfg, Encoding::Zstd, Vec::new(), Vec::new(), outbound);
         let (sink, stream) = server.split();
         let driver = drive(peer, sink, stream, outbound_rx, echo_handler());
         let size = std::mem::size_of_val(&driver);

@@ -13,7 +13,6 @@
 //! nothing), `flatten_errors=1` (Kong's `flattened_errors`). Success is 201 with Kong's body
 //! (the entities by type and id) plus `_deltaplane` (version and per-type counts).
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -22,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{AdminState, Payload, error_response, message, mime_of, read_body};
+use super::{AdminState, Payload, error_response, message, mime_of, query_of, read_body};
 use crate::cp::store::{ConfigProblems, ImportMode, ImportOutcome, StoreError};
 use crate::declarative::{self, OutputFormat, ParseOptions, WriteOptions};
 
@@ -37,11 +36,7 @@ fn invalid_response(e: &declarative::Error, flatten: bool) -> Response {
 
 /// `POST /config`.
 pub(super) async fn post(State(state): State<Arc<AdminState>>, req: Request) -> Response {
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let query = query_of(&req);
     let headers = req.headers().clone();
     let body = match read_body(req.into_body(), state.config_body_limit).await {
         Ok(b) => b,
@@ -297,11 +292,7 @@ fn refuse_disabled_plugins(
 /// `GET /config`: Kong's `{"config": "<YAML>"}`, the flat `db_export` shape, from one
 /// snapshot. Extensions: `format=json` and `nested=true` (decK's nesting).
 pub(super) async fn get(State(state): State<Arc<AdminState>>, req: Request) -> Response {
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let query = query_of(&req);
     let format = match query.get("format").map(String::as_str) {
         None | Some("yaml") => OutputFormat::Yaml,
         Some("json") => OutputFormat::Json,

@@ -492,14 +492,18 @@ fn resolve_target(registry: &Registry, segments: &[String]) -> Option<Target> {
     }
 }
 
+/// A request's query parameters (the last of a repeated name wins).
+pub(super) fn query_of(req: &Request) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
 async fn dispatch(State(state): State<Arc<AdminState>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let query = query_of(&req);
     let headers = req.headers().clone();
     let segments: Vec<String> = path
         .split('/')

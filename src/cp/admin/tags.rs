@@ -2,7 +2,6 @@
 //! endpoint for `/tags`): every tagged entity as `{entity_id, entity_name, tag}` rows, across
 //! all entity types, paginated by `size` and `offset`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -11,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{AdminState, error_response, parse_size, urlencode};
+use super::{AdminState, error_response, parse_size, query_of, urlencode};
 use crate::cp::store::{StoreError, TagPage};
 
 /// `GET /tags`. Kong's `next` is `/tags?offset=…` followed by the request's `tags` and `size`
@@ -68,13 +67,6 @@ pub(super) async fn by_tag(State(state): State<Arc<AdminState>>, req: Request) -
     answer(page, |offset| {
         format!("{path}?offset={}", urlencode(offset))
     })
-}
-
-fn query_of(req: &Request) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
 }
 
 fn invalid_tag(message: &str) -> Response {

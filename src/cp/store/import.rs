@@ -856,10 +856,13 @@ async fn write_plans(
             " ON CONFLICT (type, id) DO UPDATE SET ws_id = excluded.ws_id, body = excluded.body",
         )
         .await?;
-        let mut rows: Vec<Vec<Arg>> = Vec::new();
+        // The index rows of the chunk, in one pass.
+        let mut keys: Vec<Vec<Arg>> = Vec::new();
+        let mut refs: Vec<Vec<Arg>> = Vec::new();
+        let mut tags: Vec<Vec<Arg>> = Vec::new();
         for (p, _, index) in &written {
             for (name, value) in &index.keys {
-                rows.push(vec![
+                keys.push(vec![
                     Arg::Text(&p.ty),
                     Arg::Text(&p.ws),
                     Arg::Text(name),
@@ -867,18 +870,8 @@ async fn write_plans(
                     Arg::Text(&p.id),
                 ]);
             }
-        }
-        bulk(
-            conn,
-            "INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ",
-            &rows,
-            "",
-        )
-        .await?;
-        let mut rows: Vec<Vec<Arg>> = Vec::new();
-        for (p, _, index) in &written {
             for (field, parent_ty, parent_id) in &index.refs {
-                rows.push(vec![
+                refs.push(vec![
                     Arg::Text(parent_ty),
                     Arg::Text(parent_id),
                     Arg::Text(&p.ty),
@@ -886,24 +879,28 @@ async fn write_plans(
                     Arg::Text(&p.id),
                 ]);
             }
-        }
-        bulk(
-            conn,
-            "INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ",
-            &rows,
-            "",
-        )
-        .await?;
-        let mut rows: Vec<Vec<Arg>> = Vec::new();
-        for (p, _, index) in &written {
             for tag in &index.tags {
-                rows.push(vec![Arg::Text(&p.ty), Arg::Text(tag), Arg::Text(&p.id)]);
+                tags.push(vec![Arg::Text(&p.ty), Arg::Text(tag), Arg::Text(&p.id)]);
             }
         }
         bulk(
             conn,
+            "INSERT INTO dp_keys (type, ws_id, name, value, id) VALUES ",
+            &keys,
+            "",
+        )
+        .await?;
+        bulk(
+            conn,
+            "INSERT INTO dp_refs (parent_type, parent_id, child_type, field, child_id) VALUES ",
+            &refs,
+            "",
+        )
+        .await?;
+        bulk(
+            conn,
             "INSERT INTO dp_tags (type, tag, id) VALUES ",
-            &rows,
+            &tags,
             "",
         )
         .await?;
