@@ -443,8 +443,9 @@ impl DpConn {
     /// A v2 report (a get_delta request or status notification): the DP holds `version` (with
     /// `state_hash`, from a deltaplane DP); `None`: no valid version (it has no configuration).
     ///
-    /// A connection's messages are handled concurrently, so a request sent before an apply
-    /// may be handled after the status notification that followed the apply. A request
+    /// A connection's requests are handled concurrently (its notifications in order), so a
+    /// request sent before an apply may be handled after the status notification that
+    /// followed the apply. A request
     /// therefore never moves the recorded version down; a notification (`after_apply`, sent
     /// once a version is committed) is where the DP is, also after a full sync to a lower one.
     pub fn report_v2(

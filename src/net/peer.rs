@@ -3,7 +3,8 @@
 //! `kong.sync.v2.get_delta`), following Kong's `kong/clustering/rpc/socket.lua`.
 //!
 //! One driver task per connection owns both halves of the socket: a reader that decodes
-//! frames, resolves pending calls and spawns inbound requests into a `JoinSet`, and a writer
+//! frames, resolves pending calls and spawns inbound requests into a `JoinSet` (requests run
+//! concurrently; notifications one after the other, in the order they arrived), and a writer
 //! fed by a bounded queue. When either half ends, the driver aborts the inbound requests,
 //! fails the pending calls, closes the socket and publishes the [`CloseReason`]; no task
 //! outlives the connection.
@@ -659,6 +660,7 @@ async fn drive<S>(
             handler: &handler,
             inflight: &mut inflight,
             close_request: peer.inner.close_request.subscribe(),
+            last_notification: None,
         }
         .run(&mut stream);
         let writer = write_loop(&mut sink, &mut outbound, &peer.inner);
@@ -773,6 +775,11 @@ struct Reader<'a> {
     handler: &'a Arc<dyn Handler>,
     inflight: &'a mut JoinSet<()>,
     close_request: watch::Receiver<Option<CloseFrame>>,
+    /// Closed when the last notification read has been handled. Notifications are handled
+    /// in the order they arrive, each after the one before (requests stay concurrent): a
+    /// data plane's status reports must not overtake one another (the later one would be
+    /// overwritten by the earlier), nor pushed versions.
+    last_notification: Option<oneshot::Receiver<()>>,
 }
 
 impl Reader<'_> {
@@ -936,7 +943,20 @@ impl Reader<'_> {
         }
         let peer = self.peer.clone();
         let handler = Arc::clone(self.handler);
+        let (before, done) = match &work {
+            Job::Single(request) if request.id.is_none() => {
+                let (done, handled) = oneshot::channel::<()>();
+                (self.last_notification.replace(handled), Some(done))
+            }
+            _ => (None, None),
+        };
         self.inflight.spawn(async move {
+            if let Some(before) = before {
+                // Sent or dropped (handled, or its task ended): either way, our turn.
+                let _ = before.await;
+            }
+            // Dropped when this task ends, however it ends: the next notification's turn.
+            let _done = done;
             let (json, guard) = match work {
                 Job::Single(request) => match answer(&peer, &handler, request).await {
                     Some((json, guard)) => (json, guard),
@@ -1509,6 +1529,44 @@ pub(crate) mod tests {
             Err(CallError::TooLarge { limit: 65536, .. })
         ));
         drop(server);
+    }
+
+    /// A connection's notifications are handled in the order they arrive, each after the one
+    /// before, even when an earlier one takes longer (a DP's status reports must not overtake
+    /// each other).
+    #[tokio::test]
+    async fn notifications_are_handled_in_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let server_handler = handler(&["test.v1.note", "test.v1.echo"], {
+            let seen = seen.clone();
+            move |_, method, params| {
+                let seen = seen.clone();
+                async move {
+                    if method == "test.v1.echo" {
+                        return Ok(params);
+                    }
+                    let n = params[0].as_u64().unwrap();
+                    // The earlier, the slower: concurrent handling would reverse them.
+                    tokio::time::sleep(Duration::from_millis(40 - 2 * n)).await;
+                    lock(&seen).push(n);
+                    Ok(Value::Bool(true))
+                }
+                .boxed()
+            }
+        });
+        let (client, _server) =
+            peer_pair(fast_cfg(), Encoding::Zstd, echo_handler(), server_handler).await;
+        for n in 0..10u64 {
+            client.notify("test.v1.note", json!([n])).await.unwrap();
+        }
+        // A request is still answered meanwhile.
+        client.call("test.v1.echo", json!([1])).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while lock(&seen).len() < 10 {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", lock(&seen));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*lock(&seen), (0..10).collect::<Vec<u64>>());
     }
 
     #[tokio::test]
