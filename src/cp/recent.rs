@@ -6,7 +6,10 @@
 //! - It holds a contiguous run of versions `base+1 ..= top` of one change log (epoch), each
 //!   exactly as a committed read returned it; versions never change once committed.
 //! - It is filled only by reads of the change log after `top` (one snapshot, which sees
-//!   versions gap-free and in order), and a read that reports another epoch empties it.
+//!   versions gap-free and in order), or with versions this control plane's own writer has
+//!   committed ([`Store::committed_after`]: the very rows its transaction wrote, with the
+//!   epoch that transaction read, taken only when they continue `top` without a gap); a
+//!   read that reports another epoch empties it.
 //! - It answers only for `base <= after <= top`; anything below `base` (evicted by the byte
 //!   bound) or above `top` goes to the database as before.
 //! - "Up to date" is answered from it only when `top` is at least the head this control plane
@@ -16,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use crate::cp::store::{Store, StoreError};
+use crate::cp::store::{Store, StoreError, VersionDeltas as VersionText};
 use crate::proto::v2::{DeltaText, RawDelta};
 
 /// Most versions read in one catch-up; further behind, the window restarts at the head.
@@ -27,13 +30,7 @@ const MAX_READ_VERSIONS: i64 = 10_000;
 /// planes that need it read it from the database (paged when large), as data planes further
 /// behind do. The window is for the steady state, small versions sent to many data planes;
 /// holding a bulk version would be one more copy of a large configuration in memory.
-const MAX_VERSION_DELTAS: usize = 4096;
-
-/// The deltas of one version as comma-separated JSON text ([`DeltaText`]).
-struct VersionText {
-    version: i64,
-    deltas: DeltaText,
-}
+const MAX_VERSION_DELTAS: usize = crate::cp::store::COMMITTED_MAX_DELTAS;
 
 /// The window of recent versions.
 pub struct Recent {
@@ -136,6 +133,18 @@ impl Recent {
         if top >= head {
             return Ok(false);
         }
+        if let Some(own) = self.store.committed_after(&epoch, top, head) {
+            // Committed by this control plane's own writer: the rows it wrote, no read.
+            let mut w = self.lock();
+            if w.epoch.as_deref() == Some(epoch.as_str()) && w.top() == top {
+                for v in own {
+                    w.bytes += v.deltas.byte_len();
+                    w.versions.push_back(v);
+                }
+                self.evict(&mut w);
+            }
+            return Ok(false);
+        }
         if head - top > MAX_READ_VERSIONS {
             // Far behind (the database was written by others while this control plane could
             // not read it): start again at the head rather than read a long history.
@@ -204,13 +213,19 @@ impl Recent {
             w.reset(epoch, info.version);
             return Ok(false);
         }
+        self.evict(&mut w);
+        Ok(false)
+    }
+
+    /// After versions were added: drops the oldest past the byte bound, and the joined
+    /// answers (the top moved).
+    fn evict(&self, w: &mut Window) {
         while w.bytes > self.max_bytes && !w.versions.is_empty() {
             let old = w.versions.pop_front().expect("not empty");
             w.bytes -= old.deltas.byte_len();
             w.base += 1;
         }
         w.joined.clear();
-        Ok(false)
     }
 
     /// Empties the window and starts it at the current head.

@@ -364,3 +364,146 @@ both_backends!(group_commit_isolates_failing_operations, |b| async move {
     assert_eq!(n, 2);
     assert_eq!(store.version_info().await.unwrap().version, 3);
 });
+
+/// Joins versions' wire text as the change log's reader gives it (`changes_after_raw`).
+async fn change_log_text(store: &Store, after: i64, upto: i64) -> Vec<(i64, Vec<u8>)> {
+    use deltaplane::proto::v2::{DeltaText, RawDelta};
+    let mut out: Vec<(i64, DeltaText)> = Vec::new();
+    store
+        .changes_after_raw(after, upto - after, |c| {
+            if out.last().is_none_or(|(v, _)| *v != c.version) {
+                out.push((c.version, DeltaText::new()));
+            }
+            out.last_mut().unwrap().1.push(&RawDelta::from(&c));
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    out.into_iter()
+        .map(|(v, t)| (v, t.slice(0, t.len()).to_vec()))
+        .collect()
+}
+
+// The recent-versions window takes this CP's own committed versions from the store instead of
+// reading them back (issue 11): they must be the change log's rows, byte for byte.
+both_backends!(
+    own_committed_versions_are_the_change_log_rows,
+    |b| async move {
+        let Some(db) = TestDb::new(b).await else {
+            return;
+        };
+        let store = db.store().await;
+        let epoch = store.version_info().await.unwrap().epoch;
+        let start = store.version_info().await.unwrap().version;
+        let results = store
+            .write_batch(vec![
+                Op::Create {
+                    entity: "services".into(),
+                    input: json!({"name": "s1", "url": "http://a.test:81/p", "tags": ["x", "é"]}),
+                    scope: None,
+                },
+                Op::Create {
+                    entity: "services".into(),
+                    input: json!({"bogus": 1}),
+                    scope: None,
+                },
+                Op::Create {
+                    entity: "routes".into(),
+                    input: json!({"name": "r1", "paths": ["/a"], "service": {"name": "s1"}}),
+                    scope: None,
+                },
+            ])
+            .await;
+        assert!(results[1].is_err());
+        store
+            .write(Op::Patch {
+                entity: "services".into(),
+                key: "s1".into(),
+                input: json!({"retries": 9}),
+                scope: None,
+            })
+            .await
+            .unwrap();
+        // A consumer with a credential; deleting it cascades: one version of two deltas.
+        store
+            .write(Op::Create {
+                entity: "consumers".into(),
+                input: json!({"username": "c1"}),
+                scope: None,
+            })
+            .await
+            .unwrap();
+        store
+            .write(Op::Create {
+                entity: "keyauth_credentials".into(),
+                input: json!({"key": "k1", "consumer": {"username": "c1"}}),
+                scope: None,
+            })
+            .await
+            .unwrap();
+        store
+            .write(Op::Delete {
+                entity: "consumers".into(),
+                key: "c1".into(),
+                scope: None,
+            })
+            .await
+            .unwrap();
+        let head = store.version_info().await.unwrap().version;
+        assert_eq!(head, start + 6);
+        assert_eq!(change_log_text(&store, head - 1, head).await.len(), 1);
+        for after in start..head {
+            let own = store
+                .committed_after(&epoch, after, head)
+                .expect("every version was committed here");
+            let read = change_log_text(&store, after, head).await;
+            assert_eq!(own.len(), read.len());
+            for (o, (v, text)) in own.iter().zip(&read) {
+                assert_eq!(o.version, *v);
+                assert_eq!(
+                    String::from_utf8_lossy(o.deltas.slice(0, o.deltas.len())),
+                    String::from_utf8_lossy(text),
+                    "version {v}"
+                );
+            }
+        }
+        assert!(
+            store
+                .committed_after("another-epoch", start, head)
+                .is_none()
+        );
+        assert!(
+            store.committed_after(&epoch, head, head + 1).is_none(),
+            "not committed yet"
+        );
+
+        // Another control plane's write (another store on the same database) is not held here:
+        // the run breaks and readers go to the database.
+        let other = db.store().await;
+        other
+            .write(Op::Create {
+                entity: "consumers".into(),
+                input: json!({"username": "elsewhere"}),
+                scope: None,
+            })
+            .await
+            .unwrap();
+        store
+            .write(Op::Create {
+                entity: "consumers".into(),
+                input: json!({"username": "here"}),
+                scope: None,
+            })
+            .await
+            .unwrap();
+        let now = store.version_info().await.unwrap().version;
+        assert_eq!(now, head + 2);
+        assert!(store.committed_after(&epoch, head, now).is_none());
+        let own = store.committed_after(&epoch, now - 1, now).unwrap();
+        assert_eq!(
+            own[0].deltas.slice(0, own[0].deltas.len()),
+            change_log_text(&store, now - 1, now).await[0].1.as_slice()
+        );
+    }
+);

@@ -23,6 +23,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::watch;
 
 use crate::node::now_secs;
+use crate::proto::v2::DeltaText;
 use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
@@ -299,7 +300,31 @@ struct Inner {
     default_ws: std::sync::OnceLock<String>,
     /// The connection write transactions run on, kept between them (`write::WriteSlot`).
     write_slot: tokio::sync::Mutex<write::WriteSlot>,
+    /// The versions this store's own write transactions committed most recently, as they
+    /// were written to the change log ([`Store::committed_after`]).
+    committed: std::sync::Mutex<Committed>,
 }
+
+/// The deltas of one version in the change log's wire form ([`DeltaText`]).
+#[derive(Debug)]
+pub struct VersionDeltas {
+    pub version: i64,
+    pub deltas: DeltaText,
+}
+
+/// The last versions committed by this store, contiguous, with the epoch the transaction
+/// read them under. Bounded: [`COMMITTED_KEEP`] versions of at most
+/// [`COMMITTED_MAX_DELTAS`] deltas each.
+#[derive(Default)]
+struct Committed {
+    epoch: Option<Arc<str>>,
+    versions: std::collections::VecDeque<Arc<VersionDeltas>>,
+}
+
+/// Most versions kept for [`Store::committed_after`].
+const COMMITTED_KEEP: usize = 64;
+/// A version with more deltas is not kept (a bulk change: readers go to the database).
+pub const COMMITTED_MAX_DELTAS: usize = 4096;
 
 fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
     use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -443,6 +468,7 @@ impl Store {
                 head_tx,
                 default_ws: std::sync::OnceLock::new(),
                 write_slot: Default::default(),
+                committed: Default::default(),
             }),
         })
     }
@@ -532,6 +558,72 @@ impl Store {
     }
 
     /// Records that `version` is committed (seen through another control plane's notification).
+    /// Records the versions a write transaction of this store has just committed (before the
+    /// head moves), contiguous and in order, read under `epoch`; `None` for a version not
+    /// kept (a bulk change). Anything that does not continue what is kept replaces it.
+    pub(super) fn record_committed(&self, epoch: &str, versions: Vec<Option<VersionDeltas>>) {
+        let mut c = self
+            .inner
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if c.epoch.as_deref() != Some(epoch) {
+            c.versions.clear();
+            c.epoch = Some(epoch.into());
+        }
+        for v in versions {
+            let Some(v) = v else {
+                // A gap from here on: keep nothing before it.
+                c.versions.clear();
+                continue;
+            };
+            if c.versions
+                .back()
+                .is_some_and(|l| l.version + 1 != v.version)
+            {
+                c.versions.clear();
+            }
+            c.versions.push_back(Arc::new(v));
+        }
+        while c.versions.len() > COMMITTED_KEEP {
+            c.versions.pop_front();
+        }
+    }
+
+    /// Versions `after+1 ..= upto` exactly as this store's own transactions wrote them to the
+    /// change log of `epoch`, if every one of them was committed here and is still kept;
+    /// `None` otherwise (then read the change log). Cheaper than a read, and ready as soon as
+    /// the commit returns.
+    pub fn committed_after(
+        &self,
+        epoch: &str,
+        after: i64,
+        upto: i64,
+    ) -> Option<Vec<Arc<VersionDeltas>>> {
+        let c = self
+            .inner
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if c.epoch.as_deref() != Some(epoch) || upto <= after {
+            return None;
+        }
+        let first = c.versions.front()?.version;
+        let last = c.versions.back()?.version;
+        if after + 1 < first || upto > last {
+            return None;
+        }
+        let skip = (after + 1 - first) as usize;
+        Some(
+            c.versions
+                .iter()
+                .skip(skip)
+                .take((upto - after) as usize)
+                .cloned()
+                .collect(),
+        )
+    }
+
     pub fn observe(&self, version: i64) {
         self.inner.head_tx.send_if_modified(|v| {
             if version > *v {

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use super::{Pool, StateHash, Store, StoreError, UnresolvedForeignKey};
 use crate::node::now_secs;
+use crate::proto::v2::{DeltaText, RawDelta};
 pub(super) use crate::schema::index::canonical;
 use crate::schema::index::{CACHE_KEY, EntityIndex, foreign_id, tags_of};
 use crate::schema::{EntitySchema, Mode, OnDelete, Registry};
@@ -112,6 +113,8 @@ pub(super) struct WriteSlot {
     /// True from `BEGIN` until the transaction ended. Still true at the next write when a
     /// write was cancelled halfway: that connection is closed, never reused.
     pub(super) in_txn: bool,
+    /// The change log's epoch as the open transaction read it.
+    pub(super) epoch: String,
 }
 
 macro_rules! on_tx {
@@ -562,31 +565,31 @@ impl<'c> Txn<'c> {
 
     /// Opens the transaction, takes the version lock and the first operation's savepoint, in
     /// one round trip.
-    async fn begin(conn: &mut WriteConn) -> Result<(i64, StateHash), StoreError> {
+    async fn begin(conn: &mut WriteConn) -> Result<(i64, StateHash, String), StoreError> {
         use sqlx::Row as _;
-        let (version, hash): (i64, String) = match conn {
+        let (version, hash, epoch): (i64, String, String) = match conn {
             WriteConn::Sqlite(c) => {
                 let rows = sqlx::raw_sql(
-                    "BEGIN IMMEDIATE; SELECT version, state_hash FROM dp_meta WHERE id = 1; SAVEPOINT dp_op",
+                    "BEGIN IMMEDIATE; SELECT version, state_hash, epoch FROM dp_meta WHERE id = 1; SAVEPOINT dp_op",
                 )
                 .fetch_all(&mut **c)
                 .await?;
                 let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
-                (row.try_get(0)?, row.try_get(1)?)
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)
             }
             WriteConn::Postgres(c) => {
                 let rows = sqlx::raw_sql(
-                    "BEGIN; SELECT version, state_hash FROM dp_meta WHERE id = 1 FOR UPDATE; SAVEPOINT dp_op",
+                    "BEGIN; SELECT version, state_hash, epoch FROM dp_meta WHERE id = 1 FOR UPDATE; SAVEPOINT dp_op",
                 )
                 .fetch_all(&mut **c)
                 .await?;
                 let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
-                (row.try_get(0)?, row.try_get(1)?)
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)
             }
         };
         let hash = StateHash::from_hex(&hash)
             .ok_or_else(|| StoreError::Internal("corrupt state hash in dp_meta".into()))?;
-        Ok((version, hash))
+        Ok((version, hash, epoch))
     }
 
     /// Moves the head to `head` (and, on PostgreSQL, sends the version notification) when the
@@ -911,7 +914,10 @@ impl Store {
                 }
             };
             match begun {
-                Ok(head) => return Ok(head),
+                Ok((version, hash, epoch)) => {
+                    slot.epoch = epoch;
+                    return Ok((version, hash));
+                }
                 Err(e) => {
                     slot.discard();
                     if fresh || !matches!(e, StoreError::Unavailable(_)) {
@@ -942,7 +948,7 @@ impl Store {
             dirty: false,
         };
         match self.apply_all(&mut tx, start, hash, ops).await {
-            Ok((results, head)) => {
+            Ok((results, head, written)) => {
                 if let Some(hook) = &self.inner.options.before_commit {
                     let delay = hook();
                     if !delay.is_zero() {
@@ -956,6 +962,8 @@ impl Store {
                 }
                 slot.in_txn = false;
                 if let Some((head, _)) = head {
+                    // Before the head moves: whoever wakes up for it finds the deltas here.
+                    self.record_committed(&slot.epoch, written);
                     self.observe(head);
                 }
                 Ok(results)
@@ -982,8 +990,17 @@ impl Store {
         start: i64,
         mut hash: StateHash,
         ops: Vec<Op>,
-    ) -> Result<(Vec<Result<Outcome, StoreError>>, Option<(i64, StateHash)>), StoreError> {
+    ) -> Result<
+        (
+            Vec<Result<Outcome, StoreError>>,
+            Option<(i64, StateHash)>,
+            Vec<Option<super::VersionDeltas>>,
+        ),
+        StoreError,
+    > {
         let mut head = start;
+        // Each version's deltas as the change log holds them (see `Store::committed_after`).
+        let mut written = Vec::new();
         // Bootstrap writes the workspace itself; afterwards the default workspace always exists.
         let ws = self.default_workspace_id().await?.unwrap_or_default();
         let now = now_secs();
@@ -1009,6 +1026,7 @@ impl Store {
                         Ok(()) => {
                             head = version;
                             hash = new_hash;
+                            written.push(version_deltas(version, &deltas));
                             outcome.version = Some(version);
                             Ok(outcome)
                         }
@@ -1034,8 +1052,33 @@ impl Store {
                 }
             }
         }
-        Ok((results, (head != start).then_some((head, hash))))
+        Ok((results, (head != start).then_some((head, hash)), written))
     }
+}
+
+/// A version's deltas in the wire form, from the same values and with the same functions
+/// as its change-log rows (`pg_script`, `sqlite_script`): a read of those rows gives the
+/// same text. `None` for a bulk version (see [`super::COMMITTED_MAX_DELTAS`]).
+fn version_deltas(version: i64, deltas: &[Delta]) -> Option<super::VersionDeltas> {
+    if deltas.len() > super::COMMITTED_MAX_DELTAS {
+        return None;
+    }
+    let mut text = DeltaText::new();
+    for d in deltas {
+        let entity = d.entity.as_ref().map(canonical);
+        text.push(&RawDelta {
+            version,
+            entity_type: &d.ty,
+            id: &d.id,
+            ws_id: &d.ws,
+            entity: entity.as_deref(),
+        });
+    }
+    text.shrink_to_fit();
+    Some(super::VersionDeltas {
+        version,
+        deltas: text,
+    })
 }
 
 fn fold_hash(hash: &mut StateHash, deltas: &[Delta]) {
