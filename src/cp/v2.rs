@@ -370,6 +370,27 @@ impl Handler for CpHandler {
         CP_METHODS
     }
 
+    /// A status report (`get_delta` as a notification, after each apply: Kong's DPs and
+    /// ours) only records where the DP is: done on the reader, no task per report (issue 11:
+    /// CPU per DP per version).
+    fn notify_now(
+        &self,
+        _peer: &Peer,
+        method: &str,
+        params: &RawValue,
+    ) -> Option<Result<(), RpcError>> {
+        if method != GET_DELTA {
+            return None;
+        }
+        let params: Value = match serde_json::from_str(params.get()) {
+            Ok(params) => params,
+            Err(e) => return Some(Err(RpcError::invalid_params().with_message(e.to_string()))),
+        };
+        Some(GetDelta::from_params(&params).map(|r| {
+            self.conn.report_v2(r.version, r.state_hash, true);
+        }))
+    }
+
     fn call(
         &self,
         peer: Peer,

@@ -99,6 +99,20 @@ pub trait Handler: Send + Sync + 'static {
         &[]
     }
 
+    /// Handles a notification of `method` right on the connection's reader, without a task
+    /// of its own, when the handler can do it at once and never waits (a status report):
+    /// `Some` with the outcome, `None` to run it through [`Handler::call`] as usual. Only
+    /// offered for a dispatchable method whose `params` is an array, and once every earlier
+    /// notification of the connection has been handled, so order is kept.
+    fn notify_now(
+        &self,
+        _peer: &Peer,
+        _method: &str,
+        _params: &RawValue,
+    ) -> Option<Result<(), RpcError>> {
+        None
+    }
+
     /// Runs one request of a [`Handler::raw_methods`] method; `params` is a JSON array.
     #[allow(clippy::boxed_local)] // owned text the handler may keep (a queued push)
     fn call_raw(
@@ -941,6 +955,12 @@ impl Reader<'_> {
                 _ = self.inflight.join_next() => {}
             }
         }
+        if let Job::Single(request) = &work
+            && request.id.is_none()
+            && self.notify_now(request)
+        {
+            return None;
+        }
         let peer = self.peer.clone();
         let handler = Arc::clone(self.handler);
         let (before, done) = match &work {
@@ -995,6 +1015,39 @@ impl Reader<'_> {
             send_answer(&peer, json, guard).await;
         });
         None
+    }
+
+    /// Offers a notification to [`Handler::notify_now`]; true when it was handled (and the
+    /// earlier ones were, so it keeps its place in the order).
+    fn notify_now(&mut self, request: &jsonrpc::Request) -> bool {
+        if let Some(before) = &mut self.last_notification {
+            if matches!(before.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                return false;
+            }
+            self.last_notification = None;
+        }
+        let method = request.method.as_str();
+        if !dispatchable(self.peer, self.handler.as_ref(), method)
+            || !request.params.get().trim_start().starts_with('[')
+        {
+            return false;
+        }
+        let handler = self.handler.as_ref();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            handler.notify_now(self.peer, method, &request.params)
+        }));
+        match outcome {
+            Ok(None) => false,
+            Ok(Some(Ok(()))) => true,
+            Ok(Some(Err(err))) => {
+                tracing::info!(%method, code = err.code, message = %err.message, "RPC notification failed");
+                true
+            }
+            Err(_) => {
+                tracing::error!(%method, "RPC handler panicked");
+                true
+            }
+        }
     }
 
     /// Resolves responses and logs error reports right away; returns what needs an answer.
@@ -1567,6 +1620,96 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(*lock(&seen), (0..10).collect::<Vec<u64>>());
+    }
+
+    /// Runs `test.v1.note` in a task (slowly, the earlier the slower) and handles
+    /// `test.v1.quick` inline, both recording their number.
+    struct MixedHandler {
+        seen: Arc<Mutex<Vec<u64>>>,
+        inline: AtomicUsize,
+    }
+
+    impl Handler for MixedHandler {
+        fn methods(&self) -> &[&'static str] {
+            &["test.v1.note", "test.v1.quick", "test.v1.echo"]
+        }
+        fn call(
+            &self,
+            _peer: Peer,
+            method: String,
+            params: Value,
+            _notification: bool,
+        ) -> BoxFuture<'static, Result<Reply, RpcError>> {
+            let seen = self.seen.clone();
+            Box::pin(async move {
+                if method == "test.v1.echo" {
+                    return Ok(Reply::Value(params));
+                }
+                let n = params[0].as_u64().unwrap();
+                tokio::time::sleep(Duration::from_millis(40 - 2 * n)).await;
+                lock(&seen).push(n);
+                Ok(Reply::Value(Value::Bool(true)))
+            })
+        }
+        fn notify_now(
+            &self,
+            _peer: &Peer,
+            method: &str,
+            params: &RawValue,
+        ) -> Option<Result<(), RpcError>> {
+            if method != "test.v1.quick" {
+                return None;
+            }
+            let params: Value = serde_json::from_str(params.get()).unwrap();
+            let Some(n) = params[0].as_u64() else {
+                return Some(Err(RpcError::invalid_params()));
+            };
+            self.inline.fetch_add(1, Ordering::Relaxed);
+            lock(&self.seen).push(n);
+            Some(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_notifications_keep_their_place_in_the_order() {
+        let mixed = Arc::new(MixedHandler {
+            seen: Arc::new(Mutex::new(Vec::new())),
+            inline: AtomicUsize::new(0),
+        });
+        let (client, _server) =
+            peer_pair(fast_cfg(), Encoding::Zstd, echo_handler(), mixed.clone()).await;
+        // Slow task-run notifications with quick inline ones between them: an inline one
+        // must wait for the slow ones before it.
+        for n in 0..10u64 {
+            let method = if n % 3 == 2 {
+                "test.v1.quick"
+            } else {
+                "test.v1.note"
+            };
+            client.notify(method, json!([n])).await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let wait_for = |n: usize| {
+            let seen = mixed.seen.clone();
+            async move {
+                while lock(&seen).len() < n {
+                    assert!(tokio::time::Instant::now() < deadline, "{:?}", lock(&seen));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        wait_for(10).await;
+        assert_eq!(*lock(&mixed.seen), (0..10).collect::<Vec<u64>>());
+        // Once every earlier one is done, quick ones run inline; a bad one is refused
+        // without ending the connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = mixed.inline.load(Ordering::Relaxed);
+        client.notify("test.v1.quick", json!(["x"])).await.unwrap();
+        client.notify("test.v1.quick", json!([10])).await.unwrap();
+        client.call("test.v1.echo", json!([1])).await.unwrap();
+        wait_for(11).await;
+        assert_eq!(*lock(&mixed.seen), (0..11).collect::<Vec<u64>>());
+        assert_eq!(mixed.inline.load(Ordering::Relaxed), before + 1);
     }
 
     #[tokio::test]

@@ -74,6 +74,7 @@ pub fn try_encode(encoding: Encoding, json: &[u8]) -> Result<Vec<u8>, CodecError
         Encoding::SnappyFramed => snap::raw::Encoder::new()
             .compress_vec(json)
             .map_err(|err| CodecError::Encode(err.to_string())),
+        Encoding::Zstd if json.len() < STORED_BELOW => Ok(zstd_stored(json)),
         Encoding::Zstd => ZSTD_COMPRESSOR.with(|compressor| {
             let mut compressor = compressor.borrow_mut();
             match compressor.as_mut() {
@@ -83,6 +84,27 @@ pub fn try_encode(encoding: Encoding, json: &[u8]) -> Result<Vec<u8>, CodecError
             .map_err(|err| CodecError::Encode(err.to_string()))
         }),
     }
+}
+
+/// Messages shorter than this go as a zstd frame of one raw (stored) block: a status report
+/// or an "up to date" answer gains a few bytes at most from compression, and decoding
+/// Huffman tables for it costs the receiver more than the message itself (issue 11: a
+/// control plane reads one report per data plane per version).
+const STORED_BELOW: usize = 256;
+
+/// A zstd frame (RFC 8878 §3.1.1) holding `json` as one raw block: magic number, a frame
+/// header with Single_Segment set and a 1-byte Frame_Content_Size, one last raw block.
+fn zstd_stored(json: &[u8]) -> Vec<u8> {
+    debug_assert!(json.len() < STORED_BELOW);
+    let mut frame = Vec::with_capacity(json.len() + 9);
+    frame.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    frame.push(0b0010_0000); // FCS_Field_Size 1 byte, Single_Segment, no checksum, no dict
+    frame.push(json.len() as u8);
+    // Block header: Last_Block = 1, Block_Type = Raw (0), Block_Size = len.
+    let header = 1u32 | ((json.len() as u32) << 3);
+    frame.extend_from_slice(&header.to_le_bytes()[..3]);
+    frame.extend_from_slice(json);
+    frame
 }
 
 /// Decompresses one frame payload, refusing anything over `max_decompressed` bytes without
@@ -253,6 +275,41 @@ mod tests {
             }
             let frame = encode(enc, &json);
             assert!(frame.len() < json.len() / 2, "{enc} compresses");
+        }
+    }
+
+    #[test]
+    fn short_messages_are_stored_frames_any_zstd_decoder_reads() {
+        for len in [
+            0usize,
+            1,
+            100,
+            STORED_BELOW - 1,
+            STORED_BELOW,
+            STORED_BELOW + 1,
+        ] {
+            let json: Vec<u8> = (0..len).map(|i| b"{\"a\":1}"[i % 7]).collect();
+            let frame = encode(Encoding::Zstd, &json);
+            if len < STORED_BELOW {
+                assert_eq!(frame.len(), len + 9, "stored: 9 bytes of framing");
+                assert_eq!(&frame[9..], &json[..]);
+            } else {
+                assert!(frame.len() < len, "compressed from {STORED_BELOW} bytes on");
+            }
+            // The reference decoder, one-shot and streaming, and our own with its caps.
+            assert_eq!(zstd::bulk::decompress(&frame, len).unwrap(), json, "{len}");
+            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), json, "{len}");
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(&frame).unwrap(),
+                Some(len as u64)
+            );
+            assert_eq!(decode(Encoding::Zstd, &frame, len).unwrap(), json);
+            if len > 0 {
+                assert!(matches!(
+                    decode(Encoding::Zstd, &frame, len - 1),
+                    Err(CodecError::TooLarge { .. })
+                ));
+            }
         }
     }
 
