@@ -364,3 +364,170 @@ both_backends!(group_commit_isolates_failing_operations, |b| async move {
     assert_eq!(n, 2);
     assert_eq!(store.version_info().await.unwrap().version, 3);
 });
+
+// Creates that need no read before their write go, on PostgreSQL, as one call for the whole
+// run (`dp_apply_creates`); a failing one still rolls back only itself with the error the
+// checks give, and the others commit with consecutive versions.
+both_backends!(group_commit_planned_creates_fail_alone, |b| async move {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let store = db.store().await;
+    let consumer = |name: &str| Op::Create {
+        entity: "consumers".into(),
+        input: json!({"username": name, "tags": ["t1", "t2"]}),
+        scope: None,
+    };
+    let first = store.write(consumer("taken")).await.unwrap();
+    let taken_id = first.entity.unwrap()["id"].as_str().unwrap().to_owned();
+    let service = store
+        .write(Op::Create {
+            entity: "services".into(),
+            input: json!({"name": "s", "host": "example.com"}),
+            scope: None,
+        })
+        .await
+        .unwrap();
+    let service_id = service.entity.unwrap()["id"].as_str().unwrap().to_owned();
+    let head = store.version_info().await.unwrap().version;
+    let missing = "2b1e9d3c-3f62-4d4e-8d2a-9c1a5b7e6f01";
+    let results = store
+        .write_batch(vec![
+            consumer("c1"),
+            Op::Create {
+                entity: "routes".into(),
+                input: json!({"name": "dangling", "paths": ["/d"], "service": {"id": missing}}),
+                scope: None,
+            },
+            consumer("c2"),
+            Op::Create {
+                entity: "consumers".into(),
+                input: json!({"id": taken_id, "username": "other"}),
+                scope: None,
+            },
+            consumer("c3"),
+            consumer("taken"),
+            Op::Create {
+                entity: "routes".into(),
+                input: json!({"name": "r", "paths": ["/r"], "service": {"id": service_id}}),
+                scope: None,
+            },
+            consumer("c1"),
+        ])
+        .await;
+    let version = |i: usize| results[i].as_ref().unwrap().version;
+    assert_eq!(version(0), Some(head + 1));
+    match &results[1] {
+        Err(StoreError::ForeignKey { message, fields }) => {
+            assert_eq!(
+                message,
+                &format!(
+                    "the foreign key '{{id=\"{missing}\"}}' does not reference an existing 'services' entity."
+                )
+            );
+            assert_eq!(fields["service"], json!({"id": missing}));
+        }
+        other => panic!("expected a foreign key error, got {other:?}"),
+    }
+    assert_eq!(version(2), Some(head + 2));
+    match &results[3] {
+        Err(StoreError::PrimaryKey { message, fields }) => {
+            assert_eq!(
+                message,
+                &format!("primary key violation on key '{{id=\"{taken_id}\"}}'")
+            );
+            assert_eq!(fields["id"], json!(taken_id));
+        }
+        other => panic!("expected a primary key error, got {other:?}"),
+    }
+    assert_eq!(version(4), Some(head + 3));
+    match &results[5] {
+        Err(StoreError::Unique(fields)) => assert_eq!(fields["username"], json!("taken")),
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    assert_eq!(version(6), Some(head + 4));
+    assert!(
+        matches!(&results[7], Err(StoreError::Unique(f)) if f["username"] == json!("c1")),
+        "a key taken earlier in the same batch: {:?}",
+        results[7]
+    );
+    assert_eq!(store.version_info().await.unwrap().version, head + 4);
+
+    // The change log has one delta per version, consecutive, and the state hash of the
+    // stored entities.
+    let mut seen = Vec::new();
+    store
+        .changes_after(head, 100, |c| {
+            seen.push((c.version, c.entity_type.clone()));
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen,
+        [
+            (head + 1, "consumers".to_owned()),
+            (head + 2, "consumers".to_owned()),
+            (head + 3, "consumers".to_owned()),
+            (head + 4, "routes".to_owned()),
+        ]
+    );
+    let mut model = Model::new();
+    store
+        .snapshot(|c| {
+            if let Some(e) = c.entity {
+                model.insert((c.entity_type.clone(), c.id.clone()), (c.ws_id.clone(), e));
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.version_info().await.unwrap().state_hash, model_hash(&model));
+    // Index rows were written: keys (found by username), tags, and the route's reference row
+    // (it keeps its service).
+    assert!(store.find("consumers", "c2", None).await.unwrap().is_some());
+    let tagged = store.list_tags(Some("t2"), 100, None).await.unwrap();
+    assert_eq!(tagged.data.len(), 4, "taken, c1, c2, c3: {:?}", tagged.data);
+    let deleted = store
+        .write(Op::Delete {
+            entity: "services".into(),
+            key: service_id.clone(),
+            scope: None,
+        })
+        .await;
+    assert!(
+        matches!(deleted, Err(StoreError::ForeignKey { .. })),
+        "{deleted:?}"
+    );
+});
+
+/// A call of `dp_apply_creates` that fails as a whole (here: the function is missing) is
+/// rolled back to the savepoint and its creates applied one at a time, each with its result.
+#[tokio::test]
+async fn planned_creates_fall_back_when_the_call_fails() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store().await;
+    let deltaplane::cp::store::Pool::Postgres(pool) = store.pool() else {
+        unreachable!("a PostgreSQL store");
+    };
+    sqlx::query("ALTER FUNCTION dp_apply_creates RENAME TO dp_apply_creates_gone")
+        .execute(pool)
+        .await
+        .unwrap();
+    let head = store.version_info().await.unwrap().version;
+    let consumer = |name: &str| Op::Create {
+        entity: "consumers".into(),
+        input: json!({"username": name}),
+        scope: None,
+    };
+    let results = store
+        .write_batch(vec![consumer("a"), consumer("a"), consumer("b")])
+        .await;
+    assert_eq!(results[0].as_ref().unwrap().version, Some(head + 1));
+    assert!(matches!(&results[1], Err(StoreError::Unique(_))), "{:?}", results[1]);
+    assert_eq!(results[2].as_ref().unwrap().version, Some(head + 2));
+    assert_eq!(store.version_info().await.unwrap().version, head + 2);
+}
