@@ -17,6 +17,13 @@
 -- the same error as on its other path. No row: every operation applied. Operations after the
 -- failed one are not applied (their versions and hashes assumed it would be); the store sends
 -- them again with the next version.
+--
+-- With p_head NULL, the caller's transaction holds the version lock and moves the head. Else
+-- the call is a transaction of its own (the statement commits: group commit in one round
+-- trip): it takes the version lock, and when the head is not (p_head, p_head_hash), the
+-- versions the store assumed, it returns only (3, 0, head, state hash, NULL) and writes
+-- nothing; otherwise it moves the head to the last operation applied and notifies, as the
+-- store's COMMIT does.
 CREATE FUNCTION dp_apply_creates(
     p_type      TEXT[],
     p_id        TEXT[],
@@ -37,7 +44,9 @@ CREATE FUNCTION dp_apply_creates(
     p_tag       TEXT[],
     p_par_end   INT[],
     p_par_type  TEXT[],
-    p_par_id    TEXT[]
+    p_par_id    TEXT[],
+    p_head      BIGINT,
+    p_head_hash TEXT
 ) RETURNS TABLE (r_kind INT, r_op INT, r_a TEXT, r_b TEXT, r_c TEXT)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -52,7 +61,17 @@ DECLARE
     v_state TEXT;
     v_constraint TEXT;
     v_message TEXT;
+    v_head BIGINT;
+    v_head_hash TEXT;
+    v_applied INT := 0;
 BEGIN
+    IF p_head IS NOT NULL THEN
+        SELECT version, state_hash INTO v_head, v_head_hash FROM dp_meta WHERE id = 1 FOR UPDATE;
+        IF v_head IS DISTINCT FROM p_head OR v_head_hash IS DISTINCT FROM p_head_hash THEN
+            RETURN QUERY SELECT 3, 0, v_head::TEXT, v_head_hash, NULL::TEXT;
+            RETURN;
+        END IF;
+    END IF;
     FOR i IN 1 .. coalesce(array_length(p_id, 1), 0) LOOP
         k1 := p_key_end[i];
         r1 := p_ref_end[i];
@@ -101,12 +120,19 @@ BEGIN
                     AND (d.name, d.value) IN (
                         SELECT k.name, k.value
                         FROM unnest(p_key_name[k0:k1], p_key_value[k0:k1]) AS k(name, value));
-            RETURN;
+            EXIT;
         END;
+        v_applied := i;
         k0 := k1 + 1;
         r0 := r1 + 1;
         t0 := t1 + 1;
         q0 := q1 + 1;
     END LOOP;
+    IF p_head IS NOT NULL AND v_applied > 0 THEN
+        -- fleet::VERSIONS_CHANNEL, as the store's COMMIT.
+        UPDATE dp_meta SET version = p_version[v_applied], state_hash = p_hash[v_applied]
+            WHERE id = 1;
+        PERFORM pg_notify('deltaplane_versions', p_version[v_applied]::TEXT);
+    END IF;
 END
 $$;

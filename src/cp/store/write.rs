@@ -112,6 +112,12 @@ pub(super) struct WriteSlot {
     /// True from `BEGIN` until the transaction ended. Still true at the next write when a
     /// write was cancelled halfway: that connection is closed, never reused.
     pub(super) in_txn: bool,
+    /// The head (version and state hash) as this store last saw it under the version lock:
+    /// what a batch of planned creates assumes when it runs as one statement
+    /// ([`Store::write_planned_alone`]), which checks it.
+    head: Option<(i64, StateHash)>,
+    /// When the kept connection last answered at the end of a transaction.
+    last_used: Option<std::time::Instant>,
 }
 
 macro_rules! on_tx {
@@ -130,6 +136,7 @@ impl WriteSlot {
             on_tx!(&mut conn, c => c.close_on_drop());
         }
         self.in_txn = false;
+        self.last_used = None;
     }
 }
 
@@ -568,6 +575,15 @@ pub(super) struct PlannedCreate {
     term: StateHash,
 }
 
+/// What a `dp_apply_creates` call did.
+enum Called {
+    /// Every operation applied (`None`), or those before the one that failed.
+    Applied(Option<CreateFailed>),
+    /// A call as its own transaction found another head than the one it was given, and wrote
+    /// nothing: the head and its state hash.
+    Stale(i64, StateHash),
+}
+
 /// The operation of a `dp_apply_creates` call that failed, as the function reported it.
 struct CreateFailed {
     /// Its position in the call.
@@ -582,7 +598,15 @@ impl CreateFailed {
     /// The error the other path reports: from the checks when the probe explains the failure,
     /// else the database's error as `From<sqlx::Error>` maps it.
     fn into_error(self, p: PlannedCreate) -> StoreError {
-        match check_verdict(&p.schema, &p.id, &p.entity, &p.index, true, p.refs, &self.probe) {
+        match check_verdict(
+            &p.schema,
+            &p.id,
+            &p.entity,
+            &p.index,
+            true,
+            p.refs,
+            &self.probe,
+        ) {
             Err(e) => e,
             Ok(()) => StoreError::from_database(&self.sqlstate, &self.message),
         }
@@ -637,7 +661,10 @@ fn plan_create(
     };
     let schema = registry.get(&entity).cloned().ok_or(StoreError::NotFound)?;
     if let Value::Object(m) = &mut input {
-        for fk in registry.references_of(&schema.name).filter(|fk| !fk.is_array) {
+        for fk in registry
+            .references_of(&schema.name)
+            .filter(|fk| !fk.is_array)
+        {
             let Some(parent) = registry.get(&fk.parent) else {
                 continue;
             };
@@ -861,8 +888,8 @@ impl<'c> Txn<'c> {
     }
 
     /// PostgreSQL: applies `plans` (versions from `first_version`, state hashes `hashes`) in
-    /// one call of `dp_apply_creates`. `None`: all applied; else the first that failed (those
-    /// before it applied, those after it not).
+    /// one call of `dp_apply_creates`, inside this transaction, or, with `head` (the head the
+    /// versions follow), as a transaction of its own that takes the version lock and commits.
     async fn apply_creates(
         &mut self,
         plans: &[(usize, PlannedCreate)],
@@ -870,10 +897,13 @@ impl<'c> Txn<'c> {
         first_version: i64,
         hashes: Vec<String>,
         now: i64,
-    ) -> Result<Option<CreateFailed>, sqlx::Error> {
+        head: Option<(i64, String)>,
+    ) -> Result<Called, sqlx::Error> {
         self.flush().await?;
         let WriteConn::Postgres(c) = &mut *self.conn else {
-            return Err(sqlx::Error::Protocol("planned creates run on PostgreSQL".into()));
+            return Err(sqlx::Error::Protocol(
+                "planned creates run on PostgreSQL".into(),
+            ));
         };
         let n = plans.len();
         let mut types = Vec::with_capacity(n);
@@ -915,7 +945,7 @@ impl<'c> Txn<'c> {
         type Row = (i32, i32, Option<String>, Option<String>, Option<String>);
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT r_kind, r_op, r_a, r_b, r_c FROM dp_apply_creates($1, $2, $3, $4, $5, $6, \
-             $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+             $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
         )
         .bind(types)
         .bind(ids)
@@ -937,8 +967,17 @@ impl<'c> Txn<'c> {
         .bind(par_end)
         .bind(par_types)
         .bind(par_ids)
+        .bind(head.as_ref().map(|h| h.0))
+        .bind(head.map(|h| h.1))
         .fetch_all(&mut **c)
         .await?;
+        if let Some((3, _, Some(version), Some(hash), _)) = rows.first() {
+            let stale = || sqlx::Error::Protocol(format!("dp_apply_creates: head {version}"));
+            return Ok(Called::Stale(
+                version.parse().map_err(|_| stale())?,
+                StateHash::from_hex(hash).ok_or_else(stale)?,
+            ));
+        }
         let mut failed: Option<CreateFailed> = None;
         for (kind, op, a, b, c) in rows {
             let at = usize::try_from(op - 1).unwrap_or(usize::MAX);
@@ -968,7 +1007,7 @@ impl<'c> Txn<'c> {
                 _ => {}
             }
         }
-        Ok(failed)
+        Ok(Called::Applied(failed))
     }
 
     async fn get(&mut self, ty: &str, id: &str) -> Result<Option<(String, Value)>, StoreError> {
@@ -1174,8 +1213,25 @@ impl Store {
         }
         let mut slot = self.inner.write_slot.lock().await;
         let slot = &mut *slot;
+        let mut results = Vec::with_capacity(ops.len());
+        // Bootstrap writes the workspace itself; afterwards the default workspace always exists.
+        let ws = self.default_workspace_id().await?.unwrap_or_default();
+        let now = now_secs();
+        let batch = if self.alone_possible(slot, &ws, &ops) {
+            let pending = plan_all(self.registry(), &ws, now, ops, &mut results);
+            match self
+                .write_planned_alone(slot, &ws, now, pending, &mut results)
+                .await?
+            {
+                None => return Ok(results),
+                Some(pending) => Batch::Planned(pending),
+            }
+        } else {
+            Batch::Ops(ops)
+        };
         // The version lock comes first: every check below runs serialised against other writers.
         let (start, hash) = self.begin_on(slot).await?;
+        slot.head = Some((start, hash));
         let Some(conn) = &mut slot.conn else {
             return Err(StoreError::Internal("write connection missing".into()));
         };
@@ -1184,8 +1240,15 @@ impl Store {
             pending: None,
             dirty: false,
         };
-        match self.apply_all(&mut tx, start, hash, ops).await {
-            Ok((results, head)) => {
+        let mut log = Log {
+            head: start,
+            hash,
+            now,
+            ws,
+        };
+        match self.apply_all(&mut tx, &mut log, batch, &mut results).await {
+            Ok(()) => {
+                let head = (log.head != start).then_some((log.head, log.hash));
                 if let Some(hook) = &self.inner.options.before_commit {
                     let delay = hook();
                     if !delay.is_zero() {
@@ -1198,7 +1261,9 @@ impl Store {
                     return Err(StoreError::CommitUnknown(e.to_string()));
                 }
                 slot.in_txn = false;
-                if let Some((head, _)) = head {
+                slot.last_used = Some(std::time::Instant::now());
+                if let Some((head, hash)) = head {
+                    slot.head = Some((head, hash));
                     self.observe(head);
                 }
                 Ok(results)
@@ -1214,7 +1279,107 @@ impl Store {
         }
     }
 
-    /// Runs every op; returns the results and the new head when at least one version was made.
+    /// True when `ops` can run as planned creates in a statement of their own
+    /// ([`Store::write_planned_alone`]): PostgreSQL, every operation [`plannable`], the head
+    /// known, no test hook before the commit, and a kept connection that answered less than
+    /// a second ago. A connection idle longer may have died meanwhile: a transaction begun
+    /// on it finds that out by `BEGIN` and retries on a new one ([`Store::begin_on`]), while a
+    /// statement that commits by itself could not tell whether it committed.
+    fn alone_possible(&self, slot: &WriteSlot, ws: &str, ops: &[Op]) -> bool {
+        matches!(slot.conn, Some(WriteConn::Postgres(_)))
+            && !slot.in_txn
+            && slot.head.is_some()
+            && self.inner.options.before_commit.is_none()
+            && slot
+                .last_used
+                .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+            && ops.iter().all(|op| plannable(self.registry(), ws, op))
+    }
+
+    /// PostgreSQL: applies planned creates with one round trip per transaction: each call of
+    /// `dp_apply_creates` takes the version lock, checks that the head is the one this store
+    /// last saw, applies the operations (each in its own subtransaction, stopping at the first
+    /// that fails), moves the head and commits, as one statement. After a failed operation
+    /// the rest go in the next call. Returns the operations left for a transaction of the
+    /// usual kind: when the head moved (another writer), or a call failed as a whole (the
+    /// statement rolled back: nothing of it was written).
+    async fn write_planned_alone(
+        &self,
+        slot: &mut WriteSlot,
+        ws: &str,
+        now: i64,
+        mut pending: Pending2,
+        results: &mut [Result<Outcome, StoreError>],
+    ) -> Result<Option<Pending2>, StoreError> {
+        while !pending.is_empty() {
+            let Some((head, hash)) = slot.head else {
+                return Ok(Some(pending));
+            };
+            let Some(conn) = &mut slot.conn else {
+                return Ok(Some(pending));
+            };
+            let mut tx = Txn::on(conn);
+            let hashes = chain(hash, &pending);
+            // A call cancelled halfway leaves this set: the connection is then closed.
+            slot.in_txn = true;
+            let called = tx
+                .apply_creates(
+                    pending.make_contiguous(),
+                    ws,
+                    head + 1,
+                    hashes,
+                    now,
+                    Some((head, hash.to_hex())),
+                )
+                .await;
+            let failed = match called {
+                Ok(Called::Applied(failed)) => failed,
+                Ok(Called::Stale(head, hash)) => {
+                    slot.in_txn = false;
+                    slot.head = Some((head, hash));
+                    return Ok(Some(pending));
+                }
+                Err(sqlx::Error::Database(e)) => {
+                    slot.in_txn = false;
+                    tracing::warn!(cause = %e, "dp_apply_creates failed; applying its operations in a transaction");
+                    return Ok(Some(pending));
+                }
+                Err(e) => {
+                    // The statement may or may not have committed.
+                    slot.discard();
+                    let e = StoreError::CommitUnknown(e.to_string());
+                    for (i, _) in pending {
+                        results[i] = Err(e.clone());
+                    }
+                    return Ok(None);
+                }
+            };
+            slot.in_txn = false;
+            slot.last_used = Some(std::time::Instant::now());
+            let applied = failed.as_ref().map_or(pending.len(), |f| f.at);
+            let mut log = Log {
+                head,
+                hash,
+                now,
+                ws: String::new(),
+            };
+            for (i, p) in pending.drain(..applied) {
+                results[i] = Ok(log.push(p));
+            }
+            if applied > 0 {
+                slot.head = Some((log.head, log.hash));
+                self.observe(log.head);
+            }
+            if let Some(f) = failed {
+                let (i, p) = pending.pop_front().expect("the failed operation");
+                results[i] = Err(f.into_error(p));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs every operation of `batch`, each result in `results` (planned ones have their
+    /// place there already), moving `log` with each version.
     ///
     /// Round trips: per operation its reads, one for its writes with its version, and one to
     /// renew the savepoint (the lock and the first savepoint come with `BEGIN`, the head's
@@ -1223,19 +1388,16 @@ impl Store {
     async fn apply_all(
         &self,
         tx: &mut Txn<'_>,
-        start: i64,
-        hash: StateHash,
-        ops: Vec<Op>,
-    ) -> Result<(Vec<Result<Outcome, StoreError>>, Option<(i64, StateHash)>), StoreError> {
-        // Bootstrap writes the workspace itself; afterwards the default workspace always exists.
-        let ws = self.default_workspace_id().await?.unwrap_or_default();
-        let mut log = Log {
-            head: start,
-            hash,
-            now: now_secs(),
-            ws,
+        log: &mut Log,
+        batch: Batch,
+        results: &mut Vec<Result<Outcome, StoreError>>,
+    ) -> Result<(), StoreError> {
+        let ops = match batch {
+            Batch::Ops(ops) => ops,
+            Batch::Planned(pending) => {
+                return self.apply_planned(tx, log, pending, true, results).await;
+            }
         };
-        let mut results = Vec::with_capacity(ops.len());
         let plan = matches!(self.pool(), Pool::Postgres(_));
         let registry = self.registry();
         let mut ops = ops.into_iter().peekable();
@@ -1246,14 +1408,14 @@ impl Store {
                     run.push(next);
                 }
                 let last = ops.peek().is_none();
-                self.apply_planned(tx, &mut log, run, last, &mut results)
-                    .await?;
+                let pending = plan_all(registry, &log.ws, log.now, run, results);
+                self.apply_planned(tx, log, pending, last, results).await?;
             } else {
                 let last = ops.peek().is_none();
-                results.push(self.apply_one(tx, &mut log, Work::Op(op), last).await?);
+                results.push(self.apply_one(tx, log, Work::Op(op), last).await?);
             }
         }
-        Ok((results, (log.head != start).then_some((log.head, log.hash))))
+        Ok(())
     }
 
     /// Applies one operation in the savepoint, with its version when it changed something, and
@@ -1280,7 +1442,10 @@ impl Store {
                 let mut new_hash = log.hash;
                 fold_hash(&mut new_hash, &deltas);
                 let version = log.head + 1;
-                match tx.append_version(version, &new_hash, log.now, &deltas).await {
+                match tx
+                    .append_version(version, &new_hash, log.now, &deltas)
+                    .await
+                {
                     Ok(()) => {
                         log.head = version;
                         log.hash = new_hash;
@@ -1305,49 +1470,43 @@ impl Store {
         }
     }
 
-    /// PostgreSQL: applies a run of [`plannable`] creates, each with its own version and
-    /// result, in one call of `dp_apply_creates` when none fails. When one fails, those before
-    /// it are applied and those after it are sent again in the next call (their versions and
-    /// hashes assumed it would apply). A call that fails as a whole (nothing of it can be
-    /// trusted) is rolled back to the savepoint and its operations applied one at a time.
-    /// The savepoint is fresh at the start of the run and at every call.
+    /// PostgreSQL, inside the transaction: applies planned creates (each with its own version
+    /// and result) in one call of `dp_apply_creates` when none fails. When one fails, those
+    /// before it are applied and those after it are sent again in the next call (their
+    /// versions and hashes assumed it would apply). A call that fails as a whole (nothing of it
+    /// can be trusted) is rolled back to the savepoint and its operations applied one at a
+    /// time. The savepoint is fresh at the start and at every call.
     async fn apply_planned(
         &self,
         tx: &mut Txn<'_>,
         log: &mut Log,
-        run: Vec<Op>,
+        mut pending: Pending2,
         last: bool,
-        results: &mut Vec<Result<Outcome, StoreError>>,
+        results: &mut [Result<Outcome, StoreError>],
     ) -> Result<(), StoreError> {
-        let mut pending = std::collections::VecDeque::with_capacity(run.len());
-        for op in run {
-            match plan_create(self.registry(), &log.ws, log.now, op) {
-                Ok(p) => {
-                    pending.push_back((results.len(), p));
-                    // Replaced by the call's answer.
-                    results.push(Err(StoreError::Internal("not applied".into())));
-                }
-                Err(e) => results.push(Err(e)),
-            }
-        }
         while !pending.is_empty() {
             if tx.dirty {
                 tx.next_op().await?;
             }
-            let mut hash = log.hash;
-            let hashes = pending
-                .iter()
-                .map(|(_, p)| {
-                    hash.add(&p.term);
-                    hash.to_hex()
-                })
-                .collect();
+            let hashes = chain(log.hash, &pending);
             let first = log.head + 1;
             let called = tx
-                .apply_creates(pending.make_contiguous(), &log.ws, first, hashes, log.now)
+                .apply_creates(
+                    pending.make_contiguous(),
+                    &log.ws,
+                    first,
+                    hashes,
+                    log.now,
+                    None,
+                )
                 .await;
             let failed = match called {
-                Ok(failed) => failed,
+                Ok(Called::Applied(failed)) => failed,
+                Ok(Called::Stale(..)) => {
+                    return Err(StoreError::Internal(
+                        "dp_apply_creates checked the head inside a transaction".into(),
+                    ));
+                }
                 Err(e) => {
                     let e = StoreError::from(e);
                     if matches!(e, StoreError::Unavailable(_)) {
@@ -1365,15 +1524,8 @@ impl Store {
             };
             let applied = failed.as_ref().map_or(pending.len(), |f| f.at);
             for (i, p) in pending.drain(..applied) {
-                log.head += 1;
-                log.hash.add(&p.term);
                 tx.dirty = true;
-                results[i] = Ok(Outcome {
-                    version: Some(log.head),
-                    entity: Some(p.entity),
-                    created: true,
-                    invalid: None,
-                });
+                results[i] = Ok(log.push(p));
             }
             if let Some(f) = failed {
                 let (i, p) = pending.pop_front().expect("the failed operation");
@@ -1391,6 +1543,50 @@ impl Store {
     }
 }
 
+/// Planned creates not applied yet, each with its place among the batch's results.
+type Pending2 = std::collections::VecDeque<(usize, PlannedCreate)>;
+
+/// What a transaction applies: operations, or planned creates left by
+/// [`Store::write_planned_alone`].
+enum Batch {
+    Ops(Vec<Op>),
+    Planned(Pending2),
+}
+
+/// Plans `ops` ([`plannable`] creates): a result for each in `results`, the error of one that
+/// does not validate, a place for one planned.
+fn plan_all(
+    registry: &Registry,
+    ws: &str,
+    now: i64,
+    ops: Vec<Op>,
+    results: &mut Vec<Result<Outcome, StoreError>>,
+) -> Pending2 {
+    let mut pending = Pending2::with_capacity(ops.len());
+    for op in ops {
+        match plan_create(registry, ws, now, op) {
+            Ok(p) => {
+                pending.push_back((results.len(), p));
+                // Replaced by the call's answer.
+                results.push(Err(StoreError::Internal("not applied".into())));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    pending
+}
+
+/// The state hashes after each of `pending` in turn, from `hash`.
+fn chain(mut hash: StateHash, pending: &Pending2) -> Vec<String> {
+    pending
+        .iter()
+        .map(|(_, p)| {
+            hash.add(&p.term);
+            hash.to_hex()
+        })
+        .collect()
+}
+
 /// Where the change log stands while a transaction applies operations.
 struct Log {
     head: i64,
@@ -1398,6 +1594,20 @@ struct Log {
     now: i64,
     /// The default workspace's id.
     ws: String,
+}
+
+impl Log {
+    /// Records the version of a planned create that applied, and returns its outcome.
+    fn push(&mut self, p: PlannedCreate) -> Outcome {
+        self.head += 1;
+        self.hash.add(&p.term);
+        Outcome {
+            version: Some(self.head),
+            entity: Some(p.entity),
+            created: true,
+            invalid: None,
+        }
+    }
 }
 
 fn fold_hash(hash: &mut StateHash, deltas: &[Delta]) {
@@ -1430,7 +1640,9 @@ impl WriteCtx<'_, '_> {
             Work::Op(op) => self.apply(op).await,
             // What `apply` does for a create after `prepare`.
             Work::Planned(p) => {
-                let entity = self.save(&p.schema, p.entity, None, Map::new(), true).await?;
+                let entity = self
+                    .save(&p.schema, p.entity, None, Map::new(), true)
+                    .await?;
                 Ok(Outcome {
                     version: None,
                     entity: Some(entity),
