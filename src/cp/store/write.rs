@@ -8,6 +8,12 @@
 //!    and its index rows, cascade, and append one version with its deltas and state hash;
 //!    a failing operation rolls back to its savepoint and consumes no version;
 //! 3. move the head, `pg_notify`, commit once (group commit: one fsync for the whole batch).
+//!
+//! On PostgreSQL, creates that need no read before their write ([`plannable`]) are planned in
+//! memory and applied by the function `dp_apply_creates` (migration 0005): each operation in
+//! its own `BEGIN ... EXCEPTION` block (a subtransaction, its savepoint), its checks folded in,
+//! a run of them in one round trip. A batch made only of them runs as one statement that does
+//! steps 1–3 itself ([`Store::write_planned_alone`]).
 
 use serde_json::{Map, Value};
 
