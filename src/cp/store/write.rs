@@ -1314,9 +1314,9 @@ impl Store {
         slot: &mut WriteSlot,
         ws: &str,
         now: i64,
-        mut pending: Pending2,
+        mut pending: PlannedRun,
         results: &mut [Result<Outcome, StoreError>],
-    ) -> Result<Option<Pending2>, StoreError> {
+    ) -> Result<Option<PlannedRun>, StoreError> {
         while !pending.is_empty() {
             let Some((head, hash)) = slot.head else {
                 return Ok(Some(pending));
@@ -1353,6 +1353,7 @@ impl Store {
                 Err(e) => {
                     // The statement may or may not have committed.
                     slot.discard();
+                    tracing::warn!(cause = %e, "write statement failed: commit outcome unknown");
                     let e = StoreError::CommitUnknown(e.to_string());
                     for (i, _) in pending {
                         results[i] = Err(e.clone());
@@ -1486,7 +1487,7 @@ impl Store {
         &self,
         tx: &mut Txn<'_>,
         log: &mut Log,
-        mut pending: Pending2,
+        mut pending: PlannedRun,
         last: bool,
         results: &mut [Result<Outcome, StoreError>],
     ) -> Result<(), StoreError> {
@@ -1550,13 +1551,13 @@ impl Store {
 }
 
 /// Planned creates not applied yet, each with its place among the batch's results.
-type Pending2 = std::collections::VecDeque<(usize, PlannedCreate)>;
+type PlannedRun = std::collections::VecDeque<(usize, PlannedCreate)>;
 
 /// What a transaction applies: operations, or planned creates left by
 /// [`Store::write_planned_alone`].
 enum Batch {
     Ops(Vec<Op>),
-    Planned(Pending2),
+    Planned(PlannedRun),
 }
 
 /// Plans `ops` ([`plannable`] creates): a result for each in `results`, the error of one that
@@ -1567,8 +1568,8 @@ fn plan_all(
     now: i64,
     ops: Vec<Op>,
     results: &mut Vec<Result<Outcome, StoreError>>,
-) -> Pending2 {
-    let mut pending = Pending2::with_capacity(ops.len());
+) -> PlannedRun {
+    let mut pending = PlannedRun::with_capacity(ops.len());
     for op in ops {
         match plan_create(registry, ws, now, op) {
             Ok(p) => {
@@ -1583,7 +1584,7 @@ fn plan_all(
 }
 
 /// The state hashes after each of `pending` in turn, from `hash`.
-fn chain(mut hash: StateHash, pending: &Pending2) -> Vec<String> {
+fn chain(mut hash: StateHash, pending: &PlannedRun) -> Vec<String> {
     pending
         .iter()
         .map(|(_, p)| {
