@@ -155,6 +155,83 @@ both_backends!(
     }
 );
 
+/// Two control planes on one PostgreSQL database, each with its group-commit writer and no
+/// delay before commits: runs of creates go as one statement each (`dp_apply_creates` takes
+/// the version lock, checks the head this store last saw, commits), and a head moved by the
+/// other store sends the batch through a transaction. Versions stay gap-free, in order, and
+/// reproduce the state hash.
+#[tokio::test]
+async fn concurrent_group_commits_of_creates_gap_free() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let a = db.store().await;
+    let b = db.store().await;
+    let reader = db.store().await;
+    let writers = [
+        deltaplane::cp::writer::Writer::spawn(a.clone(), 64),
+        deltaplane::cp::writer::Writer::spawn(b.clone(), 64),
+    ];
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let writer = writers[(w % 2) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut names: Vec<String> = Vec::new();
+            for i in 0..40 {
+                let delete = !names.is_empty() && rand::rng().random_range(0..10) == 0;
+                let op = if delete {
+                    let n = names.len();
+                    Op::Delete {
+                        entity: "consumers".into(),
+                        key: names.swap_remove(rand::rng().random_range(0..n)),
+                        scope: None,
+                    }
+                } else {
+                    // Now and then a name another task also creates: one of them fails alone.
+                    let name = if i % 7 == 3 {
+                        format!("shared-{i}")
+                    } else {
+                        format!("g{w}-{i}")
+                    };
+                    names.push(name.clone());
+                    Op::Create {
+                        entity: "consumers".into(),
+                        input: json!({"username": name, "tags": ["t"]}),
+                        scope: None,
+                    }
+                };
+                match writer.write(op).await {
+                    Ok(_) | Err(StoreError::Unique(_)) | Err(StoreError::NotFound) => {}
+                    Err(e) => panic!("write failed: {e:?}"),
+                }
+            }
+        }));
+    }
+    let mut model = Model::new();
+    let mut last = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        tail(&reader, &mut model, &mut last).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tail(&reader, &mut model, &mut last).await;
+    let head = reader.version_info().await.unwrap();
+    assert_eq!(head.version, last);
+    assert_eq!(head.state_hash, model_hash(&model));
+    let mut snap = Model::new();
+    reader
+        .snapshot(|c| {
+            snap.insert((c.entity_type, c.id), (c.ws_id, c.entity.unwrap()));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(snap, model);
+    assert!(last > 16 * 20, "most writes made versions: {last}");
+}
+
 both_backends!(purge_keeps_the_horizon, |b| async move {
     let Some(db) = TestDb::new(b).await else {
         return;
@@ -365,6 +442,180 @@ both_backends!(group_commit_isolates_failing_operations, |b| async move {
     assert_eq!(store.version_info().await.unwrap().version, 3);
 });
 
+// Creates that need no read before their write go, on PostgreSQL, as one call for the whole
+// run (`dp_apply_creates`); a failing one still rolls back only itself with the error the
+// checks give, and the others commit with consecutive versions.
+both_backends!(group_commit_planned_creates_fail_alone, |b| async move {
+    let Some(db) = TestDb::new(b).await else {
+        return;
+    };
+    let store = db.store().await;
+    let consumer = |name: &str| Op::Create {
+        entity: "consumers".into(),
+        input: json!({"username": name, "tags": ["t1", "t2"]}),
+        scope: None,
+    };
+    let first = store.write(consumer("taken")).await.unwrap();
+    let taken_id = first.entity.unwrap()["id"].as_str().unwrap().to_owned();
+    let service = store
+        .write(Op::Create {
+            entity: "services".into(),
+            input: json!({"name": "s", "host": "example.com"}),
+            scope: None,
+        })
+        .await
+        .unwrap();
+    let service_id = service.entity.unwrap()["id"].as_str().unwrap().to_owned();
+    let head = store.version_info().await.unwrap().version;
+    let missing = "2b1e9d3c-3f62-4d4e-8d2a-9c1a5b7e6f01";
+    let results = store
+        .write_batch(vec![
+            consumer("c1"),
+            Op::Create {
+                entity: "routes".into(),
+                input: json!({"name": "dangling", "paths": ["/d"], "service": {"id": missing}}),
+                scope: None,
+            },
+            consumer("c2"),
+            Op::Create {
+                entity: "consumers".into(),
+                input: json!({"id": taken_id, "username": "other"}),
+                scope: None,
+            },
+            consumer("c3"),
+            consumer("taken"),
+            Op::Create {
+                entity: "routes".into(),
+                input: json!({"name": "r", "paths": ["/r"], "service": {"id": service_id}}),
+                scope: None,
+            },
+            consumer("c1"),
+        ])
+        .await;
+    let version = |i: usize| results[i].as_ref().unwrap().version;
+    assert_eq!(version(0), Some(head + 1));
+    match &results[1] {
+        Err(StoreError::ForeignKey { message, fields }) => {
+            assert_eq!(
+                message,
+                &format!(
+                    "the foreign key '{{id=\"{missing}\"}}' does not reference an existing 'services' entity."
+                )
+            );
+            assert_eq!(fields["service"], json!({"id": missing}));
+        }
+        other => panic!("expected a foreign key error, got {other:?}"),
+    }
+    assert_eq!(version(2), Some(head + 2));
+    match &results[3] {
+        Err(StoreError::PrimaryKey { message, fields }) => {
+            assert_eq!(
+                message,
+                &format!("primary key violation on key '{{id=\"{taken_id}\"}}'")
+            );
+            assert_eq!(fields["id"], json!(taken_id));
+        }
+        other => panic!("expected a primary key error, got {other:?}"),
+    }
+    assert_eq!(version(4), Some(head + 3));
+    match &results[5] {
+        Err(StoreError::Unique(fields)) => assert_eq!(fields["username"], json!("taken")),
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    assert_eq!(version(6), Some(head + 4));
+    assert!(
+        matches!(&results[7], Err(StoreError::Unique(f)) if f["username"] == json!("c1")),
+        "a key taken earlier in the same batch: {:?}",
+        results[7]
+    );
+    assert_eq!(store.version_info().await.unwrap().version, head + 4);
+
+    // The change log has one delta per version, consecutive, and the state hash of the
+    // stored entities.
+    let mut seen = Vec::new();
+    store
+        .changes_after(head, 100, |c| {
+            seen.push((c.version, c.entity_type.clone()));
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen,
+        [
+            (head + 1, "consumers".to_owned()),
+            (head + 2, "consumers".to_owned()),
+            (head + 3, "consumers".to_owned()),
+            (head + 4, "routes".to_owned()),
+        ]
+    );
+    let mut model = Model::new();
+    store
+        .snapshot(|c| {
+            if let Some(e) = c.entity {
+                model.insert((c.entity_type.clone(), c.id.clone()), (c.ws_id.clone(), e));
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.version_info().await.unwrap().state_hash,
+        model_hash(&model)
+    );
+    // Index rows were written: keys (found by username), tags, and the route's reference row
+    // (it keeps its service).
+    assert!(store.find("consumers", "c2", None).await.unwrap().is_some());
+    let tagged = store.list_tags(Some("t2"), 100, None).await.unwrap();
+    assert_eq!(tagged.data.len(), 4, "taken, c1, c2, c3: {:?}", tagged.data);
+    let deleted = store
+        .write(Op::Delete {
+            entity: "services".into(),
+            key: service_id.clone(),
+            scope: None,
+        })
+        .await;
+    assert!(
+        matches!(deleted, Err(StoreError::ForeignKey { .. })),
+        "{deleted:?}"
+    );
+});
+
+/// A call of `dp_apply_creates` that fails as a whole (here: the function is missing) is
+/// rolled back to the savepoint and its creates applied one at a time, each with its result.
+#[tokio::test]
+async fn planned_creates_fall_back_when_the_call_fails() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store().await;
+    let deltaplane::cp::store::Pool::Postgres(pool) = store.pool() else {
+        unreachable!("a PostgreSQL store");
+    };
+    sqlx::query("ALTER FUNCTION dp_apply_creates RENAME TO dp_apply_creates_gone")
+        .execute(pool)
+        .await
+        .unwrap();
+    let head = store.version_info().await.unwrap().version;
+    let consumer = |name: &str| Op::Create {
+        entity: "consumers".into(),
+        input: json!({"username": name}),
+        scope: None,
+    };
+    let results = store
+        .write_batch(vec![consumer("a"), consumer("a"), consumer("b")])
+        .await;
+    assert_eq!(results[0].as_ref().unwrap().version, Some(head + 1));
+    assert!(
+        matches!(&results[1], Err(StoreError::Unique(_))),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(results[2].as_ref().unwrap().version, Some(head + 2));
+    assert_eq!(store.version_info().await.unwrap().version, head + 2);
+}
+
 /// Joins versions' wire text as the change log's reader gives it (`changes_after_raw`).
 async fn change_log_text(store: &Store, after: i64, upto: i64) -> Vec<(i64, Vec<u8>)> {
     use deltaplane::proto::v2::{DeltaText, RawDelta};
@@ -505,5 +756,41 @@ both_backends!(
             own[0].deltas.slice(0, own[0].deltas.len()),
             change_log_text(&store, now - 1, now).await[0].1.as_slice()
         );
+
+        // A batch of plain creates right after a write (on PostgreSQL: one `dp_apply_creates`
+        // statement that commits by itself), one of them failing.
+        let results = store
+            .write_batch(vec![
+                Op::Create {
+                    entity: "consumers".into(),
+                    input: json!({"username": "p1", "tags": ["a"]}),
+                    scope: None,
+                },
+                Op::Create {
+                    entity: "consumers".into(),
+                    input: json!({"username": "here"}),
+                    scope: None,
+                },
+                Op::Create {
+                    entity: "consumers".into(),
+                    input: json!({"username": "p2", "custom_id": "ü"}),
+                    scope: None,
+                },
+            ])
+            .await;
+        assert!(matches!(results[1], Err(StoreError::Unique(_))));
+        let last = store.version_info().await.unwrap().version;
+        assert_eq!(last, now + 2);
+        let own = store.committed_after(&epoch, now - 1, last).unwrap();
+        let read = change_log_text(&store, now - 1, last).await;
+        assert_eq!(own.len(), 3);
+        for (o, (v, text)) in own.iter().zip(&read) {
+            assert_eq!(o.version, *v);
+            assert_eq!(
+                String::from_utf8_lossy(o.deltas.slice(0, o.deltas.len())),
+                String::from_utf8_lossy(text),
+                "version {v}"
+            );
+        }
     }
 );

@@ -250,23 +250,30 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::Tls(_) => true,
         sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => {
-            // SQLite busy/locked past the busy timeout; PostgreSQL shutting down or not accepting.
-            let code = db.code().unwrap_or_default();
-            matches!(
-                code.as_ref(),
-                "5" | "6"
-                    | "517"
-                    | "57P01"
-                    | "57P02"
-                    | "57P03"
-                    | "53300"
-                    | "08006"
-                    | "08003"
-                    | "08001"
-            )
-        }
+        sqlx::Error::Database(db) => is_unavailable_code(&db.code().unwrap_or_default()),
         _ => false,
+    }
+}
+
+/// A database error code that means the database cannot serve now: SQLite busy/locked past the
+/// busy timeout; PostgreSQL shutting down or not accepting.
+fn is_unavailable_code(code: &str) -> bool {
+    matches!(
+        code,
+        "5" | "6" | "517" | "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08003" | "08001"
+    )
+}
+
+impl StoreError {
+    /// What `From<sqlx::Error>` makes of a database error with this code and message, for an
+    /// error the database reported as data rather than as a failed statement.
+    fn from_database(code: &str, message: &str) -> StoreError {
+        let text = format!("error returned from database: {message}");
+        if is_unavailable_code(code) {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Internal(text)
+        }
     }
 }
 
@@ -371,6 +378,11 @@ fn migrations(backend: &Backend) -> sqlx::migrate::Migrator {
                 4,
                 "cluster_certs",
                 include_str!("../../../migrations/postgres/0004_cluster_certs.sql"),
+            ),
+            (
+                5,
+                "apply_creates",
+                include_str!("../../../migrations/postgres/0005_apply_creates.sql"),
             ),
         ],
     };

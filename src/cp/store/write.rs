@@ -8,6 +8,12 @@
 //!    and its index rows, cascade, and append one version with its deltas and state hash;
 //!    a failing operation rolls back to its savepoint and consumes no version;
 //! 3. move the head, `pg_notify`, commit once (group commit: one fsync for the whole batch).
+//!
+//! On PostgreSQL, creates that need no read before their write ([`plannable`]) are planned in
+//! memory and applied by the function `dp_apply_creates` (migration 0005): each operation in
+//! its own `BEGIN ... EXCEPTION` block (a subtransaction, its savepoint), its checks folded in,
+//! a run of them in one round trip. A batch made only of them runs as one statement that does
+//! steps 1–3 itself ([`Store::write_planned_alone`]).
 
 use serde_json::{Map, Value};
 
@@ -115,6 +121,12 @@ pub(super) struct WriteSlot {
     pub(super) in_txn: bool,
     /// The change log's epoch as the open transaction read it.
     pub(super) epoch: String,
+    /// The head (version and state hash) as this store last saw it under the version lock:
+    /// what a batch of planned creates assumes when it runs as one statement
+    /// ([`Store::write_planned_alone`]), which checks it.
+    head: Option<(i64, StateHash)>,
+    /// When the kept connection last answered at the end of a transaction.
+    last_used: Option<std::time::Instant>,
 }
 
 macro_rules! on_tx {
@@ -133,6 +145,7 @@ impl WriteSlot {
             on_tx!(&mut conn, c => c.close_on_drop());
         }
         self.in_txn = false;
+        self.last_used = None;
     }
 }
 
@@ -553,6 +566,158 @@ where
     Ok(s)
 }
 
+/// PostgreSQL: a create that needs no read before its write ([`plannable`]), planned in memory
+/// (validated, index rows and its term of the state hash computed) and then applied with the
+/// other planned creates next to it in one call of `dp_apply_creates` (migration 0005): one
+/// round trip for the run instead of three per operation. The function probes each operation
+/// inside its own subtransaction (the operation's savepoint) and stops at the first that fails.
+pub(super) struct PlannedCreate {
+    schema: std::sync::Arc<EntitySchema>,
+    id: String,
+    entity: Value,
+    /// The entity as stored, also the delta's entity.
+    body: String,
+    index: Indexed,
+    /// The foreign keys to check ([`refs_to_check`]).
+    refs: Vec<(String, String, bool, String)>,
+    /// The entity's term of the state hash.
+    term: StateHash,
+}
+
+/// What a `dp_apply_creates` call did.
+enum Called {
+    /// Every operation applied (`None`), or those before the one that failed.
+    Applied(Option<CreateFailed>),
+    /// A call as its own transaction found another head than the one it was given, and wrote
+    /// nothing: the head and its state hash.
+    Stale(i64, StateHash),
+}
+
+/// The operation of a `dp_apply_creates` call that failed, as the function reported it.
+struct CreateFailed {
+    /// Its position in the call.
+    at: usize,
+    sqlstate: String,
+    message: String,
+    /// What its probe found, after its writes were undone.
+    probe: Probe,
+}
+
+impl CreateFailed {
+    /// The error the other path reports: from the checks when the probe explains the failure,
+    /// else the database's error as `From<sqlx::Error>` maps it.
+    fn into_error(self, p: PlannedCreate) -> StoreError {
+        match check_verdict(
+            &p.schema,
+            &p.id,
+            &p.entity,
+            &p.index,
+            true,
+            p.refs,
+            &self.probe,
+        ) {
+            Err(e) => e,
+            Ok(()) => StoreError::from_database(&self.sqlstate, &self.message),
+        }
+    }
+}
+
+/// True when `op` is a create whose only reads are its checks, so it can be planned without
+/// the database ([`plan_create`]): no scope, no transient fields, a workspaceable type (its key
+/// rows and its probe use the same workspace), and every foreign key absent or given by id.
+fn plannable(registry: &Registry, ws: &str, op: &Op) -> bool {
+    let Op::Create {
+        entity,
+        input,
+        scope: None,
+    } = op
+    else {
+        return false;
+    };
+    let Some(schema) = registry.get(entity) else {
+        return false;
+    };
+    if ws.is_empty() || !schema.workspaceable || !schema.transient_fields.is_empty() {
+        return false;
+    }
+    registry
+        .references_of(&schema.name)
+        .filter(|fk| !fk.is_array)
+        .all(|fk| match input.get(&fk.field) {
+            Some(Value::Object(given)) => registry.get(&fk.parent).is_some_and(|parent| {
+                given
+                    .get(&parent.primary_key)
+                    .and_then(Value::as_str)
+                    .is_some_and(crate::schema::is_uuid)
+            }),
+            _ => true,
+        })
+}
+
+/// A [`plannable`] create, validated and completed as [`WriteCtx::apply`] would (its
+/// `resolve_foreign` keeps only the id of a foreign key given by id), without the database.
+fn plan_create(
+    registry: &Registry,
+    ws: &str,
+    now: i64,
+    op: Op,
+) -> Result<PlannedCreate, StoreError> {
+    let Op::Create {
+        entity, mut input, ..
+    } = op
+    else {
+        return Err(StoreError::Internal("only a create is planned".into()));
+    };
+    let schema = registry.get(&entity).cloned().ok_or(StoreError::NotFound)?;
+    if let Value::Object(m) = &mut input {
+        for fk in registry
+            .references_of(&schema.name)
+            .filter(|fk| !fk.is_array)
+        {
+            let Some(parent) = registry.get(&fk.parent) else {
+                continue;
+            };
+            let pk = &parent.primary_key;
+            let id = match m.get(&fk.field) {
+                Some(Value::Object(given)) => given
+                    .get(pk)
+                    .and_then(Value::as_str)
+                    .filter(|id| crate::schema::is_uuid(id))
+                    .map(str::to_owned),
+                _ => None,
+            };
+            if let Some(id) = id {
+                m.insert(fk.field.clone(), serde_json::json!({ pk.clone(): id }));
+            }
+        }
+    }
+    let prepared = registry
+        .prepare(&schema, input, None, Mode::Insert, now)
+        .map_err(StoreError::Schema)?;
+    let entity = prepared.entity;
+    let id = id_of(&entity).unwrap_or_default().to_owned();
+    let index = index_of(&schema, &entity);
+    let refs = refs_to_check(registry, &schema, &entity);
+    let body = canonical(&entity);
+    let term = StateHash::of_entity(&schema.name, ws, &id, &entity);
+    Ok(PlannedCreate {
+        schema,
+        id,
+        entity,
+        body,
+        index,
+        refs,
+        term,
+    })
+}
+
+/// What [`Store::apply_one`] applies: an operation, or a planned create whose call failed
+/// as a whole.
+enum Work {
+    Op(Op),
+    Planned(PlannedCreate),
+}
+
 impl<'c> Txn<'c> {
     /// A transaction on `conn`, already begun ([`Store::begin_on`]).
     pub(super) fn on(conn: &'c mut WriteConn) -> Txn<'c> {
@@ -729,6 +894,129 @@ impl<'c> Txn<'c> {
             }
         }
         Ok(probe)
+    }
+
+    /// PostgreSQL: applies `plans` (versions from `first_version`, state hashes `hashes`) in
+    /// one call of `dp_apply_creates`, inside this transaction, or, with `head` (the head the
+    /// versions follow), as a transaction of its own that takes the version lock and commits.
+    async fn apply_creates(
+        &mut self,
+        plans: &[(usize, PlannedCreate)],
+        ws: &str,
+        first_version: i64,
+        hashes: Vec<String>,
+        now: i64,
+        head: Option<(i64, String)>,
+    ) -> Result<Called, sqlx::Error> {
+        self.flush().await?;
+        let WriteConn::Postgres(c) = &mut *self.conn else {
+            return Err(sqlx::Error::Protocol(
+                "planned creates run on PostgreSQL".into(),
+            ));
+        };
+        let n = plans.len();
+        let mut types = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        let mut bodies = Vec::with_capacity(n);
+        let mut pks = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let (mut key_end, mut key_names, mut key_values) = (Vec::with_capacity(n), vec![], vec![]);
+        let (mut ref_end, mut ref_fields, mut ref_types, mut ref_ids) =
+            (Vec::with_capacity(n), vec![], vec![], vec![]);
+        let (mut tag_end, mut tags) = (Vec::with_capacity(n), vec![]);
+        let (mut par_end, mut par_types, mut par_ids) = (Vec::with_capacity(n), vec![], vec![]);
+        let end = |v: &Vec<&str>| i32::try_from(v.len()).unwrap_or(i32::MAX);
+        for (k, (_, p)) in plans.iter().enumerate() {
+            types.push(p.schema.name.as_str());
+            ids.push(p.id.as_str());
+            bodies.push(p.body.as_str());
+            pks.push(pk_json(&p.id));
+            versions.push(first_version + k as i64);
+            for (name, value) in &p.index.keys {
+                key_names.push(name.as_str());
+                key_values.push(value.as_str());
+            }
+            key_end.push(end(&key_names));
+            for (field, ty, id) in &p.index.refs {
+                ref_fields.push(field.as_str());
+                ref_types.push(ty.as_str());
+                ref_ids.push(id.as_str());
+            }
+            ref_end.push(end(&ref_fields));
+            tags.extend(p.index.tags.iter().map(String::as_str));
+            tag_end.push(end(&tags));
+            for (_, ty, _, id) in &p.refs {
+                par_types.push(ty.as_str());
+                par_ids.push(id.as_str());
+            }
+            par_end.push(end(&par_types));
+        }
+        type Row = (i32, i32, Option<String>, Option<String>, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT r_kind, r_op, r_a, r_b, r_c FROM dp_apply_creates($1, $2, $3, $4, $5, $6, \
+             $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+        )
+        .bind(types)
+        .bind(ids)
+        .bind(vec![ws; n])
+        .bind(bodies)
+        .bind(pks)
+        .bind(versions)
+        .bind(hashes)
+        .bind(now)
+        .bind(key_end)
+        .bind(key_names)
+        .bind(key_values)
+        .bind(ref_end)
+        .bind(ref_fields)
+        .bind(ref_types)
+        .bind(ref_ids)
+        .bind(tag_end)
+        .bind(tags)
+        .bind(par_end)
+        .bind(par_types)
+        .bind(par_ids)
+        .bind(head.as_ref().map(|h| h.0))
+        .bind(head.map(|h| h.1))
+        .fetch_all(&mut **c)
+        .await?;
+        if let Some((3, _, Some(version), Some(hash), _)) = rows.first() {
+            let stale = || sqlx::Error::Protocol(format!("dp_apply_creates: head {version}"));
+            return Ok(Called::Stale(
+                version.parse().map_err(|_| stale())?,
+                StateHash::from_hex(hash).ok_or_else(stale)?,
+            ));
+        }
+        let mut failed: Option<CreateFailed> = None;
+        for (kind, op, a, b, c) in rows {
+            let at = usize::try_from(op - 1).unwrap_or(usize::MAX);
+            let f = failed.get_or_insert_with(|| CreateFailed {
+                at,
+                sqlstate: String::new(),
+                message: String::new(),
+                probe: Probe::default(),
+            });
+            if at != f.at || at >= n {
+                return Err(sqlx::Error::Protocol(format!(
+                    "dp_apply_creates reported operation {op} of {n} after {}",
+                    f.at + 1
+                )));
+            }
+            match (kind, a, b, c) {
+                (2, Some(state), _, message) => {
+                    f.sqlstate = state;
+                    f.message = message.unwrap_or_default();
+                }
+                (0, Some(ty), Some(id), _) => {
+                    f.probe.found.insert((ty, id));
+                }
+                (1, Some(name), Some(value), Some(id)) => {
+                    f.probe.owners.insert((name, value), id);
+                }
+                _ => {}
+            }
+        }
+        Ok(Called::Applied(failed))
     }
 
     async fn get(&mut self, ty: &str, id: &str) -> Result<Option<(String, Value)>, StoreError> {
@@ -937,8 +1225,25 @@ impl Store {
         }
         let mut slot = self.inner.write_slot.lock().await;
         let slot = &mut *slot;
+        let mut results = Vec::with_capacity(ops.len());
+        // Bootstrap writes the workspace itself; afterwards the default workspace always exists.
+        let ws = self.default_workspace_id().await?.unwrap_or_default();
+        let now = now_secs();
+        let batch = if self.alone_possible(slot, &ws, &ops) {
+            let pending = plan_all(self.registry(), &ws, now, ops, &mut results);
+            match self
+                .write_planned_alone(slot, &ws, now, pending, &mut results)
+                .await?
+            {
+                None => return Ok(results),
+                Some(pending) => Batch::Planned(pending),
+            }
+        } else {
+            Batch::Ops(ops)
+        };
         // The version lock comes first: every check below runs serialised against other writers.
         let (start, hash) = self.begin_on(slot).await?;
+        slot.head = Some((start, hash));
         let Some(conn) = &mut slot.conn else {
             return Err(StoreError::Internal("write connection missing".into()));
         };
@@ -947,8 +1252,16 @@ impl Store {
             pending: None,
             dirty: false,
         };
-        match self.apply_all(&mut tx, start, hash, ops).await {
-            Ok((results, head, written)) => {
+        let mut log = Log {
+            head: start,
+            hash,
+            now,
+            ws,
+            written: Vec::new(),
+        };
+        match self.apply_all(&mut tx, &mut log, batch, &mut results).await {
+            Ok(()) => {
+                let head = (log.head != start).then_some((log.head, log.hash));
                 if let Some(hook) = &self.inner.options.before_commit {
                     let delay = hook();
                     if !delay.is_zero() {
@@ -961,9 +1274,11 @@ impl Store {
                     return Err(StoreError::CommitUnknown(e.to_string()));
                 }
                 slot.in_txn = false;
-                if let Some((head, _)) = head {
+                slot.last_used = Some(std::time::Instant::now());
+                if let Some((head, hash)) = head {
+                    slot.head = Some((head, hash));
                     // Before the head moves: whoever wakes up for it finds the deltas here.
-                    self.record_committed(&slot.epoch, written);
+                    self.record_committed(&slot.epoch, log.written);
                     self.observe(head);
                 }
                 Ok(results)
@@ -979,80 +1294,356 @@ impl Store {
         }
     }
 
-    /// Runs every op; returns the results and the new head when at least one version was made.
+    /// True when `ops` can run as planned creates in a statement of their own
+    /// ([`Store::write_planned_alone`]): PostgreSQL, every operation [`plannable`], the head
+    /// known, no test hook before the commit, and a kept connection that answered less than
+    /// a second ago. A connection idle longer may have died meanwhile: a transaction begun
+    /// on it finds that out by `BEGIN` and retries on a new one ([`Store::begin_on`]), while a
+    /// statement that commits by itself could not tell whether it committed.
+    fn alone_possible(&self, slot: &WriteSlot, ws: &str, ops: &[Op]) -> bool {
+        matches!(slot.conn, Some(WriteConn::Postgres(_)))
+            && !slot.in_txn
+            && slot.head.is_some()
+            && self.inner.options.before_commit.is_none()
+            && slot
+                .last_used
+                .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+            && ops.iter().all(|op| plannable(self.registry(), ws, op))
+    }
+
+    /// PostgreSQL: applies planned creates with one round trip per transaction: each call of
+    /// `dp_apply_creates` takes the version lock, checks that the head is the one this store
+    /// last saw, applies the operations (each in its own subtransaction, stopping at the first
+    /// that fails), moves the head and commits, as one statement. After a failed operation
+    /// the rest go in the next call. Returns the operations left for a transaction of the
+    /// usual kind: when the head moved (another writer), or a call failed as a whole (the
+    /// statement rolled back: nothing of it was written).
+    async fn write_planned_alone(
+        &self,
+        slot: &mut WriteSlot,
+        ws: &str,
+        now: i64,
+        mut pending: PlannedRun,
+        results: &mut [Result<Outcome, StoreError>],
+    ) -> Result<Option<PlannedRun>, StoreError> {
+        while !pending.is_empty() {
+            let Some((head, hash)) = slot.head else {
+                return Ok(Some(pending));
+            };
+            let Some(conn) = &mut slot.conn else {
+                return Ok(Some(pending));
+            };
+            let mut tx = Txn::on(conn);
+            let hashes = chain(hash, &pending);
+            // A call cancelled halfway leaves this set: the connection is then closed.
+            slot.in_txn = true;
+            let called = tx
+                .apply_creates(
+                    pending.make_contiguous(),
+                    ws,
+                    head + 1,
+                    hashes,
+                    now,
+                    Some((head, hash.to_hex())),
+                )
+                .await;
+            let failed = match called {
+                Ok(Called::Applied(failed)) => failed,
+                Ok(Called::Stale(head, hash)) => {
+                    slot.in_txn = false;
+                    slot.head = Some((head, hash));
+                    return Ok(Some(pending));
+                }
+                Err(sqlx::Error::Database(e)) => {
+                    slot.in_txn = false;
+                    tracing::warn!(cause = %e, "dp_apply_creates failed; applying its operations in a transaction");
+                    return Ok(Some(pending));
+                }
+                Err(e) => {
+                    // The statement may or may not have committed.
+                    slot.discard();
+                    tracing::warn!(cause = %e, "write statement failed: commit outcome unknown");
+                    let e = StoreError::CommitUnknown(e.to_string());
+                    for (i, _) in pending {
+                        results[i] = Err(e.clone());
+                    }
+                    return Ok(None);
+                }
+            };
+            slot.in_txn = false;
+            slot.last_used = Some(std::time::Instant::now());
+            let applied = failed.as_ref().map_or(pending.len(), |f| f.at);
+            let mut log = Log {
+                head,
+                hash,
+                now,
+                ws: ws.to_owned(),
+                written: Vec::new(),
+            };
+            for (i, p) in pending.drain(..applied) {
+                results[i] = Ok(log.push(p));
+            }
+            if applied > 0 {
+                slot.head = Some((log.head, log.hash));
+                // The call checked the head this store last saw under the version lock, so
+                // the epoch read then still holds.
+                self.record_committed(&slot.epoch, log.written);
+                self.observe(log.head);
+            }
+            if let Some(f) = failed {
+                let (i, p) = pending.pop_front().expect("the failed operation");
+                results[i] = Err(f.into_error(p));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs every operation of `batch`, each result in `results` (planned ones have their
+    /// place there already), moving `log` with each version.
     ///
     /// Round trips: per operation its reads, one for its writes with its version, and one to
     /// renew the savepoint (the lock and the first savepoint come with `BEGIN`, the head's
-    /// move with `COMMIT`).
+    /// move with `COMMIT`). On PostgreSQL, a run of creates that need no reads
+    /// ([`plannable`]) is one round trip for the whole run ([`Store::apply_planned`]).
     async fn apply_all(
         &self,
         tx: &mut Txn<'_>,
-        start: i64,
-        mut hash: StateHash,
-        ops: Vec<Op>,
-    ) -> Result<
-        (
-            Vec<Result<Outcome, StoreError>>,
-            Option<(i64, StateHash)>,
-            Vec<Option<super::VersionDeltas>>,
-        ),
-        StoreError,
-    > {
-        let mut head = start;
-        // Each version's deltas as the change log holds them (see `Store::committed_after`).
-        let mut written = Vec::new();
-        // Bootstrap writes the workspace itself; afterwards the default workspace always exists.
-        let ws = self.default_workspace_id().await?.unwrap_or_default();
-        let now = now_secs();
-        let mut results = Vec::with_capacity(ops.len());
-        let n_ops = ops.len();
-        for (i, op) in ops.into_iter().enumerate() {
-            let last = i + 1 == n_ops;
-            let mut ctx = WriteCtx {
-                tx: &mut *tx,
-                registry: self.registry(),
-                ws: ws.clone(),
-                now,
-                deltas: Vec::new(),
-            };
-            let applied = ctx.apply(op).await;
-            let deltas = std::mem::take(&mut ctx.deltas);
-            let applied = match applied {
-                Ok(mut outcome) if !deltas.is_empty() => {
-                    let mut new_hash = hash;
-                    fold_hash(&mut new_hash, &deltas);
-                    let version = head + 1;
-                    match tx.append_version(version, &new_hash, now, &deltas).await {
-                        Ok(()) => {
-                            head = version;
-                            hash = new_hash;
-                            written.push(version_deltas(version, &deltas));
-                            outcome.version = Some(version);
-                            Ok(outcome)
-                        }
-                        Err(e) => Err(StoreError::from(e)),
-                    }
+        log: &mut Log,
+        batch: Batch,
+        results: &mut Vec<Result<Outcome, StoreError>>,
+    ) -> Result<(), StoreError> {
+        let ops = match batch {
+            Batch::Ops(ops) => ops,
+            Batch::Planned(pending) => {
+                return self.apply_planned(tx, log, pending, true, results).await;
+            }
+        };
+        let plan = matches!(self.pool(), Pool::Postgres(_));
+        let registry = self.registry();
+        let mut ops = ops.into_iter().peekable();
+        while let Some(op) = ops.next() {
+            if plan && plannable(registry, &log.ws, &op) {
+                let mut run = vec![op];
+                while let Some(next) = ops.next_if(|o| plannable(registry, &log.ws, o)) {
+                    run.push(next);
                 }
-                other => other,
-            };
-            // The last operation's savepoint ends with the transaction.
-            let ended = match &applied {
-                Ok(_) if last => tx.flush().await.map_err(StoreError::from),
-                Ok(_) => tx.next_op().await,
-                Err(_) => tx.undo_op(last).await,
-            };
-            match (applied, ended) {
-                (Ok(outcome), Ok(())) => results.push(Ok(outcome)),
-                (_, Err(e)) => return Err(e),
-                (Err(e), Ok(())) => {
+                let last = ops.peek().is_none();
+                let pending = plan_all(registry, &log.ws, log.now, run, results);
+                self.apply_planned(tx, log, pending, last, results).await?;
+            } else {
+                let last = ops.peek().is_none();
+                results.push(self.apply_one(tx, log, Work::Op(op), last).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one operation in the savepoint, with its version when it changed something, and
+    /// renews the savepoint for the next (`last`: the transaction ends next). The outer error
+    /// ends the transaction; the inner one is the operation's.
+    async fn apply_one(
+        &self,
+        tx: &mut Txn<'_>,
+        log: &mut Log,
+        work: Work,
+        last: bool,
+    ) -> Result<Result<Outcome, StoreError>, StoreError> {
+        let mut ctx = WriteCtx {
+            tx: &mut *tx,
+            registry: self.registry(),
+            ws: log.ws.clone(),
+            now: log.now,
+            deltas: Vec::new(),
+        };
+        let applied = ctx.apply_work(work).await;
+        let deltas = std::mem::take(&mut ctx.deltas);
+        let applied = match applied {
+            Ok(mut outcome) if !deltas.is_empty() => {
+                let mut new_hash = log.hash;
+                fold_hash(&mut new_hash, &deltas);
+                let version = log.head + 1;
+                match tx
+                    .append_version(version, &new_hash, log.now, &deltas)
+                    .await
+                {
+                    Ok(()) => {
+                        log.head = version;
+                        log.hash = new_hash;
+                        log.written.push(version_deltas(version, &deltas));
+                        outcome.version = Some(version);
+                        Ok(outcome)
+                    }
+                    Err(e) => Err(StoreError::from(e)),
+                }
+            }
+            other => other,
+        };
+        // The last operation's savepoint ends with the transaction.
+        let ended = match &applied {
+            Ok(_) if last => tx.flush().await.map_err(StoreError::from),
+            Ok(_) => tx.next_op().await,
+            Err(_) => tx.undo_op(last).await,
+        };
+        match (applied, ended) {
+            (_, Err(e)) => Err(e),
+            (Err(e @ StoreError::Unavailable(_)), Ok(())) => Err(e),
+            (applied, Ok(())) => Ok(applied),
+        }
+    }
+
+    /// PostgreSQL, inside the transaction: applies planned creates (each with its own version
+    /// and result) in one call of `dp_apply_creates` when none fails. When one fails, those
+    /// before it are applied and those after it are sent again in the next call (their
+    /// versions and hashes assumed it would apply). A call that fails as a whole (nothing of it
+    /// can be trusted) is rolled back to the savepoint and its operations applied one at a
+    /// time. The savepoint is fresh at the start and at every call.
+    async fn apply_planned(
+        &self,
+        tx: &mut Txn<'_>,
+        log: &mut Log,
+        mut pending: PlannedRun,
+        last: bool,
+        results: &mut [Result<Outcome, StoreError>],
+    ) -> Result<(), StoreError> {
+        while !pending.is_empty() {
+            if tx.dirty {
+                tx.next_op().await?;
+            }
+            let hashes = chain(log.hash, &pending);
+            let first = log.head + 1;
+            let called = tx
+                .apply_creates(
+                    pending.make_contiguous(),
+                    &log.ws,
+                    first,
+                    hashes,
+                    log.now,
+                    None,
+                )
+                .await;
+            let failed = match called {
+                Ok(Called::Applied(failed)) => failed,
+                Ok(Called::Stale(..)) => {
+                    return Err(StoreError::Internal(
+                        "dp_apply_creates checked the head inside a transaction".into(),
+                    ));
+                }
+                Err(e) => {
+                    let e = StoreError::from(e);
                     if matches!(e, StoreError::Unavailable(_)) {
                         return Err(e);
                     }
-                    results.push(Err(e));
+                    tracing::warn!(cause = %e, "dp_apply_creates failed; applying its operations one at a time");
+                    tx.dirty = true;
+                    tx.undo_op(false).await?;
+                    while let Some((i, p)) = pending.pop_front() {
+                        let last = last && pending.is_empty();
+                        results[i] = self.apply_one(tx, log, Work::Planned(p), last).await?;
+                    }
+                    return Ok(());
                 }
+            };
+            let applied = failed.as_ref().map_or(pending.len(), |f| f.at);
+            for (i, p) in pending.drain(..applied) {
+                tx.dirty = true;
+                results[i] = Ok(log.push(p));
+            }
+            if let Some(f) = failed {
+                let (i, p) = pending.pop_front().expect("the failed operation");
+                let e = f.into_error(p);
+                if matches!(e, StoreError::Unavailable(_)) {
+                    return Err(e);
+                }
+                results[i] = Err(e);
             }
         }
-        Ok((results, (head != start).then_some((head, hash)), written))
+        if !last {
+            tx.next_op().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Planned creates not applied yet, each with its place among the batch's results.
+type PlannedRun = std::collections::VecDeque<(usize, PlannedCreate)>;
+
+/// What a transaction applies: operations, or planned creates left by
+/// [`Store::write_planned_alone`].
+enum Batch {
+    Ops(Vec<Op>),
+    Planned(PlannedRun),
+}
+
+/// Plans `ops` ([`plannable`] creates): a result for each in `results`, the error of one that
+/// does not validate, a place for one planned.
+fn plan_all(
+    registry: &Registry,
+    ws: &str,
+    now: i64,
+    ops: Vec<Op>,
+    results: &mut Vec<Result<Outcome, StoreError>>,
+) -> PlannedRun {
+    let mut pending = PlannedRun::with_capacity(ops.len());
+    for op in ops {
+        match plan_create(registry, ws, now, op) {
+            Ok(p) => {
+                pending.push_back((results.len(), p));
+                // Replaced by the call's answer.
+                results.push(Err(StoreError::Internal("not applied".into())));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    pending
+}
+
+/// The state hashes after each of `pending` in turn, from `hash`.
+fn chain(mut hash: StateHash, pending: &PlannedRun) -> Vec<String> {
+    pending
+        .iter()
+        .map(|(_, p)| {
+            hash.add(&p.term);
+            hash.to_hex()
+        })
+        .collect()
+}
+
+/// Where the change log stands while a transaction applies operations.
+struct Log {
+    head: i64,
+    hash: StateHash,
+    now: i64,
+    /// The default workspace's id.
+    ws: String,
+    /// Each version's deltas as the change log holds them (see `Store::committed_after`).
+    written: Vec<Option<super::VersionDeltas>>,
+}
+
+impl Log {
+    /// Records the version of a planned create that applied, and returns its outcome.
+    fn push(&mut self, p: PlannedCreate) -> Outcome {
+        self.head += 1;
+        self.hash.add(&p.term);
+        // The row `dp_apply_creates` wrote: (type, pk of the id, the workspace, the body).
+        let mut text = DeltaText::new();
+        text.push(&RawDelta {
+            version: self.head,
+            entity_type: &p.schema.name,
+            id: &p.id,
+            ws_id: &self.ws,
+            entity: Some(&p.body),
+        });
+        text.shrink_to_fit();
+        self.written.push(Some(super::VersionDeltas {
+            version: self.head,
+            deltas: text,
+        }));
+        Outcome {
+            version: Some(self.head),
+            entity: Some(p.entity),
+            created: true,
+            invalid: None,
+        }
     }
 }
 
@@ -1104,6 +1695,24 @@ impl WriteCtx<'_, '_> {
 
     fn schema(&self, name: &str) -> Result<std::sync::Arc<EntitySchema>, StoreError> {
         self.registry.get(name).cloned().ok_or(StoreError::NotFound)
+    }
+
+    async fn apply_work(&mut self, work: Work) -> Result<Outcome, StoreError> {
+        match work {
+            Work::Op(op) => self.apply(op).await,
+            // What `apply` does for a create after `prepare`.
+            Work::Planned(p) => {
+                let entity = self
+                    .save(&p.schema, p.entity, None, Map::new(), true)
+                    .await?;
+                Ok(Outcome {
+                    version: None,
+                    entity: Some(entity),
+                    created: true,
+                    invalid: None,
+                })
+            }
+        }
     }
 
     async fn apply(&mut self, op: Op) -> Result<Outcome, StoreError> {
@@ -1524,18 +2133,7 @@ impl WriteCtx<'_, '_> {
         index: &Indexed,
         check_pk: bool,
     ) -> Result<(), StoreError> {
-        // (field, parent type, is_array, parent id), in the registry's order.
-        let mut refs: Vec<(String, String, bool, String)> = Vec::new();
-        for fk in self.registry.references_of(&schema.name) {
-            if fk.is_array {
-                let ids = entity.get(&fk.field).and_then(Value::as_array);
-                for pid in ids.into_iter().flatten().filter_map(Value::as_str) {
-                    refs.push((fk.field.clone(), fk.parent.clone(), true, pid.to_owned()));
-                }
-            } else if let Some(pid) = foreign_id(entity.get(&fk.field)) {
-                refs.push((fk.field.clone(), fk.parent.clone(), false, pid.to_owned()));
-            }
-        }
+        let refs = refs_to_check(self.registry, schema, entity);
         let mut entities: Vec<(&str, &str)> = Vec::with_capacity(refs.len() + 1);
         if check_pk {
             entities.push((&schema.name, id));
@@ -1548,53 +2146,7 @@ impl WriteCtx<'_, '_> {
             .tx
             .probe(&entities, &schema.name, &self.ws, &index.keys)
             .await?;
-        if check_pk && probe.found.contains(&(schema.name.clone(), id.to_owned())) {
-            let mut fields = Map::new();
-            fields.insert("id".into(), Value::String(id.to_owned()));
-            return Err(StoreError::PrimaryKey {
-                message: format!("primary key violation on key '{{id=\"{id}\"}}'"),
-                fields,
-            });
-        }
-        for (name, value) in &index.keys {
-            match probe.owners.get(&(name.clone(), value.clone())) {
-                Some(other) if other != id => {}
-                _ => continue,
-            }
-            let mut fields = Map::new();
-            if name == CACHE_KEY {
-                for f in schema.cache_key.iter().flatten() {
-                    fields.insert(f.clone(), entity.get(f).cloned().unwrap_or(Value::Null));
-                }
-            } else {
-                fields.insert(
-                    name.clone(),
-                    entity.get(name).cloned().unwrap_or(Value::Null),
-                );
-            }
-            return Err(StoreError::Unique(fields));
-        }
-        for (field, parent, is_array, pid) in refs {
-            if probe.found.contains(&(parent.clone(), pid.clone())) {
-                continue;
-            }
-            let mut fields = Map::new();
-            let key = serde_json::json!({ "id": pid });
-            let shown = if is_array {
-                Value::Array(vec![key.clone()])
-            } else {
-                key.clone()
-            };
-            fields.insert(field, shown);
-            let pretty = super::kong_pretty(key.as_object().expect("object"));
-            return Err(StoreError::ForeignKey {
-                message: format!(
-                    "the foreign key '{pretty}' does not reference an existing '{parent}' entity."
-                ),
-                fields,
-            });
-        }
-        Ok(())
+        check_verdict(schema, id, entity, index, check_pk, refs, &probe)
     }
 
     /// A transient field `name` of `parent_schema` is the list of endpoint keys of the `name`
@@ -1806,6 +2358,88 @@ impl WriteCtx<'_, '_> {
         });
         Ok(())
     }
+}
+
+/// The foreign keys `entity` gives, as (field, parent type, is_array, parent id), in the
+/// registry's order: each must name an existing entity.
+fn refs_to_check(
+    registry: &Registry,
+    schema: &EntitySchema,
+    entity: &Value,
+) -> Vec<(String, String, bool, String)> {
+    let mut refs = Vec::new();
+    for fk in registry.references_of(&schema.name) {
+        if fk.is_array {
+            let ids = entity.get(&fk.field).and_then(Value::as_array);
+            for pid in ids.into_iter().flatten().filter_map(Value::as_str) {
+                refs.push((fk.field.clone(), fk.parent.clone(), true, pid.to_owned()));
+            }
+        } else if let Some(pid) = foreign_id(entity.get(&fk.field)) {
+            refs.push((fk.field.clone(), fk.parent.clone(), false, pid.to_owned()));
+        }
+    }
+    refs
+}
+
+/// The error a write's checks report from what the probe found: the primary key taken
+/// (`check_pk`), then a unique or cache key another entity holds, then a foreign key naming
+/// no entity (`refs`, from [`refs_to_check`]).
+fn check_verdict(
+    schema: &EntitySchema,
+    id: &str,
+    entity: &Value,
+    index: &Indexed,
+    check_pk: bool,
+    refs: Vec<(String, String, bool, String)>,
+    probe: &Probe,
+) -> Result<(), StoreError> {
+    if check_pk && probe.found.contains(&(schema.name.clone(), id.to_owned())) {
+        let mut fields = Map::new();
+        fields.insert("id".into(), Value::String(id.to_owned()));
+        return Err(StoreError::PrimaryKey {
+            message: format!("primary key violation on key '{{id=\"{id}\"}}'"),
+            fields,
+        });
+    }
+    for (name, value) in &index.keys {
+        match probe.owners.get(&(name.clone(), value.clone())) {
+            Some(other) if other != id => {}
+            _ => continue,
+        }
+        let mut fields = Map::new();
+        if name == CACHE_KEY {
+            for f in schema.cache_key.iter().flatten() {
+                fields.insert(f.clone(), entity.get(f).cloned().unwrap_or(Value::Null));
+            }
+        } else {
+            fields.insert(
+                name.clone(),
+                entity.get(name).cloned().unwrap_or(Value::Null),
+            );
+        }
+        return Err(StoreError::Unique(fields));
+    }
+    for (field, parent, is_array, pid) in refs {
+        if probe.found.contains(&(parent.clone(), pid.clone())) {
+            continue;
+        }
+        let mut fields = Map::new();
+        let key = serde_json::json!({ "id": pid });
+        let shown = if is_array {
+            Value::Array(vec![key.clone()])
+        } else {
+            key.clone()
+        };
+        fields.insert(field, shown);
+        let pretty = super::kong_pretty(key.as_object().expect("object"));
+        return Err(StoreError::ForeignKey {
+            message: format!(
+                "the foreign key '{pretty}' does not reference an existing '{parent}' entity."
+            ),
+            fields,
+        });
+    }
+    Ok(())
 }
 
 fn singular(s: &str) -> &str {
