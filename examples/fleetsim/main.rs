@@ -92,6 +92,10 @@ struct Cli {
     /// Safety poll of every DP, seconds (Kong's and ours: 30)
     #[arg(long, global = true, default_value_t = 30)]
     poll_secs: u64,
+    /// deltaplane DPs report pushed versions at most this often, as the real DP's
+    /// `--status-report-interval` (0: after every apply)
+    #[arg(long, global = true, default_value_t = 0)]
+    status_interval_ms: u64,
     #[arg(long, global = true, default_value_t = 500)]
     reconnect_min_ms: u64,
     #[arg(long, global = true, default_value_t = 30_000)]
@@ -161,6 +165,8 @@ struct SimsArgs {
     key: String,
     #[arg(long)]
     poll_secs: u64,
+    #[arg(long)]
+    status_interval_ms: u64,
     #[arg(long)]
     ramp: usize,
     #[arg(long)]
@@ -266,6 +272,7 @@ fn run_sims(a: SimsArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs(30),
             max_payload: 16 << 20,
             ramp: a.ramp,
+            status_interval: Duration::from_millis(a.status_interval_ms),
         });
         let (tx, mut rx) = mpsc::unbounded_channel();
         let fleet = sim::spawn(cfg, a.first, a.count, mix, tx);
@@ -425,6 +432,8 @@ impl World {
         let sims_args = vec![
             "--poll-secs".into(),
             cli.poll_secs.to_string(),
+            "--status-interval-ms".into(),
+            cli.status_interval_ms.to_string(),
             "--ramp".into(),
             cli.ramp.to_string(),
             "--reconnect-min-ms".into(),

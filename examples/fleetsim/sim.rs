@@ -84,6 +84,9 @@ pub struct SimConfig {
     /// How many DPs may be in their first connect (TLS, hello, first sync) at once; reconnects
     /// are paced by the back-off only, as real DPs are.
     pub ramp: usize,
+    /// A deltaplane DP reports pushed versions at most this often (the real DP's
+    /// `--status-report-interval`); zero: after every apply.
+    pub status_interval: Duration,
 }
 
 /// What the driver hears from the fleet. `dp` is the global index of the simulated DP; `t` is
@@ -514,6 +517,9 @@ struct Conn<S> {
     notifies: HashMap<i64, u32>,
     /// Ask again at this time (after an error answer).
     retry_at: Option<tokio::time::Instant>,
+    /// When the last status report went out, and whether an applied push waits for one.
+    last_report: Option<tokio::time::Instant>,
+    report_pending: bool,
 }
 
 enum End {
@@ -664,6 +670,8 @@ impl SimDp {
             head: 0,
             notifies: HashMap::new(),
             retry_at: None,
+            last_report: None,
+            report_pending: false,
         })
     }
 
@@ -682,6 +690,10 @@ impl SimDp {
         loop {
             let far = tokio::time::Instant::now() + Duration::from_secs(86400);
             let retry = conn.retry_at.unwrap_or(far);
+            let report_at = conn
+                .last_report
+                .filter(|_| conn.report_pending)
+                .map(|t| t + cfg.status_interval);
             tokio::select! {
                 msg = conn.ws.next() => match msg {
                     Some(Ok(Message::Binary(frame))) => {
@@ -702,6 +714,9 @@ impl SimDp {
                         self.ask(shared, &mut conn).await?;
                     }
                 }
+                _ = tokio::time::sleep_until(report_at.unwrap_or(far)), if report_at.is_some() => {
+                    self.report(shared, &mut conn).await?;
+                }
                 _ = tokio::time::sleep_until(retry) => {
                     conn.retry_at = None;
                     if conn.inflight.is_none() {
@@ -714,6 +729,17 @@ impl SimDp {
                 }
             }
         }
+    }
+
+    /// Reports our version (and, as a deltaplane DP, our state hash) to the CP.
+    async fn report(&self, shared: &Shared, conn: &mut Conn<Ws>) -> Result<(), String> {
+        let hash = (self.dialect == Dialect::Deltaplane).then(|| self.hash.to_hex());
+        let status = GetDelta::new(Version::new(self.version), hash).to_params();
+        shared.counters.inc(C::Status);
+        conn.last_report = Some(tokio::time::Instant::now());
+        conn.report_pending = false;
+        self.send(conn, &jsonrpc::notification(v2::GET_DELTA, &status))
+            .await
     }
 
     async fn send(&self, conn: &mut Conn<Ws>, json: &[u8]) -> Result<(), String> {
@@ -963,12 +989,17 @@ impl SimDp {
                     applied: true,
                     full,
                 });
-                // The status report (Kong's `update_status`; ours adds the state hash).
-                let hash = (self.dialect == Dialect::Deltaplane).then(|| self.hash.to_hex());
-                let status = GetDelta::new(Version::new(v), hash).to_params();
-                shared.counters.inc(C::Status);
-                self.send(conn, &jsonrpc::notification(v2::GET_DELTA, &status))
-                    .await?;
+                // The status report (Kong's `update_status`; ours adds the state hash), after a
+                // push at most once per status interval, as the real DP.
+                let wait = pushed
+                    && conn
+                        .last_report
+                        .is_some_and(|t| t.elapsed() < shared.cfg.status_interval);
+                if wait {
+                    conn.report_pending = true;
+                } else {
+                    self.report(shared, conn).await?;
+                }
             }
             Ok(None) => {
                 shared.counters.inc(C::AnswerEmpty);

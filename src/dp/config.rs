@@ -82,6 +82,12 @@ pub struct RunArgs {
     /// [default: 30s]
     #[arg(long, env = "DELTAPLANE_DP_SYNC_POLL_INTERVAL")]
     pub sync_poll_interval: Option<String>,
+    /// After applying pushed versions, report where this data plane is to the control plane
+    /// at most this often (the latest version is reported once the interval has passed); 0
+    /// reports after every apply. A large fleet costs the control plane one report read per
+    /// data plane per version; its fleet view then lags by up to this much [default: 0s]
+    #[arg(long, env = "DELTAPLANE_DP_STATUS_REPORT_INTERVAL")]
+    pub status_report_interval: Option<String>,
     /// Plugins this data plane runs (Kong's `plugins`), comma-separated `name` or
     /// `name:version`; announced so the control plane withholds configurations using others
     /// [default: every plugin deltaplane knows]
@@ -134,6 +140,9 @@ pub struct DpConfig {
     pub cluster_server_name: Option<String>,
     pub cluster: ClusterSettings,
     pub sync_poll_interval: Duration,
+    /// Pushed versions are reported to the control plane at most this often; zero: after
+    /// every apply.
+    pub status_report_interval: Duration,
     /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -245,6 +254,7 @@ impl DpConfig {
             cluster_server_name: None,
             cluster: ClusterSettings::default(),
             sync_poll_interval: Duration::from_secs(30),
+            status_report_interval: Duration::ZERO,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             invalid_backoff: Duration::from_secs(5),
@@ -343,6 +353,12 @@ impl DpConfig {
             layer.get(args.cluster_server_name.clone(), "cluster-server-name")?;
         if let Some(p) = layer.get(args.sync_poll_interval.clone(), "sync-poll-interval")? {
             cfg.sync_poll_interval = parse_duration(&p).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(p) = layer.get(
+            args.status_report_interval.clone(),
+            "status-report-interval",
+        )? {
+            cfg.status_report_interval = parse_duration(&p).map_err(anyhow::Error::msg)?;
         }
         if let Some(d) = layer.get(args.durable, "durable")? {
             cfg.durable = d;

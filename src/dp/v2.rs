@@ -125,6 +125,11 @@ pub(super) async fn session(
         peer: peer.clone(),
         cp_epoch,
         paging: result.offers(CAP_DELTAPLANE_SYNC_V1),
+        reports: std::sync::Mutex::new(Reports {
+            interval: cfg.status_report_interval,
+            last_sent: None,
+            pending: false,
+        }),
     };
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut rejections: u32 = 0;
@@ -199,9 +204,9 @@ pub(super) async fn session(
                 }
             }
         }
-        let wake = retry_at
-            .filter(|_| want)
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(24 * 3600));
+        let far = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+        let wake = retry_at.filter(|_| want).unwrap_or(far);
+        let report_at = syncer.report_due();
         tokio::select! {
             c = notified.changed() => {
                 if c.is_err() { return Ok(End::Closed("handler gone".into())) }
@@ -238,6 +243,9 @@ pub(super) async fn session(
                 }
             }
             _ = poll.tick() => want = true,
+            _ = tokio::time::sleep_until(report_at.unwrap_or(far)), if report_at.is_some() => {
+                syncer.send_due_report().await;
+            }
             _ = tokio::time::sleep_until(wake) => {}
             r = peer.closed() => return Ok(End::Closed(describe_close(&r, cfg.cluster.max_payload))),
             _ = stopped(&mut stop) => {
@@ -466,6 +474,15 @@ struct Syncer {
     peer: Peer,
     cp_epoch: Option<String>,
     paging: bool,
+    reports: std::sync::Mutex<Reports>,
+}
+
+/// When the status report after pushed versions is due (`--status-report-interval`).
+struct Reports {
+    interval: Duration,
+    last_sent: Option<tokio::time::Instant>,
+    /// A pushed version was applied and not reported yet.
+    pending: bool,
 }
 
 impl Syncer {
@@ -683,7 +700,7 @@ impl Syncer {
         self.shared
             .metrics
             .apply_duration(DpApplyKind::Incremental, started.elapsed());
-        self.report_applied(v, |l| {
+        self.report_pushed(v, |l| {
             l.incremental_syncs += 1;
             l.pushes_applied += pushed;
             if fetch {
@@ -699,7 +716,38 @@ impl Syncer {
 
     /// After a committed apply of `v`: the link's status (`count` adds the apply's kind),
     /// watchers, and the status report to the control plane.
-    async fn report_applied(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
+    /// [`Syncer::report_applied`] for pushed versions: the report to the control plane waits
+    /// when one went out less than the status report interval ago ([`Syncer::report_due`]).
+    async fn report_pushed(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
+        let wait = {
+            let mut r = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+            let wait = r.last_sent.is_some_and(|t| t.elapsed() < r.interval);
+            r.pending = wait;
+            wait
+        };
+        if wait {
+            self.record_applied(v, count);
+        } else {
+            self.report_applied(v, count).await;
+        }
+    }
+
+    /// When the waiting report is due, if one waits.
+    fn report_due(&self) -> Option<tokio::time::Instant> {
+        let r = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        r.pending
+            .then(|| r.last_sent.map(|t| t + r.interval))
+            .flatten()
+    }
+
+    /// Sends the waiting report: where the data plane is now.
+    async fn send_due_report(&self) {
+        let state = self.shared.store.state();
+        self.send_report(state.version, state.state_hash).await;
+    }
+
+    /// The link's status and watchers after a committed apply of `v`.
+    fn record_applied(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
         self.shared.update_link(|l| {
             count(l);
             l.last_sync_at = Some(crate::node::now_secs());
@@ -708,13 +756,23 @@ impl Syncer {
         });
         // Watchers see the version only once the status reflects it.
         self.shared.applied(v);
-        // Tell the control plane where we are (Kong's status notification); deltaplane
-        // control planes record the state hash too.
-        let status = GetDelta::new(
-            Version::new(v),
-            self.paging
-                .then(|| self.shared.store.state().state_hash.to_hex()),
-        );
+    }
+
+    async fn report_applied(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
+        self.record_applied(v, count);
+        let hash = self.shared.store.state().state_hash;
+        self.send_report(v, hash).await;
+    }
+
+    /// Tells the control plane where we are (Kong's status notification); deltaplane control
+    /// planes record the state hash too.
+    async fn send_report(&self, v: i64, hash: crate::proto::StateHash) {
+        {
+            let mut r = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+            r.last_sent = Some(tokio::time::Instant::now());
+            r.pending = false;
+        }
+        let status = GetDelta::new(Version::new(v), self.paging.then(|| hash.to_hex()));
         let _ = self.peer.notify(GET_DELTA, status.to_params()).await;
     }
 

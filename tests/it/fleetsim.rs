@@ -44,6 +44,7 @@ async fn quick_fleet_reaches_the_head_with_the_cps_hash() {
         timeout: Duration::from_secs(10),
         max_payload: 16 << 20,
         ramp: 8,
+        status_interval: Duration::ZERO,
     });
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let fleet = sim::spawn(cfg, 0, DPS, sim::Mix::Mixed, tx);

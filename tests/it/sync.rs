@@ -795,3 +795,81 @@ both_backends!(
         cp.shutdown().await;
     }
 );
+
+// `--status-report-interval`: after pushed versions the data plane reports to the control
+// plane at most once per interval, and always ends up reporting the latest version (issue 11:
+// one report read per DP per version is half of the CP's fan-out CPU).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_versions_are_reported_at_most_once_per_interval() {
+    let cp = TestCp::start(crate::harness::Backend::Sqlite)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = cp.dp_config(dir.path());
+    let interval = Duration::from_secs(5);
+    cfg.status_report_interval = interval;
+    let dp = TestDp::start(cfg, dir).await;
+    let svc = service_with_routes(&cp, "reported", 1).await;
+    dp.converge(&cp, 20).await;
+    let listed = || async {
+        let planes = rpc(&cp, "deltaplane.data_planes", None).await;
+        (
+            planes[0]["version"].as_i64().unwrap_or(-1),
+            planes[0]["state_hash"].clone(),
+        )
+    };
+    // Past any report the first sync made: the next push is reported at once.
+    tokio::time::sleep(interval + Duration::from_millis(200)).await;
+    let patch = |n: u64| {
+        let cp = &cp;
+        let svc = svc.clone();
+        async move {
+            let r = cp
+                .patch(&format!("/services/{svc}"), json!({"retries": n}))
+                .await;
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+    };
+    patch(1).await;
+    let (first, _) = cp.head().await;
+    dp.wait_version(first, 10).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while listed().await.0 < first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first push was not reported at once"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reported_at = tokio::time::Instant::now();
+    // Two more pushes within the interval: applied at once, reported later, together.
+    patch(2).await;
+    patch(3).await;
+    let (head, hash) = cp.head().await;
+    dp.wait_version(head, 10).await;
+    if reported_at.elapsed() < interval - Duration::from_millis(1500) {
+        assert_eq!(
+            listed().await.0,
+            first,
+            "reported before the interval passed"
+        );
+    }
+    let deadline = reported_at + interval + Duration::from_secs(5);
+    loop {
+        let (v, h) = listed().await;
+        if v == head {
+            assert_eq!(h, hash.as_str(), "the late report carries the state hash");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the latest version was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reported_at.elapsed() >= interval - Duration::from_millis(100),
+        "the waiting report went out before its interval"
+    );
+    cp.shutdown().await;
+}
