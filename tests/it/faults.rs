@@ -279,6 +279,12 @@ async fn stalls_then_recovery() {
         ("up", true, false),
         ("both", true, true),
     ] {
+        // Each stall starts on an established link (the last phase's reconnect may still be
+        // in its handshake, which the stall would freeze and the clearing resume).
+        eventually(&format!("{name}: connected before the stall"), 20, || {
+            dp.shared().link().connected_to.is_some()
+        })
+        .await;
         let (before, _) = dp.state();
         let accepted = proxy.accepted();
         proxy.set(|f| {
