@@ -636,6 +636,25 @@ async fn change_log_text(store: &Store, after: i64, upto: i64) -> Vec<(i64, Vec<
         .collect()
 }
 
+/// The versions `after+1 ..= upto` kept by the store are held, and equal the change log's
+/// rows, byte for byte.
+async fn assert_kept_as_logged(store: &Store, epoch: &str, after: i64, upto: i64) {
+    let own = store
+        .committed_after(epoch, after, upto)
+        .expect("every version was committed here");
+    let read = change_log_text(store, after, upto).await;
+    assert_eq!(own.len() as i64, upto - after);
+    assert_eq!(own.len(), read.len());
+    for (o, (v, text)) in own.iter().zip(&read) {
+        assert_eq!(o.version, *v);
+        assert_eq!(
+            String::from_utf8_lossy(o.deltas.slice(0, o.deltas.len())),
+            String::from_utf8_lossy(text),
+            "version {v}"
+        );
+    }
+}
+
 // The recent-versions window takes this CP's own committed versions from the store instead of
 // reading them back (issue 11): they must be the change log's rows, byte for byte.
 both_backends!(
@@ -705,19 +724,7 @@ both_backends!(
         assert_eq!(head, start + 6);
         assert_eq!(change_log_text(&store, head - 1, head).await.len(), 1);
         for after in start..head {
-            let own = store
-                .committed_after(&epoch, after, head)
-                .expect("every version was committed here");
-            let read = change_log_text(&store, after, head).await;
-            assert_eq!(own.len(), read.len());
-            for (o, (v, text)) in own.iter().zip(&read) {
-                assert_eq!(o.version, *v);
-                assert_eq!(
-                    String::from_utf8_lossy(o.deltas.slice(0, o.deltas.len())),
-                    String::from_utf8_lossy(text),
-                    "version {v}"
-                );
-            }
+            assert_kept_as_logged(&store, &epoch, after, head).await;
         }
         assert!(
             store
@@ -751,11 +758,7 @@ both_backends!(
         let now = store.version_info().await.unwrap().version;
         assert_eq!(now, head + 2);
         assert!(store.committed_after(&epoch, head, now).is_none());
-        let own = store.committed_after(&epoch, now - 1, now).unwrap();
-        assert_eq!(
-            own[0].deltas.slice(0, own[0].deltas.len()),
-            change_log_text(&store, now - 1, now).await[0].1.as_slice()
-        );
+        assert_kept_as_logged(&store, &epoch, now - 1, now).await;
 
         // A batch of plain creates right after a write (on PostgreSQL: one `dp_apply_creates`
         // statement that commits by itself), one of them failing.
@@ -781,16 +784,6 @@ both_backends!(
         assert!(matches!(results[1], Err(StoreError::Unique(_))));
         let last = store.version_info().await.unwrap().version;
         assert_eq!(last, now + 2);
-        let own = store.committed_after(&epoch, now - 1, last).unwrap();
-        let read = change_log_text(&store, now - 1, last).await;
-        assert_eq!(own.len(), 3);
-        for (o, (v, text)) in own.iter().zip(&read) {
-            assert_eq!(o.version, *v);
-            assert_eq!(
-                String::from_utf8_lossy(o.deltas.slice(0, o.deltas.len())),
-                String::from_utf8_lossy(text),
-                "version {v}"
-            );
-        }
+        assert_kept_as_logged(&store, &epoch, now - 1, last).await;
     }
 );

@@ -85,6 +85,18 @@ pub struct Outcome {
     pub invalid: Option<crate::schema::FieldErrors>,
 }
 
+impl Outcome {
+    /// A new entity inserted (its version, if any, is set once appended).
+    fn created(entity: Value) -> Outcome {
+        Outcome {
+            version: None,
+            entity: Some(entity),
+            created: true,
+            invalid: None,
+        }
+    }
+}
+
 /// A write transaction on either backend, with the write it holds back.
 ///
 /// Round trips are the cost of the write path (each costs both processes a wake-up and a
@@ -183,6 +195,9 @@ struct VersionRows<'a> {
     hash: String,
     now: i64,
     deltas: &'a [Delta],
+    /// Each delta's entity as canonical JSON (`None`: deleted), computed once for the row
+    /// and for [`Store::committed_after`].
+    entities: &'a [Option<String>],
 }
 
 /// One entity as stored, with the derived index rows.
@@ -398,11 +413,7 @@ fn pg_script(
         let types: Vec<&str> = v.deltas.iter().map(|d| d.ty.as_str()).collect();
         let pks: Vec<String> = v.deltas.iter().map(|d| pk_json(&d.id)).collect();
         let wss: Vec<&str> = v.deltas.iter().map(|d| d.ws.as_str()).collect();
-        let entities: Vec<Option<String>> = v
-            .deltas
-            .iter()
-            .map(|d| d.entity.as_ref().map(canonical))
-            .collect();
+        let entities: Vec<Option<&str>> = v.entities.iter().map(Option::as_deref).collect();
         let version = s.param(v.version)?;
         let hash = s.param(v.hash.as_str())?;
         let now = s.param(v.now)?;
@@ -509,7 +520,7 @@ fn sqlite_script(
                     .push(", ");
                 s.bind(d.ws.as_str())?
                     .push(", ")
-                    .bind(d.entity.as_ref().map(canonical))?;
+                    .bind(v.entities[seq as usize].as_deref())?;
                 seq += 1;
                 Ok(())
             })?;
@@ -1113,12 +1124,14 @@ impl<'c> Txn<'c> {
         hash: &StateHash,
         now: i64,
         deltas: &[Delta],
+        entities: &[Option<String>],
     ) -> Result<(), sqlx::Error> {
         self.send(Some(&VersionRows {
             version,
             hash: hash.to_hex(),
             now,
             deltas,
+            entities,
         }))
         .await
     }
@@ -1462,14 +1475,30 @@ impl Store {
                 let mut new_hash = log.hash;
                 fold_hash(&mut new_hash, &deltas);
                 let version = log.head + 1;
+                let entities: Vec<Option<String>> = deltas
+                    .iter()
+                    .map(|d| d.entity.as_ref().map(canonical))
+                    .collect();
                 match tx
-                    .append_version(version, &new_hash, log.now, &deltas)
+                    .append_version(version, &new_hash, log.now, &deltas, &entities)
                     .await
                 {
                     Ok(()) => {
                         log.head = version;
                         log.hash = new_hash;
-                        log.written.push(version_deltas(version, &deltas));
+                        let kept = deltas.len() <= super::COMMITTED_MAX_DELTAS;
+                        log.written.push(kept.then(|| {
+                            written_version(
+                                version,
+                                deltas.iter().zip(&entities).map(|(d, e)| RawDelta {
+                                    version,
+                                    entity_type: &d.ty,
+                                    id: &d.id,
+                                    ws_id: &d.ws,
+                                    entity: e.as_deref(),
+                                }),
+                            )
+                        }));
                         outcome.version = Some(version);
                         Ok(outcome)
                     }
@@ -1625,51 +1654,36 @@ impl Log {
         self.head += 1;
         self.hash.add(&p.term);
         // The row `dp_apply_creates` wrote: (type, pk of the id, the workspace, the body).
-        let mut text = DeltaText::new();
-        text.push(&RawDelta {
-            version: self.head,
-            entity_type: &p.schema.name,
-            id: &p.id,
-            ws_id: &self.ws,
-            entity: Some(&p.body),
-        });
-        text.shrink_to_fit();
-        self.written.push(Some(super::VersionDeltas {
-            version: self.head,
-            deltas: text,
-        }));
+        self.written.push(Some(written_version(
+            self.head,
+            [RawDelta {
+                version: self.head,
+                entity_type: &p.schema.name,
+                id: &p.id,
+                ws_id: &self.ws,
+                entity: Some(&p.body),
+            }],
+        )));
         Outcome {
             version: Some(self.head),
-            entity: Some(p.entity),
-            created: true,
-            invalid: None,
+            ..Outcome::created(p.entity)
         }
     }
 }
 
-/// A version's deltas in the wire form, from the same values and with the same functions
-/// as its change-log rows (`pg_script`, `sqlite_script`): a read of those rows gives the
-/// same text. `None` for a bulk version (see [`super::COMMITTED_MAX_DELTAS`]).
-fn version_deltas(version: i64, deltas: &[Delta]) -> Option<super::VersionDeltas> {
-    if deltas.len() > super::COMMITTED_MAX_DELTAS {
-        return None;
+/// A version's deltas in the wire form, from the values its change-log rows were written
+/// with (`pg_script`, `sqlite_script`, `dp_apply_creates`): a read of those rows gives the
+/// same text.
+fn written_version<'a>(
+    version: i64,
+    rows: impl IntoIterator<Item = RawDelta<'a>>,
+) -> super::VersionDeltas {
+    let mut deltas = DeltaText::new();
+    for row in rows {
+        deltas.push(&row);
     }
-    let mut text = DeltaText::new();
-    for d in deltas {
-        let entity = d.entity.as_ref().map(canonical);
-        text.push(&RawDelta {
-            version,
-            entity_type: &d.ty,
-            id: &d.id,
-            ws_id: &d.ws,
-            entity: entity.as_deref(),
-        });
-    }
-    text.shrink_to_fit();
-    Some(super::VersionDeltas {
-        version,
-        deltas: text,
-    })
+    deltas.shrink_to_fit();
+    super::VersionDeltas { version, deltas }
 }
 
 fn fold_hash(hash: &mut StateHash, deltas: &[Delta]) {
@@ -1705,12 +1719,7 @@ impl WriteCtx<'_, '_> {
                 let entity = self
                     .save(&p.schema, p.entity, None, Map::new(), true)
                     .await?;
-                Ok(Outcome {
-                    version: None,
-                    entity: Some(entity),
-                    created: true,
-                    invalid: None,
-                })
+                Ok(Outcome::created(entity))
             }
         }
     }
@@ -1733,12 +1742,7 @@ impl WriteCtx<'_, '_> {
                 let entity = self
                     .save(&schema, prepared.entity, None, prepared.transient, true)
                     .await?;
-                Ok(Outcome {
-                    version: None,
-                    entity: Some(entity),
-                    created: true,
-                    invalid: None,
-                })
+                Ok(Outcome::created(entity))
             }
             Op::Put {
                 entity,
