@@ -40,7 +40,14 @@ pub struct Fleet {
     next_conn: AtomicU64,
     /// Plugins the configuration uses, at a version (computed only for DPs that announce a
     /// plugin list).
-    plugins_in_use: tokio::sync::Mutex<Option<(i64, Arc<BTreeSet<String>>)>>,
+    plugins_in_use: tokio::sync::Mutex<Option<PluginsCache>>,
+}
+
+/// [`Store::plugins_in_use`] as of `version` of the change log `epoch`.
+struct PluginsCache {
+    version: i64,
+    epoch: String,
+    used: Arc<BTreeSet<String>>,
 }
 
 /// Who a newly connected data plane is (from its hello or its `/v1/outlet` query).
@@ -238,16 +245,29 @@ impl Fleet {
         let used = {
             let mut cache = self.plugins_in_use.lock().await;
             let head = *self.store.subscribe().borrow();
-            match cache.as_ref().filter(|(v, _)| *v == head) {
-                Some((_, used)) => used.clone(),
-                None => {
+            match cache.as_mut() {
+                Some(c) if c.version == head => c.used.clone(),
+                // Versions this control plane committed, none of them a plugin: no read (the
+                // push to a fleet waits for this check).
+                Some(c)
+                    if c.version < head
+                        && self.store.plugins_unchanged(&c.epoch, c.version, head) =>
+                {
+                    c.version = head;
+                    c.used.clone()
+                }
+                _ => {
                     // Boxed: read once per version, and this future is part of every
                     // get_delta's (issue 11: memory per DP).
-                    let (v, used) = Box::pin(self.store.plugins_in_use(true))
+                    let read = Box::pin(self.store.plugins_in_use(true))
                         .await
                         .map_err(|e| format!("database unavailable: {e}"))?;
-                    let used = Arc::new(used);
-                    *cache = Some((v, used.clone()));
+                    let used = Arc::new(read.names);
+                    *cache = Some(PluginsCache {
+                        version: read.version,
+                        epoch: read.epoch,
+                        used: used.clone(),
+                    });
                     used
                 }
             }

@@ -159,6 +159,7 @@ impl Recent {
                     read.push(VersionText {
                         version: c.version,
                         deltas: DeltaText::new(),
+                        plugins: false,
                     });
                 }
                 let last = read.last_mut().expect("pushed above");
@@ -167,7 +168,9 @@ impl Recent {
                     read.pop();
                     return ControlFlow::Break(());
                 }
-                last.deltas.push(&RawDelta::from(&c));
+                let delta = RawDelta::from(&c);
+                last.plugins |= delta.entity_type == crate::schema::PLUGINS;
+                last.deltas.push(&delta);
                 ControlFlow::Continue(())
             })
             .await?;

@@ -205,7 +205,7 @@ async fn root(State(state): State<Arc<AdminState>>) -> Response {
         })
         .collect();
     let in_cluster = match state.store.plugins_in_use(false).await {
-        Ok((_, names)) => names,
+        Ok(p) => p.names,
         Err(e) => return error_response(e),
     };
     // Plugins stored before this node refused them (an older deltaplane stored any name):

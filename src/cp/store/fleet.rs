@@ -14,6 +14,14 @@ use super::{Pool, Store, StoreError, on_backend};
 pub const VERSIONS_CHANNEL: &str = "deltaplane_versions";
 
 /// One data plane as the cluster last saw it.
+/// The plugins a configuration uses ([`Store::plugins_in_use`]), at a version of a change log.
+#[derive(Debug, Clone)]
+pub struct PluginsInUse {
+    pub version: i64,
+    pub epoch: String,
+    pub names: std::collections::BTreeSet<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct DataPlaneRow {
     pub node_id: String,
@@ -193,17 +201,15 @@ impl Store {
 
     /// The names of the plugins the current configuration uses (with `enabled_only`, only the
     /// enabled ones: what a data plane must be able to run, as Kong's v1 export leaves
-    /// disabled plugins out), and the version it is at.
-    pub async fn plugins_in_use(
-        &self,
-        enabled_only: bool,
-    ) -> Result<(i64, std::collections::BTreeSet<String>), StoreError> {
-        let (version, names): (i64, Vec<Option<String>>) = match self.pool() {
+    /// disabled plugins out), and the version and epoch it is at.
+    pub async fn plugins_in_use(&self, enabled_only: bool) -> Result<PluginsInUse, StoreError> {
+        let (version, epoch, names): (i64, String, Vec<Option<String>>) = match self.pool() {
             Pool::Sqlite(p) => {
                 let mut c = p.begin().await?;
-                let v: i64 = sqlx::query_scalar("SELECT version FROM dp_meta WHERE id = 1")
-                    .fetch_one(&mut *c)
-                    .await?;
+                let (v, e): (i64, String) =
+                    sqlx::query_as("SELECT version, epoch FROM dp_meta WHERE id = 1")
+                        .fetch_one(&mut *c)
+                        .await?;
                 let n = sqlx::query_scalar(
                     "SELECT DISTINCT json_extract(body, '$.name') FROM dp_entities WHERE type = $1 \
                      AND ($2 = 0 OR json_extract(body, '$.enabled') = 1)",
@@ -213,15 +219,16 @@ impl Store {
                 .fetch_all(&mut *c)
                 .await?;
                 c.commit().await?;
-                (v, n)
+                (v, e, n)
             }
             Pool::Postgres(p) => {
                 let mut c = p
                     .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     .await?;
-                let v: i64 = sqlx::query_scalar("SELECT version FROM dp_meta WHERE id = 1")
-                    .fetch_one(&mut *c)
-                    .await?;
+                let (v, e): (i64, String) =
+                    sqlx::query_as("SELECT version, epoch FROM dp_meta WHERE id = 1")
+                        .fetch_one(&mut *c)
+                        .await?;
                 let n = sqlx::query_scalar(
                     "SELECT DISTINCT (body::jsonb)->>'name' FROM dp_entities WHERE type = $1 \
                      AND (NOT $2 OR (body::jsonb)->>'enabled' = 'true')",
@@ -231,10 +238,14 @@ impl Store {
                 .fetch_all(&mut *c)
                 .await?;
                 c.commit().await?;
-                (v, n)
+                (v, e, n)
             }
         };
-        Ok((version, names.into_iter().flatten().collect()))
+        Ok(PluginsInUse {
+            version,
+            epoch,
+            names: names.into_iter().flatten().collect(),
+        })
     }
 
     /// Deletes rows of data planes not seen since `before` (unix seconds). Returns how many.

@@ -27,7 +27,7 @@ use crate::proto::v2::DeltaText;
 use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
-pub use fleet::DataPlaneRow;
+pub use fleet::{DataPlaneRow, PluginsInUse};
 pub use import::{ConfigProblems, ImportMode, ImportOutcome, ImportedEntity, TypeCounts};
 pub use read::{
     BehindHorizon, Change, ListQuery, Page, RawChange, TagFilter, TagPage, TagRow, VersionInfo,
@@ -317,6 +317,9 @@ struct Inner {
 pub struct VersionDeltas {
     pub version: i64,
     pub deltas: DeltaText,
+    /// A delta of the version is a plugin ([`schema::PLUGINS`](crate::schema::PLUGINS)): the
+    /// plugins the configuration uses may have changed.
+    pub plugins: bool,
 }
 
 /// The last versions committed by this store, contiguous, with the epoch the transaction
@@ -634,6 +637,16 @@ impl Store {
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// True when every version `after+1 ..= upto` of `epoch` was committed by this store and
+    /// is still kept ([`Store::committed_after`]), and none of them changed a plugin: the
+    /// plugins in use at `upto` are those at `after`. False when that is not known.
+    pub fn plugins_unchanged(&self, epoch: &str, after: i64, upto: i64) -> bool {
+        upto == after
+            || self
+                .committed_after(epoch, after, upto)
+                .is_some_and(|vs| vs.iter().all(|v| !v.plugins))
     }
 
     pub fn observe(&self, version: i64) {

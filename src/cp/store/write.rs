@@ -1679,11 +1679,17 @@ fn written_version<'a>(
     rows: impl IntoIterator<Item = RawDelta<'a>>,
 ) -> super::VersionDeltas {
     let mut deltas = DeltaText::new();
+    let mut plugins = false;
     for row in rows {
+        plugins |= row.entity_type == crate::schema::PLUGINS;
         deltas.push(&row);
     }
     deltas.shrink_to_fit();
-    super::VersionDeltas { version, deltas }
+    super::VersionDeltas {
+        version,
+        deltas,
+        plugins,
+    }
 }
 
 fn fold_hash(hash: &mut StateHash, deltas: &[Delta]) {
