@@ -915,3 +915,70 @@ async fn plugin_id(env: &Env) -> String {
         .map(|d| d.id.clone())
         .unwrap()
 }
+
+/// The proxy's configuration is built from a snapshot taken after the feed messages it
+/// merged, and that snapshot can already hold a later version whose message is still
+/// queued. The configuration then claims only the version of the last message merged: the
+/// later version's changes are not all in it (here a route it deletes still routes). The
+/// race showed in `gateway::churn_under_load_fails_no_request` once the sync link ran on a
+/// thread of its own, in parallel with the proxy's builds.
+#[tokio::test]
+async fn a_proxy_configuration_claims_only_the_versions_it_was_told_of() {
+    use deltaplane::dp::proxy::balancer::Resolver;
+    use deltaplane::dp::proxy::gateway::Builder;
+    use deltaplane::dp::proxy::plugins::Exporter;
+
+    let env = Env::new().await;
+    let (s1, _, _) = populate(&env).await;
+    env.full_sync().await;
+    let r1 = env.dp.list("routes").unwrap();
+    let r1 = r1.iter().find(|r| r["name"] == "r1").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut builder = Builder::new(Exporter::new(), Arc::new(Resolver::new()));
+    let built = builder.build(&env.dp.snapshot().unwrap()).unwrap();
+    assert_eq!(built.version, env.dp.state().version);
+    assert!(built.router.route(&r1).is_some());
+
+    let mut feed = env.dp.subscribe();
+    let r4 = env
+        .create(
+            "routes",
+            json!({"name": "r4", "paths": ["/r4"], "service": {"id": s1}}),
+        )
+        .await;
+    env.incremental_sync().await;
+    env.delete("routes", "r1").await;
+    env.incremental_sync().await;
+    let newest = env.dp.state().version;
+
+    // The first message, read from a snapshot that already shows the second.
+    let first = feed.try_recv().unwrap();
+    assert!(first.version < newest);
+    let snapshot = env.dp.snapshot().unwrap();
+    assert_eq!(snapshot.state().version, newest);
+    let gw = builder
+        .update(&snapshot, &first.changed, Some(first.version))
+        .unwrap();
+    assert!(gw.router.route(&r4).is_some(), "the first version's route");
+    assert!(
+        gw.router.route(&r1).is_some(),
+        "the second version's delete was not named yet"
+    );
+    assert_eq!(gw.version, first.version, "claims only what it was told of");
+
+    // The second message brings the rest, and its version.
+    let second = feed.try_recv().unwrap();
+    assert_eq!(second.version, newest);
+    let gw = builder
+        .update(
+            &env.dp.snapshot().unwrap(),
+            &second.changed,
+            Some(second.version),
+        )
+        .unwrap();
+    assert!(gw.router.route(&r1).is_none());
+    assert!(gw.router.route(&r4).is_some());
+    assert_eq!(gw.version, newest);
+}

@@ -104,7 +104,9 @@ pub struct Problem {
 
 /// One configuration, ready to serve requests.
 pub struct Gateway {
-    /// The store version this configuration is the state of.
+    /// Every change through this store version is in effect. Built from a snapshot taken
+    /// after the feed message that named the changes, it may hold some of a later version's
+    /// too (that version's own message then brings the rest and the next number).
     pub version: i64,
     pub router: Arc<Router>,
     pub services: Arc<ServiceMap>,
@@ -190,15 +192,20 @@ impl Builder {
     /// Rebuilds everything from one snapshot (the previous configuration still lends its
     /// balancers' and plugins' runtime state).
     pub fn build(&mut self, snapshot: &Snapshot) -> Result<Arc<Gateway>, DpStoreError> {
-        self.update(snapshot, &Changed::All)
+        self.update(snapshot, &Changed::All, None)
     }
 
-    /// The configuration after a committed apply that changed `changed`, read from
-    /// `snapshot` (taken after that apply).
+    /// The configuration after committed applies that changed `changed`, the last of them
+    /// `through`, read from `snapshot` (taken after that apply). A snapshot can be newer than
+    /// `through`: a later apply committed before the snapshot, its feed message not yet
+    /// merged into `changed`. Then only `through` is known to be in effect and is the
+    /// configuration's version (or the previous configuration's, if newer). `Changed::All`
+    /// rereads everything: the snapshot's version.
     pub fn update(
         &mut self,
         snapshot: &Snapshot,
         changed: &Changed,
+        through: Option<i64>,
     ) -> Result<Arc<Gateway>, DpStoreError> {
         let prev = self.current.clone();
         let full = matches!(changed, Changed::All);
@@ -378,8 +385,14 @@ impl Builder {
                 })
                 .collect(),
         );
+        let version = match (changed, through) {
+            // What the previous configuration had in effect still is (a rebuild after a lag
+            // can be ahead of a message read after it).
+            (Changed::Entities(_), Some(v)) => v.max(prev.version),
+            _ => snapshot.state().version,
+        };
         let gw = Arc::new(Gateway {
-            version: snapshot.state().version,
+            version,
             router,
             services,
             balancers,

@@ -122,6 +122,8 @@ pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watc
         handle.proxy.resolver().clone(),
     ));
     let mut pending: Option<Changed> = Some(Changed::All);
+    // The version of the last feed message merged into `pending`.
+    let mut through: Option<i64> = None;
     loop {
         if let Some(changed) = pending.take() {
             let store = store.clone();
@@ -130,7 +132,9 @@ pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watc
                 .expect("the builder is back after each build");
             let full = matches!(changed, Changed::All);
             let built = tokio::task::spawn_blocking(move || {
-                let r = store.snapshot().and_then(|snap| b.update(&snap, &changed));
+                let r = store
+                    .snapshot()
+                    .and_then(|snap| b.update(&snap, &changed, through));
                 (b, r)
             })
             .await;
@@ -163,9 +167,13 @@ pub async fn follow(store: DpStore, handle: Arc<ProxyHandle>, mut shutdown: watc
                 Ok(committed) => {
                     // Everything already queued joins this update.
                     let mut changed = committed.changed.clone();
+                    through = Some(committed.version);
                     loop {
                         match feed.try_recv() {
-                            Ok(more) => merge(&mut changed, &more.changed),
+                            Ok(more) => {
+                                merge(&mut changed, &more.changed);
+                                through = Some(more.version);
+                            }
                             Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
                                 changed = Changed::All;
                             }
