@@ -332,12 +332,13 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
             }
             tasks.push(tokio::spawn(file::run(shared.clone(), hangup, shutdown_rx)));
         }
-        (Some(tls), None) => tasks.push(tokio::spawn(link::run(
-            cfg,
-            tls,
-            shared.clone(),
-            shutdown_rx,
-        ))),
+        (Some(tls), None) => tasks.push(
+            on_own_thread(
+                "deltaplane-link",
+                link::run(cfg, tls, shared.clone(), shutdown_rx),
+            )
+            .context("starting the sync link's thread")?,
+        ),
         (None, None) => unreachable!("the certificate is loaded without a file"),
     }
     Ok(RunningDp {
@@ -349,6 +350,42 @@ pub async fn start(cfg: DpConfig) -> anyhow::Result<RunningDp> {
         tasks,
         _rpc: rpc_handle,
     })
+}
+
+/// Runs `task` on a thread of its own, on a single-threaded runtime: the sync link, so that
+/// applying a pushed version there (a durable commit, a fraction of a millisecond, see
+/// `v2::apply_in_place`) holds up only the link, never the proxy's or the status listener's
+/// tasks, and the link's own tasks (its connection's reader, the session, the reports) wake
+/// each other on one thread. The returned handle ends with the task; dropping or aborting it
+/// (the caller's runtime shutting down, say) ends the task too.
+fn on_own_thread(
+    name: &str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()?;
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    () = task => {}
+                    // The handle was dropped: nobody waits for this task any more.
+                    _ = gone_rx => {}
+                }
+            });
+            // Tasks the link spawned end with its runtime, here.
+            drop(rt);
+            let _ = done_tx.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _keep = gone_tx;
+        let _ = done_rx.await;
+    }))
 }
 
 /// Binds the proxy's listeners and starts following the store into it.
