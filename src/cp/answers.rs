@@ -441,17 +441,13 @@ impl Feed {
             return Ok(s.clone());
         }
         *cached = None; // free the old one before building the next
-        let mut out = Serialized::new(0, String::new(), true);
-        let info = self
-            .store
-            .snapshot_raw(|c| {
-                out.deltas.push(&RawDelta::from(&c));
-                std::ops::ControlFlow::Continue(())
-            })
-            .await?;
-        out.version = info.version;
-        out.epoch = info.epoch;
-        let snap = Arc::new(out);
+        let (info, deltas) = self.store.snapshot_text().await?;
+        let snap = Arc::new(Serialized {
+            version: info.version,
+            epoch: info.epoch,
+            full_sync: true,
+            deltas,
+        });
         *cached = Some((snap.clone(), Instant::now()));
         Ok(snap)
     }
