@@ -1,8 +1,12 @@
-//! Paged transfers: a snapshot or a version too large for one frame arrives as pages, each
-//! staged as it comes ([`DpStore::stage_begin`], [`DpStore::stage_page`],
+//! Paged transfers: a snapshot or a version too large for one frame arrives as pages. The v2
+//! session applies them as they arrive ([`DpStore::apply_pages`]): one [`Apply`] open from
+//! the first page to the commit, so decoding and writing a page overlap fetching the next.
+//!
+//! They can also be staged as they come ([`DpStore::stage_begin`], [`DpStore::stage_page`],
 //! [`DpStore::stage_page_bytes`]), then applied all at once as one [`Apply`]
 //! ([`DpStore::stage_commit`], [`DpStore::stage_commit_with`]) or forgotten
-//! ([`DpStore::stage_discard`]).
+//! ([`DpStore::stage_discard`]); the session did that until issue 11 (the fetch then came
+//! before the apply, and the spool cost a copy of the configuration through the page cache).
 //!
 //! Staged pages live outside redb, in a spool: an unlinked file beside the store's file (or
 //! memory, for a store opened on a backend). Staging never survived a reopen (transfers are not
