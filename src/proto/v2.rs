@@ -269,47 +269,6 @@ impl DeltaText {
         out.push(b'}');
     }
 
-    /// Appends deltas someone else wrote in the shape [`DeltaText::push`] writes (a database
-    /// building a snapshot a chunk of rows at a time): `text` is `lengths.len()` deltas
-    /// separated by commas, delta `i` being `lengths[i]` bytes. Text that `lengths` does not
-    /// cut into `{"entity":…}` objects that way is refused, and nothing is appended.
-    pub fn push_written(&mut self, text: &[u8], lengths: &[usize]) -> Result<(), String> {
-        const HEAD: &[u8] = b"{\"entity\":";
-        let mut at = 0usize;
-        for (i, &len) in lengths.iter().enumerate() {
-            if i > 0 {
-                if text.get(at) != Some(&b',') {
-                    return Err(format!("delta {i}: no comma at byte {at}"));
-                }
-                at += 1;
-            }
-            let delta = at
-                .checked_add(len)
-                .and_then(|end| text.get(at..end))
-                .ok_or_else(|| format!("delta {i}: {len} bytes at {at} overrun the text"))?;
-            if !delta.starts_with(HEAD) || delta.last() != Some(&b'}') {
-                return Err(format!("delta {i} at byte {at} is not a delta object"));
-            }
-            at += len;
-        }
-        if at != text.len() {
-            return Err(format!("{} bytes after the last delta", text.len() - at));
-        }
-        let mut start = self.bytes.len() + usize::from(!self.starts.is_empty());
-        if lengths.is_empty() {
-            return Ok(());
-        }
-        if !self.starts.is_empty() {
-            self.bytes.push(b',');
-        }
-        self.bytes.extend_from_slice(text);
-        for &len in lengths {
-            self.starts.push(start);
-            start += len + 1;
-        }
-        Ok(())
-    }
-
     /// Gives back the growth slack (up to half of a large version's text) once no more
     /// deltas will be pushed.
     pub fn shrink_to_fit(&mut self) {
@@ -729,40 +688,6 @@ mod tests {
         assert_eq!(s.byte_len(), s.slice(0, 4).len());
         s.truncate(0);
         assert!(s.is_empty() && s.byte_len() == 0);
-    }
-
-    /// Deltas written elsewhere (a database's snapshot chunks) append as pushed ones do, and
-    /// lengths that do not cut the text into deltas are refused.
-    #[test]
-    fn written_chunks_append_as_pushed_deltas() {
-        let ids: Vec<String> = (0..7).map(|i| format!("id-{i}")).collect();
-        let mut pushed = DeltaText::new();
-        for id in &ids {
-            pushed.push(&change(3, id));
-        }
-        let mut written = DeltaText::new();
-        for chunk in [&ids[0..3], &ids[3..3], &ids[3..7]] {
-            let mut one = DeltaText::new();
-            for id in chunk {
-                one.push(&change(3, id));
-            }
-            let lengths: Vec<usize> = (0..one.len()).map(|i| one.slice(i, i + 1).len()).collect();
-            written
-                .push_written(one.slice(0, one.len()), &lengths)
-                .unwrap();
-        }
-        assert_eq!(written.len(), pushed.len());
-        assert_eq!(written.slice(0, 7), pushed.slice(0, 7));
-        for i in 0..7 {
-            assert_eq!(written.slice(i, i + 1), pushed.slice(i, i + 1), "{i}");
-        }
-        assert_eq!(written.pages(300), pushed.pages(300));
-        let text = pushed.slice(0, 2);
-        let one = pushed.slice(0, 1).len();
-        for bad in [vec![one], vec![one, one + 1], vec![one - 1, one + 1]] {
-            assert!(written.push_written(text, &bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(written.len(), 7, "a refused chunk appends nothing");
     }
 
     /// The answer as a Kong data plane reads it, and as ours does: the same text both ways.

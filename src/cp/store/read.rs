@@ -10,8 +10,7 @@ use serde_json::Value;
 use super::write::canonical;
 use super::{Pool, StateHash, Store, StoreError, on_backend};
 use crate::node::now_secs;
-use crate::proto::v2::DeltaText;
-use crate::proto::version_string;
+use crate::proto::v2::{DeltaText, RawDelta};
 
 /// `?tags=` as Kong filters it: `a,b` needs all, `a/b` needs any.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,13 +209,37 @@ const SNAPSHOT_MMAP: &str = "PRAGMA mmap_size = 1073741824";
 /// Entities per row of [`Store::snapshot_text`]'s reads (about 1 MiB of 1 KB entities).
 pub const SNAPSHOT_CHUNK: i64 = 1000;
 
-/// One chunk of a type's entities after an id, as delta text ([`DeltaText::push`]'s shape,
-/// JSON strings quoted by the database) with the byte length of each delta. Both aggregates
-/// see the rows in one pass, in the same order. `$1` type, `$2` the last id of the previous
-/// chunk, `$3` the version string, `$4` [`SNAPSHOT_CHUNK`].
-const SNAPSHOT_CHUNK_SQLITE: &str = "SELECT count(*), group_concat(d, ','), group_concat(octet_length(d), ','), max(id) FROM (SELECT id, '{\"entity\":' || body || ',\"pk\":{\"id\":' || json_quote(id) || '},\"type\":' || json_quote(type) || ',\"version\":\"' || $3 || '\",\"ws_id\":' || json_quote(ws_id) || '}' AS d FROM dp_entities WHERE type = $1 AND id > $2 ORDER BY id LIMIT $4)";
+/// One chunk of a type's entities after an id: the bodies, ids and workspace ids each
+/// concatenated, with their byte lengths (comma-separated), and the chunk's last id. All the
+/// aggregates see the rows in one pass, so in the same order. `$1` type, `$2` the last id of
+/// the previous chunk, `$3` [`SNAPSHOT_CHUNK`].
+const SNAPSHOT_CHUNK_SQLITE: &str = "SELECT count(*), group_concat(body, ''), group_concat(octet_length(body), ','), group_concat(id, ''), group_concat(octet_length(id), ','), group_concat(ws_id, ''), group_concat(octet_length(ws_id), ','), max(id) FROM (SELECT id, ws_id, body FROM dp_entities WHERE type = $1 AND id > $2 ORDER BY id LIMIT $3)";
 /// [`SNAPSHOT_CHUNK_SQLITE`] for PostgreSQL.
-const SNAPSHOT_CHUNK_POSTGRES: &str = "SELECT count(*), string_agg(d, ','), string_agg(octet_length(d)::text, ','), max(id) FROM (SELECT id, '{\"entity\":' || body || ',\"pk\":{\"id\":' || to_json(id)::text || '},\"type\":' || to_json(type)::text || ',\"version\":\"' || $3 || '\",\"ws_id\":' || to_json(ws_id)::text || '}' AS d FROM dp_entities WHERE type = $1 AND id > $2 ORDER BY id LIMIT $4) AS chunk";
+const SNAPSHOT_CHUNK_POSTGRES: &str = "SELECT count(*), string_agg(body, ''), string_agg(octet_length(body)::text, ','), string_agg(id, ''), string_agg(octet_length(id)::text, ','), string_agg(ws_id, ''), string_agg(octet_length(ws_id)::text, ','), max(id) FROM (SELECT id, ws_id, body FROM dp_entities WHERE type = $1 AND id > $2 ORDER BY id LIMIT $3) AS chunk";
+
+/// Cuts `text` into the pieces `lengths` (comma-separated byte lengths) says, exactly `n`.
+fn cut<'t>(text: &'t str, lengths: &str, n: usize) -> Result<Vec<&'t str>, StoreError> {
+    let bad = |why: String| StoreError::Internal(format!("snapshot chunk: {why}"));
+    let mut pieces = Vec::with_capacity(n);
+    let mut at = 0usize;
+    for l in lengths.split(',') {
+        let len: usize = l.parse().map_err(|e| bad(format!("length {l:?}: {e}")))?;
+        let piece = at
+            .checked_add(len)
+            .and_then(|end| text.get(at..end))
+            .ok_or_else(|| bad(format!("{len} bytes at {at} do not fit the text")))?;
+        pieces.push(piece);
+        at += len;
+    }
+    if pieces.len() != n || at != text.len() {
+        return Err(bad(format!(
+            "{} pieces of {at} bytes for {n} rows of {} bytes",
+            pieces.len(),
+            text.len()
+        )));
+    }
+    Ok(pieces)
+}
 
 macro_rules! read_tx {
     ($pool:expr, $c:ident => $body:expr) => {
@@ -566,54 +589,65 @@ impl Store {
         }))
     }
 
-    /// The whole current configuration as delta text, what a full sync sends: each entity as
-    /// [`DeltaText::push`] writes a [`RawChange`] of [`Store::snapshot_raw`], in the same
-    /// order (dependency order, by id within a type), at the version it is the state of.
-    /// One snapshot.
+    /// The whole current configuration as delta text, what a full sync sends: the same text,
+    /// in the same order (dependency order, by id within a type), as [`DeltaText::push`] of
+    /// each [`RawChange`] of [`Store::snapshot_raw`], at the version it is the state of. One
+    /// snapshot.
     ///
-    /// The database writes the deltas, [`SNAPSHOT_CHUNK`] to a row, with their lengths: a
-    /// row per entity cost more than the entity (issue 11: SQLite's reading thread and ours
-    /// hand each row over, 100k times for 100k entities).
+    /// The database sends [`SNAPSHOT_CHUNK`] entities to a row (their texts concatenated,
+    /// with their lengths): a row per entity cost more than the entity (issue 11: SQLite's
+    /// reading thread and ours handed each row over, 100k times for 100k entities).
     pub async fn snapshot_text(&self) -> Result<(VersionInfo, DeltaText), StoreError> {
         let types: Vec<String> = self.registry().entities().map(|s| s.name.clone()).collect();
         let mut out = DeltaText::new();
         macro_rules! read_all {
             ($c:ident, $sql:expr) => {{
                 let info = version_info_in!($c);
-                let version = version_string(info.version);
-                let mut lengths = Vec::new();
                 for ty in &types {
                     let mut after = String::new();
                     loop {
-                        let (n, text, lens, last): (
+                        type Chunk = (
                             i64,
                             Option<String>,
                             Option<String>,
                             Option<String>,
-                        ) = sqlx::query_as($sql)
-                            .bind(ty)
-                            .bind(&after)
-                            .bind(&version)
-                            .bind(SNAPSHOT_CHUNK)
-                            .fetch_one(&mut *$c)
-                            .await?;
-                        let (Some(text), Some(lens), Some(last)) = (text, lens, last) else {
+                            Option<String>,
+                            Option<String>,
+                            Option<String>,
+                            Option<String>,
+                        );
+                        let (n, bodies, body_lens, ids, id_lens, wss, ws_lens, last): Chunk =
+                            sqlx::query_as($sql)
+                                .bind(ty)
+                                .bind(&after)
+                                .bind(SNAPSHOT_CHUNK)
+                                .fetch_one(&mut *$c)
+                                .await?;
+                        let (
+                            Some(bodies),
+                            Some(body_lens),
+                            Some(ids),
+                            Some(id_lens),
+                            Some(wss),
+                            Some(ws_lens),
+                            Some(last),
+                        ) = (bodies, body_lens, ids, id_lens, wss, ws_lens, last)
+                        else {
                             break;
                         };
-                        lengths.clear();
-                        for l in lens.split(',') {
-                            lengths.push(l.parse::<usize>().map_err(|e| {
-                                StoreError::Internal(format!("snapshot chunk length {l:?}: {e}"))
-                            })?);
+                        let rows = usize::try_from(n).unwrap_or(0);
+                        let bodies = cut(&bodies, &body_lens, rows)?;
+                        let ids = cut(&ids, &id_lens, rows)?;
+                        let wss = cut(&wss, &ws_lens, rows)?;
+                        for ((id, ws_id), body) in ids.into_iter().zip(wss).zip(bodies) {
+                            out.push(&RawDelta {
+                                version: info.version,
+                                entity_type: ty,
+                                id,
+                                ws_id,
+                                entity: Some(body),
+                            });
                         }
-                        if lengths.len() as i64 != n {
-                            return Err(StoreError::Internal(format!(
-                                "snapshot chunk of {n} rows has {} lengths",
-                                lengths.len()
-                            )));
-                        }
-                        out.push_written(text.as_bytes(), &lengths)
-                            .map_err(|e| StoreError::Internal(format!("snapshot chunk: {e}")))?;
                         if n < SNAPSHOT_CHUNK {
                             break;
                         }
@@ -712,5 +746,31 @@ impl Store {
             }
         });
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut;
+
+    /// A snapshot chunk's column is cut by its lengths, and lengths that do not cut it into
+    /// exactly the rows' pieces (or split a character) are an error, never a wrong delta.
+    #[test]
+    fn chunk_columns_cut_by_their_lengths() {
+        assert_eq!(
+            cut("abcdéf", "3,4", 2).unwrap(),
+            vec!["abc", "déf"],
+            "lengths are bytes"
+        );
+        assert_eq!(cut("", "0", 1).unwrap(), vec![""]);
+        for (text, lengths, n) in [
+            ("abcdef", "3,4", 2), // past the end
+            ("abcdef", "3,2", 2), // short of it
+            ("abcdef", "3,3", 3), // another row count
+            ("abcdéf", "5,2", 2), // inside a character
+            ("abcdef", "3,x", 2), // not a length
+        ] {
+            assert!(cut(text, lengths, n).is_err(), "{text} {lengths} {n}");
+        }
     }
 }
