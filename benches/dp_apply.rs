@@ -170,48 +170,44 @@ fn pages_of(deltas: &[Delta], page_bytes: usize) -> Vec<String> {
         .collect()
 }
 
-/// Stages `pages` as bytes and commits them with a decoder like the v2 session's; returns the
-/// time staging took.
-fn stage_and_commit(store: &DpStore, pages: &[String]) -> Duration {
-    let start = Instant::now();
-    store.stage_begin("t", full_kind(1)).unwrap();
-    for (i, p) in pages.iter().enumerate() {
-        store.stage_page_bytes("t", i as u64, p.as_bytes()).unwrap();
-    }
-    let staged = start.elapsed();
+/// Applies `pages` as the v2 session does: [`DpStore::apply_pages`], fed one page at a time,
+/// with a decoder like the session's.
+fn apply_pages(store: &DpStore, pages: &[String]) {
+    let arrived = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64, p.as_bytes()));
     store
-        .stage_commit_with("t", |_, bytes, sink| {
-            // As the session's page decoder: the deltas streamed one at a time.
-            let mut failure = None;
-            let text = std::str::from_utf8(bytes).unwrap();
-            deltaplane::proto::v2::for_each_delta(text, |v| {
-                sink(Delta::from_wire(v).unwrap()).map_err(|e| {
-                    failure = Some(e);
-                    String::new()
+        .apply_pages(
+            "t",
+            full_kind(1),
+            pages.len() as u64,
+            arrived,
+            |_, bytes, sink| {
+                // As the session's page decoder: the deltas streamed one at a time.
+                let mut failure = None;
+                let text = std::str::from_utf8(bytes).unwrap();
+                deltaplane::proto::v2::for_each_delta(text, |v| {
+                    sink(Delta::from_wire(v).unwrap()).map_err(|e| {
+                        failure = Some(e);
+                        String::new()
+                    })
                 })
-            })
-            .unwrap();
-            failure.map_or(Ok(()), Err)
-        })
+                .unwrap();
+                failure.map_or(Ok(()), Err)
+            },
+        )
         .unwrap();
-    staged
 }
 
 /// A full sync as a paged transfer, the way the v2 session applies one, into a new store:
-/// returns the time, the time staging took, the time `Database::compact` then takes (timed
-/// apart, on the closed store's file; it only removes the hole redb's doubling left), and the
-/// file's size before and after it.
+/// returns the time, the CPU time, the time `Database::compact` then takes (timed apart, on
+/// the closed store's file; it only removes the hole redb's doubling left), and the file's
+/// size before and after it.
 fn paged_full_sync(
     pages: &[String],
     durable: bool,
-) -> (
-    Duration,
-    Duration,
-    Duration,
-    Duration,
-    (f64, f64),
-    (f64, f64),
-) {
+) -> (Duration, Duration, Duration, (f64, f64), (f64, f64)) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dp.redb");
     let opts = DpStoreOptions {
@@ -220,7 +216,7 @@ fn paged_full_sync(
     };
     let store = DpStore::open(&path, Arc::clone(Registry::builtin()), opts).unwrap();
     let (cpu, start) = (cpu_time(), Instant::now());
-    let staged = stage_and_commit(&store, pages);
+    apply_pages(&store, pages);
     let took = start.elapsed();
     drop(store);
     let cpu = cpu_time() - cpu;
@@ -230,7 +226,7 @@ fn paged_full_sync(
     while db.compact().unwrap() {}
     drop(db);
     let compaction = start.elapsed();
-    (took, cpu, staged, compaction, before, file_mib(&path))
+    (took, cpu, compaction, before, file_mib(&path))
 }
 
 /// A store holding the workspace and one service, at version 1.
@@ -501,7 +497,7 @@ fn paged_figures() {
         .iter()
         .map(|d| serde_json::to_vec(&d.to_wire()).unwrap().len())
         .sum();
-    let pages = pages_of(&services, 14 << 20);
+    let pages = pages_of(&services, 4 << 20);
     drop(services);
     let registry = Registry::builtin();
     // The store's producer work alone, with the schema's verdict taken on a copy of each
@@ -544,12 +540,11 @@ fn paged_figures() {
         );
     }
     for durable in [true, false] {
-        let (took, cpu, staged, compaction, (len, alloc), (len_after, alloc_after)) =
+        let (took, cpu, compaction, (len, alloc), (len_after, alloc_after)) =
             paged_full_sync(&pages, durable);
         eprintln!(
-            "paged full sync, 100k services in ~14 MiB pages (stage + stage_commit_with), \
-             durable {durable}: {took:.2?} (staging {staged:.2?}, \
-             CPU {cpu:.2?}); \
+            "paged full sync, 100k services in ~4 MiB pages (apply_pages), \
+             durable {durable}: {took:.2?} (CPU {cpu:.2?}); \
              redb file {len:.0} MiB ({alloc:.0} MiB allocated), file / JSON {:.2} ({:.2}); \
              compact() apart: {compaction:.2?} → {len_after:.0} MiB ({alloc_after:.0} MiB \
              allocated)",
@@ -597,9 +592,9 @@ fn crash_child(path: &str) -> ! {
     let services: Vec<Delta> = std::iter::once(workspace(1))
         .chain((0..100_000).map(|i| service(i, 1)))
         .collect();
-    let pages = pages_of(&services, 14 << 20);
+    let pages = pages_of(&services, 4 << 20);
     let store = open(Path::new(path));
-    stage_and_commit(&store, &pages);
+    apply_pages(&store, &pages);
     std::process::abort()
 }
 

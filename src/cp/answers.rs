@@ -151,6 +151,11 @@ const FULL_ANSWERS_AT_ONCE: usize = 2;
 
 /// How long an idle paged transfer is kept.
 const TRANSFER_TTL: Duration = Duration::from_secs(120);
+/// Most bytes of deltas in one page of a transfer (less when a frame carries less). The data
+/// plane applies a page while it fetches the next, so smaller pages fill and drain that
+/// pipeline sooner and hold less in flight; 4 MiB pages cost one round trip per ~4,000
+/// entities of 1 KB (issue 11: 27 pages for 100k).
+const TRANSFER_PAGE_BYTES: usize = 4 << 20;
 /// At most this many transfers are kept; the least recently used goes first.
 const MAX_TRANSFERS: usize = 16;
 
@@ -391,7 +396,13 @@ impl Feed {
         let snap = self.current_snapshot().await?;
         let body = snap.deltas.slice(0, snap.deltas.len());
         let size = body.len() + 160;
-        if size <= self.max_decompressed(asker) {
+        // A peer that pages gets a snapshot larger than a frame in pages without trying to
+        // compress it whole first: the pages always fit, the data plane applies each while
+        // the next is on its way, and the attempt cost the whole copy and compression of a
+        // configuration that rarely fits (issue 11: half the control plane's CPU for a
+        // 100k-entity full sync, to find that 106 MiB compress to more than 16 MiB).
+        let try_one_frame = !asker.paging || size <= self.frame_bytes(asker);
+        if try_one_frame && size <= self.max_decompressed(asker) {
             let text = result_text(
                 body,
                 true,
@@ -430,17 +441,13 @@ impl Feed {
             return Ok(s.clone());
         }
         *cached = None; // free the old one before building the next
-        let mut out = Serialized::new(0, String::new(), true);
-        let info = self
-            .store
-            .snapshot_raw(|c| {
-                out.deltas.push(&RawDelta::from(&c));
-                std::ops::ControlFlow::Continue(())
-            })
-            .await?;
-        out.version = info.version;
-        out.epoch = info.epoch;
-        let snap = Arc::new(out);
+        let (info, deltas) = self.store.snapshot_text().await?;
+        let snap = Arc::new(Serialized {
+            version: info.version,
+            epoch: info.epoch,
+            full_sync: true,
+            deltas,
+        });
         *cached = Some((snap.clone(), Instant::now()));
         Ok(snap)
     }
@@ -473,7 +480,9 @@ impl Feed {
     /// Keeps `data` for paging; only peers that can page get here, so the answer carries the
     /// `head`.
     fn start_transfer(&self, data: Arc<Serialized>, head: i64, asker: Asker) -> (String, Decision) {
-        let pages = data.deltas.pages(self.frame_bytes(asker));
+        let pages = data
+            .deltas
+            .pages(self.frame_bytes(asker).min(TRANSFER_PAGE_BYTES));
         let id = uuid::Uuid::new_v4().to_string();
         let decision = Decision::Paged {
             version: data.version,

@@ -46,6 +46,8 @@ const DP_METHODS: &[&str] = &[NOTIFY_NEW_VERSION, PUSH_DELTAS];
 const PUSH_QUEUE: usize = 64;
 /// Most pushed versions applied in one transaction.
 const PUSHES_PER_COMMIT: usize = 64;
+/// Pages of a paged transfer fetched ahead of the one being applied (each up to a frame).
+const PAGES_AHEAD: usize = 1;
 
 /// One sync v2 session on `cp`: open `/v2/outlet`, hello, then pull until the connection ends
 /// or `stop`.
@@ -776,72 +778,56 @@ impl Syncer {
         let _ = self.peer.notify(GET_DELTA, status.to_params()).await;
     }
 
+    /// Fetches a paged transfer's pages one after the other and applies them as they come
+    /// ([`DpStore::apply_pages`]): page n is decoded, validated and written on blocking
+    /// threads while page n + 1 is fetched, in one write transaction committed after the
+    /// last page. A fetch that fails ends the transfer with nothing written.
     async fn paged(&self, t: &v2::TransferRef, kind: ApplyKind) -> Result<i64, SyncError> {
-        let store = self.shared.store.clone();
-        let id = t.id.clone();
-        let k = kind.clone();
-        blocking(move || store.stage_begin(&id, k).map_err(|e| e.to_string()))
-            .await
-            .map_err(SyncError::Link)?;
         tracing::info!(transfer = %t.id, pages = t.pages, ?kind, "paged transfer started");
         let started = std::time::Instant::now();
-        // Page n is staged (raw, not parsed) while page n + 1 is fetched.
-        let mut staging: Option<(usize, tokio::task::JoinHandle<Result<(), String>>)> = None;
-        for page in 0..=t.pages {
-            let text = if page < t.pages {
-                Some(
-                    self.peer
-                        .call(
-                            GET_PAGE,
-                            GetPage {
-                                id: t.id.clone(),
-                                page: page as u64,
-                            }
-                            .to_params(),
-                        )
-                        .await
-                        .map_err(|e| match e {
-                            CallError::Rpc(e) => SyncError::Failed(format!("get_page {page}: {e}")),
-                            e => SyncError::Link(format!("get_page {page}: {e}")),
-                        }),
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Box<RawValue>)>(PAGES_AHEAD);
+        let store = self.shared.store.clone();
+        let (id, k, pages) = (t.id.clone(), kind.clone(), t.pages as u64);
+        let applying = tokio::task::spawn_blocking(move || {
+            let arrived = std::iter::from_fn(|| rx.blocking_recv())
+                .map(|(no, text)| (no, Box::<str>::from(text).into_boxed_bytes()));
+            store.apply_pages(&id, k, pages, arrived, decode_staged_page)
+        });
+        let mut fetch_error = None;
+        for page in 0..t.pages {
+            let fetched = self
+                .peer
+                .call(
+                    GET_PAGE,
+                    GetPage {
+                        id: t.id.clone(),
+                        page: page as u64,
+                    }
+                    .to_params(),
                 )
-            } else {
-                None
-            };
-            if let Some((staged_no, task)) = staging.take() {
-                let staged = task.await.unwrap_or_else(|e| Err(format!("task: {e}")));
-                if let Err(e) = staged {
-                    self.discard(&t.id).await;
-                    return Err(SyncError::Rejected(format!("page {staged_no}: {e}")));
+                .await;
+            match fetched {
+                // A send fails only when the apply ended early; it says why.
+                Ok(text) => {
+                    if tx.send((page as u64, text)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    fetch_error = Some(match e {
+                        CallError::Rpc(e) => SyncError::Failed(format!("get_page {page}: {e}")),
+                        e => SyncError::Link(format!("get_page {page}: {e}")),
+                    });
+                    break;
                 }
             }
-            let text = match text {
-                None => break,
-                Some(Ok(text)) => text,
-                Some(Err(e)) => {
-                    self.discard(&t.id).await;
-                    return Err(e);
-                }
-            };
-            let store = self.shared.store.clone();
-            let id = t.id.clone();
-            staging = Some((
-                page,
-                tokio::task::spawn_blocking(move || {
-                    store
-                        .stage_page_bytes(&id, page as u64, text.get().as_bytes())
-                        .map_err(|e| e.to_string())
-                }),
-            ));
         }
+        // The apply commits after the last page, or finds the transfer cut short.
+        drop(tx);
         let fetched = started.elapsed();
-        let store = self.shared.store.clone();
-        let id = t.id.clone();
-        let commit_started = std::time::Instant::now();
-        let committed =
-            tokio::task::spawn_blocking(move || store.stage_commit_with(&id, decode_staged_page))
-                .await
-                .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
+        let committed = applying
+            .await
+            .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
         match &committed {
             Ok(a) => {
                 let k = if matches!(kind, ApplyKind::Full { .. }) {
@@ -849,19 +835,20 @@ impl Syncer {
                 } else {
                     DpApplyKind::Incremental
                 };
-                self.shared
-                    .metrics
-                    .apply_duration(k, commit_started.elapsed());
+                // The apply ran from the first page to the commit.
+                self.shared.metrics.apply_duration(k, started.elapsed());
                 tracing::info!(transfer = %t.id, pages = t.pages, version = a.version, entities = a.n_entities, ?fetched, total = ?started.elapsed(), "paged transfer applied")
             }
             Err(e) => {
                 tracing::info!(transfer = %t.id, pages = t.pages, ?fetched, total = ?started.elapsed(), error = %e, "paged transfer failed")
             }
         }
+        if let Some(e) = fetch_error {
+            return Err(e);
+        }
         match committed {
             Ok(a) => Ok(a.version),
             Err(e) => {
-                self.discard(&t.id).await;
                 let latest = match kind {
                     ApplyKind::Full { version, .. } => Some(version),
                     ApplyKind::Incremental { latest, .. } => latest,
@@ -869,12 +856,6 @@ impl Syncer {
                 Err(self.reject(e, latest).await)
             }
         }
-    }
-
-    async fn discard(&self, id: &str) {
-        let store = self.shared.store.clone();
-        let id = id.to_owned();
-        let _ = blocking(move || store.stage_discard(&id).map_err(|e| e.to_string())).await;
     }
 
     /// Reports a rejected batch to the control plane and turns it into a `SyncError`.
@@ -901,14 +882,6 @@ impl Syncer {
         }
         SyncError::Rejected(message)
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("task: {e}"))?
 }
 
 /// Streams the deltas of a get_delta answer (`{"default":{…}}`) into one store transaction,
@@ -962,8 +935,9 @@ fn invalid(message: String) -> ApplyError {
     }
 }
 
-/// The decoder [`DpStore::stage_commit_with`] calls back for each page staged by `paged`: the
-/// page's JSON text (`{"deltas": [...]}`), its deltas fed to the apply one at a time.
+/// The decoder [`DpStore::apply_pages`] calls back for each page `paged` fetched (and
+/// [`DpStore::stage_commit_with`] for each staged one): the page's JSON text
+/// (`{"deltas": [...]}`), its deltas fed to the apply one at a time.
 pub(crate) fn decode_staged_page(
     page_no: u64,
     bytes: &[u8],

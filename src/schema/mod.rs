@@ -439,6 +439,11 @@ pub struct Match {
     /// Every element of an array or set matches (an empty one does).
     #[serde(default)]
     pub elements: Option<Box<Match>>,
+    /// These validators as a field of the type they were first applied to, built once
+    /// (`validate::match_error`): building it per value cloned every list and pattern of
+    /// the match (issue 11: a fifth of a data plane's validation of a full sync).
+    #[serde(skip)]
+    pub(crate) as_field: std::sync::OnceLock<(FieldType, Box<Field>)>,
 }
 
 fn deserialize_some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {

@@ -1066,7 +1066,8 @@ fn match_error(m: &Match, field: Option<&Field>, v: Option<&Value>) -> Option<St
             _ => return Some("expected an array".into()),
         }
     }
-    let as_field = Field {
+    let ty = field.map_or(FieldType::Json, |f| f.ty);
+    let as_field = |ty| Field {
         eq: m.eq.clone(),
         len_eq: m.len_eq,
         one_of: m.one_of.clone(),
@@ -1074,9 +1075,13 @@ fn match_error(m: &Match, field: Option<&Field>, v: Option<&Value>) -> Option<St
         gt: m.gt,
         contains: m.contains.clone(),
         match_pattern: m.match_pattern.clone(),
-        ..Field::bare(field.map_or(FieldType::Json, |f| f.ty))
+        ..Field::bare(ty)
     };
-    validators_error(&as_field, v)
+    // A match belongs to one check of one field, so its type is always the same one.
+    match m.as_field.get_or_init(|| (ty, Box::new(as_field(ty)))) {
+        (cached, f) if *cached == ty => validators_error(f, v),
+        _ => validators_error(&as_field(ty), v),
+    }
 }
 
 /// Entity checks over `obj` (an entity, a plugin entity or a record), with Kong's rules for

@@ -1,8 +1,12 @@
-//! Paged transfers: a snapshot or a version too large for one frame arrives as pages, each
-//! staged as it comes ([`DpStore::stage_begin`], [`DpStore::stage_page`],
+//! Paged transfers: a snapshot or a version too large for one frame arrives as pages. The v2
+//! session applies them as they arrive ([`DpStore::apply_pages`]): one [`Apply`] open from
+//! the first page to the commit, so decoding and writing a page overlap fetching the next.
+//!
+//! They can also be staged as they come ([`DpStore::stage_begin`], [`DpStore::stage_page`],
 //! [`DpStore::stage_page_bytes`]), then applied all at once as one [`Apply`]
 //! ([`DpStore::stage_commit`], [`DpStore::stage_commit_with`]) or forgotten
-//! ([`DpStore::stage_discard`]).
+//! ([`DpStore::stage_discard`]); the session did that until issue 11 (the fetch then came
+//! before the apply, and the spool cost a copy of the configuration through the page cache).
 //!
 //! Staged pages live outside redb, in a spool: an unlinked file beside the store's file (or
 //! memory, for a store opened on a backend). Staging never survived a reopen (transfers are not
@@ -227,6 +231,63 @@ impl DpStore {
                 .or_insert(transfer);
         }
         res
+    }
+
+    /// Applies a paged transfer of `pages` pages as they arrive, in one apply: the write
+    /// transaction is open from the first page to the commit, each page is decoded and
+    /// validated (on this thread) and written (on a second one, [`Apply::feed`]) while the
+    /// caller fetches the next, and nothing is staged. `arrived` yields `(page_no, bytes)`
+    /// in page order and blocks until the next page is there; it ending before page
+    /// `pages - 1`, or a page out of order, is [`ApplyError::Staging`] and nothing is
+    /// written (a transfer cut by a lost link). `decode` is as for
+    /// [`DpStore::stage_commit_with`].
+    ///
+    /// What staging guaranteed still holds: the pages' deltas are rows of an uncommitted
+    /// redb transaction, which no reader sees and a crash or a drop discards, so the store
+    /// shows the previous configuration until the one commit, and a rejected transfer
+    /// writes nothing. The apply holds the store's writer turn meanwhile; its only other
+    /// writer is the same session, which waits for the transfer anyway.
+    ///
+    /// [`Apply::feed`]: crate::dp::store::Apply::feed
+    pub fn apply_pages<B, D>(
+        &self,
+        transfer_id: &str,
+        kind: ApplyKind,
+        pages: u64,
+        arrived: impl IntoIterator<Item = (u64, B)> + Send,
+        mut decode: D,
+    ) -> Result<Applied, ApplyError>
+    where
+        B: AsRef<[u8]>,
+        D: FnMut(u64, &[u8], &mut DeltaSink<'_>) -> Result<(), ApplyError> + Send,
+    {
+        let staging_err = |reason: String| ApplyError::Staging {
+            transfer_id: transfer_id.to_owned(),
+            reason,
+        };
+        let mut apply = self.begin(kind)?;
+        apply.for_transfer();
+        apply.feed(|sink| {
+            let mut expected = 0u64;
+            for (page_no, bytes) in arrived {
+                if page_no != expected || page_no >= pages {
+                    return Err(staging_err(format!(
+                        "page {page_no} arrived, expected page {expected} of {pages}"
+                    )));
+                }
+                decode(page_no, bytes.as_ref(), sink)?;
+                drop(bytes);
+                expected += 1;
+                crate::failpoint::hit("dp.stage.page");
+            }
+            if expected < pages {
+                return Err(staging_err(format!(
+                    "interrupted after {expected} of {pages} pages"
+                )));
+            }
+            Ok(())
+        })?;
+        apply.commit()
     }
 
     /// Forgets a transfer and its staged pages.
