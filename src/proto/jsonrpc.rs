@@ -154,6 +154,25 @@ pub fn result_raw(id: &Value, result: &RawValue) -> Vec<u8> {
     })
 }
 
+/// A success response whose `result` is JSON text this program wrote itself (a `get_delta`
+/// answer or a page: megabytes of stored entity text), not parsed again to be checked: the
+/// same bytes as [`result_raw`] for the same text. Debug builds do check it.
+pub fn result_text(id: &Value, text: &str) -> Vec<u8> {
+    debug_assert!(
+        serde_json::from_str::<&RawValue>(text).is_ok(),
+        "result_text: not one JSON value"
+    );
+    let mut out = Vec::with_capacity(text.len() + 40);
+    out.extend_from_slice(b"{\"jsonrpc\":\"");
+    out.extend_from_slice(JSONRPC_VERSION.as_bytes());
+    out.extend_from_slice(b"\",\"id\":");
+    serde_json::to_writer(&mut out, id).expect("a Value serialises");
+    out.extend_from_slice(b",\"result\":");
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'}');
+    out
+}
+
 /// An error response; `id: None` omits the field (Kong never sends `"id":null`).
 pub fn error(id: Option<&Value>, error: &RpcError) -> Vec<u8> {
     to_bytes(&ErrorOut {
@@ -186,7 +205,12 @@ pub fn capability(method: &str) -> Option<&str> {
 
 /// Whether a result is one Kong's caller treats as a failure: `null` or `false`.
 pub fn is_falsy(result: &RawValue) -> bool {
-    matches!(result.get().trim(), "null" | "false")
+    is_falsy_text(result.get())
+}
+
+/// [`is_falsy`] of JSON text.
+pub fn is_falsy_text(result: &str) -> bool {
+    matches!(result.trim(), "null" | "false")
 }
 
 // === impl RpcError ===
@@ -417,6 +441,16 @@ fn to_bytes(message: &impl Serialize) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn result_text_writes_what_result_raw_writes() {
+        for id in [json!(7), json!("a\"b"), Value::Null] {
+            for text in [r#"{"deltas":[],"x":"\u00e9"}"#, "true", "[1,2]"] {
+                let raw = RawValue::from_string(text.to_owned()).unwrap();
+                assert_eq!(result_text(&id, text), result_raw(&id, &raw), "{id} {text}");
+            }
+        }
+    }
+
     use serde_json::json;
 
     use super::*;
