@@ -818,7 +818,18 @@ async fn pushed_versions_are_reported_at_most_once_per_interval() {
             planes[0]["state_hash"].clone(),
         )
     };
-    // Past any report the first sync made: the next push is reported at once.
+    // The setup's versions may have been pushed within an interval of the first report: wait
+    // for their (late) report, then one interval past it, so that the next push is reported
+    // at once.
+    let (setup_head, _) = cp.head().await;
+    let deadline = tokio::time::Instant::now() + interval + Duration::from_secs(5);
+    while listed().await.0 < setup_head {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the setup's versions were never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(interval + Duration::from_millis(200)).await;
     let patch = |n: u64| {
         let cp = &cp;
