@@ -19,8 +19,8 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use crate::cp::store::{Store, StoreError, VersionDeltas as VersionText};
-use crate::proto::v2::{DeltaText, RawDelta};
+use crate::cp::store::{Store, StoreError, VersionDeltas};
+use crate::proto::v2::RawDelta;
 
 /// Most versions read in one catch-up; further behind, the window restarts at the head.
 const MAX_READ_VERSIONS: i64 = 10_000;
@@ -47,7 +47,7 @@ struct Window {
     epoch: Option<String>,
     /// The window holds the versions after this one.
     base: i64,
-    versions: VecDeque<Arc<VersionText>>,
+    versions: VecDeque<Arc<VersionDeltas>>,
     bytes: usize,
     /// Answers already joined from the window, by a caller's key; valid while `top` is.
     joined: HashMap<(i64, usize), Joined>,
@@ -150,17 +150,13 @@ impl Recent {
             // not read it): start again at the head rather than read a long history.
             return self.restart_at_head().await.map(|()| false);
         }
-        let mut read: Vec<VersionText> = Vec::new();
+        let mut read: Vec<VersionDeltas> = Vec::new();
         let mut bulk: Option<i64> = None;
         let result = self
             .store
             .changes_after_raw(top, (head - top).max(1), |c| {
                 if read.last().is_none_or(|v| v.version != c.version) {
-                    read.push(VersionText {
-                        version: c.version,
-                        deltas: DeltaText::new(),
-                        plugins: false,
-                    });
+                    read.push(VersionDeltas::new(c.version));
                 }
                 let last = read.last_mut().expect("pushed above");
                 if last.deltas.len() >= MAX_VERSION_DELTAS {
@@ -168,9 +164,7 @@ impl Recent {
                     read.pop();
                     return ControlFlow::Break(());
                 }
-                let delta = RawDelta::from(&c);
-                last.plugins |= delta.entity_type == crate::schema::PLUGINS;
-                last.deltas.push(&delta);
+                last.push(&RawDelta::from(&c));
                 ControlFlow::Continue(())
             })
             .await?;

@@ -693,7 +693,6 @@ impl Syncer {
             })?;
             Ok::<_, ApplyError>(apply.commit()?.version)
         })
-        .await
         .map_err(|e| SyncError::Link(format!("apply task: {e}")))?;
         let v = match outcome {
             Ok(v) => v,
@@ -716,8 +715,6 @@ impl Syncer {
         Ok(Pushed::AtHead)
     }
 
-    /// After a committed apply of `v`: the link's status (`count` adds the apply's kind),
-    /// watchers, and the status report to the control plane.
     /// [`Syncer::report_applied`] for pushed versions: the report to the control plane waits
     /// when one went out less than the status report interval ago ([`Syncer::report_due`]).
     async fn report_pushed(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
@@ -760,6 +757,8 @@ impl Syncer {
         self.shared.applied(v);
     }
 
+    /// After a committed apply of `v`: the link's status (`count` adds the apply's kind),
+    /// watchers, and the status report to the control plane.
     async fn report_applied(&self, v: i64, count: impl FnOnce(&mut super::LinkStatus)) {
         self.record_applied(v, count);
         let hash = self.shared.store.state().state_hash;
@@ -990,9 +989,7 @@ impl fmt::Debug for Syncer {
 /// `loadtest latency` (1 and 10 DPs), DP CPU per applied version 0.39–0.44 ms through
 /// `block_in_place` or 0.34–0.37 ms inline. Elsewhere (a multi-threaded runtime) the worker
 /// hands its other tasks to another thread first (`block_in_place`).
-async fn apply_in_place<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
+fn apply_in_place<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     let run = || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
             .map_err(|_| "the apply panicked".to_owned())

@@ -13,7 +13,6 @@ use super::{Pool, Store, StoreError, on_backend};
 /// The channel every commit notifies with its version (see `write.rs`).
 pub const VERSIONS_CHANNEL: &str = "deltaplane_versions";
 
-/// One data plane as the cluster last saw it.
 /// The plugins a configuration uses ([`Store::plugins_in_use`]), at a version of a change log.
 #[derive(Debug, Clone)]
 pub struct PluginsInUse {
@@ -22,6 +21,7 @@ pub struct PluginsInUse {
     pub names: std::collections::BTreeSet<String>,
 }
 
+/// One data plane as the cluster last saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct DataPlaneRow {
     pub node_id: String,

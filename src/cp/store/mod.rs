@@ -23,7 +23,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::watch;
 
 use crate::node::now_secs;
-use crate::proto::v2::DeltaText;
+use crate::proto::v2::{DeltaText, RawDelta};
 use crate::schema::{FieldErrors, Registry};
 
 pub use crate::proto::StateHash;
@@ -322,6 +322,22 @@ pub struct VersionDeltas {
     pub plugins: bool,
 }
 
+impl VersionDeltas {
+    pub fn new(version: i64) -> VersionDeltas {
+        VersionDeltas {
+            version,
+            deltas: DeltaText::new(),
+            plugins: false,
+        }
+    }
+
+    /// Appends one delta of the version.
+    pub fn push(&mut self, d: &RawDelta<'_>) {
+        self.plugins |= d.entity_type == crate::schema::PLUGINS;
+        self.deltas.push(d);
+    }
+}
+
 /// The last versions committed by this store, contiguous, with the epoch the transaction
 /// read them under. Bounded: [`COMMITTED_KEEP`] versions of at most
 /// [`COMMITTED_MAX_DELTAS`] deltas each.
@@ -572,7 +588,6 @@ impl Store {
         self.inner.head_tx.subscribe()
     }
 
-    /// Records that `version` is committed (seen through another control plane's notification).
     /// Records the versions a write transaction of this store has just committed (before the
     /// head moves), contiguous and in order, read under `epoch`; `None` for a version not
     /// kept (a bulk change). Anything that does not continue what is kept replaces it.
@@ -649,6 +664,8 @@ impl Store {
                 .is_some_and(|vs| vs.iter().all(|v| !v.plugins))
     }
 
+    /// Records that `version` is committed (by this store, or seen through another control
+    /// plane's notification).
     pub fn observe(&self, version: i64) {
         self.inner.head_tx.send_if_modified(|v| {
             if version > *v {

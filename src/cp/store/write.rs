@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use super::{Pool, StateHash, Store, StoreError, UnresolvedForeignKey};
 use crate::node::now_secs;
-use crate::proto::v2::{DeltaText, RawDelta};
+use crate::proto::v2::RawDelta;
 pub(super) use crate::schema::index::canonical;
 use crate::schema::index::{CACHE_KEY, EntityIndex, foreign_id, tags_of};
 use crate::schema::{EntitySchema, Mode, OnDelete, Registry};
@@ -1678,18 +1678,12 @@ fn written_version<'a>(
     version: i64,
     rows: impl IntoIterator<Item = RawDelta<'a>>,
 ) -> super::VersionDeltas {
-    let mut deltas = DeltaText::new();
-    let mut plugins = false;
+    let mut v = super::VersionDeltas::new(version);
     for row in rows {
-        plugins |= row.entity_type == crate::schema::PLUGINS;
-        deltas.push(&row);
+        v.push(&row);
     }
-    deltas.shrink_to_fit();
-    super::VersionDeltas {
-        version,
-        deltas,
-        plugins,
-    }
+    v.deltas.shrink_to_fit();
+    v
 }
 
 fn fold_hash(hash: &mut StateHash, deltas: &[Delta]) {
