@@ -78,8 +78,9 @@ pub struct DpConn {
     pub older: bool,
     status: Mutex<DpStatus>,
     /// The version the DP last reported (its get_delta `version`), or was promised by an
-    /// answer; -1 before its first get_delta.
-    reported: watch::Sender<i64>,
+    /// answer; -1 before its first get_delta. Read by the fan-out, written on every report
+    /// and push: an atomic, no one waits on it.
+    reported: AtomicI64,
     /// The status changed by more than progress (an error, a compatibility verdict): written at the
     /// next tick rather than the next refresh.
     urgent: AtomicBool,
@@ -414,7 +415,7 @@ impl DpConn {
                 sync_status: SyncStatus::Normal,
                 ..DpStatus::default()
             }),
-            reported: watch::channel(-1).0,
+            reported: AtomicI64::new(-1),
             urgent: AtomicBool::new(false),
             answer_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             can_push: false,
@@ -436,7 +437,7 @@ impl DpConn {
 
     /// The version the DP reported or was promised (-1 before its first get_delta).
     pub fn reported_or_promised(&self) -> i64 {
-        *self.reported.borrow()
+        self.reported.load(Ordering::Acquire)
     }
 
     /// Records that the DP is told of `version`; false when it was already told of it or a
@@ -475,7 +476,7 @@ impl DpConn {
         after_apply: bool,
     ) {
         let Some(v) = version.map(Version::get) else {
-            self.reported.send_replace(0);
+            self.reported.store(0, Ordering::Release);
             return;
         };
         let mut st = self.status.lock().expect("status lock");
@@ -488,25 +489,13 @@ impl DpConn {
         st.state_hash = state_hash;
         drop(st);
         self.mark_dirty(recovered);
-        self.reported.send_replace(v);
+        self.reported.store(v, Ordering::Release);
     }
 
     /// An answer carries the DP to `version` once applied: no need to notify it of that
     /// version (it reports where it really is after applying).
     pub fn promised(&self, version: i64) {
-        self.reported.send_if_modified(|r| {
-            let newer = version > *r;
-            if newer {
-                *r = version;
-            }
-            newer
-        });
-    }
-
-    /// The version the DP reported or was promised, for the notifier (-1 before its first
-    /// get_delta).
-    pub fn watch_reported(&self) -> watch::Receiver<i64> {
-        self.reported.subscribe()
+        self.reported.fetch_max(version, Ordering::AcqRel);
     }
 
     /// A v1 ping: the data plane holds `hash`, the configuration of `version` when the control

@@ -810,12 +810,30 @@ impl Reader<'_> {
         let cfg = &self.peer.inner.cfg;
         let mut last_received = Instant::now();
         let mut last_ping = last_received;
+        // One future and one timer for the connection's life, not one per message: with
+        // thousands of connections each reading a report per version, registering and
+        // dropping them per message was a third of the drivers' CPU (issue 11).
+        let mut close_rx = self.close_request.clone();
+        let mut closing = std::pin::pin!(async move {
+            // A request, or never (the sender lives as long as the peer).
+            while close_rx.changed().await.is_ok() {
+                if close_rx.borrow_and_update().is_some() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        });
+        // Fires at the earliest deadline set when it was last reset; a message received
+        // since only moves the deadlines later, which the timer learns when it fires.
+        let due = |last_received: Instant, last_ping: Instant| {
+            (last_received + cfg.idle_timeout).min(last_received.max(last_ping) + cfg.ping_interval)
+        };
+        let timer = tokio::time::sleep_until(due(last_received, last_ping));
+        let mut timer = std::pin::pin!(timer);
         loop {
-            let idle_at = last_received + cfg.idle_timeout;
-            let ping_at = last_received.max(last_ping) + cfg.ping_interval;
             tokio::select! {
                 biased;
-                Ok(()) = self.close_request.changed() => return self.requested_close(),
+                () = &mut closing => return self.requested_close(),
                 item = stream.next() => {
                     last_received = Instant::now();
                     let message = match item {
@@ -860,15 +878,19 @@ impl Reader<'_> {
                     }
                 }
                 Some(_) = self.inflight.join_next() => {}
-                _ = tokio::time::sleep_until(ping_at) => {
-                    last_ping = Instant::now();
-                    let _ = self.peer.inner.outbound.try_send(Outbound::Ping);
-                }
-                _ = tokio::time::sleep_until(idle_at) => {
-                    return Ending {
-                        reason: CloseReason::IdleTimeout,
-                        send_close: Some(close_frame(CloseCode::Away, "idle timeout")),
-                    };
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= last_received + cfg.idle_timeout {
+                        return Ending {
+                            reason: CloseReason::IdleTimeout,
+                            send_close: Some(close_frame(CloseCode::Away, "idle timeout")),
+                        };
+                    }
+                    if now >= last_received.max(last_ping) + cfg.ping_interval {
+                        last_ping = now;
+                        let _ = self.peer.inner.outbound.try_send(Outbound::Ping);
+                    }
+                    timer.as_mut().reset(due(last_received, last_ping));
                 }
             }
         }
