@@ -93,8 +93,8 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 30)]
     poll_secs: u64,
     /// deltaplane DPs report pushed versions at most this often, as the real DP's
-    /// `--status-report-interval` (0: after every apply)
-    #[arg(long, global = true, default_value_t = 0)]
+    /// `--status-report-interval` (its default, 1 s; 0: after every apply)
+    #[arg(long, global = true, default_value_t = 1000)]
     status_interval_ms: u64,
     #[arg(long, global = true, default_value_t = 500)]
     reconnect_min_ms: u64,

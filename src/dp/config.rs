@@ -84,8 +84,9 @@ pub struct RunArgs {
     pub sync_poll_interval: Option<String>,
     /// After applying pushed versions, report where this data plane is to the control plane
     /// at most this often (the latest version is reported once the interval has passed); 0
-    /// reports after every apply. A large fleet costs the control plane one report read per
-    /// data plane per version; its fleet view then lags by up to this much [default: 0s]
+    /// reports after every apply. Each report costs the control plane a read per data plane;
+    /// its fleet view lags by up to this much after a burst of versions. Kong's data planes
+    /// ping after an apply at their next 1 s tick [default: 1s]
     #[arg(long, env = "DELTAPLANE_DP_STATUS_REPORT_INTERVAL")]
     pub status_report_interval: Option<String>,
     /// Plugins this data plane runs (Kong's `plugins`), comma-separated `name` or
@@ -254,7 +255,9 @@ impl DpConfig {
             cluster_server_name: None,
             cluster: ClusterSettings::default(),
             sync_poll_interval: Duration::from_secs(30),
-            status_report_interval: Duration::ZERO,
+            // Kong's DP (`kong/clustering/data_plane.lua`): after an apply it pings at the
+            // write thread's next 1 s tick, one ping for every apply in that second.
+            status_report_interval: Duration::from_secs(1),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             invalid_backoff: Duration::from_secs(5),
