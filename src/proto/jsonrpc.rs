@@ -441,6 +441,10 @@ fn to_bytes(message: &impl Serialize) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    use super::*;
+
     #[test]
     fn result_text_writes_what_result_raw_writes() {
         for id in [json!(7), json!("a\"b"), Value::Null] {
@@ -450,10 +454,6 @@ mod tests {
             }
         }
     }
-
-    use serde_json::json;
-
-    use super::*;
 
     #[track_caller]
     fn single(frame: &str) -> Message {
