@@ -8,7 +8,7 @@
 //! - `dp.apply.write`: a delta written into an open redb write transaction (not committed);
 //! - `dp.apply.commit`: an apply about to commit;
 //! - `dp.apply.committed`: an apply just committed (before anyone is told);
-//! - `dp.stage.page`: a page of a paged transfer staged.
+//! - `dp.stage.page`: a page of a paged transfer fed into its apply (not committed).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -790,7 +790,7 @@ impl Syncer {
         let applying = tokio::task::spawn_blocking(move || {
             let arrived = std::iter::from_fn(|| rx.blocking_recv())
                 .map(|(no, text)| (no, Box::<str>::from(text).into_boxed_bytes()));
-            store.apply_pages(&id, k, pages, arrived, decode_staged_page)
+            store.apply_pages(&id, k, pages, arrived, decode_page)
         });
         let mut fetch_error = None;
         for page in 0..t.pages {
@@ -934,10 +934,9 @@ fn invalid(message: String) -> ApplyError {
     }
 }
 
-/// The decoder [`DpStore::apply_pages`] calls back for each page `paged` fetched (and
-/// [`DpStore::stage_commit_with`] for each staged one): the page's JSON text
-/// (`{"deltas": [...]}`), its deltas fed to the apply one at a time.
-pub(crate) fn decode_staged_page(
+/// The decoder [`DpStore::apply_pages`] calls back for each page `paged` fetched: the
+/// page's JSON text (`{"deltas": [...]}`), its deltas fed to the apply one at a time.
+pub(crate) fn decode_page(
     page_no: u64,
     bytes: &[u8],
     sink: &mut DeltaSink<'_>,

@@ -657,7 +657,7 @@ fn run_pages(
                 )
             })
             .collect();
-        dp.apply_pages("t", kind.clone(), n, arrived, crate::dp::v2::decode_staged_page)?
+        dp.apply_pages("t", kind.clone(), n, arrived, crate::dp::v2::decode_page)?
     } else {
         let deltas: Vec<Vec<Delta>> = pages.iter().map(|p| to_deltas(p)).collect();
         let arrived = order.iter().map(|&no| (no, no.to_le_bytes()));

@@ -232,7 +232,7 @@ async fn dp_killed_inside_applies_recovers() {
         let point = match rand(10) {
             0 => "dp.apply.commit:1".to_owned(),
             1 => "dp.apply.committed:1".to_owned(),
-            // While the pages of a full sync are staged, before the swap.
+            // Between the pages of a full sync, before its commit.
             2 | 3 if full => format!("dp.stage.page:{}", 1 + rand(3)),
             _ => format!("dp.apply.write:{}", 1 + rand(work)),
         };
@@ -301,7 +301,7 @@ async fn dp_killed_inside_applies_recovers() {
     // Full syncs were paged transfers, and some kills landed between their pages.
     assert!(
         iterations < 20 || fired_at.get("dp.stage.page").copied().unwrap_or(0) > 0,
-        "no kill landed while pages were staged: {fired_at:?}"
+        "no kill landed between the pages of a transfer: {fired_at:?}"
     );
     assert!(
         fired * 10 >= iterations * 8,

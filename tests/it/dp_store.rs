@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use deltaplane::cp::store::{Change, Op, Store, StoreOptions, VersionInfo};
-use deltaplane::dp::store::STAGE_ROW_BYTES;
 use deltaplane::dp::store::{
-    Applied, ApplyError, ApplyKind, DeltaSink, DpStore, DpStoreError, DpStoreOptions, VersionError,
+    Applied, ApplyError, ApplyKind, DeltaSink, DpStore, DpStoreOptions, VersionError,
 };
 use deltaplane::proto::Delta;
 use deltaplane::schema::Registry;
@@ -648,12 +647,17 @@ async fn restart_keeps_version_hash_and_entities() {
     env.assert_synced().await;
 }
 
-/// A staged page as these tests encode it: a JSON array of wire deltas.
+/// A page as these tests encode it: a JSON array of wire deltas.
 fn page_bytes(deltas: &[Delta]) -> Vec<u8> {
     serde_json::to_vec(&deltas.iter().map(Delta::to_wire).collect::<Vec<_>>()).unwrap()
 }
 
-/// Decodes [`page_bytes`] pages; the store hands back exactly what was staged.
+/// Pages numbered from 0, as `DpStore::apply_pages` receives them.
+fn numbered(pages: impl IntoIterator<Item = Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
+    (0..).zip(pages).collect()
+}
+
+/// Decodes [`page_bytes`] pages.
 fn decode_page(page_no: u64, bytes: &[u8], sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
     let deltas: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| ApplyError::Staging {
         transfer_id: String::new(),
@@ -665,99 +669,78 @@ fn decode_page(page_no: u64, bytes: &[u8], sink: &mut DeltaSink<'_>) -> Result<(
     Ok(())
 }
 
+/// A paged transfer (full or incremental) commits as one apply of all its pages, and until
+/// then readers see the previous configuration. A page missing, pages out of order, or a
+/// transfer cut short is refused and changes nothing.
 #[tokio::test]
-async fn staged_pages_commit_as_one_apply() {
-    let mut env = Env::new().await;
+async fn paged_transfers_commit_as_one_apply() {
+    let env = Env::new().await;
     populate(&env).await;
     let (deltas, info) = env.snapshot().await;
+    let pages = numbered(deltas.chunks(3).map(page_bytes));
     let kind = ApplyKind::Full {
         version: info.version,
         epoch: Some(info.epoch.clone()),
     };
-    env.dp.stage_begin("t1", kind.clone()).unwrap();
-    for (page_no, page) in deltas.chunks(3).enumerate() {
-        env.dp.stage_page("t1", page_no as u64, page).unwrap();
-        assert_eq!(env.dp.state().version, 0, "staging changes nothing");
-    }
-    // Staging a page again replaces it.
-    env.dp.stage_page("t1", 0, &deltas[..3]).unwrap();
-    let applied = env.dp.stage_commit("t1").unwrap();
+    let applied = env
+        .dp
+        .apply_pages("t1", kind, pages.len() as u64, pages, decode_page)
+        .unwrap();
     assert_eq!(applied.n_deltas, deltas.len() as u64);
     env.assert_synced_to(&info);
-    // The staging went with the commit.
-    assert!(matches!(
-        env.dp.stage_commit("t1"),
-        Err(ApplyError::Storage(DpStoreError::UnknownTransfer(_)))
-    ));
 
-    // While a transfer is staged, the old config stays readable; a reopen discards it.
-    let s = env
+    let s9 = env
         .create("services", json!({"name": "s9", "host": "nine.example"}))
         .await;
+    env.create("services", json!({"name": "s10", "host": "ten.example"}))
+        .await;
     let (deltas, info2) = env.snapshot().await;
-    env.dp
-        .stage_begin(
-            "t2",
-            ApplyKind::Full {
-                version: info2.version,
-                epoch: Some(info2.epoch.clone()),
-            },
-        )
-        .unwrap();
-    env.dp.stage_page("t2", 0, &deltas).unwrap();
+    let pages = numbered(deltas.chunks(3).map(page_bytes));
+    let n = pages.len() as u64;
+    let kind = ApplyKind::Full {
+        version: info2.version,
+        epoch: Some(info2.epoch.clone()),
+    };
+    let mut swapped = pages.clone();
+    swapped.swap(0, 1);
+    for arrived in [
+        pages[1..].to_vec(),
+        swapped,
+        pages[..pages.len() - 1].to_vec(),
+    ] {
+        let res = env
+            .dp
+            .apply_pages("t2", kind.clone(), n, arrived, decode_page);
+        assert!(matches!(res, Err(ApplyError::Staging { .. })), "{res:?}");
+        env.assert_synced_to(&info);
+    }
+
+    // An incremental transfer, one version a page; between pages the old config is read.
+    let (changes, latest) = env.changes_after(info.version).await;
+    assert_eq!((changes.len(), latest), (2, info2.version));
     let ws = env.ws();
-    assert_eq!(env.dp.get("services", &ws, &s).unwrap(), None);
-    assert_eq!(env.dp.list("routes").unwrap().len(), 3);
-    env.reopen();
-    assert!(matches!(
-        env.dp.stage_page("t2", 1, &deltas),
-        Err(DpStoreError::UnknownTransfer(_))
-    ));
-    env.assert_synced_to(&info);
-
-    // A missing page rejects the transfer and discards it.
+    let dp = env.dp.clone();
+    let arrived = numbered(changes.chunks(1).map(page_bytes))
+        .into_iter()
+        .inspect(|_| {
+            assert_eq!(dp.get("services", &ws, &s9).unwrap(), None);
+            assert_eq!(dp.list("routes").unwrap().len(), 3);
+            assert_eq!(dp.state().version, info.version);
+        });
+    let kind = ApplyKind::Incremental {
+        expect_from: info.version,
+        latest: Some(latest),
+    };
     env.dp
-        .stage_begin(
-            "t3",
-            ApplyKind::Full {
-                version: info2.version,
-                epoch: None,
-            },
-        )
+        .apply_pages("t3", kind, 2, arrived, decode_page)
         .unwrap();
-    env.dp.stage_page("t3", 0, &deltas[..2]).unwrap();
-    env.dp.stage_page("t3", 2, &deltas[2..]).unwrap();
-    assert!(matches!(
-        env.dp.stage_commit("t3"),
-        Err(ApplyError::Staging { .. })
-    ));
-    env.assert_synced_to(&info);
-    assert!(matches!(
-        env.dp.stage_page("t3", 1, &deltas),
-        Err(DpStoreError::UnknownTransfer(_))
-    ));
-
-    // An incremental transfer.
-    env.dp
-        .stage_begin(
-            "t4",
-            ApplyKind::Incremental {
-                expect_from: info.version,
-                latest: Some(info2.version),
-            },
-        )
-        .unwrap();
-    let (changes, _) = env.changes_after(info.version).await;
-    env.dp.stage_page("t4", 0, &changes).unwrap();
-    env.dp.stage_commit("t4").unwrap();
     env.assert_synced_to(&info2);
 }
 
-/// Staged bytes are opaque: pages of any size (several rows each) come back to the decoder
-/// byte for byte and in page order; a decoder error after deltas were written rejects the
-/// whole transfer, discards it, and changes nothing.
+/// Page bytes reach the decoder as they arrived, whatever their size, and in page order; a
+/// decoder error after deltas were written rejects the whole transfer and changes nothing.
 #[tokio::test]
-async fn staged_bytes_come_back_whole_and_errors_change_nothing() {
+async fn page_bytes_reach_the_decoder_whole_and_errors_change_nothing() {
     let env = Env::new().await;
     populate(&env).await;
     let info = {
@@ -772,51 +755,41 @@ async fn staged_bytes_come_back_whole_and_errors_change_nothing() {
     };
     let pages: Vec<Vec<u8>> = vec![
         page_bytes(&deltas),
-        opaque(STAGE_ROW_BYTES, 1),
+        opaque(1 << 20, 1),
         Vec::new(),
-        opaque(2 * STAGE_ROW_BYTES + 12_345, 2),
+        opaque((2 << 20) + 12_345, 2),
         opaque(1, 3),
     ];
-    env.dp
-        .stage_begin(
-            "big",
-            ApplyKind::Full {
-                version: info2.version,
-                epoch: Some(info2.epoch.clone()),
-            },
-        )
-        .unwrap();
-    // Staged out of order; a page staged again is replaced, rows of the longer one too.
-    for (no, page) in pages.iter().enumerate().rev() {
-        env.dp
-            .stage_page_bytes("big", no as u64, &opaque(3 * STAGE_ROW_BYTES, 9))
-            .unwrap();
-        env.dp.stage_page_bytes("big", no as u64, page).unwrap();
-    }
+    let kind = ApplyKind::Full {
+        version: info2.version,
+        epoch: Some(info2.epoch.clone()),
+    };
     let mut seen = Vec::new();
-    let res = env.dp.stage_commit_with("big", |page_no, bytes, sink| {
-        seen.push(page_no);
-        if page_no == 0 {
-            return decode_page(page_no, bytes, sink);
-        }
-        assert_eq!(bytes, pages[page_no as usize].as_slice(), "page {page_no}");
-        if page_no as usize + 1 == pages.len() {
-            return Err(ApplyError::Invalid {
-                message: "the last page is bad".into(),
-                fields: json!({}),
-                flattened: Vec::new(),
-            });
-        }
-        Ok(())
-    });
+    let res = env.dp.apply_pages(
+        "big",
+        kind,
+        pages.len() as u64,
+        numbered(pages.clone()),
+        |page_no, bytes, sink| {
+            seen.push(page_no);
+            if page_no == 0 {
+                return decode_page(page_no, bytes, sink);
+            }
+            assert_eq!(bytes, pages[page_no as usize].as_slice(), "page {page_no}");
+            if page_no as usize + 1 == pages.len() {
+                return Err(ApplyError::Invalid {
+                    message: "the last page is bad".into(),
+                    fields: json!({}),
+                    flattened: Vec::new(),
+                });
+            }
+            Ok(())
+        },
+    );
     assert!(matches!(res, Err(ApplyError::Invalid { .. })), "{res:?}");
     assert_eq!(seen, [0, 1, 2, 3, 4]);
     env.assert_synced_to(&info);
     assert_eq!(env.dp.list("services").unwrap().len(), 2);
-    assert!(matches!(
-        env.dp.stage_page_bytes("big", 0, b"[]"),
-        Err(DpStoreError::UnknownTransfer(_))
-    ));
 }
 
 /// The CP's database was replaced: a full sync to a lower version with another epoch.

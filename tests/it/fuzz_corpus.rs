@@ -178,25 +178,6 @@ mod found {
         );
         replay("unique-key-handed-to-a-third-entity");
     }
-
-    /// `DpStore::stage_commit` of an incremental transfer with no deltas returns `Ok` but
-    /// leaves the transfer staged (`Apply::commit` returns early for an empty incremental,
-    /// before it clears `clear_transfer`, and the transaction is dropped): pages can still be
-    /// staged into it and it can be committed again.
-    #[test]
-    fn dp_store_empty_incremental_transfer_stays_staged() {
-        let dir = tempfile::tempdir().unwrap();
-        let dp = open(&dir);
-        let kind = ApplyKind::Incremental {
-            expect_from: 0,
-            latest: None,
-        };
-        dp.stage_begin("t", kind).unwrap();
-        dp.stage_commit("t").unwrap();
-        let again = dp.stage_page("t", 0, &[upsert(1, service(0, "s-a"))]);
-        assert!(again.is_err(), "the committed transfer is still staged");
-        replay("empty-incremental-transfer-stays-staged");
-    }
 }
 
 /// `state_hash` (fuzzer crash, `fuzz/regressions/state_hash/float-does-not-round-trip`):

@@ -45,7 +45,7 @@ pub struct Apply<'a> {
     _turn: WriterTurn<'a>,
 }
 
-/// What a caller's page decoder feeds deltas into (see [`DpStore::stage_commit`]).
+/// What a caller's page decoder feeds deltas into (see [`DpStore::apply_pages`]).
 pub type DeltaSink<'s> = dyn FnMut(Delta) -> Result<(), ApplyError> + 's;
 
 /// Deltas buffered before the tables are opened and they are written.
@@ -99,7 +99,7 @@ pub(super) struct Work {
 /// Lets one apply at a time run from [`DpStore::begin`] until its commit is published, so
 /// [`DpStore::state`] and the change feed follow commit order. redb alone serialises only the
 /// write transactions: the next one could commit and publish between an earlier commit and
-/// its publication. Staging transactions do not take a turn (they change neither).
+/// its publication.
 ///
 /// A flag and a condition variable rather than a `MutexGuard`, so an [`Apply`] stays `Send`.
 pub(super) struct WriterSlot {

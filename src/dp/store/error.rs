@@ -12,13 +12,8 @@ pub enum DpStoreError {
     Redb(#[from] redb::Error),
     #[error("corrupt store: {0}")]
     Corrupt(String),
-    #[error("unknown transfer '{0}'")]
-    UnknownTransfer(String),
     #[error("unknown entity type '{0}'")]
     UnknownType(String),
-    /// A paged transfer's pages could not be spooled or read back.
-    #[error("staging spool: {0}")]
-    Spool(String),
 }
 
 /// Why an apply was rejected. Nothing of it was written.

@@ -7,7 +7,7 @@
 //! - One message per committed apply, published after the commit returned (durable when the
 //!   store is) and after [`DpStore::state`](crate::dp::store::DpStore::state) shows it, in commit
 //!   order. A rejected or aborted apply, and an incremental apply of no deltas (nothing is
-//!   written), publish nothing; staging pages publishes nothing.
+//!   written), publish nothing; a paged transfer publishes nothing before its commit.
 //! - An incremental apply names every `(type, id)` it wrote or deleted
 //!   ([`Changed::Entities`]). Versions coalesced into one transaction (see "Coalescing
 //!   versions" in the store's doc) publish the union of their changes once, with the final

@@ -38,7 +38,7 @@
 //! - `read.rs`: [`Snapshot`] and the read methods.
 //! - `apply.rs`: [`Apply`] (begin, delta, feed, commit) and the chunked writer.
 //! - `checks.rs`: version rules, entity validation, final-state checks, Kong-style errors.
-//! - `staging.rs`: paged transfers (stage, commit, discard).
+//! - `pages.rs`: paged transfers, applied as their pages arrive.
 //! - `feed.rs`: the change feed's messages ([`Committed`], [`Changed`]) and its contract.
 //! - `tables.rs`: the redb tables and the encodings of their rows.
 //! - `error.rs`: [`DpStoreError`], [`ApplyError`], [`VersionError`].
@@ -51,15 +51,15 @@
 //! - `refs`: `(parent_type, parent_id, child_type, field, child_id)`, the foreign-key index;
 //! - `meta`: version, epoch, state hash, entity count.
 //!
-//! Paged transfers are staged outside redb (see `staging.rs`), so the file holds only the
-//! configuration; the tables `staged` and `transfers` of earlier releases are dropped on open.
+//! A paged transfer is one apply (see `pages.rs`), so the file holds only the configuration;
+//! the tables `staged` and `transfers` of earlier releases are dropped on open.
 
 mod apply;
 mod checks;
 mod error;
 mod feed;
+mod pages;
 mod read;
-mod staging;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -74,12 +74,10 @@ pub use apply::{Apply, DeltaSink};
 pub use error::{ApplyError, DpStoreError, VersionError};
 pub use feed::{Changed, Committed, FEED_CAPACITY, MAX_NAMED};
 pub use read::Snapshot;
-pub use staging::STAGE_ROW_BYTES;
 
 use crate::proto::StateHash;
 use crate::schema::Registry;
 use apply::WriterSlot;
-use staging::Staging;
 use tables::{ENTITIES, KEYS, META, REFS, STAGED, TRANSFERS, read_meta};
 
 /// How a [`DpStore`] opens its file.
@@ -144,8 +142,6 @@ struct Inner {
     writer: WriterSlot,
     /// The change feed; a send with no subscriber is dropped.
     feed: broadcast::Sender<Arc<Committed>>,
-    /// Paged transfers being staged.
-    staging: Staging,
     /// The plugins this data plane can run, when it says (its proxy executes only these):
     /// a version whose enabled plugins name another is rejected like an invalid entity.
     runnable_plugins: std::sync::OnceLock<Arc<std::collections::HashSet<String>>>,
@@ -166,8 +162,8 @@ impl DpStoreOptions {
 // === impl DpStore ===
 
 impl DpStore {
-    /// Opens (or creates) the store at `path`. Staging left by an interrupted paged transfer is
-    /// discarded: transfers are not resumable, the caller starts a new one.
+    /// Opens (or creates) the store at `path`. An interrupted paged transfer left nothing (its
+    /// apply never committed): transfers are not resumable, the caller starts a new one.
     pub fn open(
         path: &Path,
         registry: Arc<Registry>,
@@ -176,7 +172,7 @@ impl DpStore {
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
             .create(path)?;
-        DpStore::init(db, registry, opts, Staging::beside(path))
+        DpStore::init(db, registry, opts)
     }
 
     /// A new, empty store in memory ([`redb::backends::InMemoryBackend`]): the same store with
@@ -198,7 +194,7 @@ impl DpStore {
         let db = redb::Builder::new()
             .set_cache_size(opts.cache_size)
             .create_with_backend(backend)?;
-        DpStore::init(db, registry, opts, Staging::in_memory())
+        DpStore::init(db, registry, opts)
     }
 
     /// Version, epoch, state hash and entity count as of the last commit. No I/O.
@@ -238,7 +234,6 @@ impl DpStore {
         db: Database,
         registry: Arc<Registry>,
         opts: DpStoreOptions,
-        staging: Staging,
     ) -> Result<DpStore, DpStoreError> {
         let txn = db.begin_write()?;
         txn.delete_table(STAGED)?;
@@ -258,7 +253,6 @@ impl DpStore {
                 state: RwLock::new(state),
                 writer: WriterSlot::new(),
                 feed: broadcast::channel(FEED_CAPACITY).0,
-                staging,
                 runnable_plugins: std::sync::OnceLock::new(),
             }),
         })

@@ -41,7 +41,7 @@ pub struct Snapshot {
 
 impl DpStore {
     /// The store as of the last commit: a read transaction and the state it shows (read from
-    /// the transaction itself, so the two always agree). Applies and staging go on meanwhile.
+    /// the transaction itself, so the two always agree). Applies go on meanwhile.
     pub fn snapshot(&self) -> Result<Snapshot, DpStoreError> {
         let txn = self.inner.db.begin_read()?;
         Ok(Snapshot {

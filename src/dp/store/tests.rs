@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::TryRecvError;
 
 use crate::dp::store::{
-    Apply, ApplyError, ApplyKind, Changed, Committed, DpStore, DpStoreError, DpStoreOptions,
-    FEED_CAPACITY, MAX_NAMED, Snapshot, VersionError,
+    Apply, ApplyError, ApplyKind, Changed, Committed, DpStore, DpStoreOptions, FEED_CAPACITY,
+    MAX_NAMED, Snapshot, VersionError,
 };
 use crate::proto::Delta;
 use crate::schema::Registry;
@@ -60,6 +60,18 @@ fn usernames(entities: &[Value]) -> Vec<&str> {
     entities
         .iter()
         .map(|e| e["username"].as_str().unwrap())
+        .collect()
+}
+
+/// A paged transfer's pages as the control plane sends them (`{"deltas": [...]}`), numbered
+/// from 0, for [`DpStore::apply_pages`] with the v2 client's decoder (`decode_page`).
+fn page_texts(pages: &[&[Delta]]) -> Vec<(u64, String)> {
+    (0..)
+        .zip(pages)
+        .map(|(no, deltas)| {
+            let wire: Vec<Value> = deltas.iter().map(Delta::to_wire).collect();
+            (no, json!({ "deltas": wire }).to_string())
+        })
         .collect()
 }
 
@@ -309,8 +321,8 @@ fn feed_names_what_an_incremental_apply_changed() {
     assert_eq!(feed.try_recv().unwrap_err(), TryRecvError::Empty);
 }
 
-/// A full sync and the commit of a paged transfer (full or incremental, staged as deltas or as
-/// bytes) publish `All` with their version.
+/// A full sync and the commit of a paged transfer (full or incremental) publish `All` with
+/// their version, once.
 #[test]
 fn feed_says_all_for_full_syncs_and_transfers() {
     let dp = memory_store();
@@ -325,19 +337,18 @@ fn feed_says_all_for_full_syncs_and_transfers() {
     dp.apply(full(4), []).unwrap();
     assert_eq!(next(&mut feed).changed, Changed::All);
 
-    dp.stage_begin("t1", inc(4)).unwrap();
-    dp.stage_page("t1", 0, &[upsert(5, "consumers", WS, consumer(2, "b"))])
+    let t1 = page_texts(&[
+        &[upsert(5, "consumers", WS, consumer(2, "b"))],
+        &[upsert(6, "consumers", WS, consumer(3, "c"))],
+    ]);
+    dp.apply_pages("t1", inc(4), 2, t1, crate::dp::v2::decode_page)
         .unwrap();
-    assert_eq!(feed.try_recv().unwrap_err(), TryRecvError::Empty);
-    dp.stage_commit("t1").unwrap();
     let msg = next(&mut feed);
-    assert_eq!((msg.version, &msg.changed), (5, &Changed::All));
+    assert_eq!((msg.version, &msg.changed), (6, &Changed::All));
+    assert_eq!(feed.try_recv().unwrap_err(), TryRecvError::Empty);
 
-    dp.stage_begin("t2", full(9)).unwrap();
-    let page = json!({"deltas": [upsert(9, "consumers", WS, consumer(3, "c")).to_wire()]});
-    dp.stage_page_bytes("t2", 0, page.to_string().as_bytes())
-        .unwrap();
-    dp.stage_commit_with("t2", crate::dp::v2::decode_staged_page)
+    let t2 = page_texts(&[&[upsert(9, "consumers", WS, consumer(3, "c"))]]);
+    dp.apply_pages("t2", full(9), 1, t2, crate::dp::v2::decode_page)
         .unwrap();
     let msg = next(&mut feed);
     assert_eq!((msg.version, &msg.changed), (9, &Changed::All));
@@ -365,7 +376,8 @@ fn past_max_named_a_change_says_all() {
 }
 
 /// Nothing is published for an apply that does not commit: invalid, out of version, not the
-/// latest, dropped, a rejected transfer, or an incremental apply of no deltas.
+/// latest, dropped, a paged transfer cut short or out of order, or an incremental apply of
+/// no deltas.
 #[test]
 fn rejected_applies_publish_nothing() {
     let dp = memory_store();
@@ -408,17 +420,19 @@ fn rejected_applies_publish_nothing() {
         apply.flush().unwrap();
     }
     assert_eq!(dp.apply(inc(1), []).unwrap().n_deltas, 0);
-    dp.stage_begin("t", full(2)).unwrap();
-    dp.stage_page("t", 1, &[upsert(2, "consumers", WS, consumer(2, "b"))])
-        .unwrap();
-    assert!(matches!(
-        dp.stage_commit("t"),
-        Err(ApplyError::Staging { .. })
-    ));
-    assert!(matches!(
-        dp.stage_commit("t"),
-        Err(ApplyError::Storage(DpStoreError::UnknownTransfer(_)))
-    ));
+    let t = page_texts(&[
+        &[upsert(2, "consumers", WS, consumer(2, "b"))],
+        &[upsert(2, "consumers", WS, consumer(3, "c"))],
+    ]);
+    let decode = crate::dp::v2::decode_page;
+    // Page 0 missing, pages swapped, the last page never came, a page too many.
+    let swapped = vec![t[1].clone(), t[0].clone()];
+    for arrived in [t[1..].to_vec(), swapped, t[..1].to_vec()] {
+        let res = dp.apply_pages("t", full(2), 2, arrived, decode);
+        assert!(matches!(res, Err(ApplyError::Staging { .. })), "{res:?}");
+    }
+    let res = dp.apply_pages("t", full(2), 1, t, decode);
+    assert!(matches!(res, Err(ApplyError::Staging { .. })), "{res:?}");
     assert_eq!(dp.state().version, 1);
     assert_eq!(feed.try_recv().unwrap_err(), TryRecvError::Empty);
 }
@@ -673,63 +687,47 @@ fn versions_coalesced_into_one_transaction_equal_one_by_one() {
     );
 }
 
-/// Staged pages never reach the store's file: a transfer of several MiB staged and then
-/// discarded leaves the file as it was, a committed one adds only its tables, and no spool
-/// file is left beside the store.
+/// A large paged transfer (2,000 entities in two pages) adds only its tables to the store's
+/// file, as the same configuration applied at once does, and leaves no other file.
 #[test]
-fn staged_pages_stay_out_of_the_store_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dp.redb");
-    let dp = DpStore::open(
-        &path,
-        Arc::clone(Registry::builtin()),
-        DpStoreOptions {
-            cache_size: 1 << 20,
-            durable: false,
-        },
-    )
-    .unwrap();
-    dp.apply(inc(0), [upsert(1, "consumers", WS, consumer(1, "a"))])
-        .unwrap();
-    let len = || std::fs::metadata(&path).unwrap().len();
-    let before = len();
-    dp.stage_begin("t", full(2)).unwrap();
-    let filler = vec![b' '; 4 << 20];
-    for page in 0..3 {
-        dp.stage_page_bytes("t", page, &filler).unwrap();
-    }
-    dp.stage_discard("t").unwrap();
-    assert_eq!(len(), before);
-
-    dp.stage_begin("t", full(2)).unwrap();
-    let mut deltas: Vec<Delta> = (0..2000)
+fn a_paged_transfer_adds_only_its_tables() {
+    let open = |dir: &tempfile::TempDir| {
+        DpStore::open(
+            &dir.path().join("dp.redb"),
+            Arc::clone(Registry::builtin()),
+            DpStoreOptions {
+                cache_size: 1 << 20,
+                durable: false,
+            },
+        )
+        .unwrap()
+    };
+    let len =
+        |dir: &tempfile::TempDir| std::fs::metadata(dir.path().join("dp.redb")).unwrap().len();
+    let first = [upsert(1, "consumers", WS, consumer(1, "a"))];
+    let deltas: Vec<Delta> = (0..2000)
         .map(|idx| upsert(2, "consumers", WS, consumer(idx, &format!("user-{idx}"))))
         .collect();
-    dp.stage_page("t", 0, &deltas[..1000]).unwrap();
-    dp.stage_page("t", 1, &deltas[1000..]).unwrap();
-    let applied = dp.stage_commit("t").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let dp = open(&dir);
+    dp.apply(inc(0), first.clone()).unwrap();
+    let t = page_texts(&[&deltas[..1000], &deltas[1000..]]);
+    let applied = dp
+        .apply_pages("t", full(2), 2, t, crate::dp::v2::decode_page)
+        .unwrap();
     assert_eq!((applied.version, applied.n_entities), (2, 2000));
-    let spools: Vec<_> = std::fs::read_dir(dir.path())
+    let others: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|name| name != "dp.redb")
         .collect();
-    assert_eq!(spools, Vec::<String>::new());
-    // The same transfer applied directly: staging added nothing to the file.
+    assert_eq!(others, Vec::<String>::new());
+
+    // The same configuration applied at once.
     let direct = tempfile::tempdir().unwrap();
-    let direct_path = direct.path().join("dp.redb");
-    let other = DpStore::open(
-        &direct_path,
-        Arc::clone(Registry::builtin()),
-        DpStoreOptions {
-            cache_size: 1 << 20,
-            durable: false,
-        },
-    )
-    .unwrap();
-    other
-        .apply(inc(0), [upsert(1, "consumers", WS, consumer(1, "a"))])
-        .unwrap();
-    other.apply(full(2), deltas.drain(..)).unwrap();
-    assert_eq!(len(), std::fs::metadata(&direct_path).unwrap().len());
+    let other = open(&direct);
+    other.apply(inc(0), first).unwrap();
+    other.apply(full(2), deltas).unwrap();
+    assert_eq!(len(&dir), len(&direct));
 }
