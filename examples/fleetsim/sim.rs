@@ -10,7 +10,8 @@
 //!   version it holds (or has just been sent in an answer), is a [`Event::Violation`].
 //! - [`Dialect::Deltaplane`]: what deltaplane's DP does: announces `kong.sync.v2`,
 //!   `deltaplane.sync.v1` and `deltaplane.push.v1`, offers zstd, applies a pushed delta when it
-//!   holds exactly the version it follows and the epoch matches, else calls `get_delta`. Paged
+//!   holds the version it follows, or a later one it carries (skipping the deltas it holds),
+//!   and the epoch matches, else calls `get_delta`. Paged
 //!   answers are not implemented: the sim refuses them (a violation), so runs keep
 //!   configurations far below one frame.
 //!
@@ -901,8 +902,9 @@ impl SimDp {
         Ok(())
     }
 
-    /// A pushed answer (the push contract): applied when we hold exactly `after` under the
-    /// push's epoch, else a `get_delta`.
+    /// A pushed answer (the push contract): applied when we hold `after`, or a later version
+    /// below its `latest_version` (the deltas we hold are skipped), under the push's epoch;
+    /// else a `get_delta`.
     async fn on_push(
         &mut self,
         shared: &Shared,
@@ -914,7 +916,16 @@ impl SimDp {
         let after = Some(push.after.get());
         let ours = self.epoch.as_deref() == Some(push.epoch)
             && conn.cp_epoch.as_deref() == Some(push.epoch);
-        if ours && after == Some(self.version) {
+        let continues = match after {
+            Some(a) if a == self.version => true,
+            // Built from a report we had overtaken: read its head only then.
+            Some(a) if a < self.version => v2::read_answer(push.answer)
+                .ok()
+                .and_then(|a| a.latest_version)
+                .is_some_and(|l| l.get() > self.version),
+            _ => false,
+        };
+        if ours && continues {
             shared.counters.inc(C::PushApplied);
             let asked = self.version;
             return self.on_answer(shared, conn, push.answer, asked, true).await;
@@ -971,7 +982,9 @@ impl SimDp {
             return Ok(false);
         }
         let full = answer.full_sync;
-        match self.apply(answer.namespace, full, latest, asked) {
+        // A push may start below our version: its deltas through it are ours already.
+        let held = (pushed && !full).then_some(asked);
+        match self.apply(answer.namespace, full, latest, asked, held) {
             Ok(Some(v)) => {
                 shared
                     .counters
@@ -1036,6 +1049,7 @@ impl SimDp {
         full: bool,
         latest: Option<i64>,
         asked: i64,
+        held: Option<i64>,
     ) -> Result<Option<i64>, String> {
         let (mut map, mut hash) = if full {
             (HashMap::new(), StateHash::ZERO)
@@ -1046,6 +1060,9 @@ impl SimDp {
         let mut last_v = None;
         let parsed = v2::for_each_delta(ns, |value| {
             let d = Delta::from_wire(value).map_err(|e| e.to_string())?;
+            if held.is_some_and(|h| d.version <= h) {
+                return Ok(());
+            }
             first_v.get_or_insert(d.version);
             if last_v.is_some_and(|l| d.version < l) {
                 return Err(format!(

@@ -642,29 +642,7 @@ impl Syncer {
         if state.epoch.is_some() && state.epoch != self.cp_epoch {
             return Ok(Pushed::Fetch);
         }
-        // Keep the pushes that continue from our version, one after the other.
-        let mut at = state.version;
-        let mut chain = Vec::with_capacity(batch.len());
-        let mut fetch = false;
-        for push in batch {
-            let Some(head) = &push.head else {
-                fetch = true;
-                break;
-            };
-            if Some(push.epoch(head)) != self.cp_epoch.as_deref() {
-                fetch = true;
-                break;
-            }
-            if head.latest <= at {
-                continue; // already held (fetched meanwhile)
-            }
-            if head.after != at {
-                fetch = true;
-                break;
-            }
-            at = head.latest;
-            chain.push(push);
-        }
+        let (chain, at, fetch) = chain_pushes(state.version, self.cp_epoch.as_deref(), batch);
         if chain.is_empty() {
             if fetch {
                 self.shared.update_link(|l| l.pushes_refused += 1);
@@ -682,12 +660,12 @@ impl Syncer {
             };
             let mut apply = store.begin(kind)?;
             apply.feed(|sink| {
-                for push in &chain {
+                for (push, held) in &chain {
                     let head = push
                         .head
                         .as_ref()
                         .expect("only readable pushes are chained");
-                    feed_deltas(push.namespace(head), sink)?;
+                    feed_deltas_above(push.namespace(head), *held, sink)?;
                 }
                 Ok(())
             })?;
@@ -957,12 +935,56 @@ pub(crate) fn decode_page(
 }
 
 /// Feeds the deltas of `ns_json` (an object with a `deltas` array) to `sink`, one at a time.
+/// Picks the queued pushes that continue from version `held` under the control plane's
+/// `epoch`, in order: each with the version through which its deltas are already held, then
+/// the version the chain leads to, and whether a fetch is needed (a push that is unreadable,
+/// of another epoch, or leaves a gap after the data plane's version).
+///
+/// A push may start below the version held (`after < held < latest_version`): the control
+/// plane built it from a status report older than the data plane's latest apply (a report in
+/// flight when it pushed). Its deltas through `held` are the ones already applied, from the
+/// same change log (the epoch matches), so the rest continue the data plane's version and
+/// apply without a `get_delta` round trip.
+fn chain_pushes(
+    held: i64,
+    epoch: Option<&str>,
+    batch: Vec<QueuedPush>,
+) -> (Vec<(QueuedPush, i64)>, i64, bool) {
+    let mut at = held;
+    let mut chain = Vec::with_capacity(batch.len());
+    for push in batch {
+        let Some(head) = &push.head else {
+            return (chain, at, true);
+        };
+        if Some(push.epoch(head)) != epoch {
+            return (chain, at, true);
+        }
+        if head.latest <= at {
+            continue; // already held (fetched meanwhile)
+        }
+        if head.after > at {
+            return (chain, at, true);
+        }
+        let skip = at;
+        at = head.latest;
+        chain.push((push, skip));
+    }
+    (chain, at, false)
+}
+
+/// Feeds an answer's deltas to `sink`.
 fn feed_deltas(ns_json: &str, sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
+    feed_deltas_above(ns_json, i64::MIN, sink)
+}
+
+/// Feeds an answer's deltas of versions above `held` to `sink` (a push's deltas through
+/// `held` are already applied: see [`chain_pushes`]).
+fn feed_deltas_above(ns_json: &str, held: i64, sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
     let mut failure = None;
     let parsed = v2::for_each_delta(ns_json, |v| {
         Delta::from_wire(v)
             .map_err(|e| invalid(format!("sync deltas is invalid: {e}")))
-            .and_then(&mut *sink)
+            .and_then(|d| if d.version > held { sink(d) } else { Ok(()) })
             .map_err(|e| {
                 failure = Some(e);
                 String::new()
@@ -996,5 +1018,102 @@ fn apply_in_place<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
         _ => run(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::proto::{Delta, Version};
+
+    fn delta(v: i64) -> Delta {
+        Delta {
+            entity_type: "services".into(),
+            id: format!("00000000-0000-4000-8000-{v:012}"),
+            ws_id: "ws".into(),
+            version: v,
+            entity: Some(
+                json!({"id": format!("00000000-0000-4000-8000-{v:012}"), "name": format!("s{v}")}),
+            ),
+        }
+    }
+
+    /// A push of versions `after + 1 ..= latest` (one delta each) under `epoch`, as queued.
+    fn push(after: i64, latest: i64, epoch: &str) -> QueuedPush {
+        let deltas: Vec<String> = (after + 1..=latest)
+            .map(|v| delta(v).to_wire().to_string())
+            .collect();
+        let answer = v2::write_answer(
+            deltas.join(",").as_bytes(),
+            &v2::AnswerHead {
+                latest_version: Version::new(latest),
+                ..Default::default()
+            },
+        );
+        let params = format!(
+            r#"[{{"after":"{}","epoch":{},"answer":{answer}}}]"#,
+            Version::new(after).wire(),
+            json!(epoch)
+        );
+        QueuedPush::read(RawValue::from_string(params).unwrap())
+    }
+
+    fn chained(chain: &[(QueuedPush, i64)]) -> Vec<(i64, i64, i64)> {
+        chain
+            .iter()
+            .map(|(p, held)| {
+                let h = p.head.as_ref().unwrap();
+                (h.after, h.latest, *held)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pushes_chain_from_the_version_held() {
+        let (chain, at, fetch) =
+            chain_pushes(5, Some("e1"), vec![push(5, 6, "e1"), push(6, 8, "e1")]);
+        assert_eq!(chained(&chain), [(5, 6, 5), (6, 8, 6)]);
+        assert_eq!((at, fetch), (8, false));
+    }
+
+    #[test]
+    fn a_push_from_below_the_version_held_continues_it() {
+        // Built from a report older than the apply of 6: its delta of 6 is skipped.
+        let (chain, at, fetch) =
+            chain_pushes(6, Some("e1"), vec![push(5, 7, "e1"), push(7, 8, "e1")]);
+        assert_eq!(chained(&chain), [(5, 7, 6), (7, 8, 7)]);
+        assert_eq!((at, fetch), (8, false));
+        // Entirely held: nothing to apply, nothing to fetch.
+        let (chain, at, fetch) = chain_pushes(7, Some("e1"), vec![push(5, 7, "e1")]);
+        assert!(chain.is_empty());
+        assert_eq!((at, fetch), (7, false));
+    }
+
+    #[test]
+    fn a_gap_another_epoch_or_an_unreadable_push_is_fetched() {
+        let (chain, at, fetch) =
+            chain_pushes(5, Some("e1"), vec![push(5, 6, "e1"), push(7, 8, "e1")]);
+        assert_eq!(chained(&chain), [(5, 6, 5)]);
+        assert_eq!((at, fetch), (6, true));
+        let (chain, _, fetch) = chain_pushes(5, Some("e1"), vec![push(5, 6, "e2")]);
+        assert!(chain.is_empty() && fetch);
+        let unreadable = QueuedPush::read(RawValue::from_string("[{}]".into()).unwrap());
+        let (chain, _, fetch) = chain_pushes(5, Some("e1"), vec![unreadable]);
+        assert!(chain.is_empty() && fetch);
+    }
+
+    #[test]
+    fn held_deltas_are_not_fed_again() {
+        let p = push(5, 8, "e1");
+        let head = p.head.as_ref().unwrap();
+        let mut fed = Vec::new();
+        feed_deltas_above(p.namespace(head), 6, &mut |d: Delta| {
+            fed.push(d.version);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(fed, [7, 8]);
     }
 }

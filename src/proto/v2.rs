@@ -415,7 +415,10 @@ pub fn write_page(
 /// id, so one encoded frame serves every data plane that holds `after`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Push<'a> {
-    /// The version the data plane must hold for the answer to apply.
+    /// The version the answer's deltas continue. A data plane holding it applies them all; one
+    /// holding a later version below `latest_version` (a push built from a status report it
+    /// had already overtaken) applies those above its own, the rest being the same change
+    /// log's.
     pub after: Version,
     /// The control plane's epoch (its hello's): the change log the versions belong to.
     pub epoch: &'a str,

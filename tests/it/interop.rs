@@ -207,6 +207,21 @@ async fn golden_exchange_kong_dp_against_our_cp() {
     cp.shutdown().await;
 }
 
+/// The control plane's whole configuration as snapshot changes, real entities for a fake
+/// control plane to send; the control plane is then shut down.
+async fn snapshot_and_stop(cp: TestCp) -> Vec<deltaplane::cp::store::Change> {
+    let mut changes = Vec::new();
+    cp.store()
+        .snapshot(|c| {
+            changes.push(c);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    cp.shutdown().await;
+    changes
+}
+
 /// A fake control plane that speaks like open-source Kong: TLS with a shared certificate,
 /// the `kong.meta.v1` upgrade; each upgraded connection is handed to the test, which plays
 /// the control plane's side frame by frame.
@@ -268,6 +283,24 @@ impl FakeKongCp {
             accept,
             _dir: dir,
         }
+    }
+
+    /// A data plane's settings for this control plane: no proxy, not durable, short timers,
+    /// no safety poll to interleave with the exchange the test plays.
+    fn dp_config(&self, dir: &std::path::Path) -> deltaplane::dp::DpConfig {
+        let mut cfg = deltaplane::dp::DpConfig::new(
+            dir,
+            self.addr.to_string(),
+            self.crt.clone(),
+            self.key.clone(),
+        );
+        cfg.status_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.durable = false;
+        cfg.reconnect_min = Duration::from_millis(50);
+        cfg.reconnect_max = Duration::from_millis(500);
+        cfg.sync_poll_interval = Duration::from_secs(600);
+        short_timers(&mut cfg.cluster);
+        cfg
     }
 
     /// The next data plane connection.
@@ -335,15 +368,7 @@ async fn golden_exchange_our_dp_against_a_kong_cp() {
         )
         .await;
     let route2_id = route2["id"].as_str().unwrap().to_owned();
-    let mut changes = Vec::new();
-    cp.store()
-        .snapshot(|c| {
-            changes.push(c);
-            Ok(())
-        })
-        .await
-        .unwrap();
-    cp.shutdown().await;
+    let changes = snapshot_and_stop(cp).await;
     let kong_delta = |c: &deltaplane::cp::store::Change, version: &str| {
         let mut entity = c.entity.clone().unwrap();
         entity.as_object_mut().unwrap().remove("ws_id");
@@ -361,18 +386,7 @@ async fn golden_exchange_our_dp_against_a_kong_cp() {
 
     let mut fake = FakeKongCp::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = deltaplane::dp::DpConfig::new(
-        dir.path(),
-        fake.addr.to_string(),
-        fake.crt.clone(),
-        fake.key.clone(),
-    );
-    cfg.status_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.durable = false;
-    cfg.reconnect_min = Duration::from_millis(50);
-    cfg.reconnect_max = Duration::from_millis(500);
-    cfg.sync_poll_interval = Duration::from_secs(600);
-    short_timers(&mut cfg.cluster);
+    let cfg = fake.dp_config(dir.path());
     let mut dp = TestDp::start(cfg, dir).await;
     let mut kong = fake.next_conn().await;
 
@@ -612,15 +626,7 @@ async fn a_proxying_dp_rejects_plugins_it_cannot_run_from_a_kong_cp() {
         .create("/plugins", json!({"name": "correlation-id"}))
         .await;
     let unrunnable_id = unrunnable["id"].as_str().unwrap().to_owned();
-    let mut changes = Vec::new();
-    cp.store()
-        .snapshot(|c| {
-            changes.push(c);
-            Ok(())
-        })
-        .await
-        .unwrap();
-    cp.shutdown().await;
+    let changes = snapshot_and_stop(cp).await;
     let kong_delta = |c: &deltaplane::cp::store::Change, version: &str| {
         let mut entity = c.entity.clone().unwrap();
         entity.as_object_mut().unwrap().remove("ws_id");
@@ -637,20 +643,9 @@ async fn a_proxying_dp_rejects_plugins_it_cannot_run_from_a_kong_cp() {
 
     let mut fake = FakeKongCp::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = deltaplane::dp::DpConfig::new(
-        dir.path(),
-        fake.addr.to_string(),
-        fake.crt.clone(),
-        fake.key.clone(),
-    );
-    cfg.status_listen = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = fake.dp_config(dir.path());
     cfg.proxy_listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.durable = false;
-    cfg.reconnect_min = Duration::from_millis(50);
-    cfg.reconnect_max = Duration::from_millis(500);
     cfg.invalid_backoff = Duration::from_millis(200);
-    cfg.sync_poll_interval = Duration::from_secs(600);
-    short_timers(&mut cfg.cluster);
     let dp = TestDp::start(cfg, dir).await;
     let mut kong = fake.next_conn().await;
     let hello = kong.next_json().await;
@@ -721,4 +716,119 @@ async fn a_proxying_dp_rejects_plugins_it_cannot_run_from_a_kong_cp() {
         .await
         .expect("the proxy serves the configuration without the plugin")
         .unwrap();
+}
+
+/// The push contract against a control plane played by hand: a push built from a status
+/// report the data plane had already overtaken (`after` below its version) applies from the
+/// data plane's version, skipping the deltas it holds, with no `get_delta` round trip; a push
+/// that leaves a gap is still fetched instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_from_below_the_version_held_applies_without_a_fetch() {
+    // Real entities: a real control plane's snapshot, plus three services for three versions.
+    let cp = TestCp::start(Backend::Sqlite).await.unwrap();
+    small_config(&cp).await;
+    let mut extra = Vec::new();
+    for n in 2..=4 {
+        let s = cp
+            .create(
+                "/services",
+                json!({"name": format!("s{n}"), "url": "http://example.com"}),
+            )
+            .await;
+        extra.push(s["id"].as_str().unwrap().to_owned());
+    }
+    let changes = snapshot_and_stop(cp).await;
+    let delta = |c: &deltaplane::cp::store::Change, v: i64| json!({"type": c.entity_type, "pk": {"id": c.id}, "entity": c.entity, "version": version_string(v), "ws_id": c.ws_id});
+    let of = |id: &str, v: i64| delta(changes.iter().find(|c| c.id == id).unwrap(), v);
+    let base: Vec<Value> = changes
+        .iter()
+        .filter(|c| !extra.contains(&c.id))
+        .map(|c| delta(c, 1))
+        .collect();
+    let answer = |deltas: Vec<Value>, full: bool, latest: i64| json!({"default": {"deltas": deltas, "full_sync": full, "latest_version": version_string(latest)}});
+    let push = |after: i64, answer: Value| {
+        json!({"jsonrpc": "2.0", "method": "deltaplane.push.v1.deltas",
+               "params": [{"after": version_string(after), "epoch": "e1", "answer": answer}]})
+    };
+
+    let mut fake = FakeKongCp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fake.dp_config(dir.path());
+    let dp = TestDp::start(cfg, dir).await;
+    let mut cp_side = fake.next_conn().await;
+    let hello = cp_side.next_json().await;
+    assert_eq!(hello["method"], "kong.meta.v1.hello");
+    let caps = hello["params"][0]["rpc_capabilities"].as_array().unwrap();
+    assert!(caps.contains(&json!("deltaplane.push.v1")), "{hello}");
+    cp_side
+        .send_raw(
+            &br#"{"jsonrpc":"2.0","id":1,"result":{"rpc_capabilities":["kong.sync.v2","deltaplane.sync.v1","deltaplane.push.v1"],"rpc_frame_encoding":"x-snappy-framed","epoch":"e1","node_id":"fake-cp"}}"#[..],
+        )
+        .await;
+    cp_side.encoding = Some(Encoding::SnappyFramed);
+
+    // Version 1 by a full sync.
+    let (id, version, _) = until_get_delta(&mut cp_side, None).await;
+    assert_eq!(version, EMPTY_VERSION);
+    cp_side
+        .send(&json!({"jsonrpc": "2.0", "id": id, "result": answer(base, true, 1)}))
+        .await;
+    dp.wait_version(1, 5).await;
+    let before = dp.shared().link();
+
+    // Version 2 pushed after 1; then 2 and 3 pushed after 1 again, as a control plane does
+    // whose record of the data plane a late status report of version 1 has lowered.
+    cp_side
+        .send(&push(1, answer(vec![of(&extra[0], 2)], false, 2)))
+        .await;
+    dp.wait_version(2, 5).await;
+    cp_side
+        .send(&push(
+            1,
+            answer(vec![of(&extra[0], 2), of(&extra[1], 3)], false, 3),
+        ))
+        .await;
+    dp.wait_version(3, 5).await;
+    let link = dp.shared().link();
+    assert_eq!(link.pushes_applied - before.pushes_applied, 2, "{link:?}");
+    assert_eq!(link.pushes_refused, before.pushes_refused, "{link:?}");
+    assert_eq!(
+        link.sync_requests, before.sync_requests,
+        "no get_delta: {link:?}"
+    );
+    let names: HashSet<String> = dp
+        .shared()
+        .store
+        .list("services")
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        names.contains("s2") && names.contains("s3") && !names.contains("s4"),
+        "{names:?}"
+    );
+
+    // A gap (after 4, the data plane holds 3) is fetched instead.
+    cp_side
+        .send(&push(4, answer(vec![of(&extra[2], 5)], false, 5)))
+        .await;
+    // Status notifications may come first.
+    let call = loop {
+        let m = cp_side.next_json().await;
+        if m["method"] == "kong.sync.v2.get_delta" && m.get("id").is_some() {
+            break m;
+        }
+    };
+    assert_eq!(
+        call["params"][0]["default"]["version"],
+        version_string(3),
+        "{call}"
+    );
+    let answered = answer(vec![of(&extra[2], 4)], false, 4);
+    cp_side
+        .send(&json!({"jsonrpc": "2.0", "id": call["id"], "result": answered}))
+        .await;
+    dp.wait_version(4, 5).await;
+    assert_eq!(dp.shared().link().pushes_refused, before.pushes_refused + 1);
 }
