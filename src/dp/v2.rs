@@ -934,7 +934,6 @@ pub(crate) fn decode_page(
     })
 }
 
-/// Feeds the deltas of `ns_json` (an object with a `deltas` array) to `sink`, one at a time.
 /// Picks the queued pushes that continue from version `held` under the control plane's
 /// `epoch`, in order: each with the version through which its deltas are already held, then
 /// the version the chain leads to, and whether a fetch is needed (a push that is unreadable,
@@ -972,7 +971,7 @@ fn chain_pushes(
     (chain, at, false)
 }
 
-/// Feeds an answer's deltas to `sink`.
+/// Feeds the deltas of `ns_json` (an object with a `deltas` array) to `sink`, one at a time.
 fn feed_deltas(ns_json: &str, sink: &mut DeltaSink<'_>) -> Result<(), ApplyError> {
     feed_deltas_above(ns_json, i64::MIN, sink)
 }
