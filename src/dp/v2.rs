@@ -1051,12 +1051,10 @@ mod tests {
                 ..Default::default()
             },
         );
-        let params = format!(
-            r#"[{{"after":"{}","epoch":{},"answer":{answer}}}]"#,
-            Version::new(after).wire(),
-            json!(epoch)
-        );
-        QueuedPush::read(RawValue::from_string(params).unwrap())
+        // The params of the message the control plane sends.
+        let message: Value =
+            serde_json::from_slice(&v2::write_push(Version::new(after), epoch, &answer)).unwrap();
+        QueuedPush::read(RawValue::from_string(message["params"].to_string()).unwrap())
     }
 
     fn chained(chain: &[(QueuedPush, i64)]) -> Vec<(i64, i64, i64)> {

@@ -305,7 +305,6 @@ impl TestCp {
     }
 }
 
-/// Timers short enough for tests, long enough for a loaded 2-core machine.
 /// A TCP port that was free a moment ago (for processes that need a fixed address).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -315,6 +314,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A test data plane's settings for the control plane at `addr` (with its shared certificate
+/// files), data under `dir`: status on port 0, not durable, short back-offs and timers.
+pub fn test_dp_config(dir: &std::path::Path, addr: String, crt: String, key: String) -> DpConfig {
+    let mut cfg = DpConfig::new(dir, addr, crt, key);
+    cfg.status_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.durable = false;
+    cfg.reconnect_min = Duration::from_millis(50);
+    cfg.reconnect_max = Duration::from_millis(500);
+    cfg.invalid_backoff = Duration::from_millis(300);
+    short_timers(&mut cfg.cluster);
+    cfg
+}
+
+/// Timers short enough for tests, long enough for a loaded 2-core machine.
 pub fn short_timers(c: &mut ClusterSettings) {
     c.ping_interval = Duration::from_secs(2);
     c.idle_timeout = Duration::from_secs(6);
@@ -342,14 +355,7 @@ impl TestCp {
     /// A data-plane configuration pointing at this control plane, data under `dir`.
     pub fn dp_config(&self, dir: &std::path::Path) -> DpConfig {
         let (addr, crt, key) = self.cluster_target();
-        let mut cfg = DpConfig::new(dir, addr, crt, key);
-        cfg.status_listen = "127.0.0.1:0".parse().unwrap();
-        cfg.durable = false;
-        cfg.reconnect_min = Duration::from_millis(50);
-        cfg.reconnect_max = Duration::from_millis(500);
-        cfg.invalid_backoff = Duration::from_millis(300);
-        short_timers(&mut cfg.cluster);
-        cfg
+        test_dp_config(dir, addr, crt, key)
     }
 
     /// Starts a data plane in a fresh temp dir.

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::harness::{Backend, TestCp, TestDp, short_timers};
+use crate::harness::{Backend, TestCp, TestDp, test_dp_config};
 use crate::rawpeer::{KONG_CAPS, KONG_ENCODINGS, RawPeer, ServerTls, WAIT, get_delta};
 
 /// A small but real configuration: a workspace, a service with a route and a plugin, a
@@ -285,21 +285,16 @@ impl FakeKongCp {
         }
     }
 
-    /// A data plane's settings for this control plane: no proxy, not durable, short timers,
-    /// no safety poll to interleave with the exchange the test plays.
+    /// A test data plane's settings for this control plane, with no safety poll to
+    /// interleave with the exchange the test plays.
     fn dp_config(&self, dir: &std::path::Path) -> deltaplane::dp::DpConfig {
-        let mut cfg = deltaplane::dp::DpConfig::new(
+        let mut cfg = test_dp_config(
             dir,
             self.addr.to_string(),
             self.crt.clone(),
             self.key.clone(),
         );
-        cfg.status_listen = "127.0.0.1:0".parse().unwrap();
-        cfg.durable = false;
-        cfg.reconnect_min = Duration::from_millis(50);
-        cfg.reconnect_max = Duration::from_millis(500);
         cfg.sync_poll_interval = Duration::from_secs(600);
-        short_timers(&mut cfg.cluster);
         cfg
     }
 
