@@ -20,7 +20,7 @@
 //! $B latency --dps 10000 --dialect deltaplane --writes 60 --rate 1
 //! $B idle --counts 0,1000,5000,10000 --dialect deltaplane
 //! $B storm --dps 5000 --dialect deltaplane
-//! $B floor --sockets 9000
+//! $B floor --sockets 9000 --tls
 //! $B --quick latency          # also: --quick idle, --quick storm, --quick floor
 //! ```
 //!
@@ -40,16 +40,21 @@
 //!   `--reconnect-max-ms`).
 //! * `floor`: a bare loop writing `--bytes` (200) to each of `--sockets` loopback TCP sockets,
 //!   no TLS, no framing: the floor fan-out figures are compared with (`latency` runs it for
-//!   min(N, 9,000) sockets before it starts the CP).
-//! * `--quick`: any mode with 20 DPs (both dialects mixed), 20 writes; correctness only. The
+//!   min(N, 9,000) sockets before it starts the CP). With `--tls`, in the same run, the floor
+//!   of the CP's work per DP per version on mTLS connections (`floor.rs`): encrypt and write a
+//!   `--bytes` push to each, then read one `--report-bytes` (120) report from each through
+//!   epoll; µs per connection, this thread's CPU and wall, min / median over `--reps`. One
+//!   thread, no runtime, no WebSocket, no JSON. 9,000 connections hold 18,000 descriptors.
+//! * `--quick`: any mode with 20 DPs (both dialects mixed), 20 writes; correctness only
+//!   (`floor`: 200 sockets, and the TLS floor on 20 connections with or without `--tls`). The
 //!   integration test `tests/it/fleetsim.rs` runs the same core in-process.
 //!
 //! Simulated deltaplane DPs refuse paged answers (`deltaplane.sync.v1` transfers): runs keep
 //! the configuration to a few services, far below one frame.
 
+mod floor;
 mod sim;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -135,7 +140,8 @@ enum Mode {
         #[arg(long, default_value = "kill")]
         signal: String,
     },
-    /// Bare loop writing --bytes to --sockets loopback sockets.
+    /// Bare loop writing --bytes to --sockets loopback sockets; with --tls, also the CP's
+    /// push and report work on as many mTLS connections.
     Floor {
         #[arg(long, default_value_t = 9000)]
         sockets: usize,
@@ -143,6 +149,13 @@ enum Mode {
         bytes: usize,
         #[arg(long, default_value_t = 7)]
         reps: usize,
+        /// Also the TLS floor: push --bytes over mTLS to each connection, read one
+        /// --report-bytes report from each through epoll
+        #[arg(long)]
+        tls: bool,
+        /// The plaintext size of each DP's status report (--tls)
+        #[arg(long, default_value_t = 120)]
+        report_bytes: usize,
     },
 }
 
@@ -187,9 +200,21 @@ fn main() -> anyhow::Result<()> {
         return run_sims(SimsArgs::parse_from(rest));
     }
     let cli = Cli::parse();
-    if !matches!(cli.mode, Mode::Floor { .. }) {
-        println!("open files: soft limit raised to {nofile} (per process)");
+    if let Mode::Floor {
+        sockets,
+        bytes,
+        reps,
+        tls,
+        report_bytes,
+    } = cli.mode
+    {
+        // No runtime: the floors measure this one thread's work and nothing else.
+        println!("load average at start: {}", loadavg());
+        let res = run_floor(&cli, sockets, bytes, reps, tls, report_bytes, nofile);
+        println!("load average at end: {}", loadavg());
+        return res;
     }
+    println!("open files: soft limit raised to {nofile} (per process)");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -204,20 +229,7 @@ async fn drive(cli: Cli) -> anyhow::Result<()> {
     let mix = Mix::parse(&cli.dialect).context("--dialect: kong, deltaplane or mixed")?;
     let mix = if cli.quick { Mix::Mixed } else { mix };
     match &cli.mode {
-        Mode::Floor {
-            sockets,
-            bytes,
-            reps,
-        } => {
-            let n = if cli.quick { 200 } else { *sockets };
-            let f = floor(n, *bytes, *reps)?;
-            println!(
-                "floor: {n} loopback sockets × {bytes} B, bare write loop: min {:.2} ms, median \
-                 {:.2} ms over {reps} reps",
-                f.min, f.median
-            );
-            Ok(())
-        }
+        Mode::Floor { .. } => bail!("floor runs without the runtime"),
         Mode::Latency { dps, writes, rate } => {
             let (n, writes, rate) = if cli.quick {
                 (20, 20, 50.0)
@@ -696,7 +708,7 @@ async fn gate(world: &mut World, pump: &mut Pump) -> anyhow::Result<i64> {
 async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyhow::Result<()> {
     ensure!(n >= 1 && writes >= 1, "--dps and --writes ≥ 1");
     let floor_n = (n as usize).min(9000);
-    let fl = floor(floor_n, 200, 7)?;
+    let fl = floor::plain(floor_n, 200, 7)?.wall_ms();
     println!(
         "floor: {floor_n} loopback sockets × 200 B: min {:.2} ms, median {:.2} ms",
         fl.min, fl.median
@@ -1020,50 +1032,66 @@ async fn storm(cli: &Cli, mix: Mix, n: u32, sig: i32) -> anyhow::Result<()> {
 
 // === mode: floor ===
 
-struct Floor {
-    min: f64,
-    median: f64,
-}
-
-/// A bare loop writing `bytes` to each of `n` connected loopback sockets, `reps` times (the
-/// readers drained between reps); milliseconds per loop.
-fn floor(n: usize, bytes: usize, reps: usize) -> anyhow::Result<Floor> {
-    use std::io::{Read as _, Write as _};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr: SocketAddr = listener.local_addr()?;
-    let mut clients = Vec::with_capacity(n);
-    let mut servers = Vec::with_capacity(n);
-    for _ in 0..n {
-        let c = std::net::TcpStream::connect(addr).context("floor: connect")?;
-        c.set_nodelay(true)?;
-        let (s, _) = listener.accept()?;
-        s.set_nonblocking(true)?;
-        clients.push(c);
-        servers.push(s);
+/// `floor`: the plain loop and, with `tls` (always in `--quick`, on 20 connections), the TLS
+/// floor after it in the same run, so that the two compare.
+fn run_floor(
+    cli: &Cli,
+    sockets: usize,
+    bytes: usize,
+    reps: usize,
+    tls: bool,
+    report_bytes: usize,
+    nofile: u64,
+) -> anyhow::Result<()> {
+    let n = if cli.quick { 200 } else { sockets };
+    let plain = floor::plain(n, bytes, reps)?;
+    let wall_ms = plain.wall_ms();
+    println!(
+        "floor: {n} loopback sockets × {bytes} B, bare write loop: min {:.2} ms, median {:.2} ms \
+         over {reps} reps",
+        wall_ms.min, wall_ms.median
+    );
+    println!(
+        "floor: {n} sockets: bare write min/median {} µs per socket CPU (wall {} µs); loopback \
+         backlog {}",
+        plain.cpu_us_per(n),
+        plain.wall_us_per(n),
+        plain.drops()
+    );
+    if !tls && !cli.quick {
+        return Ok(());
     }
-    let buf = vec![b'x'; bytes];
-    let mut ms = Vec::with_capacity(reps);
-    let mut sink = vec![0u8; 64 * 1024];
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        for c in &mut clients {
-            c.write_all(&buf)?;
-        }
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        std::thread::sleep(Duration::from_millis(20));
-        for s in &mut servers {
-            while let Ok(k) = s.read(&mut sink) {
-                if k == 0 {
-                    break;
-                }
-            }
-        }
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok(Floor {
-        min: ms[0],
-        median: ms[(ms.len() - 1) / 2],
-    })
+    let n = if cli.quick { 20 } else { sockets };
+    // Both ends of every connection, the listener, the epoll instance, stdio.
+    let fds = 2 * n as u64 + 16;
+    ensure!(
+        fds <= nofile,
+        "floor --tls: {n} connections need about {fds} open files; the soft limit is {nofile} \
+         (raised to the hard limit)"
+    );
+    println!("open files: soft limit raised to {nofile}");
+    let t = floor::tls(n, bytes, report_bytes, reps)?;
+    println!(
+        "floor --tls: {}, mutual, the CP's TLS configuration and generated P-256 certificate; \
+         push {bytes} B plaintext = {} B on the wire, report {report_bytes} B plaintext; {reps} \
+         reps",
+        t.negotiated, t.push_wire_bytes
+    );
+    println!(
+        "floor --tls: {n} connections: push (TLS write) min/median {} µs per connection CPU, \
+         report (epoll + TLS read) {} µs CPU ({} epoll_wait calls), sum {} µs CPU; wall: push \
+         {}, report {}, sum {} µs; loopback backlog: push {}, report {}",
+        t.push.cpu_us_per(n),
+        t.report.cpu_us_per(n),
+        t.epoll_waits,
+        t.sum.cpu_us_per(n),
+        t.push.wall_us_per(n),
+        t.report.wall_us_per(n),
+        t.sum.wall_us_per(n),
+        t.push.drops(),
+        t.report.drops(),
+    );
+    Ok(())
 }
 
 // === /proc, ports, statistics ===

@@ -12,6 +12,8 @@ use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
 
 use crate::harness::{Backend, TestCp};
 
+#[path = "../../examples/fleetsim/floor.rs"]
+mod floor;
 #[path = "../../examples/fleetsim/sim.rs"]
 mod sim;
 
@@ -79,4 +81,15 @@ async fn quick_fleet_reaches_the_head_with_the_cps_hash() {
     assert!(get("push_applied") >= DPS as u64 / 2, "{counters}");
     fleet.shutdown().await;
     cp.shutdown().await;
+}
+
+/// `fleetsim floor --tls` on a few connections: mutual TLS 1.3 handshakes with the CP's
+/// configuration, every push decrypted by its DP side and every report read by the CP side
+/// through epoll (the floor checks both). Correctness only, no speed assertion.
+#[test]
+fn tls_floor_pushes_and_reads_reports() {
+    let res = floor::tls(8, 200, 120, 2).unwrap();
+    assert!(res.negotiated.starts_with("TLSv1_3 "), "{}", res.negotiated);
+    // One record: 5 B header, the 200 B frame, 1 B content type, 16 B AEAD tag.
+    assert_eq!(res.push_wire_bytes, 222);
 }
