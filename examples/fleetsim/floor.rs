@@ -551,7 +551,7 @@ fn thread_cpu_ns() -> u64 {
 
 /// The machine's loopback backlog drops so far: the second column of
 /// `/proc/net/softnet_stat` (hex), summed over the CPUs; 0 when it cannot be read.
-fn backlog_drops() -> u64 {
+pub fn backlog_drops() -> u64 {
     let Ok(stat) = std::fs::read_to_string("/proc/net/softnet_stat") else {
         return 0;
     };

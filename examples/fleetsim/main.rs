@@ -739,6 +739,7 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
     let fan0 = fan_out_histogram(&world.http, &world.admin()).await;
     let cp_pid = world.cp_pid()?;
     let (cp0, sims0, self0) = (proc_cpu_secs(cp_pid), world.sims_cpu(), self_cpu_secs());
+    let drops0 = floor::backlog_drops();
     let wall0 = Instant::now();
 
     let http = world.http.clone();
@@ -759,6 +760,7 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
     .map_err(anyhow::Error::msg)?;
     let wall = wall0.elapsed().as_secs_f64();
     let (cp1, sims1, self1) = (proc_cpu_secs(cp_pid), world.sims_cpu(), self_cpu_secs());
+    let drops = floor::backlog_drops().saturating_sub(drops0);
     let c1 = world.counters().await?;
 
     let mut first = Vec::new();
@@ -813,6 +815,9 @@ async fn latency(cli: &Cli, mix: Mix, n: u32, writes: usize, rate: f64) -> anyho
         (sims1 - sims0) * 1e6 / dv,
         self1 - self0
     );
+    // Segments dropped here are resent by TCP later: the DPs that lost one see the version
+    // late, and the CP pays the resend (see floor.rs).
+    println!("loopback backlog drops during the writes: {drops} (/proc/net/softnet_stat)");
     let s_last = stat_ms(&last);
     println!(
         "write → last DP p50 / floor({floor_n}) median: {:.1}×",
