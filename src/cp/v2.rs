@@ -288,8 +288,7 @@ async fn announce(ctx: &ClusterCtx, head: i64) {
     let (mut pushed, mut notified) = (0usize, 0usize);
     for (n, conn) in conns.iter().enumerate() {
         if n % 256 == 255 {
-            // A fleet of thousands: let the connections' own tasks (status reports, queued
-            // frames) run meanwhile.
+            // A fleet of thousands: let the connections' own tasks write meanwhile.
             tokio::task::yield_now().await;
         }
         let Some(peer) = conn.peer() else { continue };

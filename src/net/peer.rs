@@ -5,9 +5,7 @@
 //! One driver task per connection owns both halves of the socket: a reader that decodes
 //! frames, resolves pending calls and spawns inbound requests into a `JoinSet` (requests run
 //! concurrently; notifications one after the other, in the order they arrived), and a writer
-//! fed by a bounded queue. A frame sent without waiting ([`Peer::try_send_frame`]) skips the
-//! queue when it is empty and the write half is free: the sender's task writes it, so a
-//! fan-out to thousands of connections wakes none of their drivers. When either half ends, the driver aborts the inbound requests,
+//! fed by a bounded queue. When either half ends, the driver aborts the inbound requests,
 //! fails the pending calls, closes the socket and publishes the [`CloseReason`]; no task
 //! outlives the connection.
 //!
@@ -26,9 +24,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -305,12 +302,6 @@ struct Inner {
     /// Frames for the writer. Bounded: a peer that stops reading stalls the senders, then
     /// the write timeout ends the connection.
     outbound: mpsc::Sender<Outbound>,
-    /// Frames queued and not yet handed to the socket by the driver. While it is not zero, a
-    /// frame sent without waiting is queued behind them, never written past them.
-    queued_frames: AtomicUsize,
-    /// The socket's write half, for frames written at once by the sender's task
-    /// ([`Peer::try_send_frame`]); `None` in unit tests of an unstarted peer.
-    direct: Option<Arc<dyn DirectWrite>>,
     state: Mutex<State>,
     /// Set once, when the driver has finished tearing the connection down.
     closed: watch::Sender<Option<CloseReason>>,
@@ -332,9 +323,8 @@ enum Outbound {
     /// connections (a pushed version) is queued on each without a copy.
     Frame(Bytes, Option<Guard>),
     Ping,
-    /// Flush what is buffered: tungstenite's queued pong, or a frame written at once that the
-    /// socket did not take whole (its guard is held until then).
-    Flush(Option<Guard>),
+    /// Flush tungstenite's queued pong.
+    Flush,
 }
 
 impl Peer {
@@ -345,7 +335,6 @@ impl Peer {
         our_caps: Vec<String>,
         peer_caps: Vec<String>,
         outbound: mpsc::Sender<Outbound>,
-        direct: Option<Arc<dyn DirectWrite>>,
     ) -> Peer {
         Peer {
             inner: Arc::new(Inner {
@@ -355,8 +344,6 @@ impl Peer {
                 peer_caps,
                 next_id: AtomicU64::new(0),
                 outbound,
-                queued_frames: AtomicUsize::new(0),
-                direct,
                 state: Mutex::new(State {
                     pending: HashMap::new(),
                     ended: None,
@@ -382,12 +369,10 @@ impl Peer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (outbound, outbound_rx) = mpsc::channel(cfg.outbound_queue.max(1));
+        let peer = Peer::unstarted(cfg, encoding, our_caps, peer_caps, outbound);
         // Split here, not in the driver: the halves share one heap copy of the stream, and
         // the driver's task (as long-lived as the connection) holds no second, dead one.
         let (sink, stream) = ws.split();
-        let sink = Arc::new(SharedSink(Mutex::new(Some(sink))));
-        let direct = Arc::clone(&sink) as Arc<dyn DirectWrite>;
-        let peer = Peer::unstarted(cfg, encoding, our_caps, peer_caps, outbound, Some(direct));
         let driver = tokio::spawn(drive(peer.clone(), sink, stream, outbound_rx, handler));
         *lock(&peer.inner.driver) = Some(driver);
         peer
@@ -435,7 +420,8 @@ impl Peer {
         };
         let exchange = async {
             self.inner
-                .queue(Outbound::Frame(frame.into(), None))
+                .outbound
+                .send(Outbound::Frame(frame.into(), None))
                 .await
                 .map_err(|_| self.closed_error())?;
             rx.await.map_err(|_| self.closed_error())
@@ -461,7 +447,9 @@ impl Peer {
         let timeout = self.inner.cfg.call_timeout;
         match tokio::time::timeout(
             timeout,
-            self.inner.queue(Outbound::Frame(frame.into(), None)),
+            self.inner
+                .outbound
+                .send(Outbound::Frame(frame.into(), None)),
         )
         .await
         {
@@ -487,14 +475,9 @@ impl Peer {
         self.try_queue(frame.into(), guard)
     }
 
-    /// Sends an already encoded frame (see [`Peer::encoding`]) for `method` without waiting;
+    /// Queues an already encoded frame (see [`Peer::encoding`]) for `method` without waiting;
     /// `Err(Timeout(0))` when the outbound queue is full. A frame shared by many connections
-    /// is sent on each without a copy.
-    ///
-    /// With nothing queued before it, the frame is written to the socket at once, on the
-    /// caller's task: a fan-out to thousands of connections then costs one loop of socket
-    /// writes, not a wake-up of every connection's driver (issue 11). What the socket does
-    /// not take at once is left to the driver, as is any frame behind a queued one.
+    /// is queued on each without a copy.
     /// `guard` is dropped once the frame is written (or the connection ends).
     pub fn try_send_frame(
         &self,
@@ -514,35 +497,11 @@ impl Peer {
 
     fn try_queue(&self, frame: Bytes, guard: Option<Guard>) -> Result<(), CallError> {
         use mpsc::error::TrySendError;
-        let inner = &self.inner;
-        if let Some(direct) = &inner.direct {
-            match direct.try_write(&frame, &inner.queued_frames) {
-                Direct::NotNow => {}
-                Direct::Written => {
-                    if let Some(stats) = &inner.cfg.stats {
-                        stats.sent(inner.encoding, frame.len());
-                    }
-                    return Ok(());
-                }
-                Direct::Buffered => {
-                    if let Some(stats) = &inner.cfg.stats {
-                        stats.sent(inner.encoding, frame.len());
-                    }
-                    // The frame is the socket's now; the driver flushes the rest. A full
-                    // queue means the driver has frames to write, and flushes with them.
-                    let _ = inner.outbound.try_send(Outbound::Flush(guard));
-                    return Ok(());
-                }
-            }
+        match self.inner.outbound.try_send(Outbound::Frame(frame, guard)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(CallError::Timeout(Duration::ZERO)),
+            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
         }
-        let permit = match inner.outbound.try_reserve() {
-            Ok(permit) => permit,
-            Err(TrySendError::Full(())) => return Err(CallError::Timeout(Duration::ZERO)),
-            Err(TrySendError::Closed(())) => return Err(self.closed_error()),
-        };
-        inner.queued_frames.fetch_add(1, Ordering::AcqRel);
-        permit.send(Outbound::Frame(frame, guard));
-        Ok(())
     }
 
     /// Asks the driver to close the connection with `code` and `reason` (cut to 123 bytes).
@@ -648,131 +607,8 @@ impl Drop for PendingGuard<'_> {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section is a map operation or one step of a socket write, neither of
-    // which leaves its data half changed when it panics.
+    // Every critical section is a map operation that cannot panic halfway.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Inner {
-    /// Queues `out` for the driver, waiting for room; a frame is counted in `queued_frames`
-    /// from the moment it is queued (no cancellation point in between).
-    async fn queue(&self, out: Outbound) -> Result<(), mpsc::error::SendError<()>> {
-        let permit = self.outbound.reserve().await?;
-        if matches!(out, Outbound::Frame(..)) {
-            self.queued_frames.fetch_add(1, Ordering::AcqRel);
-        }
-        permit.send(out);
-        Ok(())
-    }
-}
-
-/// What [`DirectWrite::try_write`] did with a frame.
-enum Direct {
-    /// Nothing: frames are queued before it, the driver is using the socket, or it is
-    /// closing. Queue the frame.
-    NotNow,
-    /// Written to the socket whole.
-    Written,
-    /// Taken, part of it still buffered: the driver must flush.
-    Buffered,
-}
-
-/// The write half of a connection, shared by its driver and the tasks that send frames
-/// without waiting. Type-erased so that [`Peer`] stays independent of the socket's type.
-trait DirectWrite: Send + Sync {
-    /// Writes `frame` now, if no frame is queued before it (`queued` is zero) and the write
-    /// half is free, without waiting for anything.
-    fn try_write(&self, frame: &Bytes, queued: &AtomicUsize) -> Direct;
-}
-
-/// The write half behind a lock: the driver takes it for each step of a write (never across
-/// an `.await`), a sender's task only when it is free. `None` once the driver tears down.
-struct SharedSink<S>(Mutex<Option<Sink<S>>>);
-
-impl<S> DirectWrite for SharedSink<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    fn try_write(&self, frame: &Bytes, queued: &AtomicUsize) -> Direct {
-        let Ok(mut slot) = self.0.try_lock() else {
-            return Direct::NotNow;
-        };
-        let Some(sink) = slot.as_mut() else {
-            return Direct::NotNow;
-        };
-        // Read under the lock, which the driver holds when it hands a queued frame over.
-        if queued.load(Ordering::Acquire) != 0 {
-            return Direct::NotNow;
-        }
-        // Nothing here waits: a step that is not ready leaves the rest to the driver, whose
-        // own poll registers its waker.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match sink.poll_ready_unpin(&mut cx) {
-            Poll::Ready(Ok(())) => {}
-            // An error, or the half held by the reader for a moment: the driver finds out.
-            Poll::Ready(Err(_)) | Poll::Pending => return Direct::NotNow,
-        }
-        if sink
-            .start_send_unpin(Message::binary(frame.clone()))
-            .is_err()
-        {
-            // The sink refuses only when the connection failed; the driver ends it.
-            return Direct::Buffered;
-        }
-        match sink.poll_flush_unpin(&mut cx) {
-            Poll::Ready(Ok(())) => Direct::Written,
-            Poll::Ready(Err(_)) | Poll::Pending => Direct::Buffered,
-        }
-    }
-}
-
-/// Hands `message` to the write half and flushes it, locking the half for each step only.
-/// `handed` is called once the message is the socket's (queued frames behind it may then be
-/// written directly).
-async fn send_locked<S>(
-    sink: &SharedSink<S>,
-    message: Message,
-    handed: impl FnOnce(),
-) -> Result<(), tungstenite::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut message = Some(message);
-    let mut handed = Some(handed);
-    std::future::poll_fn(|cx| {
-        let mut slot = lock(&sink.0);
-        let Some(s) = slot.as_mut() else {
-            return Poll::Ready(Err(tungstenite::Error::AlreadyClosed));
-        };
-        if let Some(m) = message.take() {
-            match s.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    message = Some(m);
-                    return Poll::Pending;
-                }
-            }
-            s.start_send_unpin(m)?;
-            if let Some(f) = handed.take() {
-                f();
-            }
-        }
-        s.poll_flush_unpin(cx)
-    })
-    .await
-}
-
-/// Flushes the write half, locking it for each step only.
-async fn flush_locked<S>(sink: &SharedSink<S>) -> Result<(), tungstenite::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    std::future::poll_fn(|cx| match lock(&sink.0).as_mut() {
-        Some(s) => s.poll_flush_unpin(cx),
-        None => Poll::Ready(Err(tungstenite::Error::AlreadyClosed)),
-    })
-    .await
 }
 
 fn ended_without_reason() -> CloseReason {
@@ -830,7 +666,7 @@ impl Ending {
 
 async fn drive<S>(
     peer: Peer,
-    sink: Arc<SharedSink<S>>,
+    mut sink: Sink<S>,
     mut stream: Stream<S>,
     mut outbound: mpsc::Receiver<Outbound>,
     handler: Arc<dyn Handler>,
@@ -847,7 +683,7 @@ async fn drive<S>(
             last_notification: None,
         }
         .run(&mut stream);
-        let writer = write_loop(&sink, &mut outbound, &peer.inner);
+        let writer = write_loop(&mut sink, &mut outbound, &peer.inner);
         tokio::select! {
             ending = reader => ending,
             ending = writer => ending,
@@ -862,7 +698,7 @@ async fn drive<S>(
 /// as `ending` says, then publishes the reason.
 async fn tear_down<S>(
     peer: Peer,
-    sink: Arc<SharedSink<S>>,
+    mut sink: Sink<S>,
     mut stream: Stream<S>,
     mut outbound: mpsc::Receiver<Outbound>,
     mut inflight: JoinSet<()>,
@@ -880,11 +716,6 @@ async fn tear_down<S>(
         state.pending.clear();
     }
     outbound.close();
-    // From here on no frame is written directly either: the half is the teardown's.
-    let Some(mut sink) = lock(&sink.0).take() else {
-        peer.inner.closed.send_replace(Some(ending.reason));
-        return;
-    };
 
     let write_timeout = peer.inner.cfg.write_timeout;
     match (&ending.reason, ending.send_close) {
@@ -926,7 +757,7 @@ async fn drain<S: AsyncRead + Unpin>(io: &mut S) {
 }
 
 async fn write_loop<S>(
-    sink: &SharedSink<S>,
+    sink: &mut Sink<S>,
     outbound: &mut mpsc::Receiver<Outbound>,
     inner: &Inner,
 ) -> Ending
@@ -941,23 +772,14 @@ where
                 if let Some(stats) = &inner.cfg.stats {
                     stats.sent(inner.encoding, frame.len());
                 }
-                let handed = || {
-                    inner.queued_frames.fetch_sub(1, Ordering::AcqRel);
-                };
                 // `_guard` is released once the frame is written (flushed to the socket).
-                tokio::time::timeout(
-                    write_timeout,
-                    send_locked(sink, Message::binary(frame), handed),
-                )
-                .await
+                tokio::time::timeout(write_timeout, sink.send(Message::binary(frame))).await
             }
             Outbound::Ping => {
-                let ping = Message::Ping(Default::default());
-                tokio::time::timeout(write_timeout, send_locked(sink, ping, || {})).await
+                tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default())))
+                    .await
             }
-            Outbound::Flush(_guard) => {
-                tokio::time::timeout(write_timeout, flush_locked(sink)).await
-            }
+            Outbound::Flush => tokio::time::timeout(write_timeout, sink.flush()).await,
         };
         match res {
             Ok(Ok(())) => {}
@@ -1044,7 +866,7 @@ impl Reader<'_> {
                             // tungstenite queued the pong; make sure it goes out even if
                             // nothing else is written. A full queue means the writer is busy
                             // and will flush anyway.
-                            let _ = self.peer.inner.outbound.try_send(Outbound::Flush(None));
+                            let _ = self.peer.inner.outbound.try_send(Outbound::Flush);
                         }
                         Message::Close(frame) => {
                             return Ending::silent(CloseReason::Remote {
@@ -1404,7 +1226,11 @@ async fn send_answer(peer: &Peer, json: Vec<u8>, guard: Option<Guard>) {
     };
     drop(json);
     // Fails only when the connection is ending.
-    let _ = peer.inner.queue(Outbound::Frame(frame.into(), guard)).await;
+    let _ = peer
+        .inner
+        .outbound
+        .send(Outbound::Frame(frame.into(), guard))
+        .await;
 }
 
 /// The `id` of a single serialised response (not of a batch).
@@ -1543,16 +1369,7 @@ pub(crate) mod tests {
 
     /// A peer on the server side, and the raw client socket to drive it by hand.
     async fn peer_and_raw(cfg: PeerConfig, handler: Arc<dyn Handler>) -> (Peer, Ws) {
-        peer_and_raw_piped(cfg, handler, 256 * 1024).await
-    }
-
-    /// [`peer_and_raw`] over a pipe that holds `pipe` bytes.
-    async fn peer_and_raw_piped(
-        cfg: PeerConfig,
-        handler: Arc<dyn Handler>,
-        pipe: usize,
-    ) -> (Peer, Ws) {
-        let (raw, s) = ws_pair_with(&PeerConfig::default(), &cfg, pipe).await;
+        let (raw, s) = ws_pair_with(&PeerConfig::default(), &cfg, 256 * 1024).await;
         let peer = Peer::start(
             s,
             Encoding::SnappyFramed,
@@ -1793,55 +1610,6 @@ pub(crate) mod tests {
             Err(CallError::TooLarge { limit: 65536, .. })
         ));
         drop(server);
-    }
-
-    /// A frame sent without waiting is written to the socket on the sender's task when
-    /// nothing is queued before it (the driver has not even run yet here).
-    #[tokio::test]
-    async fn a_frame_sent_without_waiting_is_written_at_once() {
-        let (peer, mut raw) = peer_and_raw(PeerConfig::default(), echo_handler()).await;
-        let json = jsonrpc::notification("test.v1.n", &json!([1]));
-        let frame = codec::encode(Encoding::SnappyFramed, &json);
-        peer.try_send_frame("test.v1.n", frame.into(), None)
-            .unwrap();
-        // One poll of the other end, no yield to the driver: the bytes are already there.
-        let got = raw.next().now_or_never().flatten().unwrap().unwrap();
-        let got = codec::decode(Encoding::SnappyFramed, &got.into_data(), 1 << 20).unwrap();
-        assert_eq!(got, json);
-    }
-
-    /// Frames sent without waiting never overtake queued ones: whether the socket takes
-    /// them at once (a large pipe) or the peer is not reading (a pipe of 512 bytes, so the
-    /// driver holds frames it cannot flush), the peer reads every frame in the order sent.
-    #[tokio::test]
-    async fn frames_sent_without_waiting_keep_their_place_behind_queued_ones() {
-        for pipe in [256 * 1024, 512] {
-            let cfg = PeerConfig {
-                outbound_queue: 1024,
-                ..PeerConfig::default()
-            };
-            let (peer, mut raw) = peer_and_raw_piped(cfg, echo_handler(), pipe).await;
-            for i in 0..300 {
-                let params = json!([i]);
-                if i % 7 == 0 {
-                    // Queued for the driver.
-                    peer.notify("test.v1.n", params).await.unwrap();
-                } else {
-                    let json = jsonrpc::notification("test.v1.n", &params);
-                    let frame = codec::encode(Encoding::SnappyFramed, &json);
-                    peer.try_send_frame("test.v1.n", frame.into(), None)
-                        .unwrap();
-                }
-                if i % 50 == 0 {
-                    // Let the driver hand over what is queued, sometimes.
-                    tokio::task::yield_now().await;
-                }
-            }
-            for i in 0..300 {
-                let got = raw_recv(&mut raw).await;
-                assert_eq!(got["params"], json!([i]), "pipe of {pipe} bytes");
-            }
-        }
     }
 
     /// A connection's notifications are handled in the order they arrive, each after the one
@@ -2250,7 +2018,15 @@ pub(crate) mod tests {
             ..fast_cfg()
         };
         // A 16 KiB pipe that the raw side never drains.
-        let (peer, raw) = peer_and_raw_piped(cfg, echo_handler(), 16 * 1024).await;
+        let (raw, s) = ws_pair_with(&PeerConfig::default(), &cfg, 16 * 1024).await;
+        let peer = Peer::start(
+            s,
+            Encoding::SnappyFramed,
+            cfg,
+            caps(&["test.v1"]),
+            caps(&["test.v1"]),
+            echo_handler(),
+        );
         let chunk: String = (0..50_000u64)
             .map(|i| format!("{:x}", i * 2_654_435_761 % 65_521))
             .collect();
@@ -2525,17 +2301,8 @@ pub(crate) mod tests {
         let cfg = PeerConfig::default();
         let (_client, server) = ws_pair(&cfg).await;
         let (outbound, outbound_rx) = mpsc::channel(1);
+        let peer = Peer::unstarted(cfg, Encoding::Zstd, Vec::new(), Vec::new(), outbound);
         let (sink, stream) = server.split();
-        let sink = Arc::new(SharedSink(Mutex::new(Some(sink))));
-        let direct = Arc::clone(&sink) as Arc<dyn DirectWrite>;
-        let peer = Peer::unstarted(
-            cfg,
-            Encoding::Zstd,
-            Vec::new(),
-            Vec::new(),
-            outbound,
-            Some(direct),
-        );
         let driver = drive(peer, sink, stream, outbound_rx, echo_handler());
         let size = std::mem::size_of_val(&driver);
         assert!(size <= 3 * 1024, "the driver's future takes {size} bytes");
