@@ -117,7 +117,8 @@ pub(super) struct Txn<'c> {
 /// [`WriteSlot`]) rather than taken from the pool each time, which would cost two more round
 /// trips per transaction (the pool pings a connection when it lends it and when it gets it
 /// back), and transactions are opened and closed by plain `BEGIN`/`COMMIT` text that rides
-/// with the first and last statements.
+/// with the first and last statements (on SQLite, in statements the connection keeps
+/// prepared; on PostgreSQL, as simple queries).
 pub(super) enum WriteConn {
     Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
     Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
