@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use deltaplane::net::tls::{ClusterTls, MtlsMode, SHARED_SERVER_NAME, TlsSettings};
+use deltaplane::net::tls::{ClusterTls, SHARED_SERVER_NAME, TlsSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn thread_cpu() -> Duration {
@@ -37,14 +37,10 @@ fn shared_cert(dir: &Path, name: &str, alg: &'static rcgen::SignatureAlgorithm) 
     );
     std::fs::write(&crt, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: crt.display().to_string(),
-        key: key_path.display().to_string(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })
+    ClusterTls::load(&TlsSettings::shared(
+        crt.display().to_string(),
+        key_path.display().to_string(),
+    ))
     .expect("load")
 }
 

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use deltaplane::cp::store::{Op, Store, StoreOptions};
-use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::tls::{ClusterTls, TlsSettings};
 use deltaplane::net::{dial, hello};
 use deltaplane::proto::codec::{self, Encoding};
 use deltaplane::proto::hello::{Hello, data_plane_conf};
@@ -345,6 +345,17 @@ struct Cp {
     admin: String,
     cluster: SocketAddr,
     dir: PathBuf,
+}
+
+impl Cp {
+    /// The cluster TLS a DP of this CP uses: its generated shared certificate.
+    fn cluster_tls(&self) -> anyhow::Result<ClusterTls> {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        ClusterTls::load(&TlsSettings::shared(
+            file("cluster.crt"),
+            file("cluster.key"),
+        ))
+    }
 }
 
 struct Dp {
@@ -1299,14 +1310,7 @@ async fn push_probe(
     head: i64,
     tx: mpsc::UnboundedSender<(i64, Instant)>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let tls = ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: cp.dir.join("cluster.crt").display().to_string(),
-        key: cp.dir.join("cluster.key").display().to_string(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })?;
+    let tls = cp.cluster_tls()?;
     let mut ws = dial::open_v2(
         &tls,
         &format!("127.0.0.1:{}", cp.cluster.port()),
@@ -1683,14 +1687,7 @@ async fn deltasize(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Re
     let (head, _) = world.cp_head(&cp).await?;
     ensure!(head == before + 1, "head {head}, expected {}", before + 1);
 
-    let tls = ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: cp.dir.join("cluster.crt").display().to_string(),
-        key: cp.dir.join("cluster.key").display().to_string(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })?;
+    let tls = cp.cluster_tls()?;
     let mut rows = Vec::new();
     for enc in [Encoding::SnappyFramed, Encoding::Zstd] {
         let m = get_delta_once(&tls, cp.cluster, enc, head - 1).await?;
@@ -1816,14 +1813,7 @@ async fn v1push(bins: &Bins, entities: usize, pg: Option<&str>) -> anyhow::Resul
     let filled = fill(&world, entities).await?;
     let cp = world.start_cp(bins).await?;
     let (head, cp_hash) = world.cp_head(&cp).await?;
-    let tls = ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: cp.dir.join("cluster.crt").display().to_string(),
-        key: cp.dir.join("cluster.key").display().to_string(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })?;
+    let tls = cp.cluster_tls()?;
     // First v1 client: nothing cached, so this is export + gzip + send.
     let t = Instant::now();
     let mut ws = v1_connect(&tls, cp.cluster).await?;

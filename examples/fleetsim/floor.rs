@@ -34,7 +34,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use deltaplane::net::tls::{self, ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::tls::{self, ClusterTls, TlsSettings};
 use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
 
 /// How long the receiving side is left alone after a timed loop's writes, before it is
@@ -227,14 +227,10 @@ pub fn tls(n: usize, bytes: usize, report_bytes: usize, reps: usize) -> anyhow::
         .tempdir()
         .context("floor --tls: temp dir for the certificate")?;
     let (cert, key) = tls::generate_shared_cert(dir.path())?;
-    let cluster = ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: cert.display().to_string(),
-        key: key.display().to_string(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })
+    let cluster = ClusterTls::load(&TlsSettings::shared(
+        cert.display().to_string(),
+        key.display().to_string(),
+    ))
     .context("floor --tls: loading the generated certificate")?;
     let server_config = cluster.server_config();
     let client_config = cluster.client_config();
@@ -540,13 +536,7 @@ fn epoll_register(pairs: &[Pair]) -> anyhow::Result<OwnedFd> {
 
 /// This thread's CPU time (user + system), in nanoseconds.
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    super::sim::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// The machine's loopback backlog drops so far: the second column of

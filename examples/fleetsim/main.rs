@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
-use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::tls::{ClusterTls, TlsSettings};
 use tokio::sync::{mpsc, watch};
 
 use sim::{Event, Mix, Pump, SimConfig};
@@ -266,14 +266,7 @@ fn run_sims(a: SimsArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let mix = Mix::parse(&a.dialect).context("--dialect")?;
-        let tls = ClusterTls::load(&TlsSettings {
-            mode: MtlsMode::Shared,
-            cert: a.cert.clone(),
-            key: a.key.clone(),
-            ca_cert: None,
-            server_name: None,
-            allowed_common_names: Vec::new(),
-        })?;
+        let tls = ClusterTls::load(&TlsSettings::shared(&a.cert, &a.key))?;
         let cfg = Arc::new(SimConfig {
             cluster: a.cluster.clone(),
             rpc_url: a.rpc.clone(),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::tls::{ClusterTls, TlsSettings};
 
 use crate::harness::{Backend, TestCp};
 
@@ -24,15 +24,7 @@ const WRITES: usize = 20;
 async fn quick_fleet_reaches_the_head_with_the_cps_hash() {
     let cp = TestCp::start(Backend::Sqlite).await.unwrap();
     let (cluster, crt, key) = cp.cluster_target();
-    let tls = ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: crt,
-        key,
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })
-    .unwrap();
+    let tls = ClusterTls::load(&TlsSettings::shared(crt, key)).unwrap();
     let rpc_url = format!("{}/rpc", cp.base);
     let http = reqwest::Client::new();
     let ids = sim::seed(&http, &cp.base, 4).await.unwrap();

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::tls::{ClusterTls, TlsSettings};
 use deltaplane::proto::codec::Encoding;
 use deltaplane::proto::{EMPTY_VERSION, version_string};
 use serde_json::{Value, json};
@@ -239,15 +239,7 @@ impl FakeKongCp {
         let dir = tempfile::tempdir().unwrap();
         let (crt, key) = deltaplane::net::tls::generate_shared_cert(dir.path()).unwrap();
         let (crt, key) = (crt.display().to_string(), key.display().to_string());
-        let tls = ClusterTls::load(&TlsSettings {
-            mode: MtlsMode::Shared,
-            cert: crt.clone(),
-            key: key.clone(),
-            ca_cert: None,
-            server_name: None,
-            allowed_common_names: Vec::new(),
-        })
-        .unwrap();
+        let tls = ClusterTls::load(&TlsSettings::shared(&crt, &key)).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, conns) = mpsc::channel(4);

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltaplane::net::tls::{ClusterTls, MtlsMode, TlsSettings};
+use deltaplane::net::tls::{ClusterTls, TlsSettings};
 use deltaplane::proto::codec::{self, Encoding};
 use futures::{SinkExt, StreamExt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -93,15 +93,7 @@ pub fn get_delta(id: Option<u64>, version: &str) -> Value {
 
 /// The shared-mode TLS material of a control plane's dev certificate.
 pub fn shared_tls(crt: &str, key: &str) -> ClusterTls {
-    ClusterTls::load(&TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: crt.to_owned(),
-        key: key.to_owned(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    })
-    .expect("load the shared certificate")
+    ClusterTls::load(&TlsSettings::shared(crt, key)).expect("load the shared certificate")
 }
 
 /// TCP + TLS to the control plane with its own dev certificate (`ClusterTls::connect`).

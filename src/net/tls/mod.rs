@@ -148,6 +148,20 @@ impl fmt::Display for MtlsMode {
 
 // === impl TlsSettings ===
 
+impl TlsSettings {
+    /// `shared` mode with this certificate and key (the mode of the CP's generated one).
+    pub fn shared(cert: impl Into<String>, key: impl Into<String>) -> TlsSettings {
+        TlsSettings {
+            mode: MtlsMode::Shared,
+            cert: cert.into(),
+            key: key.into(),
+            ca_cert: None,
+            server_name: None,
+            allowed_common_names: Vec::new(),
+        }
+    }
+}
+
 /// `key` may hold the private key itself, so it is never printed.
 impl fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -120,14 +120,7 @@ fn issue(ca: &Ca, common_name: &str, sans: &[&str]) -> Pem {
 }
 
 fn shared_settings(pem: &Pem) -> TlsSettings {
-    TlsSettings {
-        mode: MtlsMode::Shared,
-        cert: pem.cert.clone(),
-        key: pem.key.clone(),
-        ca_cert: None,
-        server_name: None,
-        allowed_common_names: Vec::new(),
-    }
+    TlsSettings::shared(pem.cert.clone(), pem.key.clone())
 }
 
 fn pki_settings(
